@@ -1,0 +1,4502 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""zmsmtpd -- a drop-in, standard-library-only port of ZMailer's smtpserver.
+
+zmsmtpd reads an existing ZMailer installation's ``zmailer.conf`` and
+``smtpserver.conf`` unchanged, speaks SMTP/ESMTP on the same listeners with the
+same replies, and hands each accepted message to the ZMailer router exactly as
+the C program did: an envelope-plus-message file built in
+``$POSTOFFICE/public/``, fsynced, then renamed into ``$POSTOFFICE/router/``.
+It is meant above all as a Message Submission Agent (RFC 6409): AUTH through
+an external "pipeauth" program, MSA mode, ``Sender:`` rewriting, STARTTLS and
+implicit TLS.  It runs on every CPython from 3.6 to 3.13.
+
+Map of this file, in the order data flows through it:
+
+  1. Small formats ........ spool-id alphabet, RFC 822 dates, q-format, xtext
+  2. zmailer.conf ......... ZEnv: shell-style NAME=value, $VAR expansion
+  3. smtpserver.conf ...... tokenizer, PARAM keyword table, groups, Bind*,
+                            HELO patterns (strmatch), frozen ServerConfig
+  4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
+                            prefix and domain lookups, connection verdicts
+  5. Replies .............. the one table of reply codes and texts
+  6. Transcript log ....... the ``-l`` log and the ``-v`` trace
+  7. Listeners ............ Bind parsing to sockets, ListenerServer (a
+                            socketserver.TCPServer per socket), Supervisor
+                            (the selectors loop), fork-or-thread mixins
+  8. Session .............. SMTPSession (a StreamRequestHandler), one
+                            ``smtp_VERB`` method per verb, DATA and BDAT
+  9. Authentication ....... PipeAuthenticator, AuthFailureTracker
+ 10. Spool ................ SpoolWriter / SpoolFile, group-committed dir fsync
+ 11. Command line ......... option parsing, daemon, pid file, signals, demo
+"""
+
+from __future__ import print_function
+
+import base64
+import binascii
+import calendar
+import errno
+import os
+import re
+import selectors
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+try:
+    import syslog
+except ImportError:  # pragma: no cover - non-Unix
+    syslog = None
+
+VERSION = "3.0.1-zmsmtpd 1.0"
+PROGRAM = "zmsmtpd"
+
+# ---------------------------------------------------------------------------
+# 1. Small formats shared by the log, the spool id and the envelope
+# ---------------------------------------------------------------------------
+
+#: The 64-character alphabet ZMailer uses for session tags and spool ids.
+TAG_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123abcdefghijklmnopqrstuvwxyz4567890-="
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def rfc822_date(when=None):
+    """Local time as ZMailer prints it: ``Wed, 5 Mar 2026 09:05:03 +0200``
+    (day of month without a leading zero, numeric zone only)."""
+    if when is None:
+        when = time.time()
+    tm = time.localtime(when)
+    offset = calendar.timegm(tm) - int(when)
+    sign = "+" if offset >= 0 else "-"
+    offset = abs(offset) // 60
+    return "%s, %d %s %d %02d:%02d:%02d %s%02d%02d" % (
+        _DAYS[tm.tm_wday], tm.tm_mday, _MONTHS[tm.tm_mon - 1], tm.tm_year,
+        tm.tm_hour, tm.tm_min, tm.tm_sec, sign, offset // 60, offset % 60)
+
+
+def spool_id(inode, mtime_ns):
+    """The id shown in ``250 2.0.0 accepted; <id>``: ``S<inode>`` and the
+    file's mtime (GMT) in the tag alphabet, plus five nanosecond characters
+    when the nanoseconds are not zero -- the router computes the same."""
+    secs, nsec = divmod(mtime_ns, 1000000000)
+    tm = time.gmtime(secs)
+    a = TAG_ALPHABET
+    year = tm.tm_year
+    parts = ["S%d" % inode, a[(year >> 12) & 63], a[(year >> 6) & 63],
+             a[year & 63], a[tm.tm_mon - 1], a[tm.tm_mday - 1], a[tm.tm_hour],
+             a[tm.tm_min], a[tm.tm_sec]]
+    if nsec:
+        parts.extend(a[(nsec >> shift) & 63] for shift in (24, 18, 12, 6, 0))
+    return "".join(parts)
+
+
+def session_tag(start, number):
+    """Seven characters naming a session in the log: GMT day-1, hour, minute,
+    second of its start, then 18 bits of ``number`` (the pid when forking,
+    a session counter when threading, so tags stay distinct)."""
+    tm = time.gmtime(start)
+    a = TAG_ALPHABET
+    return "".join((a[tm.tm_mday - 1], a[tm.tm_hour], a[tm.tm_min],
+                    a[tm.tm_sec], a[(number >> 12) & 63],
+                    a[(number >> 6) & 63], a[number & 63]))
+
+
+def qformat(value):
+    """ZMailer's quoted form for envelope comments: double quotes, ``" \\ ( )``
+    escaped, bytes outside printable ASCII as a backslash and three octal
+    digits.  Also what keeps a hostile user name from breaking a line."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    out = ['"']
+    for byte in bytearray(value):
+        if byte < 0x20 or byte > 0x7e:
+            out.append("\\%03o" % byte)
+        elif byte in (0x22, 0x5c, 0x28, 0x29):
+            out.append("\\" + chr(byte))
+        else:
+            out.append(chr(byte))
+    out.append('"')
+    return "".join(out)
+
+
+def xtext_encode(value):
+    """RFC 3461 xtext: ``!``..``~`` except ``+`` and ``=`` as is, others +HH.
+    (The original printed bytes >= 0x80 as +FFFFFFxx through a signed char;
+    we write the correct +xx.)"""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    out = []
+    for byte in bytearray(value):
+        if 0x21 <= byte <= 0x7e and byte not in (0x2b, 0x3d):
+            out.append(chr(byte))
+        else:
+            out.append("+%02X" % byte)
+    return "".join(out)
+
+
+_XTEXT_RE = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
+
+
+def is_xtext(value):
+    """True if ``value`` is valid xtext (upper-case hex after ``+``)."""
+    return bool(_XTEXT_RE.match(value))
+
+
+# ---------------------------------------------------------------------------
+# 2. zmailer.conf -- the ZENV variables
+# ---------------------------------------------------------------------------
+
+DEFAULT_ZCONFIG = "/etc/zmailer.conf"
+_ZENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+class ZEnv(object):
+    """The variables of ``zmailer.conf``, read the way the ZMailer shell
+    scripts read them (the file is ``.``-sourced there): quotes removed,
+    ``$VAR``/``${VAR}`` expanded from earlier lines, later lines winning.
+
+    The C smtpserver read values verbatim; real files written by ZMailer's
+    installer only quote values with blanks (``SMTPOPTIONS="-sve -l ..."``),
+    so both readings agree on every path the server needs.
+    """
+
+    def __init__(self, path=None, values=None):
+        self.path = path
+        self.values = dict(values or {})
+        self.diagnostics = []
+
+    @classmethod
+    def load(cls, path):
+        """Read ``path``; raises OSError when it cannot be read."""
+        zenv = cls(path)
+        with open(path, "rb") as f:
+            data = f.read().decode("utf-8", "surrogateescape")
+        for lineno, raw in enumerate(data.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[7:].strip()
+            m = _ZENV_LINE.match(line)
+            if not m:
+                zenv.diagnostics.append((path, lineno, "not a NAME=value line"))
+                continue
+            zenv.values[m.group(1)] = zenv._shell_value(m.group(2))
+        return zenv
+
+    def _shell_value(self, text):
+        """Quote removal and parameter expansion of one assignment's value."""
+        out = []
+        i, n = 0, len(text)
+        quote = None
+        while i < n:
+            c = text[i]
+            if quote == "'":
+                if c == "'":
+                    quote = None
+                else:
+                    out.append(c)
+                i += 1
+            elif c == "'" and quote is None:
+                quote = "'"
+                i += 1
+            elif c == '"':
+                quote = None if quote == '"' else '"'
+                i += 1
+            elif c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+            elif c == "$":
+                name, i = self._scan_var(text, i + 1)
+                out.append(self.values.get(name, os.environ.get(name, ""))
+                           if name else "$")
+            elif c == "#" and quote is None and (not out or out[-1] in " \t"):
+                break
+            elif c in " \t" and quote is None:
+                break  # an unquoted blank ends the assignment in sh
+            else:
+                out.append(c)
+                i += 1
+        return "".join(out)
+
+    @staticmethod
+    def _scan_var(text, i):
+        if i < len(text) and text[i] == "{":
+            j = text.find("}", i)
+            if j < 0:
+                return None, i
+            name = text[i + 1:j].split(":-", 1)[0]
+            return name, j + 1
+        m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", text[i:])
+        if not m:
+            return None, i
+        return m.group(0), i + m.end()
+
+    def get(self, name, default=None):
+        return self.values.get(name, default)
+
+    def __contains__(self, name):
+        return name in self.values
+
+
+def find_zconfig(option_path):
+    """``-Z file``, else ``$ZCONFIG``, else /etc/zmailer.conf."""
+    return option_path or os.environ.get("ZCONFIG") or DEFAULT_ZCONFIG
+
+
+# ---------------------------------------------------------------------------
+# 3. smtpserver.conf
+# ---------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """A configuration that cannot work; start-up stops with exit status 2."""
+
+
+class Frozen(object):
+    """A plain record that refuses assignment once built.  The protocol code
+    reads configuration only through these, so nothing can re-parse or
+    change it behind a running session; SIGHUP builds a new one."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("configuration is immutable (%s)" % name)
+
+    def replace(self, **changes):
+        fields = dict(self.__dict__)
+        fields.update(changes)
+        return type(self)(**fields)
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % kv for kv in sorted(self.__dict__.items())))
+
+
+class BindSpec(Frozen):
+    """One ``Bind*`` entry: listener ``kind`` (SMTP, SMTPS or SUBMIT),
+    ``family`` (AF_INET/AF_INET6), ``address`` text or ``iface:NAME``
+    form, and ``port`` (None: the global BindPort)."""
+
+
+class HeloPattern(Frozen):
+    """One HELO/EHLO pattern line: a glob, its unused load average, the
+    style flags (or a ``!message`` reject) and where it was written."""
+
+
+class GroupConfig(Frozen):
+    """The per-listener-group settings (``PARAM newgroup`` starts one)."""
+
+
+class ServerConfig(Frozen):
+    """The whole configuration: process-wide settings, the groups, the
+    HELO patterns, and every diagnostic met while reading it."""
+
+    def group_for_kind(self, kind):  # pragma: no cover - convenience
+        return self.groups[-1]
+
+
+# Keyword table.  Scope "G" is process-wide (last one wins, even inside a
+# group, as in the original); "Grp" belongs to the group being defined.
+# Kinds: on/off (flags), int (sscanf: garbage keeps the old value), atoi
+# (garbage gives 0), str, float, bind, policydb, tarpit, deliverby, newgroup,
+# raw (rest of line verbatim), rawlist (appended), cluster, noop (accepted
+# and reported as having no effect).
+_PARAMS = [
+    # -- connection limits and TCP
+    (("maxsameipsource", "same-ip-source-parallel-max"), "G", "int", "max_same_ip", None),
+    (("maxparallelconnections", "max-parallel-connections"), "G", "int", "max_parallel", None),
+    (("listenqueuesize",), "Grp", "int", "listen_queue_size", None),
+    (("tcprcvbuffersize",), "Grp", "int", "tcp_rcvbuf", None),
+    (("tcpxmitbuffersize",), "Grp", "int", "tcp_sndbuf", None),
+    (("use-tcp-wrapper",), "Grp", "on", "use_tcp_wrapper", None),
+    # -- binding
+    (("bindport",), "G", "bindport", "bindport", None),
+    (("bindaddress",), "Grp", "bind", "binds", "ADDR"),
+    (("bindsmtp",), "Grp", "bind", "binds", "SMTP"),
+    (("bindsmtps",), "Grp", "bind", "binds", "SMTPS"),
+    (("bindsubmit",), "Grp", "bind", "binds", "SUBMIT"),
+    (("listen-ssmtp",), "Grp", "on", "listen_ssmtp", None),
+    (("newgroup",), "Grp", "newgroup", None, None),
+    # -- protocol limits
+    (("maxsize",), "G", "int", "maxsize", None),
+    (("min-availspace",), "G", "int", "min_availspace", 1000),
+    (("rcptlimitcount", "rcptlimitcnt", "rcpt-limit-count"), "Grp", "int", "rcpt_limit", 100),
+    (("max-error-recipients",), "Grp", "int", "max_error_recipients", None),
+    (("max-unknown-commands",), "G", "int", "max_unknown", None),
+    (("sum-sizeoption-value",), "G", "on", "sum_sizeoption", None),
+    (("reject-percent-kludge",), "G", "noop", None, None),
+    (("accept-percent-kludge",), "G", "noop", None, None),
+    (("allowsourceroute",), "G", "on", "allowsourceroute", None),
+    (("tarpit",), "Grp", "tarpit", "tarpit", None),
+    (("deliverby",), "Grp", "deliverby", "deliverby", None),
+    # -- EHLO extensions and verbs
+    (("nopipelining",), "Grp", "off", "pipelining", None),
+    (("pipelining-ok",), "Grp", "on", "pipelining", None),
+    (("noenhancedstatuscodes", "noenhancedstatus", "noenchancedstatuscodes",
+      "noenchancedstatus"), "Grp", "off", "enhancedstatus", None),
+    (("enhancedstatuscodes-ok", "enhancedstatus-ok", "enchancedstatuscodes-ok",
+      "enchancedstatus-ok"), "Grp", "on", "enhancedstatus", None),
+    (("no8bitmime",), "Grp", "off", "eightbitmime", None),
+    (("8bitmime-ok",), "Grp", "on", "eightbitmime", None),
+    (("nochunking",), "Grp", "off", "chunking", None),
+    (("chunking-ok",), "Grp", "on", "chunking", None),
+    (("nodsn",), "Grp", "off", "dsn", None),
+    (("dsn-ok",), "Grp", "on", "dsn", None),
+    (("noehlo",), "Grp", "off", "ehlo", None),
+    (("ehlo-ok",), "Grp", "on", "ehlo", None),
+    (("noetrn",), "Grp", "off", "etrn", None),
+    (("etrn-ok",), "Grp", "on", "etrn", None),
+    (("no-multiline-replies",), "Grp", "off", "multiline", None),
+    (("multiline-replies-ok",), "Grp", "on", "multiline", None),
+    (("force-rcpt-notify-never",), "Grp", "on", "force_notify_never", None),
+    (("no-force-rcpt-notify-never",), "Grp", "off", "force_notify_never", None),
+    (("debugcmd",), "Grp", "on", "debugcmd", None),
+    (("no-debugcmd",), "Grp", "off", "debugcmd", None),
+    (("expncmd",), "Grp", "on", "expncmd", None),
+    (("no-expncmd",), "Grp", "off", "expncmd", None),
+    (("vrfycmd",), "Grp", "on", "vrfycmd", None),
+    (("no-vrfycmd",), "Grp", "off", "vrfycmd", None),
+    # -- authentication
+    (("smtp-auth",), "Grp", "on", "smtp_auth", None),
+    (("no-smtp-auth",), "Grp", "off", "smtp_auth", None),
+    (("auth-login-also-without-tls",), "Grp", "on", "auth_without_tls", None),
+    (("no-smtp-auth-on-25", "no-smtp-auth-on-port-25"), "Grp", "on", "no_auth_on_25", None),
+    (("smtp-auth-username-prompt",), "Grp", "str", "username_prompt", None),
+    (("smtp-auth-password-prompt",), "Grp", "str", "password_prompt", None),
+    (("smtp-auth-pipe",), "Grp", "str", "auth_pipe", None),
+    (("smtp-auth-pipe-timeout",), "Grp", "float", "auth_pipe_timeout", None),
+    (("smtp-auth-pipe-user",), "Grp", "str", "auth_pipe_user", None),
+    (("auth-failrate",), "Grp", "atoi", "auth_failrate", 3),
+    (("smtp-auth-sasl",), "Grp", "on", "auth_sasl", None),
+    (("no-smtp-auth-sasl",), "Grp", "off", "auth_sasl", None),
+    (("sasl-mechanisms",), "Grp", "raw", "sasl_mechanisms", None),
+    (("msa-mode",), "G", "on", "msa_mode", None),
+    (("msa-mode-strict",), "G", "on", "msa_mode_strict", None),
+    (("no-msa-sender-rewrite",), "Grp", "on", "no_msa_sender_rewrite", None),
+    # -- TLS
+    (("use-tls",), "Grp", "on", "use_tls", None),
+    (("no-use-tls",), "Grp", "off", "use_tls", None),
+    (("tls-cert-file",), "Grp", "str", "tls_cert", None),
+    (("tls-key-file",), "Grp", "str", "tls_key", None),
+    (("tls-dcert-file",), "Grp", "str", "tls_dcert", None),
+    (("tls-dkey-file",), "Grp", "str", "tls_dkey", None),
+    (("tls-dh1024",), "Grp", "str", "tls_dh1024", None),
+    (("tls-dh512",), "Grp", "str", "tls_dh512", None),
+    (("tls-cafile",), "Grp", "str", "tls_cafile", None),
+    (("tls-capath",), "Grp", "str", "tls_capath", None),
+    (("tls-cipher-list",), "Grp", "str", "tls_ciphers", None),
+    (("tls-random-source",), "Grp", "str", "tls_random_source", None),
+    (("tls-loglevel",), "Grp", "int", "tls_loglevel", None),
+    (("tls-ccert-vd",), "Grp", "int", "tls_ccert_vd", None),
+    (("tls-ask-cert",), "Grp", "int", "tls_ask_cert", None),
+    (("tls-require-cert",), "Grp", "int", "tls_require_cert", None),
+    (("tls-scache-name",), "Grp", "str", "tls_scache_name", None),
+    (("tls-scache-timeout",), "Grp", "int", "tls_scache_timeout", None),
+    (("tls-use-scache",), "Grp", "noop", None, None),
+    (("tls-enforce-tls",), "Grp", "noop", None, None),
+    (("outlook-tls-bug",), "Grp", "noop", None, None),
+    (("report-auth-file",), "Grp", "str", "report_auth_file", None),
+    (("lmtp-mode",), "G", "on", "lmtp_mode", None),
+    # -- what the router's Received: will carry
+    (("rcvd-ident",), "Grp", "on", "rcvd_ident", None),
+    (("no-rcvd-ident",), "Grp", "off", "rcvd_ident", None),
+    (("rcvd-whoson",), "Grp", "on", "rcvd_whoson", None),
+    (("no-rcvd-whoson",), "Grp", "off", "rcvd_whoson", None),
+    (("rcvd-auth-user",), "Grp", "on", "rcvd_auth_user", None),
+    (("no-rcvd-auth-user",), "Grp", "off", "rcvd_auth_user", None),
+    (("rcvd-tls-mode",), "Grp", "on", "rcvd_tls_mode", None),
+    (("no-rcvd-tls-mode",), "Grp", "off", "rcvd_tls_mode", None),
+    (("rcvd-tls-peer",), "Grp", "on", "rcvd_tls_peer", None),
+    (("no-rcvd-tls-peer",), "Grp", "off", "rcvd_tls_peer", None),
+    # -- policy, filters, router, clusters, SPF
+    (("policydb",), "Grp", "policydb", "policydb", None),
+    (("policydb-submit",), "Grp", "noop", None, None),
+    (("contentfilter",), "G", "str", "contentfilter", None),
+    (("contentfilter-maxpar",), "G", "atoi", "contentfilter_maxpar", 1),
+    (("debug-contentfilter",), "G", "on", "debug_contentfilter", None),
+    (("perl-hook",), "G", "str", "perl_hook", None),
+    (("enable-router",), "G", "on", "enable_router", None),
+    (("enable-router-maxpar",), "G", "atoi", "enable_router_maxpar", 1),
+    (("etrn-cluster",), "G", "cluster", "etrn_cluster", None),
+    (("tracking-cluster", "smtpserver-cluster"), "G", "cluster", "tracking_cluster", None),
+    (("spf-received",), "Grp", "on", "spf_received", None),
+    (("spf-threshold",), "Grp", "str", "spf_threshold", None),
+    (("spf-localpolicy",), "Grp", "str", "spf_localpolicy", None),
+    (("spf-whitelist-use-default",), "Grp", "str", "spf_whitelist", None),
+    # -- raw text
+    (("hdr220",), "G", "rawlist", "hdr220", None),
+    (("help",), "G", "rawlist", "help", None),
+    (("contact-pointer-message",), "Grp", "raw", "contact_pointer", None),
+    # -- zmsmtpd's own knobs (named limits; the original had them hard-wired)
+    (("session-model",), "G", "str", "session_model", None),
+    (("command-timeout",), "G", "float", "command_timeout", None),
+    (("data-timeout",), "G", "float", "data_timeout", None),
+    (("tls-handshake-timeout",), "G", "float", "tls_handshake_timeout", None),
+    (("max-line-length",), "G", "int", "max_line_length", 512),
+    (("max-header-size",), "G", "int", "max_header_size", 1024),
+    (("shutdown-grace",), "G", "float", "shutdown_grace", None),
+]
+
+PARAM_TABLE = {}
+for _names, _scope, _kind, _attr, _extra in _PARAMS:
+    for _name in _names:
+        PARAM_TABLE[_name] = (_names[0], _scope, _kind, _attr, _extra)
+
+#: Keywords whose value is the rest of the line, untouched.
+RAW_KEYWORDS = ("help", "hdr220", "sasl-mechanisms", "contact-pointer-message")
+
+#: Settings that are read and kept but change nothing in zmsmtpd; reported
+#: once by --check and at start-up so an administrator is never surprised.
+UNIMPLEMENTED_PARAMS = {
+    "use-tcp-wrapper": "libwrap is not available to Python",
+    "smtp-auth-sasl": "Cyrus SASL is not used; LOGIN and PLAIN go to the pipe program",
+    "sasl-mechanisms": "no SASL library (a no-op in 3.0.1 too)",
+    "tls-dcert-file": "DSA certificates are obsolete", "tls-dkey-file": "DSA keys are obsolete",
+    "tls-dh1024": "the ssl module chooses DH groups", "tls-dh512": "the ssl module chooses DH groups",
+    "tls-random-source": "the ssl module seeds itself",
+    "tls-scache-name": "no distcache", "tls-scache-timeout": "no distcache",
+    "tls-use-scache": "a no-op in 3.0.1 too", "tls-enforce-tls": "a no-op in 3.0.1 too",
+    "outlook-tls-bug": "a no-op in 3.0.1 too", "report-auth-file": "Z-REPORT is dead in 3.0.1 too",
+    "lmtp-mode": "LMTP is not offered", "rcvd-ident": "ident lookups are not done",
+    "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
+    "contentfilter": "no content filter hand-off", "contentfilter-maxpar": "no content filter",
+    "debug-contentfilter": "no content filter", "perl-hook": "no embedded Perl",
+    "enable-router": "no interactive router", "enable-router-maxpar": "no interactive router",
+    "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
+    "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
+    "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
+    "accept-percent-kludge": "compiled out in 3.0.1 too",
+    "reject-percent-kludge": "already the behaviour",
+}
+
+GROUP_DEFAULTS = dict(
+    listen_queue_size=20000, tcp_rcvbuf=0, tcp_sndbuf=0, use_tcp_wrapper=False,
+    binds=(), listen_ssmtp=False, rcpt_limit=10000, max_error_recipients=3,
+    tarpit=(0.0, 0.0, 0.0), deliverby=-1, pipelining=True, enhancedstatus=True,
+    eightbitmime=True, chunking=True, dsn=True, ehlo=True, etrn=True,
+    multiline=True, force_notify_never=False, debugcmd=False, expncmd=False,
+    vrfycmd=False, smtp_auth=False, auth_without_tls=False, no_auth_on_25=False,
+    username_prompt="Username:", password_prompt="Password:", auth_pipe=None,
+    auth_pipe_timeout=30.0, auth_pipe_user=None, auth_failrate=20, auth_sasl=False,
+    sasl_mechanisms=None, no_msa_sender_rewrite=False, use_tls=False,
+    tls_cert=None, tls_key=None, tls_dcert=None, tls_dkey=None, tls_dh1024=None,
+    tls_dh512=None, tls_cafile=None, tls_capath=None, tls_ciphers=None,
+    tls_random_source=None, tls_loglevel=0, tls_ccert_vd=1, tls_ask_cert=0,
+    tls_require_cert=0, tls_scache_name=None, tls_scache_timeout=0,
+    report_auth_file=None, rcvd_ident=False, rcvd_whoson=False,
+    rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
+    policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
+    spf_whitelist=None, contact_pointer=None)
+
+GLOBAL_DEFAULTS = dict(
+    max_same_ip=100, max_parallel=800, bindport=25, bindport_given=False,
+    maxsize=0, min_availspace=5000, max_unknown=10, sum_sizeoption=False,
+    allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
+    lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
+    debug_contentfilter=False, perl_hook=None, enable_router=False,
+    enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
+    help=(), session_model="thread", command_timeout=300.0, data_timeout=600.0,
+    tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
+    shutdown_grace=30.0)
+
+
+def _c_int(text, keep):
+    """``sscanf("%d")``: an optional sign and leading digits; else ``keep``."""
+    m = re.match(r"\s*([-+]?\d+)", text or "")
+    return int(m.group(1)) if m else keep
+
+
+def _c_float(text, keep):
+    m = re.match(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", text or "")
+    return float(m.group(1)) if m else keep
+
+
+def dollar_expand(text, zenv):
+    """``$NAME``, ``${NAME}``, ``$(NAME)`` from zmailer.conf; ``$$`` is ``$``;
+    unknown names stay as written; replacements are not rescanned."""
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c != "$" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "$":
+            out.append("$")
+            i += 2
+            continue
+        if nxt in "{(":
+            close = "}" if nxt == "{" else ")"
+            j = text.find(close, i + 2)
+            end = n if j < 0 else j
+            name = text[i + 2:end]
+            after = n if j < 0 else j + 1
+        else:
+            m = re.match(r"[A-Za-z0-9_]+", text[i + 1:])
+            if not m:
+                out.append(c)
+                i += 1
+                continue
+            name = m.group(0)
+            after = i + 1 + m.end()
+        name = name[:79]
+        if name and name in zenv:
+            out.append(zenv.get(name))
+        else:
+            out.append(text[i:after])
+        i = after
+    return "".join(out)
+
+
+def c_tokens(text, count=3):
+    """The original's argument tokenizer: up to ``count`` tokens, a token
+    opening with a quote runs to the same quote (no escapes, unterminated
+    runs to the end), text stuck to a closing quote starts the next one."""
+    tokens = []
+    i, n = 0, len(text)
+    while len(tokens) < count:
+        while i < n and text[i] in " \t":
+            i += 1
+        if i >= n:
+            break
+        if text[i] in "\"'":
+            q = text[i]
+            j = text.find(q, i + 1)
+            if j < 0:
+                tokens.append(text[i + 1:])
+                i = n
+            else:
+                tokens.append(text[i + 1:j])
+                i = j + 1
+        else:
+            j = i
+            while j < n and text[j] not in " \t":
+                j += 1
+            tokens.append(text[i:j])
+            i = j
+    return tokens
+
+
+def strmatch(pattern, subject):
+    """ZMailer's HELO glob: ``*``, ``?``, ``\\x``, ``[a-z]``/``[!...]``,
+    whole-string match; callers pass lower-cased text."""
+    return bool(_glob_regex(pattern).match(subject))
+
+
+_GLOB_CACHE = {}
+
+
+def _glob_regex(pattern):
+    rx = _GLOB_CACHE.get(pattern)
+    if rx is not None:
+        return rx
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:j]
+                neg = body.startswith("!")
+                if neg:
+                    body = body[1:]
+                body = body.replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[")
+                out.append("[%s%s]" % ("^" if neg else "", body))
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    rx = re.compile("(?s)^" + "".join(out) + "$")
+    _GLOB_CACHE[pattern] = rx
+    return rx
+
+
+_BIND_V4 = re.compile(r"^\[(\d{1,3}(?:\.\d{1,3}){3})\]$")
+_BIND_V6 = re.compile(r"^\[ipv6[.: ]([0-9a-fA-F:.]+)\]$", re.I)
+
+
+def parse_bind_address(text):
+    """Bind address forms -> list of (family, address).  ``address`` is a
+    literal, ``""`` for a wildcard, or ``iface:NAME`` resolved at bind time.
+    A bare ``1.2.3.4`` or a host name is refused, as by the original."""
+    t = text.strip()
+    low = t.lower()
+    if low == "any":
+        return [(socket.AF_INET, "")]
+    if low == "any6":
+        return [(socket.AF_INET6, "")]
+    m = _BIND_V4.match(t)
+    if m:
+        try:
+            socket.inet_pton(socket.AF_INET, m.group(1))
+        except (OSError, socket.error):
+            raise ValueError("bad IPv4 address %r" % text)
+        return [(socket.AF_INET, m.group(1))]
+    m = _BIND_V6.match(t)
+    if m:
+        try:
+            socket.inet_pton(socket.AF_INET6, m.group(1))
+        except (OSError, socket.error):
+            raise ValueError("bad IPv6 address %r" % text)
+        return [(socket.AF_INET6, m.group(1))]
+    if low.startswith("iface:"):
+        rest = t[6:]
+        if rest.startswith("v4:"):
+            return [(socket.AF_INET, "iface:" + rest[3:])]
+        if rest.startswith("v6:"):
+            return [(socket.AF_INET6, "iface:" + rest[3:])]
+        if not rest:
+            raise ValueError("iface: needs an interface name")
+        return [(socket.AF_INET6, "iface:" + rest), (socket.AF_INET, "iface:" + rest)]
+    raise ValueError("bad bind address %r (use [1.2.3.4], [IPv6.x], any, any6 "
+                     "or iface:NAME)" % text)
+
+
+class ConfigReader(object):
+    """Reads smtpserver.conf into a :class:`ServerConfig`.
+
+    ``options`` carries the command-line values that the file may override
+    (``-p``, ``-M``) and the ``-x`` bind address.  Diagnostics name the file
+    and line; only a configuration that cannot work raises ConfigError.
+    """
+
+    def __init__(self, path, zenv, options=None):
+        self.path = path
+        self.zenv = zenv
+        self.options = options or {}
+        self.glob = dict(GLOBAL_DEFAULTS)
+        self.groups = [dict(GROUP_DEFAULTS)]
+        self.cur = self.groups[0]
+        self.patterns = []
+        self.diagnostics = []
+        self.seen_bind = False
+        self.seen_params = set()
+        self.file_read = False
+
+    def warn(self, lineno, message):
+        self.diagnostics.append((self.path, lineno, message))
+
+    def read(self):
+        if self.options.get("bindport"):
+            self.glob["bindport"] = self.options["bindport"]
+            self.glob["bindport_given"] = True
+        if self.options.get("maxsize") is not None:
+            self.glob["maxsize"] = max(0, self.options["maxsize"])
+        if self.options.get("bindaddr"):
+            self._add_bind(0, "ADDR", "[%s]" % self.options["bindaddr"]
+                           if not self.options["bindaddr"].startswith("[")
+                           else self.options["bindaddr"], None)
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except (IOError, OSError) as e:
+            if self.options.get("explicit"):
+                raise ConfigError("cannot read configuration file %s: %s"
+                                  % (self.path, e.strerror or e))
+            self.warn(0, "cannot read configuration file: %s" % (e.strerror or e))
+            data = b""
+        else:
+            self.file_read = True
+        text = data.decode("utf-8", "surrogateescape")
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.rstrip("\r")
+            if not line or line[0] == "#" or line[0] in " \t\v\f":
+                continue
+            if line.startswith("PARAM"):
+                self._param_line(lineno, line)
+            else:
+                self._pattern_line(lineno, line)
+        if not self.seen_bind and self.file_read and self.zenv.get("BINDADDR"):
+            # The original crashed here (NULL group); the intent was plain.
+            self._add_bind(0, "ADDR", self.zenv.get("BINDADDR"), None)
+        return self._freeze()
+
+    # -- PARAM lines -------------------------------------------------------
+
+    def _param_line(self, lineno, line):
+        m = re.match(r"\S*[ \t]*", line)
+        rest = line[m.end():]
+        km = re.match(r"[^ \t]*", rest)
+        keyword = km.group(0)
+        value = rest[km.end() + 1:] if km.end() < len(rest) else ""
+        key = keyword.lower()
+        spec = PARAM_TABLE.get(key)
+        if spec is None:
+            self.warn(lineno, "bad PARAM keyword/missing parameters: '%s'" % keyword)
+            return
+        canonical, scope, kind, attr, extra = spec
+        if key in RAW_KEYWORDS:
+            args = [value]
+        else:
+            args = c_tokens(dollar_expand(value, self.zenv))
+        self.seen_params.add(canonical)
+        target = self.glob if scope == "G" else self.cur
+        handler = getattr(self, "_kind_" + kind)
+        problem = handler(lineno, target, attr, extra, args, canonical)
+        if problem:
+            self.warn(lineno, "%s: '%s'" % (problem, keyword))
+        elif scope == "G" and len(self.groups) > 1 and kind not in ("rawlist", "noop"):
+            self.warn(lineno, "PARAM %s is process-wide; placing it inside a "
+                      "group changes every listener" % canonical)
+
+    def _kind_on(self, lineno, target, attr, extra, args, name):
+        target[attr] = True
+
+    def _kind_off(self, lineno, target, attr, extra, args, name):
+        target[attr] = False
+
+    def _kind_noop(self, lineno, target, attr, extra, args, name):
+        return None
+
+    def _kind_int(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        value = _c_int(args[0], target[attr])
+        if extra is not None and value < extra:
+            value = extra
+        target[attr] = value
+
+    def _kind_atoi(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        value = _c_int(args[0], 0)
+        if extra is not None and value < extra:
+            value = extra
+        target[attr] = value
+
+    def _kind_float(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        value = _c_float(args[0], None)
+        if value is None or value <= 0:
+            return "needs a positive number of seconds"
+        target[attr] = value
+
+    def _kind_str(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        target[attr] = args[0]
+        # Setting one of the certificate pair fills the other if unset.
+        pair = {"tls_cert": "tls_key", "tls_key": "tls_cert"}.get(attr)
+        if pair and not target.get(pair):
+            target[pair] = args[0]
+        if attr == "tls_cafile" and not args[0]:
+            target[attr] = None
+
+    def _kind_raw(self, lineno, target, attr, extra, args, name):
+        text = args[0]
+        if attr == "contact_pointer" and len(text) >= 2 and text[0] == text[-1] == '"':
+            text = text[1:-1]
+        target[attr] = text
+
+    def _kind_rawlist(self, lineno, target, attr, extra, args, name):
+        target[attr] = tuple(target[attr]) + (args[0],)
+
+    def _kind_bindport(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        port = _c_int(args[0], 0)
+        if not 0 < port < 65535:
+            return "BindPort needs a port number"
+        target["bindport"] = port
+        target["bindport_given"] = True
+
+    def _kind_bind(self, lineno, target, attr, extra, args, name):
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        port = None
+        if extra != "ADDR":
+            port = {"SMTP": 25, "SMTPS": 465, "SUBMIT": 587}[extra]
+            if len(args) > 1 and not args[1].startswith("#"):
+                port = _c_int(args[1], -1)
+                if not 0 < port < 65536:
+                    return "bad port %r" % args[1]
+        self.seen_bind = True
+        return self._add_bind(lineno, extra, args[0], port, target)
+
+    def _add_bind(self, lineno, kind, address, port, target=None):
+        target = self.groups[0] if target is None else target
+        try:
+            pairs = parse_bind_address(address)
+        except ValueError as e:
+            self.warn(lineno, str(e))
+            return None
+        new = []
+        for family, addr in pairs:
+            spec = BindSpec(kind=kind, family=family, address=addr, port=port,
+                            lineno=lineno)
+            if spec.__dict__ not in [b.__dict__ for b in target["binds"]]:
+                new.append(spec)
+        target["binds"] = tuple(target["binds"]) + tuple(new)
+        return None
+
+    def _kind_newgroup(self, lineno, target, attr, extra, args, name):
+        group = dict(self.groups[0])
+        group["binds"] = ()
+        self.groups.append(group)
+        self.cur = group
+
+    def _kind_tarpit(self, lineno, target, attr, extra, args, name):
+        if len(args) < 3:
+            return "bad PARAM keyword/missing parameters"
+        vals = [_c_float(a, 0.0) for a in args[:3]]
+        target[attr] = tuple(vals)
+
+    def _kind_deliverby(self, lineno, target, attr, extra, args, name):
+        if args and args[0].startswith("#"):
+            self.warn(lineno, "deliverby: '#' taken as no argument (the original "
+                      "read it as 0)")
+            args = []
+        target[attr] = _c_int(args[0], 0) if args else 0
+
+    def _kind_policydb(self, lineno, target, attr, extra, args, name):
+        if len(args) < 2:
+            return "bad PARAM keyword/missing parameters"
+        target[attr] = (args[0].lower(), args[1])
+
+    def _kind_cluster(self, lineno, target, attr, extra, args, name):
+        if len(args) < 3:
+            return "bad PARAM keyword/missing parameters"
+        target[attr] = tuple(target[attr]) + (tuple(args[:3]),)
+
+    # -- HELO pattern lines --------------------------------------------------
+
+    def _pattern_line(self, lineno, line):
+        if line.lower().startswith("param"):
+            self.warn(lineno, "line starts with lower-case 'param': read as a "
+                      "HELO pattern, not a PARAM line (PARAM is case-sensitive)")
+        tok = c_tokens(line, 1)
+        pattern = tok[0].lower() if tok else ""
+        m = re.match(r"(\"[^\"]*\"?|'[^']*'?|\S+)", line)
+        rest = line[m.end():].lstrip(" \t")
+        maxload = 999
+        lm = re.match(r"(\d+)[ \t]*", rest)
+        if lm:
+            maxload = max(2, int(lm.group(1)))
+            rest = rest[lm.end():]
+        elif re.match(r"\*([ \t]+|$)", rest):
+            # The documented "pattern * flags" form: '*' fills the load
+            # column.  Skipping it makes "host * !message" rejects work.
+            rest = rest[1:].lstrip(" \t")
+        self.patterns.append(HeloPattern(pattern=pattern, maxloadavg=maxload,
+                                         flags=rest.rstrip(), lineno=lineno))
+
+    # -- the frozen result ---------------------------------------------------
+
+    def _freeze(self):
+        groups = []
+        for g in self.groups:
+            g = dict(g)
+            g["binds"] = tuple(g["binds"])
+            groups.append(GroupConfig(**g))
+        glob = dict(self.glob)
+        for key in ("hdr220", "help", "etrn_cluster", "tracking_cluster"):
+            glob[key] = tuple(glob[key])
+        unimplemented = tuple(sorted(p for p in self.seen_params
+                                     if p in UNIMPLEMENTED_PARAMS))
+        return ServerConfig(path=self.path, groups=tuple(groups),
+                            patterns=tuple(self.patterns),
+                            configured=bool(self.patterns),
+                            diagnostics=tuple(self.diagnostics),
+                            unimplemented=unimplemented, file_read=self.file_read,
+                            **glob)
+
+
+def find_config_path(option_path, zenv, argv0):
+    """``-C file``; else ``$MAILSHARE/<name>.conf`` (3.0.1), else
+    ``$MAILVAR/<name>.conf`` (seed era).  ``<name>`` is the program's name;
+    for ``zmsmtpd.py`` (or ``zmsmtpd``) it is ``smtpserver``, so a copy of
+    this file reads the installed configuration unchanged, while a symlink
+    called ``smtpserver-submit`` still reads ``smtpserver-submit.conf``."""
+    if option_path:
+        return option_path
+    name = os.path.basename(argv0 or "smtpserver")
+    if name.endswith(".py"):
+        name = name[:-3]
+    if name in ("zmsmtpd", "__main__", ""):
+        name = "smtpserver"
+    candidates = [os.path.join(zenv.get(var), name + ".conf")
+                  for var in ("MAILSHARE", "MAILVAR") if zenv.get(var)]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return candidates[0] if candidates else "/etc/zmailer/%s.conf" % name
+
+
+def validate_config(config):
+    """Problems that make a configuration unusable (D10)."""
+    problems = []
+    if not config.configured:
+        problems.append("%s has no HELO/EHLO pattern line (e.g. '*  ftveR'); the "
+                        "server would answer every command with 400" % config.path)
+    for g in config.groups:
+        needs_tls = g.use_tls or any(b.kind == "SMTPS" for b in g.binds) or g.listen_ssmtp
+        if not needs_tls:
+            continue
+        if any(b.kind == "SMTPS" for b in g.binds) and not g.use_tls:
+            problems.append("a BindSmtpS listener needs PARAM use-tls in its group")
+        if g.use_tls:
+            if not g.tls_cert:
+                problems.append("PARAM use-tls needs tls-cert-file")
+            for path in (g.tls_cert, g.tls_key, g.tls_cafile):
+                if path and not os.access(path, os.R_OK):
+                    problems.append("TLS file %s cannot be read" % path)
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# 4. Policy: the text that policy-builder.sh writes (<policydb path>.dat)
+# ---------------------------------------------------------------------------
+
+class PolicyError(Exception):
+    """A policy file that makedb would refuse; the whole load is rejected."""
+
+
+POLICY_ATTRIBUTES = frozenset((
+    "=", "rejectnet", "freezenet", "rejectsource", "freezesource",
+    "relaycustomer", "relaycustnet", "relaytarget", "acceptifmx",
+    "acceptifdns", "senderokwithdns", "freeze", "sendernorelay",
+    "test-dns-rbl", "message", "localdomain", "maxinsize", "maxoutsize",
+    "fulltrustnet", "trustrecipients", "trust-whoson", "rcpt-dns-rbl",
+    "test-rcpt-dns-rbl", "filtering", "maxsameipsource", "spf",
+    "ratelimitmsgs"))
+
+#: Attributes zmsmtpd acts on; the others are accepted and reported once.
+POLICY_IMPLEMENTED = frozenset((
+    "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
+    "trustrecipients", "relaytarget", "localdomain", "maxinsize",
+    "maxsameipsource", "relaycustomer", "maxoutsize"))
+
+#: What each lookup phase asks for (policy.md 3.3).
+IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
+              "fulltrustnet", "trustrecipients", "maxsameipsource")
+PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
+HELO_REQUEST = ("rejectnet", "freezenet")
+RCPT_REQUEST = ("relaytarget", "localdomain")
+
+
+def _policy_network(key):
+    """``[a.b.c.d]/N``, ``a.b.c.d/N``, ``[ipv6.X]/N``, ``X/N`` -> a
+    (family, masked integer, prefix) key; host bits are masked."""
+    addr, _, bits = key.rpartition("/")
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    if addr[:5].lower() in ("ipv6.", "ipv6:"):
+        addr = addr[5:]
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    packed = socket.inet_pton(family, addr)
+    width = len(packed) * 8
+    prefix = int(bits)
+    if not 0 <= prefix <= width:
+        raise ValueError("prefix out of range")
+    value = int(binascii.hexlify(packed), 16)
+    mask = ((1 << width) - 1) ^ ((1 << (width - prefix)) - 1)
+    return (family, value & mask, prefix)
+
+
+def _policy_tokens(text):
+    tokens = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t":
+            i += 1
+        if i >= n:
+            break
+        if text[i] == '"':
+            j = text.find('"', i + 1)
+            j = n if j < 0 else j
+            tokens.append(text[i + 1:j])
+            i = j + 1
+        else:
+            j = i
+            while j < n and text[j] not in " \t":
+                j += 1
+            tokens.append(text[i:j])
+            i = j
+    return tokens
+
+
+class PolicyVerdict(object):
+    """What the policy says about one connection (mutable per session)."""
+
+    __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
+                 "trust_recipients", "freeze", "maxinsize", "maxsameip")
+
+    def __init__(self):
+        self.reject = False
+        self.reject_message = None
+        self.always_accept = False
+        self.full_trust = False
+        self.trust_recipients = False
+        self.freeze = False
+        self.maxinsize = None
+        self.maxsameip = None
+
+    @property
+    def trusted(self):
+        return self.always_accept or self.full_trust
+
+
+class PolicyTable(object):
+    """The policy database as makedb -A -p would have built it: keys
+    lower-cased, duplicate keys' pairs appended, ``= _tag`` expanded inline
+    (five hops), the first occurrence of an attribute winning."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.records = {}     # name keys
+        self.networks = {}    # (family, value, prefix) -> pairs
+        self.unimplemented = ()
+        self.mtime = None
+
+    @classmethod
+    def load(cls, path):
+        table = cls(path)
+        st = os.stat(path)
+        table.mtime = st.st_mtime
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+        seen_unimplemented = set()
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.rstrip("\r")
+            if not line or line[0] in "# \t":
+                continue
+            tokens = _policy_tokens(line)
+            key, pairs = tokens[0].lower(), tokens[1:]
+            if not pairs or pairs[0].startswith("#"):
+                continue  # makedb silently stores nothing for these
+            if len(key) > 253:
+                raise PolicyError("%s:%d: key longer than 253 bytes" % (path, lineno))
+            if len(pairs) % 2:
+                raise PolicyError("%s:%d: attribute %r has no value"
+                                  % (path, lineno, pairs[-1]))
+            plist = []
+            for name, value in zip(pairs[0::2], pairs[1::2]):
+                if name not in POLICY_ATTRIBUTES:
+                    raise PolicyError("%s:%d: unknown attribute %r" % (path, lineno, name))
+                if name not in POLICY_IMPLEMENTED:
+                    seen_unimplemented.add(name)
+                plist.append((name, value.lower() if name == "=" else value))
+            if "/" in key:
+                try:
+                    nkey = _policy_network(key)
+                except (ValueError, OSError, socket.error):
+                    raise PolicyError("%s:%d: unparsable network key %r" % (path, lineno, key))
+                table.networks.setdefault(nkey, []).extend(plist)
+            else:
+                table.records.setdefault(key, []).extend(plist)
+        table.unimplemented = tuple(sorted(seen_unimplemented))
+        return table
+
+    # -- resolution ----------------------------------------------------------
+
+    def resolve(self, pairs, wanted):
+        """Attributes in ``wanted`` from a record: {name: (value, message)}."""
+        found = {}
+        self._walk(pairs, wanted, found, 0)
+        return found
+
+    def _walk(self, pairs, wanted, found, depth):
+        message = None
+        for name, value in pairs:
+            if name == "=":
+                if depth < 5 and value.startswith("_") and value in self.records:
+                    self._walk(self.records[value], wanted, found, depth + 1)
+                message = None
+            elif name == "message":
+                message = value
+            else:
+                if name in wanted and name not in found:
+                    found[name] = (value, message)
+                message = None
+
+    def lookup_ip(self, ip, wanted):
+        """Longest existing prefix wins, no inheritance (policy.md 3.1)."""
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else \
+                socket.inet_pton(socket.AF_INET, ip)
+        except (OSError, socket.error, ValueError):
+            return None
+        if len(packed) == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
+            packed = packed[12:]
+        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+        width = len(packed) * 8
+        value = int(binascii.hexlify(packed), 16)
+        for prefix in range(width, -1, -1):
+            mask = ((1 << width) - 1) ^ ((1 << (width - prefix)) - 1)
+            pairs = self.networks.get((family, value & mask, prefix))
+            if pairs is not None:
+                return self.resolve(pairs, wanted)
+        if family == socket.AF_INET6:
+            pairs = self.networks.get((socket.AF_INET, 0, 0))
+            if pairs is not None:
+                return self.resolve(pairs, wanted)
+        return None
+
+    def lookup_domain(self, domain, wanted):
+        """``a.b.c``, ``.a.b.c``, ``.b.c``, ``.c``, ``.``; first key wins."""
+        domain = domain.lower().rstrip(".")
+        keys = [domain]
+        labels = domain.split(".")
+        for i in range(len(labels)):
+            keys.append("." + ".".join(labels[i:]))
+        keys.append(".")
+        for key in keys:
+            pairs = self.records.get(key)
+            if pairs is not None:
+                return self.resolve(pairs, wanted)
+        return None
+
+    def lookup_user(self, address, wanted):
+        local, _, domain = address.lower().rpartition("@")
+        for key in (local + "@" + domain, local + "@"):
+            pairs = self.records.get(key)
+            if pairs is not None:
+                return self.resolve(pairs, wanted)
+        return None
+
+
+class PolicySource(object):
+    """The policy a group's ``PARAM policydb`` points at, re-read when its
+    ``.dat`` changes (the original reopened the database per connection).
+    A broken rebuild keeps the last good table and logs why."""
+
+    def __init__(self, spec, log=None):
+        self.spec = spec
+        self.path = spec[1] + ".dat" if spec else None
+        self.table = None
+        self.error = None
+        self.log = log
+        self.lock = threading.Lock()
+        self._checked = 0.0
+        self.reload()
+
+    def reload(self):
+        if not self.path:
+            return
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError as e:
+            if self.table is None:
+                self.error = "db Open failure"
+                if self.log:
+                    self.log.note("policy %s: %s" % (self.path, e.strerror))
+            return
+        if self.table is not None and self.table.mtime == mtime:
+            return
+        try:
+            table = PolicyTable.load(self.path)
+        except (PolicyError, OSError, IOError) as e:
+            if self.log:
+                self.log.note("policy not (re)loaded, keeping the previous one: %s" % e)
+            if self.table is None:
+                self.error = "db Open failure"
+            return
+        if table.unimplemented and self.log:
+            self.log.note("policy %s: attributes accepted but not acted on: %s"
+                          % (self.path, ", ".join(table.unimplemented)))
+        self.table = table
+        self.error = None
+
+    def current(self):
+        """The table, re-checked at most once a second."""
+        now = time.time()
+        if now - self._checked >= 1.0:
+            with self.lock:
+                self._checked = now
+                self.reload()
+        return self.table
+
+
+def connection_verdict(table, ip, rhostname=None):
+    """The connect-time decision of policy.md 3.4: IP phase, then the
+    (unverified) PTR name phase when the IP phase left the client alone."""
+    v = PolicyVerdict()
+    if table is None or not ip:
+        return v
+    found = table.lookup_ip(ip, IP_REQUEST) or {}
+
+    def on(name):
+        return found.get(name, ("", None))[0] == "+"
+    if on("rejectnet"):
+        v.reject = True
+        v.reject_message = found["rejectnet"][1]
+    elif on("freezenet"):
+        v.freeze = True
+    else:
+        v.trust_recipients = on("trustrecipients")
+        v.full_trust = on("fulltrustnet")
+        v.always_accept = on("relaycustnet")
+    if "maxinsize" in found:
+        v.maxinsize = _c_int(found["maxinsize"][0], None)
+    if "maxsameipsource" in found:
+        v.maxsameip = _c_int(found["maxsameipsource"][0], None)
+        if v.maxsameip == 0:
+            v.reject = True
+    if not v.reject and not v.full_trust and rhostname and not rhostname.startswith("["):
+        named = table.lookup_domain(rhostname, PTR_REQUEST) or {}
+        if named.get("rejectnet", ("",))[0] == "+":
+            v.reject = True
+            v.reject_message = named["rejectnet"][1]
+        elif named.get("freezenet", ("",))[0] == "+":
+            v.freeze = True
+        if not v.always_accept and named.get("relaycustnet", ("",))[0] == "+":
+            v.always_accept = True
+    return v
+
+
+def recipient_allowed(table, address, local_names):
+    """The recipient side for clients that are neither trusted nor
+    authenticated: ``relaytarget +``/``localdomain +`` accept, ``relaytarget
+    -`` refuses, an unknown domain is relaying and refused.  Without a
+    policy only our own host names are local."""
+    local, _, domain = address.rpartition("@")
+    if not domain or address.lower() == "postmaster":
+        return True
+    if domain.lower() in local_names:
+        return True
+    if table is None:
+        return False
+    for found in (table.lookup_user(address, RCPT_REQUEST),
+                  table.lookup_domain(domain, RCPT_REQUEST)):
+        if not found:
+            continue
+        if "relaytarget" in found:
+            return found["relaytarget"][0] == "+"
+        if found.get("localdomain", ("",))[0] == "+":
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# 5. Replies: every code and text the server sends, in one table
+# ---------------------------------------------------------------------------
+
+#: name -> (code, enhanced status or None, text).  Texts are str.format
+#: templates; ``{ip}`` is the client literal (empty in -i mode), ``{host}``
+#: our name.  A tuple of texts is a multi-line reply.  The wording follows
+#: the original where clients or scripts may depend on it.
+REPLIES = {
+    # connection
+    "greeting_default": (220, None, "%H ZMailer Server %V ESMTP%I ready at %T"),
+    "reject_ip": (550, "5.7.1", ("Hello {ip}; If you feel we mistreat you, do contact us.",
+                                 "Hello {ip}; {contact}",
+                                 "Hello {ip}; {msg}")),
+    "reject_ip_default": (None, None, "{host} - You are on our reject-IP-address -list, GO AWAY!"),
+    "too_many_same_ip": (450, "4.7.1", ("Come again later", "{contact}",
+                                        "Too many simultaneous connections from same IP "
+                                        "address ({count} max {limit})")),
+    "too_many_parallel": (450, "4.7.1", ("{contact}", "Come again later",
+                                         "Too many simultaneous connections to this server "
+                                         "({count} max {limit})")),
+    "policy_problem": (400, "4.7.0", ("{contact}", "Policy database problem: {why}")),
+    "pipelined_greeting": (550, "5.7.1", "HELLO {ip}, YOU ARE SENDING PIPELINED INPUT, BUT "
+                                         "DIDN'T GREET PROPERLY WITH EHLO"),
+    "timeout": (421, "4.4.2", "{host} Error: timeout exceeded, closing connection"),
+    "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
+    "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
+    "quit": (221, "2.0.0", "{host} Out"),
+    # line level
+    "line_too_long": (500, "5.5.2", "Line too long"),
+    "illegal_nul": (500, "5.5.2", "Illegal input characters: NUL on SMTP input"),
+    "illegal_8bit": (500, "5.5.2", "Illegal input characters: 8-bit char on SMTP input"),
+    "illegal_ctrl": (500, "5.5.2", "Illegal input characters: Control chars on SMTP input"),
+    "bare_lf": (500, "5.5.2", "Line not terminated with CRLF.."),
+    "unknown": (550, "5.5.2", "Unknown command '{line}'"),
+    "unknown_last": (550, "5.5.2", "Hi {ip}, One too many unknown command '{line}'"),
+    "msa_gate": (530, "5.3.0", "Sorry {ip}; Authentication required"),
+    "msa_mail": (530, "5.5.1", "Hello {ip}, In SUBMISSION mode sender must authenticate first!"),
+    # HELO / EHLO
+    "helo_reject": (501, "5.7.1", "Sorry {ip}, {msg}"),
+    "helo_reject_default": (501, "5.7.1", "Sorry {ip}, access denied."),
+    "helo_bad_strict": (501, "5.7.1", ("Invalid `{line}' parameter!", "Sorry {ip}, Err: {msg}")),
+    "helo_ok": (250, None, "{host} Hello {arg}"),
+    "helo_skeptic": (250, None, '{host} expected "{verb} {rhost}"'),
+    # MAIL
+    "mail_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO/EHLO command"),
+    "mail_wait_rcpt": (503, "5.5.1", "Hello {ip}, Waiting for RCPT command"),
+    "mail_wait_data": (503, "5.5.1", "Hello {ip}, Waiting for RCPT or DATA command"),
+    "mail_no_from": (501, "5.5.2", "Hello {ip}, where is From: in that?"),
+    "mail_no_bracket": (501, "5.1.7", "Hello {ip}, where is <...> in that?"),
+    "mail_empty": (501, "5.1.7", "Hello {ip}, where is <...> in this: {args}"),
+    "mail_strange": (501, "5.1.7", "Hello {ip}, strangeness between ':' and '<': {args}"),
+    "mail_many_lt": (501, "5.1.7", "there are too many <'s in this: {args}"),
+    "mail_many_gt": (501, "5.1.7", "Hi {ip}, there are too many >'s in this: {args}"),
+    "mail_syntax": (501, "5.1.7", ("Path data: {msg}", "Hi {ip}, that was for input: {args}")),
+    "mail_ok": (250, "2.1.0", "Sender syntax Ok; {note}"),
+    "mail_size_bad": (501, "5.5.4", "SIZE-param data error"),
+    "mail_size_twice": (501, "5.5.4", "SIZE-param double definition!"),
+    "mail_body_bad": (501, "5.5.4", "BODY-param data error, must be one of: 8BITMIME/BINARYMIME/7BIT"),
+    "mail_body_twice": (501, "5.5.4", "BODY= double definition!"),
+    "mail_ret_twice": (501, "5.5.4", "RET-param double defined!"),
+    "mail_envid_bad": (501, "5.5.4", ("Invalid ENVID value '{param}'",
+                                      "ENVID data contains illegal characters!")),
+    "mail_envid_twice": (501, "5.5.4", "ENVID double definition!"),
+    "mail_auth_bad": (501, "5.5.4", "AUTH data contains illegal characters!"),
+    "mail_by_bad": (501, "5.5.4", "Invalid data at BY= parameter: '{param}'"),
+    "mail_by_past": (501, "5.5.4", "The strict delivery deadline is already past: {param}"),
+    "mail_by_short": (553, "5.7.1", "Too small short delivery deadline value given: {value}"),
+    "mail_param_unknown": (501, "5.5.4", "Unknown MAIL FROM:<> parameter: {param}"),
+    "mail_too_big": (552, "5.3.4", "This message is larger, than our maximum acceptable incoming "
+                                   "message size of  {limit}  chars."),
+    "mail_no_space": (452, "4.3.1", "Try again later, insufficient storage available at the moment"),
+    "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
+    "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                         "access denied by the policy analysis functions."),
+    # RCPT
+    "rcpt_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO command"),
+    "rcpt_wait_mail": (503, "5.5.1", "Hello {ip}, Waiting for MAIL command"),
+    "rcpt_in_bdat": (503, "5.5.1", "Hello {ip}, BDAT transfer in progress"),
+    "rcpt_no_to": (501, "5.5.2", "where is To: in this?  {args}"),
+    "rcpt_no_bracket": (501, "5.1.3", "where is <...> in this?  {args}"),
+    "rcpt_strange": (501, "5.1.3", "strangeness between ':' and '<': {args}"),
+    "rcpt_null": (501, "5.1.3", "Null address valid only as source: {args}"),
+    "rcpt_many_lt": (501, "5.1.3", "there are too many <'s in this: {args}"),
+    "rcpt_many_gt": (501, "5.1.3", "there are too many >'s in this: {args}"),
+    "rcpt_syntax": (501, "5.1.3", "Path data: {msg}"),
+    "rcpt_empty": (501, "5.1.3", "What is an empty recipient?"),
+    "rcpt_notify_bad": (501, "5.5.4", "NOTIFY-param data error"),
+    "rcpt_notify_twice": (501, "5.5.4", "NOTIFY-param double defined!"),
+    "rcpt_orcpt_bad": (501, "4.5.4", ("Invalid ORCPT value '{param}'", "ORCPT-param data error!")),
+    "rcpt_orcpt_twice": (501, "5.5.4", "ORCPT-param double defined!"),
+    "rcpt_param_unknown": (555, "5.5.4", "Unknown RCPT TO:<> parameter: {param}"),
+    "rcpt_too_many": (452, "4.5.2", "Too many recipients in one go!"),
+    "rcpt_spam_trap": (552, "5.7.1", "SPAM trap -- too many recipients for an empty source address!"),
+    "rcpt_too_big": (552, "5.3.4", "Message size exceeds fixed maximum size of {limit} chars for "
+                                   "acceptable email; rcpt={addr}"),
+    "rcpt_no_space": (452, "4.3.1", "insufficient storage space, try again later"),
+    "rcpt_relay_denied": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
+                                        "address {addr} via our server"),
+    "rcpt_earlier_reject": (550, "5.7.1", "Hello {ip}, access denied by the policy analysis "
+                                          "functions by earlier rejection"),
+    "rcpt_ok_size": (250, "2.1.5", "Ok; can accomodate {size} byte message{note} for {addr}"),
+    "rcpt_ok": (250, "2.1.5", "Recipient address syntax Ok{note}; rcpt={addr}"),
+    # DATA / BDAT
+    "data_junk": (501, "5.5.4", "Extra junk after 'DATA' verb"),
+    "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
+    "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
+    "data_ok": (250, "2.0.0", "accepted; {id}"),
+    "data_too_big": (552, "5.3.4", "Size of this message exceeds the fixed maximum size of  {limit}  "
+                                   "chars for received email "),
+    "data_header_too_big": (552, "5.3.4", "Message header section exceeds {limit} bytes"),
+    "data_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
+    "bdat_syntax": (501, "5.5.2", "Syntax error in parameters or arguments"),
+    "bdat_wait": (503, "5.5.2", "{why}"),
+    "bdat_no_sender": (550, "5.1.3", "No valid sender, rejecting all recipients"),
+    "bdat_no_rcpt": (550, "5.1.3", "No valid recipient at RCPT addresses, or no RCPT addresses at all"),
+    "bdat_discarded": (452, "4.3.0", "BDAT block discarded due to earlier error"),
+    "bdat_ok": (250, "2.0.0", "Received {n} bytes"),
+    "bdat_last": (250, "2.0.0", "{id} Roger, got {n} bytes in the last chunk, stored {m} bytes into spool"),
+    # simple verbs
+    "rset": (250, "2.0.0", "Reset processed, now waiting for MAIL command"),
+    "rset_junk": (501, "5.5.4", "Extra junk after 'RSET' verb; RSET processed anyway"),
+    "noop": (250, "2.0.0", "Ok"),
+    "noop_junk": (501, "5.5.4", "Extra junk after 'NOOP' verb"),
+    "quit_junk": (221, "5.5.4", "Extra junk after 'QUIT' verb"),
+    "vrfy_wait_helo": (503, "5.5.1", "Waiting for HELO/EHLO command"),
+    "vrfy": (252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
+    "expn": (502, "5.4.0", "Command not implemented"),
+    "turn": (502, "5.5.1", "Command not implemented"),
+    "etrn_noarg": (552, "5.0.0", "ETRN needs target domain name parameter."),
+    "etrn_literal": (458, "5.7.1", "Sorry, only literal target domains accepted"),
+    "etrn_ok": (250, "2.0.0", "An ETRN request is submitted - something may get sent."),
+    "verb": (250, "2.0.0", ("ZMailer SMTP server %s (zmsmtpd)" % VERSION,
+                            "Copyright 1990 Rayan S. Zachariassen",
+                            "Copyright 1991-2004 Matti Aarnio")),
+    "tick": (250, "2.0.0", "{line}"),
+    "z_ident": (200, None, "RFC1413 identuser='IDENT-NOT-QUERIED'"),
+    "debug_verbose": (423, None, "Must be VERBose to use DEBUG"),
+    # STARTTLS
+    "tls_not_enabled": (502, "5.4.0", "Command not implemented"),
+    "tls_active": (554, "5.4.0", "TLS already active, restart not allowed!"),
+    "tls_junk": (501, "5.1.3", "Extra junk following 'STARTTLS' command!"),
+    "tls_go": (220, None, "Ready to start TLS"),
+    "tls_failed": (454, "4.7.0", "TLS not available due to temporary reason"),
+    # AUTH
+    "auth_port25": (503, "5.5.1", "Hi {ip}, AUTH NOT SUPPORTED AT PORT 25!"),
+    "auth_rate": (454, "4.7.0", "Hi {ip}, Too many authentication failures from your IP this hour.."),
+    "auth_ehlo_first": (503, "5.5.1", "Hi {ip}, EHLO first, then - perhaps - AUTH!"),
+    "auth_in_mail": (503, "5.5.1", "Hi {ip}, AUTH not allowed during MAIL transaction!"),
+    "auth_twice": (503, "5.5.1", "Hello {ip}, already authenticated, second attempt rejected!"),
+    "auth_mech": (504, "5.7.1", "Hello {ip}, Only 'AUTH LOGIN' and 'AUTH PLAIN' supported."),
+    "auth_needs_tls": (503, "5.7.1", "Hello {ip}, Plaintext password authentication must be run "
+                                     "under SSL/TLS"),
+    "auth_prompt": (334, None, "{challenge}"),
+    "auth_cancelled": (501, None, "AUTH command cancelled"),
+    "auth_eof": (501, None, "Err... Seen EOF during AUTH ??"),
+    "auth_bad_base64": (501, "5.5.2", "Invalid base64 data in AUTH exchange"),
+    "auth_ok": (235, None, "Authentication successful."),
+    "auth_failed": (535, None, "Authentication failed"),
+    "auth_tempfail": (454, "4.7.0", "Temporary authentication failure"),
+}
+
+#: What a rejection points the client at (``PARAM contact-pointer-message``).
+DEFAULT_CONTACT = "Ask HELP for our contact information."
+
+HELP_TEXT = {
+    "EHLO": ("EHLO <hostname>", "    Extended hello: greet the server and list its extensions."),
+    "HELO": ("HELO <hostname>", "    Greet the server."),
+    "MAIL": ("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
+             "    Specify the originator address for the next message.",
+             "    Any address will be accepted here, but may be rejected later."),
+    "RCPT": ("RCPT TO:<recipient> (ESMTP parameters)",
+             "    Specify a recipient of the message; repeat for more."),
+    "DATA": ("DATA", "    Send the message, ending with a line holding a single '.'."),
+    "BDAT": ("BDAT <size> [LAST]", "    Send the next <size> octets of the message (CHUNKING)."),
+    "RSET": ("RSET", "    Forget the current transaction."),
+    "NOOP": ("NOOP", "    Do nothing."),
+    "QUIT": ("QUIT", "    End the session."),
+    "AUTH": ("AUTH LOGIN [initial-response]", "AUTH PLAIN [initial-response]",
+             "    Authenticate; then MAIL is accepted in submission mode."),
+    "STARTTLS": ("STARTTLS", "    Start TLS; then greet again with EHLO."),
+    "ETRN": ("ETRN <domain>", "    Ask for queued mail for <domain> to be sent."),
+    "VRFY": ("VRFY <address>", "    Verify an address (mostly answered with 252)."),
+    "HELP": ("HELP [command]", "    This text."),
+}
+
+HELP_VERBS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY",
+              "EXPN", "NOOP", "QUIT", "TURNME", "ETRN", "AUTH", "STARTTLS",
+              "VERB", "ONEX", "SEND", "SOML", "SAML", "TURN", "TICK", "EMAL",
+              "ESND", "ESOM", "ESAM", "EVFY", "Z-IDENT", "Z-DEBUG", "HELP")
+
+
+def format_reply(name, enhanced_ok=True, multiline=True, **fields):
+    """The wire lines (without CRLF) of reply ``name``.  ``multiline=False``
+    is ``no-multiline-replies``: it only drops the caret line, which the
+    caller adds itself."""
+    code, enh, texts = REPLIES[name]
+    if isinstance(texts, str):
+        texts = (texts,)
+    if fields:
+        texts = tuple(t.format(**fields) for t in texts)
+    prefix = "%s " % enh if (enh and enhanced_ok) else ""
+    last = len(texts) - 1
+    return ["%d%s%s%s" % (code, " " if i == last else "-", prefix, t)
+            for i, t in enumerate(texts)]
+
+
+# ---------------------------------------------------------------------------
+# 6. The transcript log (-l FILE, -l SYSLOG) and the -v trace
+# ---------------------------------------------------------------------------
+
+class TranscriptLog(object):
+    """The ``-l`` log: lines ``<tag><dt><r|w|#>\\t<text>``.  Every line is
+    one ``os.write`` on an O_APPEND descriptor, so concurrent sessions
+    never interleave inside a line.  ``-v`` copies each line to stderr."""
+
+    def __init__(self, targets=(), trace=False):
+        self.files = [t for t in targets if t != "SYSLOG"]
+        self.use_syslog = "SYSLOG" in targets and syslog is not None
+        self.trace = trace
+        self.fds = []
+        self.lock = threading.Lock()
+        self.reopen()
+        if self.use_syslog or syslog is not None:
+            syslog.openlog("smtpserver", syslog.LOG_PID, syslog.LOG_MAIL)
+
+    def reopen(self):
+        """(Re)open the files; called at start and on SIGHUP (rotation)."""
+        old, new = self.fds, []
+        for path in self.files:
+            try:
+                new.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            except OSError as e:
+                sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, e.strerror))
+        self.fds = new
+        for fd in old:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def write(self, tag, dt, mark, text):
+        if not (self.fds or self.use_syslog or self.trace):
+            return
+        line = "%s%04d%s\t%s\n" % (tag, dt, mark, text)
+        data = line.encode("utf-8", "surrogateescape")
+        for fd in self.fds:
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
+        if self.use_syslog:
+            syslog.syslog(syslog.LOG_DEBUG, "%s%04d %s %s" % (tag, dt, mark, text))
+        if self.trace:
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (IOError, OSError, ValueError):
+                pass
+
+    def note(self, text):
+        """A line not tied to a session (the master's ``0000000`` tag)."""
+        self.write("0000000", 0, "#", "000-" + text)
+
+
+class SessionLog(object):
+    """One session's view of the transcript log: fixed tag, elapsed time."""
+
+    def __init__(self, log, tag, start):
+        self.log = log
+        self.tag = tag
+        self.start = start
+
+    def _dt(self):
+        return int(time.time() - self.start) if self.tag != "0000000" else 0
+
+    def received(self, text):
+        self.log.write(self.tag, self._dt(), "r", text)
+
+    def sent(self, text):
+        self.log.write(self.tag, self._dt(), "w", text)
+
+    def note(self, text):
+        self.log.write(self.tag, self._dt(), "#", "000-" + text)
+
+
+def mail_syslog(priority, text):
+    if syslog is not None:
+        try:
+            syslog.syslog(priority, text)
+        except (OSError, ValueError):  # pragma: no cover
+            pass
+
+
+# ---------------------------------------------------------------------------
+# 7. Listeners: sockets, the fork-or-thread choice, the selectors loop
+# ---------------------------------------------------------------------------
+
+def interface_address(name, family):
+    """First address of interface ``name`` for ``family`` (``iface:NAME``)."""
+    if family == socket.AF_INET6:
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[5].lower() == name.lower():
+                        h = fields[0]
+                        return ":".join(h[i:i + 4] for i in range(0, 32, 4))
+        except IOError:
+            pass
+        return None
+    import fcntl
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        req = struct.pack("256s", name.encode()[:15])
+        res = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR
+        return socket.inet_ntoa(res[20:24])
+    except (IOError, OSError):
+        return None
+    finally:
+        s.close()
+
+
+class ListenerSpec(Frozen):
+    """A socket to open: kind, family, address literal ('' = any), port."""
+
+
+def listener_specs(config, ipv6=True):
+    """Every listening socket the configuration asks for, per group, in
+    definition order.  A group with no Bind* entries gets the wildcard
+    SMTP listeners on BindPort (plus 465 with listen-ssmtp), as before."""
+    specs = []
+    for index, group in enumerate(config.groups):
+        binds = list(group.binds)
+        if not binds:
+            if len(config.groups) > 1 and index == 0 and not group.listen_ssmtp:
+                # Group 0 only serves as the template of the others.
+                if any(g.binds for g in config.groups[1:]):
+                    continue
+            binds = [BindSpec(kind="ADDR", family=socket.AF_INET, address="", port=None, lineno=0)]
+            if ipv6 and socket.has_ipv6:
+                binds.insert(0, BindSpec(kind="ADDR", family=socket.AF_INET6,
+                                         address="", port=None, lineno=0))
+        for b in binds:
+            if b.family == socket.AF_INET6 and not ipv6:
+                continue
+            address = b.address
+            if address.startswith("iface:"):
+                address = interface_address(address[6:], b.family)
+                if address is None:
+                    continue
+            if b.kind == "ADDR":
+                entries = [("SMTP", config.bindport)]
+                if group.listen_ssmtp:
+                    entries.append(("SMTPS", 465))
+            else:
+                entries = [(b.kind, b.port)]
+            for kind, port in entries:
+                spec = ListenerSpec(kind=kind, family=b.family, address=address,
+                                    port=port, group=index)
+                if all(s.__dict__ != spec.__dict__ for s in specs):
+                    specs.append(spec)
+    return specs
+
+
+class ThreadPerSessionMixIn(object):
+    """One thread per SMTP session.  Measured faster than forking for this
+    workload (see README, Performance); fsync and socket waits release the
+    GIL, so sessions overlap where the time really goes."""
+
+    model = "thread"
+
+    def process_request(self, request, client_address):
+        t = threading.Thread(target=self._session_thread,
+                             args=(request, client_address),
+                             name="smtp-%s" % client_address[0])
+        t.daemon = True
+        self.supervisor.session_started(self, client_address, t)
+        t.start()
+
+    def _session_thread(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.supervisor.session_ended(self, client_address, threading.current_thread())
+
+
+class ForkPerSessionMixIn(object):
+    """One process per SMTP session, as the C original: a crash or a leak
+    stays inside one session.  Chosen with ``PARAM session-model fork``."""
+
+    model = "fork"
+
+    def process_request(self, request, client_address):
+        pid = os.fork()
+        if pid:
+            self.supervisor.session_started(self, client_address, pid)
+            self.close_request(request)
+            return
+        status = 0
+        try:
+            self.supervisor.become_session_child()
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            status = 1
+        finally:
+            try:
+                self.shutdown_request(request)
+            finally:
+                os._exit(status)
+
+
+class ListenerServer(socketserver.TCPServer):
+    """One listening socket, with the socketserver template methods doing
+    what smtpserver's master did: ``verify_request`` applies the connection
+    limits and the policy's ``rejectnet``, ``process_request`` (from the
+    mixin) chooses fork or thread, and the handler is one SMTP session."""
+
+    allow_reuse_address = True
+    request_queue_size = 20000
+
+    def __init__(self, supervisor, spec):
+        self.supervisor = supervisor
+        self.spec = spec
+        self.kind = spec.kind
+        self.address_family = spec.family
+        addr = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
+        socketserver.TCPServer.__init__(self, (addr, spec.port), SMTPSession,
+                                        bind_and_activate=False)
+        try:
+            group = supervisor.config.groups[spec.group]
+            self.request_queue_size = max(1, group.listen_queue_size)
+            if spec.family == socket.AF_INET6:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if group.tcp_rcvbuf > 0:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, group.tcp_rcvbuf)
+            if group.tcp_sndbuf > 0:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, group.tcp_sndbuf)
+            self.server_bind()
+            self.server_activate()
+            self.socket.setblocking(False)
+        except Exception:
+            self.server_close()
+            raise
+
+    @property
+    def group(self):
+        return self.supervisor.config.groups[self.spec.group]
+
+    def get_request(self):
+        conn, addr = self.socket.accept()
+        conn.setblocking(True)
+        return conn, addr
+
+    def verify_request(self, request, client_address):
+        """Connection limits and ``rejectnet``: over the limit a 450 (or,
+        far over it, silence), a rejected network the 550 banner; either way
+        the connection is closed here, before any session starts."""
+        ip = client_address[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]
+        return self.supervisor.admit(self, request, ip)
+
+    def handle_error(self, request, client_address):
+        import traceback
+        self.supervisor.log.note("session error from %s: %s" % (
+            client_address[0], traceback.format_exc().replace("\n", " | ")))
+
+
+def make_listener_class(model):
+    mixin = ForkPerSessionMixIn if model == "fork" else ThreadPerSessionMixIn
+    return type("%sListenerServer" % model.capitalize(), (mixin, ListenerServer), {})
+
+
+class Supervisor(object):
+    """The master: owns the configuration, the listeners and the counts of
+    running sessions, runs the selectors loop, and handles SIGHUP/SIGTERM
+    through a self-pipe so signals never interrupt a half-done operation."""
+
+    def __init__(self, runtime, config):
+        self.runtime = runtime
+        self.config = config
+        self.log = runtime.log
+        self.listeners = []
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.sessions = {}          # key (thread or pid) -> (kind, ip)
+        self.per_kind = {}
+        self.per_ip = {}
+        self.session_counter = 0
+        self.stopping = False
+        self.reload_requested = False
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.listener_class = make_listener_class(config.session_model)
+
+    # -- listeners -------------------------------------------------------------
+
+    def open_listeners(self, specs, keep=()):
+        opened, errors = [], []
+        for spec in specs:
+            reuse = [l for l in keep if l.spec.__dict__ == spec.__dict__]
+            if reuse:
+                opened.append(reuse[0])
+                continue
+            try:
+                opened.append(self.listener_class(self, spec))
+                self.log.note("setting up: bind(%s, %s, addr='%s' port=%d)" % (
+                    spec.kind, "v6" if spec.family == socket.AF_INET6 else "v4",
+                    spec.address, spec.port))
+            except (OSError, socket.error) as e:
+                errors.append("cannot listen on [%s]:%d (%s): %s" % (
+                    spec.address or "any", spec.port, spec.kind, e.strerror or e))
+        return opened, errors
+
+    def install_listeners(self, listeners):
+        for l in self.listeners:
+            if l not in listeners:
+                self.selector.unregister(l.socket)
+                l.server_close()
+        for l in listeners:
+            if l not in self.listeners:
+                self.selector.register(l.socket, selectors.EVENT_READ, l)
+        self.listeners = listeners
+
+    # -- admission (called from ListenerServer.verify_request) ------------------
+
+    def admit(self, listener, request, ip):
+        cfg = self.config
+        with self.lock:
+            same = self.per_ip.get((listener.kind, ip), 0) + 1
+            total = self.per_kind.get(listener.kind, 0) + 1
+        if same > 4 * cfg.max_same_ip or total > cfg.max_parallel + 100:
+            return False
+        group = listener.group
+        contact = group.contact_pointer or DEFAULT_CONTACT
+        lines = None
+        if same > cfg.max_same_ip and same > 1:
+            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
+                                 count=same, limit=cfg.max_same_ip)
+        elif total > cfg.max_parallel:
+            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
+                                 count=total, limit=cfg.max_parallel)
+        else:
+            policy = self.runtime.policy_for(group)
+            table = policy.current() if policy else None
+            if table is not None:
+                verdict = connection_verdict(table, ip)
+                if verdict.reject:
+                    msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                        host=self.runtime.hostname)
+                    lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
+                                         contact=contact, msg=msg)
+        if lines is None:
+            return True
+        self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
+        try:
+            request.settimeout(5)
+            request.sendall(("\r\n".join(lines) + "\r\n").encode("utf-8", "replace"))
+        except (OSError, socket.error):
+            pass
+        return False
+
+    def session_started(self, listener, client_address, key):
+        ip = client_address[0]
+        with self.lock:
+            self.sessions[key] = (listener.kind, ip)
+            self.per_kind[listener.kind] = self.per_kind.get(listener.kind, 0) + 1
+            self.per_ip[(listener.kind, ip)] = self.per_ip.get((listener.kind, ip), 0) + 1
+
+    def session_ended(self, listener, client_address, key):
+        with self.lock:
+            entry = self.sessions.pop(key, None)
+            if entry is None:
+                return
+            kind, ip = entry
+            self.per_kind[kind] -= 1
+            n = self.per_ip[(kind, ip)] - 1
+            if n:
+                self.per_ip[(kind, ip)] = n
+            else:
+                del self.per_ip[(kind, ip)]
+
+    def next_session_number(self):
+        with self.lock:
+            self.session_counter += 1
+            return self.session_counter
+
+    def become_session_child(self):
+        """In a forked session: forget the master's sockets and handlers."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for l in self.listeners:
+            l.socket.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def reap_children(self):
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except OSError:
+                return
+            if not pid:
+                return
+            self.session_ended(None, None, pid)
+
+    # -- signals and the loop ------------------------------------------------
+
+    def wake(self, signum=None, frame=None):
+        if signum == signal.SIGTERM or signum == signal.SIGINT:
+            self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.reload_requested = True
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve_forever(self):
+        signal.signal(signal.SIGTERM, self.wake)
+        signal.signal(signal.SIGINT, self.wake)
+        signal.signal(signal.SIGHUP, self.wake)
+        if self.config.session_model == "fork":
+            signal.signal(signal.SIGCHLD, self.wake)
+        while not self.stopping:
+            try:
+                events = self.selector.select(timeout=5.0)
+            except (OSError, select_error()) as e:  # pragma: no cover
+                if getattr(e, "errno", None) == errno.EINTR:
+                    continue
+                raise
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except OSError:
+                        pass
+                    continue
+                listener = key.data
+                # _handle_request_noblock: accept, verify_request,
+                # process_request, with errors to handle_error.
+                try:
+                    listener._handle_request_noblock()
+                except Exception:  # never let one accept kill the loop
+                    self.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+            if self.config.session_model == "fork":
+                self.reap_children()
+            if self.reload_requested:
+                self.reload_requested = False
+                self.runtime.reload()
+        self.shutdown()
+
+    def shutdown(self):
+        for l in self.listeners:
+            try:
+                self.selector.unregister(l.socket)
+            except (KeyError, ValueError):
+                pass
+            l.server_close()
+        self.listeners = []
+        deadline = time.time() + self.config.shutdown_grace
+        while time.time() < deadline:
+            if self.config.session_model == "fork":
+                self.reap_children()
+            with self.lock:
+                if not self.sessions:
+                    break
+            time.sleep(0.05)
+
+
+def select_error():
+    import select
+    return select.error
+
+
+# ---------------------------------------------------------------------------
+# 8. The SMTP session
+# ---------------------------------------------------------------------------
+
+class SessionTimeout(Exception):
+    """The client was silent (or too slow) past a deadline."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class LineTooLong(Exception):
+    """A command line over the limit; the rest of it was discarded."""
+
+
+class Channel(object):
+    """Buffered, deadline-aware I/O for one session.  Replies are queued and
+    sent in one write before the server waits for input, which is what
+    PIPELINING needs and what saves a system call per reply."""
+
+    RECV_SIZE = 65536
+
+    def __init__(self):
+        self.buf = b""
+        self.out = []
+
+    # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(data),
+    # _input_ready() -> bool (without blocking)
+
+    def pending(self):
+        """Is client input already waiting (pipelined)?"""
+        return bool(self.buf) or self._input_ready()
+
+    def fill(self, deadline):
+        data = self._recv(deadline)
+        if not data:
+            raise ClientGone()
+        self.buf += data
+
+    def readline(self, deadline, limit):
+        """One line with its LF (a final line may lack it at EOF)."""
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i + 1], self.buf[i + 1:]
+                if len(line) > limit + 2:
+                    raise LineTooLong()
+                return line
+            if len(self.buf) > limit + 2:
+                self._discard_line(deadline)
+                raise LineTooLong()
+            self.flush()
+            data = self._recv(deadline)
+            if not data:
+                if self.buf:
+                    line, self.buf = self.buf, b""
+                    return line
+                raise ClientGone()
+            self.buf += data
+
+    def _discard_line(self, deadline):
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                self.buf = self.buf[i + 1:]
+                return
+            self.buf = b""
+            self.fill(deadline)
+
+    def read_chunk(self, deadline):
+        """Whatever input is buffered, or the next recv's worth."""
+        if not self.buf:
+            self.flush()
+            self.fill(deadline)
+        data, self.buf = self.buf, b""
+        return data
+
+    def unread(self, data):
+        self.buf = data + self.buf
+
+    def write_lines(self, lines):
+        self.out.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
+
+    def flush(self):
+        if self.out:
+            data = b"".join(self.out)
+            self.out = []
+            self._send(data)
+
+
+class SocketChannel(Channel):
+    """A TCP (or TLS-wrapped) connection."""
+
+    def __init__(self, sock, write_timeout=300.0):
+        Channel.__init__(self)
+        self.sock = sock
+        self.write_timeout = write_timeout
+
+    def _recv(self, deadline):
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise SessionTimeout()
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv(self.RECV_SIZE)
+        except socket.timeout:
+            raise SessionTimeout()
+        except ssl.SSLError as e:
+            if "timed out" in str(e):
+                raise SessionTimeout()
+            raise ClientGone()
+        except (OSError, socket.error):
+            raise ClientGone()
+
+    def _send(self, data):
+        self.sock.settimeout(self.write_timeout)
+        try:
+            self.sock.sendall(data)
+        except (OSError, socket.error, ssl.SSLError):
+            raise ClientGone()
+
+    def _input_ready(self):
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        import select
+        try:
+            r, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(r)
+
+
+class StdioChannel(Channel):
+    """``-i``: SMTP on standard input and output."""
+
+    def __init__(self, rfd=0, wfd=1):
+        Channel.__init__(self)
+        self.rfd, self.wfd = rfd, wfd
+
+    def _recv(self, deadline):
+        import select
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise SessionTimeout()
+        r, _, _ = select.select([self.rfd], [], [], remaining)
+        if not r:
+            raise SessionTimeout()
+        try:
+            return os.read(self.rfd, self.RECV_SIZE)
+        except OSError:
+            return b""
+
+    def _send(self, data):
+        try:
+            while data:
+                n = os.write(self.wfd, data)
+                data = data[n:]
+        except OSError:
+            raise ClientGone()
+
+    def _input_ready(self):
+        import select
+        try:
+            r, _, _ = select.select([self.rfd], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(r)
+
+
+class DotDecoder(object):
+    """DATA's transparency (RFC 5321 4.5.2), fed arbitrary chunks.
+
+    Only CRLF ``.`` CRLF ends the message (SMTP smuggling: ``LF.LF``,
+    ``CR.CR`` and ``LF.CRLF`` are content).  A line that starts with a dot
+    after a CRLF loses that dot.  CRLF is stored as LF; a bare LF is kept
+    as a line break and a bare CR as a byte -- one consistent rule."""
+
+    def __init__(self):
+        self.pending = b""
+        self.bol = True      # at the start of a line that followed CRLF
+        self.done = False
+        self.wire_bytes = 0
+
+    def feed(self, data):
+        """Returns (decoded bytes, bytes after the terminator or None)."""
+        self.wire_bytes += len(data)
+        buf = self.pending + data if self.pending else data
+        out = []
+        pos, n = 0, len(buf)
+        while True:
+            if self.bol:
+                if pos >= n:
+                    break
+                if buf[pos:pos + 1] == b".":
+                    if buf[pos:pos + 3] == b".\r\n":
+                        self.done = True
+                        rest = buf[pos + 3:]
+                        self.wire_bytes -= len(rest)
+                        self.pending = b""
+                        return b"".join(out).replace(b"\r\n", b"\n"), rest
+                    if n - pos < 3 and b".\r\n".startswith(buf[pos:]):
+                        break  # need more bytes to decide
+                    pos += 1
+                self.bol = False
+            i = buf.find(b"\r\n.", pos)
+            if i < 0:
+                end = n - 2 if buf.endswith(b"\r\n") else (n - 1 if buf.endswith(b"\r") else n)
+                if end < pos:
+                    end = pos
+                out.append(buf[pos:end])
+                pos = end
+                if buf.endswith(b"\r\n") and end == n - 2:
+                    out.append(b"\r\n")
+                    pos = n
+                    self.bol = True
+                break
+            out.append(buf[pos:i + 2])
+            pos = i + 2
+            self.bol = True
+        self.pending = buf[pos:]
+        return b"".join(out).replace(b"\r\n", b"\n"), None
+
+
+class HeaderRewriter(object):
+    """What zmsmtpd does to the message header on its way to the spool:
+    a first ``From `` line is dropped, ``Precedence:`` is noted for the
+    router directory choice, and in MSA mode with an authenticated user
+    the ``X-Comment:`` line (3.0.1) and the ``Sender:`` rewrite (seed, D3)
+    are applied.  Input is LF-terminated; the header is held until its end
+    (bounded by ``max-header-size``), then the rest streams through."""
+
+    def __init__(self, sink, prefix_lines, rewrite_sender, sender_value, limit):
+        self.sink = sink
+        self.prefix = prefix_lines
+        self.rewrite_sender = rewrite_sender
+        self.sender_value = sender_value
+        self.limit = limit
+        self.head = b""
+        self.in_header = True
+        self.priority = 0
+        self.too_big = False
+
+    def feed(self, data):
+        if not self.in_header:
+            self.sink(data)
+            return
+        self.head += data
+        end = self._header_end()
+        if end is None:
+            if len(self.head) > self.limit:
+                self.too_big = True
+                self._emit_header(len(self.head))
+            return
+        self._emit_header(end)
+
+    def close(self):
+        if self.in_header:
+            self._emit_header(len(self.head))
+
+    def _header_end(self):
+        """Offset just past the header section, or None if not yet seen."""
+        pos = 0
+        while True:
+            j = self.head.find(b"\n", pos)
+            if j < 0:
+                return None
+            if not self.head[pos:j].strip(b" \t\r"):
+                return pos
+            pos = j + 1
+
+    def _emit_header(self, end):
+        head, rest = self.head[:end], self.head[end:]
+        self.head = b""
+        self.in_header = False
+        lines = head.split(b"\n")
+        tail = lines.pop()  # text after the last LF (b"" normally)
+        if lines and (lines[0].startswith(b"From ") or lines[0].startswith(b">From ")):
+            lines.pop(0)
+        out = list(self.prefix)
+        in_sender = False
+        for line in lines:
+            low = line[:12].lower()
+            if line[:1] in (b" ", b"\t"):
+                out.append(line)
+                continue
+            in_sender = False
+            if low.startswith(b"precedence:"):
+                value = line[11:].strip().lower()
+                self.priority = {b"bulk": 1, b"junk": 9}.get(value, 0)
+            if self.rewrite_sender and low.startswith(b"sender:"):
+                line = b"Old-Sender:" + line[7:]
+                in_sender = True
+            out.append(line)
+        if self.rewrite_sender:
+            out.insert(len(self.prefix), b"Sender: " + self.sender_value)
+        self.sink(b"\n".join(out) + b"\n" + tail + rest)
+
+
+def mask_auth_line(line):
+    """``AUTH PLAIN <credentials>`` is logged as ``AUTH PLAIN ***``: an
+    initial response may hold a password (the original logged it)."""
+    words = line.split(None, 2)
+    return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+
+
+_DOMAIN_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
+                        r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?$")
+
+
+def helo_syntax_problem(arg):
+    """None if ``arg`` is a domain, an address literal or ``#digits``."""
+    if not arg:
+        return "Empty HELO/EHLO argument"
+    if arg.startswith("["):
+        if not arg.endswith("]"):
+            return "Missing ']' in address literal"
+        inner = arg[1:-1]
+        try:
+            if inner[:5].lower() == "ipv6:":
+                socket.inet_pton(socket.AF_INET6, inner[5:])
+            else:
+                socket.inet_pton(socket.AF_INET, inner)
+        except (OSError, socket.error, ValueError):
+            return "Bad address literal"
+        return None
+    if re.match(r"^#\d+$", arg):
+        return None
+    if " " in arg or "\t" in arg:
+        return "Extra text after the domain"
+    if not _DOMAIN_RE.match(arg):
+        return "Invalid domain name syntax"
+    if re.match(r"^[\d.]+$", arg):
+        return "An all-numeric domain name is not valid; use [address]"
+    return None
+
+
+class SMTPSession(socketserver.StreamRequestHandler):
+    """One SMTP conversation.  ``handle`` reads command lines and
+    dispatches ``VERB`` to ``smtp_VERB`` (``Z-IDENT`` to ``smtp_Z_IDENT``),
+    as http.server dispatches to ``do_GET``.  The same class serves a TCP
+    connection, an inetd socket (-n) and standard input (-i)."""
+
+    #: Verbs that are the same command under another name.
+    ALIASES = {"SEND": "MAIL", "SOML": "MAIL", "SAML": "MAIL", "EMAL": "MAIL",
+               "ESND": "MAIL", "ESOM": "MAIL", "ESAM": "MAIL", "EVFY": "VRFY",
+               "ONEX": "NOOP", "TURNME": "ETRN"}
+    #: What an unauthenticated MSA client may still do (D2).
+    MSA_OPEN_VERBS = frozenset(("STARTTLS", "AUTH", "HELO", "EHLO", "NOOP", "RSET",
+                                "QUIT", "HELP"))
+    #: Verbs still answered for a client whose policy is broken.
+    POLICY_OPEN_VERBS = frozenset(("QUIT", "HELP"))
+
+    # -- socketserver template: setup / handle / finish -------------------------
+
+    def setup(self):
+        """Build the session from the listener that accepted it."""
+        listener = self.server
+        runtime = listener.supervisor.runtime
+        sock = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = self.client_address
+        local = sock.getsockname()
+        self.init_session(runtime, listener.group, SocketChannel(sock),
+                          kind=listener.kind, peer=peer, local=local,
+                          number=(os.getpid() if listener.model == "fork"
+                                  else listener.supervisor.next_session_number()),
+                          mode="daemon", sock=sock)
+
+    def finish(self):
+        pass
+
+    def handle(self):
+        self.run()
+
+    # -- state ---------------------------------------------------------------
+
+    def init_session(self, runtime, group, channel, kind, peer, local, number, mode, sock=None):
+        self.runtime = runtime
+        self.cfg = runtime.config
+        self.group = group
+        self.channel = channel
+        self.kind = kind                  # SMTP, SMTPS, SUBMIT
+        self.mode = mode                  # daemon, inetd, interactive
+        self.sock = sock
+        self.start = time.time()
+        self.network = peer is not None
+        self.peer_ip = ""
+        self.peer_port = 0
+        if peer is not None:
+            self.peer_ip = peer[0]
+            if self.peer_ip.startswith("::ffff:") and "." in self.peer_ip:
+                self.peer_ip = self.peer_ip[7:]
+            self.peer_port = peer[1]
+        self.local_port = local[1] if local else 0
+        if not self.network:
+            self.ip_literal = ""
+        elif ":" in self.peer_ip:
+            self.ip_literal = "[IPv6:%s]" % self.peer_ip
+        else:
+            self.ip_literal = "[%s]" % self.peer_ip
+        tag = "0000000" if mode == "interactive" else session_tag(self.start, number)
+        self.log = SessionLog(runtime.log, tag, self.start)
+        self.myhostname = runtime.local_name(local[0] if local else None)
+        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
+            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        if runtime.fake_peer is not None and mode == "interactive":
+            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
+        elif not self.network:
+            self.rhostname = "stdin"
+        self.policy = runtime.policy_for(group) if self.network else None
+        self.verdict = PolicyVerdict()
+        self.policy_error = None
+        self.tls_active = False
+        self.tls_cipher = None
+        self.tls_peer = None
+        self.authuser = None
+        self.ehlo_seen = False
+        self.helo_line = ""
+        self.helo_name = None
+        self.helo_syntax_ok = None
+        self.helo_addr_ok = False
+        self.style = runtime.style
+        self.pattern = None
+        self.unknown_count = 0
+        self.tarpit_delay = group.tarpit[0]
+        self.bsmtp = runtime.options.get("bsmtp", False)
+        self.msa = self.cfg.msa_mode or kind == "SUBMIT"
+        self.state = "HELO"
+        self.txn = None
+        self.closing = False
+        self.reset_helo_requirement()
+
+    def reset_helo_requirement(self):
+        """HELO is optional only with ``-s sloppy``, or for -i and the
+        127.0.0.1 client when no pattern matches "127.0.0.1" (or the
+        matching line's flags are exactly ``-``)."""
+        if self.runtime.sloppy:
+            self.state = "MAIL"
+            return
+        if self.mode == "interactive" or self.peer_ip == "127.0.0.1":
+            p = self.find_pattern("127.0.0.1")
+            if p is None or p.flags == "-":
+                self.state = "MAIL"
+
+    def find_pattern(self, subject):
+        for p in self.cfg.patterns:
+            if strmatch(p.pattern, subject):
+                return p
+        return None
+
+    # -- replies -------------------------------------------------------------
+
+    def reply(self, name, **fields):
+        fields.setdefault("ip", self.ip_literal)
+        fields.setdefault("host", self.myhostname)
+        lines = format_reply(name, self.group.enhancedstatus, **fields)
+        self.send_lines(lines)
+
+    def send_lines(self, lines):
+        for line in lines:
+            self.log.sent(line)
+        self.channel.write_lines(lines)
+
+    def caret(self, code, enh, column):
+        """The ``NNN-x.y.z      ^`` line that points at a syntax error."""
+        if not self.group.multiline:
+            return
+        prefix = "%d-%s " % (code, enh) if (enh and self.group.enhancedstatus) else "%d-" % code
+        self.send_lines([prefix + " " * max(0, min(column, 200)) + "^"])
+
+    def tarpit(self):
+        """``PARAM tarpit initial exponent toplimit``: sleep before error
+        replies, the delay growing each time, capped."""
+        initial, exponent, top = self.group.tarpit
+        if self.tarpit_delay >= 1.0:
+            self.channel.flush()
+            time.sleep(round(self.tarpit_delay))
+            self.tarpit_delay += self.tarpit_delay * exponent
+            if top and self.tarpit_delay > top:
+                self.tarpit_delay = top
+
+    def contact(self):
+        return self.group.contact_pointer or DEFAULT_CONTACT
+
+    # -- the main loop -------------------------------------------------------
+
+    def run(self):
+        try:
+            try:
+                self.converse()
+            except SessionTimeout:
+                self.log.note("timeout; closing")
+                self.reply("timeout")
+            except ClientGone:
+                self.log.note("Session closed w/o QUIT")
+            except Exception:
+                import traceback
+                self.log.note("internal error: %s" % traceback.format_exc().replace("\n", " | "))
+                self.reply("internal_error")
+            try:
+                self.channel.flush()
+            except (ClientGone, SessionTimeout):
+                pass
+        finally:
+            self.abort_transaction("session terminated")
+
+    def converse(self):
+        if self.network:
+            self.log.note("connection from %s %s:%d on port %d pid %d" % (
+                self.rhostname, self.ip_literal, self.peer_port, self.local_port, os.getpid()))
+        if self.kind == "SMTPS" or self.runtime.options.get("implicit_tls"):
+            if not self.start_tls():
+                return
+        if self.network:
+            self.evaluate_policy()
+        if self.policy_error is None and self.verdict.reject and self.mode != "daemon":
+            msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                host=self.myhostname)
+            self.reply("reject_ip", contact=self.contact(), msg=msg)
+            return
+        early = self.mode != "interactive" or self.runtime.fake_peer is not None
+        early = early and self.channel.pending()
+        self.send_lines(self.greeting())
+        if early:
+            # Talking before the greeting: a bot that does not wait.
+            self.log.note("-- pipeline input exists before the greeting")
+            self.reply("pipelined_greeting")
+            return
+        deadline_for = self.cfg.command_timeout
+        limit = self.cfg.max_line_length
+        while not self.closing:
+            if self.runtime.stopping:
+                self.reply("shutdown")
+                return
+            try:
+                raw = self.channel.readline(time.time() + deadline_for, limit)
+            except LineTooLong:
+                self.log.received("<line longer than %d bytes discarded>" % limit)
+                self.reply("line_too_long")
+                continue
+            self.dispatch(raw)
+
+    def evaluate_policy(self):
+        if self.policy is None:
+            return
+        table = self.policy.current()
+        if table is None:
+            self.policy_error = self.policy.error or "db Open failure"
+            return
+        ip = self.runtime.fake_peer or self.peer_ip
+        self.verdict = connection_verdict(table, ip, self.rhostname
+                                          if self.rhost_a == "OK" else None)
+
+    def greeting(self):
+        lines = self.cfg.hdr220 or (REPLIES["greeting_default"][2],)
+        texts = [self.expand_metatags(l) for l in lines]
+        last = len(texts) - 1
+        return ["220%s%s" % (" " if i == last else "-", t) for i, t in enumerate(texts)]
+
+    def expand_metatags(self, text):
+        def sub(m):
+            c = m.group(1)
+            return {"%": "%", "H": self.myhostname, "I": "", "i": self.ip_literal,
+                    "p": str(self.local_port), "V": VERSION, "T": rfc822_date(),
+                    "X": ""}.get(c, "")
+        return re.sub(r"%(.)", sub, text)
+
+    def dispatch(self, raw):
+        """Checks of every command line, in the original's order."""
+        strict = self.runtime.strict
+        if strict and not raw.endswith(b"\r\n") and raw.endswith(b"\n"):
+            self.log.received(raw.decode("latin-1").rstrip())
+            self.reply("bare_lf")
+            return
+        line_b = raw.rstrip(b"\r\n")
+        if not strict:
+            line_b = line_b.rstrip(b" \t")
+        line = line_b.decode("utf-8", "surrogateescape")
+        verb = re.split(r"[ \t]", line, 1)[0].upper()
+        self.log.received(mask_auth_line(line) if verb == "AUTH" else line)
+        if verb not in ("HELO", "EHLO") or strict:
+            problem = self.illegal_characters(line_b)
+            if problem:
+                self.caret(500, "5.5.2", problem[1] + 4)
+                self.reply(problem[0])
+                return
+        verb = self.ALIASES.get(verb, verb)
+        if verb == "550":
+            return  # the original's silent workaround for broken clients
+        handler = None
+        if len(verb) <= 8 and self.verb_enabled(verb):
+            handler = getattr(self, "smtp_" + verb.replace("-", "_"), None)
+        if handler is None:
+            self.unknown_command(line)
+            return
+        if self.network and self.policy_error and verb not in self.POLICY_OPEN_VERBS:
+            self.tarpit()
+            self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
+            return
+        if (self.msa and self.authuser is None and not self.verdict.trusted
+                and verb not in self.MSA_OPEN_VERBS):
+            self.reply("msa_gate")
+            return
+        args = line[len(re.split(r"[ \t]", line, 1)[0]):]
+        handler(line, args)
+
+    @staticmethod
+    def illegal_characters(line):
+        """NUL, 8-bit, control characters (TAB allowed), a CR not before LF."""
+        for i, byte in enumerate(bytearray(line)):
+            if byte == 0:
+                return ("illegal_nul", i)
+            if byte >= 0x80:
+                return ("illegal_8bit", i)
+            if (byte < 0x20 and byte != 9) or byte == 0x7f:
+                return ("illegal_ctrl", i)
+        return None
+
+    def verb_enabled(self, verb):
+        g = self.group
+        return {"EHLO": g.ehlo, "ETRN": g.etrn, "AUTH": g.smtp_auth, "BDAT": g.chunking,
+                "VRFY": g.vrfycmd, "EXPN": g.expncmd, "Z-DEBUG": g.debugcmd,
+                "STARTTLS": True, "LHLO": False, "Z-REPORT": False}.get(verb, True)
+
+    def unknown_command(self, line):
+        self.unknown_count += 1
+        mail_syslog(syslog.LOG_WARNING if syslog else 0,
+                    "unknown SMTP command '%s' from %s/%d" % (line[:200], self.rhostname,
+                                                             self.peer_port))
+        self.tarpit()
+        if self.unknown_count >= self.cfg.max_unknown:
+            self.reply("unknown_last", line=line)
+            self.closing = True
+            return
+        self.reply("unknown", line=line)
+
+    @staticmethod
+    def verb_args(args, strict=False):
+        """Arguments after the verb: one separator, more skipped unless strict."""
+        if args[:1] in (" ", "\t"):
+            args = args[1:]
+        return args if strict else args.lstrip(" \t")
+
+    # -- HELO / EHLO ---------------------------------------------------------
+
+    def smtp_HELO(self, line, args):
+        self.greet(line, args, ehlo=False)
+
+    def smtp_EHLO(self, line, args):
+        self.greet(line, args, ehlo=True)
+
+    def greet(self, line, args, ehlo):
+        verb = "EHLO" if ehlo else "HELO"
+        arg = self.verb_args(args, self.runtime.strict)
+        problem = helo_syntax_problem(arg)
+        if problem and self.runtime.checkhelo:
+            self.tarpit()
+            self.caret(501, None, len(line) - len(arg) + 4)
+            self.reply("helo_bad_strict", line=line, msg=problem)
+            self.helo_line = "Bad.Helo.Input"
+            return
+        pattern = self.find_pattern(arg.lower())
+        if pattern is not None and pattern.flags.startswith("!"):
+            self.tarpit()
+            text = pattern.flags[1:].strip()
+            if text:
+                self.reply("helo_reject", msg=text)
+            else:
+                self.reply("helo_reject_default")
+            self.pattern = pattern
+            return
+        self.abort_transaction("HELO/EHLO")
+        self.pattern = pattern
+        self.style = pattern.flags if pattern is not None else self.runtime.style
+        self.helo_line = line[:199]
+        self.helo_name = arg
+        self.helo_syntax_ok = problem is None
+        self.ehlo_seen = ehlo
+        self.state = "MAIL"
+        self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip) \
+            if (self.network and problem is None) else False
+        if self.network and self.policy and self.policy.table and not arg.startswith("["):
+            found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
+            if found.get("rejectnet", ("",))[0] == "+":
+                self.verdict.reject = True  # later MAIL/RCPT are refused
+        first = ("helo_ok", {"arg": arg})
+        if (not self.runtime.gullible and self.rhost_a == "OK" and self.rhostname
+                and arg.lower() != self.rhostname.lower()):
+            first = ("helo_skeptic", {"verb": verb, "rhost": self.rhostname})
+        lines = format_reply(first[0], False, host=self.myhostname, **first[1])
+        if ehlo and problem and not self.runtime.gullible:
+            lines = ["250-Invalid `%s' parameter!" % line,
+                     "250-5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)] + lines
+        if ehlo:
+            lines[-1] = "250-" + lines[-1][4:]
+            lines.extend("250-" + x for x in self.extensions())
+            lines[-1] = "250 " + lines[-1][4:]
+        self.send_lines(lines)
+
+    def size_limit(self):
+        limit = self.cfg.maxsize
+        if self.verdict.maxinsize and (not limit or self.verdict.maxinsize < limit):
+            limit = self.verdict.maxinsize
+        return limit
+
+    def auth_offered(self):
+        g = self.group
+        if not g.smtp_auth:
+            return False
+        if not (self.tls_active or g.auth_without_tls):
+            return False
+        if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
+            return False
+        return True
+
+    def extensions(self):
+        """The EHLO keywords, in the original's order."""
+        g = self.group
+        ext = ["SIZE %d" % self.size_limit()]
+        if g.eightbitmime:
+            ext.append("8BITMIME")
+        if g.pipelining:
+            ext.append("PIPELINING")
+        if g.chunking:
+            ext.append("CHUNKING")
+        if g.enhancedstatus:
+            ext.append("ENHANCEDSTATUSCODES")
+        if g.expncmd and "e" in self.style:
+            ext.append("EXPN")
+        if g.vrfycmd and "v" in self.style:
+            ext.append("VRFY")
+        if g.dsn:
+            ext.append("DSN")
+        if g.deliverby >= 0:
+            ext.append("DELIVERBY %d" % g.deliverby if g.deliverby > 0 else "DELIVERBY")
+        if g.rcpt_limit > 100:
+            ext.append("X-RCPTLIMIT %d" % g.rcpt_limit)
+        if self.auth_offered():
+            ext.append("AUTH LOGIN PLAIN")
+            ext.append("AUTH=LOGIN")
+        if g.use_tls and not self.tls_active and self.runtime.tls_context(g) is not None:
+            ext.append("STARTTLS")
+        if g.etrn and not self.msa:
+            ext.append("ETRN")
+        ext.append("HELP")
+        return ext
+
+    # -- simple verbs -----------------------------------------------------------
+
+    def smtp_RSET(self, line, args):
+        self.abort_transaction("RSET")
+        if self.state != "HELO":
+            self.state = "MAIL"
+        if args.strip() and self.runtime.strict:
+            self.reply("rset_junk")
+        else:
+            self.reply("rset")
+
+    def smtp_NOOP(self, line, args):
+        if args.strip() and "R" in self.style:
+            self.reply("noop_junk")
+        else:
+            self.reply("noop")
+
+    def smtp_QUIT(self, line, args):
+        self.abort_transaction("QUIT")
+        lines = []
+        if args.strip() and "R" in self.style:
+            lines = format_reply("quit_junk", self.group.enhancedstatus)
+            lines = [l.replace("221 ", "221-", 1) for l in lines]
+        self.send_lines(lines + format_reply("quit", self.group.enhancedstatus,
+                                             host=self.myhostname))
+        self.closing = True
+
+    def smtp_VRFY(self, line, args):
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            self.reply("vrfy")
+
+    def smtp_EXPN(self, line, args):
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            self.reply("expn")
+
+    def smtp_TURN(self, line, args):
+        self.reply("turn")
+
+    def smtp_ETRN(self, line, args):
+        arg = self.verb_args(args)
+        if not arg:
+            self.reply("etrn_noarg")
+        elif not arg[0].isalnum():
+            self.reply("etrn_literal")
+        else:
+            self.log.note("ETRN %s %s" % (arg, self.ip_literal))
+            self.reply("etrn_ok")
+
+    def smtp_VERB(self, line, args):
+        self.reply("verb")
+
+    def smtp_TICK(self, line, args):
+        self.bsmtp = True
+        self.reply("tick", line=line)
+
+    def smtp_Z_IDENT(self, line, args):
+        self.reply("z_ident")
+
+    def smtp_Z_DEBUG(self, line, args):
+        self.reply("debug_verbose")
+
+    def smtp_HELP(self, line, args):
+        arg = self.verb_args(args).upper()
+        topic = HELP_TEXT.get(self.ALIASES.get(arg, arg))
+        if arg and topic:
+            lines = list(topic)
+        else:
+            lines = ["Copyright 1990 Rayan S. Zachariassen",
+                     "Copyright 1991-2004 Matti Aarnio", ""]
+            if self.cfg.help:
+                lines.extend(self.cfg.help)
+                lines.append("")
+            lines.append("The following commands are recognized:")
+            verbs = [v for v in HELP_VERBS if v == "HELP" or self.verb_enabled(
+                self.ALIASES.get(v, v)) or v in ("VRFY", "EXPN", "Z-DEBUG")]
+            for i in range(0, len(verbs), 9):
+                lines.append("    " + ", ".join(verbs[i:i + 9]))
+            lines.extend(["", "The normal sequence is: EHLO/HELO (MAIL RCPT+ DATA)+ QUIT.", "",
+                          "This mailer will always accept 8-bit and binary message data",
+                          "though you are better to use MIME format!", "",
+                          "For local information contact: postmaster@%s" % self.myhostname,
+                          "SMTP server comments and bug reports to: <zmhacks@nic.funet.fi>"])
+        last = len(lines) - 1
+        self.send_lines(["214%s%s" % (" " if i == last else "-", l) for i, l in enumerate(lines)])
+
+    # -- the transaction: MAIL, RCPT --------------------------------------------
+
+    def msa_requires_auth(self):
+        """D1: in MSA mode the client must authenticate before MAIL/RCPT,
+        unless the policy trusts its network (fulltrustnet/relaycustnet) --
+        never on a BindSubmit listener, never with msa-mode-strict."""
+        if not self.msa or self.authuser is not None:
+            return False
+        exempt = (self.verdict.trusted and self.kind != "SUBMIT"
+                  and not self.cfg.msa_mode_strict)
+        return not exempt
+
+    def sloppy(self):
+        return self.runtime.sloppy or ("S" in self.style)
+
+    def smtp_MAIL(self, line, args):
+        if self.state != "MAIL":
+            self.tarpit()
+            self.reply({"HELO": "mail_wait_helo", "RCPT": "mail_wait_rcpt"}.get(
+                self.state, "mail_wait_data"))
+            return
+        if self.msa_requires_auth():
+            self.tarpit()
+            self.reply("msa_mail")
+            return
+        rest = self.verb_args(args)
+        if rest[:5].upper() != "FROM:":
+            self.tarpit()
+            self.reply("mail_no_from")
+            return
+        parsed = self.parse_path_arg(line, rest[5:], for_mail=True)
+        if parsed is None:
+            return
+        address, params, routed = parsed
+        ok = self.check_mail_params(params)
+        if ok is None:
+            return
+        if self.verdict.reject and self.network and self.authuser is None:
+            self.tarpit()
+            self.reply("mail_policy_reject", addr="<%s>" % address)
+            return
+        limit = self.cfg.maxsize
+        if limit and ok["size"] > limit:
+            self.tarpit()
+            self.reply("mail_too_big", limit=limit)
+            return
+        free = self.runtime.spool.free_kb()
+        if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
+            self.reply("mail_no_space")
+            return
+        try:
+            spool = self.runtime.spool.create()
+        except OSError as e:
+            self.log.note("cannot create spool file: %s" % e)
+            self.reply("mail_spool_failed")
+            return
+        self.txn = Transaction(address, ok, spool)
+        try:
+            spool.write(self.mail_envelope(self.txn).encode("utf-8", "surrogateescape"))
+        except OSError as e:
+            self.log.note("spool write failed: %s" % e)
+            self.abort_transaction("spool write failed")
+            self.reply("mail_spool_failed")
+            return
+        self.state = "RCPT"
+        self.reply("mail_ok", note=", source route ignored" if routed else "")
+
+    def check_mail_params(self, params):
+        g = self.group
+        result = {"size": 0, "body": None, "ret": None, "envid": None, "by": None}
+        seen = set()
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE":
+                if "SIZE" in seen:
+                    return self.param_error("mail_size_twice")
+                if value and (not value.isdigit() or int(value) > 1000000000):
+                    return self.param_error("mail_size_bad")
+                result["size"] = int(value or 0)
+            elif key == "BODY" and g.eightbitmime:
+                if "BODY" in seen:
+                    return self.param_error("mail_body_twice")
+                if value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
+                    return self.param_error("mail_body_bad")
+                result["body"] = value.upper()
+            elif key == "RET" and g.dsn and value.upper() in ("FULL", "HDRS"):
+                if "RET" in seen:
+                    return self.param_error("mail_ret_twice")
+                result["ret"] = value
+            elif key == "ENVID" and g.dsn:
+                if "ENVID" in seen:
+                    return self.param_error("mail_envid_twice")
+                if not value or len(value) > 100 or not is_xtext(value):
+                    self.caret(501, "5.5.4", 0)
+                    return self.param_error("mail_envid_bad", param=param)
+                result["envid"] = value
+            elif key == "AUTH" and g.smtp_auth:
+                if value != "<>" and not is_xtext(value.strip("<>")):
+                    return self.param_error("mail_auth_bad")
+            elif key == "BY" and g.deliverby >= 0:
+                m = re.match(r"^(-?\d+);([RN])(T?)$", value, re.I)
+                if not m:
+                    return self.param_error("mail_by_bad", param=param)
+                result["by"] = (int(m.group(1)), (m.group(2) + m.group(3)).upper())
+            else:
+                return self.param_error("mail_param_unknown", param=param)
+            seen.add(key)
+        return result
+
+    def param_error(self, name, **fields):
+        self.tarpit()
+        self.reply(name, **fields)
+        return None
+
+    def parse_path_arg(self, line, text, for_mail):
+        """``<path> params`` after ``FROM:``/``TO:`` -> (address, params,
+        source-routed) or None with the error reply already sent."""
+        prefix = "mail" if for_mail else "rcpt"
+        strict = self.runtime.strict
+        stripped = text.lstrip(" \t")
+        if strict and stripped != text:
+            self.reply(prefix + "_strange", args=text)
+            return None
+        text = stripped
+        if not text:
+            self.reply("mail_empty" if for_mail else "rcpt_empty", args=text)
+            return None
+        if text.startswith("<<"):
+            self.reply(prefix + "_many_lt", args=text)
+            return None
+        if not text.startswith("<"):
+            if not self.sloppy():
+                self.tarpit()
+                self.reply("mail_no_bracket" if for_mail else "rcpt_no_bracket", args=text)
+                return None
+            word, _, rest = text.partition(" ")
+            text = "<%s> %s" % (word, rest)
+        address, rest, error, column, routed = parse_path(text)
+        if error is None and rest.startswith(">"):
+            self.reply(prefix + "_many_gt", args=text)
+            return None
+        if error is None:
+            error = address_problem(address, for_mail,
+                                    strict=("R" in self.style and not self.sloppy()))
+            column = 1
+        if error is not None:
+            base = len(line) - len(text)
+            if for_mail:
+                self.tarpit()
+                self.caret(501, "5.1.7", base + column)
+                self.reply("mail_syntax", msg=error, args=text)
+            else:
+                self.caret(501, "5.1.3", base + column)
+                self.reply("rcpt_syntax", msg=error)
+            return None
+        if routed and self.cfg.allowsourceroute:
+            routed = False
+            address = text[1:text.index(">")].strip()
+        return address, rest.split(), routed
+
+    def smtp_RCPT(self, line, args):
+        if self.msa_requires_auth():
+            self.tarpit()
+            self.reply("msa_mail")
+            return
+        if self.state not in ("RCPT", "DATA") or self.txn is None or self.txn.bdat_started:
+            self.tarpit()
+            self.reply({"HELO": "rcpt_wait_helo"}.get(self.state, "rcpt_in_bdat"
+                       if self.txn is not None and self.txn.bdat_started else "rcpt_wait_mail"))
+            return
+        rest = self.verb_args(args)
+        if rest[:3].upper() != "TO:":
+            self.tarpit()
+            self.reply("rcpt_no_to", args=rest)
+            return
+        if rest[3:].strip(" \t").startswith("<>"):
+            self.reply("rcpt_null", args=rest[3:].strip())
+            return
+        parsed = self.parse_path_arg(line, rest[3:], for_mail=False)
+        if parsed is None:
+            return
+        address, params, routed = parsed
+        if not address:
+            self.reply("rcpt_empty")
+            return
+        dsn = self.check_rcpt_params(params)
+        if dsn is None:
+            return
+        txn = self.txn
+        g = self.group
+        if len(txn.recipients) >= g.rcpt_limit:
+            self.reply("rcpt_too_many")
+            return
+        if txn.sender == "" and len(txn.recipients) >= g.max_error_recipients:
+            self.reply("rcpt_spam_trap")
+            return
+        if not self.recipient_permitted(address):
+            self.tarpit()
+            self.reply("rcpt_relay_denied", addr="<%s>" % address)
+            return
+        limit = self.cfg.maxsize
+        if limit and txn.params["size"] > limit:
+            self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
+            return
+        try:
+            txn.spool.write(self.rcpt_envelope(txn, address, dsn).encode(
+                "utf-8", "surrogateescape"))
+        except OSError as e:
+            self.log.note("spool write failed: %s" % e)
+            self.reply("rcpt_no_space")
+            return
+        txn.recipients.append(address)
+        self.state = "DATA"
+        note = ", source route ignored" if routed else ""
+        if txn.params["size"]:
+            self.reply("rcpt_ok_size", size=txn.params["size"], note=note, addr="<%s>" % address)
+        else:
+            self.reply("rcpt_ok", note=note, addr="<%s>" % address)
+
+    def recipient_permitted(self, address):
+        """Relay control for network clients without AUTH or trust."""
+        if not self.network or self.authuser is not None:
+            return True
+        v = self.verdict
+        if v.full_trust or v.always_accept or v.trust_recipients:
+            return not v.reject
+        if v.reject:
+            return False
+        table = self.policy.table if self.policy else None
+        return recipient_allowed(table, address, self.runtime.local_names)
+
+    def check_rcpt_params(self, params):
+        g = self.group
+        result = {"notify": None, "orcpt": None}
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "NOTIFY" and g.dsn:
+                if result["notify"] is not None:
+                    return self.param_error("rcpt_notify_twice")
+                words = value.upper().split(",")
+                if not value or any(w not in ("SUCCESS", "FAILURE", "DELAY", "NEVER")
+                                    for w in words) or ("NEVER" in words and len(words) > 1):
+                    return self.param_error("rcpt_notify_bad")
+                result["notify"] = param
+            elif key == "ORCPT" and g.dsn:
+                if result["orcpt"] is not None:
+                    return self.param_error("rcpt_orcpt_twice")
+                addr_type, _, xtext = value.partition(";")
+                if not addr_type or not xtext or not is_xtext(xtext) or \
+                        not re.match(r"^[A-Za-z0-9-]+$", addr_type):
+                    self.caret(501, "4.5.4", 0)
+                    return self.param_error("rcpt_orcpt_bad", param=param)
+                result["orcpt"] = param
+            else:
+                return self.param_error("rcpt_param_unknown", param=param)
+        return result
+
+    # -- envelope lines --------------------------------------------------------
+
+    def with_protocol(self):
+        if self.bsmtp:
+            return "BSMTP"
+        if self.kind == "SUBMIT":
+            base = "SUBMIT"
+        elif self.ehlo_seen:
+            base = "ESMTP"
+        else:
+            return "SMTP"
+        return base + ("S" if self.tls_active else "") + ("A" if self.authuser else "")
+
+    def rhost_flags(self):
+        c = "??" if self.helo_syntax_ok is None else ("OK" if self.helo_syntax_ok else "FAIL")
+        d = "OK" if self.helo_addr_ok else "FAIL"
+        return "rhost-flags-%s-%s-%s-%s" % (self.rhost_a, self.rhost_b, c, d)
+
+    def mail_envelope(self, txn):
+        g = self.group
+        lines = []
+        if self.mode in ("daemon", "inetd"):
+            lines.append("external")
+        if self.authuser is not None:
+            lines.append("comment smtp-auth: %s" % qformat(self.authuser))
+        if self.network:
+            where = "%s:%d " % (self.ip_literal, self.peer_port) if (
+                self.ip_literal and self.runtime.fake_peer is None) else ""
+            helo = qformat(self.helo_line)
+            auth = qformat(self.authuser) if self.authuser is not None else "<none>"
+            cipher = qformat(self.tls_cipher) if self.tls_cipher else "<none>"
+            peer = qformat(self.tls_peer) if self.tls_peer else "<none>"
+            extras = ""
+            if g.rcvd_auth_user:
+                extras += " smtp-auth: %s" % auth
+            if g.rcvd_tls_mode:
+                extras += " TLS-CIPHER: %s" % cipher
+            if g.rcvd_tls_peer:
+                extras += " TLS-PEER-CN1: %s" % peer
+            rhost = self.rhostname[:200]
+            lines.append("rcvdfrom %s (%s%s%s %s)" % (rhost, where, helo, extras,
+                                                     self.rhost_flags()))
+            lines.append("comment %s %s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
+                rhost, where, helo, auth, cipher, peer, self.rhost_flags()))
+        if txn.params["body"]:
+            lines.append("bodytype %s" % txn.params["body"])
+        lines.append("with %s" % self.with_protocol())
+        if txn.sender:
+            lines.append("from <%s>" % quote_local_part(txn.sender))
+        else:
+            lines.append("channel error")
+        if txn.params["envid"]:
+            lines.append("envid %s" % txn.params["envid"])
+        if txn.params["ret"]:
+            lines.append("notaryret %s" % txn.params["ret"])
+        return "\n".join(lines) + "\n"
+
+    def rcpt_envelope(self, txn, address, dsn):
+        by = txn.params["by"]
+        if self.group.force_notify_never:
+            notify = " NOTIFY=NEVER"
+        elif dsn["notify"]:
+            notify = " " + dsn["notify"]
+            words = dsn["notify"].upper()
+            if by and "N" in by[1] and "NEVER" not in words and "DELAY" not in words:
+                notify += ",DELAY"
+        else:
+            notify = " NOTIFY=FAILURE,DELAY"
+        if by and "T" in by[1]:
+            notify += ",TRACE"
+        by_part = " BY=%d;%s" % (int(txn.start + by[0]), by[1]) if by else ""
+        quoted = quote_local_part(address)
+        orcpt = " " + dsn["orcpt"] if dsn["orcpt"] else " ORCPT=rfc822;" + xtext_encode(quoted)
+        return "todsn%s%s%s INRCPT=rfc822;%s INFROM=rfc822;%s\nto <%s>\n" % (
+            notify, by_part, orcpt, xtext_encode(quoted),
+            xtext_encode(quote_local_part(txn.sender)), quoted)
+
+    # -- DATA and BDAT -----------------------------------------------------------
+
+    def data_state_problem(self, bdat):
+        if self.state == "HELO":
+            return "Waiting for HELO command"
+        if self.txn is None:
+            return "Waiting for MAIL command"
+        if not self.txn.recipients:
+            return "Waiting for RCPT command"
+        if self.txn.bdat_started and not bdat:
+            return "Must not intermix BDAT and DATA in same transaction!"
+        return None
+
+    def message_writer(self, txn):
+        """env-end, then the header rewriter feeding the spool file."""
+        user = sanitize_header_value(self.authuser) if self.authuser else None
+        prefix = []
+        rewrite = False
+        if self.msa and user:
+            prefix.append(("X-Comment: RFC 2476 MSA function at %s logged sender identity "
+                           "as: %s" % (self.myhostname, user)).encode("utf-8", "replace"))
+            rewrite = not self.group.no_msa_sender_rewrite
+        sender = user if (user and "@" in user) else "%s@%s" % (user, self.myhostname)
+        txn.spool.write(b"env-end\n")
+        return HeaderRewriter(txn.spool.write, prefix, rewrite,
+                              sender.encode("utf-8", "replace"), self.cfg.max_header_size)
+
+    def smtp_DATA(self, line, args):
+        if self.runtime.strict and args.strip():
+            self.reply("data_junk")
+            return
+        why = self.data_state_problem(bdat=False)
+        if why:
+            self.reply("data_wait", why=why)
+            self.abort_transaction("DATA out of sequence")
+            if self.state != "HELO":
+                self.state = "MAIL"
+            return
+        txn = self.txn
+        self.reply("data_go")
+        self.channel.flush()
+        deadline = time.time() + self.cfg.data_timeout
+        decoder = DotDecoder()
+        txn.data_started = True
+        failure = None
+        try:
+            writer = self.message_writer(txn)
+        except OSError as e:
+            failure, writer = ("data_spool_failed", str(e)), None
+        limit = self.cfg.maxsize
+        while True:
+            chunk = self.channel.read_chunk(deadline)
+            decoded, rest = decoder.feed(chunk)
+            if limit and decoder.wire_bytes > limit and failure is None:
+                failure = ("data_too_big", "too big")
+            if failure is None and decoded:
+                try:
+                    writer.feed(decoded)
+                except OSError as e:
+                    failure = ("data_spool_failed", str(e))
+            if rest is not None:
+                self.channel.unread(rest)
+                break
+        self.finish_message(txn, writer, failure, decoder.wire_bytes, None)
+
+    def finish_message(self, txn, writer, failure, wire_bytes, bdat_chunk):
+        """Close the header, commit the spool file, and reply."""
+        if failure is None:
+            try:
+                writer.close()
+            except OSError as e:
+                failure = ("data_spool_failed", str(e))
+        if failure is None and writer.too_big:
+            failure = ("data_header_too_big", "header too big")
+        self.txn = None
+        self.state = "MAIL"
+        if failure is not None:
+            self.log.note("aborted (%d bytes): %s" % (wire_bytes, failure[1]))
+            txn.spool.abort()
+            if failure[0] == "data_too_big":
+                self.reply(failure[0], limit=self.cfg.maxsize)
+            elif failure[0] == "data_header_too_big":
+                self.reply(failure[0], limit=self.cfg.max_header_size)
+            else:
+                self.reply(failure[0])
+            return
+        try:
+            sid, size = txn.spool.commit(writer.priority)
+        except OSError as e:
+            self.log.note("message file close failed: %s" % e)
+            self.reply("data_spool_failed")
+            return
+        if bdat_chunk is None:
+            self.reply("data_ok", id=sid)
+        else:
+            self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
+        self.log.note("%s: %d bytes" % (sid, size))
+        if "S" in self.runtime.syslogflg:
+            mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
+                sid, size, self.rhostname, self.peer_port))
+
+    def smtp_BDAT(self, line, args):
+        m = re.match(r"^[ \t]+(\d{1,18})(?:[ \t]+(LAST))?[ \t]*$", args, re.I)
+        if not m:
+            # Without a valid size the chunk cannot be skipped: its bytes
+            # would be read as commands, so the session ends here.
+            self.reply("bdat_syntax")
+            self.closing = True
+            return
+        size, last = int(m.group(1)), bool(m.group(2))
+        deadline = time.time() + self.cfg.data_timeout
+        txn = self.txn
+        why = self.data_state_problem(bdat=True)
+        if why is None and txn.data_started and not txn.bdat_started:
+            why = "Bad sequence of commands"
+        if why is not None or txn.bdat_failed:
+            self.channel_skip(size, deadline)
+            if why is not None:
+                self.reply("bdat_wait", why=why)
+                self.abort_transaction("BDAT out of sequence")
+                if self.state != "HELO":
+                    self.state = "MAIL"
+            else:
+                self.reply("bdat_discarded")
+                if last:
+                    self.abort_transaction("BDAT after error")
+                    self.state = "MAIL"
+            return
+        if not txn.bdat_started:
+            txn.bdat_started = txn.data_started = True
+            try:
+                txn.writer = self.message_writer(txn)
+            except OSError as e:
+                txn.bdat_failed = ("data_spool_failed", str(e))
+            txn.bdat_cr = False
+        remaining = size
+        limit = self.cfg.maxsize
+        while remaining:
+            data = self.channel.read_chunk(deadline)
+            if len(data) > remaining:
+                self.channel.unread(data[remaining:])
+                data = data[:remaining]
+            remaining -= len(data)
+            txn.wire_bytes += len(data)
+            if limit and txn.wire_bytes > limit and not txn.bdat_failed:
+                txn.bdat_failed = ("data_too_big", "too big")
+            if txn.bdat_failed:
+                continue
+            if txn.bdat_cr:
+                data = b"\r" + data
+            txn.bdat_cr = data.endswith(b"\r")
+            if txn.bdat_cr:
+                data = data[:-1]
+            try:
+                txn.writer.feed(data.replace(b"\r\n", b"\n"))
+            except OSError as e:
+                txn.bdat_failed = ("data_spool_failed", str(e))
+        if not last:
+            if txn.bdat_failed:
+                failure = txn.bdat_failed
+                self.reply(failure[0], limit=self.cfg.maxsize) if failure[0] == "data_too_big" \
+                    else self.reply(failure[0])
+            else:
+                self.reply("bdat_ok", n=size)
+            return
+        if txn.bdat_cr and not txn.bdat_failed:
+            try:
+                txn.writer.feed(b"\r")
+            except OSError as e:
+                txn.bdat_failed = ("data_spool_failed", str(e))
+        self.finish_message(txn, txn.writer, txn.bdat_failed or None, txn.wire_bytes, size)
+
+    def channel_skip(self, size, deadline):
+        while size:
+            data = self.channel.read_chunk(deadline)
+            if len(data) > size:
+                self.channel.unread(data[size:])
+                data = data[:size]
+            size -= len(data)
+
+    def abort_transaction(self, why):
+        """Drop the open transaction's spool file (kept as ``.DATA-EOF`` /
+        ``.BDAT-EOF`` in public/ with the ``D`` style flag)."""
+        txn, self.txn = self.txn, None
+        if txn is None:
+            return
+        keep = None
+        if "D" in self.style and txn.data_started and why == "session terminated":
+            keep = ".BDAT-EOF" if txn.bdat_started else ".DATA-EOF"
+        txn.spool.abort(keep)
+        if txn.data_started:
+            self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
+
+    # -- STARTTLS ---------------------------------------------------------------
+
+    def smtp_STARTTLS(self, line, args):
+        context = self.runtime.tls_context(self.group) if self.group.use_tls else None
+        if context is None:
+            self.reply("tls_not_enabled")
+            return
+        if self.tls_active:
+            self.reply("tls_active")
+            return
+        if args.strip() or self.channel.pending():
+            # Plain text pipelined behind STARTTLS would be read as if it
+            # came through TLS (command injection): refuse and drop it.
+            self.channel.buf = b""
+            self.reply("tls_junk")
+            return
+        if self.sock is None:
+            self.reply("tls_failed")
+            return
+        self.reply("tls_go")
+        self.channel.flush()
+        self.abort_transaction("STARTTLS")
+        if not self.start_tls():
+            self.closing = True
+            return
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        self.state = "HELO"
+        self.reset_helo_requirement()
+        self.ehlo_seen = False
+        self.helo_line = ""
+        self.helo_syntax_ok = None
+        self.authuser = None
+        self.style = self.runtime.style
+
+    def start_tls(self):
+        context = self.runtime.tls_context(self.group)
+        if context is None or self.sock is None:
+            self.log.note("TLS requested but not configured for this listener")
+            return False
+        try:
+            tls = context.wrap_socket(self.sock, server_side=True,
+                                      do_handshake_on_connect=False)
+            tls.settimeout(self.cfg.tls_handshake_timeout)
+            tls.do_handshake()
+        except (ssl.SSLError, OSError, socket.error) as e:
+            self.log.note("TLS handshake failed: %s" % e)
+            return False
+        self.sock = tls
+        self.channel.sock = tls
+        self.tls_active = True
+        name, version, bits = tls.cipher()
+        self.tls_cipher = "%s keybits %s/%s version %s" % (name, bits, bits, version)
+        cert = tls.getpeercert()
+        if cert:
+            self.tls_peer = "/".join("%s=%s" % kv for rdn in cert.get("subject", ())
+                                     for kv in rdn)
+        self.log.note("TLS connection established; Cipher: %s" % self.tls_cipher)
+        return True
+
+    # -- AUTH -------------------------------------------------------------------
+
+    def smtp_AUTH(self, line, args):
+        g = self.group
+        client = self.peer_ip or "stdin"
+        if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
+            self.tarpit()
+            self.tarpit()
+            self.reply("auth_port25")
+            return
+        if self.runtime.auth_failures.over_limit(client, g.auth_failrate):
+            self.reply("auth_rate")
+            return
+        words = self.verb_args(args).split()
+        if self.state == "HELO":
+            return self.param_error("auth_ehlo_first")
+        if self.txn is not None:
+            return self.param_error("auth_in_mail")
+        if self.authuser is not None:
+            return self.param_error("auth_twice")
+        mech = words[0].upper() if words else ""
+        if mech not in ("LOGIN", "PLAIN"):
+            return self.param_error("auth_mech")
+        if not (self.tls_active or g.auth_without_tls):
+            return self.param_error("auth_needs_tls")
+        initial = words[1] if len(words) > 1 else None
+        if mech == "LOGIN":
+            user = self.auth_value(initial, g.username_prompt, secret=False)
+            if user is None:
+                return
+            password = self.auth_value(None, g.password_prompt, secret=True)
+            if password is None:
+                return
+        else:
+            blob = self.auth_value(initial, "", secret=True)
+            if blob is None:
+                return
+            parts = blob.split("\0")
+            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                self.fail_auth(client)
+                return
+            user, password = parts[1], parts[2]
+        self.authenticate(client, user, password)
+
+    def auth_value(self, initial, prompt, secret):
+        """One base64 value: the initial response or the reply to a 334."""
+        if initial is None:
+            challenge = base64.b64encode(prompt.encode("utf-8")).decode("ascii")
+            self.send_lines(["334 " + challenge])
+            raw = self.channel.readline(time.time() + self.cfg.command_timeout,
+                                        self.cfg.max_line_length)
+            text = raw.decode("latin-1").strip()
+            self.log.received("**base64-password**" if secret else text)
+        else:
+            text = "" if initial == "=" else initial
+        if text == "*":
+            self.tarpit()
+            self.runtime.auth_failures.record(self.peer_ip or "stdin")
+            self.send_lines(format_reply("auth_cancelled"))
+            return None
+        if not re.match(r"^[A-Za-z0-9+/]*={0,2}$", text) or len(text) % 4:
+            self.param_error("auth_bad_base64")
+            return None
+        return base64.b64decode(text).decode("utf-8", "surrogateescape")
+
+    def authenticate(self, client, user, password):
+        problem = auth_input_problem(user, password)
+        if problem:
+            self.log.note("AUTH refused before running the program: %s" % problem)
+            self.fail_auth(client)
+            return
+        authenticator = self.runtime.authenticator(self.group)
+        result = authenticator.check(user, password, self.log) if authenticator else "tempfail"
+        if authenticator is None:
+            self.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
+        if result == "ok":
+            self.authuser = user
+            self.log.note("AUTH LOGIN user %s authenticated" % qformat(user))
+            self.send_lines(format_reply("auth_ok"))
+        elif result == "tempfail":
+            self.reply("auth_tempfail")
+        else:
+            self.fail_auth(client)
+
+    def fail_auth(self, client):
+        self.runtime.auth_failures.record(client)
+        self.tarpit()
+        self.send_lines(format_reply("auth_failed"))
+
+
+class Transaction(object):
+    """One MAIL .. DATA/BDAT transaction and its spool file."""
+
+    def __init__(self, sender, params, spool):
+        self.sender = sender
+        self.params = params
+        self.spool = spool
+        self.recipients = []
+        self.start = time.time()
+        self.data_started = False
+        self.bdat_started = False
+        self.bdat_failed = None
+        self.bdat_cr = False
+        self.writer = None
+        self.wire_bytes = 0
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_RE = re.compile(r'^(?:%s(?:\.%s)*|"(?:[^"\\\r\n]|\\[^\r\n])*")$' % (_ATOM, _ATOM))
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN_PART_RE = re.compile(r"^(?:%s(?:\.%s)*\.?|\[[^\[\]\\]+\]|#\d+)$" % (_LABEL, _LABEL))
+
+
+def parse_path(text):
+    """``<...>`` and what follows -> (address, rest, error, column, routed)."""
+    i, n, inq = 1, len(text), False
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            inq = not inq
+        elif c == ">" and not inq:
+            break
+        i += 1
+    if i >= n:
+        return None, "", 'Missing ">" at end', n, False
+    inner = text[1:i].rstrip(" ")
+    rest = text[i + 1:].lstrip(" ")
+    routed = False
+    if inner.startswith("@"):
+        colon = inner.find(":")
+        if colon < 0:
+            return None, rest, "Missing ':' after source route", 1, False
+        for hop in inner[:colon].split(","):
+            if not hop.startswith("@") or not _DOMAIN_PART_RE.match(hop[1:]):
+                return None, rest, "Bad source route", 1, False
+        inner = inner[colon + 1:]
+        routed = True
+    return inner, rest, None, 0, routed
+
+
+def address_problem(address, for_mail, strict):
+    """None if ``address`` is a usable mailbox (``<>`` only as a sender)."""
+    if address == "":
+        return None if for_mail else "Null address valid only as source"
+    if any(ord(c) > 126 or ord(c) < 32 for c in address):
+        return "Illegal character in address"
+    local, at, domain = address.rpartition("@")
+    if not at:
+        if strict and not (not for_mail and address.lower() == "postmaster"):
+            return "Address must be fully qualified (local@domain)"
+        local = address
+    elif not _DOMAIN_PART_RE.match(domain):
+        return "Invalid domain part"
+    if not _LOCAL_RE.match(local):
+        return "Invalid local part"
+    return None
+
+
+def quote_local_part(address):
+    """An address with a backslash gets its local part as a quoted string
+    (``a\\ b@x`` -> ``"a\\ b"@x``), as the router expects."""
+    if "\\" not in address or address.startswith('"'):
+        return address
+    i, n = 0, len(address)
+    while i < n:
+        if address[i] == "\\":
+            i += 2
+            continue
+        if address[i] == "@":
+            break
+        i += 1
+    return '"%s"%s' % (address[:i], address[i:])
+
+
+def sanitize_header_value(text):
+    """No CR, LF or other control character may reach a header line."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
+
+
+def auth_input_problem(user, password):
+    """Refuse before any program runs: the name goes into argv and logs."""
+    if not user:
+        return "empty user name"
+    if user.startswith("-"):
+        return "user name starts with '-'"
+    if re.search(r"[\x00-\x1f\x7f]", user):
+        return "control character in user name"
+    if len(user) > 256:
+        return "user name too long"
+    if re.search(r"[\x00\r\n]", password):
+        return "NUL, CR or LF in password"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# 9. Authentication: the external pipeauth program
+# ---------------------------------------------------------------------------
+
+class AuthFailureTracker(object):
+    """Failed AUTH attempts per client address over a sliding hour
+    (``PARAM auth-failrate N``, default 20, minimum 3) -- what 3.0.1
+    documented but never enforced."""
+
+    WINDOW = 3600.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failures = {}
+
+    def _recent(self, client, now):
+        times = [t for t in self.failures.get(client, ()) if now - t < self.WINDOW]
+        if times:
+            self.failures[client] = times
+        else:
+            self.failures.pop(client, None)
+        return times
+
+    def record(self, client):
+        now = time.time()
+        with self.lock:
+            self._recent(client, now)
+            self.failures.setdefault(client, []).append(now)
+
+    def over_limit(self, client, limit):
+        with self.lock:
+            return len(self._recent(client, time.time())) >= max(3, limit)
+
+
+class PipeAuthenticator(object):
+    """Runs the pipeauth program: ``argv = [path, user]``, the password and
+    a newline on stdin, exit status 0 = success, the first output line to
+    syslog (authpriv/auth, info) as ``user: line``.
+
+    Unlike the original: the output is read while the program runs and
+    only 64 KiB of it kept (no pipe deadlock), a timeout kills the
+    program's whole process group and answers "tempfail", failing to
+    start it is never a success, the environment is built explicitly
+    (``TZ=`` included), and when zmsmtpd runs as root the program runs as
+    the unprivileged user given (TRUSTEDUSER, default ``daemon``)."""
+
+    OUTPUT_LIMIT = 65536
+
+    def __init__(self, path, timeout, zenv, zconfig_path, run_as=None, log=None):
+        self.path = path
+        self.timeout = timeout
+        self.run_as = run_as
+        self.log = log
+        env = {"SHELL": "/bin/sh", "IFS": " \t\n",
+               "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
+               "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
+        if os.environ.get("TZ"):
+            env["TZ"] = os.environ["TZ"]
+        self.env = env
+
+    def _spawn_options(self):
+        # A new session, so a timeout can kill everything it started;
+        # a privilege drop only when there is one to do.
+        if self.run_as is None:
+            return {"start_new_session": True}
+        return {"preexec_fn": self._demote}
+
+    def _demote(self):
+        os.setsid()
+        if self.run_as is not None:
+            uid, gid = self.run_as
+            if os.getuid() == 0 and os.geteuid() != 0:
+                os.seteuid(0)  # regain root only to drop it for good
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+
+    def check(self, user, password, log=None):
+        """'ok', 'fail' or 'tempfail'."""
+        log = log or self.log
+        import select
+        start = time.time()
+        try:
+            proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=self.env, close_fds=True, cwd="/",
+                                    **self._spawn_options())
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            self._syslog("%s: cannot run %s: %s" % (user, self.path, e))
+            return "tempfail"
+        output = bytearray()
+        deadline = start + self.timeout
+        try:
+            try:
+                proc.stdin.write(password.encode("utf-8", "surrogateescape") + b"\n")
+                proc.stdin.close()
+            except (OSError, IOError):
+                pass  # it may not read stdin at all; its exit status decides
+            fd = proc.stdout.fileno()
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(self.path, self.timeout)
+                r, _, _ = select.select([fd], [], [], remaining)
+                if not r:
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if len(output) < self.OUTPUT_LIMIT:
+                    output.extend(chunk[:self.OUTPUT_LIMIT - len(output)])
+            status = proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            return "tempfail"
+        finally:
+            proc.stdout.close()
+        first = bytes(output).split(b"\n", 1)[0][:255].decode("utf-8", "replace")
+        self._syslog("%s: %s" % (user, first))
+        if log:
+            log.note("auth program for %s exited %s after %.3fs" % (
+                qformat(user), status, time.time() - start))
+        return "ok" if status == 0 else "fail"
+
+    @staticmethod
+    def _kill(proc):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+
+    @staticmethod
+    def _syslog(text):
+        if syslog is None:
+            return
+        facility = getattr(syslog, "LOG_AUTHPRIV", syslog.LOG_AUTH)
+        mail_syslog(facility | syslog.LOG_INFO, text)
+
+
+# ---------------------------------------------------------------------------
+# 10. The spool: handing messages to the router
+# ---------------------------------------------------------------------------
+
+class DirectorySync(object):
+    """fsync of a directory after renames into it, group-committed: every
+    caller waits for an fsync that *started* after its rename, and callers
+    that arrive while one runs share the next.  Under load one fsync
+    covers many messages, so durability costs little throughput."""
+
+    def __init__(self, path):
+        self.path = path
+        self.cond = threading.Condition()
+        self.next_ticket = 0
+        self.synced_below = 0
+        self.running = False
+
+    def sync(self):
+        with self.cond:
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            while self.synced_below <= ticket:
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running = True
+                covers = self.next_ticket
+                self.cond.release()
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.cond.notify_all()
+                self.synced_below = max(self.synced_below, covers)
+
+
+class SpoolWriter(object):
+    """Creates spool files the way ZMailer's mail_open()/mail_close() did:
+    ``public/<host>:<pid>[suffix]`` with O_EXCL and mode 0600, then at
+    commit fsync, rename to ``<dir>/[<hash letter>/]<inode>``, fsync that
+    directory, and (ROUTERNOTIFY) a ``NEW <dir> <name>`` datagram."""
+
+    def __init__(self, postoffice, zenv, hostname):
+        self.postoffice = postoffice
+        self.public = os.path.join(postoffice, "public")
+        self.host = (hostname or "unknown")[:19]
+        self.hash = (zenv.get("ROUTERDIRHASH") or "").startswith("1")
+        self.notify = zenv.get("ROUTERNOTIFY") or None
+        self.routerdirs = [d for d in (zenv.get("ROUTERDIRS") or "").split(":") if d]
+        self.counter = 0
+        self.lock = threading.Lock()
+        self.dirsync = {}
+
+    def free_kb(self):
+        try:
+            st = os.statvfs(self.public)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize // 1024
+
+    def create(self):
+        pid = os.getpid()
+        with self.lock:
+            self.counter += 1
+            first = self.counter
+        for attempt in range(27):
+            suffix = "" if first == 1 and attempt == 0 else ".%d" % (first + attempt * 1000003)
+            path = os.path.join(self.public, "%s:%d%s" % (self.host, pid, suffix))
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0),
+                             0o600)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    continue
+                raise
+            return SpoolFile(self, path, fd)
+        raise OSError(errno.EEXIST, "no free spool file name")
+
+    def target_dir(self, priority):
+        """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
+        chosen = "router"
+        if priority and self.routerdirs:
+            n = len(self.routerdirs)
+            for k, name in enumerate(self.routerdirs):
+                if (k < n - 1 and priority >= k + 1) or (k == n - 1 and priority > n - 1):
+                    if os.path.isdir(os.path.join(self.postoffice, name)):
+                        chosen = name
+        return chosen
+
+    def directory_sync(self, path):
+        with self.lock:
+            ds = self.dirsync.get(path)
+            if ds is None:
+                ds = self.dirsync[path] = DirectorySync(path)
+        return ds
+
+    def notify_router(self, dirname, name):
+        if not self.notify:
+            return
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                s.setblocking(False)
+                s.sendto(("NEW %s %s" % (dirname, name)).encode("ascii"), self.notify)
+            finally:
+                s.close()
+        except (OSError, socket.error):
+            pass
+
+
+class SpoolFile(object):
+    """One message being written in public/."""
+
+    def __init__(self, writer, path, fd):
+        self.writer = writer
+        self.path = path
+        self.fd = fd
+        self.chunks = []
+        self.buffered = 0
+        self.size = 0
+
+    def write(self, data):
+        if not data:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        self.size += len(data)
+        if self.buffered >= 262144:
+            self._flush()
+
+    def _flush(self):
+        data = b"".join(self.chunks)
+        self.chunks = []
+        self.buffered = 0
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def commit(self, priority=0):
+        """fsync, rename into the router's directory, fsync that directory.
+        Returns (spool id, size).  On error the file is removed and OSError
+        raised: nothing acknowledged is ever half there."""
+        try:
+            self._flush()
+            os.fsync(self.fd)
+            st = os.fstat(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            dirname = self.writer.target_dir(priority)
+            name = str(st.st_ino)
+            if self.writer.hash:
+                name = "%s/%s" % (chr(ord("A") + st.st_ino % 26), name)
+            final = os.path.join(self.writer.postoffice, dirname, name)
+            os.rename(self.path, final)
+        except OSError:
+            self.abort()
+            raise
+        self.writer.directory_sync(os.path.dirname(final)).sync()
+        self.writer.notify_router(dirname, name)
+        mtime_ns = getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9))
+        return spool_id(st.st_ino, mtime_ns), st.st_size
+
+    def abort(self, keep_suffix=None):
+        if self.fd is not None:
+            try:
+                if keep_suffix:
+                    self._flush()
+                    os.fsync(self.fd)
+                st = os.fstat(self.fd)
+                os.close(self.fd)
+            except OSError:
+                st = None
+            self.fd = None
+            try:
+                if keep_suffix and st is not None:
+                    os.rename(self.path, os.path.join(self.writer.public,
+                                                      "%d%s" % (st.st_ino, keep_suffix)))
+                else:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        elif os.path.exists(self.path):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# 11. Command line, run-time state, daemon
+# ---------------------------------------------------------------------------
+
+USAGE = """\
+Usage: zmsmtpd.py [-46aBghintvVw] [-C conffile] [-d level] [-I pidfile]
+                  [-l logfile|SYSLOG] [-L maxload] [-M maxsize] [-P postoffice]
+                  [-p port] [-R router] [-s strict|sloppy|flags] [-S local|remote]
+                  [-T '[ip]'] [-Z zmailer.conf] [-x address] [--check] [--demo DIR]
+"""
+OPTSTRING = "46aBC:d:ghil:nptI:L:M:P:R:s:S:T:VvwZ:x:"
+LONG_OPTIONS = ["check", "demo=", "help"]
+
+
+def parse_command_line(argv):
+    """The original's option letters and meanings; returns a dict."""
+    import getopt
+    opts, rest = getopt.getopt(argv, OPTSTRING, LONG_OPTIONS)
+    if rest:
+        raise getopt.GetoptError("unexpected argument %r" % rest[0])
+    o = {"logs": [], "style": "ve", "debug": 0}
+    for flag, value in opts:
+        if flag == "-4":
+            o["ipv6"] = False
+        elif flag == "-6":
+            o["ipv6"] = True
+        elif flag == "-a":
+            o["ident"] = True
+        elif flag == "-B":
+            o["bsmtp"] = True
+        elif flag == "-C":
+            o["config"] = value
+        elif flag == "-d":
+            o["debug"] = _c_int(value, 0)
+        elif flag == "-g":
+            o["gullible"] = True
+        elif flag == "-h":
+            o["checkhelo"] = True
+        elif flag == "-i":
+            o["interactive"] = True
+        elif flag == "-l":
+            o["logs"].append(value)
+        elif flag == "-n":
+            o["inetd"] = True
+        elif flag == "-p":
+            o["bindport"] = _c_int(value, 25)
+        elif flag == "-t":
+            o["implicit_tls"] = True
+        elif flag == "-I":
+            o["pidfile"] = value
+        elif flag == "-L":
+            o["maxload"] = _c_int(value, 10)
+        elif flag == "-M":
+            o["maxsize"] = max(0, _c_int(value, 0))
+        elif flag == "-P":
+            o["postoffice"] = value
+        elif flag == "-R":
+            o["router"] = value
+        elif flag == "-s":
+            o["style"] = value
+        elif flag == "-S":
+            o["logsuffix"] = value.lower()
+        elif flag == "-T":
+            m = re.match(r"^\[(?:ipv6[.:])?([0-9A-Fa-f:.]+)\]$", value, re.I)
+            if not m:
+                raise getopt.GetoptError("-T needs [a.b.c.d] or [ipv6.addr]")
+            o["fake_peer"] = m.group(1)
+        elif flag == "-V":
+            o["version"] = True
+        elif flag == "-v":
+            o["verbose"] = True
+        elif flag == "-w":
+            o["whoson"] = True
+        elif flag == "-Z":
+            o["zconfig"] = value
+        elif flag == "-x":
+            o["bindaddr"] = value
+        elif flag == "--check":
+            o["check"] = True
+        elif flag == "--demo":
+            o["demo"] = value
+        elif flag == "--help":
+            o["help"] = True
+    return o
+
+
+class Runtime(object):
+    """Everything a session needs besides its own state: configuration,
+    log, spool, policies, authenticators, TLS contexts, name caches."""
+
+    NAME_TTL = 60.0
+
+    def __init__(self, options, zenv, zconfig_path, config, log):
+        self.options = options
+        self.zenv = zenv
+        self.zconfig_path = zconfig_path
+        self.log = log
+        self.stopping = False
+        self.fake_peer = options.get("fake_peer")
+        style = options.get("style", "ve")
+        self.strict = style == "strict"
+        self.sloppy = style == "sloppy"
+        self.style = "ve" if style in ("strict", "sloppy") else style
+        self.gullible = bool(options.get("gullible"))
+        self.checkhelo = bool(options.get("checkhelo")) and not self.gullible
+        self.syslogflg = (zenv.get("SYSLOGFLG") or "").upper()
+        self.postoffice = options.get("postoffice") or zenv.get("POSTOFFICE") or \
+            "/var/spool/postoffice"
+        self.hostname = socket.gethostname()
+        self.spool = SpoolWriter(self.postoffice, zenv, self.hostname)
+        self.auth_failures = AuthFailureTracker()
+        self._names = {}
+        self._names_lock = threading.Lock()
+        self.supervisor = None
+        self.apply_config(config)
+
+    def apply_config(self, config):
+        """Build what depends on the configuration; raises ConfigError."""
+        tls = {}
+        for index, g in enumerate(config.groups):
+            tls[index] = make_tls_context(g) if g.use_tls else None
+        policies = {}
+        for g in config.groups:
+            if g.policydb and g.policydb not in policies:
+                policies[g.policydb] = PolicySource(g.policydb, self.log)
+        self.config = config
+        self.tls = tls
+        self.policies = policies
+        self.local_names = frozenset(n.lower() for n in (self.hostname, socket.getfqdn(),
+                                                         "localhost") if n)
+
+    def group_index(self, group):
+        for i, g in enumerate(self.config.groups):
+            if g is group:
+                return i
+        return len(self.config.groups) - 1
+
+    def tls_context(self, group):
+        return self.tls.get(self.group_index(group))
+
+    def policy_for(self, group):
+        return self.policies.get(group.policydb) if group.policydb else None
+
+    def authenticator(self, group):
+        path = group.auth_pipe or self.zenv.get("PIPEAUTHPATH")
+        if not path:
+            return None
+        return PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv, self.zconfig_path,
+                                 run_as=self.auth_identity(group), log=self.log)
+
+    def auth_identity(self, group):
+        """(uid, gid) for the auth program when we are root; None to keep ours."""
+        if os.getuid() != 0:
+            return None
+        name = group.auth_pipe_user or self.zenv.get("TRUSTEDUSER") or "daemon"
+        if name == "root":
+            return None
+        return lookup_user(name)
+
+    # -- name lookups, cached briefly -------------------------------------------
+
+    def _cached(self, key, compute):
+        now = time.time()
+        with self._names_lock:
+            hit = self._names.get(key)
+            if hit and now - hit[0] < self.NAME_TTL:
+                return hit[1]
+        value = compute()
+        with self._names_lock:
+            if len(self._names) > 10000:
+                self._names.clear()
+            self._names[key] = (now, value)
+        return value
+
+    def local_name(self, local_ip):
+        """Our name as this connection sees it: the reverse name of the
+        local address, else the system host name."""
+        if not local_ip:
+            return self.hostname
+
+        def compute():
+            try:
+                return socket.gethostbyaddr(local_ip)[0]
+            except (OSError, socket.error):
+                return self.hostname
+        return self._cached(("local", local_ip), compute)
+
+    def peer_name(self, ip):
+        """(name, reverse-lookup flag, forward-confirmation flag)."""
+        if not ip:
+            return "stdin", "??", "FAIL"
+
+        def compute():
+            try:
+                name = socket.gethostbyaddr(ip)[0]
+            except (OSError, socket.error):
+                return "[%s]" % ip, "FAIL", "FAIL"
+            return name, "OK", "OK" if self._resolves_to(name, ip) else "FAIL"
+        return self._cached(("peer", ip), compute)
+
+    def helo_resolves_to(self, name, ip):
+        if not ip or name.startswith("["):
+            return bool(ip) and name.strip("[]").split(":")[-1] == ip
+        return self._cached(("helo", name.lower(), ip), lambda: self._resolves_to(name, ip))
+
+    @staticmethod
+    def _resolves_to(name, ip):
+        try:
+            return any(info[4][0] == ip for info in socket.getaddrinfo(name, None))
+        except (OSError, socket.error, UnicodeError):
+            return False
+
+    # -- reload ---------------------------------------------------------------
+
+    def reload(self):
+        """SIGHUP: read the configuration again; a broken one is logged and
+        the running one kept (the original ignored SIGHUP)."""
+        self.log.reopen()
+        try:
+            config = load_configuration(self.options, self.zenv, self.log)
+            problems = validate_config(config)
+            if problems:
+                raise ConfigError("; ".join(problems))
+            specs = listener_specs(config, self.options.get("ipv6", True))
+            old = self.config
+            self.apply_config(config)
+            sup = self.supervisor
+            sup.config = config
+            listeners, errors = sup.open_listeners(specs, keep=sup.listeners)
+            for e in errors:
+                self.log.note("reload: " + e)
+            if not listeners:
+                self.apply_config(old)
+                sup.config = old
+                raise ConfigError("no listener could be opened")
+            sup.install_listeners(listeners)
+            self.log.note("configuration reloaded from %s" % config.path)
+        except ConfigError as e:
+            self.log.note("reload failed, keeping the running configuration: %s" % e)
+
+
+def lookup_user(name):
+    import pwd
+    try:
+        pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+def make_tls_context(group):
+    """An ssl context for a group with ``use-tls``; a certificate that is
+    missing or unreadable stops start-up (never a silent downgrade)."""
+    if not group.tls_cert:
+        raise ConfigError("use-tls needs PARAM tls-cert-file")
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.options |= getattr(ssl, "OP_NO_SSLv2", 0) | getattr(ssl, "OP_NO_SSLv3", 0)
+        context.load_cert_chain(group.tls_cert, group.tls_key or group.tls_cert)
+        if group.tls_ciphers:
+            context.set_ciphers(group.tls_ciphers)
+        if group.tls_cafile or group.tls_capath:
+            context.load_verify_locations(group.tls_cafile, group.tls_capath)
+        if group.tls_require_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        elif group.tls_ask_cert:
+            context.verify_mode = ssl.CERT_OPTIONAL
+    except (ssl.SSLError, OSError, IOError, ValueError) as e:
+        raise ConfigError("TLS setup failed (cert %s, key %s): %s" % (
+            group.tls_cert, group.tls_key, e))
+    return context
+
+
+def load_configuration(options, zenv, log=None):
+    path = find_config_path(options.get("config"), zenv, sys.argv[0])
+    reader = ConfigReader(path, zenv, {
+        "bindport": options.get("bindport"), "maxsize": options.get("maxsize"),
+        "bindaddr": options.get("bindaddr"), "explicit": bool(options.get("config"))})
+    config = reader.read()
+    for file_, line, message in config.diagnostics:
+        text = "%s:%d: %s" % (file_, line, message)
+        sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
+        if log:
+            log.note("config warning: " + text)
+    return config
+
+
+def describe_config(config, runtime_postoffice):
+    """The effective settings, for --check."""
+    out = ["configuration: %s" % config.path, "postoffice: %s" % runtime_postoffice,
+           "pattern lines: %d" % len(config.patterns)]
+    for key in sorted(GLOBAL_DEFAULTS):
+        out.append("  %s = %r" % (key, getattr(config, key)))
+    for i, g in enumerate(config.groups):
+        out.append("group %d:" % i)
+        for key in sorted(GROUP_DEFAULTS):
+            value = getattr(g, key)
+            if key == "binds":
+                value = ["%s %s %s %s" % (b.kind, "v6" if b.family == socket.AF_INET6 else "v4",
+                                          b.address or "any", b.port or "bindport")
+                         for b in value]
+            if value != GROUP_DEFAULTS[key]:
+                out.append("  %s = %r" % (key, value))
+    for spec in listener_specs(config):
+        out.append("listener: %s [%s]:%d group %d" % (spec.kind, spec.address or "any",
+                                                      spec.port, spec.group))
+    for name in config.unimplemented:
+        out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
+    return "\n".join(out)
+
+
+def pidfile_path(options, postoffice):
+    name = options.get("pidfile") or ".pid.smtpserver"
+    return name if os.path.isabs(name) else os.path.join(postoffice, name)
+
+
+def stop_previous(path, log):
+    """D8: a running zmsmtpd/smtpserver named by our pid file is told to
+    stop (SIGTERM) and waited for; a stale file is simply replaced."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (IOError, OSError, ValueError):
+        return
+    if pid <= 0 or pid == os.getpid():
+        return
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except (IOError, OSError):
+        return  # not running
+    if b"zmsmtpd" not in cmdline and b"smtpserver" not in cmdline:
+        log.note("pid file %s names pid %d, which is not a smtp server: left alone" % (path, pid))
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return
+    print("killed previous daemon, pid = %d" % pid)
+    for _ in range(400):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+def write_pidfile(path):
+    """Atomically: a temporary file renamed over the old one."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write("%d\n" % os.getpid())
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+
+
+def remove_pidfile(path):
+    try:
+        with open(path) as f:
+            if int(f.read().strip() or 0) != os.getpid():
+                return
+        os.unlink(path)
+    except (IOError, OSError, ValueError):
+        pass
+
+
+def detach(ready_fd_holder):
+    """Fork twice and start a new session; the original process exits
+    only once the daemon reports ready (pid file written, sockets open),
+    so scripts can read the pid file at once."""
+    r, w = os.pipe()
+    if os.fork():
+        os.close(w)
+        status = os.read(r, 1)
+        os._exit(0 if status == b"1" else 2)
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.umask(0o022)
+    ready_fd_holder.append(w)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def drop_privileges(zenv, log):
+    """After binding: when root and zmailer.conf names TRUSTEDUSER, run as
+    that user (effective ids; the real id stays root so the pid file can
+    be removed at exit, as the original master did)."""
+    if os.geteuid() != 0 or not zenv.get("TRUSTEDUSER"):
+        return
+    ids = lookup_user(zenv.get("TRUSTEDUSER"))
+    if ids is None:
+        log.note("TRUSTEDUSER %s unknown; staying root" % zenv.get("TRUSTEDUSER"))
+        return
+    os.setegid(ids[1])
+    os.seteuid(ids[0])
+    log.note("running as uid %d gid %d" % ids)
+
+
+def make_demo(directory):
+    """A self-contained layout: no ZMailer install and no root needed."""
+    d = os.path.abspath(directory)
+    for sub in ("postoffice/public", "postoffice/router", "db", "bin", "log"):
+        path = os.path.join(d, sub)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+    files = {
+        "zmailer.conf": ("# demo zmailer.conf written by zmsmtpd.py --demo\n"
+                         "ZCONFIG=%(d)s/zmailer.conf\nMAILSHARE=%(d)s\nMAILVAR=%(d)s\n"
+                         "MAILBIN=%(d)s/bin\nPOSTOFFICE=%(d)s/postoffice\nLOGDIR=%(d)s/log\n"
+                         % {"d": d}),
+        "smtpserver.conf": ("# demo smtpserver.conf: SMTP on 2525, submission (AUTH) on 2587\n"
+                            "PARAM BindSmtp    [127.0.0.1] 2525\n"
+                            "PARAM BindSubmit  [127.0.0.1] 2587\n"
+                            "PARAM policydb btree $MAILVAR/db/smtp-policy\n"
+                            "PARAM smtp-auth\nPARAM auth-login-also-without-tls\n"
+                            "PARAM smtp-auth-pipe $MAILBIN/demo-auth\n"
+                            "*   ftveR\n"),
+        "db/smtp-policy.dat": ("# demo policy: loopback may relay, localhost is ours\n"
+                               "[127.0.0.0]/8  relaycustnet + relaytarget +\n"
+                               "localhost      localdomain + relaytarget +\n"),
+        "bin/demo-auth": ("#!/bin/sh\n# demo pipeauth program: user 'demo', password 'demo'\n"
+                          "read pw\n[ \"$1\" = demo ] && [ \"$pw\" = demo ] && "
+                          "{ echo 'demo user ok'; exit 0; }\necho 'bad user or password'; exit 1\n"),
+    }
+    for name, text in files.items():
+        path = os.path.join(d, name)
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write(text)
+    os.chmod(os.path.join(d, "bin/demo-auth"), 0o755)
+    return d
+
+
+def run_interactive(runtime, config, inetd):
+    """-i (stdin/stdout) and -n (inetd: the connection on fd 0)."""
+    group = config.groups[-1]
+    session = SMTPSession.__new__(SMTPSession)
+    if inetd:
+        try:
+            sock = socket.socket(fileno=os.dup(0))
+            peer, local = sock.getpeername(), sock.getsockname()
+            channel = SocketChannel(sock)
+        except (OSError, socket.error):
+            peer, local, sock, channel = None, None, None, StdioChannel()
+        session.init_session(runtime, group, channel, kind="SMTP", peer=peer, local=local,
+                             number=os.getpid(), mode="inetd", sock=sock)
+    else:
+        fake = runtime.fake_peer
+        session.init_session(runtime, group, StdioChannel(), kind="SMTP",
+                             peer=(fake, 0) if fake else None, local=None,
+                             number=os.getpid(), mode="interactive")
+    session.run()
+    return 0
+
+
+def main(argv=None):
+    import getopt
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options = parse_command_line(argv)
+    except getopt.GetoptError as e:
+        sys.stderr.write("%s: %s\n%s" % (PROGRAM, e, USAGE))
+        return 2
+    if options.get("help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if options.get("version"):
+        print("zmsmtpd (ZMailer smtpserver compatible) %s" % VERSION)
+        return 0
+    if options.get("demo"):
+        d = make_demo(options["demo"])
+        options.setdefault("zconfig", os.path.join(d, "zmailer.conf"))
+        options.setdefault("config", os.path.join(d, "smtpserver.conf"))
+        options["verbose"] = True
+        sys.stderr.write("%s: demo layout in %s: SMTP on 127.0.0.1:2525, submission "
+                         "(AUTH demo/demo) on 127.0.0.1:2587, mail lands in %s\n"
+                         % (PROGRAM, d, os.path.join(d, "postoffice/router")))
+    zconfig = find_zconfig(options.get("zconfig"))
+    try:
+        zenv = ZEnv.load(zconfig)
+    except (IOError, OSError) as e:
+        if options.get("zconfig"):
+            sys.stderr.write("%s: cannot read -Z %s: %s\n%s" % (PROGRAM, zconfig, e.strerror,
+                                                               USAGE))
+            return 2
+        sys.stderr.write("%s: warning: cannot read %s (%s); using built-in defaults\n"
+                         % (PROGRAM, zconfig, e.strerror))
+        zenv = ZEnv(zconfig)
+    foreground = bool(options.get("verbose")) or options.get("debug", 0) >= 2
+    logs = list(options["logs"])
+    log = TranscriptLog(logs, trace=foreground and not options.get("interactive"))
+    try:
+        config = load_configuration(options, zenv, log)
+        problems = validate_config(config)
+        if problems:
+            raise ConfigError("\n  ".join(problems))
+        runtime = Runtime(options, zenv, zconfig, config, log)
+    except ConfigError as e:
+        sys.stderr.write("%s: configuration error:\n  %s\n" % (PROGRAM, e))
+        return 2
+    for name in config.unimplemented:
+        log.note("PARAM %s is parsed but not implemented: %s" % (name, UNIMPLEMENTED_PARAMS[name]))
+    if options.get("check"):
+        print(describe_config(config, runtime.postoffice))
+        return 0
+    if options.get("interactive") or options.get("inetd"):
+        return run_interactive(runtime, config, inetd=bool(options.get("inetd"))
+                               and not options.get("interactive"))
+    return run_daemon(runtime, config, options, zenv, log, foreground)
+
+
+def run_daemon(runtime, config, options, zenv, log, foreground):
+    supervisor = Supervisor(runtime, config)
+    runtime.supervisor = supervisor
+    pidfile = pidfile_path(options, runtime.postoffice)
+    stop_previous(pidfile, log)
+    specs = listener_specs(config, options.get("ipv6", True))
+    listeners, errors = supervisor.open_listeners(specs)
+    for e in errors:
+        sys.stderr.write("%s: %s\n" % (PROGRAM, e))
+        log.note(e)
+    if not listeners:
+        sys.stderr.write("%s: no listener could be opened; not starting\n" % PROGRAM)
+        return 2
+    supervisor.install_listeners(listeners)
+    ready = []
+    if not foreground:
+        detach(ready)
+    try:
+        write_pidfile(pidfile)
+    except (IOError, OSError) as e:
+        sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
+        return 2
+    log.note("started server pid %d at %s" % (os.getpid(), rfc822_date()))
+    drop_privileges(zenv, log)
+    if ready:
+        os.write(ready[0], b"1")
+        os.close(ready[0])
+    try:
+        supervisor.serve_forever()
+    finally:
+        runtime.stopping = True
+        if os.getuid() == 0 and os.geteuid() != 0:
+            try:
+                os.seteuid(0)
+            except OSError:
+                pass
+        remove_pidfile(pidfile)
+        log.note("killed server pid %d at %s" % (os.getpid(), rfc822_date()))
+        mail_syslog(syslog.LOG_INFO if syslog else 0, "killed server.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
