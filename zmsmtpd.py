@@ -843,6 +843,13 @@ class ConfigReader(object):
         except ValueError as e:
             self.warn(lineno, str(e))
             return None
+        for family, addr in pairs:
+            if addr.startswith("iface:") and hasattr(socket, "if_nametoindex"):
+                try:
+                    socket.if_nametoindex(addr[6:])
+                except (OSError, socket.error):
+                    self.warn(lineno, "no network interface named %r" % addr[6:])
+                    return None
         new = []
         for family, addr in pairs:
             spec = BindSpec(kind=kind, family=family, address=addr, port=port,
@@ -945,8 +952,9 @@ def find_config_path(option_path, zenv, argv0):
     return candidates[0] if candidates else "/etc/zmailer/%s.conf" % name
 
 
-def validate_config(config):
-    """Problems that make a configuration unusable (D10)."""
+def validate_config(config, daemon=True):
+    """Problems that make a configuration unusable (D10).  Listener
+    settings only matter to the daemon, not to -i and -n sessions."""
     problems = []
     if not config.configured:
         problems.append("%s has no HELO/EHLO pattern line (e.g. '*  ftveR'); the "
@@ -955,7 +963,7 @@ def validate_config(config):
         needs_tls = g.use_tls or any(b.kind == "SMTPS" for b in g.binds) or g.listen_ssmtp
         if not needs_tls:
             continue
-        if any(b.kind == "SMTPS" for b in g.binds) and not g.use_tls:
+        if daemon and any(b.kind == "SMTPS" for b in g.binds) and not g.use_tls:
             problems.append("a BindSmtpS listener needs PARAM use-tls in its group")
         if g.use_tls:
             if not g.tls_cert:
@@ -2372,8 +2380,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.peer_ip = self.peer_ip[7:]
             self.peer_port = peer[1]
         self.local_port = local[1] if local else 0
-        if not self.network:
-            self.ip_literal = ""
+        if not self.network or (mode == "interactive"):
+            self.ip_literal = ""  # -T pretends a peer for policy only
         elif ":" in self.peer_ip:
             self.ip_literal = "[IPv6:%s]" % self.peer_ip
         else:
@@ -2498,8 +2506,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
             return
-        early = self.mode != "interactive" or self.runtime.fake_peer is not None
-        early = early and self.channel.pending()
+        early = self.channel.pending()
         self.send_lines(self.greeting())
         if early:
             # Talking before the greeting: a bot that does not wait.
@@ -2556,7 +2563,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if not strict:
             line_b = line_b.rstrip(b" \t")
         line = line_b.decode("utf-8", "surrogateescape")
-        verb = re.split(r"[ \t]", line, 1)[0].upper()
+        verb = re.split(r"[ \t]", line, maxsplit=1)[0].upper()
         self.log.received(mask_auth_line(line) if verb == "AUTH" else line)
         if verb not in ("HELO", "EHLO") or strict:
             problem = self.illegal_characters(line_b)
@@ -2581,7 +2588,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 and verb not in self.MSA_OPEN_VERBS):
             self.reply("msa_gate")
             return
-        args = line[len(re.split(r"[ \t]", line, 1)[0]):]
+        args = line[len(re.split(r"[ \t]", line, maxsplit=1)[0]):]
         handler(line, args)
 
     @staticmethod
@@ -3479,7 +3486,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
         if result == "ok":
             self.authuser = user
-            self.log.note("AUTH LOGIN user %s authenticated" % qformat(user))
+            self.log.note("AUTH user %s authenticated" % qformat(user))
             self.send_lines(format_reply("auth_ok"))
         elif result == "tempfail":
             self.reply("auth_tempfail")
@@ -3688,6 +3695,8 @@ class PipeAuthenticator(object):
                                     **self._spawn_options())
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self._syslog("%s: cannot run %s: %s" % (user, self.path, e))
+            if log:
+                log.note("cannot run auth program %s: %s" % (self.path, e))
             return "tempfail"
         output = bytearray()
         deadline = start + self.timeout
@@ -3714,6 +3723,8 @@ class PipeAuthenticator(object):
         except subprocess.TimeoutExpired:
             self._kill(proc)
             self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            if log:
+                log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
             return "tempfail"
         finally:
             proc.stdout.close()
@@ -3947,7 +3958,7 @@ Usage: zmsmtpd.py [-46aBghintvVw] [-C conffile] [-d level] [-I pidfile]
                   [-p port] [-R router] [-s strict|sloppy|flags] [-S local|remote]
                   [-T '[ip]'] [-Z zmailer.conf] [-x address] [--check] [--demo DIR]
 """
-OPTSTRING = "46aBC:d:ghil:nptI:L:M:P:R:s:S:T:VvwZ:x:"
+OPTSTRING = "46aBC:d:ghil:np:tI:L:M:P:R:s:S:T:VvwZ:x:"
 LONG_OPTIONS = ["check", "demo=", "help"]
 
 
@@ -4277,11 +4288,22 @@ def stop_previous(path, log):
         return
     print("killed previous daemon, pid = %d" % pid)
     for _ in range(400):
+        if not process_alive(pid):
+            return
+        time.sleep(0.05)
+
+
+def process_alive(pid):
+    """True while ``pid`` runs (a zombie no longer counts)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (IOError, OSError, IndexError):
         try:
             os.kill(pid, 0)
         except OSError:
-            return
-        time.sleep(0.05)
+            return False
+        return True
 
 
 def write_pidfile(path):
@@ -4375,6 +4397,9 @@ def make_demo(directory):
             with open(path, "w") as f:
                 f.write(text)
     os.chmod(os.path.join(d, "bin/demo-auth"), 0o755)
+    # When root runs the demo, the auth program runs as an unprivileged
+    # user (daemon), which must be able to reach it.
+    os.chmod(d, 0o755)
     return d
 
 
@@ -4438,7 +4463,8 @@ def main(argv=None):
     log = TranscriptLog(logs, trace=foreground and not options.get("interactive"))
     try:
         config = load_configuration(options, zenv, log)
-        problems = validate_config(config)
+        problems = validate_config(config, daemon=not (options.get("interactive")
+                                                       or options.get("inetd")))
         if problems:
             raise ConfigError("\n  ".join(problems))
         runtime = Runtime(options, zenv, zconfig, config, log)
