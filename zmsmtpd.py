@@ -4279,7 +4279,8 @@ def stop_previous(path, log):
             cmdline = f.read()
     except (IOError, OSError):
         return  # not running
-    if b"zmsmtpd" not in cmdline and b"smtpserver" not in cmdline:
+    names = [os.path.basename(a) for a in cmdline.split(b"\0")[:3]]
+    if not any(n in (b"zmsmtpd.py", b"zmsmtpd") or n.startswith(b"smtpserver") for n in names):
         log.note("pid file %s names pid %d, which is not a smtp server: left alone" % (path, pid))
         return
     try:
