@@ -7,7 +7,7 @@
 # verbs of the original script are refused (exit status 2).
 #
 # Usage:
-#   zmailer.sh [--zconfig FILE] [-q] smtpserver            start (also: start [smtpserver])
+#   zmailer.sh [--zconfig FILE] [-q] smtpserver            start (also: start, reload)
 #   zmailer.sh [--zconfig FILE] [-q] kill smtpserver       stop  (also: stop, kill, kills, killr)
 #   zmailer.sh [--zconfig FILE] [-q] nuke smtpserver       SIGKILL instead of SIGTERM
 #   zmailer.sh [--zconfig FILE] [-q] restart smtpserver    kill, then start

@@ -1387,7 +1387,7 @@ REPLIES = {
     "rcpt_empty": (501, "5.1.3", "What is an empty recipient?"),
     "rcpt_notify_bad": (501, "5.5.4", "NOTIFY-param data error"),
     "rcpt_notify_twice": (501, "5.5.4", "NOTIFY-param double defined!"),
-    "rcpt_orcpt_bad": (501, "4.5.4", ("Invalid ORCPT value '{param}'", "ORCPT-param data error!")),
+    "rcpt_orcpt_bad": (501, "5.5.4", ("Invalid ORCPT value '{param}'", "ORCPT-param data error!")),
     "rcpt_orcpt_twice": (501, "5.5.4", "ORCPT-param double defined!"),
     "rcpt_param_unknown": (555, "5.5.4", "Unknown RCPT TO:<> parameter: {param}"),
     "rcpt_too_many": (452, "4.5.2", "Too many recipients in one go!"),
@@ -2234,6 +2234,8 @@ class HeaderRewriter(object):
             return
         self.head += data
         end = self._header_end()
+        if end is not None and end > self.limit:
+            self.too_big = True
         if end is None:
             if len(self.head) > self.limit:
                 self.too_big = True
@@ -2565,7 +2567,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         line = line_b.decode("utf-8", "surrogateescape")
         verb = re.split(r"[ \t]", line, maxsplit=1)[0].upper()
         self.log.received(mask_auth_line(line) if verb == "AUTH" else line)
-        if verb not in ("HELO", "EHLO") or strict:
+        if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
             if problem:
                 self.caret(500, "5.5.2", problem[1] + 4)
@@ -2610,6 +2612,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 "STARTTLS": True, "LHLO": False, "Z-REPORT": False}.get(verb, True)
 
     def unknown_command(self, line):
+        if line[:4].upper() == "AUTH":
+            line = mask_auth_line(line)
         self.unknown_count += 1
         mail_syslog(syslog.LOG_WARNING if syslog else 0,
                     "unknown SMTP command '%s' from %s/%d" % (line[:200], self.rhostname,
@@ -3073,7 +3077,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 addr_type, _, xtext = value.partition(";")
                 if not addr_type or not xtext or not is_xtext(xtext) or \
                         not re.match(r"^[A-Za-z0-9-]+$", addr_type):
-                    self.caret(501, "4.5.4", 0)
+                    self.caret(501, "5.5.4", 0)
                     return self.param_error("rcpt_orcpt_bad", param=param)
                 result["orcpt"] = param
             else:

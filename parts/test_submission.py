@@ -54,6 +54,8 @@ _SUB_POLICY = ("[127.0.0.2]/32  relaycustnet +\n"
 #   recorder  - writes argv (NUL separated), raw stdin and /proc/$$/environ
 #   sleeper   - never finishes (a background sleep 100 keeps the pipe open)
 #   mega      - prints 5 MB, then exits 0
+#   forker    - exits 0 at once, leaving a background child that holds the
+#               output pipe open for 100 s
 #   otherwise - exit 0 iff the password line is right
 _SUB_AUTH_PROGRAM = r"""#!/bin/sh
 REC=%(rec)s
@@ -73,6 +75,10 @@ sleeper)
     exit 0 ;;
 mega)
     /usr/bin/yes 'megabytes of output from the auth program' | /usr/bin/head -c 5000000
+    exit 0 ;;
+forker)
+    /bin/sleep 100 &
+    echo $! > "$REC/forker.pid"
     exit 0 ;;
 esac
 read pw
@@ -240,7 +246,7 @@ class _SubServer(object):
         return [sys.executable, _SUB_SERVER, "-v", "-Z", self.zconf, "-C", self.conf,
                 "-l", self.logfile] + list(extra_args)
 
-    def start(self, conf, extra_args=(), env_extra=None, env_remove=(), wait_port=None):
+    def start(self, conf, extra_args=(), env_extra=None, env_remove=()):
         if conf is not None:
             self.write_conf(conf)
         env = dict(os.environ)
@@ -254,8 +260,7 @@ class _SubServer(object):
                                          start_new_session=True)
         finally:
             err.close()
-        port = wait_port or (self.ports.get("smtp") or self.ports.get("submit")
-                             or self.ports.get("smtps"))
+        port = self.ports.get("smtp") or self.ports.get("submit") or self.ports.get("smtps")
         deadline = time.time() + 20
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -277,11 +282,12 @@ class _SubServer(object):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=8)
         except Exception:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
+            pass
+        try:  # the server's own process group: forked sessions, if any
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
 
     def cleanup(self):
         self.stop()
@@ -337,10 +343,9 @@ class _SubServer(object):
 
 def _sub_start_servers(cls, *servers_and_confs):
     """setUpClass helper: start servers, stopping all of them on failure."""
-    cls.servers = []
+    cls.servers = [server for server, conf, kwargs in servers_and_confs]
     try:
         for server, conf, kwargs in servers_and_confs:
-            cls.servers.append(server)
             server.start(conf, **kwargs)
     except Exception:
         for s in cls.servers:
@@ -920,6 +925,16 @@ PARAM smtp-auth-pipe {dir}/bin/auth
         env, _, _ = _sub_split_spool(self.srv.spool(lines[-1]))
         self.assertIn("with ESMTPSA", env)
 
+    def test_smtplib_over_smtps_logs_in_with_auth_login(self):
+        s = self.srv.smtps()
+        self.addCleanup(_sub_quit, s)
+        s.ehlo()
+        s.user, s.password = _SUB_USER, _SUB_PASSWORD
+        self.assertEqual(s.auth("LOGIN", s.auth_login)[0], 235)
+        text = _sub_submit(self, s)
+        env, _, _ = _sub_split_spool(self.srv.spool(text))
+        self.assertIn("with ESMTPSA", env)
+
     def test_starttls_twice_gives_554(self):
         w = self.wire()
         self.assertEqual(w.starttls()[0], 220)
@@ -1164,9 +1179,12 @@ PARAM smtp-auth-pipe {dir}/bin/auth
     def test_authenticated_user_may_relay(self):
         s = _sub_login(self, self.srv)
         text = _sub_submit(self, s)
-        env, _, _ = _sub_split_spool(self.srv.spool(text))
+        env, header, _ = _sub_split_spool(self.srv.spool(text))
         self.assertIn("with ESMTPA", env)
+        self.assertIn('comment smtp-auth: "%s"' % _SUB_USER, env)
         self.assertIn("to <friend@elsewhere.example>", env)
+        # not MSA mode here: the header is left exactly as sent (D3)
+        self.assertEqual(header, _SUB_MESSAGE.split("\n\n")[0].split("\n"))
 
     def test_etrn_offered_on_smtp_but_not_on_submit_listener(self):
         w = self.srv.wire("smtp")
@@ -1463,11 +1481,52 @@ PARAM auth-failrate 1000
         # the session goes on
         self.assertEqual(w.auth_plain()[0], 235)
 
+    def test_hanging_program_does_not_hold_up_other_sessions(self):
+        import threading
+        result = {}
+
+        def hang():
+            w = self.srv.wire()
+            try:
+                w.ehlo()
+                result["code"] = w.auth_plain("sleeper", "x")[0]
+            finally:
+                w.quit()
+        t = threading.Thread(target=hang)
+        t.start()
+        try:
+            time.sleep(0.2)
+            start = time.time()
+            code = self.wire().auth_plain()[0]
+            elapsed = time.time() - start
+        finally:
+            t.join(10)
+        for name in ("sleeper.pid", "sleep.pid"):
+            try:
+                self.addCleanup(_sub_kill_quietly, int(self.rec(name).strip()))
+            except (IOError, OSError, ValueError):
+                pass
+        self.assertEqual(code, 235)
+        self.assertLess(elapsed, 0.7, "a second session waited for the hanging program")
+        self.assertEqual(result.get("code"), 454)
+
     def test_program_printing_megabytes_and_exiting_0_gives_235(self):
         start = time.time()
         code, lines = self.wire().auth_plain("mega", "x")
         self.assertEqual(code, 235, lines)
         self.assertLess(time.time() - start, 5.0)
+
+    def test_program_exiting_0_while_its_child_keeps_the_output_open_gives_235(self):
+        # The exit status decides (D4); a helper that leaves a background
+        # process holding stdout must not turn success into a timeout.
+        start = time.time()
+        code, lines = self.wire().auth_plain("forker", "x")
+        elapsed = time.time() - start
+        try:
+            self.addCleanup(_sub_kill_quietly, int(self.rec("forker.pid").strip()))
+        except (IOError, OSError, ValueError):
+            pass
+        self.assertEqual(code, 235, "%r after %.1fs" % (lines, elapsed))
 
     def test_user_name_with_leading_dash_is_refused_without_running_the_program(self):
         before = self.srv.calls()
@@ -1557,13 +1616,31 @@ class SubmissionAuthFailrateTest(unittest.TestCase):
     """PARAM auth-failrate N: after N failures from an address within the
     hour, AUTH gets 454 and the program is not run (protocol.md 3.8)."""
 
-    def test_after_three_failures_auth_gets_454_without_running_the_program(self):
+    def server(self, extra=""):
         srv = _SubServer()
         self.addCleanup(srv.cleanup)
         srv.auth_program()
         srv.start("PARAM BindSmtp [127.0.0.1] {smtp}\nPARAM smtp-auth\n"
                   "PARAM auth-login-also-without-tls\n"
-                  "PARAM smtp-auth-pipe {dir}/bin/auth\nPARAM auth-failrate 3\n")
+                  "PARAM smtp-auth-pipe {dir}/bin/auth\nPARAM auth-failrate 3\n" + extra)
+        return srv
+
+    def test_failures_count_across_connections_in_fork_session_model(self):
+        srv = self.server("PARAM session-model fork\n")
+        for _ in range(3):
+            w = srv.wire()
+            w.ehlo()
+            self.assertEqual(w.auth_plain(_SUB_USER, "wrong")[0], 535)
+            w.quit()
+        w = srv.wire()
+        self.addCleanup(w.quit)
+        w.ehlo()
+        code, lines = w.auth_plain()
+        self.assertEqual(code, 454, lines)
+        self.assertEqual(len(srv.calls()), 3)
+
+    def test_after_three_failures_auth_gets_454_without_running_the_program(self):
+        srv = self.server()
         w = srv.wire()
         self.addCleanup(w.quit)
         w.ehlo()
@@ -1711,8 +1788,11 @@ PARAM tls-key-file {key}
         srv.ports["smtp"] = port
         srv.start(None, extra_args=["-sve", "-x", "127.0.0.1", "-p", str(port)])
         pidfile = os.path.join(srv.postoffice, ".pid.smtpserver")
+        deadline = time.time() + 10      # written just after the sockets listen
+        while not os.path.exists(pidfile) and time.time() < deadline:
+            time.sleep(0.02)
         with open(pidfile) as f:
-            self.assertEqual(int(f.read()), srv.proc.pid)
+            self.assertEqual(f.read(), "%d\n" % srv.proc.pid)
 
         s = srv.smtp()
         self.addCleanup(_sub_quit, s)
