@@ -3715,8 +3715,10 @@ class PipeAuthenticator(object):
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     raise subprocess.TimeoutExpired(self.path, self.timeout)
-                r, _, _ = select.select([fd], [], [], remaining)
+                r, _, _ = select.select([fd], [], [], min(remaining, 0.05))
                 if not r:
+                    if proc.poll() is not None:
+                        break  # exited; a leftover child may hold the pipe
                     continue
                 chunk = os.read(fd, 65536)
                 if not chunk:

@@ -12,6 +12,7 @@ end.  The numbers of the kill -9 and fuzz tests are written to stderr as
 
 from __future__ import print_function
 
+import atexit
 import base64
 import errno
 import os
@@ -73,7 +74,8 @@ def _hard_cert():
     openssl = _hard_which("openssl")
     if openssl:
         d = tempfile.mkdtemp(prefix="zmhard-cert-")
-        _HARD_CERT["dir"] = d
+        # Removed at interpreter exit (no tearDownModule: merge-safe).
+        atexit.register(shutil.rmtree, d, True)
         cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         rc = subprocess.call([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                               "-keyout", key, "-out", cert, "-days", "3",
@@ -84,12 +86,6 @@ def _hard_cert():
             os.chmod(key, 0o644)
             _HARD_CERT["pair"] = (cert, key)
     return _HARD_CERT["pair"]
-
-
-def tearDownModule():
-    d = _HARD_CERT.get("dir")
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _hard_client_context():
@@ -1555,29 +1551,30 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
 # 5. Fuzz
 # ================================================================================
 
-_FUZZ_HOSTS = ["localhost", "[127.0.0.1]", "x", "", "a..b", "[IPv6:::1]", "#123",
-               "-bad-", "a" * 300, "[1.2.3]", "exa mple", "xn--bcher-kva.example"]
-_FUZZ_PATHS = ["<a@example.com>", "<>", "<b@localhost>", "<@r1,@r2:c@localhost>",
-               "<\"q u\"@localhost>", "<no-at>", "<a@[127.0.0.1]>", "a@example.com",
-               "<<x@y>>", "<a@b>>", "<a\\@b@localhost>", "<a@-x-.example>", "<postmaster>",
-               "<a@b", ":<a@b>", " <a@localhost>", "<" + "z" * 400 + "@localhost>"]
-_FUZZ_MAILP = ["SIZE=1000", "SIZE=99999999999999", "BODY=8BITMIME", "BODY=BINARYMIME",
-               "BODY=JUNK", "RET=FULL", "RET=HDRS", "ENVID=abc+2B", "ENVID=a+zz", "AUTH=<>",
-               "AUTH=a+2Bb", "BY=120;R", "BY=-5;NT", "BY=x", "FOO=bar", "SIZE=", "SIZE=1",
-               "SMTPUTF8", "=", "SIZE=-3"]
-_FUZZ_RCPTP = ["NOTIFY=SUCCESS,FAILURE", "NOTIFY=NEVER,DELAY", "NOTIFY=", "NOTIFY=NEVER",
-               "ORCPT=rfc822;b@localhost", "ORCPT=rfc822;a+zz", "ORCPT=;", "XYZ=1",
-               "ORCPT=rfc822;b+40localhost"]
-_FUZZ_SIMPLE = ["RSET", "NOOP", "NOOP x", "VRFY a", "EXPN list", "HELP", "HELP MAIL", "ETRN x.y",
-                "ETRN", "ETRN @x", "VERB", "TURN", "TICK 1", "Z-IDENT", "ONEX", "Z-DEBUG",
-                "LHLO x", "EVFY a", "TURNME x", "SEND FROM:<a@b>", "SAML FROM:<a@b>",
-                "EMAL FROM:<a@b>", "550 x", "STARTTLS", "STARTTLS x", "AUTH", "AUTH CRAM-MD5",
-                "AUTH LOGINxyz", "AUTH PLAIN =", "AUTH PLAIN *", "*", "=", "QUIT x"]
-_FUZZ_SPECIAL = [b"\x00", b"\r", b"\n", b"\xff", b".", b"<", b">", b":", b"=", b"+", b" ",
-                 b"\t", b"\r\n", b"\r\n.\r\n", b"\n.\n", b"%", b"\\", b"\"", b"\x1b", b"\x7f"]
+_HARD_FUZZ_HOSTS = ["localhost", "[127.0.0.1]", "x", "", "a..b", "[IPv6:::1]", "#123",
+                    "-bad-", "a" * 300, "[1.2.3]", "exa mple", "xn--bcher-kva.example"]
+_HARD_FUZZ_PATHS = ["<a@example.com>", "<>", "<b@localhost>", "<@r1,@r2:c@localhost>",
+                    "<\"q u\"@localhost>", "<no-at>", "<a@[127.0.0.1]>", "a@example.com",
+                    "<<x@y>>", "<a@b>>", "<a\\@b@localhost>", "<a@-x-.example>", "<postmaster>",
+                    "<a@b", ":<a@b>", " <a@localhost>", "<" + "z" * 400 + "@localhost>"]
+_HARD_FUZZ_MAILP = ["SIZE=1000", "SIZE=99999999999999", "BODY=8BITMIME", "BODY=BINARYMIME",
+                    "BODY=JUNK", "RET=FULL", "RET=HDRS", "ENVID=abc+2B", "ENVID=a+zz", "AUTH=<>",
+                    "AUTH=a+2Bb", "BY=120;R", "BY=-5;NT", "BY=x", "FOO=bar", "SIZE=", "SIZE=1",
+                    "SMTPUTF8", "=", "SIZE=-3"]
+_HARD_FUZZ_RCPTP = ["NOTIFY=SUCCESS,FAILURE", "NOTIFY=NEVER,DELAY", "NOTIFY=", "NOTIFY=NEVER",
+                    "ORCPT=rfc822;b@localhost", "ORCPT=rfc822;a+zz", "ORCPT=;", "XYZ=1",
+                    "ORCPT=rfc822;b+40localhost"]
+_HARD_FUZZ_SIMPLE = ["RSET", "NOOP", "NOOP x", "VRFY a", "EXPN list", "HELP", "HELP MAIL",
+                     "ETRN x.y",
+                     "ETRN", "ETRN @x", "VERB", "TURN", "TICK 1", "Z-IDENT", "ONEX", "Z-DEBUG",
+                     "LHLO x", "EVFY a", "TURNME x", "SEND FROM:<a@b>", "SAML FROM:<a@b>",
+                     "EMAL FROM:<a@b>", "550 x", "STARTTLS", "STARTTLS x", "AUTH", "AUTH CRAM-MD5",
+                     "AUTH LOGINxyz", "AUTH PLAIN =", "AUTH PLAIN *", "*", "=", "QUIT x"]
+_HARD_FUZZ_SPECIAL = [b"\x00", b"\r", b"\n", b"\xff", b".", b"<", b">", b":", b"=", b"+", b" ",
+                      b"\t", b"\r\n", b"\r\n.\r\n", b"\n.\n", b"%", b"\\", b"\"", b"\x1b", b"\x7f"]
 
 
-def _fuzz_b64(rng):
+def _hard_fuzz_b64(rng):
     raw = bytes(bytearray(rng.randrange(256) for _ in range(rng.randrange(0, 40))))
     if rng.random() < 0.5:
         raw = b"\0user\0pass"
@@ -1588,7 +1585,7 @@ def _fuzz_b64(rng):
     return text
 
 
-def _fuzz_mutate(rng, data):
+def _hard_fuzz_mutate(rng, data):
     data = bytearray(data)
     for _ in range(rng.randint(1, 3)):
         op = rng.randrange(6)
@@ -1596,7 +1593,7 @@ def _fuzz_mutate(rng, data):
         if op == 0 and data:
             data[min(i, len(data) - 1)] = rng.randrange(256)
         elif op == 1:
-            data[i:i] = rng.choice(_FUZZ_SPECIAL)
+            data[i:i] = rng.choice(_HARD_FUZZ_SPECIAL)
         elif op == 2 and data:
             del data[i:i + rng.randint(1, 8)]
         elif op == 3:
@@ -1609,24 +1606,24 @@ def _fuzz_mutate(rng, data):
     return bytes(data)
 
 
-def _fuzz_item(rng):
+def _hard_fuzz_item(rng):
     """One step of a dialogue: bytes to send in one write."""
     k = rng.random()
     eol = rng.choice([b"\r\n"] * 12 + [b"\n", b"\r", b"", b"\r\r\n", b"\n\r"])
     if k < 0.10:
         verb = rng.choice(["EHLO", "HELO", "ehlo", "Ehlo"])
-        line = ("%s %s" % (verb, rng.choice(_FUZZ_HOSTS))).encode()
+        line = ("%s %s" % (verb, rng.choice(_HARD_FUZZ_HOSTS))).encode()
     elif k < 0.28:
-        params = " ".join(rng.choice(_FUZZ_MAILP) for _ in range(rng.randint(0, 3)))
-        line = ("MAIL FROM:%s %s" % (rng.choice(_FUZZ_PATHS), params)).rstrip().encode()
+        params = " ".join(rng.choice(_HARD_FUZZ_MAILP) for _ in range(rng.randint(0, 3)))
+        line = ("MAIL FROM:%s %s" % (rng.choice(_HARD_FUZZ_PATHS), params)).rstrip().encode()
     elif k < 0.45:
-        params = " ".join(rng.choice(_FUZZ_RCPTP) for _ in range(rng.randint(0, 2)))
-        line = ("RCPT TO:%s %s" % (rng.choice(_FUZZ_PATHS), params)).rstrip().encode()
+        params = " ".join(rng.choice(_HARD_FUZZ_RCPTP) for _ in range(rng.randint(0, 2)))
+        line = ("RCPT TO:%s %s" % (rng.choice(_HARD_FUZZ_PATHS), params)).rstrip().encode()
     elif k < 0.55:
         body = _hard_message("FUZZ%d" % rng.randrange(10 ** 6),
                              body_lines=rng.randint(0, 30)).encode()
         if rng.random() < 0.4:
-            body = _fuzz_mutate(rng, body)
+            body = _hard_fuzz_mutate(rng, body)
         end = rng.choice([b".\r\n", b".\r\n", b".\r\n", b"\n.\n", b"\r.\r", b"", b".\n"])
         return b"DATA" + eol + body + end
     elif k < 0.63:
@@ -1640,10 +1637,10 @@ def _fuzz_item(rng):
     elif k < 0.70:
         mech = rng.choice([b"PLAIN", b"LOGIN", b"plain"])
         if rng.random() < 0.5:
-            return b"AUTH " + mech + b" " + _fuzz_b64(rng) + eol
-        return b"AUTH " + mech + eol + _fuzz_b64(rng) + b"\r\n" + _fuzz_b64(rng) + b"\r\n"
+            return b"AUTH " + mech + b" " + _hard_fuzz_b64(rng) + eol
+        return b"AUTH " + mech + eol + _hard_fuzz_b64(rng) + b"\r\n" + _hard_fuzz_b64(rng) + b"\r\n"
     elif k < 0.85:
-        line = rng.choice(_FUZZ_SIMPLE).encode()
+        line = rng.choice(_HARD_FUZZ_SIMPLE).encode()
     elif k < 0.92:
         line = bytes(bytearray(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
     elif k < 0.96:
@@ -1652,12 +1649,12 @@ def _fuzz_item(rng):
     else:
         line = rng.choice([b"QUIT", b"RSET", b"NOOP"])
     if rng.random() < 0.25:
-        line = _fuzz_mutate(rng, line)
+        line = _hard_fuzz_mutate(rng, line)
     return line + eol
 
 
 #: Replies after which the server may end a session by itself.
-_FUZZ_CLOSING = re.compile(r"^(421 |221 |501 5\.5\.2 Syntax error in parameters|"
+_HARD_FUZZ_CLOSING = re.compile(r"^(421 |221 |501 5\.5\.2 Syntax error in parameters|"
                            r"550 5\.5\.2 Hi .*One too many|550 5\.7\.1 HELLO .*PIPELINED|"
                            r"220 Ready to start TLS|450 )")
 
@@ -1691,7 +1688,7 @@ class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
                     problems.append("%s; dialogue %r" % (problem, [i[:120] for i in items]))
 
         def one_session(rng):
-            items = [_fuzz_item(rng) for _ in range(rng.randint(1, 12))]
+            items = [_hard_fuzz_item(rng) for _ in range(rng.randint(1, 12))]
             mode = rng.random()
             if mode < 0.04:
                 # Whether the server sees bytes that arrive a moment after
@@ -1749,7 +1746,7 @@ class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
                     elif not shut and not c.reset:
                         lines = [l for l in c.received if l[3:4] == " "]
                         final = lines[-1] if lines else ""
-                        if not _FUZZ_CLOSING.match(final):
+                        if not _HARD_FUZZ_CLOSING.match(final):
                             note("session ended by the server after %r" % final, items)
                         with lock:
                             key = "closed after %s" % final[:3]
