@@ -940,6 +940,55 @@ class TestDaemonLifecycle(ServerTestCase):
         self.assertIn(b"cannot listen", err)
 
 
+class TestDaemonHousekeeping(ServerTestCase):
+
+    def test_unfinished_spool_files_of_dead_sessions_are_removed_at_start(self):
+        port = free_port()
+        layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port] + BASIC_CONF)
+        public = os.path.join(layout.postoffice, "public")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        host = socket.gethostname()[:19]
+        stale = os.path.join(public, "%s:%d" % (host, dead.pid))
+        alive = os.path.join(public, "%s:%d.7" % (host, os.getpid()))
+        other = os.path.join(public, "otherhost:%d" % dead.pid)
+        for path in (stale, alive, other):
+            with open(path, "w") as f:
+                f.write("external\n")
+        self.start_daemon(layout, port)
+        self.assertFalse(os.path.exists(stale))
+        self.assertTrue(os.path.exists(alive))
+        self.assertTrue(os.path.exists(other))
+
+    def test_a_probe_that_connects_and_closes_is_not_an_early_talker(self):
+        port = free_port()
+        layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port] + BASIC_CONF)
+        self.start_daemon(layout, port)
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", port)).close()
+        time.sleep(0.3)
+        with open(layout.log) as f:
+            self.assertNotIn("PIPELINED INPUT", f.read())
+
+    def test_greet_pause_refuses_a_client_that_talks_first(self):
+        port = free_port()
+        layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port,
+                                   "PARAM greet-pause 1"] + BASIC_CONF)
+        self.start_daemon(layout, port)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        time.sleep(0.2)
+        s.sendall(b"EHLO early.example\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        self.assertIn(b"550 5.7.1", data)
+        self.assertNotIn(b"250", data)
+
+
 class TestDemo(unittest.TestCase):
 
     def test_demo_layout_serves_submission_with_auth(self):

@@ -446,6 +446,7 @@ _PARAMS = [
     (("max-line-length",), "G", "int", "max_line_length", 512),
     (("max-header-size",), "G", "int", "max_header_size", 1024),
     (("shutdown-grace",), "G", "float", "shutdown_grace", None),
+    (("greet-pause",), "G", "float", "greet_pause", None),
 ]
 
 PARAM_TABLE = {}
@@ -508,7 +509,7 @@ GLOBAL_DEFAULTS = dict(
     enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
     help=(), session_model="thread", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
-    shutdown_grace=30.0)
+    shutdown_grace=30.0, greet_pause=0.0)
 
 
 def _c_int(text, keep):
@@ -1799,6 +1800,10 @@ class Supervisor(object):
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        # Forked sessions report failed AUTHs here (auth-failrate).
+        self.fail_r, self.fail_w = os.pipe()
+        os.set_blocking(self.fail_r, False)
+        self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
         self.listener_class = make_listener_class(config.session_model)
 
     # -- listeners -------------------------------------------------------------
@@ -1902,6 +1907,8 @@ class Supervisor(object):
             l.socket.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.fail_r)
+        self.runtime.auth_failures.report_fd = self.fail_w
 
     def reap_children(self):
         while True:
@@ -1945,6 +1952,12 @@ class Supervisor(object):
                     try:
                         while os.read(self.wake_r, 512):
                             pass
+                    except OSError:
+                        pass
+                    continue
+                if key.data == "auth-failures":
+                    try:
+                        self.runtime.auth_failures.absorb(os.read(self.fail_r, 65536))
                     except OSError:
                         pass
                     continue
@@ -2015,9 +2028,10 @@ class Channel(object):
     # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(data),
     # _input_ready() -> bool (without blocking)
 
-    def pending(self):
-        """Is client input already waiting (pipelined)?"""
-        return bool(self.buf) or self._input_ready()
+    def pending(self, wait=0):
+        """Is client input waiting (pipelined), or does it arrive within
+        ``wait`` seconds?"""
+        return bool(self.buf) or self._input_ready(wait)
 
     def fill(self, deadline):
         data = self._recv(deadline)
@@ -2107,15 +2121,23 @@ class SocketChannel(Channel):
         except (OSError, socket.error, ssl.SSLError):
             raise ClientGone()
 
-    def _input_ready(self):
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
+    def _input_ready(self, wait=0):
+        if isinstance(self.sock, ssl.SSLSocket):
+            if self.sock.pending():
+                return True
         import select
         try:
-            r, _, _ = select.select([self.sock], [], [], 0)
+            r, _, _ = select.select([self.sock], [], [], wait)
         except (OSError, ValueError):
             return False
-        return bool(r)
+        if not r or isinstance(self.sock, ssl.SSLSocket):
+            return bool(r)
+        try:
+            # Readable may only mean "closed": a probe that connects and
+            # leaves is not a client talking before the greeting.
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (OSError, socket.error):
+            return False
 
 
 class StdioChannel(Channel):
@@ -2146,10 +2168,10 @@ class StdioChannel(Channel):
         except OSError:
             raise ClientGone()
 
-    def _input_ready(self):
+    def _input_ready(self, wait=0):
         import select
         try:
-            r, _, _ = select.select([self.rfd], [], [], 0)
+            r, _, _ = select.select([self.rfd], [], [], wait)
         except (OSError, ValueError):
             return False
         return bool(r)
@@ -2508,7 +2530,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
             return
-        early = self.channel.pending()
+        early = self.channel.pending(self.cfg.greet_pause)
         self.send_lines(self.greeting())
         if early:
             # Talking before the greeting: a bot that does not wait.
@@ -3624,6 +3646,7 @@ class AuthFailureTracker(object):
     def __init__(self):
         self.lock = threading.Lock()
         self.failures = {}
+        self.report_fd = None   # in a forked session: the pipe to the master
 
     def _recent(self, client, now):
         times = [t for t in self.failures.get(client, ()) if now - t < self.WINDOW]
@@ -3633,11 +3656,28 @@ class AuthFailureTracker(object):
             self.failures.pop(client, None)
         return times
 
-    def record(self, client):
-        now = time.time()
+    def record(self, client, when=None):
+        now = time.time() if when is None else when
         with self.lock:
             self._recent(client, now)
             self.failures.setdefault(client, []).append(now)
+        if self.report_fd is not None:
+            # A forked session tells the master, so the next session (forked
+            # from the master) starts with the count.  One short write to a
+            # pipe is atomic.
+            try:
+                os.write(self.report_fd, ("%s %f\n" % (client, now)).encode("ascii", "replace"))
+            except OSError:
+                pass
+
+    def absorb(self, data):
+        """The master's side: lines ``<client> <time>`` from sessions."""
+        for line in data.decode("ascii", "replace").splitlines():
+            client, _, when = line.rpartition(" ")
+            try:
+                self.record(client, float(when))
+            except ValueError:
+                continue
 
     def over_limit(self, client, limit):
         with self.lock:
@@ -3842,6 +3882,29 @@ class SpoolWriter(object):
                 raise
             return SpoolFile(self, path, fd)
         raise OSError(errno.EEXIST, "no free spool file name")
+
+    def remove_stale(self):
+        """At start-up: files we left in public/ when a session was killed
+        (kill -9, power loss) are never acknowledged mail; remove those of
+        our host whose process is gone.  Returns how many."""
+        removed = 0
+        prefix = self.host + ":"
+        try:
+            names = os.listdir(self.public)
+        except OSError:
+            return 0
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            m = re.match(r"(\d+)", name[len(prefix):])
+            if not m or process_alive(int(m.group(1))):
+                continue
+            try:
+                os.unlink(os.path.join(self.public, name))
+                removed += 1
+            except OSError:
+                pass
+        return removed
 
     def target_dir(self, priority):
         """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
@@ -4503,6 +4566,10 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
         sys.stderr.write("%s: no listener could be opened; not starting\n" % PROGRAM)
         return 2
     supervisor.install_listeners(listeners)
+    stale = runtime.spool.remove_stale()
+    if stale:
+        log.note("removed %d unfinished spool file(s) of dead sessions from %s"
+                 % (stale, runtime.spool.public))
     ready = []
     if not foreground:
         detach(ready)

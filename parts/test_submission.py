@@ -1625,7 +1625,6 @@ class SubmissionAuthFailrateTest(unittest.TestCase):
                   "PARAM smtp-auth-pipe {dir}/bin/auth\nPARAM auth-failrate 3\n" + extra)
         return srv
 
-    @unittest.expectedFailure  # known gap: fork children do not share the counter (README)
     def test_failures_count_across_connections_in_fork_session_model(self):
         srv = self.server("PARAM session-model fork\n")
         for _ in range(3):
