@@ -422,9 +422,10 @@ class TestShippedConfigsLoad(unittest.TestCase):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def test_the_zmailer_prototype_config_loads_and_checks(self):
-        zconf = os.path.join(REFERENCE, "configs", "site-hrr-srs-zmailer.conf")
+        layout = Layout()  # MAILVAR with db/smtp-policy.dat, as the proto expects
+        self.addCleanup(layout.cleanup)
         self.assertEqual(self.check(os.path.join(REFERENCE, "configs",
-                                                 "proto-smtpserver.conf.in"), zconf), 0)
+                                                 "proto-smtpserver.conf.in"), layout.zconf), 0)
 
     def test_the_sites_config_parses_without_bad_keywords(self):
         z = zmsmtpd.ZEnv.load(os.path.join(REFERENCE, "configs", "site-hrr-srs-zmailer.conf"))
@@ -453,6 +454,18 @@ class TestShippedConfigsLoad(unittest.TestCase):
         layout = Layout()
         self.addCleanup(layout.cleanup)
         self.assertEqual(self.check(os.path.join(layout.dir, "missing.conf"), layout.zconf), 2)
+
+    def test_check_fails_when_the_policy_text_is_missing_or_broken(self):
+        layout = Layout(BASIC_CONF)
+        self.addCleanup(layout.cleanup)
+        layout.write_policy("[127.0.0.0]/8 bogusattr +\n")
+        p = subprocess.Popen([PYTHON, SERVER, "--check", "-C", layout.conf, "-Z", layout.zconf],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = p.communicate()
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(b"smtp-policy.dat:1: unknown attribute", err)
+        os.unlink(os.path.join(layout.dir, "db", "smtp-policy.dat"))
+        self.assertEqual(self.check(layout.conf, layout.zconf), 2)
 
     def test_check_prints_effective_settings_and_unimplemented_params(self):
         layout = Layout(BASIC_CONF + ["PARAM perl-hook /x", "PARAM maxsize 1234"])

@@ -4328,6 +4328,18 @@ def describe_config(config, runtime_postoffice):
     return "\n".join(out)
 
 
+def check_policies(config):
+    """--check: every group's policy text must load (what a connection
+    would otherwise meet as ``400 4.7.0 Policy database problem``)."""
+    problems = []
+    for spec in sorted(set(g.policydb for g in config.groups if g.policydb)):
+        try:
+            PolicyTable.load(spec[1] + ".dat")
+        except (PolicyError, IOError, OSError) as e:
+            problems.append(str(e))
+    return problems
+
+
 def pidfile_path(options, postoffice):
     name = options.get("pidfile") or ".pid.smtpserver"
     return name if os.path.isabs(name) else os.path.join(postoffice, name)
@@ -4545,7 +4557,10 @@ def main(argv=None):
         log.note("PARAM %s is parsed but not implemented: %s" % (name, UNIMPLEMENTED_PARAMS[name]))
     if options.get("check"):
         print(describe_config(config, runtime.postoffice))
-        return 0
+        broken = check_policies(config)
+        for problem in broken:
+            sys.stderr.write("%s: policy error: %s\n" % (PROGRAM, problem))
+        return 2 if broken else 0
     if options.get("interactive") or options.get("inetd"):
         return run_interactive(runtime, config, inetd=bool(options.get("inetd"))
                                and not options.get("interactive"))
