@@ -32,13 +32,7 @@ REFERENCE = os.path.join(os.path.dirname(HERE), "shared", "reference")
 PYTHON = sys.executable
 
 
-def free_port(host="127.0.0.1"):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from parts.harness import free_port  # noqa: E402
 
 
 class Layout(object):

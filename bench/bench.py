@@ -810,7 +810,7 @@ def main():
     }
     scens = [all_scen[k.strip()] for k in a.scenarios.split(",") if k.strip()]
 
-    work = tempfile.mkdtemp(prefix="zmbench-", dir=a.workdir)
+    work = os.path.abspath(tempfile.mkdtemp(prefix="zmbench-", dir=a.workdir))
     rawdir = os.path.join(work, "raw")
     os.makedirs(rawdir)
     for p in peers:

@@ -30,6 +30,11 @@ import threading
 import time
 import unittest
 
+try:
+    from parts.harness import free_port, process_alive, which  # noqa: F401
+except ImportError:  # run from inside parts/
+    from harness import free_port, process_alive, which  # noqa: F401
+
 _HARD_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HARD_SERVER = os.path.join(_HARD_REPO, "zmsmtpd.py")
 _HARD_PY36 = "/root/.pyenv/versions/3.6.15/bin/python"
@@ -53,12 +58,7 @@ def _hard_free_port(addr="127.0.0.1"):
         s.close()
 
 
-def _hard_which(name):
-    for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) + ["/usr/bin", "/bin"]:
-        p = os.path.join(d, name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
+_hard_which = which
 
 
 # -- a self-signed certificate, made once per module run ----------------------

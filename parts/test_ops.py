@@ -26,6 +26,11 @@ import tempfile
 import time
 import unittest
 
+try:
+    from parts.harness import free_port, process_alive, which  # noqa: F401
+except ImportError:  # run from inside parts/
+    from harness import free_port, process_alive, which  # noqa: F401
+
 _OPS_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_SCRIPT = os.path.join(_OPS_REPO, "zmailer.sh")
 _OPS_BUILDER = os.path.join(_OPS_REPO, "contrib", "policy-builder.sh")
@@ -33,12 +38,7 @@ _OPS_SERVER = os.path.join(_OPS_REPO, "zmsmtpd.py")
 _OPS_POLICY_SRC = "/work/shared/reference/configs/smtp-policy.src"
 
 
-def _ops_which(name):
-    for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) + ["/usr/bin", "/bin"]:
-        p = os.path.join(d, name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
+_ops_which = which
 
 
 _OPS_SHELLS = [s for s in ("dash", "bash") if _ops_which(s)]
@@ -67,21 +67,7 @@ def _ops_free_port(addrs=("127.0.0.1",)):
     raise RuntimeError("no common free port on %r" % (addrs,))
 
 
-def _ops_alive(pid):
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            return False
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split(":", 1)[1].split()[0]
-    except (IOError, OSError):
-        pass
-    return True
+_ops_alive = process_alive
 
 
 def _ops_wait_gone(pid, timeout=10.0):
@@ -127,6 +113,7 @@ def _ops_read_pid(path):
 # "single"> exits 1 instead of starting; STUB_IGNORE_TERM=1 ignores SIGTERM.
 _OPS_STUB = r'''
 import getopt, json, os, signal, sys, time
+
 opts, rest = getopt.getopt(sys.argv[1:], "46aBghintvVwC:d:I:l:L:M:P:p:R:s:S:T:Z:x:")
 o = dict(opts)
 zenv = {}

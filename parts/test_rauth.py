@@ -35,6 +35,11 @@ import threading
 import time
 import unittest
 
+try:
+    from parts.harness import free_port, process_alive, which  # noqa: F401
+except ImportError:  # run from inside parts/
+    from harness import free_port, process_alive, which  # noqa: F401
+
 
 def _rauth_find_repo():
     here = os.path.dirname(os.path.abspath(__file__))
@@ -73,13 +78,7 @@ def _rauth_which(name):
     return None
 
 
-def _rauth_free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+_rauth_free_port = free_port
 
 
 def _rauth_free_ports(n):

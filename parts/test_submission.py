@@ -39,6 +39,11 @@ import tempfile
 import time
 import unittest
 
+try:
+    from parts.harness import free_port, process_alive, which  # noqa: F401
+except ImportError:  # run from inside parts/
+    from harness import free_port, process_alive, which  # noqa: F401
+
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
 _SUB_SWAKS = "/usr/bin/swaks"
@@ -105,30 +110,10 @@ def _sub_plain(user, password, authzid=""):
     return _sub_b64("%s\0%s\0%s" % (authzid, user, password))
 
 
-def _sub_free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+_sub_free_port = free_port
 
 
-def _sub_alive(pid):
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            return False
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split(":", 1)[1].split()[0]
-    except (IOError, OSError):
-        return False
-    return True
+_sub_alive = process_alive
 
 
 def _sub_kill_quietly(pid):
