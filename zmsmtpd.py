@@ -2091,17 +2091,48 @@ class Channel(object):
 
 
 class SocketChannel(Channel):
-    """A TCP (or TLS-wrapped) connection."""
+    """A TCP (or TLS-wrapped) connection.
+
+    A plain socket stays in blocking mode with the kernel's SO_RCVTIMEO and
+    SO_SNDTIMEO doing the timing: Python's own socket timeouts cost a
+    poll() and an ioctl() around every read and write, and each of those
+    system calls is one more hand-over of the GIL between sessions.  The
+    receive timeout is only reset when the deadline moved by over a
+    second.  TLS sockets use Python's timeouts (the ssl module needs them
+    to give its handshake one deadline)."""
 
     def __init__(self, sock, write_timeout=300.0):
         Channel.__init__(self)
         self.sock = sock
         self.write_timeout = write_timeout
+        self.rcvtimeo = None
+        sock.settimeout(None)
+        self._set_kernel_timeout(socket.SO_SNDTIMEO, write_timeout)
+
+    def _set_kernel_timeout(self, option, seconds):
+        import struct
+        whole = int(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, option,
+                             struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
     def _recv(self, deadline):
-        remaining = deadline - time.time()
-        if remaining <= 0:
-            raise SessionTimeout()
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise SessionTimeout()
+            if isinstance(self.sock, ssl.SSLSocket):
+                return self._recv_tls(remaining)
+            if self.rcvtimeo is None or abs(remaining - self.rcvtimeo) > 1.0:
+                self._set_kernel_timeout(socket.SO_RCVTIMEO, remaining)
+                self.rcvtimeo = remaining
+            try:
+                return self.sock.recv(self.RECV_SIZE)
+            except (BlockingIOError, socket.timeout):
+                continue  # SO_RCVTIMEO expired: the loop checks the deadline
+            except (OSError, socket.error):
+                raise ClientGone()
+
+    def _recv_tls(self, remaining):
         self.sock.settimeout(remaining)
         try:
             return self.sock.recv(self.RECV_SIZE)
@@ -2115,7 +2146,8 @@ class SocketChannel(Channel):
             raise ClientGone()
 
     def _send(self, data):
-        self.sock.settimeout(self.write_timeout)
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(self.write_timeout)
         try:
             self.sock.sendall(data)
         except (OSError, socket.error, ssl.SSLError):
@@ -3812,6 +3844,7 @@ class DirectorySync(object):
 
     def __init__(self, path):
         self.path = path
+        self.fd = None          # kept open: one open() per process, not per message
         self.cond = threading.Condition()
         self.next_ticket = 0
         self.synced_below = 0
@@ -3829,11 +3862,9 @@ class DirectorySync(object):
                 covers = self.next_ticket
                 self.cond.release()
                 try:
-                    fd = os.open(self.path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    if self.fd is None:
+                        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    os.fsync(self.fd)
                 finally:
                     self.cond.acquire()
                     self.running = False
@@ -3857,13 +3888,22 @@ class SpoolWriter(object):
         self.counter = 0
         self.lock = threading.Lock()
         self.dirsync = {}
+        self._free = None
 
     def free_kb(self):
+        """Free space in public/.  While there is plenty (over 1 GiB) it is
+        measured at most once a second; near the reserve, every time."""
+        now = time.time()
+        cached = self._free
+        if cached is not None and now - cached[0] < 1.0 and cached[1] > 1048576:
+            return cached[1]
         try:
             st = os.statvfs(self.public)
         except OSError:
             return None
-        return st.f_bavail * st.f_frsize // 1024
+        free = st.f_bavail * st.f_frsize // 1024
+        self._free = (now, free)
+        return free
 
     def create(self):
         pid = os.getpid()
