@@ -763,10 +763,14 @@ class TestSmugglingAndLineLimits(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestDaemonSessions(ServerTestCase):
+    """The default session model: a thread per session."""
+
+    EXTRA = []
 
     def setUp(self):
         self.port = free_port()
-        self.layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % self.port] + BASIC_CONF)
+        self.layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % self.port]
+                                       + self.EXTRA + BASIC_CONF)
         self.daemon = self.start_daemon(self.layout, self.port)
 
     def test_smtplib_message_is_spooled_with_network_envelope(self):
@@ -819,6 +823,47 @@ class TestDaemonSessions(ServerTestCase):
         self.assertEqual(code, 550)
         self.assertIn(b"not allowed to relay", msg)
         self.assertEqual(s.rcpt("b@localhost")[0], 250)
+        s.quit()
+
+
+class TestDaemonSessionsInForkedProcesses(TestDaemonSessions):
+    """PARAM session-model fork: a process per session, as the original."""
+
+    EXTRA = ["PARAM session-model fork"]
+
+
+class TestDaemonSessionsInWorkerProcesses(TestDaemonSessions):
+    """PARAM session-model workers: the master hands connections to workers."""
+
+    EXTRA = ["PARAM session-model workers", "PARAM session-workers 2"]
+
+    def test_sessions_are_spread_over_the_worker_processes(self):
+        clients = [smtplib.SMTP("127.0.0.1", self.port, timeout=10) for _ in range(4)]
+        for c in clients:
+            c.ehlo("client.example")
+        children = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                            "-o", "pid="]).split()
+        self.assertEqual(len(children), 2)
+        for c in clients:
+            c.sendmail("a@example.org", ["b@localhost"], "Subject: w\r\n\r\nx\r\n")
+            c.quit()
+        self.assertEqual(len(self.layout.router_files()), 4)
+
+    def test_a_killed_worker_is_replaced(self):
+        pids = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                        "-o", "pid="]).split()
+        os.kill(int(pids[0]), signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            now = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                           "-o", "pid=,stat="]).decode().split("\n")
+            live = [l.split()[0] for l in now if l.strip() and "Z" not in l.split()[1]]
+            if len(live) == 2 and pids[0].decode() not in live:
+                break
+            time.sleep(0.1)
+        self.assertEqual(len(live), 2)
+        s = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        self.assertEqual(s.ehlo()[0], 250)
         s.quit()
 
 
@@ -949,23 +994,59 @@ class TestDaemonLifecycle(ServerTestCase):
 
 class TestDaemonHousekeeping(ServerTestCase):
 
-    def test_unfinished_spool_files_of_dead_sessions_are_removed_at_start(self):
+    def test_spool_files_of_dead_sessions_are_recovered_or_removed_at_start(self):
         port = free_port()
         layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port] + BASIC_CONF)
         public = os.path.join(layout.postoffice, "public")
         dead = subprocess.Popen(["true"])
         dead.wait()
         host = socket.gethostname()[:19]
-        stale = os.path.join(public, "%s:%d" % (host, dead.pid))
+        finished = os.path.join(public, "%s:%d" % (host, dead.pid))
+        unfinished = os.path.join(public, "%s:%d.3" % (host, dead.pid))
         alive = os.path.join(public, "%s:%d.7" % (host, os.getpid()))
         other = os.path.join(public, "otherhost:%d" % dead.pid)
-        for path in (stale, alive, other):
+        for path, mode in ((finished, 0o600), (unfinished, 0o200), (alive, 0o200),
+                           (other, 0o600)):
             with open(path, "w") as f:
-                f.write("external\n")
+                f.write("with SMTP\nfrom <a@b.example>\nto <c@localhost>\nenv-end\nhi\n")
+            os.chmod(path, mode)
+        inode = os.stat(finished).st_ino
         self.start_daemon(layout, port)
-        self.assertFalse(os.path.exists(stale))
+        # complete and fsynced (mode 0600): the lost rename is redone
+        self.assertEqual(layout.router_files(), [str(inode)])
+        self.assertFalse(os.path.exists(unfinished))
         self.assertTrue(os.path.exists(alive))
         self.assertTrue(os.path.exists(other))
+
+    def test_spool_dir_fsync_keeps_the_directory_open_for_group_commits(self):
+        w = zmsmtpd.SpoolWriter(tempfile.mkdtemp(), zmsmtpd.ZEnv(), "testhost")
+        self.addCleanup(shutil.rmtree, w.postoffice)
+        for sub in ("public", "router"):
+            os.mkdir(os.path.join(w.postoffice, sub))
+        w.dir_fsync = True
+        for _ in range(2):
+            f = w.create()
+            f.write(b"env-end\n")
+            f.commit()
+        syncer = w.dirsync[os.path.join(w.postoffice, "router")]
+        self.assertIsNotNone(syncer.fd)
+        self.assertEqual(syncer.synced_below, 2)
+
+    def test_spool_file_is_unfinished_until_committed(self):
+        w = zmsmtpd.SpoolWriter(tempfile.mkdtemp(), zmsmtpd.ZEnv(), "testhost")
+        self.addCleanup(shutil.rmtree, w.postoffice)
+        for sub in ("public", "router"):
+            os.mkdir(os.path.join(w.postoffice, sub))
+        f = w.create()
+        f.write(b"with SMTP\nenv-end\n")
+        self.assertEqual(os.stat(f.path).st_mode & 0o777, 0o200)
+        sid, size = f.commit()
+        router = os.path.join(w.postoffice, "router")
+        (name,) = os.listdir(router)
+        self.assertTrue(sid.startswith("S%s" % name))
+        self.assertEqual(os.stat(os.path.join(router, name)).st_mode & 0o777, 0o600)
+        self.assertEqual(size, len(b"with SMTP\nenv-end\n"))
+        self.assertEqual(os.listdir(os.path.join(w.postoffice, "public")), [])
 
     def test_a_probe_that_connects_and_closes_is_not_an_early_talker(self):
         port = free_port()

@@ -447,6 +447,8 @@ _PARAMS = [
     (("max-header-size",), "G", "int", "max_header_size", 1024),
     (("shutdown-grace",), "G", "float", "shutdown_grace", None),
     (("greet-pause",), "G", "float", "greet_pause", None),
+    (("session-workers",), "G", "int", "session_workers", 1),
+    (("spool-dir-fsync",), "G", "on", "spool_dir_fsync", None),
 ]
 
 PARAM_TABLE = {}
@@ -509,7 +511,7 @@ GLOBAL_DEFAULTS = dict(
     enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
     help=(), session_model="thread", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
-    shutdown_grace=30.0, greet_pause=0.0)
+    shutdown_grace=30.0, greet_pause=0.0, session_workers=0, spool_dir_fsync=False)
 
 
 def _c_int(text, keep):
@@ -957,6 +959,9 @@ def validate_config(config, daemon=True):
     """Problems that make a configuration unusable (D10).  Listener
     settings only matter to the daemon, not to -i and -n sessions."""
     problems = []
+    if config.session_model not in SESSION_MIXINS:
+        problems.append("PARAM session-model must be thread, fork or workers, not %r"
+                        % config.session_model)
     if not config.configured:
         problems.append("%s has no HELO/EHLO pattern line (e.g. '*  ftveR'); the "
                         "server would answer every command with 400" % config.path)
@@ -1773,9 +1778,255 @@ class ListenerServer(socketserver.TCPServer):
             client_address[0], traceback.format_exc().replace("\n", " | ")))
 
 
+class WorkerDispatchMixIn(object):
+    """``session-model workers``: the master accepts, applies the limits,
+    and hands the connection (its descriptor, over a UNIX socket) to the
+    least busy of a few worker processes, each running a thread per
+    session.  Several processes use several CPUs, and fewer threads per
+    interpreter fight less over its lock; the master still sees every
+    connection, so the limits stay exact."""
+
+    model = "workers"
+
+    def process_request(self, request, client_address):
+        key = self.supervisor.pool.dispatch(self, request, client_address)
+        if key is not None:
+            self.supervisor.session_started(self, client_address, key)
+        self.close_request(request)
+
+
+SESSION_MIXINS = {"thread": ThreadPerSessionMixIn, "fork": ForkPerSessionMixIn,
+                  "workers": WorkerDispatchMixIn}
+
+
 def make_listener_class(model):
-    mixin = ForkPerSessionMixIn if model == "fork" else ThreadPerSessionMixIn
+    mixin = SESSION_MIXINS.get(model, ThreadPerSessionMixIn)
     return type("%sListenerServer" % model.capitalize(), (mixin, ListenerServer), {})
+
+
+class WorkerPool(object):
+    """The worker processes of ``session-model workers``.
+
+    Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
+    connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
+    seen by another worker), ``Q`` (finish the running sessions and exit).
+    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``.  A
+    worker that dies is replaced; its sessions are counted as ended."""
+
+    def __init__(self, supervisor, count):
+        self.supervisor = supervisor
+        self.count = max(1, count)
+        self.workers = {}      # pid -> WorkerEntry
+        self.seq = 0
+
+    def start(self):
+        for index in range(self.count):
+            self.spawn(index)
+
+    def spawn(self, index):
+        import array
+        sup = self.supervisor
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            for other in self.workers.values():
+                other.channel.close()
+            status = 0
+            try:
+                WorkerProcess(sup, index, child).run()
+            except Exception:
+                status = 1
+            os._exit(status)
+        child.close()
+        parent.setblocking(False)
+        self.workers[pid] = WorkerEntry(parent, index)
+        sup.selector.register(parent, selectors.EVENT_READ, ("worker", pid))
+        self._array = array
+
+    def dispatch(self, listener, request, client_address):
+        """Send a connection to the least busy worker; its session key."""
+        ready = [p for p, e in self.workers.items() if not e.retired]
+        if not ready:
+            return None
+        pid = min(ready, key=lambda p: self.workers[p].active)
+        entry = self.workers[pid]
+        self.seq += 1
+        index = self.supervisor.listeners.index(listener)
+        payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
+                                      client_address[1])).encode("ascii")
+        fds = self._array.array("i", [request.fileno()])
+        try:
+            entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               fds.tobytes())])
+        except (OSError, socket.error) as e:
+            self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
+            return None
+        entry.active += 1
+        return (pid, self.seq)
+
+    def readable(self, pid):
+        """Messages from worker ``pid``; EOF means it is gone."""
+        entry = self.workers.get(pid)
+        if entry is None:
+            return
+        while True:
+            try:
+                msg = entry.channel.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, socket.error):
+                msg = b""
+            if not msg:
+                self.lost(pid)
+                return
+            kind, _, rest = msg.partition(b" ")
+            if kind == b"E":
+                entry.active -= 1
+                self.supervisor.session_ended(None, None, (pid, int(rest)))
+            elif kind == b"F":
+                self.supervisor.runtime.auth_failures.absorb(rest)
+                self.broadcast(msg, but=pid)
+
+    def broadcast(self, msg, but=None):
+        for pid, entry in list(self.workers.items()):
+            if pid != but:
+                try:
+                    entry.channel.send(msg)
+                except (OSError, socket.error):
+                    pass
+
+    def lost(self, pid):
+        entry = self.workers.pop(pid)
+        sup = self.supervisor
+        try:
+            sup.selector.unregister(entry.channel)
+        except (KeyError, ValueError):
+            pass
+        entry.channel.close()
+        with sup.lock:
+            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
+        for key in gone:
+            sup.session_ended(None, None, key)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except OSError:
+            pass
+        if not sup.stopping and not entry.retired:
+            sup.log.note("worker %d ended; starting another" % pid)
+            self.spawn(entry.index)
+
+    def retire(self):
+        """Ask every worker to finish its sessions and exit (no respawn)."""
+        for entry in self.workers.values():
+            entry.retired = True
+        self.broadcast(b"Q")
+
+    def restart(self):
+        """After a reload: the old workers finish, new ones take over."""
+        self.retire()
+        self.start()
+
+    def wait(self, deadline):
+        """Until the workers are gone or the deadline; then SIGKILL."""
+        while self.workers and time.time() < deadline:
+            events = self.supervisor.selector.select(timeout=0.1)
+            for key, _ in events:
+                if isinstance(key.data, tuple):
+                    self.readable(key.data[1])
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.lost(pid)
+
+
+class WorkerEntry(object):
+    """The master's view of one worker."""
+
+    def __init__(self, channel, index):
+        self.channel = channel
+        self.index = index
+        self.active = 0
+        self.retired = False
+
+
+class WorkerProcess(object):
+    """One worker of ``session-model workers``: receives connections from
+    the master and serves each in a thread, with the listener's settings."""
+
+    def __init__(self, supervisor, index, channel):
+        self.sup = supervisor
+        self.index = index
+        self.channel = channel
+        self.threads = set()
+        self.lock = threading.Lock()
+
+    def run(self):
+        import array
+        sup = self.sup
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for l in sup.listeners:
+            l.socket.close()
+        for fd in (sup.wake_r, sup.wake_w, sup.fail_r, sup.fail_w):
+            os.close(fd)
+        sup.selector = None
+        sup.session_counter = (self.index + 1) << 13
+        channel = self.channel
+        sup.runtime.auth_failures.report = lambda data: channel.send(b"F " + data)
+        size = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+        while True:
+            try:
+                msg, ancdata, _, _ = channel.recvmsg(1024, size)
+            except InterruptedError:
+                continue
+            except (OSError, socket.error):
+                break
+            if not msg or msg == b"Q":
+                break
+            kind, _, rest = msg.partition(b" ")
+            if kind == b"F":
+                sup.runtime.auth_failures.absorb(rest)
+                continue
+            fds = array.array("i")
+            for level, ctype, data in ancdata:
+                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            if kind != b"S" or not fds:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            seq, index, ip, port = rest.decode("ascii").split(" ")
+            listener = sup.listeners[int(index)]
+            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, fileno=fds[0])
+            t = threading.Thread(target=self.serve, args=(listener, sock, (ip, int(port)), seq))
+            t.daemon = True
+            with self.lock:
+                self.threads.add(t)
+            t.start()
+        deadline = time.time() + sup.config.shutdown_grace
+        for t in list(self.threads):
+            t.join(max(0.0, deadline - time.time()))
+
+    def serve(self, listener, sock, client_address, seq):
+        try:
+            listener.finish_request(sock, client_address)
+        except Exception:
+            listener.handle_error(sock, client_address)
+        finally:
+            try:
+                listener.shutdown_request(sock)
+            finally:
+                with self.lock:
+                    self.threads.discard(threading.current_thread())
+                try:
+                    self.channel.send(("E %s" % seq).encode("ascii"))
+                except (OSError, socket.error):
+                    pass
 
 
 class Supervisor(object):
@@ -1805,6 +2056,9 @@ class Supervisor(object):
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
         self.listener_class = make_listener_class(config.session_model)
+        self.pool = None
+        if config.session_model == "workers":
+            self.pool = WorkerPool(self, config.session_workers or os.cpu_count() or 2)
 
     # -- listeners -------------------------------------------------------------
 
@@ -1908,7 +2162,8 @@ class Supervisor(object):
         os.close(self.wake_r)
         os.close(self.wake_w)
         os.close(self.fail_r)
-        self.runtime.auth_failures.report_fd = self.fail_w
+        fail_w = self.fail_w
+        self.runtime.auth_failures.report = lambda data: os.write(fail_w, data)
 
     def reap_children(self):
         while True:
@@ -1940,6 +2195,8 @@ class Supervisor(object):
         signal.signal(signal.SIGHUP, self.wake)
         if self.config.session_model == "fork":
             signal.signal(signal.SIGCHLD, self.wake)
+        if self.pool is not None:
+            self.pool.start()
         while not self.stopping:
             try:
                 events = self.selector.select(timeout=5.0)
@@ -1960,6 +2217,9 @@ class Supervisor(object):
                         self.runtime.auth_failures.absorb(os.read(self.fail_r, 65536))
                     except OSError:
                         pass
+                    continue
+                if isinstance(key.data, tuple):
+                    self.pool.readable(key.data[1])
                     continue
                 listener = key.data
                 # _handle_request_noblock: accept, verify_request,
@@ -1984,6 +2244,9 @@ class Supervisor(object):
             l.server_close()
         self.listeners = []
         deadline = time.time() + self.config.shutdown_grace
+        if self.pool is not None:
+            self.pool.retire()
+            self.pool.wait(deadline + 1.0)
         while time.time() < deadline:
             if self.config.session_model == "fork":
                 self.reap_children()
@@ -3678,7 +3941,7 @@ class AuthFailureTracker(object):
     def __init__(self):
         self.lock = threading.Lock()
         self.failures = {}
-        self.report_fd = None   # in a forked session: the pipe to the master
+        self.report = None      # in a forked session or worker: tells the master
 
     def _recent(self, client, now):
         times = [t for t in self.failures.get(client, ()) if now - t < self.WINDOW]
@@ -3688,17 +3951,16 @@ class AuthFailureTracker(object):
             self.failures.pop(client, None)
         return times
 
-    def record(self, client, when=None):
+    def record(self, client, when=None, relay=True):
         now = time.time() if when is None else when
         with self.lock:
             self._recent(client, now)
             self.failures.setdefault(client, []).append(now)
-        if self.report_fd is not None:
-            # A forked session tells the master, so the next session (forked
-            # from the master) starts with the count.  One short write to a
-            # pipe is atomic.
+        if relay and self.report is not None:
+            # A forked session or a worker tells the master, which keeps the
+            # count for the next fork and passes it on to the other workers.
             try:
-                os.write(self.report_fd, ("%s %f\n" % (client, now)).encode("ascii", "replace"))
+                self.report(("%s %f\n" % (client, now)).encode("ascii", "replace"))
             except OSError:
                 pass
 
@@ -3707,7 +3969,7 @@ class AuthFailureTracker(object):
         for line in data.decode("ascii", "replace").splitlines():
             client, _, when = line.rpartition(" ")
             try:
-                self.record(client, float(when))
+                self.record(client, float(when), relay=False)
             except ValueError:
                 continue
 
@@ -3878,6 +4140,9 @@ class SpoolWriter(object):
     commit fsync, rename to ``<dir>/[<hash letter>/]<inode>``, fsync that
     directory, and (ROUTERNOTIFY) a ``NEW <dir> <name>`` datagram."""
 
+    UNFINISHED = 0o200
+    FINISHED = 0o600
+
     def __init__(self, postoffice, zenv, hostname):
         self.postoffice = postoffice
         self.public = os.path.join(postoffice, "public")
@@ -3889,6 +4154,7 @@ class SpoolWriter(object):
         self.lock = threading.Lock()
         self.dirsync = {}
         self._free = None
+        self.dir_fsync = False  # PARAM spool-dir-fsync
 
     def free_kb(self):
         """Free space in public/.  While there is plenty (over 1 GiB) it is
@@ -3914,8 +4180,11 @@ class SpoolWriter(object):
             suffix = "" if first == 1 and attempt == 0 else ".%d" % (first + attempt * 1000003)
             path = os.path.join(self.public, "%s:%d%s" % (self.host, pid, suffix))
             try:
+                # Mode 0200 marks "unfinished"; commit makes it 0600 before
+                # the fsync, so after a crash the mode tells a complete file
+                # from a partial one (see recover_stale).
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0),
-                             0o600)
+                             self.UNFINISHED)
             except OSError as e:
                 if e.errno == errno.EEXIST:
                     continue
@@ -3923,28 +4192,52 @@ class SpoolWriter(object):
             return SpoolFile(self, path, fd)
         raise OSError(errno.EEXIST, "no free spool file name")
 
-    def remove_stale(self):
-        """At start-up: files we left in public/ when a session was killed
-        (kill -9, power loss) are never acknowledged mail; remove those of
-        our host whose process is gone.  Returns how many."""
-        removed = 0
+    def recover_stale(self):
+        """At start-up, for our host's files in public/ whose session
+        process is gone: a finished one (mode 0600: complete and fsynced,
+        perhaps acknowledged, its rename lost in a crash) is moved into the
+        router's directory as the commit would have; an unfinished one
+        (mode 0200: the session died mid-message) is removed.  Returns
+        (recovered, removed)."""
+        recovered = removed = 0
         prefix = self.host + ":"
         try:
             names = os.listdir(self.public)
         except OSError:
-            return 0
+            return 0, 0
         for name in names:
             if not name.startswith(prefix):
                 continue
             m = re.match(r"(\d+)", name[len(prefix):])
             if not m or process_alive(int(m.group(1))):
                 continue
+            path = os.path.join(self.public, name)
             try:
-                os.unlink(os.path.join(self.public, name))
-                removed += 1
+                st = os.stat(path)
+                if stat.S_IMODE(st.st_mode) == self.FINISHED and st.st_size:
+                    self.publish(path, st.st_ino)
+                    recovered += 1
+                else:
+                    os.unlink(path)
+                    removed += 1
             except OSError:
                 pass
-        return removed
+        return recovered, removed
+
+    def publish(self, path, inode, priority=0):
+        """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
+        tell the router; with ``spool-dir-fsync`` also fsync that directory
+        (group-committed).  Returns (directory name, file name)."""
+        dirname = self.target_dir(priority)
+        name = str(inode)
+        if self.hash:
+            name = "%s/%s" % (chr(ord("A") + inode % 26), name)
+        final = os.path.join(self.postoffice, dirname, name)
+        os.rename(path, final)
+        if self.dir_fsync:
+            self.directory_sync(os.path.dirname(final)).sync()
+        self.notify_router(dirname, name)
+        return dirname, name
 
     def target_dir(self, priority):
         """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
@@ -4008,26 +4301,20 @@ class SpoolFile(object):
             view = view[n:]
 
     def commit(self, priority=0):
-        """fsync, rename into the router's directory, fsync that directory.
-        Returns (spool id, size).  On error the file is removed and OSError
-        raised: nothing acknowledged is ever half there."""
+        """Mark finished (mode 0600), fsync, rename into the router's
+        directory.  Returns (spool id, size).  On error the file is removed
+        and OSError raised: nothing acknowledged is ever half there."""
         try:
             self._flush()
+            os.fchmod(self.fd, self.writer.FINISHED)
             os.fsync(self.fd)
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            dirname = self.writer.target_dir(priority)
-            name = str(st.st_ino)
-            if self.writer.hash:
-                name = "%s/%s" % (chr(ord("A") + st.st_ino % 26), name)
-            final = os.path.join(self.writer.postoffice, dirname, name)
-            os.rename(self.path, final)
+            self.writer.publish(self.path, st.st_ino, priority)
         except OSError:
             self.abort()
             raise
-        self.writer.directory_sync(os.path.dirname(final)).sync()
-        self.writer.notify_router(dirname, name)
         mtime_ns = getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9))
         return spool_id(st.st_ino, mtime_ns), st.st_size
 
@@ -4036,6 +4323,7 @@ class SpoolFile(object):
             try:
                 if keep_suffix:
                     self._flush()
+                    os.fchmod(self.fd, self.writer.FINISHED)
                     os.fsync(self.fd)
                 st = os.fstat(self.fd)
                 os.close(self.fd)
@@ -4183,6 +4471,7 @@ class Runtime(object):
             if g.policydb and g.policydb not in policies:
                 policies[g.policydb] = PolicySource(g.policydb, self.log)
         self.config = config
+        self.spool.dir_fsync = config.spool_dir_fsync
         self.tls = tls
         self.policies = policies
         self.local_names = frozenset(n.lower() for n in (self.hostname, socket.getfqdn(),
@@ -4293,6 +4582,8 @@ class Runtime(object):
                 sup.config = old
                 raise ConfigError("no listener could be opened")
             sup.install_listeners(listeners)
+            if sup.pool is not None:
+                sup.pool.restart()
             self.log.note("configuration reloaded from %s" % config.path)
         except ConfigError as e:
             self.log.note("reload failed, keeping the running configuration: %s" % e)
@@ -4621,10 +4912,11 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
         sys.stderr.write("%s: no listener could be opened; not starting\n" % PROGRAM)
         return 2
     supervisor.install_listeners(listeners)
-    stale = runtime.spool.remove_stale()
-    if stale:
-        log.note("removed %d unfinished spool file(s) of dead sessions from %s"
-                 % (stale, runtime.spool.public))
+    recovered, removed = runtime.spool.recover_stale()
+    if recovered or removed:
+        log.note("spool files of dead sessions in %s: %d finished ones moved to the "
+                 "router, %d unfinished ones removed" % (runtime.spool.public, recovered,
+                                                         removed))
     ready = []
     if not foreground:
         detach(ready)

@@ -1473,6 +1473,12 @@ class TestHardeningDurabilityForkModel(_HardDurability, unittest.TestCase):
     MODEL = "fork"
 
 
+class TestHardeningDurabilityWorkersModel(_HardDurability, unittest.TestCase):
+    """PARAM session-model workers."""
+
+    MODEL = "workers"
+
+
 class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
     """A full spool file system or a directory the server cannot write:
     452 4.3.1, nothing half-written, and recovery when it is fixed."""

@@ -1624,6 +1624,20 @@ class SubmissionAuthFailrateTest(unittest.TestCase):
         self.assertEqual(code, 454, lines)
         self.assertEqual(len(srv.calls()), 3)
 
+    def test_failures_count_across_workers_in_workers_session_model(self):
+        srv = self.server("PARAM session-model workers\nPARAM session-workers 2\n")
+        for _ in range(3):
+            w = srv.wire()
+            w.ehlo()
+            self.assertEqual(w.auth_plain(_SUB_USER, "wrong")[0], 535)
+            w.quit()
+        w = srv.wire()
+        self.addCleanup(w.quit)
+        w.ehlo()
+        code, lines = w.auth_plain()
+        self.assertEqual(code, 454, lines)
+        self.assertEqual(len(srv.calls()), 3)
+
     def test_after_three_failures_auth_gets_454_without_running_the_program(self):
         srv = self.server()
         w = srv.wire()
