@@ -1670,29 +1670,56 @@ def listener_specs(config, ipv6=True):
     return specs
 
 
+class SessionThreads(object):
+    """Threads that serve sessions, kept for the next one: starting a thread
+    per connection costs a handful of system calls and a stack mapping."""
+
+    def __init__(self):
+        import queue
+        self.jobs = queue.Queue()
+        self.lock = threading.Lock()
+        self.idle = 0
+        self.busy = 0
+
+    def submit(self, func, *args):
+        with self.lock:
+            self.busy += 1
+            if self.idle:
+                self.idle -= 1
+            else:
+                t = threading.Thread(target=self._loop, name="smtp-session")
+                t.daemon = True
+                t.start()
+        self.jobs.put((func, args))
+
+    def _loop(self):
+        while True:
+            func, args = self.jobs.get()
+            try:
+                func(*args)
+            finally:
+                with self.lock:
+                    self.busy -= 1
+                    self.idle += 1
+
+    def join(self, deadline):
+        """Wait (until ``deadline``) for the running sessions to end."""
+        while self.busy and time.time() < deadline:
+            time.sleep(0.05)
+
+
 class ThreadPerSessionMixIn(object):
-    """One thread per SMTP session.  Measured faster than forking for this
-    workload (see README, Performance); fsync and socket waits release the
-    GIL, so sessions overlap where the time really goes."""
+    """A thread per SMTP session, in one process: fsync and socket waits
+    release the GIL, so sessions overlap where the time really goes."""
 
     model = "thread"
 
     def process_request(self, request, client_address):
-        t = threading.Thread(target=self._session_thread,
-                             args=(request, client_address),
-                             name="smtp-%s" % client_address[0])
-        t.daemon = True
-        self.supervisor.session_started(self, client_address, t)
-        t.start()
-
-    def _session_thread(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            self.supervisor.session_ended(self, client_address, threading.current_thread())
+        key = object()
+        sup = self.supervisor
+        sup.session_started(self, client_address, key)
+        sup.threads.submit(self.serve_session, request, client_address,
+                           lambda: sup.session_ended(self, client_address, key))
 
 
 class ForkPerSessionMixIn(object):
@@ -1771,6 +1798,18 @@ class ListenerServer(socketserver.TCPServer):
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
         return self.supervisor.admit(self, request, ip)
+
+    def serve_session(self, request, client_address, ended):
+        """One session on an accepted connection, then ``ended()``."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            try:
+                self.shutdown_request(request)
+            finally:
+                ended()
 
     def handle_error(self, request, client_address):
         import traceback
@@ -1960,8 +1999,6 @@ class WorkerProcess(object):
         self.sup = supervisor
         self.index = index
         self.channel = channel
-        self.threads = set()
-        self.lock = threading.Lock()
 
     def run(self):
         import array
@@ -2003,30 +2040,15 @@ class WorkerProcess(object):
             seq, index, ip, port = rest.decode("ascii").split(" ")
             listener = sup.listeners[int(index)]
             sock = socket.socket(listener.address_family, socket.SOCK_STREAM, fileno=fds[0])
-            t = threading.Thread(target=self.serve, args=(listener, sock, (ip, int(port)), seq))
-            t.daemon = True
-            with self.lock:
-                self.threads.add(t)
-            t.start()
-        deadline = time.time() + sup.config.shutdown_grace
-        for t in list(self.threads):
-            t.join(max(0.0, deadline - time.time()))
+            sup.threads.submit(listener.serve_session, sock, (ip, int(port)),
+                               lambda seq=seq: self.ended(seq))
+        sup.threads.join(time.time() + sup.config.shutdown_grace)
 
-    def serve(self, listener, sock, client_address, seq):
+    def ended(self, seq):
         try:
-            listener.finish_request(sock, client_address)
-        except Exception:
-            listener.handle_error(sock, client_address)
-        finally:
-            try:
-                listener.shutdown_request(sock)
-            finally:
-                with self.lock:
-                    self.threads.discard(threading.current_thread())
-                try:
-                    self.channel.send(("E %s" % seq).encode("ascii"))
-                except (OSError, socket.error):
-                    pass
+            self.channel.send(("E %s" % seq).encode("ascii"))
+        except (OSError, socket.error):
+            pass
 
 
 class Supervisor(object):
@@ -2056,6 +2078,7 @@ class Supervisor(object):
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
         self.listener_class = make_listener_class(config.session_model)
+        self.threads = SessionThreads()
         self.pool = None
         if config.session_model == "workers":
             self.pool = WorkerPool(self, config.session_workers or os.cpu_count() or 2)
@@ -2603,6 +2626,11 @@ class HeaderRewriter(object):
         self.sink(b"\n".join(out) + b"\n" + tail + rest)
 
 
+#: A command line byte that is NUL, 8-bit or a control other than TAB.
+_ILLEGAL_INPUT = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]")
+_FIRST_WORD = re.compile(r"[^ \t]*")
+
+
 def mask_auth_line(line):
     """``AUTH PLAIN <credentials>`` is logged as ``AUTH PLAIN ***``: an
     initial response may hold a password (the original logged it)."""
@@ -2882,7 +2910,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if not strict:
             line_b = line_b.rstrip(b" \t")
         line = line_b.decode("utf-8", "surrogateescape")
-        verb = re.split(r"[ \t]", line, maxsplit=1)[0].upper()
+        word = _FIRST_WORD.match(line).group(0)
+        verb = word.upper()
         self.log.received(mask_auth_line(line) if verb == "AUTH" else line)
         if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
@@ -2907,20 +2936,21 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 and verb not in self.MSA_OPEN_VERBS):
             self.reply("msa_gate")
             return
-        args = line[len(re.split(r"[ \t]", line, maxsplit=1)[0]):]
+        args = line[len(word):]
         handler(line, args)
 
     @staticmethod
     def illegal_characters(line):
         """NUL, 8-bit, control characters (TAB allowed), a CR not before LF."""
-        for i, byte in enumerate(bytearray(line)):
-            if byte == 0:
-                return ("illegal_nul", i)
-            if byte >= 0x80:
-                return ("illegal_8bit", i)
-            if (byte < 0x20 and byte != 9) or byte == 0x7f:
-                return ("illegal_ctrl", i)
-        return None
+        m = _ILLEGAL_INPUT.search(line)
+        if m is None:
+            return None
+        byte = line[m.start()]
+        if byte == 0:
+            return ("illegal_nul", m.start())
+        if byte >= 0x80:
+            return ("illegal_8bit", m.start())
+        return ("illegal_ctrl", m.start())
 
     def verb_enabled(self, verb):
         g = self.group
