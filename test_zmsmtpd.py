@@ -763,7 +763,7 @@ class TestSmugglingAndLineLimits(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestDaemonSessions(ServerTestCase):
-    """The default session model: a thread per session."""
+    """The default session model: worker processes, a thread per session."""
 
     EXTRA = []
 
@@ -824,6 +824,12 @@ class TestDaemonSessions(ServerTestCase):
         self.assertIn(b"not allowed to relay", msg)
         self.assertEqual(s.rcpt("b@localhost")[0], 250)
         s.quit()
+
+
+class TestDaemonSessionsInOneProcess(TestDaemonSessions):
+    """PARAM session-model thread: every session a thread of one process."""
+
+    EXTRA = ["PARAM session-model thread"]
 
 
 class TestDaemonSessionsInForkedProcesses(TestDaemonSessions):

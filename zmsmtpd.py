@@ -45,6 +45,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -509,7 +510,7 @@ GLOBAL_DEFAULTS = dict(
     lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
     debug_contentfilter=False, perl_hook=None, enable_router=False,
     enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
-    help=(), session_model="thread", command_timeout=300.0, data_timeout=600.0,
+    help=(), session_model="workers", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
     shutdown_grace=30.0, greet_pause=0.0, session_workers=0, spool_dir_fsync=False)
 
@@ -1084,6 +1085,7 @@ class PolicyTable(object):
         self.networks = {}    # (family, value, prefix) -> pairs
         self.unimplemented = ()
         self.mtime = None
+        self._ip_cache = {}
 
     @classmethod
     def load(cls, path):
@@ -1147,7 +1149,19 @@ class PolicyTable(object):
                 message = None
 
     def lookup_ip(self, ip, wanted):
-        """Longest existing prefix wins, no inheritance (policy.md 3.1)."""
+        """Longest existing prefix wins, no inheritance (policy.md 3.1).
+        Answers are cached per table: it never changes once loaded, and
+        the same clients come back again and again."""
+        key = (ip, wanted)
+        cache = self._ip_cache
+        if key in cache:
+            return cache[key]
+        if len(cache) > 50000:
+            cache.clear()
+        cache[key] = found = self._lookup_ip(ip, wanted)
+        return found
+
+    def _lookup_ip(self, ip, wanted):
         try:
             packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else \
                 socket.inet_pton(socket.AF_INET, ip)
@@ -2396,7 +2410,6 @@ class SocketChannel(Channel):
         self._set_kernel_timeout(socket.SO_SNDTIMEO, write_timeout)
 
     def _set_kernel_timeout(self, option, seconds):
-        import struct
         whole = int(seconds)
         self.sock.setsockopt(socket.SOL_SOCKET, option,
                              struct.pack("ll", whole, int((seconds - whole) * 1e6)))

@@ -1877,7 +1877,7 @@ class TestHardeningPython36(unittest.TestCase):
     def test_every_python_file_parses_with_python_3_6(self):
         files = []
         for root, dirs, names in os.walk(_HARD_REPO):
-            dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
+            dirs[:] = [d for d in dirs if d not in (".git", "__pycache__") and not d.startswith(".")]
             files.extend(os.path.join(root, n) for n in names if n.endswith(".py"))
         self.assertIn(_HARD_SERVER, files)
         proc = subprocess.Popen([_HARD_PY36, "-c", _HARD_PARSE_SCRIPT] + sorted(files),
