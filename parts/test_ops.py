@@ -929,19 +929,7 @@ class OpsPolicyLoadTest(_OpsBuilderMixin, unittest.TestCase):
     def test_zmsmtpd_check_loads_built_policy(self):
         _ops_need_shells(self)
         _ops_need_server(self)
-        root, db, zconf = self._ops_dbdir()
-        rc, out, err = self._ops_build(zconf, ["-d", db])
-        self.assertEqual(rc, 0, out + err)
-        po = os.path.join(root, "postoffice")
-        for sub in ("public", "router"):
-            os.makedirs(os.path.join(po, sub))
-        with open(zconf, "a") as f:
-            f.write("POSTOFFICE=%s\nMAILSHARE=%s\nZCONFIG=%s\n" % (po, root, zconf))
-        conf = os.path.join(root, "smtpserver.conf")
-        with open(conf, "w") as f:
-            f.write("PARAM BindSmtp [127.0.0.1] %d\n"
-                    "PARAM policydb btree %s\n"
-                    "*   ftveR\n" % (_ops_free_port(), os.path.join(db, "smtp-policy")))
+        root, zconf, conf = self._ops_built_server_layout()
         env = dict(os.environ)
         env.pop("ZCONFIG", None)
         proc = subprocess.Popen([sys.executable, _OPS_SERVER, "--check", "-C", conf, "-Z", zconf],
@@ -949,7 +937,7 @@ class OpsPolicyLoadTest(_OpsBuilderMixin, unittest.TestCase):
                                 cwd=root)
         out = proc.communicate(timeout=30)[0].decode("utf-8", "replace")
         self.assertEqual(proc.returncode, 0, out)
-        self.assertIn(os.path.join(db, "smtp-policy"), out)
+        self.assertIn(os.path.join(root, "var", "db", "smtp-policy"), out)
 
 
 if __name__ == "__main__":
