@@ -22,8 +22,9 @@ Map of this file, in the order data flows through it:
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
-                            socketserver.TCPServer per socket), Supervisor
-                            (the selectors loop), fork-or-thread mixins
+                            socketserver.TCPServer per socket), the session
+                            models (thread / fork / workers mixins, the
+                            WorkerPool), Supervisor (the selectors loop)
   8. Session .............. SMTPSession (a StreamRequestHandler), one
                             ``smtp_VERB`` method per verb, DATA and BDAT
   9. Authentication ....... PipeAuthenticator, AuthFailureTracker
