@@ -154,6 +154,16 @@ def is_xtext(value):
     return bool(_XTEXT_RE.match(value))
 
 
+_PID = [os.getpid()]
+if hasattr(os, "register_at_fork"):  # 3.7+; 3.6 asks the kernel each time
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+def current_pid():
+    """Our pid without a system call per message (kept right across fork)."""
+    return _PID[0] if hasattr(os, "register_at_fork") else os.getpid()
+
+
 # ---------------------------------------------------------------------------
 # 2. zmailer.conf -- the ZENV variables
 # ---------------------------------------------------------------------------
@@ -1801,8 +1811,16 @@ class ListenerServer(socketserver.TCPServer):
         return self.supervisor.config.groups[self.spec.group]
 
     def get_request(self):
+        """Accept, and set what every session needs on its socket here, once:
+        blocking mode with the kernel's timeouts, and TCP_NODELAY (replies
+        are written whole, so Nagle would only delay them)."""
         conn, addr = self.socket.accept()
         conn.setblocking(True)
+        cfg = self.supervisor.config
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_timeval(WRITE_TIMEOUT))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        kernel_timeval(cfg.command_timeout))
         return conn, addr
 
     def verify_request(self, request, client_address):
@@ -2054,7 +2072,7 @@ class WorkerProcess(object):
                 continue
             seq, index, ip, port = rest.decode("ascii").split(" ")
             listener = sup.listeners[int(index)]
-            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, fileno=fds[0])
+            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
             sup.threads.submit(listener.serve_session, sock, (ip, int(port)),
                                lambda seq=seq: self.ended(seq))
         sup.threads.join(time.time() + sup.config.shutdown_grace)
@@ -2391,6 +2409,16 @@ class Channel(object):
             self._send(data)
 
 
+#: Seconds a reply write may take before the session is given up.
+WRITE_TIMEOUT = 300.0
+
+
+def kernel_timeval(seconds):
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
 class SocketChannel(Channel):
     """A TCP (or TLS-wrapped) connection.
 
@@ -2398,22 +2426,24 @@ class SocketChannel(Channel):
     SO_SNDTIMEO doing the timing: Python's own socket timeouts cost a
     poll() and an ioctl() around every read and write, and each of those
     system calls is one more hand-over of the GIL between sessions.  The
-    receive timeout is only reset when the deadline moved by over a
-    second.  TLS sockets use Python's timeouts (the ssl module needs them
+    receive timeout is only reset when the deadline comes over a second
+    sooner than it.  TLS sockets use Python's timeouts (the ssl module needs them
     to give its handshake one deadline)."""
 
-    def __init__(self, sock, write_timeout=300.0):
+    def __init__(self, sock, write_timeout=None, prepared_rcvtimeo=None):
         Channel.__init__(self)
         self.sock = sock
-        self.write_timeout = write_timeout
-        self.rcvtimeo = None
-        sock.settimeout(None)
-        self._set_kernel_timeout(socket.SO_SNDTIMEO, write_timeout)
+        self.write_timeout = write_timeout or WRITE_TIMEOUT
+        # ListenerServer.get_request already set blocking mode and both
+        # timeouts; an inetd socket gets them here.
+        self.rcvtimeo = prepared_rcvtimeo
+        if prepared_rcvtimeo is None:
+            if sock.gettimeout() is not None:
+                sock.settimeout(None)
+            self._set_kernel_timeout(socket.SO_SNDTIMEO, self.write_timeout)
 
     def _set_kernel_timeout(self, option, seconds):
-        whole = int(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, option,
-                             struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+        self.sock.setsockopt(socket.SOL_SOCKET, option, kernel_timeval(seconds))
 
     def _recv(self, deadline):
         while True:
@@ -2422,7 +2452,9 @@ class SocketChannel(Channel):
                 raise SessionTimeout()
             if isinstance(self.sock, ssl.SSLSocket):
                 return self._recv_tls(remaining)
-            if self.rcvtimeo is None or abs(remaining - self.rcvtimeo) > 1.0:
+            # Only ever shortened: a kernel timeout shorter than the
+            # deadline just wakes this loop, which checks the deadline.
+            if self.rcvtimeo is None or remaining < self.rcvtimeo - 1.0:
                 self._set_kernel_timeout(socket.SO_RCVTIMEO, remaining)
                 self.rcvtimeo = remaining
             try:
@@ -2457,6 +2489,13 @@ class SocketChannel(Channel):
         if isinstance(self.sock, ssl.SSLSocket):
             if self.sock.pending():
                 return True
+        elif not wait:
+            # One system call: data waiting (True), closed (b"": a probe
+            # that connects and leaves is not a client talking), or nothing.
+            try:
+                return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except (OSError, socket.error):
+                return False
         import select
         try:
             r, _, _ = select.select([self.sock], [], [], wait)
@@ -2706,12 +2745,12 @@ class SMTPSession(socketserver.StreamRequestHandler):
         listener = self.server
         runtime = listener.supervisor.runtime
         sock = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = self.client_address
         local = sock.getsockname()
-        self.init_session(runtime, listener.group, SocketChannel(sock),
+        channel = SocketChannel(sock, prepared_rcvtimeo=runtime.config.command_timeout)
+        self.init_session(runtime, listener.group, channel,
                           kind=listener.kind, peer=peer, local=local,
-                          number=(os.getpid() if listener.model == "fork"
+                          number=(current_pid() if listener.model == "fork"
                                   else listener.supervisor.next_session_number()),
                           mode="daemon", sock=sock)
 
@@ -2856,7 +2895,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def converse(self):
         if self.network:
             self.log.note("connection from %s %s:%d on port %d pid %d" % (
-                self.rhostname, self.ip_literal, self.peer_port, self.local_port, os.getpid()))
+                self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid()))
         if self.kind == "SMTPS" or self.runtime.options.get("implicit_tls"):
             if not self.start_tls():
                 return
@@ -4216,7 +4255,7 @@ class SpoolWriter(object):
         return free
 
     def create(self):
-        pid = os.getpid()
+        pid = current_pid()
         with self.lock:
             self.counter += 1
             first = self.counter
