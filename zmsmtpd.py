@@ -34,6 +34,7 @@ Map of this file, in the order data flows through it:
 
 from __future__ import print_function
 
+import array
 import base64
 import binascii
 import calendar
@@ -1864,6 +1865,13 @@ class WorkerDispatchMixIn(object):
         key = self.supervisor.pool.dispatch(self, request, client_address)
         if key is not None:
             self.supervisor.session_started(self, client_address, key)
+        else:
+            lines = format_reply("shutdown", self.group.enhancedstatus,
+                                 host=self.supervisor.runtime.hostname)
+            try:
+                request.sendall(("\r\n".join(lines) + "\r\n").encode("ascii"))
+            except (OSError, socket.error):
+                pass
         self.close_request(request)
 
 
@@ -1896,7 +1904,6 @@ class WorkerPool(object):
             self.spawn(index)
 
     def spawn(self, index):
-        import array
         sup = self.supervisor
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -1914,7 +1921,6 @@ class WorkerPool(object):
         parent.setblocking(False)
         self.workers[pid] = WorkerEntry(parent, index)
         sup.selector.register(parent, selectors.EVENT_READ, ("worker", pid))
-        self._array = array
 
     def dispatch(self, listener, request, client_address):
         """Send a connection to the least busy worker; its session key."""
@@ -1927,7 +1933,7 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
-        fds = self._array.array("i", [request.fileno()])
+        fds = array.array("i", [request.fileno()])
         try:
             entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                fds.tobytes())])
@@ -2034,7 +2040,6 @@ class WorkerProcess(object):
         self.channel = channel
 
     def run(self):
-        import array
         sup = self.sup
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -2249,7 +2254,7 @@ class Supervisor(object):
         signal.signal(signal.SIGTERM, self.wake)
         signal.signal(signal.SIGINT, self.wake)
         signal.signal(signal.SIGHUP, self.wake)
-        if self.config.session_model == "fork":
+        if self.config.session_model in ("fork", "workers"):
             signal.signal(signal.SIGCHLD, self.wake)
         if self.pool is not None:
             self.pool.start()
@@ -2284,7 +2289,7 @@ class Supervisor(object):
                     listener._handle_request_noblock()
                 except Exception:  # never let one accept kill the loop
                     self.log.note("accept loop error: %s" % (sys.exc_info()[1],))
-            if self.config.session_model == "fork":
+            if self.config.session_model in ("fork", "workers"):
                 self.reap_children()
             if self.reload_requested:
                 self.reload_requested = False
