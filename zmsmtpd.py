@@ -4991,6 +4991,14 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
     runtime.supervisor = supervisor
     pidfile = pidfile_path(options, runtime.postoffice)
     stop_previous(pidfile, log)
+    if foreground:
+        # In the foreground our pid is final: write the file before the
+        # listeners accept, so whoever connects can already find it.
+        try:
+            write_pidfile(pidfile)
+        except (IOError, OSError) as e:
+            sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
+            return 2
     specs = listener_specs(config, options.get("ipv6", True))
     listeners, errors = supervisor.open_listeners(specs)
     for e in errors:
@@ -4998,6 +5006,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
         log.note(e)
     if not listeners:
         sys.stderr.write("%s: no listener could be opened; not starting\n" % PROGRAM)
+        remove_pidfile(pidfile)
         return 2
     supervisor.install_listeners(listeners)
     recovered, removed = runtime.spool.recover_stale()
@@ -5008,11 +5017,11 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
     ready = []
     if not foreground:
         detach(ready)
-    try:
-        write_pidfile(pidfile)
-    except (IOError, OSError) as e:
-        sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
-        return 2
+        try:
+            write_pidfile(pidfile)
+        except (IOError, OSError) as e:
+            sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
+            return 2
     log.note("started server pid %d at %s" % (os.getpid(), rfc822_date()))
     drop_privileges(zenv, log)
     if ready:
