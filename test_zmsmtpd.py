@@ -179,6 +179,14 @@ def wait_for_port(host, port, proc=None, timeout=15):
     raise AssertionError("nothing listens on %s:%d" % (host, port))
 
 
+def kill_quietly(pid, sig=signal.SIGTERM):
+    """Cleanup helper: the process may well be gone already."""
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
 class ServerTestCase(unittest.TestCase):
     """Layout and daemon bookkeeping shared by the daemon tests."""
 
@@ -894,10 +902,12 @@ class TestDaemonLifecycle(ServerTestCase):
         pidfile = os.path.join(layout.postoffice, "mypid")
         with open(pidfile) as f:
             pid = int(f.read())
-        self.addCleanup(lambda: os.kill(pid, signal.SIGTERM) if os.path.exists(pidfile) else None)
+        self.addCleanup(kill_quietly, pid)
         wait_for_port("127.0.0.1", port)
+        # At once, no sleep: a SIGTERM right after the start-up command
+        # returns must still remove the pid file.
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
+        for _ in range(300):
             if not os.path.exists(pidfile):
                 break
             time.sleep(0.05)

@@ -2250,12 +2250,17 @@ class Supervisor(object):
         except OSError:
             pass
 
-    def serve_forever(self):
+    def install_signal_handlers(self):
+        """Called before the pid file says we are there: a SIGTERM that
+        arrives between start-up and the loop must still lead to a clean
+        stop (pid file removed), not the default sudden death."""
         signal.signal(signal.SIGTERM, self.wake)
         signal.signal(signal.SIGINT, self.wake)
         signal.signal(signal.SIGHUP, self.wake)
         if self.config.session_model in ("fork", "workers"):
             signal.signal(signal.SIGCHLD, self.wake)
+
+    def serve_forever(self):
         if self.pool is not None:
             self.pool.start()
         while not self.stopping:
@@ -4991,6 +4996,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
     runtime.supervisor = supervisor
     pidfile = pidfile_path(options, runtime.postoffice)
     stop_previous(pidfile, log)
+    supervisor.install_signal_handlers()
     if foreground:
         # In the foreground our pid is final: write the file before the
         # listeners accept, so whoever connects can already find it.
