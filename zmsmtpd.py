@@ -2343,16 +2343,36 @@ class LineTooLong(Exception):
     """A command line over the limit; the rest of it was discarded."""
 
 
+#: What a session's conversation (a generator) yields to whoever drives it:
+#: ``(WANT_INPUT, deadline)`` more bytes in the channel's buffer, or its
+#: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
+#: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
+#: pause; ``(WANT_THREAD, None)`` the next step blocks (TLS, the AUTH
+#: program, an uncached DNS lookup), so it must run on a thread of its own.
+#: A thread runs the whole conversation with blocking I/O (drive_blocking);
+#: a worker's SessionLoop runs many of them without threads, which spares
+#: the interpreter lock its hand-over at every system call.
+WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD = "input", "pending", "sleep", "thread"
+
+
 class Channel(object):
     """Buffered, deadline-aware I/O for one session.  Replies are queued and
     sent in one write before the server waits for input, which is what
-    PIPELINING needs and what saves a system call per reply."""
+    PIPELINING needs and what saves a system call per reply.
+
+    The read methods are generators (``line = yield from
+    channel.readline(...)``): when the buffer cannot satisfy them they yield
+    ``(WANT_INPUT, deadline)`` and the driver fills it."""
 
     RECV_SIZE = 65536
 
     def __init__(self):
         self.buf = b""
         self.out = []
+        self.eof = False
+        # Set while a SessionLoop drives the session: the loop sends the
+        # queued output itself, without blocking, before it waits for input.
+        self.deferred = False
 
     # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(data),
     # _input_ready() -> bool (without blocking)
@@ -2362,14 +2382,16 @@ class Channel(object):
         ``wait`` seconds?"""
         return bool(self.buf) or self._input_ready(wait)
 
-    def fill(self, deadline):
+    def receive(self, deadline):
+        """Blocking: the next recv's worth into the buffer, or the EOF flag."""
         data = self._recv(deadline)
-        if not data:
-            raise ClientGone()
-        self.buf += data
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
 
     def readline(self, deadline, limit):
-        """One line with its LF (a final line may lack it at EOF)."""
+        """Generator: one line with its LF (a final line may lack it at EOF)."""
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
@@ -2378,16 +2400,14 @@ class Channel(object):
                     raise LineTooLong()
                 return line
             if len(self.buf) > limit + 2:
-                self._discard_line(deadline)
+                yield from self._discard_line(deadline)
                 raise LineTooLong()
-            self.flush()
-            data = self._recv(deadline)
-            if not data:
+            if self.eof:
                 if self.buf:
                     line, self.buf = self.buf, b""
                     return line
                 raise ClientGone()
-            self.buf += data
+            yield (WANT_INPUT, deadline)
 
     def _discard_line(self, deadline):
         while True:
@@ -2396,13 +2416,16 @@ class Channel(object):
                 self.buf = self.buf[i + 1:]
                 return
             self.buf = b""
-            self.fill(deadline)
+            if self.eof:
+                raise ClientGone()
+            yield (WANT_INPUT, deadline)
 
     def read_chunk(self, deadline):
-        """Whatever input is buffered, or the next recv's worth."""
-        if not self.buf:
-            self.flush()
-            self.fill(deadline)
+        """Generator: whatever input is buffered, or the next recv's worth."""
+        while not self.buf:
+            if self.eof:
+                raise ClientGone()
+            yield (WANT_INPUT, deadline)
         data, self.buf = self.buf, b""
         return data
 
@@ -2413,10 +2436,54 @@ class Channel(object):
         self.out.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
 
     def flush(self):
-        if self.out:
+        if self.out and not self.deferred:
             data = b"".join(self.out)
             self.out = []
             self._send(data)
+
+    def take_output(self):
+        """The queued output as one string (for the SessionLoop)."""
+        data = b"".join(self.out)
+        self.out = []
+        return data
+
+
+def serve_blocking(channel, request):
+    """Carry out one request of a conversation with blocking I/O; returns
+    (value to send back, exception to throw in)."""
+    want, arg = request
+    try:
+        if want == WANT_INPUT:
+            channel.flush()
+            channel.receive(arg)
+        elif want == WANT_PENDING:
+            return channel.pending(arg), None
+        elif want == WANT_SLEEP:
+            time.sleep(arg)
+    except (ClientGone, SessionTimeout) as e:
+        return None, e
+    return None, None
+
+
+def drive_blocking(channel, conversation, request=None, home=None):
+    """Run a conversation to its end on this thread.  ``request`` is one it
+    yielded before (when a SessionLoop hands it over); with ``home`` set the
+    conversation goes back to that loop the next time it only waits for
+    input on a plain socket."""
+    value, error = (None, None) if request is None else serve_blocking(channel, request)
+    while True:
+        try:
+            if error is not None:
+                request = conversation.throw(error)
+            else:
+                request = conversation.send(value)
+        except StopIteration:
+            return True
+        if home is not None and request[0] == WANT_INPUT and home.can_adopt(channel):
+            channel.flush()
+            home.adopt(conversation, request)
+            return False
+        value, error = serve_blocking(channel, request)
 
 
 #: Seconds a reply write may take before the session is given up.
@@ -2770,6 +2837,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def handle(self):
         self.run()
 
+    def run(self):
+        """The whole conversation on this thread, with blocking I/O."""
+        drive_blocking(self.channel, self.conversation())
+
     # -- state ---------------------------------------------------------------
 
     def init_session(self, runtime, group, channel, kind, peer, local, number, mode, sock=None):
@@ -2821,6 +2892,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.pattern = None
         self.unknown_count = 0
         self.tarpit_delay = group.tarpit[0]
+        self.tarpit_due = 0          # seconds to pause before the next reply goes out
         self.bsmtp = runtime.options.get("bsmtp", False)
         self.msa = self.cfg.msa_mode or kind == "SUBMIT"
         self.state = "HELO"
@@ -2871,8 +2943,9 @@ class SMTPSession(socketserver.StreamRequestHandler):
         replies, the delay growing each time, capped."""
         initial, exponent, top = self.group.tarpit
         if self.tarpit_delay >= 1.0:
-            self.channel.flush()
-            time.sleep(round(self.tarpit_delay))
+            # Paid in converse(), after the command: the error reply is
+            # queued by then and goes out once the pause is over.
+            self.tarpit_due += round(self.tarpit_delay)
             self.tarpit_delay += self.tarpit_delay * exponent
             if top and self.tarpit_delay > top:
                 self.tarpit_delay = top
@@ -2882,10 +2955,11 @@ class SMTPSession(socketserver.StreamRequestHandler):
 
     # -- the main loop -------------------------------------------------------
 
-    def run(self):
+    def conversation(self):
+        """The session as a generator of I/O requests (see WANT_INPUT)."""
         try:
             try:
-                self.converse()
+                yield from self.converse()
             except SessionTimeout:
                 self.log.note("timeout; closing")
                 self.reply("timeout")
@@ -2907,6 +2981,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.log.note("connection from %s %s:%d on port %d pid %d" % (
                 self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid()))
         if self.kind == "SMTPS" or self.runtime.options.get("implicit_tls"):
+            yield (WANT_THREAD, None)
             if not self.start_tls():
                 return
         if self.network:
@@ -2916,7 +2991,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
             return
-        early = self.channel.pending(self.cfg.greet_pause)
+        early = yield (WANT_PENDING, self.cfg.greet_pause)
         self.send_lines(self.greeting())
         if early:
             # Talking before the greeting: a bot that does not wait.
@@ -2930,12 +3005,15 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.reply("shutdown")
                 return
             try:
-                raw = self.channel.readline(time.time() + deadline_for, limit)
+                raw = yield from self.channel.readline(time.time() + deadline_for, limit)
             except LineTooLong:
                 self.log.received("<line longer than %d bytes discarded>" % limit)
                 self.reply("line_too_long")
                 continue
-            self.dispatch(raw)
+            yield from self.dispatch(raw)
+            if self.tarpit_due:
+                pause, self.tarpit_due = self.tarpit_due, 0
+                yield (WANT_SLEEP, pause)
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -2963,7 +3041,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         return re.sub(r"%(.)", sub, text)
 
     def dispatch(self, raw):
-        """Checks of every command line, in the original's order."""
+        """Checks of every command line, in the original's order.  A
+        generator, as are the ``smtp_VERB`` methods that read more input."""
         strict = self.runtime.strict
         if strict and not raw.endswith(b"\r\n") and raw.endswith(b"\n"):
             self.log.received(raw.decode("latin-1").rstrip())
@@ -3000,7 +3079,9 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.reply("msa_gate")
             return
         args = line[len(word):]
-        handler(line, args)
+        steps = handler(line, args)
+        if steps is not None:
+            yield from steps
 
     @staticmethod
     def illegal_characters(line):
@@ -3045,10 +3126,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
     # -- HELO / EHLO ---------------------------------------------------------
 
     def smtp_HELO(self, line, args):
-        self.greet(line, args, ehlo=False)
+        return self.greet(line, args, ehlo=False)
 
     def smtp_EHLO(self, line, args):
-        self.greet(line, args, ehlo=True)
+        return self.greet(line, args, ehlo=True)
 
     def greet(self, line, args, ehlo):
         verb = "EHLO" if ehlo else "HELO"
@@ -3078,8 +3159,11 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.helo_syntax_ok = problem is None
         self.ehlo_seen = ehlo
         self.state = "MAIL"
-        self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip) \
-            if (self.network and problem is None) else False
+        self.helo_addr_ok = False
+        if self.network and problem is None:
+            if not self.runtime.helo_name_cached(arg, self.peer_ip):
+                yield (WANT_THREAD, None)   # a DNS query may take seconds
+            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
         if self.network and self.policy and self.policy.table and not arg.startswith("["):
             found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
             if found.get("rejectnet", ("",))[0] == "+":
@@ -3622,7 +3706,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             failure, writer = ("data_spool_failed", str(e)), None
         limit = self.cfg.maxsize
         while True:
-            chunk = self.channel.read_chunk(deadline)
+            chunk = yield from self.channel.read_chunk(deadline)
             decoded, rest = decoder.feed(chunk)
             if limit and decoder.wire_bytes > limit and failure is None:
                 failure = ("data_too_big", "too big")
@@ -3687,7 +3771,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if why is None and txn.data_started and not txn.bdat_started:
             why = "Bad sequence of commands"
         if why is not None or txn.bdat_failed:
-            self.channel_skip(size, deadline)
+            yield from self.channel_skip(size, deadline)
             if why is not None:
                 self.reply("bdat_wait", why=why)
                 self.abort_transaction("BDAT out of sequence")
@@ -3709,7 +3793,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         remaining = size
         limit = self.cfg.maxsize
         while remaining:
-            data = self.channel.read_chunk(deadline)
+            data = yield from self.channel.read_chunk(deadline)
             if len(data) > remaining:
                 self.channel.unread(data[remaining:])
                 data = data[:remaining]
@@ -3745,7 +3829,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
 
     def channel_skip(self, size, deadline):
         while size:
-            data = self.channel.read_chunk(deadline)
+            data = yield from self.channel.read_chunk(deadline)
             if len(data) > size:
                 self.channel.unread(data[size:])
                 data = data[:size]
@@ -3783,6 +3867,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if self.sock is None:
             self.reply("tls_failed")
             return
+        yield (WANT_THREAD, None)      # the handshake blocks
         self.reply("tls_go")
         self.channel.flush()
         self.abort_transaction("STARTTLS")
@@ -3850,14 +3935,14 @@ class SMTPSession(socketserver.StreamRequestHandler):
             return self.param_error("auth_needs_tls")
         initial = words[1] if len(words) > 1 else None
         if mech == "LOGIN":
-            user = self.auth_value(initial, g.username_prompt, secret=False)
+            user = yield from self.auth_value(initial, g.username_prompt, secret=False)
             if user is None:
                 return
-            password = self.auth_value(None, g.password_prompt, secret=True)
+            password = yield from self.auth_value(None, g.password_prompt, secret=True)
             if password is None:
                 return
         else:
-            blob = self.auth_value(initial, "", secret=True)
+            blob = yield from self.auth_value(initial, "", secret=True)
             if blob is None:
                 return
             parts = blob.split("\0")
@@ -3865,6 +3950,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.fail_auth(client)
                 return
             user, password = parts[1], parts[2]
+        yield (WANT_THREAD, None)          # the program may take seconds
         self.authenticate(client, user, password)
 
     def auth_value(self, initial, prompt, secret):
@@ -3872,8 +3958,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if initial is None:
             challenge = base64.b64encode(prompt.encode("utf-8")).decode("ascii")
             self.send_lines(["334 " + challenge])
-            raw = self.channel.readline(time.time() + self.cfg.command_timeout,
-                                        self.cfg.max_line_length)
+            raw = yield from self.channel.readline(time.time() + self.cfg.command_timeout,
+                                                   self.cfg.max_line_length)
             text = raw.decode("latin-1").strip()
             self.log.received("**base64-password**" if secret else text)
         else:
@@ -4643,6 +4729,19 @@ class Runtime(object):
         if not ip or name.startswith("["):
             return bool(ip) and name.strip("[]").split(":")[-1] == ip
         return self._cached(("helo", name.lower(), ip), lambda: self._resolves_to(name, ip))
+
+    def helo_name_cached(self, name, ip):
+        """Can helo_resolves_to answer without asking DNS?"""
+        return not ip or name.startswith("[") or self._known(("helo", name.lower(), ip))
+
+    def names_cached(self, local_ip, peer_ip):
+        """Can a session's set-up find both names without asking DNS?"""
+        return ((not local_ip or self._known(("local", local_ip)))
+                and (not peer_ip or self._known(("peer", peer_ip))))
+
+    def _known(self, key):
+        hit = self._names.get(key)
+        return hit is not None and time.time() - hit[0] < self.NAME_TTL
 
     @staticmethod
     def _resolves_to(name, ip):
