@@ -881,6 +881,108 @@ class TestDaemonSessionsInWorkerProcesses(TestDaemonSessions):
         s.quit()
 
 
+class TestWorkerSessionLoop(ServerTestCase):
+    """session-model workers: one worker process runs many plain sessions
+    in its event loop, without a thread each; sessions that block (AUTH,
+    TLS, DNS) take a thread and come back."""
+
+    def setUp(self):
+        self.port = free_port()
+        self.layout = self.make_layout()
+        self.layout.write_conf([
+            "PARAM BindSmtp [127.0.0.1] %d" % self.port,
+            "PARAM session-model workers", "PARAM session-workers 1",
+            "PARAM smtp-auth", "PARAM auth-login-also-without-tls",
+            "PARAM smtp-auth-pipe %s" % self.layout.auth] + BASIC_CONF)
+        self.daemon = self.start_daemon(self.layout, self.port)
+
+    def worker_pid(self):
+        pids = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                        "-o", "pid="]).split()
+        self.assertEqual(len(pids), 1)
+        return int(pids[0])
+
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        f = s.makefile("rb")
+        self.addCleanup(s.close)
+        self.addCleanup(f.close)
+        self.assertTrue(f.readline().startswith(b"220"))
+        return s, f
+
+    @staticmethod
+    def reply(f):
+        lines = [f.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(f.readline())
+        return lines[-1][:3]
+
+    def router_text(self):
+        return b"".join(self.layout.read_router(n) for n in self.layout.router_files())
+
+    def test_sessions_in_one_worker_are_served_interleaved(self):
+        a, fa = self.connect()
+        b, fb = self.connect()
+        b.sendall(b"HELO b.example\r\n")
+        self.assertEqual(self.reply(fb), b"250")
+        a.sendall(b"HELO a.example\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual([self.reply(fa), self.reply(fa)], [b"250", b"250"])
+        b.sendall(b"MAIL FROM:<b@example.org>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
+        self.assertEqual([self.reply(fb) for _ in range(3)], [b"250", b"250", b"354"])
+        a.sendall(b"RCPT TO:<y@localhost>\r\nDATA\r\nSubject: a\r\n\r\nfrom a\r\n")
+        self.assertEqual([self.reply(fa), self.reply(fa)], [b"250", b"354"])
+        b.sendall(b"Subject: b\r\n\r\nfrom b\r\n.\r\n")
+        self.assertEqual(self.reply(fb), b"250")
+        a.sendall(b".\r\nQUIT\r\n")
+        self.assertEqual([self.reply(fa), self.reply(fa)], [b"250", b"221"])
+        self.assertIn(b"from a", self.router_text())
+        self.assertIn(b"from b", self.router_text())
+
+    def test_plain_sessions_do_not_take_a_thread_each(self):
+        held = [self.connect() for _ in range(12)]
+        for s, f in held:
+            s.sendall(b"EHLO c.example\r\n")
+            self.assertEqual(self.reply(f), b"250")
+        threads = len(os.listdir("/proc/%d/task" % self.worker_pid()))
+        # the loop, plus the pool thread that looked up the first client's names
+        self.assertLessEqual(threads, 3)
+
+    def test_a_client_that_does_not_read_its_replies_holds_up_no_one(self):
+        greedy, _ = self.connect()
+        greedy.setblocking(False)
+        sent = 0
+        try:
+            while sent < 8 << 20:
+                sent += greedy.send(b"NOOP\r\n" * 4096)
+        except (BlockingIOError, socket.timeout):
+            pass    # both socket buffers full: the server cannot send
+        t0 = time.time()
+        s = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        s.ehlo("patient.example")
+        s.sendmail("a@example.org", ["b@localhost"], "Subject: p\r\n\r\nx\r\n")
+        s.quit()
+        self.assertLess(time.time() - t0, 5)
+        self.assertEqual(len(self.layout.router_files()), 1)
+
+    def test_a_session_back_from_auth_on_a_thread_carries_on_in_the_loop(self):
+        plain, fp = self.connect()
+        plain.sendall(b"EHLO p.example\r\n")
+        self.assertEqual(self.reply(fp), b"250")
+        s = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        s.ehlo("c.example")
+        s.login("bob", "secret")
+        s.sendmail("bob@example.org", ["b@localhost"], "Subject: a\r\n\r\nauthed\r\n")
+        plain.sendall(b"MAIL FROM:<p@example.org>\r\nRCPT TO:<c@localhost>\r\nDATA\r\n")
+        self.assertEqual([self.reply(fp) for _ in range(3)], [b"250", b"250", b"354"])
+        s.sendmail("bob@example.org", ["c@localhost"], "Subject: b\r\n\r\nagain\r\n")
+        s.quit()
+        plain.sendall(b"Subject: p\r\n\r\nplain\r\n.\r\n")
+        self.assertEqual(self.reply(fp), b"250")
+        self.assertEqual(len(self.layout.router_files()), 3)
+        for text in (b"authed", b"again", b"plain"):
+            self.assertIn(text, self.router_text())
+
+
 class TestDaemonLifecycle(ServerTestCase):
 
     def test_pid_file_is_written_and_removed_on_sigterm(self):

@@ -36,6 +36,7 @@ from __future__ import print_function
 
 import array
 import base64
+import heapq
 import binascii
 import calendar
 import errno
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 
 try:
     import syslog
@@ -2032,7 +2034,7 @@ class WorkerEntry(object):
 
 class WorkerProcess(object):
     """One worker of ``session-model workers``: receives connections from
-    the master and serves each in a thread, with the listener's settings."""
+    the master and runs their sessions in its SessionLoop."""
 
     def __init__(self, supervisor, index, channel):
         self.sup = supervisor
@@ -2053,40 +2055,404 @@ class WorkerProcess(object):
         sup.session_counter = (self.index + 1) << 13
         channel = self.channel
         sup.runtime.auth_failures.report = lambda data: channel.send(b"F " + data)
-        size = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
-        while True:
-            try:
-                msg, ancdata, _, _ = channel.recvmsg(1024, size)
-            except InterruptedError:
-                continue
-            except (OSError, socket.error):
-                break
-            if not msg or msg == b"Q":
-                break
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"F":
-                sup.runtime.auth_failures.absorb(rest)
-                continue
-            fds = array.array("i")
-            for level, ctype, data in ancdata:
-                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if kind != b"S" or not fds:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            seq, index, ip, port = rest.decode("ascii").split(" ")
-            listener = sup.listeners[int(index)]
-            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
-            sup.threads.submit(listener.serve_session, sock, (ip, int(port)),
-                               lambda seq=seq: self.ended(seq))
-        sup.threads.join(time.time() + sup.config.shutdown_grace)
+        SessionLoop(self).run()
 
     def ended(self, seq):
         try:
             self.channel.send(("E %s" % seq).encode("ascii"))
         except (OSError, socket.error):
             pass
+
+
+class LoopSlot(object):
+    """One session of a SessionLoop, and what it waits for."""
+
+    __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
+                 "local", "outbuf", "want", "deadline", "token", "events", "resume")
+
+    def __init__(self, loop, listener, sock, seq):
+        self.loop = loop
+        self.listener = listener
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.seq = seq
+        self.session = self.conversation = self.local = None
+        self.outbuf = b""
+        self.want = None        # input, pending, sleep, final; None: on a thread
+        self.deadline = 0.0
+        self.token = 0          # bumped whenever the wait changes: older timers are void
+        self.events = 0
+        self.resume = None      # the request a conversation back from a thread waits on
+
+    # drive_blocking's "home": may the conversation come back to the loop?
+    def can_adopt(self, channel):
+        return not isinstance(getattr(channel, "sock", None), ssl.SSLSocket) \
+            and not self.loop.leaving
+
+    def adopt(self, conversation, request):
+        self.resume = request   # run_on_thread passes the slot back to the loop
+
+
+class SessionLoop(object):
+    """The event loop of a worker process.
+
+    A plain TCP session runs here as its conversation generator: the loop
+    receives when the socket is readable, sends queued replies without
+    blocking, keeps every deadline in one heap and resumes the generator
+    with what it asked for.  A conversation that asks for WANT_THREAD (TLS,
+    the AUTH program, a DNS lookup not in the cache) continues on a thread
+    with blocking I/O, and comes back the next time it only waits for
+    input on a plain socket.  With one thread per worker the interpreter
+    lock is never handed over at a system call; with a thread per session
+    that hand-over cost more kernel time than the spool's fsync."""
+
+    #: Seconds to get the last replies out to a client that does not read.
+    FINAL_WRITE_TIMEOUT = 30.0
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.sup = worker.sup
+        self.runtime = worker.sup.runtime
+        self.master = worker.channel
+        self.selector = selectors.DefaultSelector()
+        self.timers = []            # heap of (when, n, slot, token)
+        self.timer_n = 0
+        self.slots = {}             # fd -> LoopSlot, sessions on the loop
+        self.on_threads = 0
+        self.lock = threading.Lock()
+        self.returning = deque()    # (slot, request) handed back by threads
+        self.leaving = False
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.master.setblocking(False)
+        self.selector.register(self.master, selectors.EVENT_READ, "master")
+        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self):
+        grace_end = None
+        while True:
+            if self.leaving:
+                if grace_end is None:
+                    grace_end = time.time() + self.sup.config.shutdown_grace
+                with self.lock:
+                    busy = len(self.slots) + self.on_threads + len(self.returning)
+                if not busy or time.time() >= grace_end:
+                    return
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.time())
+            if grace_end is not None:
+                timeout = min(timeout if timeout is not None else 1.0, 1.0)
+            try:
+                events = self.selector.select(timeout)
+            except InterruptedError:
+                continue
+            for key, mask in events:
+                what = key.data
+                if what == "master":
+                    self.read_master()
+                elif what == "wake":
+                    self.take_returning()
+                else:
+                    self.guarded(self.ready, what, mask)
+            self.fire_timers()
+
+    def guarded(self, step, slot, *args):
+        """A fault in one session's step ends that session, not the worker
+        with all the others."""
+        try:
+            step(slot, *args)
+        except Exception:
+            slot.listener.handle_error(slot.sock, slot.session.client_address)
+            if slot.fd in self.slots:
+                self.close(slot)
+
+    def fire_timers(self):
+        now = time.time()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, slot, token = heapq.heappop(self.timers)
+            if slot.token == token and slot.want is not None:
+                self.guarded(self.expired, slot)
+
+    def set_timer(self, slot, when):
+        slot.token += 1
+        slot.deadline = when
+        self.timer_n += 1
+        heapq.heappush(self.timers, (when, self.timer_n, slot, slot.token))
+
+    def watch(self, slot, events):
+        if events == slot.events:
+            return
+        if not events:
+            self.selector.unregister(slot.fd)
+        elif not slot.events:
+            self.selector.register(slot.fd, events, slot)
+        else:
+            self.selector.modify(slot.fd, events, slot)
+        slot.events = events
+
+    # -- connections from the master ----------------------------------------------
+
+    def read_master(self):
+        while True:
+            try:
+                msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, socket.error):
+                msg, ancdata = b"", []
+            fds = array.array("i")
+            for level, ctype, data in ancdata:
+                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            if not msg or msg == b"Q":
+                for fd in fds:
+                    os.close(fd)
+                self.leaving = True
+                self.selector.unregister(self.master)
+                return
+            kind, _, rest = msg.partition(b" ")
+            if kind == b"F":
+                self.runtime.auth_failures.absorb(rest)
+            elif kind == b"S" and fds:
+                for fd in fds[1:]:
+                    os.close(fd)
+                seq, index, ip, port = rest.decode("ascii").split(" ")
+                listener = self.sup.listeners[int(index)]
+                sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+                self.begin(listener, sock, (ip, int(port)), seq)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def begin(self, listener, sock, client_address, seq):
+        slot = LoopSlot(self, listener, sock, seq)
+        session = SMTPSession.__new__(SMTPSession)
+        session.request, session.client_address, session.server = sock, client_address, listener
+        slot.session = session
+        try:
+            slot.local = sock.getsockname()
+        except (OSError, socket.error):
+            self.end(slot)
+            return
+        ip = client_address[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]
+        if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
+            self.to_thread(slot, None)     # set-up asks DNS for names
+            return
+        try:
+            session.setup(slot.local)
+        except Exception:
+            listener.handle_error(sock, client_address)
+            self.end(slot)
+            return
+        slot.conversation = session.conversation()
+        self.slots[slot.fd] = slot
+        session.channel.deferred = True
+        sock.setblocking(False)
+        self.advance(slot, None, None)
+
+    # -- running a conversation ---------------------------------------------------
+
+    def advance(self, slot, value, error):
+        conversation = slot.conversation
+        channel = slot.session.channel
+        while True:
+            try:
+                if error is not None:
+                    request = conversation.throw(error)
+                else:
+                    request = conversation.send(value)
+            except StopIteration:
+                self.wind_up(slot)
+                return
+            except Exception:
+                slot.listener.handle_error(slot.sock, slot.session.client_address)
+                self.close(slot)
+                return
+            value = error = None
+            want, arg = request
+            if want == WANT_INPUT:
+                slot.want = "input"
+                self.set_timer(slot, arg)
+                error = self.send_output(slot)
+                if error is None:
+                    return
+            elif want == WANT_PENDING:
+                if arg <= 0 or channel.buf:
+                    value = channel.pending(0)
+                    continue
+                slot.want = "pending"
+                self.set_timer(slot, time.time() + arg)
+                self.watch(slot, selectors.EVENT_READ)
+                return
+            elif want == WANT_SLEEP:
+                slot.want = "sleep"
+                self.set_timer(slot, time.time() + arg)
+                self.watch(slot, 0)
+                return
+            else:
+                self.to_thread(slot, request)
+                return
+
+    def send_output(self, slot):
+        """Send what the session queued, as far as the socket takes it now;
+        then watch for input, or for room to send the rest."""
+        data = slot.outbuf + slot.session.channel.take_output()
+        if data:
+            try:
+                sent = slot.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except (OSError, socket.error):
+                slot.outbuf = b""
+                return ClientGone()
+            data = data[sent:]
+        slot.outbuf = data
+        if data:
+            # The reply waits for room; the command timer gives way to the
+            # write timeout until it is out.
+            slot.token += 1
+            self.timer_n += 1
+            heapq.heappush(self.timers, (time.time() + WRITE_TIMEOUT, self.timer_n, slot,
+                                         slot.token))
+            self.watch(slot, selectors.EVENT_WRITE)
+        else:
+            self.watch(slot, selectors.EVENT_READ)
+        return None
+
+    def ready(self, slot, mask):
+        if slot.want is None or slot.fd not in self.slots:
+            return
+        if mask & selectors.EVENT_WRITE:
+            deadline = slot.deadline
+            error = self.send_output(slot)
+            if error is not None:
+                if slot.want == "final":
+                    self.close(slot)
+                else:
+                    self.advance(slot, None, error)
+            elif not slot.outbuf:
+                if slot.want == "final":
+                    self.close(slot)
+                else:
+                    self.set_timer(slot, deadline)   # back to the command timeout
+            return
+        channel = slot.session.channel
+        if slot.want == "pending":
+            self.advance(slot, channel.pending(0), None)
+            return
+        if slot.want != "input":
+            return
+        try:
+            data = slot.sock.recv(Channel.RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, socket.error):
+            self.advance(slot, None, ClientGone())
+            return
+        if data:
+            channel.buf += data
+        else:
+            channel.eof = True
+        self.advance(slot, None, None)
+
+    def expired(self, slot):
+        want = slot.want
+        if want == "input":
+            # A timer after a partial write is the write timeout.
+            self.advance(slot, None, ClientGone() if slot.outbuf else SessionTimeout())
+        elif want == "pending":
+            self.advance(slot, False, None)
+        elif want == "sleep":
+            self.advance(slot, None, None)
+        elif want == "final":
+            self.close(slot)
+
+    def wind_up(self, slot):
+        """The conversation is over: its last replies out, then close."""
+        slot.want = "final"
+        if self.send_output(slot) is not None or not slot.outbuf:
+            self.close(slot)
+            return
+        self.set_timer(slot, time.time() + self.FINAL_WRITE_TIMEOUT)
+
+    def close(self, slot):
+        slot.want = None
+        slot.token += 1
+        if slot.events:
+            self.watch(slot, 0)
+        self.slots.pop(slot.fd, None)
+        self.end(slot)
+
+    def end(self, slot):
+        try:
+            slot.listener.shutdown_request(slot.sock)
+        finally:
+            self.worker.ended(slot.seq)
+
+    # -- sessions that block: a thread of their own ------------------------------
+
+    def to_thread(self, slot, request):
+        if slot.events:
+            self.watch(slot, 0)
+        slot.want = None
+        slot.token += 1
+        self.slots.pop(slot.fd, None)
+        with self.lock:
+            self.on_threads += 1
+        self.sup.threads.submit(self.run_on_thread, slot, request)
+
+    def run_on_thread(self, slot, request):
+        sock, session = slot.sock, slot.session
+        finished = True
+        try:
+            sock.setblocking(True)
+            if slot.outbuf:
+                sock.sendall(slot.outbuf)
+                slot.outbuf = b""
+            if slot.conversation is None:
+                session.setup(slot.local)
+                slot.conversation = session.conversation()
+            session.channel.deferred = False
+            finished = drive_blocking(session.channel, slot.conversation, request, home=slot)
+        except Exception:
+            slot.listener.handle_error(sock, session.client_address)
+        finally:
+            with self.lock:
+                self.on_threads -= 1
+                if not finished:
+                    self.returning.append(slot)
+            if finished:
+                self.end(slot)
+            else:
+                try:
+                    os.write(self.wake_w, b"x")
+                except OSError:
+                    pass
+
+    def take_returning(self):
+        try:
+            os.read(self.wake_r, 4096)
+        except OSError:
+            pass
+        while True:
+            with self.lock:
+                if not self.returning:
+                    return
+                slot = self.returning.popleft()
+            request, slot.resume = slot.resume, None
+            slot.session.channel.deferred = True
+            slot.sock.setblocking(False)
+            self.slots[slot.fd] = slot
+            slot.want = "input"
+            self.set_timer(slot, request[1])
+            self.watch(slot, selectors.EVENT_READ)
 
 
 class Supervisor(object):
@@ -2480,7 +2846,11 @@ def drive_blocking(channel, conversation, request=None, home=None):
         except StopIteration:
             return True
         if home is not None and request[0] == WANT_INPUT and home.can_adopt(channel):
-            channel.flush()
+            try:
+                channel.flush()
+            except (ClientGone, SessionTimeout) as e:
+                value, error = None, e
+                continue
             home.adopt(conversation, request)
             return False
         value, error = serve_blocking(channel, request)
@@ -2817,13 +3187,14 @@ class SMTPSession(socketserver.StreamRequestHandler):
 
     # -- socketserver template: setup / handle / finish -------------------------
 
-    def setup(self):
+    def setup(self, local=None):
         """Build the session from the listener that accepted it."""
         listener = self.server
         runtime = listener.supervisor.runtime
         sock = self.request
         peer = self.client_address
-        local = sock.getsockname()
+        if local is None:
+            local = sock.getsockname()
         channel = SocketChannel(sock, prepared_rcvtimeo=runtime.config.command_timeout)
         self.init_session(runtime, listener.group, channel,
                           kind=listener.kind, peer=peer, local=local,

@@ -152,6 +152,13 @@ class _HardServer(object):
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 
+    def _accepts(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 1).close()
+        except (OSError, socket.error):
+            return False
+        return True
+
     def argv(self, python=None):
         return [python or sys.executable, _HARD_SERVER, "-v", "-Z", self.zconf, "-C", self.conf,
                 "-l", self.log_path, "-I", self.pidfile]
@@ -167,7 +174,8 @@ class _HardServer(object):
         while _HARD_NOW() < end:
             if self.proc.poll() is not None:
                 break
-            if os.path.exists(self.pidfile):
+            # The foreground daemon writes its pid file before it listens.
+            if os.path.exists(self.pidfile) and self._accepts():
                 return self
             time.sleep(0.02)
         self.stop()
