@@ -751,6 +751,12 @@ def main():
     ap.add_argument("--log", action="store_true", help="give zmsmtpd -l LOGFILE (session log)")
     ap.add_argument("--venv", default=os.path.join(HERE, ".venv"),
                     help="throw-away venv for aiosmtpd (and py-spy); default bench/.venv")
+    ap.add_argument("--disk-state", choices=("churn", "fresh"), default="churn",
+                    help="churn (default): spooled files are deleted between runs, as a "
+                         "router deletes what it has routed; on ext4 without a journal that "
+                         "makes every file creation skip the recently freed inodes, about 1 ms "
+                         "of kernel time each (the conditions of the issue's table); fresh: "
+                         "used spool directories are set aside and deleted at the end")
     ap.add_argument("--no-aiosmtpd", action="store_true")
     ap.add_argument("--aiosmtpd-executor", action="store_true",
                     help="also measure aiosmtpd with fsync in a thread pool")
@@ -841,8 +847,9 @@ def main():
     work = os.path.abspath(tempfile.mkdtemp(prefix="zmbench-", dir=a.workdir))
     rawdir = os.path.join(work, "raw")
     os.makedirs(rawdir)
-    TRASH.append(os.path.join(work, "trash"))
-    os.makedirs(TRASH[0])
+    if a.disk_state == "fresh":
+        TRASH.append(os.path.join(work, "trash"))
+        os.makedirs(TRASH[0])
     for p in peers:
         if p is not None:
             p.setup(work)
@@ -1012,8 +1019,10 @@ def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work)
     busy = [r["machine_busy"] for r in results if r["peer"] in [v.name for v in variants]
             and r["scenario"] == scens[0]["key"]]
     w("")
-    w("Machine: %s. Whole-machine CPU busy during the zmsmtpd %s runs: %s%%." % (
-        machine_line(work, a.python), scens[0]["key"], fmt(100 * med(busy) if busy else None)))
+    w("Machine: %s. Whole-machine CPU busy during the zmsmtpd %s runs: %s%%. "
+      "Disk state: %s." % (
+          machine_line(work, a.python), scens[0]["key"], fmt(100 * med(busy) if busy else None),
+          a.disk_state))
     cmd = "python3 bench/bench.py " + " ".join(sys.argv[1:])
     w("Command: `%s` (%s)." % (cmd.strip(), time.strftime("%Y-%m-%d")))
     print("\n".join(out))
