@@ -24,9 +24,12 @@ Map of this file, in the order data flows through it:
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
                             socketserver.TCPServer per socket), the session
                             models (thread / fork / workers mixins, the
-                            WorkerPool), Supervisor (the selectors loop)
-  8. Session .............. SMTPSession (a StreamRequestHandler), one
-                            ``smtp_VERB`` method per verb, DATA and BDAT
+                            WorkerPool, a worker's SessionLoop), Supervisor
+                            (the master's selectors loop)
+  8. Session .............. Channel and the WANT_* requests a conversation
+                            yields, drive_blocking, SMTPSession (a
+                            StreamRequestHandler whose conversation is a
+                            generator), one ``smtp_VERB`` per verb
   9. Authentication ....... PipeAuthenticator, AuthFailureTracker
  10. Spool ................ SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -1856,10 +1859,10 @@ class ListenerServer(socketserver.TCPServer):
 class WorkerDispatchMixIn(object):
     """``session-model workers``: the master accepts, applies the limits,
     and hands the connection (its descriptor, over a UNIX socket) to the
-    least busy of a few worker processes, each running a thread per
-    session.  Several processes use several CPUs, and fewer threads per
-    interpreter fight less over its lock; the master still sees every
-    connection, so the limits stay exact."""
+    least busy of a few worker processes, each running its sessions in a
+    SessionLoop.  Several processes use several CPUs, one loop per process
+    spares the interpreter lock; the master still sees every connection,
+    so the limits stay exact."""
 
     model = "workers"
 
