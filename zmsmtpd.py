@@ -2224,10 +2224,15 @@ class SessionLoop(object):
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
-                seq, index, ip, port = rest.decode("ascii").split(" ")
-                listener = self.sup.listeners[int(index)]
+                try:
+                    seq, index, ip, port = rest.decode("ascii").split(" ")
+                    listener = self.sup.listeners[int(index)]
+                    port = int(port)
+                except (ValueError, IndexError):
+                    os.close(fds[0])
+                    continue
                 sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
-                self.begin(listener, sock, (ip, int(port)), seq)
+                self.begin(listener, sock, (ip, port), seq)
             else:
                 for fd in fds:
                     os.close(fd)
