@@ -2071,7 +2071,8 @@ class LoopSlot(object):
     """One session of a SessionLoop, and what it waits for."""
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
-                 "local", "outbuf", "want", "deadline", "token", "events", "resume")
+                 "local", "outbuf", "want", "deadline", "heap_at", "input_deadline",
+                 "events", "resume")
 
     def __init__(self, loop, listener, sock, seq):
         self.loop = loop
@@ -2082,8 +2083,9 @@ class LoopSlot(object):
         self.session = self.conversation = self.local = None
         self.outbuf = b""
         self.want = None        # input, pending, sleep, final; None: on a thread
-        self.deadline = 0.0
-        self.token = 0          # bumped whenever the wait changes: older timers are void
+        self.deadline = 0.0     # when the present wait ends
+        self.heap_at = None     # the time of this slot's entry in the loop's timer heap
+        self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
 
@@ -2118,7 +2120,7 @@ class SessionLoop(object):
         self.runtime = worker.sup.runtime
         self.master = worker.channel
         self.selector = selectors.DefaultSelector()
-        self.timers = []            # heap of (when, n, slot, token)
+        self.timers = []            # heap of (when, n, slot): at most one live entry a slot
         self.timer_n = 0
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
         self.on_threads = 0
@@ -2177,15 +2179,44 @@ class SessionLoop(object):
     def fire_timers(self):
         now = time.time()
         while self.timers and self.timers[0][0] <= now:
-            _, _, slot, token = heapq.heappop(self.timers)
-            if slot.token == token and slot.want is not None:
+            when, _, slot = heapq.heappop(self.timers)
+            if slot.heap_at != when:
+                continue            # superseded by an earlier entry
+            slot.heap_at = None
+            if slot.want is None:
+                continue            # closed, or on a thread
+            if slot.deadline > now:
+                self.set_timer(slot, slot.deadline)     # the wait was extended
+            else:
                 self.guarded(self.expired, slot)
 
     def set_timer(self, slot, when):
-        slot.token += 1
+        """The present wait of ``slot`` ends at ``when``.  A slot keeps one
+        entry in the heap, pushed again when it fires early: a session
+        makes a new wait for every command, and an entry per wait would
+        keep thousands of finished sessions alive for the whole command
+        timeout."""
         slot.deadline = when
+        if slot.heap_at is not None and slot.heap_at <= when:
+            return
+        slot.heap_at = when
         self.timer_n += 1
-        heapq.heappush(self.timers, (when, self.timer_n, slot, slot.token))
+        heapq.heappush(self.timers, (when, self.timer_n, slot))
+        if len(self.timers) > 2 * len(self.slots) + 64:
+            self.compact_timers()
+
+    def compact_timers(self):
+        live = []
+        for entry in self.timers:
+            slot = entry[2]
+            if slot.heap_at != entry[0]:
+                continue
+            if slot.want is None:
+                slot.heap_at = None
+                continue
+            live.append(entry)
+        heapq.heapify(live)
+        self.timers = live
 
     def watch(self, slot, events):
         if events == slot.events:
@@ -2287,7 +2318,7 @@ class SessionLoop(object):
             want, arg = request
             if want == WANT_INPUT:
                 slot.want = "input"
-                self.set_timer(slot, arg)
+                slot.input_deadline = arg
                 error = self.send_output(slot)
                 if error is None:
                     return
@@ -2323,14 +2354,12 @@ class SessionLoop(object):
             data = data[sent:]
         slot.outbuf = data
         if data:
-            # The reply waits for room; the command timer gives way to the
-            # write timeout until it is out.
-            slot.token += 1
-            self.timer_n += 1
-            heapq.heappush(self.timers, (time.time() + WRITE_TIMEOUT, self.timer_n, slot,
-                                         slot.token))
+            # The reply waits for room; the write timeout runs until it is out.
+            self.set_timer(slot, time.time() + WRITE_TIMEOUT)
             self.watch(slot, selectors.EVENT_WRITE)
         else:
+            if slot.want == "input":
+                self.set_timer(slot, slot.input_deadline)
             self.watch(slot, selectors.EVENT_READ)
         return None
 
@@ -2338,18 +2367,12 @@ class SessionLoop(object):
         if slot.want is None or slot.fd not in self.slots:
             return
         if mask & selectors.EVENT_WRITE:
-            deadline = slot.deadline
             error = self.send_output(slot)
-            if error is not None:
-                if slot.want == "final":
+            if slot.want == "final":
+                if error is not None or not slot.outbuf:
                     self.close(slot)
-                else:
-                    self.advance(slot, None, error)
-            elif not slot.outbuf:
-                if slot.want == "final":
-                    self.close(slot)
-                else:
-                    self.set_timer(slot, deadline)   # back to the command timeout
+            elif error is not None:
+                self.advance(slot, None, error)
             return
         channel = slot.session.channel
         if slot.want == "pending":
@@ -2392,11 +2415,11 @@ class SessionLoop(object):
 
     def close(self, slot):
         slot.want = None
-        slot.token += 1
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
         self.end(slot)
+        slot.session = slot.conversation = None    # a timer entry may outlive the slot
 
     def end(self, slot):
         try:
@@ -2410,7 +2433,6 @@ class SessionLoop(object):
         if slot.events:
             self.watch(slot, 0)
         slot.want = None
-        slot.token += 1
         self.slots.pop(slot.fd, None)
         with self.lock:
             self.on_threads += 1
@@ -2459,6 +2481,7 @@ class SessionLoop(object):
             slot.sock.setblocking(False)
             self.slots[slot.fd] = slot
             slot.want = "input"
+            slot.input_deadline = request[1]
             self.set_timer(slot, request[1])
             self.watch(slot, selectors.EVENT_READ)
 

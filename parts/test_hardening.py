@@ -870,6 +870,14 @@ class TestHardeningTimeouts(_HardClassServer, _HardHealthMixin, unittest.TestCas
         self.assertServes(self.srv)
 
 
+class TestHardeningTimeoutsInTheWorkerLoop(TestHardeningTimeouts):
+    """The same deadlines kept by a worker's SessionLoop (session-model
+    workers): its timers, not kernel socket timeouts, end these waits."""
+
+    SERVER_ARGS = dict(params=["PARAM command-timeout 2", "PARAM data-timeout 3",
+                               "PARAM session-workers 1"], model="workers")
+
+
 class TestHardeningTlsHandshakeTimeout(_HardClassServer, _HardHealthMixin, unittest.TestCase):
     """tls-handshake-timeout bounds the whole handshake, on BindSmtpS and
     after STARTTLS, for silent and for slow-drip clients."""
@@ -1720,13 +1728,14 @@ class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
     SEED = 20240505
     THREADS = 6
     SECONDS = 12.0
+    MODEL = "thread"
 
     def test_random_and_mutated_dialogues_never_break_the_server(self):
         srv = _hard_server(self, ["PARAM command-timeout 2", "PARAM data-timeout 3",
                                   "PARAM tls-handshake-timeout 2", "PARAM smtp-auth",
                                   "PARAM auth-login-also-without-tls", "PARAM maxsize 200000",
                                   "PARAM RcptLimitCount 20", "PARAM max-line-length 2048"],
-                           tls=True)
+                           tls=True, model=self.MODEL)
         lock = threading.Lock()
         stats = {"sessions": 0, "burst": 0, "step": 0, "early": 0, "reset": 0, "replies": 0,
                  "421": 0}
@@ -1842,12 +1851,12 @@ class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
                     if re.search(r"#\t000-(internal error|session error|accept loop error)", l)]
         stderr_bad = [l for l in srv.stderr_text().splitlines()
                       if l.startswith(("Traceback", "Exception in thread", "Exception ignored"))]
-        _hard_report("fuzz: seed %d, %d threads, %.0fs: %d dialogues (%d pipelined bursts, "
-                     "%d step by step, %d early talkers of which %d got the 550), %d replies, "
+        _hard_report("fuzz [%s model]: seed %d, %d threads, %.0fs: %d dialogues "
+                     "(%d pipelined bursts, %d step by step, %d early talkers of which %d got the 550), %d replies, "
                      "%d 421 replies, "
                      "step-by-step sessions ended by the server: %s; %d resets, %d internal "
                      "errors, %d problems"
-                     % (self.SEED, self.THREADS, self.SECONDS, stats["sessions"],
+                     % (self.MODEL, self.SEED, self.THREADS, self.SECONDS, stats["sessions"],
                         stats.get("burst", 0), stats.get("step", 0), stats.get("early", 0),
                         stats.get("early refused", 0), stats["replies"], stats["421"],
                         ", ".join("%s: %d" % (k[13:], v) for k, v in sorted(stats.items())
@@ -1876,6 +1885,14 @@ for path in sys.argv[1:]:
 print("\n".join(bad))
 sys.exit(1 if bad else 0)
 '''
+
+
+
+class TestHardeningFuzzInTheWorkerLoop(TestHardeningFuzz):
+    """The same fuzzing against session-model workers: plain sessions in a
+    worker's event loop, TLS and AUTH ones moved to threads and back."""
+
+    MODEL = "workers"
 
 
 class TestHardeningPython36(unittest.TestCase):
