@@ -11,6 +11,7 @@ Each TestCase class is one feature; test names state the behaviour.
 """
 
 import base64
+import errno
 import os
 import re
 import shutil
@@ -944,8 +945,9 @@ class TestWorkerSessionLoop(ServerTestCase):
             s.sendall(b"EHLO c.example\r\n")
             self.assertEqual(self.reply(f), b"250")
         threads = len(os.listdir("/proc/%d/task" % self.worker_pid()))
-        # the loop, plus the pool thread that looked up the first client's names
-        self.assertLessEqual(threads, 3)
+        # the loop, the spool-spares helper, and the pool thread that looked
+        # up the first client's names: not one per session
+        self.assertLessEqual(threads, 4)
 
     def test_a_client_that_does_not_read_its_replies_holds_up_no_one(self):
         greedy, _ = self.connect()
@@ -981,6 +983,84 @@ class TestWorkerSessionLoop(ServerTestCase):
         self.assertEqual(len(self.layout.router_files()), 3)
         for text in (b"authed", b"again", b"plain"):
             self.assertIn(text, self.router_text())
+
+
+class TestSpareInodes(ServerTestCase):
+    """PARAM spool-spare-inodes: spool files whose inodes were made ahead
+    (unnamed, O_TMPFILE) get the usual name at MAIL time and are committed
+    as before; nothing of them shows in public/."""
+
+    def writer(self, keep=2):
+        d = tempfile.mkdtemp(prefix="zmsmtpd-spares-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for sub in ("public", "router"):
+            os.makedirs(os.path.join(d, sub))
+        w = zmsmtpd.SpoolWriter(d, {}, "host.example")
+        w.make_inodes_ahead(keep)
+        deadline = time.time() + 5
+        while len(w.spares.ready) < keep and time.time() < deadline and not w.spares.disabled:
+            time.sleep(0.01)
+        if w.spares.disabled:
+            self.skipTest("O_TMPFILE not supported here")
+        return d, w
+
+    def test_a_spare_gets_its_name_at_create_and_is_committed_as_usual(self):
+        d, w = self.writer()
+        self.assertEqual(os.listdir(os.path.join(d, "public")), [])
+        spool = w.create()
+        self.assertEqual(os.listdir(os.path.join(d, "public")),
+                         ["host.example:%d" % os.getpid()])
+        self.assertEqual(os.stat(spool.path).st_mode & 0o777, 0o200)
+        spool.write(b"env-end\nSubject: s\n\nbody\n")
+        sid, size = spool.commit()
+        self.assertTrue(sid.startswith("S"))
+        routed = os.listdir(os.path.join(d, "router"))
+        self.assertEqual(len(routed), 1)
+        path = os.path.join(d, "router", routed[0])
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"env-end\nSubject: s\n\nbody\n")
+        self.assertEqual(os.listdir(os.path.join(d, "public")), [])
+
+    def test_a_spare_that_cannot_be_named_gives_way_to_the_usual_open(self):
+        d, w = self.writer()
+
+        def refuse(fd, name):
+            raise OSError(errno.EACCES, "refused")
+        w.spares.name = refuse
+        before = len(os.listdir("/proc/self/fd"))
+        spool = w.create()
+        self.assertEqual(os.stat(spool.path).st_mode & 0o777, 0o200)
+        self.assertEqual(os.path.dirname(spool.path), os.path.join(d, "public"))
+        self.assertFalse(w.spares.disabled)
+        spool.abort()
+        deadline = time.time() + 5
+        while len(w.spares.ready) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        # the helper made a new spare; the refused one was closed, not leaked
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+    def test_a_worker_keeps_its_spares_open_and_unnamed(self):
+        port = free_port()
+        layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port,
+                                   "PARAM session-workers 1"] + BASIC_CONF)
+        d = self.start_daemon(layout, port)
+        s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        s.sendmail("a@example.org", ["b@localhost"], "Subject: s\r\n\r\nspare\r\n")
+        s.quit()
+        self.assertEqual(layout.public_files(), [])
+        self.assertIn(b"spare", layout.read_router(layout.router_files()[0]))
+        worker = subprocess.check_output(["ps", "--ppid", str(d.proc.pid), "-o", "pid="]).split()
+        fds = os.listdir("/proc/%d/fd" % int(worker[0]))
+        targets = []
+        for fd in fds:
+            try:
+                targets.append(os.readlink("/proc/%d/fd/%s" % (int(worker[0]), fd)))
+            except OSError:
+                pass
+        public = os.path.join(layout.postoffice, "public")
+        spares = [t for t in targets if t.startswith(public + "/") and t.endswith("(deleted)")]
+        self.assertGreaterEqual(len(spares), 1, targets)
 
 
 class TestDaemonLifecycle(ServerTestCase):

@@ -740,7 +740,9 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="Python that runs zmsmtpd")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="measure zmsmtpd with extra ARGS under NAME, e.g. "
-                         "'zmsmtpd fork=--fork'; repeatable (default: one plain variant)")
+                         "'zmsmtpd fork=--fork', or with configuration lines, e.g. "
+                         "'no spares=PARAM spool-spare-inodes 0'; repeatable "
+                         "(default: one plain variant)")
     ap.add_argument("--models", default="auto",
                     help="comma list of PARAM session-model values to measure, e.g. thread,fork "
                          "(workers/N also sets PARAM session-workers N) "
@@ -799,8 +801,13 @@ def main():
     for v in a.variant or ["zmsmtpd="]:
         name, _, args = v.partition("=")
         name = name.strip() or "zmsmtpd"
+        extra_conf = []
+        if args.strip().startswith("PARAM "):
+            # "NAME=PARAM a 1; PARAM b 2": configuration lines, not arguments
+            extra_conf = [l.strip() for l in args.split(";") if l.strip()]
+            args = ""
         for m in models or [None]:
-            params = []
+            params = list(extra_conf)
             if m is not None:
                 # "workers/8": session-model workers with PARAM session-workers 8
                 model, _, count = m.partition("/")

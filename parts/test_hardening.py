@@ -1503,6 +1503,8 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
     """A full spool file system or a directory the server cannot write:
     452 4.3.1, nothing half-written, and recovery when it is fixed."""
 
+    MODEL = "thread"
+
     def _mail(self, srv, message, size=None):
         c = _hard_connect(self, srv.port)
         self.assertEqual(c.cmd("EHLO localhost").code, 250)
@@ -1542,7 +1544,7 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         # is 4 MB and the message (1.6 MB) larger than what is left.
         if os.geteuid() != 0:
             self.skipTest("mounting a tmpfs needs root")
-        srv = _HardServer(["PARAM min-availspace 1000"], mount_tmpfs="4m")
+        srv = _HardServer(["PARAM min-availspace 1000"], mount_tmpfs="4m", model=self.MODEL)
         self.addCleanup(srv.close)
         srv.start()
         big = _hard_message("FULLDISK", body_lines=23000)  # about 1.6 MB
@@ -1580,7 +1582,8 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
             pwd.getpwnam("nobody")
         except (ImportError, KeyError):
             self.skipTest("no user 'nobody'")
-        srv = _HardServer(["PARAM min-availspace 0"], zextra=["TRUSTEDUSER=nobody"])
+        srv = _HardServer(["PARAM min-availspace 0"], zextra=["TRUSTEDUSER=nobody"],
+                          model=self.MODEL)
         self.addCleanup(srv.close)
         os.chmod(srv.dir, 0o755)
         for d in (srv.public, srv.router):
@@ -1717,6 +1720,15 @@ _HARD_FUZZ_CLOSING = re.compile(r"^(421 |221 |501 5\.5\.2 Syntax error in parame
                            r"550 5\.5\.2 Hi .*One too many|550 5\.7\.1 HELLO .*PIPELINED|"
                            r"220 Ready to start TLS|450 )")
 
+
+
+class TestHardeningSpoolTroubleInTheWorkerLoop(TestHardeningSpoolTrouble):
+    """The same with session-model workers, whose spool files come from
+    inodes made ahead (PARAM spool-spare-inodes): a spare that cannot be
+    named in an unwritable public/ falls back to the usual open and its
+    452; on a full file system the data write fails as before."""
+
+    MODEL = "workers"
 
 class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
     """Thousands of random and mutated dialogues from a few threads: the
