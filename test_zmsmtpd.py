@@ -33,7 +33,7 @@ REFERENCE = os.path.join(os.path.dirname(HERE), "shared", "reference")
 PYTHON = sys.executable
 
 
-from parts.harness import free_port  # noqa: E402
+from parts.harness import free_port, process_alive  # noqa: E402
 
 
 class Layout(object):
@@ -893,6 +893,8 @@ class TestWorkerSessionLoop(ServerTestCase):
         self.layout.write_conf([
             "PARAM BindSmtp [127.0.0.1] %d" % self.port,
             "PARAM session-model workers", "PARAM session-workers 1",
+            "PARAM MaxSameIpSource 1000", "PARAM MaxParallelConnections 1000",
+            "PARAM shutdown-grace 1",
             "PARAM smtp-auth", "PARAM auth-login-also-without-tls",
             "PARAM smtp-auth-pipe %s" % self.layout.auth] + BASIC_CONF)
         self.daemon = self.start_daemon(self.layout, self.port)
@@ -965,6 +967,74 @@ class TestWorkerSessionLoop(ServerTestCase):
         s.quit()
         self.assertLess(time.time() - t0, 5)
         self.assertEqual(len(self.layout.router_files()), 1)
+
+    def test_connections_wait_for_a_stalled_worker_instead_of_421(self):
+        # The kernel queues only a few descriptors on the master's UNIX
+        # socket to a worker; the rest must wait in the master, not be refused.
+        worker = self.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        self.addCleanup(kill_quietly, worker, signal.SIGCONT)
+        socks = []
+        for _ in range(400):        # more than the socket's send buffer holds
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=15)
+            self.addCleanup(s.close)
+            socks.append(s)
+        time.sleep(0.3)
+        os.kill(worker, signal.SIGCONT)
+        greetings = [s.makefile("rb").readline()[:3] for s in socks]
+        self.assertEqual(greetings.count(b"220"), 400, set(greetings))
+
+    def test_a_pipelining_client_does_not_hold_up_a_new_session(self):
+        hogs = []
+        for _ in range(3):
+            hog, _ = self.connect()
+            hog.settimeout(0.5)
+            try:
+                for _ in range(40):
+                    hog.sendall(b"NOOP\r\n" * 8192)
+            except socket.timeout:
+                pass        # buffers full: the server stopped reading it
+            hogs.append(hog)
+        t0 = time.time()
+        s, f = self.connect()
+        s.sendall(b"QUIT\r\n")
+        self.assertEqual(self.reply(f), b"221")
+        self.assertLess(time.time() - t0, 0.5)
+
+    def test_sighup_lets_a_session_of_the_old_worker_finish(self):
+        s, f = self.connect()
+        s.sendall(b"HELO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n")
+        self.assertEqual([self.reply(f) for _ in range(3)], [b"250"] * 3)
+        old = self.worker_pid()
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        for _ in range(6):              # well past shutdown-grace
+            time.sleep(0.5)
+            s.sendall(b"NOOP\r\n")
+            self.assertEqual(self.reply(f), b"250")
+        s.sendall(b"DATA\r\n")
+        self.assertEqual(self.reply(f), b"354")
+        s.sendall(b"Subject: r\r\n\r\nacross a reload\r\n.\r\nQUIT\r\n")
+        self.assertEqual([self.reply(f), self.reply(f)], [b"250", b"221"])
+        self.assertIn(b"across a reload", self.router_text())
+        deadline = time.time() + 10
+        while time.time() < deadline and process_alive(old):
+            time.sleep(0.05)
+        self.assertFalse(process_alive(old), "the old worker did not exit after its session")
+
+    def test_sighup_applies_a_new_session_workers_count(self):
+        self.layout.write_conf([l.replace("session-workers 1", "session-workers 3")
+                                for l in open(self.layout.conf).read().splitlines()])
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        count = 0
+        while time.time() < deadline:
+            out = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                           "-o", "stat="]).split()
+            count = len([x for x in out if not x.startswith(b"Z")])
+            if count == 3:
+                break
+            time.sleep(0.05)
+        self.assertEqual(count, 3)
 
     def test_a_session_back_from_auth_on_a_thread_carries_on_in_the_loop(self):
         plain, fp = self.connect()

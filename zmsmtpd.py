@@ -1896,7 +1896,11 @@ class WorkerPool(object):
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
-    seen by another worker), ``Q`` (finish the running sessions and exit).
+    seen by another worker), ``R`` (a reload: finish the running sessions,
+    however long they take, and exit), ``Q`` (stopping: the same, within
+    ``shutdown-grace``).  A connection the worker's queue cannot take at
+    once (the kernel queues few descriptors on a UNIX socket) waits in the
+    worker's backlog here until it can.
     Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``.  A
     worker that dies is replaced; its sessions are counted as ended."""
 
@@ -1940,15 +1944,57 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
-        fds = array.array("i", [request.fileno()])
-        try:
-            entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               fds.tobytes())])
-        except (OSError, socket.error) as e:
-            self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-            return None
+        if not entry.backlog:
+            try:
+                self.hand_over(entry, payload, request)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (OSError, socket.error) as e:
+                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
+                return None
+            else:
+                entry.active += 1
+                return (pid, self.seq)
+        # The worker's queue is full: keep a copy of the connection until
+        # it has room (the caller closes its own).
+        if not entry.backlog:
+            self.supervisor.selector.modify(entry.channel,
+                                            selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                            ("worker", pid))
+        entry.backlog.append((payload, request.dup()))
         entry.active += 1
         return (pid, self.seq)
+
+    @staticmethod
+    def hand_over(entry, payload, request):
+        fds = array.array("i", [request.fileno()])
+        entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           fds.tobytes())])
+
+    def writable(self, pid):
+        """Room in worker ``pid``'s queue: hand over its backlog."""
+        entry = self.workers.get(pid)
+        if entry is None:
+            return
+        while entry.backlog:
+            payload, conn = entry.backlog[0]
+            try:
+                self.hand_over(entry, payload, conn)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, socket.error) as e:
+                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
+                entry.active -= 1
+                self.supervisor.session_ended(None, None, (pid, int(payload.split()[1])))
+            entry.backlog.popleft()
+            conn.close()
+        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, ("worker", pid))
+
+    def worker_event(self, pid, mask):
+        if mask & selectors.EVENT_WRITE:
+            self.writable(pid)
+        if mask & selectors.EVENT_READ:
+            self.readable(pid)
 
     def readable(self, pid):
         """Messages from worker ``pid``; EOF means it is gone."""
@@ -1989,6 +2035,9 @@ class WorkerPool(object):
         except (KeyError, ValueError):
             pass
         entry.channel.close()
+        for _, conn in entry.backlog:
+            conn.close()
+        entry.backlog.clear()
         with sup.lock:
             gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
         for key in gone:
@@ -2001,24 +2050,26 @@ class WorkerPool(object):
             sup.log.note("worker %d ended; starting another" % pid)
             self.spawn(entry.index)
 
-    def retire(self):
+    def retire(self, message=b"Q"):
         """Ask every worker to finish its sessions and exit (no respawn)."""
         for entry in self.workers.values():
             entry.retired = True
-        self.broadcast(b"Q")
+        self.broadcast(message)
 
-    def restart(self):
-        """After a reload: the old workers finish, new ones take over."""
-        self.retire()
+    def restart(self, count):
+        """After a reload: the old workers finish their sessions, however
+        long they take; ``count`` new ones take over at once."""
+        self.retire(b"R")
+        self.count = max(1, count)
         self.start()
 
     def wait(self, deadline):
         """Until the workers are gone or the deadline; then SIGKILL."""
         while self.workers and time.time() < deadline:
             events = self.supervisor.selector.select(timeout=0.1)
-            for key, _ in events:
+            for key, mask in events:
                 if isinstance(key.data, tuple):
-                    self.readable(key.data[1])
+                    self.worker_event(key.data[1], mask)
         for pid in list(self.workers):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -2035,6 +2086,7 @@ class WorkerEntry(object):
         self.index = index
         self.active = 0
         self.retired = False
+        self.backlog = deque()      # (message, connection) waiting for room
 
 
 class WorkerProcess(object):
@@ -2127,8 +2179,10 @@ class SessionLoop(object):
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
         self.on_threads = 0
         self.lock = threading.Lock()
-        self.returning = deque()    # (slot, request) handed back by threads
-        self.leaving = False
+        self.returning = deque()    # slots handed back by threads
+        self.runnable = deque()     # slots to resume at the next turn of the loop
+        self.leaving = False        # told to finish (R, Q or the master gone)
+        self.grace_end = None       # after Q: when to stop waiting for sessions
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -2141,19 +2195,18 @@ class SessionLoop(object):
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        grace_end = None
         while True:
             if self.leaving:
-                if grace_end is None:
-                    grace_end = time.time() + self.sup.config.shutdown_grace
                 with self.lock:
                     busy = len(self.slots) + self.on_threads + len(self.returning)
-                if not busy or time.time() >= grace_end:
+                if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
                     return
             timeout = None
-            if self.timers:
+            if self.runnable:
+                timeout = 0
+            elif self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.time())
-            if grace_end is not None:
+            if self.leaving:
                 timeout = min(timeout if timeout is not None else 1.0, 1.0)
             try:
                 events = self.selector.select(timeout)
@@ -2168,6 +2221,14 @@ class SessionLoop(object):
                 else:
                     self.guarded(self.ready, what, mask)
             self.fire_timers()
+            self.run_turns()
+
+    def run_turns(self):
+        """Sessions that gave up their turn with input still buffered."""
+        for _ in range(len(self.runnable)):
+            slot = self.runnable.popleft()
+            if slot.want == "turn" and slot.fd in self.slots:
+                self.guarded(self.advance, slot, None, None)
 
     def guarded(self, step, slot, *args):
         """A fault in one session's step ends that session, not the worker
@@ -2246,12 +2307,16 @@ class SessionLoop(object):
             for level, ctype, data in ancdata:
                 if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                     fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if not msg or msg == b"Q":
+            if not msg or msg in (b"Q", b"R"):
                 for fd in fds:
                     os.close(fd)
                 self.leaving = True
-                self.selector.unregister(self.master)
-                return
+                if msg != b"R" and self.grace_end is None:
+                    self.grace_end = time.time() + self.sup.config.shutdown_grace
+                if not msg:
+                    self.selector.unregister(self.master)
+                    return
+                continue
             kind, _, rest = msg.partition(b" ")
             if kind == b"F":
                 self.runtime.auth_failures.absorb(rest)
@@ -2325,6 +2390,13 @@ class SessionLoop(object):
                 error = self.send_output(slot)
                 if error is None:
                     return
+            elif want == WANT_TURN:
+                # Pipelined input is still buffered: let the other
+                # sessions have the loop first, and send what is queued.
+                slot.want = "turn"
+                error = self.send_output(slot)
+                if error is None:
+                    return
             elif want == WANT_PENDING:
                 if arg <= 0 or channel.buf:
                     value = channel.pending(0)
@@ -2343,8 +2415,9 @@ class SessionLoop(object):
                 return
 
     def send_output(self, slot):
-        """Send what the session queued, as far as the socket takes it now;
-        then watch for input, or for room to send the rest."""
+        """Send what the session queued, as far as the socket takes it now,
+        then wait for what the slot waits for: room to send the rest (under
+        the write timeout), input, its next turn, or (when final) nothing."""
         data = slot.outbuf + slot.session.channel.take_output()
         if data:
             try:
@@ -2357,13 +2430,14 @@ class SessionLoop(object):
             data = data[sent:]
         slot.outbuf = data
         if data:
-            # The reply waits for room; the write timeout runs until it is out.
             self.set_timer(slot, time.time() + WRITE_TIMEOUT)
             self.watch(slot, selectors.EVENT_WRITE)
-        else:
-            if slot.want == "input":
-                self.set_timer(slot, slot.input_deadline)
+        elif slot.want == "input":
+            self.set_timer(slot, slot.input_deadline)
             self.watch(slot, selectors.EVENT_READ)
+        elif slot.want == "turn":
+            self.watch(slot, 0)
+            self.runnable.append(slot)
         return None
 
     def ready(self, slot, mask):
@@ -2398,8 +2472,8 @@ class SessionLoop(object):
 
     def expired(self, slot):
         want = slot.want
-        if want == "input":
-            # A timer after a partial write is the write timeout.
+        if want in ("input", "turn"):
+            # With output still queued it is the write timeout.
             self.advance(slot, None, ClientGone() if slot.outbuf else SessionTimeout())
         elif want == "pending":
             self.advance(slot, False, None)
@@ -2426,6 +2500,8 @@ class SessionLoop(object):
 
     def end(self, slot):
         try:
+            if slot.session is not None:
+                slot.session.finish()       # closes a TLS socket
             slot.listener.shutdown_request(slot.sock)
         finally:
             self.worker.ended(slot.seq)
@@ -2670,7 +2746,7 @@ class Supervisor(object):
                 if getattr(e, "errno", None) == errno.EINTR:
                     continue
                 raise
-            for key, _ in events:
+            for key, mask in events:
                 if key.data is None:
                     try:
                         while os.read(self.wake_r, 512):
@@ -2685,7 +2761,7 @@ class Supervisor(object):
                         pass
                     continue
                 if isinstance(key.data, tuple):
-                    self.pool.readable(key.data[1])
+                    self.pool.worker_event(key.data[1], mask)
                     continue
                 listener = key.data
                 # _handle_request_noblock: accept, verify_request,
@@ -2748,11 +2824,18 @@ class LineTooLong(Exception):
 #: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
 #: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
 #: pause; ``(WANT_THREAD, None)`` the next step blocks (TLS, the AUTH
-#: program, an uncached DNS lookup), so it must run on a thread of its own.
+#: program, an uncached DNS lookup), so it must run on a thread of its own;
+#: ``(WANT_TURN, None)`` pipelined commands are still buffered, and others
+#: may go first (every TURN_COMMANDS commands).
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
-WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD = "input", "pending", "sleep", "thread"
+WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN = \
+    "input", "pending", "sleep", "thread", "turn"
+
+#: Pipelined commands a session runs before it lets the others have the
+#: worker's loop (one recv can bring some 10 000 of them).
+TURN_COMMANDS = 16
 
 
 class Channel(object):
@@ -3237,7 +3320,15 @@ class SMTPSession(socketserver.StreamRequestHandler):
                           mode="daemon", sock=sock)
 
     def finish(self):
-        pass
+        """Close a TLS connection here: the plain socket socketserver
+        closes next was taken over (detached) by the TLS layer."""
+        sock = getattr(self, "sock", None)
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except (OSError, socket.error, ValueError):
+                pass
+            sock.close()
 
     def handle(self):
         self.run()
@@ -3405,6 +3496,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             return
         deadline_for = self.cfg.command_timeout
         limit = self.cfg.max_line_length
+        in_a_row = 0
         while not self.closing:
             if self.runtime.stopping:
                 self.reply("shutdown")
@@ -3419,6 +3511,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
             if self.tarpit_due:
                 pause, self.tarpit_due = self.tarpit_due, 0
                 yield (WANT_SLEEP, pause)
+            in_a_row = in_a_row + 1 if self.channel.buf else 0
+            if in_a_row >= TURN_COMMANDS:
+                in_a_row = 0
+                yield (WANT_TURN, None)
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -5278,7 +5374,7 @@ class Runtime(object):
                 raise ConfigError("no listener could be opened")
             sup.install_listeners(listeners)
             if sup.pool is not None:
-                sup.pool.restart()
+                sup.pool.restart(config.session_workers or os.cpu_count() or 2)
             self.log.note("configuration reloaded from %s" % config.path)
         except ConfigError as e:
             self.log.note("reload failed, keeping the running configuration: %s" % e)

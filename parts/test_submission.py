@@ -838,6 +838,30 @@ PARAM smtp-auth-pipe {dir}/bin/auth
         w.ehlo()
         return w
 
+    def assertClosedAfterQuit(self, w):
+        self.assertEqual(w.cmd("QUIT")[0], 221)
+        w.sock.settimeout(3)
+        try:
+            data = w.sock.recv(100)
+        except socket.timeout:
+            self.fail("the server kept the TLS connection open after 221")
+        except (OSError, ssl.SSLError):
+            data = b""
+        self.assertEqual(data, b"")
+        w.close()
+
+    def test_the_server_closes_a_starttls_connection_after_quit(self):
+        w = self.srv.wire()
+        w.ehlo()
+        self.assertEqual(w.starttls()[0], 220)
+        w.ehlo()
+        self.assertClosedAfterQuit(w)
+
+    def test_the_server_closes_an_smtps_connection_after_quit(self):
+        w = self.srv.wire("smtps", tls=True)
+        w.ehlo()
+        self.assertClosedAfterQuit(w)
+
     def test_mail_before_a_new_ehlo_after_starttls_gives_503(self):
         w = self.wire()
         self.assertEqual(w.starttls()[0], 220)
