@@ -33,7 +33,7 @@ REFERENCE = os.path.join(os.path.dirname(HERE), "shared", "reference")
 PYTHON = sys.executable
 
 
-from parts.harness import free_port, process_alive  # noqa: E402
+from parts.harness import free_port, kill_quietly, process_alive  # noqa: E402
 
 
 class Layout(object):
@@ -178,14 +178,6 @@ def wait_for_port(host, port, proc=None, timeout=15):
             s.close()
             time.sleep(0.05)
     raise AssertionError("nothing listens on %s:%d" % (host, port))
-
-
-def kill_quietly(pid, sig=signal.SIGTERM):
-    """Cleanup helper: the process may well be gone already."""
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
 
 
 class ServerTestCase(unittest.TestCase):

@@ -2371,16 +2371,13 @@ class SessionLoop(object):
         channel = slot.session.channel
         while True:
             try:
-                if error is not None:
-                    request = conversation.throw(error)
-                else:
-                    request = conversation.send(value)
-            except StopIteration:
-                self.wind_up(slot)
-                return
+                request = resume(conversation, value, error)
             except Exception:
                 slot.listener.handle_error(slot.sock, slot.session.client_address)
                 self.close(slot)
+                return
+            if request is None:
+                self.wind_up(slot)
                 return
             value = error = None
             want, arg = request
@@ -2920,9 +2917,7 @@ class Channel(object):
 
     def flush(self):
         if self.out and not self.deferred:
-            data = b"".join(self.out)
-            self.out = []
-            self._send(data)
+            self._send(self.take_output())
 
     def take_output(self):
         """The queued output as one string (for the SessionLoop)."""
@@ -2948,6 +2943,17 @@ def serve_blocking(channel, request):
     return None, None
 
 
+def resume(conversation, value, error):
+    """One step of a conversation: send it ``value`` (or throw ``error``
+    in); its next request, or None once it has ended."""
+    try:
+        if error is not None:
+            return conversation.throw(error)
+        return conversation.send(value)
+    except StopIteration:
+        return None
+
+
 def drive_blocking(channel, conversation, request=None, home=None):
     """Run a conversation to its end on this thread.  ``request`` is one it
     yielded before (when a SessionLoop hands it over); with ``home`` set the
@@ -2955,12 +2961,8 @@ def drive_blocking(channel, conversation, request=None, home=None):
     input on a plain socket."""
     value, error = (None, None) if request is None else serve_blocking(channel, request)
     while True:
-        try:
-            if error is not None:
-                request = conversation.throw(error)
-            else:
-                request = conversation.send(value)
-        except StopIteration:
+        request = resume(conversation, value, error)
+        if request is None:
             return True
         if home is not None and request[0] == WANT_INPUT and home.can_adopt(channel):
             try:

@@ -3,6 +3,7 @@ finding programs.  One definition each, so the modules agree."""
 
 import os
 import shutil
+import signal
 import socket
 import sys
 
@@ -22,6 +23,14 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
     finally:
         s.close()
+
+
+def kill_quietly(pid, sig=signal.SIGTERM):
+    """Cleanup helper: the process may well be gone already."""
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 def which(name):

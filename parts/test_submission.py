@@ -40,9 +40,9 @@ import time
 import unittest
 
 try:
-    from parts.harness import free_port, process_alive, which  # noqa: F401
+    from parts.harness import free_port, kill_quietly, process_alive, which  # noqa: F401
 except ImportError:  # run from inside parts/
-    from harness import free_port, process_alive, which  # noqa: F401
+    from harness import free_port, kill_quietly, process_alive, which  # noqa: F401
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
@@ -114,13 +114,6 @@ _sub_free_port = free_port
 
 
 _sub_alive = process_alive
-
-
-def _sub_kill_quietly(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _sub_tls_client_context():
@@ -1477,7 +1470,7 @@ PARAM auth-failrate 1000
             except (IOError, OSError, ValueError):
                 pass
         for pid in pids:
-            self.addCleanup(_sub_kill_quietly, pid)
+            self.addCleanup(kill_quietly, pid, signal.SIGKILL)
         self.assertEqual(code, 454, lines)
         self.assertTrue(lines[-1].startswith("454 4.7.0 "), lines)
         self.assertLess(elapsed, 5.0)
@@ -1512,7 +1505,7 @@ PARAM auth-failrate 1000
             t.join(10)
         for name in ("sleeper.pid", "sleep.pid"):
             try:
-                self.addCleanup(_sub_kill_quietly, int(self.rec(name).strip()))
+                self.addCleanup(kill_quietly, int(self.rec(name).strip()), signal.SIGKILL)
             except (IOError, OSError, ValueError):
                 pass
         self.assertEqual(code, 235)
@@ -1532,7 +1525,8 @@ PARAM auth-failrate 1000
         code, lines = self.wire().auth_plain("forker", "x")
         elapsed = time.time() - start
         try:
-            self.addCleanup(_sub_kill_quietly, int(self.rec("forker.pid").strip()))
+            self.addCleanup(kill_quietly, int(self.rec("forker.pid").strip()),
+                             signal.SIGKILL)
         except (IOError, OSError, ValueError):
             pass
         self.assertEqual(code, 235, "%r after %.1fs" % (lines, elapsed))
@@ -1634,8 +1628,7 @@ class SubmissionAuthFailrateTest(unittest.TestCase):
                   "PARAM smtp-auth-pipe {dir}/bin/auth\nPARAM auth-failrate 3\n" + extra)
         return srv
 
-    def test_failures_count_across_connections_in_fork_session_model(self):
-        srv = self.server("PARAM session-model fork\n")
+    def assertThreeFailuresOnSeparateConnectionsBlockTheFourth(self, srv):
         for _ in range(3):
             w = srv.wire()
             w.ehlo()
@@ -1648,19 +1641,13 @@ class SubmissionAuthFailrateTest(unittest.TestCase):
         self.assertEqual(code, 454, lines)
         self.assertEqual(len(srv.calls()), 3)
 
+    def test_failures_count_across_connections_in_fork_session_model(self):
+        self.assertThreeFailuresOnSeparateConnectionsBlockTheFourth(
+            self.server("PARAM session-model fork\n"))
+
     def test_failures_count_across_workers_in_workers_session_model(self):
-        srv = self.server("PARAM session-model workers\nPARAM session-workers 2\n")
-        for _ in range(3):
-            w = srv.wire()
-            w.ehlo()
-            self.assertEqual(w.auth_plain(_SUB_USER, "wrong")[0], 535)
-            w.quit()
-        w = srv.wire()
-        self.addCleanup(w.quit)
-        w.ehlo()
-        code, lines = w.auth_plain()
-        self.assertEqual(code, 454, lines)
-        self.assertEqual(len(srv.calls()), 3)
+        self.assertThreeFailuresOnSeparateConnectionsBlockTheFourth(
+            self.server("PARAM session-model workers\nPARAM session-workers 2\n"))
 
     def test_after_three_failures_auth_gets_454_without_running_the_program(self):
         srv = self.server()
