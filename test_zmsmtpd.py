@@ -29,11 +29,10 @@ sys.path.insert(0, HERE)
 import zmsmtpd  # noqa: E402
 
 SERVER = os.path.join(HERE, "zmsmtpd.py")
-REFERENCE = os.path.join(os.path.dirname(HERE), "shared", "reference")
 PYTHON = sys.executable
 
 
-from parts.harness import free_port, kill_quietly, process_alive  # noqa: E402
+from tests.harness import free_port, kill_quietly, process_alive, reference_file  # noqa: E402
 
 
 class Layout(object):
@@ -220,7 +219,7 @@ class TestZmailerConf(unittest.TestCase):
         self.assertEqual(z.get("POSTOFFICE"), "/b")
 
     def test_the_sites_real_zmailer_conf_loads(self):
-        z = zmsmtpd.ZEnv.load(os.path.join(REFERENCE, "configs", "site-hrr-srs-zmailer.conf"))
+        z = zmsmtpd.ZEnv.load(reference_file(self, "configs", "site-hrr-srs-zmailer.conf"))
         self.assertTrue(z.get("POSTOFFICE"))
         self.assertTrue(z.get("MAILVAR"))
 
@@ -419,13 +418,11 @@ class TestShippedConfigsLoad(unittest.TestCase):
     def test_the_zmailer_prototype_config_loads_and_checks(self):
         layout = Layout()  # MAILVAR with db/smtp-policy.dat, as the proto expects
         self.addCleanup(layout.cleanup)
-        self.assertEqual(self.check(os.path.join(REFERENCE, "configs",
-                                                 "proto-smtpserver.conf.in"), layout.zconf), 0)
+        self.assertEqual(self.check(reference_file(self, "configs", "proto-smtpserver.conf.in"), layout.zconf), 0)
 
     def test_the_sites_config_parses_without_bad_keywords(self):
-        z = zmsmtpd.ZEnv.load(os.path.join(REFERENCE, "configs", "site-hrr-srs-zmailer.conf"))
-        c = zmsmtpd.ConfigReader(os.path.join(REFERENCE, "configs",
-                                              "site-hrr-srs-smtpserver.conf"), z).read()
+        z = zmsmtpd.ZEnv.load(reference_file(self, "configs", "site-hrr-srs-zmailer.conf"))
+        c = zmsmtpd.ConfigReader(reference_file(self, "configs", "site-hrr-srs-smtpserver.conf"), z).read()
         self.assertEqual([d for d in c.diagnostics if "bad PARAM" in d[2]], [])
         self.assertTrue(c.groups[0].use_tls)
         self.assertEqual(len(c.help), 6)
@@ -576,7 +573,7 @@ class TestPolicyTable(unittest.TestCase):
         self.assertIn(":13:", str(cm.exception))
 
     def test_shipped_policy_source_loads(self):
-        t = zmsmtpd.PolicyTable.load(os.path.join(REFERENCE, "configs", "smtp-policy.src"))
+        t = zmsmtpd.PolicyTable.load(reference_file(self, "configs", "smtp-policy.src"))
         self.assertIn("_full_rights", t.records)
 
 
@@ -1362,28 +1359,17 @@ class TestDemo(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# The feature areas kept in parts/ (one module each, merged into this suite):
-# oracle replay, submission (AUTH/TLS/MSA), hardening, operations
-# (zmailer.sh, policy-builder), rauth against Dovecot.
+# The feature areas in tests/ (one module each: oracle replay, submission,
+# hardening, operations, rauth, ...) join this suite through load_tests, so
+# "python3 -m unittest test_zmsmtpd" runs everything.
 # ---------------------------------------------------------------------------
 
-def _import_parts():
-    import importlib
-    names = {}
-    for mod in ("test_oracle", "test_submission", "test_hardening", "test_ops", "test_rauth"):
-        path = os.path.join(HERE, "parts", mod + ".py")
-        if not os.path.exists(path):
-            continue
-        module = importlib.import_module("parts." + mod)
-        for name in dir(module):
-            obj = getattr(module, name)
-            if isinstance(obj, type) and issubclass(obj, unittest.TestCase) \
-                    and obj.__module__ == module.__name__:
-                names[name] = obj
-    return names
-
-
-globals().update(_import_parts())
+def load_tests(loader, standard_tests, pattern):
+    here = os.path.join(HERE, "tests")
+    for name in sorted(os.listdir(here)):
+        if name.startswith("test_") and name.endswith(".py"):
+            standard_tests.addTests(loader.loadTestsFromName("tests." + name[:-3]))
+    return standard_tests
 
 
 if __name__ == "__main__":

@@ -13,6 +13,28 @@ if HERE not in sys.path:
 
 from zmsmtpd import process_alive  # noqa: E402,F401  (a zombie is not alive)
 
+#: The recordings of the original program and the sites' configuration
+#: files.  They live outside the repository; tests that need them skip with
+#: a reason when they are absent, so a bare clone's suite still passes.
+REFERENCE = os.environ.get("ZMSMTPD_REFERENCE",
+                           os.path.join(os.path.dirname(HERE), "shared", "reference"))
+
+
+def reference_file(testcase, *parts):
+    """The path of a reference file, or skip ``testcase`` saying what is missing."""
+    path = os.path.join(REFERENCE, *parts)
+    if not os.path.exists(path):
+        testcase.skipTest("reference material not present: %s (set ZMSMTPD_REFERENCE)"
+                          % path)
+    return path
+
+
+def pyenv_python(version):
+    """The pyenv interpreter of that exact version, or None."""
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    path = os.path.join(root, "versions", version, "bin", "python")
+    return path if os.path.exists(path) else None
+
 
 def free_port(host="127.0.0.1"):
     """A port nobody listens on right now, on ``host`` (v4 or v6)."""

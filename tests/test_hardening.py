@@ -2,7 +2,7 @@
 """Hardening tests (issue 5): limits, timeouts, hostile input, crashes,
 full disks, a fuzzer, both session models, and Python 3.6 syntax.
 
-Run from the repository root:  python -m unittest -v parts.test_hardening
+Run from the repository root:  python -m unittest -v tests.test_hardening
 
 Every test starts its own zmsmtpd.py (foreground, ``-v``) on free loopback
 ports in a private temporary directory and kills its process group at the
@@ -30,14 +30,11 @@ import threading
 import time
 import unittest
 
-try:
-    from parts.harness import free_port, process_alive, which  # noqa: F401
-except ImportError:  # run from inside parts/
-    from harness import free_port, process_alive, which  # noqa: F401
+from tests.harness import free_port, process_alive, which, pyenv_python  # noqa: F401
 
 _HARD_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HARD_SERVER = os.path.join(_HARD_REPO, "zmsmtpd.py")
-_HARD_PY36 = "/root/.pyenv/versions/3.6.15/bin/python"
+_HARD_PY36 = pyenv_python("3.6.15")
 _HARD_NOW = getattr(time, "monotonic", time.time)
 
 #: Reply that carries a spool id: ``250 2.0.0 accepted; S<inode>...``.
@@ -1912,8 +1909,8 @@ class TestHardeningPython36(unittest.TestCase):
     the server runs under 3.6."""
 
     def setUp(self):
-        if not os.path.exists(_HARD_PY36):
-            self.skipTest("Python 3.6 not installed at %s" % _HARD_PY36)
+        if not _HARD_PY36:
+            self.skipTest("Python 3.6.15 is not installed under pyenv")
 
     def test_every_python_file_parses_with_python_3_6(self):
         files = []

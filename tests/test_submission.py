@@ -3,7 +3,7 @@
 program, MSA mode, the Sender: rewrite, STARTTLS and SMTPS (issue 3;
 DECISIONS.md D1-D5, D12; protocol.md sections 3-4).
 
-Run from the repository root:  python -m unittest -v parts.test_submission
+Run from the repository root:  python -m unittest -v tests.test_submission
 
 Every TestCase class starts its own zmsmtpd.py daemon(s) in the foreground
 (``-v``) in a private temporary directory, on free loopback ports, and stops
@@ -39,10 +39,7 @@ import tempfile
 import time
 import unittest
 
-try:
-    from parts.harness import free_port, kill_quietly, process_alive, which  # noqa: F401
-except ImportError:  # run from inside parts/
-    from harness import free_port, kill_quietly, process_alive, which  # noqa: F401
+from tests.harness import free_port, kill_quietly, process_alive, which  # noqa: F401
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")

@@ -1,9 +1,9 @@
 # -*- coding: utf-8 -*-
 """Differential tests: replay the oracle's ``-i`` recordings against zmsmtpd.
 
-Run from the repository root:  python -m unittest -v parts.test_oracle
+Run from the repository root:  python -m unittest -v tests.test_oracle
 
-The oracle (``/work/shared/reference/oracle``, or ``$ZMSMTPD_ORACLE_DIR``) holds
+The oracle (``$ZMSMTPD_REFERENCE/oracle``, or ``$ZMSMTPD_ORACLE_DIR``) holds
 sessions of the original ZMailer 3.0.1 smtpserver.  For every recording made
 with ``-i`` this module
 
@@ -24,7 +24,7 @@ with ``-i`` this module
 
 Every place where zmsmtpd is expected to differ from the recording is written
 down below as an explicit expectation with a comment naming the rule in
-``/work/shared/reference/DECISIONS.md`` (D1, D3, D4, D5, D9, D10).  Two
+the reference notes (D1, D3, D4, D5, D9, D10).  Two
 expectations rest on ``protocol.md`` section 7 ("defects a port should fix")
 rather than on a numbered decision; they are marked ``NOT A NUMBERED
 DECISION`` so the lead can add one.
@@ -67,10 +67,12 @@ import time
 import traceback
 import unittest
 
+from tests.harness import REFERENCE  # noqa: E402
+
 _ORC_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ORC_SERVER = os.path.join(_ORC_REPO, "zmsmtpd.py")
 _ORC_ORACLE = os.environ.get("ZMSMTPD_ORACLE_DIR",
-                             "/work/shared/reference/oracle")
+                             os.path.join(REFERENCE, "oracle"))
 _ORC_CONFIGS = os.path.join(os.path.dirname(_ORC_ORACLE), "configs")
 _ORC_READ_TIMEOUT = float(os.environ.get("ZMSMTPD_ORACLE_TIMEOUT", "10"))
 # After a "400 4.7.0 Policy database problem" reply the original sleeps 20 s

@@ -2,7 +2,7 @@
 """Operations tests: zmailer.sh (start/stop/status, multi-instance mode),
 contrib/policy-builder.sh, and zmsmtpd loading what the builder writes.
 
-Run from the repository root:  python -m unittest -v parts.test_ops
+Run from the repository root:  python -m unittest -v tests.test_ops
 
 zmailer.sh is exercised under dash and under bash (whichever are installed),
 once with a small stand-in server written into the test directory (it checks
@@ -26,16 +26,13 @@ import tempfile
 import time
 import unittest
 
-try:
-    from parts.harness import free_port, process_alive, which  # noqa: F401
-except ImportError:  # run from inside parts/
-    from harness import free_port, process_alive, which  # noqa: F401
+from tests.harness import REFERENCE, free_port, process_alive, which  # noqa: F401
 
 _OPS_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_SCRIPT = os.path.join(_OPS_REPO, "zmailer.sh")
 _OPS_BUILDER = os.path.join(_OPS_REPO, "contrib", "policy-builder.sh")
 _OPS_SERVER = os.path.join(_OPS_REPO, "zmsmtpd.py")
-_OPS_POLICY_SRC = "/work/shared/reference/configs/smtp-policy.src"
+_OPS_POLICY_SRC = os.path.join(REFERENCE, "configs", "smtp-policy.src")
 
 
 _ops_which = which

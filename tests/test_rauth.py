@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """Tests for contrib/rauth, the POP3/IMAP password checker for smtp-auth-pipe.
 
-Run from the repository root:  python -m unittest -v parts.test_rauth
+Run from the repository root:  python -m unittest -v tests.test_rauth
 
 The calling contract and the rauth.hosts lookup are tested without any mail
 server (unreachable loopback ports show which entry matched, through the host
@@ -35,10 +35,7 @@ import threading
 import time
 import unittest
 
-try:
-    from parts.harness import free_port, process_alive, which  # noqa: F401
-except ImportError:  # run from inside parts/
-    from harness import free_port, process_alive, which  # noqa: F401
+from tests.harness import free_port, process_alive, which  # noqa: F401
 
 
 def _rauth_find_repo():
