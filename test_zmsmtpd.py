@@ -853,19 +853,29 @@ class TestDaemonSessionsInWorkerProcesses(TestDaemonSessions):
             c.quit()
         self.assertEqual(len(self.layout.router_files()), 4)
 
-    def test_a_killed_worker_is_replaced(self):
-        pids = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                        "-o", "pid="]).split()
-        os.kill(int(pids[0]), signal.SIGKILL)
+    def live_workers(self):
+        out = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
+                                       "-o", "pid=,stat="]).decode()
+        return [f[0] for f in (l.split() for l in out.splitlines()) if f and "Z" not in f[1]]
+
+    def wait_for_workers(self, count, gone=None):
+        """Poll until the master has ``count`` live workers, none of them ``gone``."""
         deadline = time.time() + 10
-        while time.time() < deadline:
-            now = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                           "-o", "pid=,stat="]).decode().split("\n")
-            live = [l.split()[0] for l in now if l.strip() and "Z" not in l.split()[1]]
-            if len(live) == 2 and pids[0].decode() not in live:
-                break
-            time.sleep(0.1)
+        live = self.live_workers()
+        while time.time() < deadline and (len(live) != count or gone in live):
+            time.sleep(0.05)
+            live = self.live_workers()
+        return live
+
+    def test_a_killed_worker_is_replaced(self):
+        # The workers are forked after the listener is up: wait for them
+        # before picking one to kill.
+        before = self.wait_for_workers(2)
+        self.assertEqual(len(before), 2)
+        os.kill(int(before[0]), signal.SIGKILL)
+        live = self.wait_for_workers(2, gone=before[0])
         self.assertEqual(len(live), 2)
+        self.assertNotIn(before[0], live)
         s = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
         self.assertEqual(s.ehlo()[0], 250)
         s.quit()

@@ -176,6 +176,7 @@ def current_pid():
 
 DEFAULT_ZCONFIG = "/etc/zmailer.conf"
 _ZENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+_ZENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ZEnv(object):
@@ -212,8 +213,10 @@ class ZEnv(object):
             zenv.values[m.group(1)] = zenv._shell_value(m.group(2))
         return zenv
 
-    def _shell_value(self, text):
-        """Quote removal and parameter expansion of one assignment's value."""
+    def _shell_value(self, text, in_braces=False):
+        """Quote removal and parameter expansion of one assignment's value
+        (or, ``in_braces``, of the word in ``${NAME:-word}``, where blanks
+        and ``#`` are ordinary characters)."""
         out = []
         i, n = 0, len(text)
         quote = None
@@ -235,30 +238,56 @@ class ZEnv(object):
                 out.append(text[i + 1])
                 i += 2
             elif c == "$":
-                name, i = self._scan_var(text, i + 1)
-                out.append(self.values.get(name, os.environ.get(name, ""))
-                           if name else "$")
-            elif c == "#" and quote is None and (not out or out[-1] in " \t"):
+                piece, i = self._expand(text, i + 1)
+                out.append(piece)
+            elif (c == "#" and quote is None and not in_braces
+                  and (not out or out[-1] in " \t")):
                 break
-            elif c in " \t" and quote is None:
+            elif c in " \t" and quote is None and not in_braces:
                 break  # an unquoted blank ends the assignment in sh
             else:
                 out.append(c)
                 i += 1
         return "".join(out)
 
-    @staticmethod
-    def _scan_var(text, i):
-        if i < len(text) and text[i] == "{":
-            j = text.find("}", i)
-            if j < 0:
-                return None, i
-            name = text[i + 1:j].split(":-", 1)[0]
-            return name, j + 1
-        m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", text[i:])
+    def _lookup(self, name):
+        """A variable's value: an earlier line, else the environment, else None."""
+        value = self.values.get(name)
+        return os.environ.get(name) if value is None else value
+
+    def _expand(self, text, i):
+        """Expand the parameter that starts at text[i], just after a ``$``:
+        ``$NAME``, ``${NAME}`` and the sh forms ``${NAME:-word}``,
+        ``${NAME-word}``, ``${NAME:=word}``, ``${NAME:+word}`` (and without
+        the colon), the same rule contrib/rauth's reader follows.  Returns
+        the expansion and the position after it."""
+        if text[i:i + 1] != "{":
+            m = _ZENV_NAME.match(text, i)
+            if not m:
+                return "$", i
+            return self._lookup(m.group(0)) or "", m.end()
+        depth, j = 1, i + 1
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth:
+            return "$" + text[i:], len(text)
+        inner = text[i + 1:j - 1]
+        m = _ZENV_NAME.match(inner)
         if not m:
-            return None, i
-        return m.group(0), i + m.end()
+            return "", j
+        name, rest = m.group(0), inner[m.end():]
+        value = self._lookup(name)
+        for op in (":-", ":=", ":+", "-", "=", "+"):
+            if rest.startswith(op):
+                word = self._shell_value(rest[len(op):], in_braces=True)
+                unset = value is None or (op.startswith(":") and value == "")
+                if op.endswith("+"):
+                    return ("" if unset else word), j
+                if unset and op.endswith("="):
+                    self.values[name] = word
+                return (word if unset else value), j
+        return value or "", j
 
     def get(self, name, default=None):
         return self.values.get(name, default)
