@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 import zmsmtpd  # noqa: E402
 
 SERVER = os.path.join(HERE, "zmsmtpd.py")
+FIXTURES = os.path.join(HERE, "tests", "fixtures")
 PYTHON = sys.executable
 
 
@@ -222,6 +223,13 @@ class TestZmailerConf(unittest.TestCase):
         z = zmsmtpd.ZEnv.load(reference_file(self, "configs", "site-hrr-srs-zmailer.conf"))
         self.assertTrue(z.get("POSTOFFICE"))
         self.assertTrue(z.get("MAILVAR"))
+
+    def test_a_site_style_zmailer_conf_loads(self):
+        z = zmsmtpd.ZEnv.load(os.path.join(FIXTURES, "site-zmailer.conf"))
+        self.assertEqual(z.get("POSTOFFICE"), "/var/spool/postoffice")
+        self.assertEqual(z.get("ROUTERNOTIFY"), "/var/spool/postoffice/.router.notify")
+        self.assertEqual(z.get("SMTPOPTIONS"), "-al /var/log/zmailer/smtpserver")
+        self.assertEqual(z.get("ROUTEROPTIONS"), "-dkn 2")
 
     def test_zconfig_search_order_is_option_then_environment_then_etc(self):
         old = os.environ.pop("ZCONFIG", None)
@@ -428,6 +436,15 @@ class TestShippedConfigsLoad(unittest.TestCase):
         self.assertEqual(len(c.help), 6)
         self.assertIn("perl-hook", c.unimplemented)
 
+    def test_a_site_style_config_parses_without_bad_keywords(self):
+        z = zmsmtpd.ZEnv.load(os.path.join(FIXTURES, "site-zmailer.conf"))
+        c = zmsmtpd.ConfigReader(os.path.join(FIXTURES, "site-smtpserver.conf"), z).read()
+        self.assertEqual([d for d in c.diagnostics if "bad PARAM" in d[2]], [])
+        self.assertTrue(c.groups[0].use_tls)
+        self.assertEqual(len(c.help), 6)
+        self.assertIn("perl-hook", c.unimplemented)
+        self.assertEqual(c.groups[0].policydb, ("btree", "/etc/zmailer/db/smtp-policy"))
+
     def test_the_sample_in_this_repository_loads(self):
         layout = Layout()
         self.addCleanup(layout.cleanup)
@@ -571,6 +588,11 @@ class TestPolicyTable(unittest.TestCase):
         with self.assertRaises(zmsmtpd.PolicyError) as cm:
             zmsmtpd.PolicyTable.load(self.path)
         self.assertIn(":13:", str(cm.exception))
+
+    def test_a_site_style_policy_source_loads(self):
+        t = zmsmtpd.PolicyTable.load(os.path.join(FIXTURES, "smtp-policy.src"))
+        for name in ("_full_rights", "_localnames", "_relaytarget", "_bulk_mail"):
+            self.assertIn(name, t.records)
 
     def test_shipped_policy_source_loads(self):
         t = zmsmtpd.PolicyTable.load(reference_file(self, "configs", "smtp-policy.src"))

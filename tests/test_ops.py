@@ -26,13 +26,14 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import REFERENCE, free_port, process_alive, which  # noqa: F401
+from tests.harness import HERE, free_port, process_alive, which  # noqa: F401
 
 _OPS_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_SCRIPT = os.path.join(_OPS_REPO, "zmailer.sh")
 _OPS_BUILDER = os.path.join(_OPS_REPO, "contrib", "policy-builder.sh")
 _OPS_SERVER = os.path.join(_OPS_REPO, "zmsmtpd.py")
-_OPS_POLICY_SRC = os.path.join(REFERENCE, "configs", "smtp-policy.src")
+# A site-style policy source of the project's own (tests/fixtures).
+_OPS_POLICY_SRC = os.path.join(HERE, "tests", "fixtures", "smtp-policy.src")
 
 
 _ops_which = which
