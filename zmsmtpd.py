@@ -4240,6 +4240,9 @@ class SMTPSession(socketserver.StreamRequestHandler):
         while True:
             chunk = yield from self.channel.read_chunk(deadline)
             decoded, rest = decoder.feed(chunk)
+            # Kept on the transaction too: a session that ends mid-DATA
+            # logs the size from there.
+            txn.wire_bytes = decoder.wire_bytes
             if limit and decoder.wire_bytes > limit and failure is None:
                 failure = ("data_too_big", "too big")
             if failure is None and decoded:
@@ -4250,7 +4253,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             if rest is not None:
                 self.channel.unread(rest)
                 break
-        self.finish_message(txn, writer, failure, decoder.wire_bytes, None)
+        self.finish_message(txn, writer, failure, txn.wire_bytes, None)
 
     def finish_message(self, txn, writer, failure, wire_bytes, bdat_chunk):
         """Close the header, commit the spool file, and reply."""
