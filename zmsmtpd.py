@@ -528,7 +528,6 @@ UNIMPLEMENTED_PARAMS = {
     "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
     "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
     "accept-percent-kludge": "compiled out in 3.0.1 too",
-    "reject-percent-kludge": "already the behaviour",
 }
 
 GROUP_DEFAULTS = dict(
@@ -1343,26 +1342,77 @@ def connection_verdict(table, ip, rhostname=None):
     return v
 
 
+#: How many rounds the relay test spends on a recipient's local part
+#: (one ``!`` or ``%`` hop a round) before it gives up and refuses.
+SOURCE_ROUTE_ROUNDS = 20
+
+
+def find_unquoted(text, char, last=False):
+    """Index of the first (or last) ``char`` outside double quotes and not
+    escaped by a backslash, or -1."""
+    found, quoted, i, n = -1, False, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == char and not quoted:
+            if not last:
+                return i
+            found = i
+        i += 1
+    return found
+
+
+def relay_domain_allowed(table, domain, local_names):
+    """The recipient domain test: one of our names, ``localdomain +`` or
+    ``relaytarget +`` (``relaytarget -`` and unknown domains fail)."""
+    if domain.lower() in local_names:
+        return True
+    if table is None or not domain:
+        return False
+    found = table.lookup_domain(domain, RCPT_REQUEST)
+    if not found:
+        return False
+    if "relaytarget" in found:
+        return found["relaytarget"][0] == "+"
+    return found.get("localdomain", ("",))[0] == "+"
+
+
 def recipient_allowed(table, address, local_names):
     """The recipient side for clients that are neither trusted nor
     authenticated: ``relaytarget +``/``localdomain +`` accept, ``relaytarget
     -`` refuses, an unknown domain is relaying and refused.  Without a
-    policy only our own host names are local."""
-    local, _, domain = address.rpartition("@")
+    policy only our own host names are local.
+
+    The router honours source routes inside a local part (``u%dom@here``,
+    ``dom!u@here``), so a local domain alone is not enough: each unquoted
+    ``!`` hop, left to right, and then the domain after the last unquoted
+    ``%`` must pass the same domain test, round after round on what is
+    left; otherwise ``u%victim@here`` would relay to anyone."""
+    at = find_unquoted(address, "@", last=True)
+    local, domain = (address[:at], address[at + 1:]) if at >= 0 else ("", address)
     if not domain or address.lower() == "postmaster":
         return True
-    if domain.lower() in local_names:
-        return True
-    if table is None:
+    user_entry = table.lookup_user(address, RCPT_REQUEST) if table is not None else None
+    if user_entry and "relaytarget" in user_entry:
+        return user_entry["relaytarget"][0] == "+"
+    if not (relay_domain_allowed(table, domain, local_names) or
+            (user_entry and user_entry.get("localdomain", ("",))[0] == "+")):
         return False
-    for found in (table.lookup_user(address, RCPT_REQUEST),
-                  table.lookup_domain(domain, RCPT_REQUEST)):
-        if not found:
-            continue
-        if "relaytarget" in found:
-            return found["relaytarget"][0] == "+"
-        if found.get("localdomain", ("",))[0] == "+":
-            return True
+    for _ in range(SOURCE_ROUTE_ROUNDS - 1):
+        bang = find_unquoted(local, "!")
+        if bang >= 0:
+            hop, local = local[:bang], local[bang + 1:]
+        else:
+            percent = find_unquoted(local, "%", last=True)
+            if percent < 0:
+                return True
+            local, hop = local[:percent], local[percent + 1:]
+        if not relay_domain_allowed(table, hop, local_names):
+            return False
     return False
 
 
