@@ -497,6 +497,7 @@ _PARAMS = [
     (("session-workers",), "G", "int", "session_workers", 1),
     (("spool-dir-fsync",), "G", "on", "spool_dir_fsync", None),
     (("spool-spare-inodes",), "G", "int", "spool_spare_inodes", 0),
+    (("junk-command-limit",), "G", "int", "junk_command_limit", None),
 ]
 
 PARAM_TABLE = {}
@@ -551,7 +552,8 @@ GROUP_DEFAULTS = dict(
 
 GLOBAL_DEFAULTS = dict(
     max_same_ip=100, max_parallel=800, bindport=25, bindport_given=False,
-    maxsize=0, min_availspace=5000, max_unknown=10, sum_sizeoption=False,
+    maxsize=0, min_availspace=5000, max_unknown=10, junk_command_limit=100,
+    sum_sizeoption=False,
     allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
     lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
     debug_contentfilter=False, perl_hook=None, enable_router=False,
@@ -1452,6 +1454,8 @@ REPLIES = {
     "bare_lf": (500, "5.5.2", "Line not terminated with CRLF.."),
     "unknown": (550, "5.5.2", "Unknown command '{line}'"),
     "unknown_last": (550, "5.5.2", "Hi {ip}, One too many unknown command '{line}'"),
+    "junk_limit": (421, "4.7.0", "{host} Error: too many junk commands (NOOP, RSET, HELP, VRFY, "
+                                 "EXPN, ETRN, ...), closing connection"),
     "msa_gate": (530, "5.3.0", "Sorry {ip}; Authentication required"),
     "msa_mail": (530, "5.5.1", "Hello {ip}, In SUBMISSION mode sender must authenticate first!"),
     # HELO / EHLO
@@ -3329,11 +3333,38 @@ _ILLEGAL_INPUT = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]")
 _FIRST_WORD = re.compile(r"[^ \t]*")
 
 
+#: Mechanism names kept when an AUTH line is masked; any other word in that
+#: place may be a client's base64 credentials sent without a mechanism.
+_SASL_MECHANISMS = frozenset((
+    "LOGIN", "PLAIN", "CRAM-MD5", "DIGEST-MD5", "GSSAPI", "NTLM", "XOAUTH2", "OAUTHBEARER",
+    "EXTERNAL", "ANONYMOUS", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-256-PLUS", "OTP", "SKEY", "KERBEROS_V4", "GS2-KRB5"))
+
+#: What the log, the trace and an echoing reply show instead of a line
+#: that may hold credentials.
+MASKED_LINE = "***"
+
+#: After an AUTH that did not succeed (refused, cancelled, failed), this
+#: many following lines that are no command are masked: AUTH LOGIN's user
+#: name and password.
+AUTH_LEFTOVER_LINES = 2
+
+
 def mask_auth_line(line):
     """``AUTH PLAIN <credentials>`` is logged as ``AUTH PLAIN ***``: an
-    initial response may hold a password (the original logged it)."""
+    initial response may hold a password (the original logged it).  A
+    mistyped verb (``AUTH=PLAIN <base64>``, ``AUTHPLAIN:<base64>``) keeps
+    only its first four letters, and a word in the mechanism's place that is
+    no mechanism name is masked too."""
     words = line.split(None, 2)
-    return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+    if not words:
+        return line
+    verb = words[0]
+    if verb.upper() != "AUTH":
+        return verb[:4] + " " + MASKED_LINE
+    if len(words) > 1 and words[1].upper() not in _SASL_MECHANISMS:
+        return verb + " " + MASKED_LINE
+    return " ".join(words[:2]) + (" " + MASKED_LINE if len(words) > 2 else "")
 
 
 _DOMAIN_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
@@ -3382,6 +3413,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
                                 "QUIT", "HELP"))
     #: Verbs still answered for a client whose policy is broken.
     POLICY_OPEN_VERBS = frozenset(("QUIT", "HELP"))
+    #: Commands that move no mail: past PARAM junk-command-limit of them
+    #: (counted anew after each accepted message) the session is closed.
+    JUNK_VERBS = frozenset(("NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "TURN", "VERB",
+                            "Z-IDENT", "Z-DEBUG"))
 
     # -- socketserver template: setup / handle / finish -------------------------
 
@@ -3468,6 +3503,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.style = runtime.style
         self.pattern = None
         self.unknown_count = 0
+        self.auth_leftover = 0
+        self.junk_count = 0
         self.tarpit_delay = group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
         self.bsmtp = runtime.options.get("bsmtp", False)
@@ -3627,7 +3664,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         generator, as are the ``smtp_VERB`` methods that read more input."""
         strict = self.runtime.strict
         if strict and not raw.endswith(b"\r\n") and raw.endswith(b"\n"):
-            self.log.received(raw.decode("latin-1").rstrip())
+            self.log.received(self.loggable(raw.decode("latin-1").rstrip()))
             self.reply("bare_lf")
             return
         line_b = raw.rstrip(b"\r\n")
@@ -3636,7 +3673,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         line = line_b.decode("utf-8", "surrogateescape")
         word = _FIRST_WORD.match(line).group(0)
         verb = word.upper()
-        self.log.received(mask_auth_line(line) if verb == "AUTH" else line)
+        shown = self.loggable(line)
+        self.log.received(shown)
         if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
             if problem:
@@ -3650,8 +3688,16 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if len(verb) <= 8 and self.verb_enabled(verb):
             handler = getattr(self, "smtp_" + verb.replace("-", "_"), None)
         if handler is None:
-            self.unknown_command(line)
+            self.unknown_command(shown)
             return
+        if verb in self.JUNK_VERBS and self.cfg.junk_command_limit > 0:
+            self.junk_count += 1
+            if self.junk_count > self.cfg.junk_command_limit:
+                self.log.note("more than %d junk commands; closing"
+                              % self.cfg.junk_command_limit)
+                self.reply("junk_limit")
+                self.closing = True
+                return
         if self.network and self.policy_error and verb not in self.POLICY_OPEN_VERBS:
             self.tarpit()
             self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
@@ -3684,9 +3730,33 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 "VRFY": g.vrfycmd, "EXPN": g.expncmd, "Z-DEBUG": g.debugcmd,
                 "STARTTLS": True, "LHLO": False, "Z-REPORT": False}.get(verb, True)
 
+    def handler_for(self, verb):
+        """The ``smtp_VERB`` method a command word leads to, or None."""
+        verb = self.ALIASES.get(verb.upper(), verb.upper())
+        if len(verb) <= 8 and self.verb_enabled(verb):
+            return getattr(self, "smtp_" + verb.replace("-", "_"), None)
+        return None
+
+    def loggable(self, line):
+        """The command line as the log, the trace and replies may show it.
+        AUTH lines lose their credentials.  After an AUTH that did not
+        succeed the client may still send its base64 user name and password
+        as if it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of
+        them, until a real command) are masked as a whole."""
+        word = _FIRST_WORD.match(line).group(0)
+        if word[:4].upper() == "AUTH":
+            return mask_auth_line(line)
+        if self.auth_leftover:
+            if self.handler_for(word) is None:
+                self.auth_leftover -= 1
+                return MASKED_LINE
+            self.auth_leftover = 0
+        return line
+
     def unknown_command(self, line):
+        """``line`` is already masked (see loggable)."""
         if line[:4].upper() == "AUTH":
-            line = mask_auth_line(line)
+            self.auth_leftover = AUTH_LEFTOVER_LINES
         self.unknown_count += 1
         mail_syslog(syslog.LOG_WARNING if syslog else 0,
                     "unknown SMTP command '%s' from %s/%d" % (line[:200], self.rhostname,
@@ -4332,6 +4402,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.log.note("message file close failed: %s" % e)
             self.reply("data_spool_failed")
             return
+        self.junk_count = 0
         if bdat_chunk is None:
             self.reply("data_ok", id=sid)
         else:
@@ -4498,6 +4569,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def smtp_AUTH(self, line, args):
         g = self.group
         client = self.peer_ip or "stdin"
+        # Until it succeeds, the lines after this AUTH may be credentials.
+        self.auth_leftover = AUTH_LEFTOVER_LINES
         if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
             self.tarpit()
             self.tarpit()
@@ -4543,8 +4616,16 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if initial is None:
             challenge = base64.b64encode(prompt.encode("utf-8")).decode("ascii")
             self.send_lines(["334 " + challenge])
-            raw = yield from self.channel.readline(time.time() + self.cfg.command_timeout,
-                                                   self.cfg.max_line_length)
+            limit = self.cfg.max_line_length
+            try:
+                raw = yield from self.channel.readline(time.time() + self.cfg.command_timeout,
+                                                       limit)
+            except LineTooLong:
+                # An over-long answer ends this AUTH like bad base64 would;
+                # the session goes on at the command level.
+                self.log.received("<line longer than %d bytes discarded>" % limit)
+                self.param_error("line_too_long")
+                return None
             text = raw.decode("latin-1").strip()
             self.log.received("**base64-password**" if secret else text)
         else:
@@ -4571,6 +4652,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
         if result == "ok":
             self.authuser = user
+            self.auth_leftover = 0
             self.log.note("AUTH user %s authenticated" % qformat(user))
             self.send_lines(format_reply("auth_ok"))
         elif result == "tempfail":

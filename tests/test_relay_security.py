@@ -366,6 +366,255 @@ class RelayRuleFunctionTest(unittest.TestCase):
         self.assertFalse(self.allowed("other%victim.example@localhost"))
 
 
+# ---------------------------------------------------------------------------
+# 4. Lines longer than max-line-length wherever a line is read
+# ---------------------------------------------------------------------------
+
+AUTH_CONF = ("PARAM smtp-auth", "PARAM smtp-auth-pipe $MAILBIN/auth",
+             "PARAM auth-login-also-without-tls", "PARAM max-line-length 600")
+
+
+def b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+class OverlongLineTest(unittest.TestCase):
+    """Every line read outside DATA/BDAT answers ``500 5.5.2 Line too long``
+    when it is over max-line-length, and the session goes on."""
+
+    def setUp(self):
+        self.layout, self.port = start_server(self, AUTH_CONF)
+
+    def client(self):
+        c = RawClient("127.0.0.1", self.port)
+        self.addCleanup(c.close)
+        return c
+
+    LONG = "A" * 2000   # valid-looking base64, far over 600 bytes
+
+    def assert_too_long_then_alive(self, c, reply):
+        self.assertEqual(reply[-1], "500 5.5.2 Line too long")
+        self.assertEqual(c.code("NOOP"), 250)
+        blob = b64("\0%s\0%s" % (USER, PASSWORD))
+        self.assertEqual(c.code("AUTH PLAIN " + blob), 235)  # AUTH still works afterwards
+        log = self.layout.read_log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Internal error", log)
+
+    def test_command_line(self):
+        c = self.client()
+        c.cmd("EHLO client.example")
+        self.assert_too_long_then_alive(c, c.cmd("NOOP " + self.LONG))
+
+    def test_auth_login_username_prompt(self):
+        c = self.client()
+        c.cmd("EHLO client.example")
+        self.assertTrue(c.cmd("AUTH LOGIN")[-1].startswith("334 "))
+        self.assert_too_long_then_alive(c, c.cmd(self.LONG))
+
+    def test_auth_login_password_prompt(self):
+        c = self.client()
+        c.cmd("EHLO client.example")
+        c.cmd("AUTH LOGIN")
+        self.assertTrue(c.cmd(b64(USER))[-1].startswith("334 "))
+        self.assert_too_long_then_alive(c, c.cmd(self.LONG))
+
+    def test_auth_plain_prompt(self):
+        c = self.client()
+        c.cmd("EHLO client.example")
+        self.assertEqual(c.cmd("AUTH PLAIN")[-1], "334 ")
+        self.assert_too_long_then_alive(c, c.cmd(self.LONG))
+
+    def test_overlong_line_without_newline_yet(self):
+        # the server must discard up to the end of the line, however it arrives
+        c = self.client()
+        c.cmd("EHLO client.example")
+        c.cmd("AUTH PLAIN")
+        c.send(self.LONG)
+        c.send(self.LONG + "\r\n")
+        self.assert_too_long_then_alive(c, c.reply())
+
+
+# ---------------------------------------------------------------------------
+# 5. Credentials never reach the log, the trace or a reply
+# ---------------------------------------------------------------------------
+
+class CredentialsNeverLoggedTest(unittest.TestCase):
+    """The password, plain or base64 (alone or inside a PLAIN blob), is sent
+    in every position a client may put it; none of them reaches the log,
+    the -v trace or a reply."""
+
+    def setUp(self):
+        self.layout, self.port = start_server(self, AUTH_CONF)
+        self.replies = []
+
+    def client(self):
+        c = RawClient("127.0.0.1", self.port)
+        self.addCleanup(c.close)
+        return c
+
+    def cmd(self, c, text):
+        reply = c.cmd(text)
+        self.replies.extend(reply)
+        return reply
+
+    def secrets(self):
+        return [PASSWORD, b64(PASSWORD), b64("\0%s\0%s" % (USER, PASSWORD)),
+                b64("%s\0%s\0%s" % (USER, USER, PASSWORD))]
+
+    def assert_nowhere(self):
+        log, trace = self.layout.read_log(), self.layout.read_trace()
+        self.assertIn("AUTH", log)       # the exchanges did happen and were logged
+        self.assertIn("AUTH", trace)
+        for secret in self.secrets():
+            self.assertNotIn(secret, log)
+            self.assertNotIn(secret, trace)
+            self.assertNotIn(secret, "\n".join(self.replies))
+
+    def test_password_in_every_position(self):
+        blob = b64("\0%s\0%s" % (USER, PASSWORD))
+        wrong = b64("\0%s\0%s" % (USER, "nope"))
+        # initial response, then the 334 answers of PLAIN and LOGIN
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.assertEqual(self.cmd(c, "AUTH PLAIN " + blob)[-1][:3], "235")
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.cmd(c, "AUTH PLAIN")
+        self.assertEqual(self.cmd(c, blob)[-1][:3], "235")
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.cmd(c, "AUTH LOGIN")
+        self.cmd(c, b64(USER))
+        self.assertEqual(self.cmd(c, b64(PASSWORD))[-1][:3], "235")
+        # refused (503: no EHLO yet), the client sends its LOGIN answers anyway
+        c = self.client()
+        self.assertEqual(self.cmd(c, "AUTH LOGIN")[-1][:3], "503")
+        self.assertEqual(self.cmd(c, b64(USER))[-1][:3], "550")
+        reply = self.cmd(c, b64(PASSWORD))[-1]
+        self.assertEqual(reply, "550 5.5.2 Unknown command '***'")
+        self.cmd(c, "EHLO client.example")
+        # refused 504 (mechanism), then the response
+        self.assertEqual(self.cmd(c, "AUTH CRAM-MD5")[-1][:3], "504")
+        self.cmd(c, blob)
+        self.cmd(c, PASSWORD)
+        # cancelled at the user name prompt, then the password
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.cmd(c, "AUTH LOGIN")
+        self.assertEqual(self.cmd(c, "*")[-1][:3], "501")
+        self.cmd(c, b64(PASSWORD))
+        self.cmd(c, PASSWORD)
+        # failed (535), then the client tries the blob as a command
+        self.cmd(c, "AUTH PLAIN " + wrong)
+        self.cmd(c, blob)
+        # mistyped verbs and a missing mechanism
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.cmd(c, "AUTH=PLAIN " + blob)
+        self.cmd(c, blob)
+        self.cmd(c, "AUTH:PLAIN" + blob)
+        self.cmd(c, "AUTH " + blob)
+        self.cmd(c, "AUTH PLAIN=" + blob)
+        # LOGIN with the user name as initial response
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.cmd(c, "AUTH LOGIN " + b64(USER))
+        self.assertEqual(self.cmd(c, b64(PASSWORD))[-1][:3], "235")
+        self.assertEqual(self.cmd(c, "QUIT")[-1][:3], "221")
+        self.assert_nowhere()
+
+    def test_ordinary_unknown_commands_are_still_echoed(self):
+        c = self.client()
+        self.cmd(c, "EHLO client.example")
+        self.assertEqual(self.cmd(c, "FROBNICATE now")[-1],
+                         "550 5.5.2 Unknown command 'FROBNICATE now'")
+        # after a failed AUTH a real command ends the masking
+        self.cmd(c, "AUTH PLAIN " + b64("\0bob\0wrong"))
+        self.cmd(c, "NOOP")
+        self.assertEqual(self.cmd(c, "FROBNICATE again")[-1],
+                         "550 5.5.2 Unknown command 'FROBNICATE again'")
+        self.assertIn("FROBNICATE again", self.layout.read_log())
+
+
+class MaskAuthLineTest(unittest.TestCase):
+
+    def test_mask_keeps_verb_and_mechanism_only(self):
+        sys.path.insert(0, _RELAY_REPO)
+        import zmsmtpd
+        m = zmsmtpd.mask_auth_line
+        self.assertEqual(m("AUTH PLAIN AGJvYgBzZWNyZXQ="), "AUTH PLAIN ***")
+        self.assertEqual(m("AUTH LOGIN"), "AUTH LOGIN")
+        self.assertEqual(m("AUTH AGJvYgBzZWNyZXQ="), "AUTH ***")
+        self.assertEqual(m("AUTH=PLAIN AGJvYgBzZWNyZXQ="), "AUTH ***")
+        self.assertEqual(m("AUTHPLAIN:AGJvYgBzZWNyZXQ="), "AUTH ***")
+
+
+# ---------------------------------------------------------------------------
+# 6. junk-command-limit
+# ---------------------------------------------------------------------------
+
+class JunkCommandLimitTest(unittest.TestCase):
+    """NOOP/RSET/HELP/VRFY/EXPN/ETRN... beyond PARAM junk-command-limit get
+    421 and the connection is closed; an accepted message starts the count
+    anew."""
+
+    def client(self, port):
+        c = RawClient("127.0.0.1", port, source=CUSTOMER)
+        self.addCleanup(c.close)
+        return c
+
+    def test_default_limit_is_100_and_pipelined_noops_are_cut_off(self):
+        layout, port = start_server(self)
+        c = self.client(port)
+        c.cmd("EHLO client.example")
+        c.send("NOOP\r\n" * 3000)
+        codes = []
+        while True:
+            try:
+                codes.append(c.reply()[-1])
+            except (EOFError, OSError, socket.error):
+                break
+        self.assertEqual(len(codes), 101)
+        self.assertTrue(all(r.startswith("250") for r in codes[:100]))
+        self.assertRegex(codes[100], r"^421 4\.7\.0 \S+ Error: too many junk commands")
+        self.assertIn("more than 100 junk commands", layout.read_log())
+
+    def test_every_junk_verb_counts_and_a_message_resets_the_count(self):
+        layout, port = start_server(self, ("PARAM junk-command-limit 5", "PARAM vrfycmd",
+                                           "PARAM expncmd"))
+        c = self.client(port)
+        c.cmd("EHLO client.example")
+        for verb in ("NOOP", "RSET", "HELP", "VRFY x"):
+            self.assertNotEqual(c.code(verb), 421, verb)
+        self.assertEqual(c.code("MAIL FROM:<a@example.org>"), 250)
+        self.assertEqual(c.code("RCPT TO:<b@localhost>"), 250)
+        self.assertEqual(c.code("DATA"), 354)
+        self.assertEqual(c.code("Subject: t\r\n\r\nbody\r\n."), 250)
+        for verb in ("EXPN x", "ETRN example.org", "NOOP", "RSET", "NOOP"):
+            self.assertNotEqual(c.code(verb), 421, verb)
+        reply = c.cmd("HELP")
+        self.assertTrue(reply[-1].startswith("421 4.7.0 "), reply)
+        self.assertTrue(c.closed())
+
+    def test_zero_turns_the_limit_off_and_mail_commands_never_count(self):
+        layout, port = start_server(self, ("PARAM junk-command-limit 0",))
+        c = self.client(port)
+        c.cmd("EHLO client.example")
+        c.send("NOOP\r\n" * 300)
+        codes = [c.reply()[-1][:3] for _ in range(300)]
+        self.assertEqual(set(codes), {"250"})
+        layout2, port2 = start_server(self, ("PARAM junk-command-limit 2",))
+        c = self.client(port2)
+        for _ in range(5):
+            self.assertEqual(c.code("EHLO client.example"), 250)
+            self.assertEqual(c.code("MAIL FROM:<a@example.org>"), 250)
+            self.assertEqual(c.code("RCPT TO:<b@localhost>"), 250)
+        self.assertEqual(c.code("RSET"), 250)
+        self.assertEqual(c.code("NOOP"), 250)
+        self.assertTrue(c.cmd("NOOP")[-1].startswith("421 "))
+
+
 @unittest.skipIf(os.name != "posix", "needs loopback aliases")
 class NmapOpenRelayAuditTest(unittest.TestCase):
     """The auditors' tool: nmap's smtp-open-relay from an untrusted loopback
