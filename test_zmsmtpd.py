@@ -916,6 +916,8 @@ class TestWorkerSessionLoop(ServerTestCase):
             "PARAM session-model workers", "PARAM session-workers 1",
             "PARAM MaxSameIpSource 1000", "PARAM MaxParallelConnections 1000",
             "PARAM shutdown-grace 1",
+            # the NOOP floods below must reach the scheduler, not the junk limit
+            "PARAM junk-command-limit 0",
             "PARAM smtp-auth", "PARAM auth-login-also-without-tls",
             "PARAM smtp-auth-pipe %s" % self.layout.auth] + BASIC_CONF)
         self.daemon = self.start_daemon(self.layout, self.port)

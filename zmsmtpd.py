@@ -3745,6 +3745,9 @@ class SMTPSession(socketserver.StreamRequestHandler):
         them, until a real command) are masked as a whole."""
         word = _FIRST_WORD.match(line).group(0)
         if word[:4].upper() == "AUTH":
+            # Until an AUTH succeeds, the lines after it may be credentials
+            # (whether it was refused, cancelled, failed or mistyped).
+            self.auth_leftover = AUTH_LEFTOVER_LINES
             return mask_auth_line(line)
         if self.auth_leftover:
             if self.handler_for(word) is None:
@@ -3755,8 +3758,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
 
     def unknown_command(self, line):
         """``line`` is already masked (see loggable)."""
-        if line[:4].upper() == "AUTH":
-            self.auth_leftover = AUTH_LEFTOVER_LINES
         self.unknown_count += 1
         mail_syslog(syslog.LOG_WARNING if syslog else 0,
                     "unknown SMTP command '%s' from %s/%d" % (line[:200], self.rhostname,
@@ -4569,8 +4570,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def smtp_AUTH(self, line, args):
         g = self.group
         client = self.peer_ip or "stdin"
-        # Until it succeeds, the lines after this AUTH may be credentials.
-        self.auth_leftover = AUTH_LEFTOVER_LINES
         if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
             self.tarpit()
             self.tarpit()

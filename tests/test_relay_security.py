@@ -524,6 +524,20 @@ class CredentialsNeverLoggedTest(unittest.TestCase):
         self.assertEqual(self.cmd(c, "QUIT")[-1][:3], "221")
         self.assert_nowhere()
 
+    def test_password_after_auth_on_a_server_without_auth(self):
+        layout, port = start_server(self)     # AUTH is an unknown command here
+        self.layout = layout
+        c = RawClient("127.0.0.1", port)
+        self.addCleanup(c.close)
+        self.cmd(c, "EHLO client.example")
+        self.assertEqual(self.cmd(c, "AUTH LOGIN")[-1], "550 5.5.2 Unknown command 'AUTH LOGIN'")
+        self.cmd(c, b64(USER))
+        self.cmd(c, b64(PASSWORD))
+        self.assertEqual(self.cmd(c, "AUTH PLAIN " + b64("\0%s\0%s" % (USER, PASSWORD)))[-1],
+                         "550 5.5.2 Unknown command 'AUTH PLAIN ***'")
+        self.cmd(c, PASSWORD)
+        self.assert_nowhere()
+
     def test_ordinary_unknown_commands_are_still_echoed(self):
         c = self.client()
         self.cmd(c, "EHLO client.example")
