@@ -331,7 +331,7 @@ class Frozen(object):
 
 
 class BindSpec(Frozen):
-    """One ``Bind*`` entry: listener ``kind`` (SMTP, SMTPS or SUBMIT),
+    """One ``Bind*`` entry: listener ``kind`` (SMTP, SMTPS, SUBMIT or SUBMITS),
     ``family`` (AF_INET/AF_INET6), ``address`` text or ``iface:NAME``
     form, and ``port`` (None: the global BindPort)."""
 
@@ -373,6 +373,7 @@ _PARAMS = [
     (("bindsmtp",), "Grp", "bind", "binds", "SMTP"),
     (("bindsmtps",), "Grp", "bind", "binds", "SMTPS"),
     (("bindsubmit",), "Grp", "bind", "binds", "SUBMIT"),
+    (("bindsubmits",), "Grp", "bind", "binds", "SUBMITS"),
     (("listen-ssmtp",), "Grp", "on", "listen_ssmtp", None),
     (("newgroup",), "Grp", "newgroup", None, None),
     # -- protocol limits
@@ -443,6 +444,7 @@ _PARAMS = [
     (("tls-cafile",), "Grp", "str", "tls_cafile", None),
     (("tls-capath",), "Grp", "str", "tls_capath", None),
     (("tls-cipher-list",), "Grp", "str", "tls_ciphers", None),
+    (("tls-min-version",), "Grp", "tlsversion", "tls_min_version", None),
     (("tls-random-source",), "Grp", "str", "tls_random_source", None),
     (("tls-loglevel",), "Grp", "int", "tls_loglevel", None),
     (("tls-ccert-vd",), "Grp", "int", "tls_ccert_vd", None),
@@ -531,6 +533,28 @@ UNIMPLEMENTED_PARAMS = {
     "accept-percent-kludge": "compiled out in 3.0.1 too",
 }
 
+#: Listener kinds that start TLS before the greeting (RFC 8314 implicit TLS).
+IMPLICIT_TLS_KINDS = frozenset(("SMTPS", "SUBMITS"))
+#: Listener kinds that are always an MSA: AUTH before MAIL, whatever the
+#: policy trusts and whatever msa-mode says.
+SUBMISSION_KINDS = frozenset(("SUBMIT", "SUBMITS"))
+#: The PARAM keyword that makes each listener kind, for messages.
+BIND_KEYWORD_OF_KIND = {"ADDR": "BindAddress", "SMTP": "BindSmtp", "SMTPS": "BindSmtpS",
+                        "SUBMIT": "BindSubmit", "SUBMITS": "BindSubmitS"}
+
+#: ``PARAM tls-min-version`` values.  Older protocol versions are never
+#: offered: TLS 1.0 and 1.1 have no AEAD ciphers and are deprecated (RFC 8996).
+TLS_MIN_VERSIONS = {"tlsv1.2": "TLSv1.2", "tlsv1.3": "TLSv1.3"}
+#: TLS 1.2 cipher suites offered unless ``PARAM tls-cipher-list`` says
+#: otherwise: forward-secret AEAD suites only.  CBC suites (LUCKY13 and
+#: similar padding-oracle attacks) are left out; TLS 1.3 suites are all
+#: AEAD and stay as OpenSSL provides them.
+DEFAULT_TLS_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+                       ":!aNULL:!eNULL:!DSS:!PSK:!SRP")
+#: Seconds to wait for the client's close_notify after ours at the end of a
+#: TLS session; a client that just closes the connection costs nothing.
+TLS_SHUTDOWN_TIMEOUT = 2.0
+
 GROUP_DEFAULTS = dict(
     listen_queue_size=20000, tcp_rcvbuf=0, tcp_sndbuf=0, use_tcp_wrapper=False,
     binds=(), listen_ssmtp=False, rcpt_limit=10000, max_error_recipients=3,
@@ -543,6 +567,7 @@ GROUP_DEFAULTS = dict(
     sasl_mechanisms=None, no_msa_sender_rewrite=False, use_tls=False,
     tls_cert=None, tls_key=None, tls_dcert=None, tls_dkey=None, tls_dh1024=None,
     tls_dh512=None, tls_cafile=None, tls_capath=None, tls_ciphers=None,
+    tls_min_version="TLSv1.2",
     tls_random_source=None, tls_loglevel=0, tls_ccert_vd=1, tls_ask_cert=0,
     tls_require_cert=0, tls_scache_name=None, tls_scache_timeout=0,
     report_auth_file=None, rcvd_ident=False, rcvd_whoson=False,
@@ -747,6 +772,7 @@ class ConfigReader(object):
         self.seen_bind = False
         self.seen_params = set()
         self.file_read = False
+        self.config_errors = []     # "file:line: text" of settings that cannot work
 
     def warn(self, lineno, message):
         self.diagnostics.append((self.path, lineno, message))
@@ -858,6 +884,18 @@ class ConfigReader(object):
         if attr == "tls_cafile" and not args[0]:
             target[attr] = None
 
+    def _kind_tlsversion(self, lineno, target, attr, extra, args, name):
+        value = args[0] if args else ""
+        version = TLS_MIN_VERSIONS.get(value.lower())
+        if version is None:
+            # An unknown version is an error, not a warning: guessing could
+            # silently accept protocol versions the administrator ruled out.
+            self.config_errors.append("%s:%d: PARAM %s must be %s, not %r" % (
+                self.path, lineno, name, " or ".join(sorted(set(TLS_MIN_VERSIONS.values()))),
+                value))
+            return None
+        target[attr] = version
+
     def _kind_raw(self, lineno, target, attr, extra, args, name):
         text = args[0]
         if attr == "contact_pointer" and len(text) >= 2 and text[0] == text[-1] == '"':
@@ -881,7 +919,7 @@ class ConfigReader(object):
             return "bad PARAM keyword/missing parameters"
         port = None
         if extra != "ADDR":
-            port = {"SMTP": 25, "SMTPS": 465, "SUBMIT": 587}[extra]
+            port = {"SMTP": 25, "SMTPS": 465, "SUBMIT": 587, "SUBMITS": 465}[extra]
             if len(args) > 1 and not args[1].startswith("#"):
                 port = _c_int(args[1], -1)
                 if not 0 < port < 65536:
@@ -981,6 +1019,7 @@ class ConfigReader(object):
                             configured=bool(self.patterns),
                             diagnostics=tuple(self.diagnostics),
                             unimplemented=unimplemented, file_read=self.file_read,
+                            config_errors=tuple(self.config_errors),
                             **glob)
 
 
@@ -1008,7 +1047,7 @@ def find_config_path(option_path, zenv, argv0):
 def validate_config(config, daemon=True):
     """Problems that make a configuration unusable (D10).  Listener
     settings only matter to the daemon, not to -i and -n sessions."""
-    problems = []
+    problems = list(config.config_errors)
     if config.session_model not in SESSION_MIXINS:
         problems.append("PARAM session-model must be thread, fork or workers, not %r"
                         % config.session_model)
@@ -1016,11 +1055,14 @@ def validate_config(config, daemon=True):
         problems.append("%s has no HELO/EHLO pattern line (e.g. '*  ftveR'); the "
                         "server would answer every command with 400" % config.path)
     for g in config.groups:
-        needs_tls = g.use_tls or any(b.kind == "SMTPS" for b in g.binds) or g.listen_ssmtp
+        implicit = [b.kind for b in g.binds if b.kind in IMPLICIT_TLS_KINDS]
+        needs_tls = g.use_tls or implicit or g.listen_ssmtp
         if not needs_tls:
             continue
-        if daemon and any(b.kind == "SMTPS" for b in g.binds) and not g.use_tls:
-            problems.append("a BindSmtpS listener needs PARAM use-tls in its group")
+        if daemon and implicit and not g.use_tls:
+            for kind in sorted(set(implicit)):
+                problems.append("a %s listener needs PARAM use-tls in its group"
+                                % BIND_KEYWORD_OF_KIND[kind])
         if g.use_tls:
             if not g.tls_cert:
                 problems.append("PARAM use-tls needs tls-cert-file")
@@ -3440,11 +3482,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         closes next was taken over (detached) by the TLS layer."""
         sock = getattr(self, "sock", None)
         if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except (OSError, socket.error, ValueError):
-                pass
-            sock.close()
+            close_tls(sock)
 
     def handle(self):
         self.run()
@@ -3460,7 +3498,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.cfg = runtime.config
         self.group = group
         self.channel = channel
-        self.kind = kind                  # SMTP, SMTPS, SUBMIT
+        self.kind = kind                  # SMTP, SMTPS, SUBMIT, SUBMITS
         self.mode = mode                  # daemon, inetd, interactive
         self.sock = sock
         self.start = time.time()
@@ -3508,7 +3546,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.tarpit_delay = group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
         self.bsmtp = runtime.options.get("bsmtp", False)
-        self.msa = self.cfg.msa_mode or kind == "SUBMIT"
+        self.msa = self.cfg.msa_mode or kind in SUBMISSION_KINDS
         self.state = "HELO"
         self.txn = None
         self.closing = False
@@ -3594,7 +3632,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if self.network:
             self.log.note("connection from %s %s:%d on port %d pid %d" % (
                 self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid()))
-        if self.kind == "SMTPS" or self.runtime.options.get("implicit_tls"):
+        if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             yield (WANT_THREAD, None)
             if not self.start_tls():
                 return
@@ -3977,10 +4015,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def msa_requires_auth(self):
         """D1: in MSA mode the client must authenticate before MAIL/RCPT,
         unless the policy trusts its network (fulltrustnet/relaycustnet) --
-        never on a BindSubmit listener, never with msa-mode-strict."""
+        never on a BindSubmit(S) listener, never with msa-mode-strict."""
         if not self.msa or self.authuser is not None:
             return False
-        exempt = (self.verdict.trusted and self.kind != "SUBMIT"
+        exempt = (self.verdict.trusted and self.kind not in SUBMISSION_KINDS
                   and not self.cfg.msa_mode_strict)
         return not exempt
 
@@ -4236,7 +4274,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def with_protocol(self):
         if self.bsmtp:
             return "BSMTP"
-        if self.kind == "SUBMIT":
+        if self.kind in SUBMISSION_KINDS:
             base = "SUBMIT"
         elif self.ehlo_seen:
             base = "ESMTP"
@@ -5554,6 +5592,38 @@ def lookup_user(name):
     return pw.pw_uid, pw.pw_gid
 
 
+def set_tls_min_version(context, version):
+    """Refuse protocol versions below ``version`` ("TLSv1.2" or "TLSv1.3")
+    whatever the Python and OpenSSL defaults are.  ``minimum_version`` where
+    the ssl module has it (3.7 and later on OpenSSL 1.1.0g+), else the
+    OP_NO_* options, which every version has."""
+    if hasattr(ssl, "TLSVersion") and hasattr(context, "minimum_version"):
+        context.minimum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
+        return
+    refused = ["OP_NO_TLSv1", "OP_NO_TLSv1_1"]
+    if version == "TLSv1.3":
+        refused.append("OP_NO_TLSv1_2")
+    for name in refused:
+        context.options |= getattr(ssl, name, 0)
+
+
+def close_tls(sock):
+    """End a TLS session properly: send close_notify and give the client a
+    moment to answer with its own before the socket is closed, so it sees
+    the end of the session and not a truncation (RFC 8446 6.1).  Any
+    failure here (client gone, no answer) just closes the socket."""
+    try:
+        sock.settimeout(TLS_SHUTDOWN_TIMEOUT)
+        sock.unwrap()
+    except (OSError, socket.error, ssl.SSLError, ValueError):
+        pass
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except (OSError, socket.error, ValueError):
+        pass
+    sock.close()
+
+
 def make_tls_context(group):
     """An ssl context for a group with ``use-tls``; a certificate that is
     missing or unreadable stops start-up (never a silent downgrade)."""
@@ -5562,9 +5632,9 @@ def make_tls_context(group):
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.options |= getattr(ssl, "OP_NO_SSLv2", 0) | getattr(ssl, "OP_NO_SSLv3", 0)
+        set_tls_min_version(context, group.tls_min_version)
         context.load_cert_chain(group.tls_cert, group.tls_key or group.tls_cert)
-        if group.tls_ciphers:
-            context.set_ciphers(group.tls_ciphers)
+        context.set_ciphers(group.tls_ciphers or DEFAULT_TLS_CIPHERS)
         if group.tls_cafile or group.tls_capath:
             context.load_verify_locations(group.tls_cafile, group.tls_capath)
         if group.tls_require_cert:
@@ -5785,6 +5855,9 @@ def run_interactive(runtime, config, inetd):
             peer, local, sock, channel = None, None, None, StdioChannel()
         session.init_session(runtime, group, channel, kind="SMTP", peer=peer, local=local,
                              number=os.getpid(), mode="inetd", sock=sock)
+        session.run()
+        session.finish()            # a -t session ends with a TLS shutdown
+        return 0
     else:
         fake = runtime.fake_peer
         session.init_session(runtime, group, StdioChannel(), kind="SMTP",
