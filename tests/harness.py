@@ -58,3 +58,17 @@ def kill_quietly(pid, sig=signal.SIGTERM):
 def which(name):
     """The program's path, looking in /usr/bin and /bin even when PATH is thin."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def open_to_sessions(base, *spool_dirs):
+    """Make a test layout usable by the user sessions run as: under root
+    that is an unprivileged user (TRUSTEDUSER, else daemon), who must reach
+    every directory below ``base`` on the way and create files in the spool
+    directories, which get ZMailer's own mode (post-install makes public/
+    and router/ 3777)."""
+    for spool in spool_dirs:
+        path = os.path.dirname(spool)
+        while path.startswith(base) and len(path) >= len(base):
+            os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o755)
+            path = os.path.dirname(path)
+        os.chmod(spool, 0o3777)

@@ -39,7 +39,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import free_port, kill_quietly, process_alive, which  # noqa: F401
+from tests.harness import free_port, kill_quietly, process_alive, which, open_to_sessions  # noqa: F401
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
@@ -176,6 +176,8 @@ class _SubServer(object):
             os.makedirs(os.path.join(self.dir, sub))
         os.chmod(os.path.join(self.dir, "rec"), 0o777)
         self.postoffice = os.path.join(self.dir, "postoffice")
+        open_to_sessions(self.dir, os.path.join(self.postoffice, "public"),
+                         os.path.join(self.postoffice, "router"))
         self.rec = os.path.join(self.dir, "rec")
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         self.conf = os.path.join(self.dir, "smtpserver.conf")
