@@ -818,16 +818,18 @@ class ConfigReader(object):
         self.number_errors.append((self.path, lineno, message))
         self.diagnostics.append((self.path, lineno, message))
 
-    def check_number(self, lineno, name, text, value, plain, allow_negative=False):
+    def check_number(self, lineno, name, text, value, plain, taken=None):
         """Warn when ``text`` is not a plain non-negative number; ``value``
-        is what the original's reading made of it."""
+        is what the original's reading made of it, ``taken`` the setting
+        after raising it to the keyword's least value."""
         if value is None:
             return
+        taken = value if taken is None else taken
         if not plain:
             self.number_error(lineno, name, text, "taken as %s, as the original reads it"
-                              % _number_text(value))
-        elif value < 0 and not allow_negative:
-            self.number_error(lineno, name, text, "taken as %s" % _number_text(value),
+                              % _number_text(taken))
+        elif value < 0:
+            self.number_error(lineno, name, text, "taken as %s" % _number_text(taken),
                               why="is negative")
 
     def read(self):
@@ -922,24 +924,22 @@ class ConfigReader(object):
     def _kind_int(self, lineno, target, attr, extra, args, name):
         if not args:
             return "bad PARAM keyword/missing parameters"
-        value = _c_int(args[0], target[attr])
-        if extra is not None and value < extra:
-            value = extra
+        raw = _c_int(args[0], target[attr])
+        value = extra if extra is not None and raw < extra else raw
         if _c_int(args[0], None) is None:
             # sscanf found no digits: the original kept the value it had.
             self.number_error(lineno, name, args[0], "the setting stays %s" % value,
                               why="is not a number")
         else:
-            self.check_number(lineno, name, args[0], value, _PLAIN_INT.match(args[0]))
+            self.check_number(lineno, name, args[0], raw, _PLAIN_INT.match(args[0]), value)
         target[attr] = value
 
     def _kind_atoi(self, lineno, target, attr, extra, args, name):
         if not args:
             return "bad PARAM keyword/missing parameters"
-        value = _c_int(args[0], 0)
-        if extra is not None and value < extra:
-            value = extra
-        self.check_number(lineno, name, args[0], value, _PLAIN_INT.match(args[0]))
+        raw = _c_int(args[0], 0)
+        value = extra if extra is not None and raw < extra else raw
+        self.check_number(lineno, name, args[0], raw, _PLAIN_INT.match(args[0]), value)
         target[attr] = value
 
     def _kind_float(self, lineno, target, attr, extra, args, name):
