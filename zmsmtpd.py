@@ -42,6 +42,7 @@ import base64
 import heapq
 import binascii
 import calendar
+import difflib
 import errno
 import os
 import re
@@ -600,6 +601,24 @@ def _c_float(text, keep):
     return float(m.group(1)) if m else keep
 
 
+_PLAIN_INT = re.compile(r"^[-+]?[0-9]+$")
+_PLAIN_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+
+#: What the numbers of some PARAMs count, for the hint in a warning about
+#: a value such as ``10M`` (the original reads only the leading digits).
+NUMBER_UNITS = {
+    "maxsize": "bytes", "max-header-size": "bytes", "max-line-length": "bytes",
+    "tcprcvbuffersize": "bytes", "tcpxmitbuffersize": "bytes",
+    "min-availspace": "kilobytes", "listenqueuesize": "connections",
+}
+
+
+def _number_text(value):
+    if isinstance(value, float):
+        return "%g" % value
+    return "%d" % value
+
+
 def dollar_expand(text, zenv):
     """``$NAME``, ``${NAME}``, ``$(NAME)`` from zmailer.conf; ``$$`` is ``$``;
     unknown names stay as written; replacements are not rescanned."""
@@ -730,14 +749,14 @@ def parse_bind_address(text):
         try:
             socket.inet_pton(socket.AF_INET, m.group(1))
         except (OSError, socket.error):
-            raise ValueError("bad IPv4 address %r" % text)
+            raise ValueError("bad IPv4 address '%s'" % text)
         return [(socket.AF_INET, m.group(1))]
     m = _BIND_V6.match(t)
     if m:
         try:
             socket.inet_pton(socket.AF_INET6, m.group(1))
         except (OSError, socket.error):
-            raise ValueError("bad IPv6 address %r" % text)
+            raise ValueError("bad IPv6 address '%s'" % text)
         return [(socket.AF_INET6, m.group(1))]
     if low.startswith("iface:"):
         rest = t[6:]
@@ -748,8 +767,28 @@ def parse_bind_address(text):
         if not rest:
             raise ValueError("iface: needs an interface name")
         return [(socket.AF_INET6, "iface:" + rest), (socket.AF_INET, "iface:" + rest)]
-    raise ValueError("bad bind address %r (use [1.2.3.4], [IPv6.x], any, any6 "
-                     "or iface:NAME)" % text)
+    hint = ""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, t)
+        except (OSError, socket.error, ValueError):
+            continue
+        hint = "; write it as [%s]" % t if family == socket.AF_INET else \
+            "; write it as [IPv6.%s]" % t
+    raise ValueError("bad bind address '%s' (the forms are [1.2.3.4], [IPv6.x], any, "
+                     "any6, iface:NAME%s)" % (text, hint))
+
+
+#: The port a Bind keyword listens on when its line names none.
+BIND_DEFAULT_PORTS = {"SMTP": 25, "SMTPS": 465, "SUBMIT": 587, "SUBMITS": 465}
+
+
+def port_problem(text):
+    """Why ``text`` is not a TCP port number, or None.  The original read
+    ports with atoi, so ``smtp`` or ``99999`` became a port nobody meant."""
+    if not re.match(r"^[0-9]+$", text) or not 0 < int(text) < 65536:
+        return "port '%s' is not a port number (1-65535)" % text
+    return None
 
 
 class ConfigReader(object):
@@ -773,9 +812,51 @@ class ConfigReader(object):
         self.seen_params = set()
         self.file_read = False
         self.config_errors = []     # "file:line: text" of settings that cannot work
+        # Problems with listener lines and with numbers are kept apart:
+        # a daemon cannot start with a bad listener line, and --check
+        # counts a number it had to guess at as an error.
+        self.bind_errors = []
+        self.number_errors = []
+        self.lines = {}            # line number -> the line as written
+        self.origins = {}          # (scope, attribute) -> line number
+        self.effective = []        # (what it sets or None, line number)
+        self.keyword = None        # the keyword of the line being read, as written
 
     def warn(self, lineno, message):
         self.diagnostics.append((self.path, lineno, message))
+
+    def bind_error(self, lineno, message):
+        """A listener line that cannot work.  The source is the -x option
+        (line 0 of no file) or zmailer.conf's BINDADDR when not a line."""
+        if lineno > 0:
+            self.bind_errors.append((self.path, lineno, message))
+        else:
+            self.bind_errors.append((self.bind_source, 0, message))
+
+    def number_error(self, lineno, name, text, taken, why=None):
+        """A number written so that only the original's reading gives it a
+        value (``10M`` is 10): kept for compatibility, but said aloud."""
+        unit = NUMBER_UNITS.get(name, "seconds" if PARAM_TABLE.get(name, ("", "", ""))[2]
+                                == "float" else "")
+        message = ("PARAM %s: '%s' %s; %s (write a plain number%s)" % (
+            self.keyword or name, text, why or "is not a plain number", taken,
+            " of " + unit if unit else ""))
+        self.number_errors.append((self.path, lineno, message))
+        self.diagnostics.append((self.path, lineno, message))
+
+    def check_number(self, lineno, name, text, value, plain, taken=None):
+        """Warn when ``text`` is not a plain non-negative number; ``value``
+        is what the original's reading made of it, ``taken`` the setting
+        after raising it to the keyword's least value."""
+        if value is None:
+            return
+        taken = value if taken is None else taken
+        if not plain:
+            self.number_error(lineno, name, text, "taken as %s, as the original reads it"
+                              % _number_text(taken))
+        elif value < 0:
+            self.number_error(lineno, name, text, "taken as %s" % _number_text(taken),
+                              why="is negative")
 
     def read(self):
         if self.options.get("bindport"):
@@ -783,6 +864,7 @@ class ConfigReader(object):
             self.glob["bindport_given"] = True
         if self.options.get("maxsize") is not None:
             self.glob["maxsize"] = max(0, self.options["maxsize"])
+        self.bind_source = "-x"
         if self.options.get("bindaddr"):
             self._add_bind(0, "ADDR", "[%s]" % self.options["bindaddr"]
                            if not self.options["bindaddr"].startswith("[")
@@ -803,13 +885,15 @@ class ConfigReader(object):
             line = line.rstrip("\r")
             if not line or line[0] == "#" or line[0] in " \t\v\f":
                 continue
+            self.lines[lineno] = line
             if line.startswith("PARAM"):
                 self._param_line(lineno, line)
             else:
                 self._pattern_line(lineno, line)
         if not self.seen_bind and self.file_read and self.zenv.get("BINDADDR"):
             # The original crashed here (NULL group); the intent was plain.
-            self._add_bind(0, "ADDR", self.zenv.get("BINDADDR"), None)
+            self.bind_source = "%s: BINDADDR" % (self.zenv.path or "zmailer.conf")
+            self._add_bind(-1, "ADDR", self.zenv.get("BINDADDR"), None)
         return self._freeze()
 
     # -- PARAM lines -------------------------------------------------------
@@ -823,9 +907,12 @@ class ConfigReader(object):
         key = keyword.lower()
         spec = PARAM_TABLE.get(key)
         if spec is None:
-            self.warn(lineno, "bad PARAM keyword/missing parameters: '%s'" % keyword)
+            guess = difflib.get_close_matches(key, list(PARAM_TABLE), 1, 0.75)
+            self.warn(lineno, "bad PARAM keyword/missing parameters: '%s'%s" % (
+                keyword, " (did you mean '%s'?)" % guess[0] if guess else ""))
             return
         canonical, scope, kind, attr, extra = spec
+        self.keyword = keyword
         if key in RAW_KEYWORDS:
             args = [value]
         else:
@@ -834,9 +921,20 @@ class ConfigReader(object):
         target = self.glob if scope == "G" else self.cur
         handler = getattr(self, "_kind_" + kind)
         problem = handler(lineno, target, attr, extra, args, canonical)
+        if problem and kind in ("bind", "bindport"):
+            self.bind_error(lineno, "%s: %s" % (self.lines.get(lineno, keyword), problem))
+            return
         if problem:
             self.warn(lineno, "%s: '%s'" % (problem, keyword))
-        elif scope == "G" and len(self.groups) > 1 and kind not in ("rawlist", "noop"):
+            return
+        where = "G" if scope == "G" else len(self.groups) - 1
+        self.origins[(where, attr or canonical)] = lineno
+        self.origins[("param", canonical)] = lineno
+        # Lines that set one value are overridden by a later line setting
+        # it in the same place; list-like lines all stay in effect.
+        single = kind not in ("bind", "rawlist", "cluster", "newgroup", "noop")
+        self.effective.append(((where, attr) if single else None, lineno))
+        if scope == "G" and len(self.groups) > 1 and kind not in ("rawlist", "noop"):
             self.warn(lineno, "PARAM %s is process-wide; placing it inside a "
                       "group changes every listener" % canonical)
 
@@ -852,17 +950,22 @@ class ConfigReader(object):
     def _kind_int(self, lineno, target, attr, extra, args, name):
         if not args:
             return "bad PARAM keyword/missing parameters"
-        value = _c_int(args[0], target[attr])
-        if extra is not None and value < extra:
-            value = extra
+        raw = _c_int(args[0], target[attr])
+        value = extra if extra is not None and raw < extra else raw
+        if _c_int(args[0], None) is None:
+            # sscanf found no digits: the original kept the value it had.
+            self.number_error(lineno, name, args[0], "the setting stays %s" % value,
+                              why="is not a number")
+        else:
+            self.check_number(lineno, name, args[0], raw, _PLAIN_INT.match(args[0]), value)
         target[attr] = value
 
     def _kind_atoi(self, lineno, target, attr, extra, args, name):
         if not args:
             return "bad PARAM keyword/missing parameters"
-        value = _c_int(args[0], 0)
-        if extra is not None and value < extra:
-            value = extra
+        raw = _c_int(args[0], 0)
+        value = extra if extra is not None and raw < extra else raw
+        self.check_number(lineno, name, args[0], raw, _PLAIN_INT.match(args[0]), value)
         target[attr] = value
 
     def _kind_float(self, lineno, target, attr, extra, args, name):
@@ -870,7 +973,11 @@ class ConfigReader(object):
             return "bad PARAM keyword/missing parameters"
         value = _c_float(args[0], None)
         if value is None or value <= 0:
-            return "needs a positive number of seconds"
+            self.number_error(lineno, name, args[0], "the setting stays %s"
+                              % _number_text(target[attr]),
+                              why="is not a positive number of seconds")
+            return None
+        self.check_number(lineno, name, args[0], value, _PLAIN_FLOAT.match(args[0]))
         target[attr] = value
 
     def _kind_str(self, lineno, target, attr, extra, args, name):
@@ -907,23 +1014,24 @@ class ConfigReader(object):
 
     def _kind_bindport(self, lineno, target, attr, extra, args, name):
         if not args:
-            return "bad PARAM keyword/missing parameters"
-        port = _c_int(args[0], 0)
-        if not 0 < port < 65535:
-            return "BindPort needs a port number"
-        target["bindport"] = port
+            return "a port number is missing"
+        problem = port_problem(args[0])
+        if problem:
+            return problem
+        target["bindport"] = int(args[0])
         target["bindport_given"] = True
 
     def _kind_bind(self, lineno, target, attr, extra, args, name):
         if not args:
-            return "bad PARAM keyword/missing parameters"
+            return "an address is missing"
         port = None
         if extra != "ADDR":
-            port = {"SMTP": 25, "SMTPS": 465, "SUBMIT": 587, "SUBMITS": 465}[extra]
+            port = BIND_DEFAULT_PORTS.get(extra, 25)
             if len(args) > 1 and not args[1].startswith("#"):
-                port = _c_int(args[1], -1)
-                if not 0 < port < 65536:
-                    return "bad port %r" % args[1]
+                problem = port_problem(args[1])
+                if problem:
+                    return problem
+                port = int(args[1])
         self.seen_bind = True
         return self._add_bind(lineno, extra, args[0], port, target)
 
@@ -932,14 +1040,17 @@ class ConfigReader(object):
         try:
             pairs = parse_bind_address(address)
         except ValueError as e:
-            self.warn(lineno, str(e))
+            self.bind_error(lineno, "%s: %s" % (self.lines.get(lineno, address), e)
+                            if lineno > 0 else "%s: %s" % (address, e))
             return None
         for family, addr in pairs:
             if addr.startswith("iface:") and hasattr(socket, "if_nametoindex"):
                 try:
                     socket.if_nametoindex(addr[6:])
                 except (OSError, socket.error):
-                    self.warn(lineno, "no network interface named %r" % addr[6:])
+                    self.bind_error(lineno, "%s: no network interface named '%s' (see "
+                                    "'ip link' for the names)" % (
+                                        self.lines.get(lineno, address), addr[6:]))
                     return None
         new = []
         for family, addr in pairs:
@@ -960,6 +1071,8 @@ class ConfigReader(object):
         if len(args) < 3:
             return "bad PARAM keyword/missing parameters"
         vals = [_c_float(a, 0.0) for a in args[:3]]
+        for text, value in zip(args[:3], vals):
+            self.check_number(lineno, name, text, value, _PLAIN_FLOAT.match(text))
         target[attr] = tuple(vals)
 
     def _kind_deliverby(self, lineno, target, attr, extra, args, name):
@@ -968,6 +1081,8 @@ class ConfigReader(object):
                       "read it as 0)")
             args = []
         target[attr] = _c_int(args[0], 0) if args else 0
+        if args:
+            self.check_number(lineno, name, args[0], target[attr], _PLAIN_INT.match(args[0]))
 
     def _kind_policydb(self, lineno, target, attr, extra, args, name):
         if len(args) < 2:
@@ -982,6 +1097,7 @@ class ConfigReader(object):
     # -- HELO pattern lines --------------------------------------------------
 
     def _pattern_line(self, lineno, line):
+        self.effective.append((None, lineno))
         if line.lower().startswith("param"):
             self.warn(lineno, "line starts with lower-case 'param': read as a "
                       "HELO pattern, not a PARAM line (PARAM is case-sensitive)")
@@ -1014,10 +1130,19 @@ class ConfigReader(object):
             glob[key] = tuple(glob[key])
         unimplemented = tuple(sorted(p for p in self.seen_params
                                      if p in UNIMPLEMENTED_PARAMS))
+        last = {}
+        for what, lineno in self.effective:
+            if what is not None:
+                last[what] = lineno
+        effective = tuple((lineno, self.lines[lineno]) for what, lineno in self.effective
+                          if what is None or last[what] == lineno)
         return ServerConfig(path=self.path, groups=tuple(groups),
                             patterns=tuple(self.patterns),
                             configured=bool(self.patterns),
                             diagnostics=tuple(self.diagnostics),
+                            bind_errors=tuple(self.bind_errors),
+                            number_errors=tuple(self.number_errors),
+                            origins=dict(self.origins), effective_lines=effective,
                             unimplemented=unimplemented, file_read=self.file_read,
                             config_errors=tuple(self.config_errors),
                             **glob)
@@ -1044,31 +1169,66 @@ def find_config_path(option_path, zenv, argv0):
     return candidates[0] if candidates else "/etc/zmailer/%s.conf" % name
 
 
+def diag_text(file_, line, message):
+    """``file:line: message``; ``file: message`` for what is not a line
+    (a zmailer.conf variable, a command-line option)."""
+    if line:
+        return "%s:%d: %s" % (file_, line, message)
+    return "%s: %s" % (file_, message)
+
+
+def config_where(config, group_index, attr):
+    """``file:line`` of the line that set ``attr`` for a group (a group
+    inherits group 0's lines) or process-wide (``group_index`` None)."""
+    origins = getattr(config, "origins", {})
+    line = origins.get(("G", attr)) if group_index is None else \
+        origins.get((group_index, attr)) or origins.get((0, attr))
+    return "%s:%d" % (config.path, line) if line else config.path
+
+
 def validate_config(config, daemon=True):
-    """Problems that make a configuration unusable (D10).  Listener
-    settings only matter to the daemon, not to -i and -n sessions."""
+    """Problems that make a configuration unusable (D10), each naming the
+    file and line and saying what to do.  Listener settings only matter
+    to the daemon, not to -i and -n sessions."""
     problems = list(config.config_errors)
+    if daemon:
+        problems.extend(diag_text(*e) for e in config.bind_errors)
     if config.session_model not in SESSION_MIXINS:
-        problems.append("PARAM session-model must be thread, fork or workers, not %r"
-                        % config.session_model)
+        problems.append("%s: PARAM session-model must be thread, fork or workers, not '%s'"
+                        % (config_where(config, None, "session_model"), config.session_model))
     if not config.configured:
         problems.append("%s has no HELO/EHLO pattern line (e.g. '*  ftveR'); the "
                         "server would answer every command with 400" % config.path)
-    for g in config.groups:
-        implicit = [b.kind for b in g.binds if b.kind in IMPLICIT_TLS_KINDS]
+    for index, g in enumerate(config.groups):
+        implicit = [b for b in g.binds if b.kind in IMPLICIT_TLS_KINDS]
         needs_tls = g.use_tls or implicit or g.listen_ssmtp
         if not needs_tls:
             continue
         if daemon and implicit and not g.use_tls:
-            for kind in sorted(set(implicit)):
-                problems.append("a %s listener needs PARAM use-tls in its group"
-                                % BIND_KEYWORD_OF_KIND[kind])
+            for kind in sorted(set(b.kind for b in implicit)):
+                line = min(b.lineno for b in implicit if b.kind == kind)
+                problems.append(diag_text(config.path, line, "a %s listener needs PARAM "
+                                          "use-tls in its group" % BIND_KEYWORD_OF_KIND[kind]))
         if g.use_tls:
             if not g.tls_cert:
-                problems.append("PARAM use-tls needs tls-cert-file")
-            for path in (g.tls_cert, g.tls_key, g.tls_cafile):
-                if path and not os.access(path, os.R_OK):
-                    problems.append("TLS file %s cannot be read" % path)
+                problems.append("%s: PARAM use-tls needs PARAM tls-cert-file"
+                                % config_where(config, index, "use_tls"))
+            seen = set()
+            for attr, keyword in (("tls_cert", "tls-cert-file"), ("tls_key", "tls-key-file"),
+                                  ("tls_cafile", "tls-CAfile")):
+                path = getattr(g, attr)
+                if not path or path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    with open(path, "rb"):
+                        pass
+                except (IOError, OSError) as e:
+                    where = config_where(config, index, attr)
+                    if where == config.path:  # the key file defaults to the cert
+                        where = config_where(config, index, "tls_cert")
+                    problems.append("%s: PARAM %s %s: cannot read it: %s" % (
+                        where, keyword, path, e.strerror or e))
     return problems
 
 
@@ -1684,22 +1844,47 @@ class TranscriptLog(object):
         self.trace = trace
         self.fds = []
         self.lock = threading.Lock()
-        self.reopen()
+        self.open_errors = []
+        self.owner = None
+        # At start-up, a log that cannot be opened is reported by the
+        # start-up checks (fatal for a daemon), so not here as well.
+        self.reopen(report=False)
         if self.use_syslog or syslog is not None:
             syslog.openlog("smtpserver", syslog.LOG_PID, syslog.LOG_MAIL)
 
-    def reopen(self):
+    def reopen(self, report=True):
         """(Re)open the files; called at start and on SIGHUP (rotation)."""
         old, new = self.fds, []
+        errors = []
         for path in self.files:
             try:
                 new.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
             except OSError as e:
-                sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, e.strerror))
+                errors.append((path, e.strerror))
+                if report:
+                    sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path,
+                                                                       e.strerror))
+        self.open_errors = errors
         self.fds = new
+        if self.owner is not None:
+            for fd in new:
+                try:
+                    os.fchown(fd, self.owner[0], self.owner[1])
+                except OSError:
+                    pass
         for fd in old:
             try:
                 os.close(fd)
+            except OSError:
+                pass
+
+    def hand_to(self, uid, gid):
+        """Give the log files to the user sessions run as, so that after
+        the privilege drop the files can still be reopened (SIGHUP)."""
+        self.owner = (uid, gid)
+        for fd in self.fds:
+            try:
+                os.fchown(fd, uid, gid)
             except OSError:
                 pass
 
@@ -1790,11 +1975,18 @@ class ListenerSpec(Frozen):
     """A socket to open: kind, family, address literal ('' = any), port."""
 
 
-def listener_specs(config, ipv6=True):
+def _spec_key(spec):
+    return tuple(sorted(spec.__dict__.items()))
+
+
+def listener_specs(config, ipv6=True, origins=None):
     """Every listening socket the configuration asks for, per group, in
     definition order.  A group with no Bind* entries gets the wildcard
-    SMTP listeners on BindPort (plus 465 with listen-ssmtp), as before."""
+    SMTP listeners on BindPort (plus 465 with listen-ssmtp), as before.
+    ``origins``, a dict, learns (line number, text) of what asked for each."""
     specs = []
+    lines = getattr(config, "effective_lines", ())
+    texts = dict(lines)
     for index, group in enumerate(config.groups):
         binds = list(group.binds)
         if not binds:
@@ -1825,6 +2017,17 @@ def listener_specs(config, ipv6=True):
                                     port=port, group=index)
                 if all(s.__dict__ != spec.__dict__ for s in specs):
                     specs.append(spec)
+                    if origins is not None:
+                        if b.lineno > 0:
+                            origin = (b.lineno, texts.get(b.lineno, "PARAM Bind*"))
+                        elif b.lineno < 0:
+                            origin = (0, "BINDADDR of zmailer.conf")
+                        elif group.binds:
+                            origin = (0, "the -x option")
+                        else:
+                            origin = (0, "the default listener of group %d (it has no "
+                                         "PARAM Bind* line)" % index)
+                        origins[_spec_key(spec)] = origin
     return specs
 
 
@@ -2721,7 +2924,9 @@ class Supervisor(object):
 
     # -- listeners -------------------------------------------------------------
 
-    def open_listeners(self, specs, keep=()):
+    def open_listeners(self, specs, keep=(), failures=False):
+        """Listeners for ``specs``, reusing those in ``keep``; with the
+        messages of the ones that failed (or (spec, error) pairs)."""
         opened, errors = [], []
         for spec in specs:
             reuse = [l for l in keep if l.spec.__dict__ == spec.__dict__]
@@ -2734,8 +2939,11 @@ class Supervisor(object):
                     spec.kind, "v6" if spec.family == socket.AF_INET6 else "v4",
                     spec.address, spec.port))
             except (OSError, socket.error) as e:
-                errors.append("cannot listen on [%s]:%d (%s): %s" % (
-                    spec.address or "any", spec.port, spec.kind, e.strerror or e))
+                if failures:
+                    errors.append((spec, e))
+                else:
+                    errors.append("cannot listen on [%s]:%d (%s): %s" % (
+                        spec.address or "any", spec.port, spec.kind, e.strerror or e))
         return opened, errors
 
     def install_listeners(self, listeners):
@@ -5432,8 +5640,7 @@ class Runtime(object):
         self.gullible = bool(options.get("gullible"))
         self.checkhelo = bool(options.get("checkhelo")) and not self.gullible
         self.syslogflg = (zenv.get("SYSLOGFLG") or "").upper()
-        self.postoffice = options.get("postoffice") or zenv.get("POSTOFFICE") or \
-            "/var/spool/postoffice"
+        self.postoffice = postoffice_of(options, zenv)
         self.hostname = socket.gethostname()
         self.spool = SpoolWriter(self.postoffice, zenv, self.hostname)
         self.auth_failures = AuthFailureTracker()
@@ -5446,7 +5653,10 @@ class Runtime(object):
         """Build what depends on the configuration; raises ConfigError."""
         tls = {}
         for index, g in enumerate(config.groups):
-            tls[index] = make_tls_context(g) if g.use_tls else None
+            try:
+                tls[index] = make_tls_context(g) if g.use_tls else None
+            except ConfigError as e:
+                raise ConfigError("%s: %s" % (config_where(config, index, "tls_cert"), e))
         policies = {}
         for g in config.groups:
             if g.policydb and g.policydb not in policies:
@@ -5478,13 +5688,7 @@ class Runtime(object):
                                  run_as=self.auth_identity(group), log=self.log)
 
     def auth_identity(self, group):
-        """(uid, gid) for the auth program when we are root; None to keep ours."""
-        if os.getuid() != 0:
-            return None
-        name = group.auth_pipe_user or self.zenv.get("TRUSTEDUSER") or "daemon"
-        if name == "root":
-            return None
-        return lookup_user(name)
+        return auth_identity(group, self.zenv)
 
     # -- name lookups, cached briefly -------------------------------------------
 
@@ -5624,6 +5828,112 @@ def close_tls(sock):
     sock.close()
 
 
+def auth_identity(group, zenv):
+    """(uid, gid) for the auth program when we are root; None to keep ours."""
+    if os.getuid() != 0:
+        return None
+    name = group.auth_pipe_user or zenv.get("TRUSTEDUSER") or "daemon"
+    if name == "root":
+        return None
+    return lookup_user(name)
+
+
+class Site(Frozen):
+    """What start-up checks need to know besides the configuration: the
+    options, zmailer.conf and the postoffice (a Runtime has the same)."""
+
+    def auth_identity(self, group):
+        return auth_identity(group, self.zenv)
+
+
+def postoffice_of(options, zenv):
+    return options.get("postoffice") or zenv.get("POSTOFFICE") or "/var/spool/postoffice"
+
+
+class SessionUser(Frozen):
+    """Who sessions run as: ``name``, ``uid``, ``gid``, supplementary
+    ``groups``, and ``source`` (where that choice comes from, in words)."""
+
+    def describe(self):
+        return "%s (uid %d, gid %d)" % (self.name, self.uid, self.gid)
+
+
+def session_user(zenv):
+    """The user sessions run as, and so the owner of every spool file.
+    Under root that is zmailer.conf's TRUSTEDUSER, else ``daemon`` (as the
+    original's sessions did): the router trusts the envelope of a file by
+    its owner, and a root-owned file from the network would be trusted as
+    root.  Raises ConfigError when that user does not exist or is root."""
+    import pwd
+    if os.geteuid() != 0:
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return SessionUser(name=name, uid=uid, gid=os.getegid(),
+                           groups=tuple(os.getgroups()), source="the user zmsmtpd runs as")
+    where = zenv.path or DEFAULT_ZCONFIG
+    name = zenv.get("TRUSTEDUSER")
+    if name:
+        source = "TRUSTEDUSER in %s" % where
+    else:
+        name, source = "daemon", "ZMailer's default, as %s sets no TRUSTEDUSER" % where
+    try:
+        pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+    except KeyError:
+        if zenv.get("TRUSTEDUSER"):
+            raise ConfigError("%s: TRUSTEDUSER=%s: there is no such user, and sessions "
+                              "must not run as root. Fix: create the user, or set "
+                              "TRUSTEDUSER to an existing unprivileged user (ZMailer's "
+                              "default is daemon)" % (where, name))
+        raise ConfigError("%s: no TRUSTEDUSER is set and there is no user 'daemon' to "
+                          "run sessions as. Fix: set TRUSTEDUSER=<an unprivileged user> "
+                          "in %s" % (where, where))
+    if pw.pw_uid == 0:
+        raise ConfigError("%s: TRUSTEDUSER=%s is root: mail from the network would be "
+                          "spooled in root-owned files. Fix: name an unprivileged user "
+                          "(ZMailer's default is daemon)" % (where, name))
+    try:
+        groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except (OSError, AttributeError):
+        groups = (pw.pw_gid,)
+    return SessionUser(name=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid, groups=groups,
+                       source=source)
+
+
+def access_as(user, checks):
+    """``os.access`` for each (path, mode) in ``checks`` as ``user`` would
+    meet it: a forked child takes on that user's ids and asks the kernel,
+    so ACLs, read-only mounts and every directory on the way count."""
+    if user is None or os.geteuid() != 0 or user.uid == 0:
+        return [os.access(path, mode) for path, mode in checks]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            os.setgroups(list(user.groups))
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            answer = "".join("1" if os.access(path, mode) else "0" for path, mode in checks)
+            os.write(w, answer.encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    try:
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    return [data[i:i + 1] == b"1" for i in range(len(checks))]
+
+
 def make_tls_context(group):
     """An ssl context for a group with ``use-tls``; a certificate that is
     missing or unreadable stops start-up (never a silent downgrade)."""
@@ -5647,53 +5957,279 @@ def make_tls_context(group):
     return context
 
 
-def load_configuration(options, zenv, log=None):
+def load_configuration(options, zenv, log=None, listeners=True, numbers=False):
+    """Read the configuration and report its warnings on stderr and in the
+    log.  Bad listener lines are errors where listeners are opened
+    (``listeners``; validate_config reports them), warnings elsewhere;
+    guessed numbers are errors with ``numbers`` (--check), not warnings."""
     path = find_config_path(options.get("config"), zenv, sys.argv[0])
     reader = ConfigReader(path, zenv, {
         "bindport": options.get("bindport"), "maxsize": options.get("maxsize"),
         "bindaddr": options.get("bindaddr"), "explicit": bool(options.get("config"))})
     config = reader.read()
-    for file_, line, message in config.diagnostics:
-        text = "%s:%d: %s" % (file_, line, message)
+    warnings = [d for d in config.diagnostics
+                if not (numbers and d in config.number_errors)]
+    if not listeners:
+        warnings.extend(config.bind_errors)
+        warnings.sort(key=lambda d: (d[0] != config.path, d[1]))
+    for file_, line, message in warnings:
+        text = diag_text(file_, line, message)
         sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
         if log:
             log.note("config warning: " + text)
     return config
 
 
-def describe_config(config, runtime_postoffice):
-    """The effective settings, for --check."""
-    out = ["configuration: %s" % config.path, "postoffice: %s" % runtime_postoffice,
-           "pattern lines: %d" % len(config.patterns)]
-    for key in sorted(GLOBAL_DEFAULTS):
-        out.append("  %s = %r" % (key, getattr(config, key)))
-    for i, g in enumerate(config.groups):
-        out.append("group %d:" % i)
-        for key in sorted(GROUP_DEFAULTS):
-            value = getattr(g, key)
-            if key == "binds":
-                value = ["%s %s %s %s" % (b.kind, "v6" if b.family == socket.AF_INET6 else "v4",
-                                          b.address or "any", b.port or "bindport")
-                         for b in value]
-            if value != GROUP_DEFAULTS[key]:
-                out.append("  %s = %r" % (key, value))
-    for spec in listener_specs(config):
-        out.append("listener: %s [%s]:%d group %d" % (spec.kind, spec.address or "any",
-                                                      spec.port, spec.group))
+def _yes_no(flag):
+    return "yes" if flag else "no"
+
+
+def describe_config(config, site, user=None):
+    """--check's report, like ``postconf -n``: the lines in effect as
+    written, each with file:line, then what they amount to."""
+    out = ["# lines in effect"]
+    for lineno, line in config.effective_lines:
+        out.append("%s:%d: %s" % (config.path, lineno, line))
+    if not config.effective_lines:
+        out.append("# (none: %s)" % ("the file is empty" if config.file_read
+                                       else "the file could not be read"))
+    out.append("")
+    out.append("# listeners")
+    for spec in listener_specs(config, site.options.get("ipv6", True)):
+        g = config.groups[spec.group]
+        if spec.kind in ("SMTPS", "SUBMITS"):
+            tls = "implicit"
+        else:
+            tls = "STARTTLS" if g.use_tls else "no"
+        msa = spec.kind.startswith("SUBMIT") or config.msa_mode
+        address = spec.address or ("any6" if spec.family == socket.AF_INET6 else "any")
+        out.append("%-7s %s port %d  TLS: %s  MSA: %s  AUTH: %s  group %d" % (
+            spec.kind, address, spec.port, tls, _yes_no(msa), _yes_no(g.smtp_auth),
+            spec.group))
+    out.append("")
+    out.append("# run-time")
+    out.append("zmailer.conf: %s" % (site.zconfig_path or "-"))
+    out.append("postoffice: %s" % site.postoffice)
+    if user is not None:
+        out.append("sessions run as: %s, %s" % (user.describe(), user.source))
+    for index, g in enumerate(config.groups):
+        prefix = "group %d " % index if len(config.groups) > 1 else ""
+        if g.policydb:
+            out.append("%spolicy: %s %s.dat" % (prefix, g.policydb[0], g.policydb[1]))
+        else:
+            out.append("%spolicy: none (every network session would get 400 4.7.0)" % prefix)
+        program = g.auth_pipe or site.zenv.get("PIPEAUTHPATH")
+        if g.smtp_auth:
+            ids = site.auth_identity(g)
+            out.append("%sauth program: %s%s" % (
+                prefix, program or "none (AUTH would answer 454)",
+                " (runs as uid %d, gid %d)" % ids if program and ids else ""))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
 
 
-def check_policies(config):
-    """--check: every group's policy text must load (what a connection
-    would otherwise meet as ``400 4.7.0 Policy database problem``)."""
+#: Parsed but not implemented PARAMs that change what mail is accepted:
+#: without them zmsmtpd accepts what the administrator meant to filter,
+#: so they are announced on stderr at every start, not only by --check.
+ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "contentfilter", "perl-hook", "enable-router",
+                     "tracking-cluster", "spf-threshold", "spf-localpolicy",
+                     "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
+                     "tls-enforce-tls")
+
+
+def unimplemented_warnings(config):
+    """One line per accepted-mail-changing PARAM that does nothing here."""
+    out = []
+    for name in config.unimplemented:
+        if name in ACCEPTANCE_PARAMS:
+            line = config.origins.get(("param", name), 0)
+            out.append(diag_text(config.path, line, "PARAM %s is not implemented (%s): "
+                                 "mail is accepted without it" % (
+                                     name, UNIMPLEMENTED_PARAMS[name])))
+    return out
+
+
+def check_policies(config, user=None):
+    """Every group's policy text must load, and be readable by the user
+    sessions run as (they re-read it when it changes); otherwise every
+    session would meet ``400 4.7.0 Policy database problem``."""
     problems = []
-    for spec in sorted(set(g.policydb for g in config.groups if g.policydb)):
+    done = set()
+    for index, g in enumerate(config.groups):
+        if not g.policydb or g.policydb in done:
+            continue
+        done.add(g.policydb)
+        where = "%s: PARAM policydb %s %s" % (config_where(config, index, "policydb"),
+                                              g.policydb[0], g.policydb[1])
+        path = g.policydb[1] + ".dat"
+        why = None
         try:
-            PolicyTable.load(spec[1] + ".dat")
-        except (PolicyError, IOError, OSError) as e:
-            problems.append(str(e))
+            PolicyTable.load(path)
+        except PolicyError as e:
+            why = "%s" % e
+        except (IOError, OSError) as e:
+            why = "cannot read %s: %s" % (path, e.strerror or e)
+        else:
+            if not access_as(user, [(path, os.R_OK)])[0]:
+                why = "%s cannot be read by %s, the user sessions run as" % (
+                    path, user.describe())
+        if why:
+            problems.append("%s: %s; every session would get '400 4.7.0 Policy database "
+                            "problem'. Fix: build %s (policy-builder.sh), correct the "
+                            "path, or make it readable" % (where, why, path))
+    return problems
+
+
+def check_postoffice(site, user):
+    """public/ and router/ must take new files from the session user;
+    otherwise every MAIL would answer a misleading 452."""
+    problems = []
+    source = "-P" if site.options.get("postoffice") else \
+        "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
+    for sub in ("public", "router"):
+        path = os.path.join(site.postoffice, sub)
+        if not os.path.isdir(path):
+            problems.append("%s: $POSTOFFICE/%s (%s) is not a directory. Fix: create it "
+                            "as ZMailer's post-install does (mkdir -m 3777 %s)"
+                            % (source, sub, path, path))
+        elif not access_as(user, [(path, os.W_OK | os.X_OK)])[0]:
+            problems.append("%s: $POSTOFFICE/%s (%s) is not writable by %s, the user "
+                            "sessions run as (%s); every MAIL would get 452. Fix: chmod "
+                            "3777 %s (ZMailer's mode) or chown %s it, and let that user "
+                            "reach it" % (source, sub, path, user.describe(), user.source,
+                                          path, user.name))
+    return problems
+
+
+def check_auth_programs(config, site):
+    """Each group with smtp-auth: its program exists and the user it runs
+    as may execute it, or every AUTH would fail."""
+    import pwd
+    problems = []
+    done = set()
+    for index, g in enumerate(config.groups):
+        if not g.smtp_auth:
+            continue
+        program = g.auth_pipe
+        where = "%s: PARAM smtp-auth-pipe %s" % (
+            config_where(config, index, "auth_pipe"), program)
+        if not program:
+            program = site.zenv.get("PIPEAUTHPATH")
+            where = "%s: PIPEAUTHPATH=%s" % (site.zconfig_path, program)
+        if not program:
+            continue
+        if g.auth_pipe_user and os.geteuid() == 0 and \
+                lookup_user(g.auth_pipe_user) is None:
+            problems.append("%s: PARAM smtp-auth-pipe-user %s: there is no such user. "
+                            "Fix: name an existing unprivileged user" % (
+                                config_where(config, index, "auth_pipe_user"),
+                                g.auth_pipe_user))
+            continue
+        ids = site.auth_identity(g)
+        if (program, ids) in done:
+            continue
+        done.add((program, ids))
+        if ids is None:
+            runner, who = None, "zmsmtpd's own user"
+        else:
+            try:
+                name = pwd.getpwuid(ids[0]).pw_name
+            except KeyError:
+                name = str(ids[0])
+            runner = SessionUser(name=name, uid=ids[0], gid=ids[1], groups=(ids[1],),
+                                 source="")
+            who = "%s, the user it runs as" % runner.describe()
+        if not os.path.exists(program):
+            problems.append("%s: the program does not exist; every AUTH would fail. "
+                            "Fix: install it or correct the path" % where)
+        elif os.path.isdir(program) or not access_as(runner, [(program, os.X_OK)])[0]:
+            problems.append("%s: cannot be executed by %s; every AUTH would fail. Fix: "
+                            "chmod 755 it and let that user reach its directories"
+                            % (where, who))
+    return problems
+
+
+def running_server_pid(path):
+    """The pid in ``path`` when it is a running zmsmtpd/smtpserver, else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (IOError, OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except (IOError, OSError):
+        return None
+    names = [os.path.basename(a) for a in cmdline.split(b"\0")[:3]]
+    if any(n in (b"zmsmtpd.py", b"zmsmtpd") or n.startswith(b"smtpserver") for n in names):
+        return pid
+    return None
+
+
+def listener_problem(config, spec, origin, error):
+    """A listener that could not be opened, named by its configuration line."""
+    address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
+    why = {errno.EADDRINUSE: " (another program listens there)",
+           errno.EADDRNOTAVAIL: " (the address is not one of this host's)",
+           errno.EACCES: " (ports below 1024 need root)"}.get(getattr(error, "errno", None), "")
+    lineno, line = origin
+    if lineno > 0:
+        where = "%s:%d: %s" % (config.path, lineno, line)
+    else:
+        where = "%s: %s" % (config.path, line)
+    return "%s: cannot listen on %s port %d (%s): %s%s" % (
+        where, address, spec.port, spec.kind, error.strerror or error, why)
+
+
+def listener_origins(config, ipv6=True):
+    """For each listener spec (by its fields), the line that asks for it."""
+    origins = {}
+    listener_specs(config, ipv6, origins)
+    return origins
+
+
+def try_listeners(config, options, pidfile):
+    """--check binds every listener as a start would, and lets go at once.
+    A port held by the running server named by our pid file is no problem:
+    a start stops that server first."""
+    ipv6 = options.get("ipv6", True)
+    origins = listener_origins(config, ipv6)
+    problems, notes = [], []
+    running = running_server_pid(pidfile)
+    for spec in listener_specs(config, ipv6):
+        address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
+        sock = socket.socket(spec.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, spec.port))
+        except (OSError, socket.error) as e:
+            if e.errno == errno.EADDRINUSE and running:
+                notes.append("%s port %d is in use by the running server (pid %d); a "
+                             "start stops it first" % (address, spec.port, running))
+            else:
+                problems.append(listener_problem(config, spec, origins[_spec_key(spec)], e))
+        finally:
+            sock.close()
+    return problems, notes
+
+
+def startup_problems(config, site, log, daemon, user):
+    """What --check and a start both refuse: exit 2, each problem with its
+    file:line (or zmailer.conf variable) and the fix."""
+    problems = []
+    if daemon:
+        for path, why in getattr(log, "open_errors", ()):
+            problems.append("-l %s: cannot open the log file: %s. Fix: create its "
+                            "directory, or name a file root can write" % (path, why))
+    problems.extend(check_policies(config, user))
+    problems.extend(check_postoffice(site, user))
+    problems.extend(check_auth_programs(config, site))
     return problems
 
 
@@ -5710,15 +6246,9 @@ def stop_previous(path, log):
             pid = int(f.read().strip() or 0)
     except (IOError, OSError, ValueError):
         return
-    if pid <= 0 or pid == os.getpid():
+    if pid <= 0 or pid == os.getpid() or not os.path.exists("/proc/%d" % pid):
         return
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            cmdline = f.read()
-    except (IOError, OSError):
-        return  # not running
-    names = [os.path.basename(a) for a in cmdline.split(b"\0")[:3]]
-    if not any(n in (b"zmsmtpd.py", b"zmsmtpd") or n.startswith(b"smtpserver") for n in names):
+    if running_server_pid(path) != pid:
         log.note("pid file %s names pid %d, which is not a smtp server: left alone" % (path, pid))
         return
     try:
@@ -5789,19 +6319,17 @@ def detach(ready_fd_holder):
     os.close(devnull)
 
 
-def drop_privileges(zenv, log):
-    """After binding: when root and zmailer.conf names TRUSTEDUSER, run as
-    that user (effective ids; the real id stays root so the pid file can
-    be removed at exit, as the original master did)."""
-    if os.geteuid() != 0 or not zenv.get("TRUSTEDUSER"):
+def drop_privileges(user, log):
+    """After binding: when root, run as the session user (see session_user)
+    with that user's groups (effective ids; the real id stays root so the
+    pid file can be removed at exit, as the original master did)."""
+    if os.geteuid() != 0 or user is None or user.uid == 0:
         return
-    ids = lookup_user(zenv.get("TRUSTEDUSER"))
-    if ids is None:
-        log.note("TRUSTEDUSER %s unknown; staying root" % zenv.get("TRUSTEDUSER"))
-        return
-    os.setegid(ids[1])
-    os.seteuid(ids[0])
-    log.note("running as uid %d gid %d" % ids)
+    log.hand_to(user.uid, user.gid)
+    os.setgroups(list(user.groups))
+    os.setegid(user.gid)
+    os.seteuid(user.uid)
+    log.note("sessions run as %s, %s" % (user.describe(), user.source))
 
 
 def make_demo(directory):
@@ -5836,9 +6364,12 @@ def make_demo(directory):
             with open(path, "w") as f:
                 f.write(text)
     os.chmod(os.path.join(d, "bin/demo-auth"), 0o755)
-    # When root runs the demo, the auth program runs as an unprivileged
-    # user (daemon), which must be able to reach it.
+    # When root runs the demo, sessions and the auth program run as an
+    # unprivileged user (daemon), which must be able to reach them and to
+    # spool: public/ and router/ get ZMailer's own mode.
     os.chmod(d, 0o755)
+    for sub in ("postoffice/public", "postoffice/router"):
+        os.chmod(os.path.join(d, sub), 0o3777)
     return d
 
 
@@ -5903,31 +6434,69 @@ def main(argv=None):
     foreground = bool(options.get("verbose")) or options.get("debug", 0) >= 2
     logs = list(options["logs"])
     log = TranscriptLog(logs, trace=foreground and not options.get("interactive"))
+    check = bool(options.get("check"))
+    interactive = bool(options.get("interactive"))
+    inetd = bool(options.get("inetd")) and not interactive
+    daemon = not (interactive or inetd)
+    if not daemon:
+        for path, why in log.open_errors:
+            sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, why))
     try:
-        config = load_configuration(options, zenv, log)
-        problems = validate_config(config, daemon=not (options.get("interactive")
-                                                       or options.get("inetd")))
-        if problems:
-            raise ConfigError("\n  ".join(problems))
-        runtime = Runtime(options, zenv, zconfig, config, log)
+        config = load_configuration(options, zenv, log, listeners=daemon, numbers=check)
     except ConfigError as e:
         sys.stderr.write("%s: configuration error:\n  %s\n" % (PROGRAM, e))
         return 2
+    problems = validate_config(config, daemon=daemon)
+    if check:
+        # A start takes such a number as the original did; --check, the
+        # place to find out, counts it as an error.
+        problems.extend(diag_text(*e) for e in config.number_errors)
+    site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
+                postoffice=postoffice_of(options, zenv))
+    runtime = user = None
+    # Sessions of a daemon and of inetd serve the network: under root they
+    # run as the session user.  -i serves whoever runs it.
+    try:
+        user = session_user(zenv) if (daemon or inetd) else None
+    except ConfigError as e:
+        problems.append(str(e))
+    if (daemon or inetd) and (user is not None or os.geteuid() != 0):
+        problems.extend(startup_problems(config, site, log, daemon, user))
+    if not problems:
+        try:
+            runtime = Runtime(options, zenv, zconfig, config, log)
+        except ConfigError as e:
+            problems.append(str(e))
+    notes = []
+    if check and not problems:
+        listen_problems, notes = try_listeners(config, options,
+                                               pidfile_path(options, site.postoffice))
+        problems.extend(listen_problems)
+    if check:
+        print(describe_config(config, site, user))
+        for note in notes:
+            print("note: %s" % note)
+        for problem in problems:
+            sys.stderr.write("%s: error: %s\n" % (PROGRAM, problem))
+        if problems:
+            sys.stderr.write("%s: %d error%s in the configuration\n" % (
+                PROGRAM, len(problems), "" if len(problems) == 1 else "s"))
+        return 2 if problems else 0
+    if problems:
+        sys.stderr.write("%s: configuration error:\n  %s\n" % (PROGRAM, "\n  ".join(problems)))
+        return 2
     for name in config.unimplemented:
         log.note("PARAM %s is parsed but not implemented: %s" % (name, UNIMPLEMENTED_PARAMS[name]))
-    if options.get("check"):
-        print(describe_config(config, runtime.postoffice))
-        broken = check_policies(config)
-        for problem in broken:
-            sys.stderr.write("%s: policy error: %s\n" % (PROGRAM, problem))
-        return 2 if broken else 0
-    if options.get("interactive") or options.get("inetd"):
-        return run_interactive(runtime, config, inetd=bool(options.get("inetd"))
-                               and not options.get("interactive"))
-    return run_daemon(runtime, config, options, zenv, log, foreground)
+    for text in unimplemented_warnings(config):
+        sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
+    if interactive or inetd:
+        if inetd:
+            drop_privileges(user, log)
+        return run_interactive(runtime, config, inetd=inetd)
+    return run_daemon(runtime, config, options, zenv, log, foreground, user)
 
 
-def run_daemon(runtime, config, options, zenv, log, foreground):
+def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     supervisor = Supervisor(runtime, config)
     runtime.supervisor = supervisor
     pidfile = pidfile_path(options, runtime.postoffice)
@@ -5942,12 +6511,19 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
             sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
             return 2
     specs = listener_specs(config, options.get("ipv6", True))
-    listeners, errors = supervisor.open_listeners(specs)
-    for e in errors:
-        sys.stderr.write("%s: %s\n" % (PROGRAM, e))
-        log.note(e)
-    if not listeners:
-        sys.stderr.write("%s: no listener could be opened; not starting\n" % PROGRAM)
+    listeners, failures = supervisor.open_listeners(specs, failures=True)
+    if failures or not listeners:
+        # A server without one of its listeners would look started while
+        # an MSA silently lost 587 or 465: none of them stays open.
+        for l in listeners:
+            l.server_close()
+        origins = listener_origins(config, options.get("ipv6", True))
+        texts = [listener_problem(config, spec, origins[_spec_key(spec)], e)
+                 for spec, e in failures] or ["no listener is configured"]
+        for text in texts:
+            log.note(text)
+        sys.stderr.write("%s: configuration error:\n  %s\n  not starting\n"
+                         % (PROGRAM, "\n  ".join(texts)))
         remove_pidfile(pidfile)
         return 2
     supervisor.install_listeners(listeners)
@@ -5965,7 +6541,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground):
             sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
             return 2
     log.note("started server pid %d at %s" % (os.getpid(), rfc822_date()))
-    drop_privileges(zenv, log)
+    drop_privileges(user, log)
     if ready:
         os.write(ready[0], b"1")
         os.close(ready[0])

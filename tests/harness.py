@@ -67,3 +67,17 @@ def require_audit_step(testcase):
     if os.environ.get("ZMSMTPD_AUDIT") != "1":
         testcase.skipTest("audit runs once per CI run, in the newest interpreter "
                           "(set ZMSMTPD_AUDIT=1 to run it here)")
+
+
+def open_to_sessions(base, *spool_dirs):
+    """Make a test layout usable by the user sessions run as: under root
+    that is an unprivileged user (TRUSTEDUSER, else daemon), who must reach
+    every directory below ``base`` on the way and create files in the spool
+    directories, which get ZMailer's own mode (post-install makes public/
+    and router/ 3777)."""
+    for spool in spool_dirs:
+        path = os.path.dirname(spool)
+        while path.startswith(base) and len(path) >= len(base):
+            os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o755)
+            path = os.path.dirname(path)
+        os.chmod(spool, 0o3777)

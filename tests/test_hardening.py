@@ -30,7 +30,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import free_port, process_alive, which, pyenv_python  # noqa: F401
+from tests.harness import free_port, process_alive, which, pyenv_python, open_to_sessions  # noqa: F401
 
 _HARD_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HARD_SERVER = os.path.join(_HARD_REPO, "zmsmtpd.py")
@@ -120,6 +120,7 @@ class _HardServer(object):
         self.router = os.path.join(self.po, "router")
         for d in (self.public, self.router, os.path.join(self.dir, "db")):
             os.makedirs(d)
+        open_to_sessions(self.dir, self.public, self.router)
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         self.conf = os.path.join(self.dir, "smtpserver.conf")
         self.log_path = os.path.join(self.dir, "smtpserver.log")
@@ -1931,7 +1932,7 @@ class TestHardeningPython36(unittest.TestCase):
                                 stderr=subprocess.STDOUT, cwd=srv.dir)
         out, _ = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0, out.decode("utf-8", "replace"))
-        self.assertIn(b"command_timeout = 2.0", out)
+        self.assertIn(b"PARAM command-timeout 2\n", out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import HERE, free_port, process_alive, which  # noqa: F401
+from tests.harness import HERE, free_port, process_alive, which, open_to_sessions  # noqa: F401
 
 _OPS_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_SCRIPT = os.path.join(_OPS_REPO, "zmailer.sh")
@@ -193,6 +193,8 @@ class _OpsLayoutMixin(object):
             os.makedirs(lay[key])
         for sub in ("public", "router"):
             os.makedirs(os.path.join(lay["po"], sub))
+        open_to_sessions(root, os.path.join(lay["po"], "public"),
+                         os.path.join(lay["po"], "router"))
         lay["pidbase"] = os.path.join(lay["po"], ".pid.smtpserver")
         lay["confpath"] = os.path.join(lay["share" if conf_in == "share" else "var"],
                                        "smtpserver.conf")
@@ -876,6 +878,7 @@ class OpsPolicyLoadTest(_OpsBuilderMixin, unittest.TestCase):
         po = os.path.join(root, "postoffice")
         for sub in ("public", "router"):
             os.makedirs(os.path.join(po, sub))
+        open_to_sessions(root, os.path.join(po, "public"), os.path.join(po, "router"))
         with open(zconf, "a") as f:
             f.write("POSTOFFICE=%s\nMAILSHARE=%s\nZCONFIG=%s\n" % (po, root, zconf))
         conf = os.path.join(root, "smtpserver.conf")

@@ -67,7 +67,7 @@ import time
 import traceback
 import unittest
 
-from tests.harness import REFERENCE  # noqa: E402
+from tests.harness import REFERENCE, open_to_sessions  # noqa: E402
 
 _ORC_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ORC_SERVER = os.path.join(_ORC_REPO, "zmsmtpd.py")
@@ -752,6 +752,8 @@ def _orc_make_layout(tmp, spec):
     # Reachable for an unprivileged auth program; it writes into run/.
     for d in (tmp, os.path.join(tmp, "bin")):
         os.chmod(d, 0o755)
+    open_to_sessions(tmp, os.path.join(tmp, "postoffice", "public"),
+                     os.path.join(tmp, "postoffice", "router"))
     os.chmod(paths["auth_record"], 0o1777)
     return paths
 

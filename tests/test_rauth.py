@@ -35,7 +35,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import free_port, process_alive, which  # noqa: F401
+from tests.harness import free_port, process_alive, which, open_to_sessions  # noqa: F401
 
 
 def _rauth_find_repo():
@@ -887,6 +887,8 @@ class RauthZmsmtpdEndToEndTest(_RauthWithDovecot):
         for sub in ("postoffice", "postoffice/public", "postoffice/router", "db", "bin"):
             os.mkdir(os.path.join(b, sub))
             os.chmod(os.path.join(b, sub), 0o755)
+        open_to_sessions(b, os.path.join(b, "postoffice", "public"),
+                         os.path.join(b, "postoffice", "router"))
         self.zconf = os.path.join(b, "zmailer.conf")
         path = [os.path.dirname(os.path.abspath(sys.executable)),
                 "/usr/local/bin", "/usr/bin", "/bin"]

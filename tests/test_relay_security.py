@@ -29,7 +29,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import free_port, require_audit_step, which
+from tests.harness import free_port, open_to_sessions, require_audit_step, which
 
 _RELAY_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RELAY_SERVER = os.path.join(_RELAY_REPO, "zmsmtpd.py")
@@ -60,6 +60,8 @@ class RelayLayout(object):
         for sub in ("postoffice/public", "postoffice/router", "db", "bin", "log"):
             os.makedirs(os.path.join(self.dir, sub))
             os.chmod(os.path.join(self.dir, sub), 0o755)
+        open_to_sessions(self.dir, os.path.join(self.postoffice, "public"),
+                         os.path.join(self.postoffice, "router"))
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         with open(self.zconf, "w") as f:
             f.write("ZCONFIG=%s\nMAILSHARE=%s\nMAILVAR=%s\nMAILBIN=%s/bin\n"

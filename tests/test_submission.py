@@ -39,7 +39,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import free_port, kill_quietly, process_alive, which  # noqa: F401
+from tests.harness import free_port, kill_quietly, process_alive, which, open_to_sessions  # noqa: F401
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
@@ -176,6 +176,8 @@ class _SubServer(object):
             os.makedirs(os.path.join(self.dir, sub))
         os.chmod(os.path.join(self.dir, "rec"), 0o777)
         self.postoffice = os.path.join(self.dir, "postoffice")
+        open_to_sessions(self.dir, os.path.join(self.postoffice, "public"),
+                         os.path.join(self.postoffice, "router"))
         self.rec = os.path.join(self.dir, "rec")
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         self.conf = os.path.join(self.dir, "smtpserver.conf")
@@ -1571,9 +1573,15 @@ class SubmissionPipeAuthConfigurationTest(unittest.TestCase):
         w.ehlo()
         return w
 
+    # A program missing or not executable at start-up stops the start
+    # (tests/test_startup_checks.py); one that goes away later still
+    # gives a temporary failure, never a success.
+
     def test_missing_program_gives_454_never_235(self):
         srv, conf = self.server("")
-        w = self.start(srv, "PARAM smtp-auth-pipe {dir}/bin/no-such-program\n")
+        srv.program("vanishing", "#!/bin/sh\nexit 0\n")
+        w = self.start(srv, "PARAM smtp-auth-pipe {dir}/bin/vanishing\n")
+        os.unlink(os.path.join(srv.dir, "bin", "vanishing"))
         code, lines = w.auth_plain()
         self.assertEqual(code, 454, lines)
         self.assertTrue(lines[-1].startswith("454 4.7.0"), lines)
@@ -1581,8 +1589,9 @@ class SubmissionPipeAuthConfigurationTest(unittest.TestCase):
 
     def test_program_that_is_not_executable_gives_454(self):
         srv, conf = self.server("")
-        srv.program("noexec", "#!/bin/sh\nexit 0\n", mode=0o644)
+        srv.program("noexec", "#!/bin/sh\nexit 0\n")
         w = self.start(srv, "PARAM smtp-auth-pipe {dir}/bin/noexec\n")
+        os.chmod(os.path.join(srv.dir, "bin", "noexec"), 0o644)
         code, lines = w.auth_plain()
         self.assertEqual(code, 454, lines)
 
