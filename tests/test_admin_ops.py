@@ -367,6 +367,30 @@ class StatusAndReloadTest(unittest.TestCase):
                 self.assertIn("smtpserver: not running; nothing to reload", out)
                 self.assertFalse(os.path.exists(lay.pidfile + ".status"))
 
+    def test_every_session_model_counts_its_messages_in_the_status_file(self):
+        for model in ("thread", "fork", "workers"):
+            with self.subTest(model=model):
+                lay = Layout(self)
+                port = free_port()
+                lay.write_conf("PARAM BindSmtp [127.0.0.1] %d\nPARAM policydb btree {db}\n"
+                               "PARAM session-model %s\n*  ftveR\n" % (port, model))
+                rc, err = lay.start()
+                self.assertEqual(rc, 0, err)
+                pid = lay.pid()
+                self.addCleanup(kill_quietly, pid)
+                send(port)
+                send(port)
+                s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+                s.ehlo()
+                s.docmd("MAIL FROM:<no at sign>")
+                s.quit()
+                status = lay.pidfile + ".status"
+                self.assertTrue(wait_for(lambda: "accepted=2\n" in read(status)
+                                         and "refused=1\n" in read(status)), read(status))
+                self.assertIn("pid=%d\n" % pid, read(status))
+                lay.stop()
+                self.assertFalse(os.path.exists(status))
+
     def test_ps_tells_master_and_workers_apart_but_cmdline_is_unchanged(self):
         if not sys.platform.startswith("linux"):
             self.skipTest("process names are set on Linux only")
