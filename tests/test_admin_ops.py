@@ -413,11 +413,11 @@ class StatusAndReloadTest(unittest.TestCase):
                     stat = read("/proc/%s/stat" % ent)
                     if stat and stat.rsplit(")", 1)[-1].split()[1] == str(pid):
                         out.append(int(ent))
-            return out if len(out) == 2 else None
-        children = wait_for(workers)
-        self.assertTrue(children)
-        for child in children:
-            self.assertEqual(read("/proc/%d/comm" % child).strip(), "zmsmtpd: worker")
+            names = [read("/proc/%d/comm" % c).strip() for c in out]
+            # a worker is named right after the fork: wait for that
+            return names if names == ["zmsmtpd: worker"] * 2 else None
+        names = wait_for(workers)
+        self.assertEqual(names, ["zmsmtpd: worker"] * 2)
 
 
 # ---------------------------------------------------------------- item 8
