@@ -7,11 +7,12 @@
 # verbs of the original script are refused (exit status 2).
 #
 # Usage:
-#   zmailer.sh [--zconfig FILE] [-q] smtpserver            start (also: start, reload)
+#   zmailer.sh [--zconfig FILE] [-q] smtpserver            start (also: start)
+#   zmailer.sh [--zconfig FILE] [-q] reload [smtpserver]   SIGHUP, wait for the result
 #   zmailer.sh [--zconfig FILE] [-q] kill smtpserver       stop  (also: stop, kill, kills, killr)
 #   zmailer.sh [--zconfig FILE] [-q] nuke smtpserver       SIGKILL instead of SIGTERM
 #   zmailer.sh [--zconfig FILE] [-q] restart smtpserver    kill, then start
-#   zmailer.sh [--zconfig FILE]      status [smtpserver]   list instances and their pids
+#   zmailer.sh [--zconfig FILE]      status [smtpserver]   instances, pids, uptime, counts
 #
 # zmailer.conf: --zconfig FILE, else $ZCONFIG from the environment, else
 # /etc/zmailer.conf.  The file is sourced as a shell script (as ZMailer does);
@@ -46,12 +47,24 @@
 #   2  usage error, a verb this script does not handle, ZMailer is frozen
 #      ($POSTOFFICE/.freeze), or a configuration error
 #   3  status: no instance is running
+#   reload: 0 every running instance took the new configuration; 1 some
+#      refused it (the reason is shown), did not answer, or none runs
+#
+# Each running server keeps a status file beside its pid file:
+# $POSTOFFICE/.pid.smtpserver.status, or $POSTOFFICE/.pid.smtpserver/.NAME.status
+# in multi-instance mode (lines KEY=VALUE: pid, started, listeners, sessions,
+# accepted, refused, reloads, reload_at_text, reload_result).  `status` shows
+# it; `reload` sends SIGHUP and waits until the server has written the result
+# of that reload there (the server keeps its old configuration when the new
+# one has an error).  `kill` removes status files and an empty
+# $POSTOFFICE/.pid.smtpserver directory, so a later single-file start works.
 #
 # Starting while an instance runs is allowed: the new server stops the one
 # named in its pid file (as smtpserver does), the script notes the old pid.
 #
 # Environment knobs: ZMAILER_KILL_WAIT (seconds to wait for servers to exit
-# after the signal, default 10).
+# after the signal, default 10), ZMAILER_RELOAD_WAIT (seconds to wait for
+# the result of a reload, default 30).
 
 PROG=zmailer.sh
 
@@ -67,10 +80,12 @@ usage () {
     cat <<EOF
 Usage: $PROG [--zconfig FILE] [-q] VERB [smtpserver]
   smtpserver | start [smtpserver]   start the server (every instance)
+  reload [smtpserver]               re-read the configuration (SIGHUP), show the result
   kill|stop [smtpserver]            stop it (SIGTERM, wait up to ${ZMAILER_KILL_WAIT:-10} s)
   nuke [smtpserver]                 stop it with SIGKILL
   restart [smtpserver]              stop, then start
-  status [smtpserver]               show which instances run (exit 0 all, 1 some, 3 none)
+  status [smtpserver]               show the instances: pid, uptime, listeners, counts
+                                    (exit 0 all run, 1 some, 3 none)
 EOF
 }
 
@@ -120,13 +135,12 @@ case $verb in
         set -- "$verb" "$@"
         verb=start
         ;;
-    start|reload)
-        verb=start
+    start)
         ;;
     stop|kill|kills|killr)
         verb=kill
         ;;
-    nuke|restart|status)
+    nuke|restart|status|reload)
         ;;
     router|outer|sched*|ched*|newdb|newf*|newal*|new-route*|new-local*|\
     logsync|logrotate|resubmit|bootclean|cleanup|freeze|unfr*|thaw)
@@ -301,6 +315,58 @@ pid_files () {
     fi
 }
 
+# status_file PIDFILE: the status file the server keeps beside PIDFILE.
+status_file () {
+    sf_dir=${1%/*}
+    sf_name=${1##*/}
+    case $sf_name in
+        .*) printf '%s/%s.status\n' "$sf_dir" "$sf_name" ;;
+        *)  printf '%s/.%s.status\n' "$sf_dir" "$sf_name" ;;
+    esac
+}
+
+# status_field FILE KEY: the value of KEY=... in a status file.
+status_field () {
+    sed -n "s/^$2=//p" "$1" 2>/dev/null | head -n 1
+}
+
+# show_status FILE PID: the details of a running instance, indented.
+show_status () {
+    ss_file=$1
+    if [ ! -f "$ss_file" ] || [ "$(status_field "$ss_file" pid)" != "$2" ]; then
+        say "  (no status file $ss_file)"
+        return
+    fi
+    ss_started=$(status_field "$ss_file" started)
+    ss_now=$(date +%s 2>/dev/null)
+    ss_up=
+    case "$ss_now$ss_started" in
+        ''|*[!0-9]*) ;;
+        *)
+            ss_s=$((ss_now - ss_started))
+            [ "$ss_s" -ge 0 ] || ss_s=0
+            ss_d=$((ss_s / 86400)) ss_h=$((ss_s % 86400 / 3600))
+            ss_m=$((ss_s % 3600 / 60)) ss_s=$((ss_s % 60))
+            if [ "$ss_d" -gt 0 ]; then
+                ss_up=$(printf '%dd %02dh%02dm%02ds' "$ss_d" "$ss_h" "$ss_m" "$ss_s")
+            else
+                ss_up=$(printf '%dh%02dm%02ds' "$ss_h" "$ss_m" "$ss_s")
+            fi
+            ;;
+    esac
+    say "  up ${ss_up:-?} (since $(status_field "$ss_file" started_at))"
+    say "  listeners: $(status_field "$ss_file" listeners)"
+    say "  sessions now: $(status_field "$ss_file" sessions)"
+    say "  messages since start: $(status_field "$ss_file" accepted) accepted," \
+        "$(status_field "$ss_file" refused) refused"
+    ss_reload=$(status_field "$ss_file" reload_result)
+    if [ -n "$ss_reload" ]; then
+        say "  last reload: $(status_field "$ss_file" reload_at_text), $ss_reload"
+    else
+        say "  last reload: none since start"
+    fi
+}
+
 label () {
     if [ "$1" = smtpserver ] && [ "$2" = single ]; then
         printf 'smtpserver'
@@ -456,6 +522,7 @@ do_kill () {
     dk_list=$(pid_files)
     if [ -z "$dk_list" ]; then
         say "smtpserver: not running (no pid file)"
+        tidy_pidbase
         return 0
     fi
     dk_sent=         # "name pid file" lines of the processes signalled
@@ -528,7 +595,100 @@ do_kill () {
         fi
     done
     IFS=$dk_oldifs
+    tidy_pidbase
     return $dk_fail
+}
+
+# tidy_pidbase: remove the status files of servers that no longer run, and
+# the multi-instance pid directory once it is empty, so that going back to
+# one smtpserver.conf file later does not find a directory in the way.
+tidy_pidbase () {
+    if [ -d "$PIDBASE" ]; then
+        for tp_file in "$PIDBASE"/.*.status; do
+            [ -f "$tp_file" ] || continue
+            tp_pid=$(status_field "$tp_file" pid)
+            case $tp_pid in ''|*[!0-9]*) ;; *) is_alive "$tp_pid" && continue ;; esac
+            rm -f "$tp_file"
+        done
+        rmdir "$PIDBASE" 2>/dev/null
+    elif [ ! -e "$PIDBASE" ]; then
+        tp_file=$(status_file "$PIDBASE")
+        [ -f "$tp_file" ] && rm -f "$tp_file"
+    fi
+    return 0
+}
+
+# ---------------------------------------------------------------- reload
+
+do_reload () {
+    dr_wait=${ZMAILER_RELOAD_WAIT:-30}
+    case $dr_wait in ''|*[!0-9]*) dr_wait=30 ;; esac
+    dr_mode=multi
+    [ -f "$PIDBASE" ] && dr_mode=single
+    find_server >/dev/null 2>&1 || server=
+    dr_list=$(pid_files)
+    dr_fail=0 dr_done=0
+    dr_nl='
+'
+    dr_oldifs=$IFS
+    IFS=$dr_nl
+    for dr_line in $dr_list; do
+        IFS=$dr_oldifs
+        dr_name=${dr_line%% *}
+        dr_file=${dr_line#* }
+        dr_label=$(label "$dr_name" "$dr_mode")
+        dr_pid=$(read_pid "$dr_file") || dr_pid=
+        if [ -z "$dr_pid" ] || ! is_alive "$dr_pid" || ! is_ours "$dr_pid"; then
+            say "$dr_label: not running; nothing to reload"
+            dr_fail=1
+            continue
+        fi
+        dr_done=1
+        dr_status=$(status_file "$dr_file")
+        dr_before=$(status_field "$dr_status" reloads)
+        if [ ! -f "$dr_status" ] || [ "$(status_field "$dr_status" pid)" != "$dr_pid" ]; then
+            warn "$dr_label (pid $dr_pid) has no status file $dr_status;" \
+                 "cannot tell whether a reload is taken (restart it to get one)"
+            dr_fail=1
+            continue
+        fi
+        if ! kill -HUP "$dr_pid" 2>/dev/null; then
+            say "$dr_label: cannot signal pid $dr_pid"
+            dr_fail=1
+            continue
+        fi
+        dr_ticks=$((dr_wait * 5))
+        dr_after=$dr_before
+        while [ "$dr_after" = "$dr_before" ] && [ "$dr_ticks" -gt 0 ] && is_alive "$dr_pid"; do
+            pause
+            dr_ticks=$((dr_ticks - 1))
+            dr_after=$(status_field "$dr_status" reloads)
+        done
+        dr_result=$(status_field "$dr_status" reload_result)
+        if [ "$dr_after" = "$dr_before" ]; then
+            if is_alive "$dr_pid"; then
+                say "$dr_label (pid $dr_pid): no reload result within $dr_wait s"
+            else
+                say "$dr_label (pid $dr_pid) exited during the reload"
+            fi
+            dr_fail=1
+            continue
+        fi
+        case $dr_result in
+            taken:*)
+                say "$dr_label (pid $dr_pid): ${dr_result#taken: }" ;;
+            *)
+                say "$dr_label (pid $dr_pid): reload refused, still running the previous" \
+                    "configuration: ${dr_result#refused: }"
+                dr_fail=1 ;;
+        esac
+    done
+    IFS=$dr_oldifs
+    if [ "$dr_done" = 0 ] && [ "$dr_fail" = 0 ]; then
+        say "smtpserver: not running; nothing to reload"
+        dr_fail=1
+    fi
+    return $dr_fail
 }
 
 # ---------------------------------------------------------------- status
@@ -561,6 +721,7 @@ do_status () {
         if [ -n "$st_pid" ] && is_alive "$st_pid" && is_ours "$st_pid"; then
             st_running=$((st_running + 1))
             say "$st_label running (pid $st_pid)"
+            show_status "$(status_file "$st_file")" "$st_pid"
         elif [ -n "$st_pid" ]; then
             say "$st_label not running (stale pid file $st_file names pid $st_pid)"
         else
@@ -614,6 +775,10 @@ case $verb in
         ;;
     status)
         do_status
+        exit $?
+        ;;
+    reload)
+        do_reload
         exit $?
         ;;
 esac

@@ -1833,38 +1833,82 @@ def format_reply(name, enhanced_ok=True, multiline=True, **fields):
 # 6. The transcript log (-l FILE, -l SYSLOG) and the -v trace
 # ---------------------------------------------------------------------------
 
+#: Where the syslog module sends its messages on Linux.  Without it (no
+#: syslog daemon, a bare container) every line for syslog is lost.
+SYSLOG_SOCKET = "/dev/log"
+
+
 class TranscriptLog(object):
     """The ``-l`` log: lines ``<tag><dt><r|w|#>\\t<text>``.  Every line is
     one ``os.write`` on an O_APPEND descriptor, so concurrent sessions
-    never interleave inside a line.  ``-v`` copies each line to stderr."""
+    never interleave inside a line.  ``-v`` copies each line to stderr.
 
-    def __init__(self, targets=(), trace=False):
+    ``owner`` (uid, gid): the user sessions run as.  A log file this
+    process creates is given to that user, and a log file that user may
+    not create or open (a root-owned log directory after rotation) is
+    opened with root's file access, which the master keeps (its real uid
+    stays root).  Worker processes receive the descriptors from the
+    master instead of opening the files themselves."""
+
+    def __init__(self, targets=(), trace=False, owner=None):
         self.files = [t for t in targets if t != "SYSLOG"]
         self.use_syslog = "SYSLOG" in targets and syslog is not None
         self.trace = trace
+        self.owner = owner
         self.fds = []
         self.lock = threading.Lock()
-        self.open_errors = []
-        self.owner = None
-        # At start-up, a log that cannot be opened is reported by the
-        # start-up checks (fatal for a daemon), so not here as well.
-        self.reopen(report=False)
+        self.open_errors = []     # (path, why) of the files the last reopen missed
         if self.use_syslog or syslog is not None:
             syslog.openlog("smtpserver", syslog.LOG_PID, syslog.LOG_MAIL)
+        if "SYSLOG" in targets and not os.path.exists(SYSLOG_SOCKET):
+            sys.stderr.write("%s: warning: -l SYSLOG: %s does not exist (no syslog daemon "
+                             "running?); log lines sent to syslog are lost\n"
+                             % (PROGRAM, SYSLOG_SOCKET))
+        # At start-up a log that cannot be opened is reported by the
+        # start-up checks (fatal for a daemon), so not here as well.
+        self.reopen(report=False)
+
+    def open_file(self, path):
+        """A descriptor for log file ``path``, created if need be."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        try:
+            return self._open(path, flags)
+        except (OSError, IOError) as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+        with root_file_access():
+            return self._open(path, flags)
+
+    def _open(self, path, flags):
+        try:
+            fd = os.open(path, flags | os.O_EXCL, 0o644)
+        except (OSError, IOError) as e:
+            if e.errno != errno.EEXIST:
+                raise
+            return os.open(path, flags, 0o644)
+        if self.owner is not None:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != tuple(self.owner):
+                try:
+                    os.fchown(fd, self.owner[0], self.owner[1])
+                except OSError:
+                    pass
+        return fd
 
     def reopen(self, report=True):
-        """(Re)open the files; called at start and on SIGHUP (rotation)."""
-        old, new = self.fds, []
-        errors = []
+        """(Re)open the files; called at start and on SIGHUP (rotation).
+        With ``report``, a file that cannot be opened is reported on stderr
+        (seen before the daemon detaches), in syslog and in the other logs.
+        Returns those reports; ``open_errors`` keeps (path, why) pairs."""
+        old, new, errors, self.open_errors = self.fds, [], [], []
         for path in self.files:
             try:
-                new.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
-            except OSError as e:
-                errors.append((path, e.strerror))
+                new.append(self.open_file(path))
+            except (OSError, IOError) as e:
+                why = e.strerror or str(e)
+                self.open_errors.append((path, why))
                 if report:
-                    sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path,
-                                                                       e.strerror))
-        self.open_errors = errors
+                    errors.append("cannot open log %s: %s" % (path, why))
         self.fds = new
         if self.owner is not None:
             for fd in new:
@@ -1872,6 +1916,25 @@ class TranscriptLog(object):
                     os.fchown(fd, self.owner[0], self.owner[1])
                 except OSError:
                     pass
+        for fd in old:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for text in errors:
+            if not self.trace:      # with -v, note() below copies it to stderr
+                try:
+                    sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+                    sys.stderr.flush()
+                except (IOError, OSError, ValueError):
+                    pass
+            mail_syslog(syslog.LOG_ERR if syslog else 0, text)
+            self.note(text)
+        return errors
+
+    def adopt(self, fds):
+        """A worker: the master's newly opened descriptors replace ours."""
+        old, self.fds = self.fds, list(fds)
         for fd in old:
             try:
                 os.close(fd)
@@ -2346,6 +2409,25 @@ class WorkerPool(object):
             elif kind == b"F":
                 self.supervisor.runtime.auth_failures.absorb(rest)
                 self.broadcast(msg, but=pid)
+            elif kind == b"C":
+                self.supervisor.runtime.stats.absorb(rest.decode("ascii", "replace"))
+
+    def send_log(self, fds):
+        """After the master reopened the log files (rotation): every
+        worker, the retiring ones too, gets the new descriptors (``L``).
+        A worker runs as the session user and could not open them."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", fds).tobytes())] if fds else []
+        for pid, entry in list(self.workers.items()):
+            try:
+                # The queue may be full of connections: wait a little.
+                entry.channel.settimeout(2.0)
+                entry.channel.sendmsg([b"L"], ancillary)
+            except (OSError, socket.error) as e:
+                self.supervisor.log.note("cannot pass the reopened log to worker %d: %s"
+                                         % (pid, e))
+            finally:
+                entry.channel.setblocking(False)
 
     def broadcast(self, msg, but=None):
         for pid, entry in list(self.workers.items()):
@@ -2440,6 +2522,9 @@ class WorkerProcess(object):
         sup.session_counter = (self.index + 1) << 13
         channel = self.channel
         sup.runtime.auth_failures.report = lambda data: channel.send(b"F " + data)
+        sup.runtime.stats.report = lambda name: channel.send(b"C " + name.encode("ascii"))
+        sup.status_path = None
+        set_process_name("worker")
         SessionLoop(self).run()
 
     def ended(self, seq):
@@ -2517,7 +2602,8 @@ class SessionLoop(object):
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.master.setblocking(False)
         self.selector.register(self.master, selectors.EVENT_READ, "master")
-        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+        # Room for the descriptors of an ``L`` message (one per -l file).
+        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 16)
         self.runtime.spool.make_inodes_ahead(self.sup.config.spool_spare_inodes)
 
     # -- the loop ---------------------------------------------------------------
@@ -2648,6 +2734,8 @@ class SessionLoop(object):
             kind, _, rest = msg.partition(b" ")
             if kind == b"F":
                 self.runtime.auth_failures.absorb(rest)
+            elif kind == b"L":
+                self.runtime.log.adopt(fds)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -2890,6 +2978,10 @@ class SessionLoop(object):
             self.watch(slot, selectors.EVENT_READ)
 
 
+#: Seconds between two rewrites of the status file at most.
+STATUS_INTERVAL = 1.0
+
+
 class Supervisor(object):
     """The master: owns the configuration, the listeners and the counts of
     running sessions, runs the selectors loop, and handles SIGHUP/SIGTERM
@@ -2918,6 +3010,10 @@ class Supervisor(object):
         self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
+        self.status_path = None     # set by the daemon: see write_status
+        self.status_state = None
+        self.status_written = 0.0
+        self.status_error = None
         self.pool = None
         if config.session_model == "workers":
             self.pool = WorkerPool(self, config.session_workers or os.cpu_count() or 2)
@@ -3031,6 +3127,103 @@ class Supervisor(object):
         os.close(self.fail_r)
         fail_w = self.fail_w
         self.runtime.auth_failures.report = lambda data: os.write(fail_w, data)
+        self.runtime.stats.report = lambda name: os.write(fail_w, ("=%s\n" % name).encode())
+        self.status_path = None
+        set_process_name("session")
+
+    def absorb_child_reports(self, data):
+        """Lines from forked sessions: ``=<counter>`` or an AUTH failure."""
+        failures = []
+        for line in data.splitlines(True):
+            if line.startswith(b"="):
+                self.runtime.stats.absorb(line[1:].strip().decode("ascii", "replace"))
+            else:
+                failures.append(line)
+        if failures:
+            self.runtime.auth_failures.absorb(b"".join(failures))
+
+    # -- the status file ---------------------------------------------------------
+
+    def describe_listeners(self):
+        out = []
+        for l in self.listeners:
+            spec = l.spec
+            address = spec.address or ("::" if spec.family == socket.AF_INET6 else "*")
+            if ":" in address:
+                address = "[%s]" % address
+            out.append("%s %s:%d" % (spec.kind, address, spec.port))
+        return ", ".join(out)
+
+    def write_status(self, force=False):
+        """The status file ``zmailer.sh status`` shows: rewritten (a new
+        file renamed over the old, so a reader never sees half of one)
+        when something changed, at most every STATUS_INTERVAL seconds,
+        and at once after a reload."""
+        path = self.status_path
+        if not path:
+            return
+        runtime = self.runtime
+        with self.lock:
+            sessions = len(self.sessions)
+        with runtime.stats.lock:
+            counts = dict(runtime.stats.counts)
+        state = (sessions, counts["accepted"], counts["refused"], runtime.last_reload)
+        now = time.time()
+        if not force and (state == self.status_state
+                          or now - self.status_written < STATUS_INTERVAL):
+            return
+        reload_at = reload_result = ""
+        reloads = runtime.reload_count
+        if runtime.last_reload is not None:
+            when, taken, what = runtime.last_reload
+            reload_at = "%d" % when
+            reload_result = "%s: %s" % ("taken" if taken else "refused", what)
+        lines = [
+            "# zmsmtpd status, rewritten by the running server (read by zmailer.sh status)",
+            "pid=%d" % os.getpid(),
+            "started=%d" % runtime.started,
+            "started_at=%s" % time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                            time.gmtime(runtime.started)),
+            "listeners=%s" % self.describe_listeners(),
+            "sessions=%d" % sessions,
+            "accepted=%d" % counts["accepted"],
+            "refused=%d" % counts["refused"],
+            "reloads=%d" % reloads,
+            "reload_at=%s" % reload_at,
+            "reload_at_text=%s" % (time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                 time.gmtime(float(reload_at)))
+                                   if reload_at else ""),
+            "reload_result=%s" % " ".join(reload_result.split()),
+        ]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with root_file_access():
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, path)
+        except OSError as e:
+            if self.status_error is None:
+                self.log.note("cannot write status file %s: %s" % (path, e.strerror or e))
+            self.status_error = str(e)
+            return
+        self.status_error = None
+        self.status_state = state
+        self.status_written = now
+
+    def remove_status(self):
+        if not self.status_path:
+            return
+        try:
+            with open(self.status_path) as f:
+                if ("pid=%d\n" % os.getpid()) not in f.read():
+                    return
+            os.unlink(self.status_path)
+        except (IOError, OSError):
+            pass
 
     def reap_children(self):
         while True:
@@ -3071,7 +3264,8 @@ class Supervisor(object):
             self.pool.start()
         while not self.stopping:
             try:
-                events = self.selector.select(timeout=5.0)
+                events = self.selector.select(
+                    timeout=STATUS_INTERVAL if self.status_path else 5.0)
             except (OSError, select_error()) as e:  # pragma: no cover
                 if getattr(e, "errno", None) == errno.EINTR:
                     continue
@@ -3086,7 +3280,7 @@ class Supervisor(object):
                     continue
                 if key.data == "auth-failures":
                     try:
-                        self.runtime.auth_failures.absorb(os.read(self.fail_r, 65536))
+                        self.absorb_child_reports(os.read(self.fail_r, 65536))
                     except OSError:
                         pass
                     continue
@@ -3104,7 +3298,9 @@ class Supervisor(object):
                 self.reap_children()
             if self.reload_requested:
                 self.reload_requested = False
+                self.runtime.reload_count += 1
                 self.runtime.reload()
+            self.write_status()
         self.shutdown()
 
     def shutdown(self):
@@ -3739,8 +3935,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.policy_error = None
         self.tls_active = False
         self.tls_cipher = None
+        self.tls_version = None
         self.tls_peer = None
         self.authuser = None
+        self.last_code = 0
         self.ehlo_seen = False
         self.helo_line = ""
         self.helo_name = None
@@ -3789,6 +3987,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
     def send_lines(self, lines):
         for line in lines:
             self.log.sent(line)
+        if lines and lines[-1][:3].isdigit():
+            self.last_code = int(lines[-1][:3])
         self.channel.write_lines(lines)
 
     def caret(self, code, enh, column):
@@ -3871,7 +4071,14 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.log.received("<line longer than %d bytes discarded>" % limit)
                 self.reply("line_too_long")
                 continue
+            # A sender refused (policy, unauthenticated submission, syntax)
+            # counts as a refused message in the server's status.
+            mail_ready = self.state == "MAIL" and self.txn is None and \
+                raw[:4].upper() == b"MAIL"
+            self.last_code = 0
             yield from self.dispatch(raw)
+            if mail_ready and self.txn is None and self.last_code >= 400:
+                self.runtime.stats.count("refused")
             if self.tarpit_due:
                 pause, self.tarpit_due = self.tarpit_due, 0
                 yield (WANT_SLEEP, pause)
@@ -4635,6 +4842,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.state = "MAIL"
         if failure is not None:
             self.log.note("aborted (%d bytes): %s" % (wire_bytes, failure[1]))
+            self.runtime.stats.count("refused")
             txn.spool.abort()
             if failure[0] == "data_too_big":
                 self.reply(failure[0], limit=self.cfg.maxsize)
@@ -4647,6 +4855,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             sid, size = txn.spool.commit(writer.priority)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
+            self.runtime.stats.count("refused")
             self.reply("data_spool_failed")
             return
         self.junk_count = 0
@@ -4655,9 +4864,30 @@ class SMTPSession(socketserver.StreamRequestHandler):
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
         self.log.note("%s: %d bytes" % (sid, size))
+        self.runtime.stats.count("accepted")
+        summary = self.message_summary(txn, sid, size)
+        self.log.note(summary)
+        mail_syslog(syslog.LOG_INFO if syslog else 0, summary)
         if "S" in self.runtime.syslogflg:
             mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
                 sid, size, self.rhostname, self.peer_port))
+
+    def message_summary(self, txn, sid, size):
+        """One line per accepted message, Postfix-like ``key=value``
+        fields: what an administrator greps for."""
+        if self.network:
+            name = "unknown" if self.rhostname.startswith("[") else self.rhostname
+            client = "%s[%s]:%d" % (name, self.peer_ip, self.peer_port)
+        else:
+            client = self.rhostname
+        user = self.authuser
+        if user is None:
+            user = "-"
+        elif not re.match(r"^[A-Za-z0-9._@+=-]+$", user):
+            user = qformat(user)
+        return "%s: accepted client=%s, auth=%s, tls=%s, from=<%s>, nrcpt=%d, size=%d" % (
+            sid, client, user, self.tls_version or "none", txn.sender,
+            len(txn.recipients), size)
 
     def smtp_BDAT(self, line, args):
         m = re.match(r"^[ \t]+(\d{1,18})(?:[ \t]+(LAST))?[ \t]*$", args, re.I)
@@ -4803,6 +5033,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.channel.sock = tls
         self.tls_active = True
         name, version, bits = tls.cipher()
+        self.tls_version = version
         self.tls_cipher = "%s keybits %s/%s version %s" % (name, bits, bits, version)
         cert = tls.getpeercert()
         if cert:
@@ -5160,10 +5391,14 @@ class PipeAuthenticator(object):
         finally:
             proc.stdout.close()
         first = bytes(output).split(b"\n", 1)[0][:255].decode("utf-8", "replace")
+        if password:
+            # A program that echoes what it read must not put the
+            # password into syslog or the log.
+            first = first.replace(password, "<password>")
         self._syslog("%s: %s" % (user, first))
         if log:
-            log.note("auth program for %s exited %s after %.3fs" % (
-                qformat(user), status, time.time() - start))
+            log.note("auth program for %s exited %s after %.3fs: %s" % (
+                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
         return "ok" if status == 0 else "fail"
 
     @staticmethod
@@ -5620,6 +5855,33 @@ def parse_command_line(argv):
     return o
 
 
+class ServerStats(object):
+    """Messages accepted and refused since start, for the status file.
+    The master keeps the counts; a forked session or a worker process
+    reports each event to it through ``report``."""
+
+    NAMES = ("accepted", "refused")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        self.report = None      # in a forked session or worker: tells the master
+
+    def count(self, name):
+        if self.report is not None:
+            try:
+                self.report(name)
+            except (OSError, socket.error):
+                pass
+            return
+        self.absorb(name)
+
+    def absorb(self, name):
+        if name in self.counts:
+            with self.lock:
+                self.counts[name] += 1
+
+
 class Runtime(object):
     """Everything a session needs besides its own state: configuration,
     log, spool, policies, authenticators, TLS contexts, name caches."""
@@ -5644,6 +5906,10 @@ class Runtime(object):
         self.hostname = socket.gethostname()
         self.spool = SpoolWriter(self.postoffice, zenv, self.hostname)
         self.auth_failures = AuthFailureTracker()
+        self.stats = ServerStats()
+        self.started = time.time()
+        self.reload_count = 0
+        self.last_reload = None     # (time, taken?, what happened)
         self._names = {}
         self._names_lock = threading.Lock()
         self.supervisor = None
@@ -5759,9 +6025,14 @@ class Runtime(object):
     # -- reload ---------------------------------------------------------------
 
     def reload(self):
-        """SIGHUP: read the configuration again; a broken one is logged and
-        the running one kept (the original ignored SIGHUP)."""
+        """SIGHUP: reopen the logs (rotation) and read the configuration
+        again; a broken one is logged and the running one kept (the
+        original ignored SIGHUP).  The result goes to the status file,
+        where ``zmailer.sh reload`` waits for it."""
         self.log.reopen()
+        sup = self.supervisor
+        if sup.pool is not None:
+            sup.pool.send_log(self.log.fds)
         try:
             config = load_configuration(self.options, self.zenv, self.log)
             problems = validate_config(config)
@@ -5770,7 +6041,6 @@ class Runtime(object):
             specs = listener_specs(config, self.options.get("ipv6", True))
             old = self.config
             self.apply_config(config)
-            sup = self.supervisor
             sup.config = config
             listeners, errors = sup.open_listeners(specs, keep=sup.listeners)
             for e in errors:
@@ -5783,8 +6053,14 @@ class Runtime(object):
             if sup.pool is not None:
                 sup.pool.restart(config.session_workers or os.cpu_count() or 2)
             self.log.note("configuration reloaded from %s" % config.path)
-        except ConfigError as e:
+            self.last_reload = (time.time(), True, "configuration reloaded from %s%s" % (
+                config.path, "; " + "; ".join(errors) if errors else ""))
+        except (ConfigError, OSError, IOError, ValueError) as e:
             self.log.note("reload failed, keeping the running configuration: %s" % e)
+            mail_syslog(syslog.LOG_ERR if syslog else 0,
+                        "reload failed, keeping the running configuration: %s" % e)
+            self.last_reload = (time.time(), False, str(e))
+        sup.write_status(force=True)
 
 
 def lookup_user(name):
@@ -6238,6 +6514,17 @@ def pidfile_path(options, postoffice):
     return name if os.path.isabs(name) else os.path.join(postoffice, name)
 
 
+def status_path_for(pidfile):
+    """The status file beside a pid file, hidden: ``.pid.smtpserver`` ->
+    ``.pid.smtpserver.status``; in multi-instance mode
+    ``.pid.smtpserver/NAME`` -> ``.pid.smtpserver/.NAME.status`` (a dot
+    file, so it is never taken for another instance's pid file)."""
+    directory, name = os.path.split(pidfile)
+    if not name.startswith("."):
+        name = "." + name
+    return os.path.join(directory, name + ".status")
+
+
 def stop_previous(path, log):
     """D8: a running zmsmtpd/smtpserver named by our pid file is told to
     stop (SIGTERM) and waited for; a stale file is simply replaced."""
@@ -6330,6 +6617,76 @@ def drop_privileges(user, log):
     os.setegid(user.gid)
     os.seteuid(user.uid)
     log.note("sessions run as %s, %s" % (user.describe(), user.source))
+
+
+_libc = None
+
+
+def _libc_function(name):
+    """A function of the C library through ctypes, or None (not Linux,
+    no ctypes, no such function)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if _libc is None:
+            import ctypes
+            import ctypes.util
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return getattr(_libc, name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+class root_file_access(object):
+    """``with root_file_access():`` file operations with root's access, for
+    a master that runs as TRUSTEDUSER but kept root as its real uid: the
+    log file re-created after rotation, the status file in $POSTOFFICE.
+    On Linux only the file-system uid of the calling thread changes
+    (setfsuid), so session threads never act as root meanwhile; elsewhere
+    the effective uid changes, and only while no other thread runs.  A
+    no-op when there is nothing to regain."""
+
+    def __enter__(self):
+        self.restore = None
+        if os.getuid() != 0 or os.geteuid() == 0:
+            return self
+        setfsuid, setfsgid = _libc_function("setfsuid"), _libc_function("setfsgid")
+        if setfsuid is not None and setfsgid is not None:
+            euid, egid = os.geteuid(), os.getegid()
+            setfsuid(0)
+            setfsgid(0)
+            self.restore = lambda: (setfsuid(euid), setfsgid(egid))
+        elif threading.active_count() == 1:
+            euid = os.geteuid()
+            os.seteuid(0)
+            self.restore = lambda: os.seteuid(euid)
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore is not None:
+            self.restore()
+        return False
+
+
+#: What ``ps -o comm`` (and top) show for the processes of a daemon; the
+#: command line (/proc/PID/cmdline) stays as it was, since zmailer.sh and
+#: a restarting server recognise the daemon by it.
+PROCESS_NAMES = {"master": b"zmsmtpd: master", "worker": b"zmsmtpd: worker",
+                 "session": b"zmsmtpd: child"}
+PR_SET_NAME = 15
+
+
+def set_process_name(role):
+    """Tell the master and its workers apart in ps (Linux, best effort)."""
+    prctl = _libc_function("prctl")
+    if prctl is None:
+        return
+    try:
+        import ctypes
+        prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAMES[role][:15]), 0, 0, 0)
+    except Exception:  # pragma: no cover - purely cosmetic
+        pass
 
 
 def make_demo(directory):
@@ -6433,11 +6790,20 @@ def main(argv=None):
         zenv = ZEnv(zconfig)
     foreground = bool(options.get("verbose")) or options.get("debug", 0) >= 2
     logs = list(options["logs"])
-    log = TranscriptLog(logs, trace=foreground and not options.get("interactive"))
     check = bool(options.get("check"))
     interactive = bool(options.get("interactive"))
     inetd = bool(options.get("inetd")) and not interactive
     daemon = not (interactive or inetd)
+    # Sessions of a daemon and of inetd serve the network: under root they
+    # run as the session user, who also owns the log files.  -i serves
+    # whoever runs it.
+    user = user_problem = None
+    try:
+        user = session_user(zenv) if (daemon or inetd) else None
+    except ConfigError as e:
+        user_problem = str(e)
+    owner = (user.uid, user.gid) if (user is not None and os.geteuid() == 0) else None
+    log = TranscriptLog(logs, trace=foreground and not interactive, owner=owner)
     if not daemon:
         for path, why in log.open_errors:
             sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, why))
@@ -6453,13 +6819,9 @@ def main(argv=None):
         problems.extend(diag_text(*e) for e in config.number_errors)
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
-    runtime = user = None
-    # Sessions of a daemon and of inetd serve the network: under root they
-    # run as the session user.  -i serves whoever runs it.
-    try:
-        user = session_user(zenv) if (daemon or inetd) else None
-    except ConfigError as e:
-        problems.append(str(e))
+    runtime = None
+    if user_problem:
+        problems.append(user_problem)
     if (daemon or inetd) and (user is not None or os.geteuid() != 0):
         problems.extend(startup_problems(config, site, log, daemon, user))
     if not problems:
@@ -6541,6 +6903,10 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
             sys.stderr.write("%s: cannot write pid file %s: %s\n" % (PROGRAM, pidfile, e))
             return 2
     log.note("started server pid %d at %s" % (os.getpid(), rfc822_date()))
+    set_process_name("master")
+    runtime.started = time.time()
+    supervisor.status_path = status_path_for(pidfile)
+    supervisor.write_status(force=True)
     drop_privileges(user, log)
     if ready:
         os.write(ready[0], b"1")
@@ -6555,6 +6921,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
             except OSError:
                 pass
         remove_pidfile(pidfile)
+        supervisor.remove_status()
         log.note("killed server pid %d at %s" % (os.getpid(), rfc822_date()))
         mail_syslog(syslog.LOG_INFO if syslog else 0, "killed server.")
     return 0
