@@ -134,6 +134,27 @@ def tree_cpu(pid):
     return u / float(CLK_TCK), s / float(CLK_TCK), len(tree), c / float(CLK_TCK)
 
 
+def tree_switches(pid):
+    """Context switches (voluntary + involuntary) of every thread of pid and
+    its live descendants.  Threads that have ended are not counted, but
+    zmsmtpd keeps its session threads for the next session."""
+    n = 0
+    for p in proc_tree(pid):
+        try:
+            tasks = os.listdir("/proc/%d/task" % p)
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open("/proc/%d/task/%s/status" % (p, t)) as f:
+                    for line in f:
+                        if "ctxt_switches:" in line:
+                            n += int(line.split()[-1])
+            except (IOError, OSError, ValueError):
+                pass
+    return n
+
+
 def tree_pss_kb(pid):
     total = 0
     tree = proc_tree(pid)
@@ -620,6 +641,7 @@ def measure(peer, scen, smtp_source, rawdir):
     try:
         peer.idle_children = len(proc_tree(peer.pid)) - 1
         c0 = tree_cpu(peer.pid)
+        x0 = tree_switches(peer.pid)
         m0 = machine_cpu()
         if scen.get("client") == "py":
             info, rc = run_pyclient(peer.client_port(scen), scen)
@@ -632,6 +654,7 @@ def measure(peer, scen, smtp_source, rawdir):
         while time.time() < deadline and tree_cpu(peer.pid)[2] > 1 + peer.idle_children:
             time.sleep(0.05)
         c1 = tree_cpu(peer.pid)
+        x1 = tree_switches(peer.pid)
         m1 = machine_cpu()
     finally:
         peer.stop()
@@ -639,6 +662,7 @@ def measure(peer, scen, smtp_source, rawdir):
                user_us=(c1[0] - c0[0]) * 1e6 / scen["msgs"],
                sys_us=(c1[1] - c0[1]) * 1e6 / scen["msgs"],
                child_us=(c1[3] - c0[3]) * 1e6 / scen["msgs"],
+               switches=(x1 - x0) / float(scen["msgs"]),
                machine_busy=1.0 - (m1[1] - m0[1]) / float(max(1, m1[0] - m0[0])))
     if info is not None and info.get("client_user") is not None:
         res["client_us"] = (info["client_user"] + info["client_sys"]) * 1e6 / scen["msgs"]
@@ -992,8 +1016,8 @@ def report_submission(w, by, names, variants, sub_scens, rounds, aio_ver):
       "client: CPU of the load client's processes.")
     w("")
     w("| scenario | server | msg/s | server CPU per msg (user + sys) | auth program per msg "
-      "| client CPU per msg | machine busy |")
-    w("|---|---|---|---|---|---|---|")
+      "| client CPU per msg | server context switches per msg | machine busy |")
+    w("|---|---|---|---|---|---|---|---|")
     cpu = {}
     for s in sub_scens:
         for n in names:
@@ -1005,11 +1029,12 @@ def report_submission(w, by, names, variants, sub_scens, rounds, aio_ver):
             cpu[(n, s["key"])] = u + sy
             label = n.replace("aiosmtpd", "aiosmtpd %s" % aio_ver, 1) \
                 if n.startswith("aiosmtpd") and aio_ver else n
-            w("| %s | %s | %s%s | %s + %s = %s µs | %s | %s µs | %s%% |" % (
+            w("| %s | %s | %s%s | %s + %s = %s µs | %s | %s µs | %s | %s%% |" % (
                 s["key"], label, fmt(med([r["rate"] for r in rs])), flag, fmt(u), fmt(sy),
                 fmt(u + sy), "%s µs" % fmt(med([r["child_us"] for r in rs]))
                 if n.startswith("zmsmtpd") else "–",
                 fmt(med([r.get("client_us") for r in rs])),
+                fmt(med([r.get("switches") for r in rs]), "%.1f"),
                 fmt(100 * med([r["machine_busy"] for r in rs]))))
     # server CPU ratio, and where the time of the full path goes
     aios = [n for n in names if n.startswith("aiosmtpd")]
@@ -1278,13 +1303,15 @@ def main():
                     res = measure(p, sc, smtp_source, rawdir)
                     res["round"] = r + 1
                     results.append(res)
-                    log("round %d %-8s %-30s %7.0f msg/s %s%s%s" % (
+                    log("round %d %-8s %-30s %7.0f msg/s %s%s%s%s" % (
                         r + 1, sc["key"], res["peer"], res["rate"],
                         "ok" if res["ok"] else "FAILED",
                         "" if "user_us" not in res else
                         "  server user %.0f us + sys %.0f us per msg" % (res["user_us"], res["sys_us"]),
                         "" if "client_us" not in res else
-                        "; auth prog %.0f us; client %.0f us" % (res["child_us"], res["client_us"])))
+                        "; auth prog %.0f us; client %.0f us" % (res["child_us"], res["client_us"]),
+                        "" if "switches" not in res else
+                        "; %.1f context switches" % res["switches"]))
                     if not res["ok"]:
                         log("   ", {k: v for k, v in res.items() if k in ("rc", "error", "spooled", "leftover")})
         if not a.no_memory:
