@@ -12,8 +12,9 @@ it is changed.  Wrapped for profiling, from the outside:
 * SMTPSession.handle -- a session of the thread and fork models.
 
 Every profile of a process is merged and written to OUTDIR/PID.prof when the
-worker's loop ends (on SIGTERM of the daemon) or, for the other models, when
-the process exits.  cProfile roughly doubles the Python time; compare
+worker's loop ends (on SIGTERM of the daemon), and for the thread model when
+the daemon exits.  Sessions of the fork model end with os._exit and leave no
+profile: profile the workers model.  cProfile roughly doubles the Python time; compare
 functions with each other, not with unprofiled runs.
 """
 
