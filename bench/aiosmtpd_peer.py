@@ -12,6 +12,14 @@ SPOOL/new/ -- the same create + write + fsync + rename that a durable MTA does.
                 handler does; the event loop waits for every fsync)
 --mode executor do it in a thread pool via run_in_executor (fsyncs of
                 parallel sessions overlap)
+
+With --tls-cert the listener on --port offers STARTTLS with that
+certificate, and --smtps-port adds a second listener on which TLS starts
+with the first byte (implicit TLS).  --auth adds AUTH PLAIN/LOGIN with an
+in-process authenticator that accepts every user at once (so the server,
+not a password check, is what is measured); AUTH is allowed without TLS
+too, as zmsmtpd's auth-login-also-without-tls in the benchmark's
+configuration.
 """
 
 import argparse
@@ -22,7 +30,10 @@ import signal
 import sys
 import threading
 
+import ssl
+
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 
 class FsyncHandler(object):
@@ -56,21 +67,42 @@ class FsyncHandler(object):
         return "250 2.0.0 Ok: queued"
 
 
+def accept_all(server, session, envelope, mechanism, auth_data):
+    return AuthResult(success=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--spool", required=True)
     ap.add_argument("--mode", choices=("inline", "executor"), default="inline")
+    ap.add_argument("--tls-cert", default=None)
+    ap.add_argument("--tls-key", default=None)
+    ap.add_argument("--smtps-port", type=int, default=None)
+    ap.add_argument("--auth", action="store_true")
     a = ap.parse_args()
     for sub in ("tmp", "new"):
         d = os.path.join(a.spool, sub)
         if not os.path.isdir(d):
             os.makedirs(d)
     handler = FsyncHandler(a.spool, a.mode)
-    ctl = Controller(handler, hostname=a.host, port=a.port,
-                     data_size_limit=10 * 1024 * 1024)
-    ctl.start()
+    kw = {"data_size_limit": 10 * 1024 * 1024}
+    context = None
+    if a.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(a.tls_cert, a.tls_key or a.tls_cert)
+        kw["tls_context"] = context
+    if a.auth:
+        kw["authenticator"] = accept_all
+        kw["auth_require_tls"] = False
+    ctls = [Controller(handler, hostname=a.host, port=a.port, **kw)]
+    if a.smtps_port:
+        kw.pop("tls_context", None)
+        ctls.append(Controller(handler, hostname=a.host, port=a.smtps_port,
+                               ssl_context=context, **kw))
+    for ctl in reversed(ctls):     # the one bench.py polls comes up last
+        ctl.start()
     sys.stdout.write("ready %d\n" % a.port)
     sys.stdout.flush()
     stop = threading.Event()
@@ -78,7 +110,8 @@ def main():
     signal.signal(signal.SIGINT, lambda *x: stop.set())
     while not stop.wait(1.0):
         pass
-    ctl.stop()
+    for ctl in ctls:
+        ctl.stop()
 
 
 if __name__ == "__main__":

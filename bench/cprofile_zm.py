@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Run zmsmtpd.py with cProfile in every worker (bench.py --cprofile).
+
+    python3 bench/cprofile_zm.py OUTDIR path/to/zmsmtpd.py [zmsmtpd arguments]
+
+zmsmtpd.py is loaded as a module and started with its own main(); nothing in
+it is changed.  Wrapped for profiling, from the outside:
+
+* WorkerProcess.run -- a worker's event loop (session-model workers);
+* SessionLoop.run_on_thread -- a session that went to a thread (TLS, the
+  AUTH program, a DNS lookup), one profile per hand-over;
+* SMTPSession.handle -- a session of the thread and fork models.
+
+Every profile of a process is merged and written to OUTDIR/PID.prof when the
+worker's loop ends (on SIGTERM of the daemon), and for the thread model when
+the daemon exits.  Sessions of the fork model end with os._exit and leave no
+profile: profile the workers model.  cProfile roughly doubles the Python time; compare
+functions with each other, not with unprofiled runs.
+"""
+
+import atexit
+import cProfile
+import os
+import sys
+import threading
+
+
+def main():
+    outdir, script = sys.argv[1], sys.argv[2]
+    sys.argv = [script] + sys.argv[3:]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("zmsmtpd", script)
+    zm = importlib.util.module_from_spec(spec)
+    sys.modules["zmsmtpd"] = zm
+    spec.loader.exec_module(zm)
+
+    profiles = []
+    lock = threading.Lock()
+
+    def profiled(fn):
+        def wrapper(*args, **kw):
+            prof = cProfile.Profile()
+            with lock:
+                profiles.append((os.getpid(), prof))
+            prof.enable()
+            try:
+                return fn(*args, **kw)
+            finally:
+                prof.disable()
+        return wrapper
+
+    def dump():
+        import pstats
+        pid = os.getpid()
+        with lock:
+            mine = [p for owner, p in profiles if owner == pid]
+            del profiles[:]
+        stats = None
+        for prof in mine:
+            try:
+                if stats is None:
+                    stats = pstats.Stats(prof)
+                else:
+                    stats.add(prof)
+            except TypeError:       # a profile that saw no calls
+                pass
+        if stats is not None:
+            stats.dump_stats(os.path.join(outdir, "%d.prof" % pid))
+
+    worker_run = profiled(zm.WorkerProcess.run)
+
+    def run_and_dump(self):
+        try:
+            return worker_run(self)
+        finally:
+            dump()
+
+    zm.WorkerProcess.run = run_and_dump
+    zm.SessionLoop.run_on_thread = profiled(zm.SessionLoop.run_on_thread)
+    zm.SMTPSession.handle = profiled(zm.SMTPSession.handle)
+    atexit.register(dump)
+    sys.exit(zm.main())
+
+
+if __name__ == "__main__":
+    main()
