@@ -228,7 +228,9 @@ class LogRotationTest(unittest.TestCase):
         rc, err = lay.start("-l", missing)
         if rc == 0:
             self.addCleanup(lambda: kill_quietly(lay.pid()))
-        self.assertIn("cannot open log %s: No such file or directory" % missing, err)
+        self.assertEqual(rc, 2, err)
+        self.assertIn("-l %s: cannot open the log file: No such file or directory" % missing,
+                      err)
 
     def test_syslog_target_without_dev_log_warns(self):
         old, err = zmsmtpd.SYSLOG_SOCKET, io.StringIO()

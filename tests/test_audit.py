@@ -23,7 +23,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import HERE, free_port, require_audit_step, which
+from tests.harness import HERE, free_port, open_to_sessions, require_audit_step, which
 
 # ---------------------------------------------------------------------------
 # testssl.sh against STARTTLS and SMTPS
@@ -65,7 +65,7 @@ class TestsslAuditTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        require_audit_step(cls)
+        require_audit_step()
         cls.testssl = which("testssl") or which("testssl.sh")
         if not cls.testssl:
             raise unittest.SkipTest("testssl not installed (Debian package testssl.sh)")
@@ -85,6 +85,8 @@ class TestsslAuditTest(unittest.TestCase):
         os.chmod(d, 0o755)
         for sub in ("postoffice/public", "postoffice/router", "log"):
             os.makedirs(os.path.join(d, sub))
+        open_to_sessions(d, os.path.join(d, "postoffice", "public"),
+                         os.path.join(d, "postoffice", "router"))
         cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         subprocess.check_call([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                                "-subj", "/CN=localhost", "-days", "2", "-keyout", key,

@@ -637,7 +637,7 @@ class NmapOpenRelayAuditTest(unittest.TestCase):
     source finds no open relay."""
 
     def test_nmap_smtp_open_relay_finds_no_open_relay(self):
-        require_audit_step(self)
+        require_audit_step()
         nmap = which("nmap")
         if not nmap:
             self.skipTest("nmap not installed")

@@ -33,7 +33,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import HERE, free_port, which
+from tests.harness import HERE, free_port, open_to_sessions, which
 
 import zmsmtpd
 
@@ -130,6 +130,8 @@ class _TdDaemon(object):
         os.chmod(self.dir, 0o755)
         for sub in ("postoffice/public", "postoffice/router", "db", "bin", "log"):
             os.makedirs(os.path.join(self.dir, sub))
+        open_to_sessions(self.dir, os.path.join(self.dir, "postoffice", "public"),
+                         os.path.join(self.dir, "postoffice", "router"))
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         self.conf = os.path.join(self.dir, "smtpserver.conf")
         self.logfile = os.path.join(self.dir, "log", "smtpserver.log")
@@ -494,8 +496,10 @@ class TlsMinVersionConfigurationTest(unittest.TestCase):
                                  ("TLSV1.3", "TLSv1.3")):
             rc, out = self.server.check("PARAM BindSmtp [127.0.0.1] {smtp}\n", self.tls(value))
             self.assertEqual(rc, 0, out)
-            if effective != "TLSv1.2":
-                self.assertIn("tls_min_version = %r" % effective, out)
+            self.assertIn("PARAM tls-min-version %s" % value, out)
+            config = zmsmtpd.ConfigReader(self.server.conf,
+                                          zmsmtpd.ZEnv.load(self.server.zconf)).read()
+            self.assertEqual(config.groups[0].tls_min_version, effective)
 
     def test_any_other_value_stops_start_up_naming_file_and_line(self):
         for value in ("TLSv1.1", "TLSv1", "SSLv3", "1.2", "TLSv1.4", '""'):
