@@ -40,6 +40,7 @@ from __future__ import print_function
 import array
 import base64
 import heapq
+import ipaddress
 import binascii
 import calendar
 import difflib
@@ -159,6 +160,16 @@ _XTEXT_RE = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
 def is_xtext(value):
     """True if ``value`` is valid xtext (upper-case hex after ``+``)."""
     return bool(_XTEXT_RE.match(value))
+
+
+def xtext_decode(text):
+    """The inverse of xtext_encode; ValueError for a malformed ``+HH``."""
+    def byte(m):
+        return bytes(bytearray([int(m.group(1), 16)]))
+    if re.search(r"\+(?![0-9A-Fa-f]{2})", text):
+        raise ValueError("bad xtext %r" % text)
+    raw = re.sub(b"\\+([0-9A-Fa-f]{2})", byte, text.encode("ascii", "replace"))
+    return raw.decode("utf-8", "surrogateescape")
 
 
 _PID = [os.getpid()]
@@ -501,6 +512,11 @@ _PARAMS = [
     (("spool-dir-fsync",), "G", "on", "spool_dir_fsync", None),
     (("spool-spare-inodes",), "G", "int", "spool_spare_inodes", 0),
     (("junk-command-limit",), "G", "int", "junk_command_limit", None),
+    # -- submission policy beyond the original
+    (("sender-login-match",), "Grp", "switch", "sender_login_match", None),
+    (("sender-login-maps",), "G", "str", "sender_login_maps", None),
+    (("submission-rate-limit",), "G", "ratelimit", "submission_rate_limit", None),
+    (("proxy-protocol-nets",), "Grp", "nets", "proxy_protocol_nets", None),
 ]
 
 PARAM_TABLE = {}
@@ -574,7 +590,8 @@ GROUP_DEFAULTS = dict(
     report_auth_file=None, rcvd_ident=False, rcvd_whoson=False,
     rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
     policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
-    spf_whitelist=None, contact_pointer=None)
+    spf_whitelist=None, contact_pointer=None, sender_login_match=False,
+    proxy_protocol_nets=())
 
 GLOBAL_DEFAULTS = dict(
     max_same_ip=100, max_parallel=800, bindport=25, bindport_given=False,
@@ -587,7 +604,7 @@ GLOBAL_DEFAULTS = dict(
     help=(), session_model="workers", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
     shutdown_grace=30.0, greet_pause=0.0, session_workers=0, spool_dir_fsync=False,
-    spool_spare_inodes=8)
+    spool_spare_inodes=8, sender_login_maps=None, submission_rate_limit=None)
 
 
 def _c_int(text, keep):
@@ -1061,6 +1078,40 @@ class ConfigReader(object):
         target["binds"] = tuple(target["binds"]) + tuple(new)
         return None
 
+    def fail(self, lineno, message):
+        """A setting that cannot work: start-up stops (exit 2), a reload
+        keeps the running configuration."""
+        raise ConfigError("%s:%d: %s" % (self.path, lineno, message))
+
+    def _kind_switch(self, lineno, target, attr, extra, args, name):
+        word = args[0].lower() if args and not args[0].startswith("#") else "on"
+        if word not in ("on", "off", "yes", "no", "true", "false", "1", "0"):
+            self.fail(lineno, "PARAM %s takes on or off, not %r" % (name, args[0]))
+        target[attr] = word in ("on", "yes", "true", "1")
+
+    def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
+        """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
+        words = [a for a in args if not a.startswith("#")][:3]
+        if not words or len(words) > 2 or not all(re.match(r"^[0-9]{1,9}$", w) and int(w) > 0
+                                                   for w in words):
+            self.fail(lineno, "PARAM %s needs MSGS [RCPTS], positive whole numbers per "
+                      "user and hour, not %r" % (name, " ".join(args)))
+        target[attr] = (int(words[0]), int(words[1]) if len(words) > 1 else None)
+
+    def _kind_nets(self, lineno, target, attr, extra, args, name):
+        nets = []
+        for word in args:
+            if word.startswith("#"):
+                break
+            try:
+                nets.append(ipaddress.ip_network(word.strip("[]"), strict=False))
+            except ValueError:
+                self.fail(lineno, "PARAM %s: %r is not a network (use 10.0.0.0/8, "
+                          "192.0.2.7, 2001:db8::/32)" % (name, word))
+        if not nets:
+            self.fail(lineno, "PARAM %s needs at least one network" % name)
+        target[attr] = tuple(nets)
+
     def _kind_newgroup(self, lineno, target, attr, extra, args, name):
         group = dict(self.groups[0])
         group["binds"] = ()
@@ -1509,6 +1560,124 @@ class PolicySource(object):
         return self.table
 
 
+class SenderLoginMapError(Exception):
+    """A line of a sender-login map that cannot be read (file:line said)."""
+
+
+class SenderLoginMap(object):
+    """``PARAM sender-login-maps FILE``: which logins may use which sender
+    addresses.  Lines ``address-or-@domain  login[,login...]`` (commas or
+    white space between logins), ``#`` comments, blank lines.  Keys are
+    lowercased whole, as Postfix does with its lookup keys, and logins are
+    compared without regard to case.  Re-read when the file changes (its
+    inode, size or mtime), checked at most once a second; a broken new
+    version is logged and the last good one kept."""
+
+    CHECK_INTERVAL = 1.0
+
+    def __init__(self, path, log=None):
+        self.path = path
+        self.log = log
+        self.lock = threading.Lock()
+        self.owners = {}
+        self.signature = None
+        self._checked = 0.0
+        self.owners, self.signature = self.load(path)
+
+    @staticmethod
+    def file_signature(path):
+        st = os.stat(path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns if hasattr(st, "st_mtime_ns")
+                else st.st_mtime)
+
+    @classmethod
+    def load(cls, path):
+        """(owners dict, file signature); raises SenderLoginMapError."""
+        try:
+            signature = cls.file_signature(path)
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", "surrogateescape")
+        except (IOError, OSError) as e:
+            raise SenderLoginMapError("%s: cannot read: %s" % (path, e.strerror or e))
+        owners = {}
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            words = line.split(None, 1)
+            key = words[0].lower()
+            local, at, domain = key.rpartition("@")
+            if not at or not domain or "," in key or not re.match(r"^[^@\s]+$", domain):
+                raise SenderLoginMapError("%s:%d: %r is not an address or @domain"
+                                          % (path, lineno, words[0]))
+            logins = [w for w in re.split(r"[,\s]+", words[1] if len(words) > 1 else "") if w]
+            if not logins:
+                raise SenderLoginMapError("%s:%d: no login for %s" % (path, lineno, words[0]))
+            owners.setdefault(key, set()).update(l.lower() for l in logins)
+        return owners, signature
+
+    def current(self):
+        """The owners table, the file re-checked at most once a second."""
+        now = time.time()
+        if now - self._checked >= self.CHECK_INTERVAL:
+            with self.lock:
+                self._checked = now
+                self._refresh()
+        return self.owners
+
+    def _refresh(self):
+        try:
+            if self.file_signature(self.path) == self.signature:
+                return
+            self.owners, self.signature = self.load(self.path)
+        except (OSError, SenderLoginMapError) as e:
+            text = str(e) if isinstance(e, SenderLoginMapError) else \
+                "%s: %s" % (self.path, e.strerror or e)
+            if self.log:
+                self.log.note("sender-login-maps not re-read, keeping the previous map: "
+                              + text)
+            try:
+                # Say it once per change of the broken file, not every second.
+                self.signature = self.file_signature(self.path)
+            except OSError:
+                pass
+            return
+        if self.log:
+            self.log.note("sender-login-maps %s re-read: %d entries"
+                          % (self.path, len(self.owners)))
+
+
+def login_own_address(login):
+    """The sender address a login stands for by itself: the login when it
+    is an address, ``USER@HOST`` for ``USER%HOST`` and ``USER!HOST``
+    (the pipeauth programs' user-at-host convention); else None."""
+    if "@" in login:
+        return login
+    for mark in ("%", "!"):
+        user, sep, host = login.rpartition(mark) if mark == "%" else login.partition(mark)
+        if sep and user and host:
+            return "%s@%s" % (user, host)
+    return None
+
+
+def sender_owned_by_login(sender, login, owners):
+    """May ``login`` use ``sender`` as MAIL FROM?  The null sender always;
+    then the login's own address, then the map's entry for the address,
+    else the one for its ``@domain``.  Whole addresses compared lowercased."""
+    if not sender:
+        return True
+    address = sender.lower()
+    own = login_own_address(login)
+    if own is not None and own.lower() == address:
+        return True
+    if owners:
+        _, at, domain = address.rpartition("@")
+        for key in (address, "@" + domain if at else None):
+            if key is not None and key in owners:
+                return login.lower() in owners[key]
+    return False
+
+
 def connection_verdict(table, ip, rhostname=None):
     """The connect-time decision of policy.md 3.4: IP phase, then the
     (unverified) PTR name phase when the IP phase left the client alone."""
@@ -1645,6 +1814,8 @@ REPLIES = {
     "pipelined_greeting": (550, "5.7.1", "HELLO {ip}, YOU ARE SENDING PIPELINED INPUT, BUT "
                                          "DIDN'T GREET PROPERLY WITH EHLO"),
     "timeout": (421, "4.4.2", "{host} Error: timeout exceeded, closing connection"),
+    "proxy_header_bad": (421, "4.7.0", "{host} Missing or malformed PROXY protocol header, "
+                                       "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
@@ -1697,6 +1868,8 @@ REPLIES = {
     "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
+    "mail_sender_not_owned": (553, "5.7.1", "Sender address rejected: not owned by user {login}"),
+    "mail_rate_limit": (450, "4.7.1", "Message submission rate limit exceeded, try again later"),
     # RCPT
     "rcpt_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO command"),
     "rcpt_wait_mail": (503, "5.5.1", "Hello {ip}, Waiting for MAIL command"),
@@ -1725,6 +1898,8 @@ REPLIES = {
                                           "functions by earlier rejection"),
     "rcpt_ok_size": (250, "2.1.5", "Ok; can accomodate {size} byte message{note} for {addr}"),
     "rcpt_ok": (250, "2.1.5", "Recipient address syntax Ok{note}; rcpt={addr}"),
+    "rcpt_rate_limit": (450, "4.7.1", "Recipient submission rate limit exceeded, try again "
+                                      "later"),
     # DATA / BDAT
     "data_junk": (501, "5.5.4", "Extra junk after 'DATA' verb"),
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
@@ -2287,13 +2462,15 @@ class WorkerPool(object):
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
-    seen by another worker), ``R`` (a reload: finish the running sessions,
-    however long they take, and exit), ``Q`` (stopping: the same, within
-    ``shutdown-grace``).  A connection the worker's queue cannot take at
-    once (the kernel queues few descriptors on a UNIX socket) waits in the
-    worker's backlog here until it can.
-    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``.  A
-    worker that dies is replaced; its sessions are counted as ended."""
+    seen by another worker), ``U <login> <time> <recipients>`` (a message
+    another worker accepted, for submission-rate-limit), ``R`` (a reload:
+    finish the running sessions, however long they take, and exit), ``Q``
+    (stopping: the same, within ``shutdown-grace``).  A connection the
+    worker's queue cannot take at once (the kernel queues few descriptors
+    on a UNIX socket) waits in the worker's backlog here until it can.
+    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
+    ``U <login> <time> <recipients>``.  A worker that dies is replaced; its
+    sessions are counted as ended."""
 
     def __init__(self, supervisor, count):
         self.supervisor = supervisor
@@ -2408,6 +2585,9 @@ class WorkerPool(object):
                 self.supervisor.session_ended(None, None, (pid, int(rest)))
             elif kind == b"F":
                 self.supervisor.runtime.auth_failures.absorb(rest)
+                self.broadcast(msg, but=pid)
+            elif kind == b"U":
+                self.supervisor.runtime.submissions.absorb(msg)
                 self.broadcast(msg, but=pid)
             elif kind == b"C":
                 self.supervisor.runtime.stats.absorb(rest.decode("ascii", "replace"))
@@ -2525,6 +2705,7 @@ class WorkerProcess(object):
         sup.runtime.stats.report = lambda name: channel.send(b"C " + name.encode("ascii"))
         sup.status_path = None
         set_process_name("worker")
+        sup.runtime.submissions.report = channel.send
         SessionLoop(self).run()
 
     def ended(self, seq):
@@ -2736,6 +2917,8 @@ class SessionLoop(object):
                 self.runtime.auth_failures.absorb(rest)
             elif kind == b"L":
                 self.runtime.log.adopt(fds)
+            elif kind == b"U":
+                self.runtime.submissions.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -3004,7 +3187,8 @@ class Supervisor(object):
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
-        # Forked sessions report failed AUTHs here (auth-failrate).
+        # Forked sessions report failed AUTHs (auth-failrate) and accepted
+        # messages (submission-rate-limit) here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
@@ -3059,6 +3243,13 @@ class Supervisor(object):
         with self.lock:
             same = self.per_ip.get((listener.kind, ip), 0) + 1
             total = self.per_kind.get(listener.kind, 0) + 1
+        # A load balancer in proxy-protocol-nets carries many clients: the
+        # real one is only named by the PROXY header its session reads, and
+        # the policy is applied to that address there.  MaxSameIpSource is
+        # not applied to the balancer (it would cap the whole site).
+        proxied = in_networks(ip, listener.group.proxy_protocol_nets)
+        if proxied:
+            same = 0
         if same > 4 * cfg.max_same_ip or total > cfg.max_parallel + 100:
             return False
         group = listener.group
@@ -3070,7 +3261,7 @@ class Supervisor(object):
         elif total > cfg.max_parallel:
             lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
                                  count=total, limit=cfg.max_parallel)
-        else:
+        elif not proxied:
             policy = self.runtime.policy_for(group)
             table = policy.current() if policy else None
             if table is not None:
@@ -3128,17 +3319,24 @@ class Supervisor(object):
         fail_w = self.fail_w
         self.runtime.auth_failures.report = lambda data: os.write(fail_w, data)
         self.runtime.stats.report = lambda name: os.write(fail_w, ("=%s\n" % name).encode())
+        self.runtime.submissions.report = self.runtime.auth_failures.report
         self.status_path = None
         set_process_name("session")
 
     def absorb_child_reports(self, data):
-        """Lines from forked sessions: ``=<counter>`` or an AUTH failure."""
-        failures = []
+        """Lines from forked sessions: ``=<counter>``, ``U <login> <time>
+        <recipients>`` (an accepted message, for submission-rate-limit) or
+        an AUTH failure."""
+        failures, submissions = [], []
         for line in data.splitlines(True):
             if line.startswith(b"="):
                 self.runtime.stats.absorb(line[1:].strip().decode("ascii", "replace"))
+            elif line.startswith(SubmissionRateTracker.PREFIX.encode("ascii")):
+                submissions.append(line)
             else:
                 failures.append(line)
+        if submissions:
+            self.runtime.submissions.absorb(b"".join(submissions))
         if failures:
             self.runtime.auth_failures.absorb(b"".join(failures))
 
@@ -3774,6 +3972,128 @@ class HeaderRewriter(object):
         self.sink(b"\n".join(out) + b"\n" + tail + rest)
 
 
+class ProxyHeaderError(Exception):
+    """A PROXY protocol header that cannot be accepted (the reason)."""
+
+
+class ProxyHeader(object):
+    """What a load balancer's PROXY header said: ``version`` 1 or 2,
+    ``command`` PROXY, LOCAL (v2) or UNKNOWN, and ``source`` (ip, port) of
+    the real client -- None when the proxy speaks for itself (its health
+    checks) or the client's address is not an IP one."""
+
+    def __init__(self, version, command, source=None):
+        self.version = version
+        self.command = command
+        self.source = source
+
+
+#: The twelve bytes that open a PROXY protocol version 2 header.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+#: The longest version 1 header the specification allows, CRLF included.
+PROXY_V1_MAX = 107
+_PROXY_PORT = re.compile(r"^(?:0|[1-9][0-9]{0,4})$")
+
+
+def parse_proxy_header(buf):
+    """A PROXY protocol v1 or v2 header at the start of ``buf``:
+    ``(ProxyHeader, bytes it took)`` when complete, ``(None, n)`` when at
+    least ``n`` more bytes are needed (and never more than belong to the
+    header, so a TLS handshake behind it stays unread).  Raises
+    ProxyHeaderError for anything else."""
+    if not buf:
+        return None, 1
+    if buf[:1] == b"\r":
+        return _parse_proxy_v2(buf)
+    if not (buf[:6] == b"PROXY "[:len(buf[:6])]):
+        raise ProxyHeaderError("not a PROXY protocol header: %r" % buf[:20])
+    end = buf.find(b"\n")
+    if end < 0:
+        if len(buf) >= PROXY_V1_MAX:
+            raise ProxyHeaderError("PROXY v1 header longer than %d bytes" % PROXY_V1_MAX)
+        return None, 1
+    line = buf[:end + 1]
+    if len(line) > PROXY_V1_MAX:
+        raise ProxyHeaderError("PROXY v1 header longer than %d bytes" % PROXY_V1_MAX)
+    if not line.endswith(b"\r\n"):
+        raise ProxyHeaderError("PROXY v1 header not ended by CRLF")
+    try:
+        words = line[:-2].decode("ascii").split(" ")
+    except UnicodeError:
+        raise ProxyHeaderError("PROXY v1 header with non-ASCII bytes")
+    if len(words) >= 2 and words[1] == "UNKNOWN":
+        return ProxyHeader(1, "UNKNOWN"), len(line)
+    families = {"TCP4": socket.AF_INET, "TCP6": socket.AF_INET6}
+    if len(words) != 6 or words[1] not in families:
+        raise ProxyHeaderError("malformed PROXY v1 header %r" % line[:-2].decode("ascii"))
+    family = families[words[1]]
+    for text in words[2:4]:
+        try:
+            socket.inet_pton(family, text)
+        except (OSError, socket.error, ValueError):
+            raise ProxyHeaderError("PROXY v1 header: bad %s address %r" % (words[1], text))
+    for text in words[4:6]:
+        if not _PROXY_PORT.match(text) or int(text) > 65535:
+            raise ProxyHeaderError("PROXY v1 header: bad port %r" % text)
+    return ProxyHeader(1, "PROXY", (unmapped_ip(words[2]), int(words[4]))), len(line)
+
+
+def _parse_proxy_v2(buf):
+    n = min(len(buf), len(PROXY_V2_SIGNATURE))
+    if buf[:n] != PROXY_V2_SIGNATURE[:n]:
+        raise ProxyHeaderError("not a PROXY protocol header: %r" % buf[:20])
+    if len(buf) < 16:
+        return None, 16 - len(buf)
+    version_command, family, length = struct.unpack("!BBH", buf[12:16])
+    if version_command >> 4 != 2:
+        raise ProxyHeaderError("PROXY v2 header with version %d" % (version_command >> 4))
+    command = version_command & 0x0F
+    if command > 1:
+        raise ProxyHeaderError("PROXY v2 header with unknown command %d" % command)
+    total = 16 + length
+    if len(buf) < total:
+        return None, total - len(buf)
+    if command == 0:
+        return ProxyHeader(2, "LOCAL"), total
+    address_family, transport = family >> 4, family & 0x0F
+    if address_family in (0, 3):
+        # UNSPEC or a UNIX socket: no IP client to speak of; the
+        # connection's own address stands, as the specification asks.
+        return ProxyHeader(2, "UNKNOWN"), total
+    if address_family not in (1, 2):
+        raise ProxyHeaderError("PROXY v2 header with unknown address family %d"
+                               % address_family)
+    if transport != 1:
+        raise ProxyHeaderError("PROXY v2 header for a transport other than TCP (%d)"
+                               % transport)
+    size, af = (4, socket.AF_INET) if address_family == 1 else (16, socket.AF_INET6)
+    if length < 2 * size + 4:
+        raise ProxyHeaderError("PROXY v2 address block too short (%d bytes)" % length)
+    body = buf[16:total]
+    ip = socket.inet_ntop(af, body[:size])
+    port = struct.unpack("!H", body[2 * size:2 * size + 2])[0]
+    # What follows the addresses (TLVs) is ignored.
+    return ProxyHeader(2, "PROXY", (unmapped_ip(ip), port)), total
+
+
+def unmapped_ip(ip):
+    """``::ffff:192.0.2.1`` is the IPv4 client 192.0.2.1."""
+    if ip.lower().startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+def in_networks(ip, networks):
+    """Is the address ``ip`` in one of ``networks`` (ipaddress objects)?"""
+    if not networks or not ip:
+        return False
+    try:
+        address = ipaddress.ip_address(unmapped_ip(ip))
+    except ValueError:
+        return False
+    return any(address.version == net.version and address in net for net in networks)
+
+
 #: A command line byte that is NUL, 8-bit or a control other than TAB.
 _ILLEGAL_INPUT = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]")
 _FIRST_WORD = re.compile(r"[^ \t]*")
@@ -3914,6 +4234,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
             if self.peer_ip.startswith("::ffff:") and "." in self.peer_ip:
                 self.peer_ip = self.peer_ip[7:]
             self.peer_port = peer[1]
+        # A connection from proxy-protocol-nets opens with a PROXY header.
+        self.proxy_expected = (mode == "daemon" and self.network
+                               and in_networks(self.peer_ip, group.proxy_protocol_nets))
+        self.proxy_via = None             # "[ip]:port" of the balancer, once read
         self.local_port = local[1] if local else 0
         if not self.network or (mode == "interactive"):
             self.ip_literal = ""  # -T pretends a peer for policy only
@@ -4037,16 +4361,22 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.abort_transaction("session terminated")
 
     def converse(self):
+        if self.proxy_expected:
+            accepted = yield from self.read_proxy_header()
+            if not accepted:
+                return
         if self.network:
-            self.log.note("connection from %s %s:%d on port %d pid %d" % (
-                self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid()))
+            self.log.note("connection from %s %s:%d on port %d pid %d%s" % (
+                self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
+                " via proxy %s" % self.proxy_via if self.proxy_via else ""))
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             yield (WANT_THREAD, None)
             if not self.start_tls():
                 return
         if self.network:
             self.evaluate_policy()
-        if self.policy_error is None and self.verdict.reject and self.mode != "daemon":
+        if self.policy_error is None and self.verdict.reject and (
+                self.mode != "daemon" or self.proxy_expected):
             msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
@@ -4086,6 +4416,94 @@ class SMTPSession(socketserver.StreamRequestHandler):
             if in_a_row >= TURN_COMMANDS:
                 in_a_row = 0
                 yield (WANT_TURN, None)
+
+    # -- PROXY protocol ------------------------------------------------------------
+
+    def read_proxy_header(self):
+        """The load balancer's PROXY header, before the greeting (and
+        before the TLS handshake of an implicit-TLS listener), within the
+        command timeout.  True to go on with the session; False after a
+        logged refusal."""
+        deadline = self.start + self.cfg.command_timeout
+        proxy = "%s:%d" % (self.ip_literal, self.peer_port)
+        try:
+            if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
+                yield (WANT_THREAD, None)
+                header = self.receive_proxy_header_exactly(deadline)
+            else:
+                header = yield from self.channel_proxy_header(deadline)
+        except ProxyHeaderError as e:
+            self.log.note("PROXY protocol: %s from %s; closing" % (e, proxy))
+            self.reply("proxy_header_bad")
+            return False
+        except SessionTimeout:
+            self.log.note("PROXY protocol: no header from %s within %d seconds; closing"
+                          % (proxy, self.cfg.command_timeout))
+            self.reply("proxy_header_bad")
+            return False
+        except ClientGone:
+            self.log.note("PROXY protocol: %s closed the connection before its header" % proxy)
+            return False
+        self.proxy_via = proxy
+        if header.source is None:
+            # LOCAL (v2) or UNKNOWN: the balancer's own health check, served
+            # as a connection from the balancer.
+            self.log.note("PROXY v%d %s from %s: serving the proxy itself"
+                          % (header.version, header.command, proxy))
+            return True
+        ip, port = header.source
+        if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
+            yield (WANT_THREAD, None)       # the client's name from DNS
+        self.become_client(ip, port)
+        return True
+
+    def channel_proxy_header(self, deadline):
+        """Generator: the header from the session's input buffer; what the
+        client sent after it stays there."""
+        channel = self.channel
+        while True:
+            header, used = parse_proxy_header(channel.buf)
+            if header is not None:
+                channel.buf = channel.buf[used:]
+                return header
+            if channel.eof:
+                raise ClientGone()
+            yield (WANT_INPUT, deadline)
+
+    def receive_proxy_header_exactly(self, deadline):
+        """Blocking: the header from the socket, never a byte more (the TLS
+        handshake that follows must reach the TLS layer whole)."""
+        import select
+        sock, buf = self.sock, b""
+        while True:
+            header, more = parse_proxy_header(buf)
+            if header is not None:
+                return header
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise SessionTimeout()
+            try:
+                readable, _, _ = select.select([sock], [], [], remaining)
+                if not readable:
+                    raise SessionTimeout()
+                data = sock.recv(more)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except (OSError, socket.error, ValueError):
+                raise ClientGone()
+            if not data:
+                raise ClientGone()
+            buf += data
+
+    def become_client(self, ip, port):
+        """The client the PROXY header names is the client, for the policy,
+        AUTH failure counts, the log and the envelope."""
+        self.peer_ip, self.peer_port = ip, port
+        self.ip_literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+        self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
+            ip if self.runtime.fake_peer is None else None)
+        self.state = "HELO"
+        self.reset_helo_requirement()
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -4466,6 +4884,13 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.tarpit()
             self.reply("mail_policy_reject", addr="<%s>" % address)
             return
+        if not self.sender_login_permitted(address):
+            self.tarpit()
+            self.reply("mail_sender_not_owned", login=self.authuser)
+            return
+        if not self.message_rate_permitted():
+            self.reply("mail_rate_limit")
+            return
         limit = self.cfg.maxsize
         if limit and ok["size"] > limit:
             self.tarpit()
@@ -4626,6 +5051,9 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.tarpit()
             self.reply("rcpt_relay_denied", addr="<%s>" % address)
             return
+        if not self.recipient_rate_permitted(txn):
+            self.reply("rcpt_rate_limit")
+            return
         limit = self.cfg.maxsize
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
@@ -4656,6 +5084,50 @@ class SMTPSession(socketserver.StreamRequestHandler):
             return False
         table = self.policy.table if self.policy else None
         return recipient_allowed(table, address, self.runtime.local_names)
+
+    # -- submission policy: sender ownership and rate limits ----------------------
+
+    def sender_login_permitted(self, address):
+        """``sender-login-match``: an authenticated user sends only as
+        addresses its login owns.  Clients without AUTH are not affected."""
+        if not self.group.sender_login_match or self.authuser is None:
+            return True
+        maps = self.runtime.sender_maps
+        if sender_owned_by_login(address, self.authuser, maps.current() if maps else None):
+            return True
+        self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
+        return False
+
+    def message_rate_permitted(self):
+        """``submission-rate-limit MSGS``: one more message this hour?"""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or self.authuser is None:
+            return True
+        messages, _ = self.runtime.submissions.counts(self.authuser)
+        if messages < limit[0]:
+            return True
+        self.log.note("submission rate limit: login %s sent %d messages in the last hour "
+                      "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
+        return False
+
+    def recipient_rate_permitted(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this hour,
+        counting the ones already given in this transaction?"""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or limit[1] is None or self.authuser is None:
+            return True
+        _, recipients = self.runtime.submissions.counts(self.authuser)
+        if recipients + len(txn.recipients) < limit[1]:
+            return True
+        self.log.note("submission rate limit: login %s reached %d recipients in the last "
+                      "hour (limit %d); RCPT refused" % (qformat(self.authuser),
+                                                         recipients + len(txn.recipients),
+                                                         limit[1]))
+        return False
+
+    def count_submission(self, txn):
+        if self.cfg.submission_rate_limit is not None and self.authuser is not None:
+            self.runtime.submissions.record(self.authuser, len(txn.recipients))
 
     def check_rcpt_params(self, params):
         g = self.group
@@ -4859,6 +5331,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.reply("data_spool_failed")
             return
         self.junk_count = 0
+        self.count_submission(txn)
         if bdat_chunk is None:
             self.reply("data_ok", id=sid)
         else:
@@ -5298,6 +5771,83 @@ class AuthFailureTracker(object):
     def over_limit(self, client, limit):
         with self.lock:
             return len(self._recent(client, time.time())) >= max(3, limit)
+
+
+class SubmissionRateTracker(object):
+    """Messages and recipients each authenticated user submitted over a
+    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``).
+
+    Every process keeps a copy.  A forked session or a worker reports each
+    accepted message to the master (``report``), which records it for the
+    sessions it forks later and passes it on to the other workers -- the
+    way auth-failrate counts.  Sessions running at the same moment in other
+    processes learn of each other's messages only through the master, so
+    they may overshoot by the messages in flight."""
+
+    WINDOW = 3600.0
+    PREFIX = "U "       # marks these reports on the pipe they share
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events = {}        # login -> deque of (time, recipients)
+        self.report = None
+
+    def _recent(self, login, now):
+        events = self.events.get(login)
+        if events is None:
+            return ()
+        while events and now - events[0][0] >= self.WINDOW:
+            events.popleft()
+        if not events:
+            del self.events[login]
+        return events
+
+    def counts(self, login, now=None):
+        """(messages, recipients) of ``login`` in the last hour."""
+        now = time.time() if now is None else now
+        login = login.lower()       # one account, however its name is typed
+        with self.lock:
+            events = self._recent(login, now)
+            return len(events), sum(n for _, n in events)
+
+    def record(self, login, recipients, when=None, relay=True):
+        now = time.time() if when is None else when
+        login = login.lower()
+        with self.lock:
+            self._recent(login, now)
+            self.events.setdefault(login, deque()).append((now, recipients))
+            if len(self.events) > 100000:       # bound the memory a flood can take
+                self._expire_all(now)
+        if relay and self.report is not None:
+            try:
+                self.report(("%s%s %f %d\n" % (self.PREFIX, xtext_encode(login), now,
+                                               recipients)).encode("ascii", "replace"))
+            except OSError:
+                pass
+
+    def _expire_all(self, now):
+        for login in list(self.events):
+            self._recent(login, now)
+
+    def absorb(self, data):
+        """The receiving side: lines ``U <login> <time> <recipients>``."""
+        for line in data.decode("ascii", "replace").splitlines():
+            words = line.split(" ")
+            if len(words) != 4 or words[0] + " " != self.PREFIX:
+                continue
+            try:
+                self.record(xtext_decode(words[1]), int(words[3]), float(words[2]),
+                            relay=False)
+            except ValueError:
+                continue
+
+    def top(self, count=10):
+        """The busiest logins: [(login, messages, recipients)]."""
+        now = time.time()
+        with self.lock:
+            self._expire_all(now)
+            rows = [(login, len(ev), sum(n for _, n in ev)) for login, ev in self.events.items()]
+        return sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))[:count]
 
 
 class PipeAuthenticator(object):
@@ -5910,6 +6460,7 @@ class Runtime(object):
         self.started = time.time()
         self.reload_count = 0
         self.last_reload = None     # (time, taken?, what happened)
+        self.submissions = SubmissionRateTracker()
         self._names = {}
         self._names_lock = threading.Lock()
         self.supervisor = None
@@ -5927,7 +6478,14 @@ class Runtime(object):
         for g in config.groups:
             if g.policydb and g.policydb not in policies:
                 policies[g.policydb] = PolicySource(g.policydb, self.log)
+        sender_maps = None
+        if config.sender_login_maps:
+            try:
+                sender_maps = SenderLoginMap(config.sender_login_maps, self.log)
+            except SenderLoginMapError as e:
+                raise ConfigError("PARAM sender-login-maps: %s" % e)
         self.config = config
+        self.sender_maps = sender_maps
         self.spool.dir_fsync = config.spool_dir_fsync
         self.tls = tls
         self.policies = policies

@@ -1,0 +1,327 @@
+# -*- coding: utf-8 -*-
+"""Submission policy beyond the original: the sender/login binding
+(``PARAM sender-login-match``, ``PARAM sender-login-maps``, like Postfix's
+reject_sender_login_mismatch) and the per-user submission rate limit
+(``PARAM submission-rate-limit MSGS [RCPTS]``, counted by the master across
+worker processes and forked sessions).
+
+Run from the repository root:  python -m unittest -v tests.test_submission_policy
+
+Each TestCase starts its own zmsmtpd.py daemon (the submission tests'
+layout and auth program: any user name with the right password logs in).
+"""
+
+from __future__ import print_function
+
+import os
+import subprocess
+import time
+import unittest
+
+from tests import test_submission as sub
+from tests.harness import which
+
+PASSWORD = sub._SUB_PASSWORD
+
+SUBMIT_CONF = """
+PARAM BindSubmit [127.0.0.1] {submit}
+PARAM smtp-auth
+PARAM auth-login-also-without-tls
+PARAM smtp-auth-pipe {dir}/bin/auth
+"""
+
+
+def _start(testcase_class, conf, maps=None):
+    srv = sub._SubServer()
+    srv.auth_program()
+    if maps is not None:
+        with open(os.path.join(srv.dir, "sender-logins"), "w") as f:
+            f.write(maps)
+    sub._sub_start_servers(testcase_class, (srv, SUBMIT_CONF + conf, {}))
+    return srv
+
+
+def _login(testcase, srv, user):
+    return sub._sub_login(testcase, srv, kind="submit", user=user)
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+class SenderLoginMatchTest(unittest.TestCase):
+    """MAIL FROM of an authenticated user must be an address its login owns."""
+
+    MAPS = ("# sender address or @domain, then the logins that may use it\n"
+            "\n"
+            "sales@Example.ORG      bob, carol\n"
+            "@shared.example        dave\n"
+            "exact@shared.example   erin\n")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls, """
+PARAM sender-login-match
+PARAM sender-login-maps {dir}/sender-logins
+PARAM BindSmtp [127.0.0.1] {smtp}
+PARAM policydb btree {dir}/db/smtp-policy
+""", maps=cls.MAPS)
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def mail_reply(self, user, sender):
+        client = _login(self, self.srv, user)
+        code, text = client.mail(sender)
+        sub._sub_quit(client)
+        return code, text.decode("utf-8", "replace")
+
+    def test_login_that_is_an_address_may_send_as_itself(self):
+        code, text = self.mail_reply("alice@example.org", "alice@example.org")
+        self.assertEqual(code, 250, text)
+
+    def test_domain_compared_without_case(self):
+        code, text = self.mail_reply("alice@example.org", "alice@EXAMPLE.org")
+        self.assertEqual(code, 250, text)
+
+    def test_login_may_not_send_as_another_address(self):
+        code, text = self.mail_reply("alice@example.org", "mallory@example.org")
+        self.assertEqual(code, 553, text)
+        self.assertEqual(text, "5.7.1 Sender address rejected: not owned by user "
+                               "alice@example.org")
+        self.assertTrue(_wait_for(lambda: "sender <mallory@example.org> not owned by login "
+                                  '"alice@example.org"' in self.srv.log_text()))
+
+    def test_percent_and_bang_logins_own_user_at_host(self):
+        for login in ("carol%example.net", "carol!example.net"):
+            code, text = self.mail_reply(login, "carol@example.net")
+            self.assertEqual(code, 250, (login, text))
+            code, text = self.mail_reply(login, "carol@other.example")
+            self.assertEqual(code, 553, (login, text))
+
+    def test_map_lists_owners_of_an_address(self):
+        for login in ("bob", "Carol"):
+            code, text = self.mail_reply(login, "sales@example.org")
+            self.assertEqual(code, 250, (login, text))
+        code, text = self.mail_reply("dave", "sales@example.org")
+        self.assertEqual(code, 553, text)
+        self.assertIn("not owned by user dave", text)
+
+    def test_domain_entry_applies_unless_the_address_has_its_own(self):
+        code, text = self.mail_reply("dave", "anyone@shared.example")
+        self.assertEqual(code, 250, text)
+        code, text = self.mail_reply("dave", "exact@shared.example")
+        self.assertEqual(code, 553, text)
+        code, text = self.mail_reply("erin", "exact@shared.example")
+        self.assertEqual(code, 250, text)
+
+    def test_null_sender_is_always_allowed(self):
+        code, text = self.mail_reply("bob", "")
+        self.assertEqual(code, 250, text)
+
+    def test_unauthenticated_trusted_client_is_not_affected(self):
+        # 127.0.0.3 is fulltrustnet in the test policy: no AUTH needed.
+        client = self.srv.smtp("smtp", source="127.0.0.3")
+        self.addCleanup(sub._sub_quit, client)
+        client.ehlo()
+        text = sub._sub_submit(self, client, sender="anybody@anywhere.example",
+                               rcpt="friend@elsewhere.example")
+        self.assertIn("accepted", text)
+
+    def test_map_is_reread_when_it_changes(self):
+        path = os.path.join(self.srv.dir, "sender-logins")
+        self.addCleanup(self.restore_map)
+        code, text = self.mail_reply("frank", "new@example.org")
+        self.assertEqual(code, 553, text)
+        with open(path + ".new", "w") as f:
+            f.write(self.MAPS + "new@example.org  frank\n")
+        os.rename(path + ".new", path)
+        self.assertTrue(_wait_for(lambda: self.mail_reply("frank", "new@example.org")[0] == 250))
+
+    def test_broken_map_at_reread_keeps_the_old_one_and_logs_file_line(self):
+        path = os.path.join(self.srv.dir, "sender-logins")
+        self.addCleanup(self.restore_map)
+        with open(path + ".new", "w") as f:
+            f.write(self.MAPS + "no-at-sign-here  bob\n")
+        os.rename(path + ".new", path)
+        # The re-read happens when a session looks at the map.
+        self.assertTrue(_wait_for(lambda: (
+            self.mail_reply("dave", "x@shared.example")[0] == 250 and
+            "%s:6: 'no-at-sign-here' is not an address or @domain" % path
+            in self.srv.log_text())))
+        self.assertIn("keeping the previous map", self.srv.log_text())
+        self.assertEqual(self.mail_reply("bob", "sales@example.org")[0], 250)
+
+    def restore_map(self):
+        path = os.path.join(self.srv.dir, "sender-logins")
+        with open(path + ".new", "w") as f:
+            f.write(self.MAPS)
+        os.rename(path + ".new", path)
+
+    def test_swaks_with_a_foreign_sender_gets_553(self):
+        swaks = which("swaks")
+        if not swaks:
+            self.skipTest("swaks not installed")
+        proc = subprocess.Popen(
+            [swaks, "--server", "127.0.0.1", "--port", str(self.srv.ports["submit"]),
+             "--from", "ceo@example.org", "--to", "friend@elsewhere.example",
+             "--auth", "PLAIN", "--auth-user", "bob", "--auth-password", PASSWORD,
+             "--timeout", "15"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out = proc.communicate(timeout=40)[0].decode("utf-8", "replace")
+        self.assertNotEqual(proc.returncode, 0, out)
+        self.assertIn("553 5.7.1 Sender address rejected: not owned by user bob", out)
+
+
+class SenderLoginMatchOffTest(unittest.TestCase):
+    """Without the PARAM an authenticated user sends as anyone (as before)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls, "")
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def test_any_sender_accepted_by_default(self):
+        client = _login(self, self.srv, "alice@example.org")
+        text = sub._sub_submit(self, client, sender="mallory@example.org")
+        self.assertIn("accepted", text)
+
+
+class _RateLimitCases(object):
+    """The same checks under each session model (class attribute MODEL)."""
+
+    MODEL = "workers"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls, """
+PARAM submission-rate-limit 3 5
+PARAM session-model %s
+PARAM session-workers 2
+""" % cls.MODEL)
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def send_one(self, user, rcpts=("friend@elsewhere.example",)):
+        """A fresh connection (another worker or process, likely) per message."""
+        client = _login(self, self.srv, user)
+        code, text = client.mail("x@example.org")
+        if code != 250:
+            return code, text.decode()
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt)
+            if code != 250:
+                client.rset()
+                return code, text.decode()
+        code, text = client.data(sub._SUB_MESSAGE)
+        client.quit()
+        return code, text.decode()
+
+    def test_message_over_the_hourly_limit_gets_450_across_connections(self):
+        user = "msgs-%s" % self.MODEL
+        for i in range(3):
+            code, text = self.send_one(user)
+            self.assertEqual(code, 250, (i, text))
+        # The master has the counts; another connection sees them soon.
+        self.assertTrue(_wait_for(lambda: self.send_one(user)[0] == 450))
+        code, text = self.send_one(user)
+        self.assertEqual((code, text), (450, "4.7.1 Message submission rate limit "
+                                             "exceeded, try again later"))
+        self.assertIn('submission rate limit: login "%s" sent 3 messages in the last hour '
+                      '(limit 3); MAIL refused' % user, self.srv.log_text())
+        # Another user is not affected.
+        self.assertEqual(self.send_one("other-%s" % self.MODEL)[0], 250)
+
+    def test_recipient_over_the_hourly_limit_gets_450(self):
+        user = "rcpts-%s" % self.MODEL
+        code, text = self.send_one(user, ["a%d@elsewhere.example" % i for i in range(4)])
+        self.assertEqual(code, 250, text)
+        client = _login(self, self.srv, user)
+        self.assertTrue(_wait_for(lambda: self.second_recipient_refused(client)))
+        code, text = client.rcpt("more@elsewhere.example")
+        self.assertEqual((code, text.decode()), (450, "4.7.1 Recipient submission rate "
+                                                      "limit exceeded, try again later"))
+        self.assertIn("reached 5 recipients in the last hour (limit 5); RCPT refused",
+                      self.srv.log_text())
+
+    def second_recipient_refused(self, client):
+        client.rset()
+        self.assertEqual(client.mail("x@example.org")[0], 250)
+        first = client.rcpt("ok@elsewhere.example")[0]
+        second = client.rcpt("over@elsewhere.example")[0]
+        return first == 250 and second == 450
+
+
+class RateLimitWorkersTest(_RateLimitCases, unittest.TestCase):
+    MODEL = "workers"
+
+
+class RateLimitForkTest(_RateLimitCases, unittest.TestCase):
+    MODEL = "fork"
+
+
+class RateLimitThreadTest(_RateLimitCases, unittest.TestCase):
+    MODEL = "thread"
+
+
+class SubmissionPolicyConfigErrorTest(unittest.TestCase):
+    """Absurd values and broken maps stop start-up with file:line, exit 2."""
+
+    def run_check(self, conf, maps=None):
+        srv = sub._SubServer()
+        self.addCleanup(srv.cleanup)
+        if maps is not None:
+            with open(os.path.join(srv.dir, "sender-logins"), "w") as f:
+                f.write(maps)
+        srv.write_conf("PARAM BindSmtp [127.0.0.1] {smtp}\n" + conf)
+        proc = subprocess.Popen(srv.command(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = proc.communicate(timeout=30)[0].decode("utf-8", "replace")
+        return proc.returncode, out, srv
+
+    def test_negative_or_non_numeric_rate_limit_is_refused(self):
+        for value in ("-5", "abc", "0", "10 -1", "1 2 3", ""):
+            rc, out, srv = self.run_check("PARAM submission-rate-limit %s\n" % value)
+            self.assertEqual(rc, 2, (value, out))
+            self.assertIn("%s:4: PARAM submission-rate-limit needs MSGS [RCPTS]" % srv.conf,
+                          out)
+
+    def test_bad_proxy_network_is_refused(self):
+        rc, out, srv = self.run_check("PARAM proxy-protocol-nets 10.0.0.0/8 300.1.1.0/24\n")
+        self.assertEqual(rc, 2, out)
+        self.assertIn("%s:4: PARAM proxy-protocol-nets: '300.1.1.0/24' is not a network"
+                      % srv.conf, out)
+
+    def test_bad_switch_value_is_refused(self):
+        rc, out, srv = self.run_check("PARAM sender-login-match maybe\n")
+        self.assertEqual(rc, 2, out)
+        self.assertIn("%s:4: PARAM sender-login-match takes on or off" % srv.conf, out)
+
+    def test_malformed_map_at_start_up_names_file_and_line(self):
+        rc, out, srv = self.run_check(
+            "PARAM sender-login-match\nPARAM sender-login-maps {dir}/sender-logins\n",
+            maps="# ok\nbob@example.org bob\nlonely@example.org\n")
+        self.assertEqual(rc, 2, out)
+        self.assertIn("%s:3: no login for lonely@example.org"
+                      % os.path.join(srv.dir, "sender-logins"), out)
+
+    def test_missing_map_at_start_up_is_refused(self):
+        rc, out, srv = self.run_check(
+            "PARAM sender-login-match\nPARAM sender-login-maps {dir}/nonexistent\n")
+        self.assertEqual(rc, 2, out)
+        self.assertIn("nonexistent: cannot read", out)
+
+
+if __name__ == "__main__":
+    unittest.main()
