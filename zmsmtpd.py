@@ -5841,14 +5841,6 @@ class SubmissionRateTracker(object):
             except ValueError:
                 continue
 
-    def top(self, count=10):
-        """The busiest logins: [(login, messages, recipients)]."""
-        now = time.time()
-        with self.lock:
-            self._expire_all(now)
-            rows = [(login, len(ev), sum(n for _, n in ev)) for login, ev in self.events.items()]
-        return sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))[:count]
-
 
 class PipeAuthenticator(object):
     """Runs the pipeauth program: ``argv = [path, user]``, the password and
