@@ -33,6 +33,11 @@ PROXY = "127.0.0.5"
 CLIENT = "127.0.0.7"
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
+def tearDownModule():
+    """The shared test certificate's directory goes with the last user."""
+    sub.tearDownModule()
+
+
 POLICY = sub._SUB_POLICY + "[127.0.0.9]/32  rejectnet +\n"
 
 SERVER_CONF = """

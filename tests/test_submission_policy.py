@@ -23,6 +23,11 @@ from tests.harness import which
 
 PASSWORD = sub._SUB_PASSWORD
 
+def tearDownModule():
+    """The shared test certificate's directory goes with the last user."""
+    sub.tearDownModule()
+
+
 SUBMIT_CONF = """
 PARAM BindSubmit [127.0.0.1] {submit}
 PARAM smtp-auth
