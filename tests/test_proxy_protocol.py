@@ -190,11 +190,15 @@ class _ProxyCases(object):
             raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
         cls.srv = sub._SubServer(policy=POLICY)
         cls.srv.auth_program()
-        sub._sub_start_servers(cls, (cls.srv, SERVER_CONF % cls.MODEL, {}))
+        cls.submits_port = free_port()
+        sub._sub_start_servers(cls, (cls.srv, SERVER_CONF % cls.MODEL +
+                                     "PARAM BindSubmitS [127.0.0.1] %d\n" % cls.submits_port,
+                                     {}))
         try:
             cls.hap = HAProxy([("v1", cls.srv.ports["smtp"], "send-proxy"),
                                ("v2", cls.srv.ports["smtp"], "send-proxy-v2"),
-                               ("tls", cls.srv.ports["smtps"], "send-proxy-v2")])
+                               ("tls", cls.srv.ports["smtps"], "send-proxy-v2"),
+                               ("submits", cls.submits_port, "send-proxy")])
         except Exception:
             sub._sub_stop_servers(cls)
             raise
@@ -255,6 +259,16 @@ class _ProxyCases(object):
         spool = self.deliver(client)
         self.assertIn("([%s]:%d " % (CLIENT, port), self.rcvdfrom(spool))
         self.assertIn("with ESMTPS", spool)
+
+    def test_haproxy_v1_in_front_of_implicit_tls_submission(self):
+        client = smtplib.SMTP_SSL("127.0.0.1", self.hap.ports["submits"], timeout=15,
+                                  context=sub._sub_tls_client_context(),
+                                  source_address=(CLIENT, 0))
+        self.addCleanup(sub._sub_quit, client)
+        port = client.sock.getsockname()[1]
+        client.login("bob", sub._SUB_PASSWORD)
+        text = sub._sub_submit(self, client)
+        self.assertIn("([%s]:%d " % (CLIENT, port), self.rcvdfrom(self.srv.spool(text)))
 
     def test_swaks_through_haproxy_with_auth(self):
         swaks = which("swaks")
