@@ -33,7 +33,8 @@ FIXTURES = os.path.join(HERE, "tests", "fixtures")
 PYTHON = sys.executable
 
 
-from tests.harness import free_port, kill_quietly, process_alive, reference_file, open_to_sessions  # noqa: E402
+from tests.harness import (free_port, kill_quietly, open_to_sessions, process_alive,  # noqa: E402
+                           reference_file, wait_for_workers)
 
 
 class Layout(object):
@@ -875,35 +876,19 @@ class TestDaemonSessionsInWorkerProcesses(TestDaemonSessions):
         clients = [smtplib.SMTP("127.0.0.1", self.port, timeout=10) for _ in range(4)]
         for c in clients:
             c.ehlo("client.example")
-        children = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                            "-o", "pid="]).split()
-        self.assertEqual(len(children), 2)
+        self.assertEqual(len(wait_for_workers(self.daemon.proc.pid, 2)), 2)
         for c in clients:
             c.sendmail("a@example.org", ["b@localhost"], "Subject: w\r\n\r\nx\r\n")
             c.quit()
         self.assertEqual(len(self.layout.router_files()), 4)
 
-    def live_workers(self):
-        out = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                       "-o", "pid=,stat="]).decode()
-        return [f[0] for f in (l.split() for l in out.splitlines()) if f and "Z" not in f[1]]
-
-    def wait_for_workers(self, count, gone=None):
-        """Poll until the master has ``count`` live workers, none of them ``gone``."""
-        deadline = time.time() + 10
-        live = self.live_workers()
-        while time.time() < deadline and (len(live) != count or gone in live):
-            time.sleep(0.05)
-            live = self.live_workers()
-        return live
-
     def test_a_killed_worker_is_replaced(self):
         # The workers are forked after the listener is up: wait for them
         # before picking one to kill.
-        before = self.wait_for_workers(2)
+        before = wait_for_workers(self.daemon.proc.pid, 2)
         self.assertEqual(len(before), 2)
-        os.kill(int(before[0]), signal.SIGKILL)
-        live = self.wait_for_workers(2, gone=before[0])
+        os.kill(before[0], signal.SIGKILL)
+        live = wait_for_workers(self.daemon.proc.pid, 2, gone=before[0])
         self.assertEqual(len(live), 2)
         self.assertNotIn(before[0], live)
         s = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
@@ -931,10 +916,9 @@ class TestWorkerSessionLoop(ServerTestCase):
         self.daemon = self.start_daemon(self.layout, self.port)
 
     def worker_pid(self):
-        pids = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                        "-o", "pid="]).split()
+        pids = wait_for_workers(self.daemon.proc.pid, 1)
         self.assertEqual(len(pids), 1)
-        return int(pids[0])
+        return pids[0]
 
     def connect(self):
         s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -1056,16 +1040,7 @@ class TestWorkerSessionLoop(ServerTestCase):
         self.layout.write_conf([l.replace("session-workers 1", "session-workers 3")
                                 for l in open(self.layout.conf).read().splitlines()])
         self.daemon.proc.send_signal(signal.SIGHUP)
-        deadline = time.time() + 10
-        count = 0
-        while time.time() < deadline:
-            out = subprocess.check_output(["ps", "--ppid", str(self.daemon.proc.pid),
-                                           "-o", "stat="]).split()
-            count = len([x for x in out if not x.startswith(b"Z")])
-            if count == 3:
-                break
-            time.sleep(0.05)
-        self.assertEqual(count, 3)
+        self.assertEqual(len(wait_for_workers(self.daemon.proc.pid, 3)), 3)
 
     def test_a_session_back_from_auth_on_a_thread_carries_on_in_the_loop(self):
         plain, fp = self.connect()
@@ -1151,7 +1126,7 @@ class TestSpareInodes(ServerTestCase):
         s.quit()
         self.assertEqual(layout.public_files(), [])
         self.assertIn(b"spare", layout.read_router(layout.router_files()[0]))
-        worker = subprocess.check_output(["ps", "--ppid", str(d.proc.pid), "-o", "pid="]).split()
+        worker = wait_for_workers(d.proc.pid, 1)
         fds = os.listdir("/proc/%d/fd" % int(worker[0]))
         targets = []
         for fd in fds:

@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import unittest
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +83,39 @@ def open_to_sessions(base, *spool_dirs):
             os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o755)
             path = os.path.dirname(path)
         os.chmod(spool, 0o3777)
+
+
+def child_pids(parent, name=None):
+    """Live (not zombie) children of ``parent``, read from /proc; with
+    ``name``, only those whose process name (as ``ps -o comm`` shows it)
+    is that."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except (IOError, OSError):
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and (name is None or comm == name):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_for_workers(master, count, gone=None, timeout=10.0):
+    """Poll until the master has ``count`` worker processes, none of them
+    ``gone``; returns their pids (fewer or other ones on time-out, for the
+    caller's assertion to show)."""
+    deadline = time.time() + timeout
+    while True:
+        pids = child_pids(master, WORKER_PROCESS_NAME)
+        if (len(pids) == count and gone not in pids) or time.time() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+#: The name a worker process gives itself (what ``ps -o comm`` shows).
+WORKER_PROCESS_NAME = "zmsmtpd: worker"
