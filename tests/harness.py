@@ -1,11 +1,15 @@
 """Helpers every test module shares: free loopback ports, process checks,
 finding programs.  One definition each, so the modules agree."""
 
+import atexit
 import os
 import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -119,3 +123,59 @@ def wait_for_workers(master, count, gone=None, timeout=10.0):
 
 #: The name a worker process gives itself (what ``ps -o comm`` shows).
 WORKER_PROCESS_NAME = "zmsmtpd: worker"
+
+
+_CERTIFICATE = {}
+
+
+def shared_certificate_dir():
+    """The directory holding ``cert.pem`` and ``key.pem``: one self-signed
+    certificate for localhost, made with openssl on first use and shared
+    by every test module of the run (removed when the run ends); None when
+    openssl is not installed."""
+    if "dir" in _CERTIFICATE:
+        return _CERTIFICATE["dir"]
+    openssl = which("openssl")
+    if not openssl:
+        _CERTIFICATE["dir"] = None
+        return None
+    d = tempfile.mkdtemp(prefix="zmtest-cert-")
+    os.chmod(d, 0o755)   # sessions (and their TLS) may run as another user
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    proc = subprocess.Popen([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                             "-subj", "/CN=localhost", "-days", "2", "-keyout", key,
+                             "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.communicate()[0]
+    if proc.returncode != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        raise RuntimeError("openssl req failed: %s" % out.decode("utf-8", "replace"))
+    os.chmod(key, 0o644)
+    _CERTIFICATE["dir"] = d
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+def client_tls_context():
+    """A TLS client context that accepts the throw-away test certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def stop_server(proc, grace=8.0):
+    """Stop a zmsmtpd.py started by a test: SIGTERM and up to ``grace``
+    seconds, then SIGKILL to its process group (forked sessions, workers)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except Exception:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()

@@ -23,7 +23,8 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import HERE, free_port, open_to_sessions, require_audit_step, which
+from tests.harness import (HERE, free_port, open_to_sessions, require_audit_step,
+                           shared_certificate_dir, stop_server, which)
 
 # ---------------------------------------------------------------------------
 # testssl.sh against STARTTLS and SMTPS
@@ -87,12 +88,8 @@ class TestsslAuditTest(unittest.TestCase):
             os.makedirs(os.path.join(d, sub))
         open_to_sessions(d, os.path.join(d, "postoffice", "public"),
                          os.path.join(d, "postoffice", "router"))
-        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-        subprocess.check_call([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                               "-subj", "/CN=localhost", "-days", "2", "-keyout", key,
-                               "-out", cert], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-        os.chmod(key, 0o644)
+        shared = shared_certificate_dir()
+        cert, key = os.path.join(shared, "cert.pem"), os.path.join(shared, "key.pem")
         cls.ports = {"smtp": free_port(), "smtps": free_port()}
         zconf, conf = os.path.join(d, "zmailer.conf"), os.path.join(d, "smtpserver.conf")
         with open(zconf, "w") as f:
@@ -123,19 +120,7 @@ class TestsslAuditTest(unittest.TestCase):
 
     @classmethod
     def _stop(cls):
-        proc = getattr(cls, "proc", None)
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=8)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
+        stop_server(getattr(cls, "proc", None))
         if getattr(cls, "err", None) is not None:
             cls.err.close()
         shutil.rmtree(cls.dir, ignore_errors=True)

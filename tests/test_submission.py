@@ -39,7 +39,9 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import free_port, kill_quietly, process_alive, which, open_to_sessions  # noqa: F401
+from tests.harness import (client_tls_context, free_port, kill_quietly,  # noqa: F401
+                           open_to_sessions, process_alive, shared_certificate_dir,
+                           stop_server, which)
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
@@ -113,44 +115,17 @@ _sub_free_port = free_port
 _sub_alive = process_alive
 
 
-def _sub_tls_client_context():
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-_SUB_CERT = {}
+_sub_tls_client_context = client_tls_context
 
 
 def _sub_certificate():
-    """(cert, key) made once per module with openssl; None if no openssl."""
-    if "pair" in _SUB_CERT:
-        return _SUB_CERT["pair"]
-    openssl = shutil.which("openssl")
-    if not openssl:
-        _SUB_CERT["pair"] = None
-        return None
-    d = tempfile.mkdtemp(prefix="zmsub-cert-")
-    os.chmod(d, 0o755)
-    _SUB_CERT["dir"] = d
-    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-    proc = subprocess.Popen([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                             "-subj", "/CN=localhost", "-days", "2", "-keyout", key,
-                             "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.communicate()[0]
-    if proc.returncode != 0:
-        raise RuntimeError("openssl req failed: %s" % out.decode("utf-8", "replace"))
-    os.chmod(key, 0o644)
-    _SUB_CERT["pair"] = (cert, key)
-    return _SUB_CERT["pair"]
+    """(cert, key) shared by the run; None if no openssl."""
+    d = shared_certificate_dir()
+    return None if d is None else (os.path.join(d, "cert.pem"), os.path.join(d, "key.pem"))
 
 
 def tearDownModule():
-    d = _SUB_CERT.pop("dir", None)
-    _SUB_CERT.clear()
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
+    """The certificate is the run's (see tests.harness); nothing to remove here."""
 
 
 def _sub_need_tls(testcase):
@@ -253,18 +228,7 @@ class _SubServer(object):
 
     def stop(self):
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=8)
-        except Exception:
-            pass
-        try:  # the server's own process group: forked sessions, if any
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait()
+        stop_server(proc)
 
     def cleanup(self):
         self.stop()

@@ -33,7 +33,8 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import HERE, free_port, open_to_sessions, which
+from tests.harness import (HERE, client_tls_context, free_port, open_to_sessions,
+                           shared_certificate_dir, stop_server, which)
 
 import zmsmtpd
 
@@ -67,35 +68,13 @@ _TD_SHARED = {}
 
 
 def _td_shared_dir():
-    """A module-wide directory with the certificate and the permissive
-    OpenSSL configuration; None without openssl."""
-    if "dir" in _TD_SHARED:
-        return _TD_SHARED["dir"]
-    openssl = which("openssl")
-    if not openssl:
-        _TD_SHARED["dir"] = None
-        return None
-    d = tempfile.mkdtemp(prefix="zmtls-shared-")
-    os.chmod(d, 0o755)
-    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-    proc = subprocess.Popen([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                             "-subj", "/CN=localhost", "-days", "2", "-keyout", key,
-                             "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.communicate()[0]
-    if proc.returncode != 0:
-        shutil.rmtree(d, ignore_errors=True)
-        raise RuntimeError("openssl req failed: %s" % out.decode("utf-8", "replace"))
-    os.chmod(key, 0o644)
-    with open(os.path.join(d, "openssl.cnf"), "w") as f:
-        f.write(_TD_PERMISSIVE_OPENSSL)
-    _TD_SHARED["dir"] = d
+    """The run's certificate directory (see tests.harness), with the
+    permissive OpenSSL configuration beside it; None without openssl."""
+    d = shared_certificate_dir()
+    if d is not None and not os.path.exists(os.path.join(d, "openssl.cnf")):
+        with open(os.path.join(d, "openssl.cnf"), "w") as f:
+            f.write(_TD_PERMISSIVE_OPENSSL)
     return d
-
-
-def tearDownModule():
-    d = _TD_SHARED.pop("dir", None)
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _td_need_openssl(testcase_or_class):
@@ -112,11 +91,7 @@ def _td_permissive_env():
     return env
 
 
-def _td_client_context():
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+_td_client_context = client_tls_context
 
 
 class _TdDaemon(object):
@@ -206,19 +181,7 @@ class _TdDaemon(object):
 
     def stop(self):
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=8)
-            except Exception:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait()
+        stop_server(proc)
 
     def cleanup(self):
         self.stop()
