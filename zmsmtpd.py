@@ -1720,10 +1720,10 @@ def connection_verdict(table, ip, rhostname=None):
 SOURCE_ROUTE_ROUNDS = 20
 
 
-def find_unquoted(text, char, last=False):
-    """Index of the first (or last) ``char`` outside double quotes and not
-    escaped by a backslash, or -1."""
-    found, quoted, i, n = -1, False, 0, len(text)
+def find_unquoted(text, char, last=False, start=0):
+    """Index of the first (or last) ``char`` from ``start`` on that is
+    outside double quotes and not escaped by a backslash, or -1."""
+    found, quoted, i, n = -1, False, start, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
@@ -5640,19 +5640,9 @@ _DOMAIN_PART_RE = re.compile(r"^(?:%s(?:\.%s)*\.?|\[[^\[\]\\]+\]|#\d+)$" % (_LAB
 
 def parse_path(text):
     """``<...>`` and what follows -> (address, rest, error, column, routed)."""
-    i, n, inq = 1, len(text), False
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            inq = not inq
-        elif c == ">" and not inq:
-            break
-        i += 1
-    if i >= n:
-        return None, "", 'Missing ">" at end', n, False
+    i = find_unquoted(text, ">", start=1)
+    if i < 0:
+        return None, "", 'Missing ">" at end', len(text), False
     inner = text[1:i].rstrip(" ")
     rest = text[i + 1:].lstrip(" ")
     routed = False
