@@ -58,7 +58,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import deque, namedtuple
 
 try:
     import syslog
@@ -67,6 +67,41 @@ except ImportError:  # pragma: no cover - non-Unix
 
 VERSION = "3.0.1-zmsmtpd 1.0"
 PROGRAM = "zmsmtpd"
+
+# ---------------------------------------------------------------------------
+# Fixed limits.  What an administrator may change is a PARAM (the _PARAMS
+# table); these are the numbers the code keeps fixed, each with its reason.
+# ---------------------------------------------------------------------------
+
+#: Largest ``SIZE=`` a client may declare on MAIL FROM (the original's bound).
+SIZE_PARAM_MAX = 1000000000
+#: Longest ``ENVID=`` (RFC 3461 allows 100 characters).
+ENVID_MAX_LENGTH = 100
+#: The HELO/EHLO line kept for the ``rcvdfrom`` envelope line, in characters.
+HELO_LINE_KEPT = 199
+#: The client's host name in the envelope, and the unknown command in the
+#: syslog warning, are cut to this many characters.
+ENVELOPE_NAME_MAX = 200
+LOGGED_COMMAND_MAX = 200
+#: The caret under a syntax error points at most this far into the line.
+CARET_MAX_COLUMN = 200
+#: ``X-RCPTLIMIT`` is advertised only for a rcpt-limit above this (the
+#: number of recipients RFC 5321 says a server must accept at least).
+RCPTLIMIT_ADVERTISED_OVER = 100
+#: Verbs on one line of the HELP overview.
+HELP_VERBS_PER_LINE = 9
+#: Digits of a BDAT chunk size (a 64-bit count has at most 19 or 20).
+BDAT_SIZE_DIGITS = 18
+#: Longest AUTH user name handed to the authentication program.
+AUTH_USER_MAX = 256
+#: Cached policy lookups by address before the cache starts afresh (a
+#: bound on memory against a scan from many addresses).
+POLICY_CACHE_ENTRIES = 50000
+#: Bytes of a message buffered before they are written to the spool file.
+SPOOL_WRITE_BUFFER = 262144
+#: Names tried for a new spool file in public/ before giving up (a name is
+#: taken only when a file of an earlier process with the same pid is left).
+SPOOL_NAME_ATTEMPTS = 27
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -1458,7 +1493,7 @@ class PolicyTable(object):
         cache = self._ip_cache
         if key in cache:
             return cache[key]
-        if len(cache) > 50000:
+        if len(cache) > POLICY_CACHE_ENTRIES:
             cache.clear()
         cache[key] = found = self._lookup_ip(ip, wanted)
         return found
@@ -1962,46 +1997,49 @@ REPLIES = {
 #: What a rejection points the client at (``PARAM contact-pointer-message``).
 DEFAULT_CONTACT = "Ask HELP for our contact information."
 
-HELP_TEXT = {
-    "EHLO": ("EHLO <hostname>", "    Extended hello: greet the server and list its extensions."),
-    "HELO": ("HELO <hostname>", "    Greet the server."),
-    "MAIL": ("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
-             "    Specify the originator address for the next message.",
-             "    Any address will be accepted here, but may be rejected later."),
-    "RCPT": ("RCPT TO:<recipient> (ESMTP parameters)",
-             "    Specify a recipient of the message; repeat for more."),
-    "DATA": ("DATA", "    Send the message, ending with a line holding a single '.'."),
-    "BDAT": ("BDAT <size> [LAST]", "    Send the next <size> octets of the message (CHUNKING)."),
-    "RSET": ("RSET", "    Forget the current transaction."),
-    "NOOP": ("NOOP", "    Do nothing."),
-    "QUIT": ("QUIT", "    End the session."),
-    "AUTH": ("AUTH LOGIN [initial-response]", "AUTH PLAIN [initial-response]",
-             "    Authenticate; then MAIL is accepted in submission mode."),
-    "STARTTLS": ("STARTTLS", "    Start TLS; then greet again with EHLO."),
-    "ETRN": ("ETRN <domain>", "    Ask for queued mail for <domain> to be sent."),
-    "VRFY": ("VRFY <address>", "    Verify an address (mostly answered with 252)."),
-    "HELP": ("HELP [command]", "    This text."),
-}
+def reply_line(code, text, enh=None, more=False):
+    """One wire line (without CRLF): ``NNN text``, or ``NNN-text`` when
+    ``more`` lines of the same reply follow; the text comes after the
+    enhanced status code ``enh`` when there is one."""
+    return "%d%s%s%s" % (code, "-" if more else " ", "%s " % enh if enh else "", text)
 
-HELP_VERBS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY",
-              "EXPN", "NOOP", "QUIT", "TURNME", "ETRN", "AUTH", "STARTTLS",
-              "VERB", "ONEX", "SEND", "SOML", "SAML", "TURN", "TICK", "EMAL",
-              "ESND", "ESOM", "ESAM", "EVFY", "Z-IDENT", "Z-DEBUG", "HELP")
+
+def reply_lines(code, texts, enh=None):
+    """The wire lines of a reply of one or more ``texts``: every reply the
+    server sends is built here (through format_reply for the REPLIES
+    table)."""
+    last = len(texts) - 1
+    return [reply_line(code, t, enh, i != last) for i, t in enumerate(texts)]
+
+
+def continued(lines):
+    """Reply lines that other lines of the same reply will follow."""
+    return [l[:3] + "-" + l[4:] for l in lines]
+
+
+def reply_texts(name, **fields):
+    """The text lines of reply ``name``, its fields filled in."""
+    texts = REPLIES[name][2]
+    if isinstance(texts, str):
+        texts = (texts,)
+    if fields:
+        texts = tuple(t.format(**fields) for t in texts)
+    return texts
+
+
+def reply_bytes(lines):
+    """Reply lines as they go on the wire.  Texts are str; bytes a client
+    sent that were not UTF-8 come back as they came (surrogateescape)."""
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
 def format_reply(name, enhanced_ok=True, multiline=True, **fields):
     """The wire lines (without CRLF) of reply ``name``.  ``multiline=False``
     is ``no-multiline-replies``: it only drops the caret line, which the
     caller adds itself."""
-    code, enh, texts = REPLIES[name]
-    if isinstance(texts, str):
-        texts = (texts,)
-    if fields:
-        texts = tuple(t.format(**fields) for t in texts)
-    prefix = "%s " % enh if (enh and enhanced_ok) else ""
-    last = len(texts) - 1
-    return ["%d%s%s%s" % (code, " " if i == last else "-", prefix, t)
-            for i, t in enumerate(texts)]
+    code, enh, _ = REPLIES[name]
+    texts = reply_texts(name, **fields)
+    return reply_lines(code, texts, enh if enhanced_ok else None)
 
 
 # ---------------------------------------------------------------------------
@@ -2442,7 +2480,7 @@ class WorkerDispatchMixIn(object):
             lines = format_reply("shutdown", self.group.enhancedstatus,
                                  host=self.supervisor.runtime.hostname)
             try:
-                request.sendall(("\r\n".join(lines) + "\r\n").encode("ascii"))
+                request.sendall(reply_bytes(lines))
             except (OSError, socket.error):
                 pass
         self.close_request(request)
@@ -3276,7 +3314,7 @@ class Supervisor(object):
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
         try:
             request.settimeout(5)
-            request.sendall(("\r\n".join(lines) + "\r\n").encode("utf-8", "replace"))
+            request.sendall(reply_bytes(lines))
         except (OSError, socket.error):
             pass
         return False
@@ -3640,7 +3678,7 @@ class Channel(object):
         self.buf = data + self.buf
 
     def write_lines(self, lines):
-        self.out.append(("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape"))
+        self.out.append(reply_bytes(lines))
 
     def flush(self):
         if self.out and not self.deferred:
@@ -4094,6 +4132,13 @@ def in_networks(ip, networks):
     return any(address.version == net.version and address in net for net in networks)
 
 
+_BDAT_ARGS = re.compile(r"^[ \t]+(\d{1,%d})(?:[ \t]+(LAST))?[ \t]*$" % BDAT_SIZE_DIGITS, re.I)
+
+#: What a command handler that never waits yields from: every handler is a
+#: generator, run with ``yield from``, whether or not it reads more input.
+NEVER_WAITS = ()
+
+
 #: A command line byte that is NUL, 8-bit or a control other than TAB.
 _ILLEGAL_INPUT = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]")
 _FIRST_WORD = re.compile(r"[^ \t]*")
@@ -4164,25 +4209,134 @@ def helo_syntax_problem(arg):
     return None
 
 
+# -- the command table --------------------------------------------------------
+
+def _always(group):
+    return True
+
+
+#: One row per SMTP verb, as Postfix's smtpd_cmd_table.  ``handler`` is the
+#: SMTPSession method (a generator, run with ``yield from``); ``enabled``
+#: a predicate on the listener's group (a disabled verb is an unknown
+#: command); ``msa_open`` still allowed before AUTH on a submission session;
+#: ``policy_open`` still answered when the policy database is broken;
+#: ``junk`` moves no mail, so it counts towards PARAM junk-command-limit;
+#: ``blocks`` the step may need a thread of its own (TLS, the AUTH program,
+#: DNS), which its handler asks for with WANT_THREAD; ``help`` the text of
+#: ``HELP VERB``; ``listed`` in the HELP overview: "always", "enabled"
+#: (while enabled) or None; ``advertise`` a function of the session giving
+#: the verb's EHLO keywords.
+Command = namedtuple("Command", "verb handler enabled msa_open policy_open junk blocks "
+                                "help listed advertise")
+
+
+def command(verb, enabled=_always, msa_open=False, policy_open=False, junk=False,
+            blocks=False, help=None, listed="enabled", advertise=None):
+    return Command(verb, "smtp_" + verb.replace("-", "_"), enabled, msa_open, policy_open,
+                   junk, blocks, help, listed, advertise)
+
+
+#: Another name for a verb: the same row in every respect, listed in the
+#: HELP overview (at its own place) while the verb is enabled.
+Alias = namedtuple("Alias", "verb of")
+
+#: In the order of the HELP overview, which is the original's.
+COMMANDS = (
+    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True, blocks=True,
+            help=("EHLO <hostname>", "    Extended hello: greet the server and list its "
+                                     "extensions.")),
+    command("HELO", msa_open=True, blocks=True,
+            help=("HELO <hostname>", "    Greet the server.")),
+    command("MAIL", help=("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
+                          "    Specify the originator address for the next message.",
+                          "    Any address will be accepted here, but may be rejected later.")),
+    command("RCPT", help=("RCPT TO:<recipient> (ESMTP parameters)",
+                          "    Specify a recipient of the message; repeat for more.")),
+    command("DATA", help=("DATA", "    Send the message, ending with a line holding a single "
+                                  "'.'.")),
+    command("BDAT", enabled=lambda g: g.chunking,
+            help=("BDAT <size> [LAST]", "    Send the next <size> octets of the message "
+                                        "(CHUNKING)."),
+            advertise=lambda s: ["CHUNKING"] if s.group.chunking else []),
+    command("RSET", msa_open=True, junk=True, help=("RSET", "    Forget the current transaction.")),
+    command("VRFY", enabled=lambda g: g.vrfycmd, junk=True, listed="always",
+            help=("VRFY <address>", "    Verify an address (mostly answered with 252)."),
+            advertise=lambda s: ["VRFY"] if s.group.vrfycmd and "v" in s.style else []),
+    command("EXPN", enabled=lambda g: g.expncmd, junk=True, listed="always",
+            advertise=lambda s: ["EXPN"] if s.group.expncmd and "e" in s.style else []),
+    command("NOOP", msa_open=True, junk=True, help=("NOOP", "    Do nothing.")),
+    command("QUIT", msa_open=True, policy_open=True, help=("QUIT", "    End the session.")),
+    Alias("TURNME", "ETRN"),
+    command("ETRN", enabled=lambda g: g.etrn, junk=True,
+            help=("ETRN <domain>", "    Ask for queued mail for <domain> to be sent."),
+            advertise=lambda s: ["ETRN"] if s.group.etrn and not s.msa else []),
+    command("AUTH", enabled=lambda g: g.smtp_auth, msa_open=True, blocks=True,
+            help=("AUTH LOGIN [initial-response]", "AUTH PLAIN [initial-response]",
+                  "    Authenticate; then MAIL is accepted in submission mode."),
+            advertise=lambda s: ["AUTH LOGIN PLAIN", "AUTH=LOGIN"] if s.auth_offered() else []),
+    command("STARTTLS", msa_open=True, blocks=True,
+            help=("STARTTLS", "    Start TLS; then greet again with EHLO."),
+            advertise=lambda s: ["STARTTLS"] if (
+                s.group.use_tls and not s.tls_active
+                and s.runtime.tls_context(s.group) is not None) else []),
+    command("VERB", junk=True),
+    Alias("ONEX", "NOOP"),
+    Alias("SEND", "MAIL"),
+    Alias("SOML", "MAIL"),
+    Alias("SAML", "MAIL"),
+    command("TURN", junk=True),
+    command("TICK"),
+    Alias("EMAL", "MAIL"),
+    Alias("ESND", "MAIL"),
+    Alias("ESOM", "MAIL"),
+    Alias("ESAM", "MAIL"),
+    Alias("EVFY", "VRFY"),
+    command("Z-IDENT", junk=True),
+    command("Z-DEBUG", enabled=lambda g: g.debugcmd, junk=True, listed="always"),
+    command("HELP", msa_open=True, policy_open=True, junk=True, listed="always",
+            help=("HELP [command]", "    This text."),
+            advertise=lambda s: ["HELP"]),
+    # The original also knows LHLO and Z-REPORT but never offers them: they
+    # are answered as unknown commands, so they have no row.
+)
+
+#: Every verb and alias -> its Command row.
+COMMAND_TABLE = dict((row.verb, row) for row in COMMANDS if isinstance(row, Command))
+COMMAND_TABLE.update((row.verb, COMMAND_TABLE[row.of]) for row in COMMANDS
+                     if isinstance(row, Alias))
+
+#: The EHLO keywords of verbs that the original lists among the service
+#: extensions, at their places (see SMTPSession.extensions); any other
+#: verb's keywords come at the end, before HELP.
+EHLO_PLACED_VERBS = ("BDAT", "EXPN", "VRFY", "AUTH", "STARTTLS", "ETRN", "HELP")
+
+
+def help_overview(group):
+    """The verbs the HELP overview lists for ``group``, in order."""
+    names = []
+    for row in COMMANDS:
+        if isinstance(row, Alias):
+            if COMMAND_TABLE[row.of].enabled(group):
+                names.append(row.verb)
+        elif row.listed == "always" or (row.listed == "enabled" and row.enabled(group)):
+            names.append(row.verb)
+    return names
+
+
+#: How much SMTPSession.reset forgets; each level forgets all that the
+#: ones before it do.  RSET: the open transaction.  HELO/EHLO: also what
+#: the last greeting told (its name, the pattern it matched, the style).
+#: STARTTLS: also the authentication, and the client must greet again.
+#: Session start: also the counters of unknown and junk commands and the
+#: tarpit delay.
+RESET_TRANSACTION, RESET_GREETING, RESET_TLS, RESET_SESSION = 1, 2, 3, 4
+
+
 class SMTPSession(socketserver.StreamRequestHandler):
     """One SMTP conversation.  ``handle`` reads command lines and
     dispatches ``VERB`` to ``smtp_VERB`` (``Z-IDENT`` to ``smtp_Z_IDENT``),
     as http.server dispatches to ``do_GET``.  The same class serves a TCP
     connection, an inetd socket (-n) and standard input (-i)."""
-
-    #: Verbs that are the same command under another name.
-    ALIASES = {"SEND": "MAIL", "SOML": "MAIL", "SAML": "MAIL", "EMAL": "MAIL",
-               "ESND": "MAIL", "ESOM": "MAIL", "ESAM": "MAIL", "EVFY": "VRFY",
-               "ONEX": "NOOP", "TURNME": "ETRN"}
-    #: What an unauthenticated MSA client may still do (D2).
-    MSA_OPEN_VERBS = frozenset(("STARTTLS", "AUTH", "HELO", "EHLO", "NOOP", "RSET",
-                                "QUIT", "HELP"))
-    #: Verbs still answered for a client whose policy is broken.
-    POLICY_OPEN_VERBS = frozenset(("QUIT", "HELP"))
-    #: Commands that move no mail: past PARAM junk-command-limit of them
-    #: (counted anew after each accepted message) the session is closed.
-    JUNK_VERBS = frozenset(("NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "TURN", "VERB",
-                            "Z-IDENT", "Z-DEBUG"))
 
     # -- socketserver template: setup / handle / finish -------------------------
 
@@ -4261,26 +4415,42 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.tls_cipher = None
         self.tls_version = None
         self.tls_peer = None
-        self.authuser = None
         self.last_code = 0
+        self.bsmtp = runtime.options.get("bsmtp", False)
+        self.msa = self.cfg.msa_mode or kind in SUBMISSION_KINDS
+        self.txn = None
+        self.closing = False
+        self.reset(RESET_SESSION)
+
+    def reset(self, level, why=None):
+        """Forget what the session has learnt, as far as ``level`` says (see
+        RESET_TRANSACTION): RSET, HELO/EHLO, STARTTLS and the session's start
+        (again after a PROXY header) all come here.  ``why`` is logged when
+        an open transaction's message data is dropped."""
+        self.abort_transaction(why)
+        if level == RESET_TRANSACTION:
+            if self.state != "HELO":
+                self.state = "MAIL"
+            return
         self.ehlo_seen = False
         self.helo_line = ""
         self.helo_name = None
         self.helo_syntax_ok = None
         self.helo_addr_ok = False
-        self.style = runtime.style
+        self.style = self.runtime.style
         self.pattern = None
+        if level == RESET_GREETING:
+            return
+        self.authuser = None
+        self.state = "HELO"
+        self.reset_helo_requirement()
+        if level == RESET_TLS:
+            return
         self.unknown_count = 0
         self.auth_leftover = 0
         self.junk_count = 0
-        self.tarpit_delay = group.tarpit[0]
+        self.tarpit_delay = self.group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
-        self.bsmtp = runtime.options.get("bsmtp", False)
-        self.msa = self.cfg.msa_mode or kind in SUBMISSION_KINDS
-        self.state = "HELO"
-        self.txn = None
-        self.closing = False
-        self.reset_helo_requirement()
 
     def reset_helo_requirement(self):
         """HELO is optional only with ``-s sloppy``, or for -i and the
@@ -4319,8 +4489,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         """The ``NNN-x.y.z      ^`` line that points at a syntax error."""
         if not self.group.multiline:
             return
-        prefix = "%d-%s " % (code, enh) if (enh and self.group.enhancedstatus) else "%d-" % code
-        self.send_lines([prefix + " " * max(0, min(column, 200)) + "^"])
+        self.send_lines([reply_line(code, " " * max(0, min(column, CARET_MAX_COLUMN)) + "^",
+                                    enh if self.group.enhancedstatus else None, more=True)])
 
     def tarpit(self):
         """``PARAM tarpit initial exponent toplimit``: sleep before error
@@ -4502,8 +4672,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.ip_literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
         self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
             ip if self.runtime.fake_peer is None else None)
-        self.state = "HELO"
-        self.reset_helo_requirement()
+        self.reset(RESET_SESSION)
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -4518,9 +4687,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
 
     def greeting(self):
         lines = self.cfg.hdr220 or (REPLIES["greeting_default"][2],)
-        texts = [self.expand_metatags(l) for l in lines]
-        last = len(texts) - 1
-        return ["220%s%s" % (" " if i == last else "-", t) for i, t in enumerate(texts)]
+        return reply_lines(220, [self.expand_metatags(l) for l in lines])
 
     def expand_metatags(self, text):
         def sub(m):
@@ -4552,16 +4719,13 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.caret(500, "5.5.2", problem[1] + 4)
                 self.reply(problem[0])
                 return
-        verb = self.ALIASES.get(verb, verb)
         if verb == "550":
             return  # the original's silent workaround for broken clients
-        handler = None
-        if len(verb) <= 8 and self.verb_enabled(verb):
-            handler = getattr(self, "smtp_" + verb.replace("-", "_"), None)
-        if handler is None:
+        command = self.command_for(verb)
+        if command is None:
             self.unknown_command(shown)
             return
-        if verb in self.JUNK_VERBS and self.cfg.junk_command_limit > 0:
+        if command.junk and self.cfg.junk_command_limit > 0:
             self.junk_count += 1
             if self.junk_count > self.cfg.junk_command_limit:
                 self.log.note("more than %d junk commands; closing"
@@ -4569,18 +4733,14 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.reply("junk_limit")
                 self.closing = True
                 return
-        if self.network and self.policy_error and verb not in self.POLICY_OPEN_VERBS:
+        if self.network and self.policy_error and not command.policy_open:
             self.tarpit()
             self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
             return
-        if (self.msa and self.authuser is None and not self.verdict.trusted
-                and verb not in self.MSA_OPEN_VERBS):
+        if not command.msa_open and self.msa_gate_closed():
             self.reply("msa_gate")
             return
-        args = line[len(word):]
-        steps = handler(line, args)
-        if steps is not None:
-            yield from steps
+        yield from getattr(self, command.handler)(line, line[len(word):])
 
     @staticmethod
     def illegal_characters(line):
@@ -4595,18 +4755,13 @@ class SMTPSession(socketserver.StreamRequestHandler):
             return ("illegal_8bit", m.start())
         return ("illegal_ctrl", m.start())
 
-    def verb_enabled(self, verb):
-        g = self.group
-        return {"EHLO": g.ehlo, "ETRN": g.etrn, "AUTH": g.smtp_auth, "BDAT": g.chunking,
-                "VRFY": g.vrfycmd, "EXPN": g.expncmd, "Z-DEBUG": g.debugcmd,
-                "STARTTLS": True, "LHLO": False, "Z-REPORT": False}.get(verb, True)
-
-    def handler_for(self, verb):
-        """The ``smtp_VERB`` method a command word leads to, or None."""
-        verb = self.ALIASES.get(verb.upper(), verb.upper())
-        if len(verb) <= 8 and self.verb_enabled(verb):
-            return getattr(self, "smtp_" + verb.replace("-", "_"), None)
-        return None
+    def command_for(self, word):
+        """The command table's row for a command word, or None when the
+        verb is unknown or disabled on this listener."""
+        command = COMMAND_TABLE.get(word.upper())
+        if command is None or not command.enabled(self.group):
+            return None
+        return command
 
     def loggable(self, line):
         """The command line as the log, the trace and replies may show it.
@@ -4621,7 +4776,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.auth_leftover = AUTH_LEFTOVER_LINES
             return mask_auth_line(line)
         if self.auth_leftover:
-            if self.handler_for(word) is None:
+            if self.command_for(word) is None:
                 self.auth_leftover -= 1
                 return MASKED_LINE
             self.auth_leftover = 0
@@ -4631,8 +4786,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         """``line`` is already masked (see loggable)."""
         self.unknown_count += 1
         mail_syslog(syslog.LOG_WARNING if syslog else 0,
-                    "unknown SMTP command '%s' from %s/%d" % (line[:200], self.rhostname,
-                                                             self.peer_port))
+                    "unknown SMTP command '%s' from %s/%d" % (
+                        line[:LOGGED_COMMAND_MAX], self.rhostname, self.peer_port))
         self.tarpit()
         if self.unknown_count >= self.cfg.max_unknown:
             self.reply("unknown_last", line=line)
@@ -4650,10 +4805,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
     # -- HELO / EHLO ---------------------------------------------------------
 
     def smtp_HELO(self, line, args):
-        return self.greet(line, args, ehlo=False)
+        yield from self.greet(line, args, ehlo=False)
 
     def smtp_EHLO(self, line, args):
-        return self.greet(line, args, ehlo=True)
+        yield from self.greet(line, args, ehlo=True)
 
     def greet(self, line, args, ehlo):
         verb = "EHLO" if ehlo else "HELO"
@@ -4675,10 +4830,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 self.reply("helo_reject_default")
             self.pattern = pattern
             return
-        self.abort_transaction("HELO/EHLO")
+        self.reset(RESET_GREETING, "HELO/EHLO")
         self.pattern = pattern
         self.style = pattern.flags if pattern is not None else self.runtime.style
-        self.helo_line = line[:199]
+        self.helo_line = line[:HELO_LINE_KEPT]
         self.helo_name = arg
         self.helo_syntax_ok = problem is None
         self.ehlo_seen = ehlo
@@ -4696,15 +4851,16 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if (not self.runtime.gullible and self.rhost_a == "OK" and self.rhostname
                 and arg.lower() != self.rhostname.lower()):
             first = ("helo_skeptic", {"verb": verb, "rhost": self.rhostname})
-        lines = format_reply(first[0], False, host=self.myhostname, **first[1])
+        texts = []
         if ehlo and problem and not self.runtime.gullible:
-            lines = ["250-Invalid `%s' parameter!" % line,
-                     "250-5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)] + lines
+            # The original's warning, its status code inline whatever
+            # enhancedstatuscodes says.
+            texts = ["Invalid `%s' parameter!" % line,
+                     "5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)]
+        texts.extend(reply_texts(first[0], host=self.myhostname, **first[1]))
         if ehlo:
-            lines[-1] = "250-" + lines[-1][4:]
-            lines.extend("250-" + x for x in self.extensions())
-            lines[-1] = "250 " + lines[-1][4:]
-        self.send_lines(lines)
+            texts.extend(self.extensions())
+        self.send_lines(reply_lines(250, texts))
 
     def size_limit(self):
         limit = self.cfg.maxsize
@@ -4723,80 +4879,87 @@ class SMTPSession(socketserver.StreamRequestHandler):
         return True
 
     def extensions(self):
-        """The EHLO keywords, in the original's order."""
+        """The EHLO keywords, in the original's order: the service
+        extensions, with the keywords of the verbs that have one at their
+        places; a verb the original did not have comes last, before HELP."""
         g = self.group
         ext = ["SIZE %d" % self.size_limit()]
         if g.eightbitmime:
             ext.append("8BITMIME")
         if g.pipelining:
             ext.append("PIPELINING")
-        if g.chunking:
-            ext.append("CHUNKING")
+        ext += self.advertised("BDAT")
         if g.enhancedstatus:
             ext.append("ENHANCEDSTATUSCODES")
-        if g.expncmd and "e" in self.style:
-            ext.append("EXPN")
-        if g.vrfycmd and "v" in self.style:
-            ext.append("VRFY")
+        ext += self.advertised("EXPN") + self.advertised("VRFY")
         if g.dsn:
             ext.append("DSN")
         if g.deliverby >= 0:
             ext.append("DELIVERBY %d" % g.deliverby if g.deliverby > 0 else "DELIVERBY")
-        if g.rcpt_limit > 100:
+        if g.rcpt_limit > RCPTLIMIT_ADVERTISED_OVER:
             ext.append("X-RCPTLIMIT %d" % g.rcpt_limit)
-        if self.auth_offered():
-            ext.append("AUTH LOGIN PLAIN")
-            ext.append("AUTH=LOGIN")
-        if g.use_tls and not self.tls_active and self.runtime.tls_context(g) is not None:
-            ext.append("STARTTLS")
-        if g.etrn and not self.msa:
-            ext.append("ETRN")
-        ext.append("HELP")
-        return ext
+        for verb in ("AUTH", "STARTTLS", "ETRN"):
+            ext += self.advertised(verb)
+        for row in COMMANDS:
+            if isinstance(row, Command) and row.verb not in EHLO_PLACED_VERBS:
+                ext += self.advertised(row.verb)
+        return ext + self.advertised("HELP")
+
+    def advertised(self, verb):
+        """The EHLO keywords of ``verb`` (the command table's advertise
+        column), none when the verb is disabled or advertises nothing."""
+        row = COMMAND_TABLE[verb]
+        if row.advertise is None or not row.enabled(self.group):
+            return []
+        return row.advertise(self)
 
     # -- simple verbs -----------------------------------------------------------
 
     def smtp_RSET(self, line, args):
-        self.abort_transaction("RSET")
-        if self.state != "HELO":
-            self.state = "MAIL"
+        yield from NEVER_WAITS
+        self.reset(RESET_TRANSACTION, "RSET")
         if args.strip() and self.runtime.strict:
             self.reply("rset_junk")
         else:
             self.reply("rset")
 
     def smtp_NOOP(self, line, args):
+        yield from NEVER_WAITS
         if args.strip() and "R" in self.style:
             self.reply("noop_junk")
         else:
             self.reply("noop")
 
     def smtp_QUIT(self, line, args):
+        yield from NEVER_WAITS
         self.abort_transaction("QUIT")
         lines = []
         if args.strip() and "R" in self.style:
-            lines = format_reply("quit_junk", self.group.enhancedstatus)
-            lines = [l.replace("221 ", "221-", 1) for l in lines]
+            lines = continued(format_reply("quit_junk", self.group.enhancedstatus))
         self.send_lines(lines + format_reply("quit", self.group.enhancedstatus,
                                              host=self.myhostname))
         self.closing = True
 
     def smtp_VRFY(self, line, args):
+        yield from NEVER_WAITS
         if self.state == "HELO":
             self.reply("vrfy_wait_helo")
         else:
             self.reply("vrfy")
 
     def smtp_EXPN(self, line, args):
+        yield from NEVER_WAITS
         if self.state == "HELO":
             self.reply("vrfy_wait_helo")
         else:
             self.reply("expn")
 
     def smtp_TURN(self, line, args):
+        yield from NEVER_WAITS
         self.reply("turn")
 
     def smtp_ETRN(self, line, args):
+        yield from NEVER_WAITS
         arg = self.verb_args(args)
         if not arg:
             self.reply("etrn_noarg")
@@ -4807,21 +4970,27 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.reply("etrn_ok")
 
     def smtp_VERB(self, line, args):
+        yield from NEVER_WAITS
         self.reply("verb")
 
     def smtp_TICK(self, line, args):
+        yield from NEVER_WAITS
         self.bsmtp = True
         self.reply("tick", line=line)
 
     def smtp_Z_IDENT(self, line, args):
+        yield from NEVER_WAITS
         self.reply("z_ident")
 
     def smtp_Z_DEBUG(self, line, args):
+        yield from NEVER_WAITS
         self.reply("debug_verbose")
 
     def smtp_HELP(self, line, args):
+        yield from NEVER_WAITS
         arg = self.verb_args(args).upper()
-        topic = HELP_TEXT.get(self.ALIASES.get(arg, arg))
+        row = COMMAND_TABLE.get(arg)
+        topic = row.help if row is not None else None
         if arg and topic:
             lines = list(topic)
         else:
@@ -4831,40 +5000,42 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 lines.extend(self.cfg.help)
                 lines.append("")
             lines.append("The following commands are recognized:")
-            verbs = [v for v in HELP_VERBS if v == "HELP" or self.verb_enabled(
-                self.ALIASES.get(v, v)) or v in ("VRFY", "EXPN", "Z-DEBUG")]
-            for i in range(0, len(verbs), 9):
-                lines.append("    " + ", ".join(verbs[i:i + 9]))
+            verbs = help_overview(self.group)
+            for i in range(0, len(verbs), HELP_VERBS_PER_LINE):
+                lines.append("    " + ", ".join(verbs[i:i + HELP_VERBS_PER_LINE]))
             lines.extend(["", "The normal sequence is: EHLO/HELO (MAIL RCPT+ DATA)+ QUIT.", "",
                           "This mailer will always accept 8-bit and binary message data",
                           "though you are better to use MIME format!", "",
                           "For local information contact: postmaster@%s" % self.myhostname,
                           "SMTP server comments and bug reports to: <zmhacks@nic.funet.fi>"])
-        last = len(lines) - 1
-        self.send_lines(["214%s%s" % (" " if i == last else "-", l) for i, l in enumerate(lines)])
+        self.send_lines(reply_lines(214, lines))
 
     # -- the transaction: MAIL, RCPT --------------------------------------------
 
-    def msa_requires_auth(self):
-        """D1: in MSA mode the client must authenticate before MAIL/RCPT,
-        unless the policy trusts its network (fulltrustnet/relaycustnet) --
-        never on a BindSubmit(S) listener, never with msa-mode-strict."""
+    def msa_gate_closed(self, for_transaction=False):
+        """Must this client authenticate first?  In MSA mode an
+        unauthenticated client may use only the verbs the command table
+        marks ``msa_open``.  A client whose network the policy trusts
+        (fulltrustnet, relaycustnet) passes that gate, and MAIL and RCPT
+        (``for_transaction``) too -- except on a BindSubmit(S) listener
+        and with msa-mode-strict, where only AUTH lets mail in."""
         if not self.msa or self.authuser is not None:
             return False
-        exempt = (self.verdict.trusted and self.kind not in SUBMISSION_KINDS
-                  and not self.cfg.msa_mode_strict)
-        return not exempt
+        if not self.verdict.trusted:
+            return True
+        return for_transaction and (self.kind in SUBMISSION_KINDS or self.cfg.msa_mode_strict)
 
     def sloppy(self):
         return self.runtime.sloppy or ("S" in self.style)
 
     def smtp_MAIL(self, line, args):
+        yield from NEVER_WAITS
         if self.state != "MAIL":
             self.tarpit()
             self.reply({"HELO": "mail_wait_helo", "RCPT": "mail_wait_rcpt"}.get(
                 self.state, "mail_wait_data"))
             return
-        if self.msa_requires_auth():
+        if self.msa_gate_closed(for_transaction=True):
             self.tarpit()
             self.reply("msa_mail")
             return
@@ -5012,7 +5183,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
         return address, rest.split(), routed
 
     def smtp_RCPT(self, line, args):
-        if self.msa_requires_auth():
+        yield from NEVER_WAITS
+        if self.msa_gate_closed(for_transaction=True):
             self.tarpit()
             self.reply("msa_mail")
             return
@@ -5195,7 +5367,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 extras += " TLS-CIPHER: %s" % cipher
             if g.rcvd_tls_peer:
                 extras += " TLS-PEER-CN1: %s" % peer
-            rhost = self.rhostname[:200]
+            rhost = self.rhostname[:ENVELOPE_NAME_MAX]
             lines.append("rcvdfrom %s (%s%s%s %s)" % (rhost, where, helo, extras,
                                                      self.rhost_flags()))
             lines.append("comment %s %s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
@@ -5363,7 +5535,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             len(txn.recipients), size)
 
     def smtp_BDAT(self, line, args):
-        m = re.match(r"^[ \t]+(\d{1,18})(?:[ \t]+(LAST))?[ \t]*$", args, re.I)
+        m = _BDAT_ARGS.match(args)
         if not m:
             # Without a valid size the chunk cannot be skipped: its bytes
             # would be read as commands, so the session ends here.
@@ -5476,18 +5648,12 @@ class SMTPSession(socketserver.StreamRequestHandler):
         yield (WANT_THREAD, None)      # the handshake blocks
         self.reply("tls_go")
         self.channel.flush()
-        self.abort_transaction("STARTTLS")
+        # Nothing learnt before TLS holds after it (RFC 3207): the client
+        # greets again, and its earlier HELO name, the pattern that matched
+        # it and whether it resolved are forgotten.
+        self.reset(RESET_TLS, "STARTTLS")
         if not self.start_tls():
             self.closing = True
-            return
-        # RFC 3207 4.2: forget everything learnt before TLS.
-        self.state = "HELO"
-        self.reset_helo_requirement()
-        self.ehlo_seen = False
-        self.helo_line = ""
-        self.helo_syntax_ok = None
-        self.authuser = None
-        self.style = self.runtime.style
 
     def start_tls(self):
         context = self.runtime.tls_context(self.group)
@@ -5705,7 +5871,7 @@ def auth_input_problem(user, password):
         return "user name starts with '-'"
     if re.search(r"[\x00-\x1f\x7f]", user):
         return "control character in user name"
-    if len(user) > 256:
+    if len(user) > AUTH_USER_MAX:
         return "user name too long"
     if re.search(r"[\x00\r\n]", password):
         return "NUL, CR or LF in password"
@@ -6119,7 +6285,7 @@ class SpoolWriter(object):
             self.counter += 1
             first = self.counter
         spare = self.spares.take() if self.spares is not None else None
-        for attempt in range(27):
+        for attempt in range(SPOOL_NAME_ATTEMPTS):
             suffix = "" if first == 1 and attempt == 0 else ".%d" % (first + attempt * 1000003)
             path = os.path.join(self.public, "%s:%d%s" % (self.host, pid, suffix))
             if spare is not None:
@@ -6244,7 +6410,7 @@ class SpoolFile(object):
         self.chunks.append(data)
         self.buffered += len(data)
         self.size += len(data)
-        if self.buffered >= 262144:
+        if self.buffered >= SPOOL_WRITE_BUFFER:
             self._flush()
 
     def _flush(self):
