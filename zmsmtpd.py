@@ -4144,40 +4144,6 @@ _ILLEGAL_INPUT = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\xff]")
 _FIRST_WORD = re.compile(r"[^ \t]*")
 
 
-#: Mechanism names kept when an AUTH line is masked; any other word in that
-#: place may be a client's base64 credentials sent without a mechanism.
-_SASL_MECHANISMS = frozenset((
-    "LOGIN", "PLAIN", "CRAM-MD5", "DIGEST-MD5", "GSSAPI", "NTLM", "XOAUTH2", "OAUTHBEARER",
-    "EXTERNAL", "ANONYMOUS", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
-    "SCRAM-SHA-256-PLUS", "OTP", "SKEY", "KERBEROS_V4", "GS2-KRB5"))
-
-#: What the log, the trace and an echoing reply show instead of a line
-#: that may hold credentials.
-MASKED_LINE = "***"
-
-#: After an AUTH that did not succeed (refused, cancelled, failed), this
-#: many following lines that are no command are masked: AUTH LOGIN's user
-#: name and password.
-AUTH_LEFTOVER_LINES = 2
-
-
-def mask_auth_line(line):
-    """``AUTH PLAIN <credentials>`` is logged as ``AUTH PLAIN ***``: an
-    initial response may hold a password (the original logged it).  A
-    mistyped verb (``AUTH=PLAIN <base64>``, ``AUTHPLAIN:<base64>``) keeps
-    only its first four letters, and a word in the mechanism's place that is
-    no mechanism name is masked too."""
-    words = line.split(None, 2)
-    if not words:
-        return line
-    verb = words[0]
-    if verb.upper() != "AUTH":
-        return verb[:4] + " " + MASKED_LINE
-    if len(words) > 1 and words[1].upper() not in _SASL_MECHANISMS:
-        return verb + " " + MASKED_LINE
-    return " ".join(words[:2]) + (" " + MASKED_LINE if len(words) > 2 else "")
-
-
 _DOMAIN_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
                         r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?$")
 
@@ -4323,6 +4289,122 @@ def help_overview(group):
     return names
 
 
+# -- ESMTP parameters of MAIL and RCPT ----------------------------------------
+
+class ParamRefused(Exception):
+    """An ESMTP parameter the server refuses: the REPLIES name and its
+    fields; ``caret`` when the caret line goes before the reply."""
+
+    def __init__(self, name, caret=False, **fields):
+        Exception.__init__(self, name)
+        self.name, self.caret, self.fields = name, caret, fields
+
+
+def size_param(value, param, result):
+    """``SIZE=n``: the size the client announces (checked against maxsize)."""
+    if value and (not value.isdigit() or int(value) > SIZE_PARAM_MAX):
+        raise ParamRefused("mail_size_bad")
+    result["size"] = int(value or 0)
+
+
+def body_param(value, param, result):
+    """``BODY=7BIT|8BITMIME|BINARYMIME`` (RFC 6152, 3030): the envelope's bodytype."""
+    if value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
+        raise ParamRefused("mail_body_bad")
+    result["body"] = value.upper()
+
+
+def ret_param(value, param, result):
+    """``RET=FULL|HDRS`` (DSN): what a bounce returns."""
+    result["ret"] = value
+
+
+def envid_param(value, param, result):
+    """``ENVID=xtext`` (DSN): the client's id for the message."""
+    if not value or len(value) > ENVID_MAX_LENGTH or not is_xtext(value):
+        raise ParamRefused("mail_envid_bad", caret=True, param=param)
+    result["envid"] = value
+
+
+def auth_param(value, param, result):
+    """``AUTH=<mailbox>`` (RFC 4954): checked for syntax, then dropped --
+    the identity that counts is the session's own AUTH."""
+    if value != "<>" and not is_xtext(value.strip("<>")):
+        raise ParamRefused("mail_auth_bad")
+
+
+def by_param(value, param, result):
+    """``BY=seconds;R|N[T]`` (DELIVERBY, RFC 2852)."""
+    m = re.match(r"^(-?\d+);([RN])(T?)$", value, re.I)
+    if not m:
+        raise ParamRefused("mail_by_bad", param=param)
+    result["by"] = (int(m.group(1)), (m.group(2) + m.group(3)).upper())
+
+
+def notify_param(value, param, result):
+    """``NOTIFY=NEVER`` or a list of SUCCESS, FAILURE, DELAY (DSN)."""
+    words = value.upper().split(",")
+    if not value or any(w not in ("SUCCESS", "FAILURE", "DELAY", "NEVER") for w in words) \
+            or ("NEVER" in words and len(words) > 1):
+        raise ParamRefused("rcpt_notify_bad")
+    result["notify"] = param
+
+
+def orcpt_param(value, param, result):
+    """``ORCPT=type;xtext`` (DSN): the recipient as the client first knew it."""
+    addr_type, _, xtext = value.partition(";")
+    if not addr_type or not xtext or not is_xtext(xtext) or \
+            not re.match(r"^[A-Za-z0-9-]+$", addr_type):
+        raise ParamRefused("rcpt_orcpt_bad", caret=True, param=param)
+    result["orcpt"] = param
+
+
+#: keyword -> (offered on the group and valid for that value?, parser,
+#: REPLIES name when given twice or None when that is allowed).  A keyword
+#: that is not offered is an unknown parameter.
+MAIL_PARAMS = {
+    "SIZE": (lambda g, v: True, size_param, "mail_size_twice"),
+    "BODY": (lambda g, v: g.eightbitmime, body_param, "mail_body_twice"),
+    "RET": (lambda g, v: g.dsn and v.upper() in ("FULL", "HDRS"), ret_param, "mail_ret_twice"),
+    "ENVID": (lambda g, v: g.dsn, envid_param, "mail_envid_twice"),
+    "AUTH": (lambda g, v: g.smtp_auth, auth_param, None),
+    "BY": (lambda g, v: g.deliverby >= 0, by_param, None),
+}
+RCPT_PARAMS = {
+    "NOTIFY": (lambda g, v: g.dsn, notify_param, "rcpt_notify_twice"),
+    "ORCPT": (lambda g, v: g.dsn, orcpt_param, "rcpt_orcpt_twice"),
+}
+
+
+def esmtp_params(params, group, table, result, unknown):
+    """The ESMTP parameters of one MAIL or RCPT into ``result``; raises
+    ParamRefused for the first one refused (``unknown`` names the reply
+    for a keyword ``table`` does not offer)."""
+    seen = set()
+    for param in params:
+        key, _, value = param.partition("=")
+        key = key.upper()
+        entry = table.get(key)
+        if entry is None or not entry[0](group, value):
+            raise ParamRefused(unknown, param=param)
+        offered, parse, twice = entry
+        if twice and key in seen:
+            raise ParamRefused(twice)
+        parse(value, param, result)
+        seen.add(key)
+    return result
+
+
+def mail_params(params, group):
+    return esmtp_params(params, group, MAIL_PARAMS, {
+        "size": 0, "body": None, "ret": None, "envid": None, "by": None}, "mail_param_unknown")
+
+
+def rcpt_params(params, group):
+    return esmtp_params(params, group, RCPT_PARAMS, {"notify": None, "orcpt": None},
+                        "rcpt_param_unknown")
+
+
 #: How much SMTPSession.reset forgets; each level forgets all that the
 #: ones before it do.  RSET: the open transaction.  HELO/EHLO: also what
 #: the last greeting told (its name, the pattern it matched, the style).
@@ -4420,6 +4502,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.msa = self.cfg.msa_mode or kind in SUBMISSION_KINDS
         self.txn = None
         self.closing = False
+        self.sasl = SaslExchange(self)
         self.reset(RESET_SESSION)
 
     def reset(self, level, why=None):
@@ -4447,7 +4530,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if level == RESET_TLS:
             return
         self.unknown_count = 0
-        self.auth_leftover = 0
+        self.sasl.leftover = 0
         self.junk_count = 0
         self.tarpit_delay = self.group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
@@ -4764,23 +4847,10 @@ class SMTPSession(socketserver.StreamRequestHandler):
         return command
 
     def loggable(self, line):
-        """The command line as the log, the trace and replies may show it.
-        AUTH lines lose their credentials.  After an AUTH that did not
-        succeed the client may still send its base64 user name and password
-        as if it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of
-        them, until a real command) are masked as a whole."""
+        """The command line as the log, the trace and replies may show it
+        (without AUTH credentials: SaslExchange.loggable)."""
         word = _FIRST_WORD.match(line).group(0)
-        if word[:4].upper() == "AUTH":
-            # Until an AUTH succeeds, the lines after it may be credentials
-            # (whether it was refused, cancelled, failed or mistyped).
-            self.auth_leftover = AUTH_LEFTOVER_LINES
-            return mask_auth_line(line)
-        if self.auth_leftover:
-            if self.command_for(word) is None:
-                self.auth_leftover -= 1
-                return MASKED_LINE
-            self.auth_leftover = 0
-        return line
+        return self.sasl.loggable(line, word, lambda w: self.command_for(w) is not None)
 
     def unknown_command(self, line):
         """``line`` is already masked (see loggable)."""
@@ -5048,7 +5118,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if parsed is None:
             return
         address, params, routed = parsed
-        ok = self.check_mail_params(params)
+        ok = self.esmtp_params(mail_params, params)
         if ok is None:
             return
         if self.verdict.reject and self.network and self.authuser is None:
@@ -5079,7 +5149,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
             return
         self.txn = Transaction(address, ok, spool)
         try:
-            spool.write(self.mail_envelope(self.txn).encode("utf-8", "surrogateescape"))
+            spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
             self.abort_transaction("spool write failed")
@@ -5088,48 +5158,15 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.state = "RCPT"
         self.reply("mail_ok", note=", source route ignored" if routed else "")
 
-    def check_mail_params(self, params):
-        g = self.group
-        result = {"size": 0, "body": None, "ret": None, "envid": None, "by": None}
-        seen = set()
-        for param in params:
-            key, _, value = param.partition("=")
-            key = key.upper()
-            if key == "SIZE":
-                if "SIZE" in seen:
-                    return self.param_error("mail_size_twice")
-                if value and (not value.isdigit() or int(value) > 1000000000):
-                    return self.param_error("mail_size_bad")
-                result["size"] = int(value or 0)
-            elif key == "BODY" and g.eightbitmime:
-                if "BODY" in seen:
-                    return self.param_error("mail_body_twice")
-                if value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
-                    return self.param_error("mail_body_bad")
-                result["body"] = value.upper()
-            elif key == "RET" and g.dsn and value.upper() in ("FULL", "HDRS"):
-                if "RET" in seen:
-                    return self.param_error("mail_ret_twice")
-                result["ret"] = value
-            elif key == "ENVID" and g.dsn:
-                if "ENVID" in seen:
-                    return self.param_error("mail_envid_twice")
-                if not value or len(value) > 100 or not is_xtext(value):
-                    self.caret(501, "5.5.4", 0)
-                    return self.param_error("mail_envid_bad", param=param)
-                result["envid"] = value
-            elif key == "AUTH" and g.smtp_auth:
-                if value != "<>" and not is_xtext(value.strip("<>")):
-                    return self.param_error("mail_auth_bad")
-            elif key == "BY" and g.deliverby >= 0:
-                m = re.match(r"^(-?\d+);([RN])(T?)$", value, re.I)
-                if not m:
-                    return self.param_error("mail_by_bad", param=param)
-                result["by"] = (int(m.group(1)), (m.group(2) + m.group(3)).upper())
-            else:
-                return self.param_error("mail_param_unknown", param=param)
-            seen.add(key)
-        return result
+    def esmtp_params(self, parse, params):
+        """The parameters parsed by ``parse`` (mail_params, rcpt_params), or
+        None with the refusal sent."""
+        try:
+            return parse(params, self.group)
+        except ParamRefused as e:
+            if e.caret:
+                self.caret(501, "5.5.4", 0)
+            return self.param_error(e.name, **e.fields)
 
     def param_error(self, name, **fields):
         self.tarpit()
@@ -5208,7 +5245,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if not address:
             self.reply("rcpt_empty")
             return
-        dsn = self.check_rcpt_params(params)
+        dsn = self.esmtp_params(rcpt_params, params)
         if dsn is None:
             return
         txn = self.txn
@@ -5231,8 +5268,8 @@ class SMTPSession(socketserver.StreamRequestHandler):
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
             return
         try:
-            txn.spool.write(self.rcpt_envelope(txn, address, dsn).encode(
-                "utf-8", "surrogateescape"))
+            txn.spool.write(rcpt_envelope(txn, address, dsn, self.group.force_notify_never)
+                            .encode("utf-8", "surrogateescape"))
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
             self.reply("rcpt_no_space")
@@ -5301,33 +5338,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if self.cfg.submission_rate_limit is not None and self.authuser is not None:
             self.runtime.submissions.record(self.authuser, len(txn.recipients))
 
-    def check_rcpt_params(self, params):
-        g = self.group
-        result = {"notify": None, "orcpt": None}
-        for param in params:
-            key, _, value = param.partition("=")
-            key = key.upper()
-            if key == "NOTIFY" and g.dsn:
-                if result["notify"] is not None:
-                    return self.param_error("rcpt_notify_twice")
-                words = value.upper().split(",")
-                if not value or any(w not in ("SUCCESS", "FAILURE", "DELAY", "NEVER")
-                                    for w in words) or ("NEVER" in words and len(words) > 1):
-                    return self.param_error("rcpt_notify_bad")
-                result["notify"] = param
-            elif key == "ORCPT" and g.dsn:
-                if result["orcpt"] is not None:
-                    return self.param_error("rcpt_orcpt_twice")
-                addr_type, _, xtext = value.partition(";")
-                if not addr_type or not xtext or not is_xtext(xtext) or \
-                        not re.match(r"^[A-Za-z0-9-]+$", addr_type):
-                    self.caret(501, "5.5.4", 0)
-                    return self.param_error("rcpt_orcpt_bad", param=param)
-                result["orcpt"] = param
-            else:
-                return self.param_error("rcpt_param_unknown", param=param)
-        return result
-
     # -- envelope lines --------------------------------------------------------
 
     def with_protocol(self):
@@ -5345,65 +5355,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
         c = "??" if self.helo_syntax_ok is None else ("OK" if self.helo_syntax_ok else "FAIL")
         d = "OK" if self.helo_addr_ok else "FAIL"
         return "rhost-flags-%s-%s-%s-%s" % (self.rhost_a, self.rhost_b, c, d)
-
-    def mail_envelope(self, txn):
-        g = self.group
-        lines = []
-        if self.mode in ("daemon", "inetd"):
-            lines.append("external")
-        if self.authuser is not None:
-            lines.append("comment smtp-auth: %s" % qformat(self.authuser))
-        if self.network:
-            where = "%s:%d " % (self.ip_literal, self.peer_port) if (
-                self.ip_literal and self.runtime.fake_peer is None) else ""
-            helo = qformat(self.helo_line)
-            auth = qformat(self.authuser) if self.authuser is not None else "<none>"
-            cipher = qformat(self.tls_cipher) if self.tls_cipher else "<none>"
-            peer = qformat(self.tls_peer) if self.tls_peer else "<none>"
-            extras = ""
-            if g.rcvd_auth_user:
-                extras += " smtp-auth: %s" % auth
-            if g.rcvd_tls_mode:
-                extras += " TLS-CIPHER: %s" % cipher
-            if g.rcvd_tls_peer:
-                extras += " TLS-PEER-CN1: %s" % peer
-            rhost = self.rhostname[:ENVELOPE_NAME_MAX]
-            lines.append("rcvdfrom %s (%s%s%s %s)" % (rhost, where, helo, extras,
-                                                     self.rhost_flags()))
-            lines.append("comment %s %s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
-                rhost, where, helo, auth, cipher, peer, self.rhost_flags()))
-        if txn.params["body"]:
-            lines.append("bodytype %s" % txn.params["body"])
-        lines.append("with %s" % self.with_protocol())
-        if txn.sender:
-            lines.append("from <%s>" % quote_local_part(txn.sender))
-        else:
-            lines.append("channel error")
-        if txn.params["envid"]:
-            lines.append("envid %s" % txn.params["envid"])
-        if txn.params["ret"]:
-            lines.append("notaryret %s" % txn.params["ret"])
-        return "\n".join(lines) + "\n"
-
-    def rcpt_envelope(self, txn, address, dsn):
-        by = txn.params["by"]
-        if self.group.force_notify_never:
-            notify = " NOTIFY=NEVER"
-        elif dsn["notify"]:
-            notify = " " + dsn["notify"]
-            words = dsn["notify"].upper()
-            if by and "N" in by[1] and "NEVER" not in words and "DELAY" not in words:
-                notify += ",DELAY"
-        else:
-            notify = " NOTIFY=FAILURE,DELAY"
-        if by and "T" in by[1]:
-            notify += ",TRACE"
-        by_part = " BY=%d;%s" % (int(txn.start + by[0]), by[1]) if by else ""
-        quoted = quote_local_part(address)
-        orcpt = " " + dsn["orcpt"] if dsn["orcpt"] else " ORCPT=rfc822;" + xtext_encode(quoted)
-        return "todsn%s%s%s INRCPT=rfc822;%s INFROM=rfc822;%s\nto <%s>\n" % (
-            notify, by_part, orcpt, xtext_encode(quoted),
-            xtext_encode(quote_local_part(txn.sender)), quoted)
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -5684,6 +5635,14 @@ class SMTPSession(socketserver.StreamRequestHandler):
     # -- AUTH -------------------------------------------------------------------
 
     def smtp_AUTH(self, line, args):
+        """AUTH LOGIN and AUTH PLAIN, checked by the external program.  The
+        checks here come first, in the original's order, so that a client
+        learns why before it sends a password: not on port 25 when
+        PARAM no-auth-on-25 says so, not from an address with too many
+        failures this hour, only after EHLO, outside a transaction and
+        once, only a mechanism we have, and over TLS unless
+        auth-without-tls allows plain text.  The dialogue itself is
+        SaslExchange's."""
         g = self.group
         client = self.peer_ip or "stdin"
         if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
@@ -5707,78 +5666,7 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if not (self.tls_active or g.auth_without_tls):
             return self.param_error("auth_needs_tls")
         initial = words[1] if len(words) > 1 else None
-        if mech == "LOGIN":
-            user = yield from self.auth_value(initial, g.username_prompt, secret=False)
-            if user is None:
-                return
-            password = yield from self.auth_value(None, g.password_prompt, secret=True)
-            if password is None:
-                return
-        else:
-            blob = yield from self.auth_value(initial, "", secret=True)
-            if blob is None:
-                return
-            parts = blob.split("\0")
-            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-                self.fail_auth(client)
-                return
-            user, password = parts[1], parts[2]
-        yield (WANT_THREAD, None)          # the program may take seconds
-        self.authenticate(client, user, password)
-
-    def auth_value(self, initial, prompt, secret):
-        """One base64 value: the initial response or the reply to a 334."""
-        if initial is None:
-            challenge = base64.b64encode(prompt.encode("utf-8")).decode("ascii")
-            self.send_lines(["334 " + challenge])
-            limit = self.cfg.max_line_length
-            try:
-                raw = yield from self.channel.readline(time.time() + self.cfg.command_timeout,
-                                                       limit)
-            except LineTooLong:
-                # An over-long answer ends this AUTH like bad base64 would;
-                # the session goes on at the command level.
-                self.log.received("<line longer than %d bytes discarded>" % limit)
-                self.param_error("line_too_long")
-                return None
-            text = raw.decode("latin-1").strip()
-            self.log.received("**base64-password**" if secret else text)
-        else:
-            text = "" if initial == "=" else initial
-        if text == "*":
-            self.tarpit()
-            self.runtime.auth_failures.record(self.peer_ip or "stdin")
-            self.send_lines(format_reply("auth_cancelled"))
-            return None
-        if not re.match(r"^[A-Za-z0-9+/]*={0,2}$", text) or len(text) % 4:
-            self.param_error("auth_bad_base64")
-            return None
-        return base64.b64decode(text).decode("utf-8", "surrogateescape")
-
-    def authenticate(self, client, user, password):
-        problem = auth_input_problem(user, password)
-        if problem:
-            self.log.note("AUTH refused before running the program: %s" % problem)
-            self.fail_auth(client)
-            return
-        authenticator = self.runtime.authenticator(self.group)
-        result = authenticator.check(user, password, self.log) if authenticator else "tempfail"
-        if authenticator is None:
-            self.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
-        if result == "ok":
-            self.authuser = user
-            self.auth_leftover = 0
-            self.log.note("AUTH user %s authenticated" % qformat(user))
-            self.send_lines(format_reply("auth_ok"))
-        elif result == "tempfail":
-            self.reply("auth_tempfail")
-        else:
-            self.fail_auth(client)
-
-    def fail_auth(self, client):
-        self.runtime.auth_failures.record(client)
-        self.tarpit()
-        self.send_lines(format_reply("auth_failed"))
+        yield from self.sasl.run(mech, initial, client)
 
 
 class Transaction(object):
@@ -5881,6 +5769,154 @@ def auth_input_problem(user, password):
 # ---------------------------------------------------------------------------
 # 9. Authentication: the external pipeauth program
 # ---------------------------------------------------------------------------
+
+#: Mechanism names kept when an AUTH line is masked; any other word in that
+#: place may be a client's base64 credentials sent without a mechanism.
+_SASL_MECHANISMS = frozenset((
+    "LOGIN", "PLAIN", "CRAM-MD5", "DIGEST-MD5", "GSSAPI", "NTLM", "XOAUTH2", "OAUTHBEARER",
+    "EXTERNAL", "ANONYMOUS", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-256-PLUS", "OTP", "SKEY", "KERBEROS_V4", "GS2-KRB5"))
+
+#: What the log, the trace and an echoing reply show instead of a line
+#: that may hold credentials.
+MASKED_LINE = "***"
+
+#: After an AUTH that did not succeed (refused, cancelled, failed), this
+#: many following lines that are no command are masked: AUTH LOGIN's user
+#: name and password.
+AUTH_LEFTOVER_LINES = 2
+
+
+def mask_auth_line(line):
+    """``AUTH PLAIN <credentials>`` is logged as ``AUTH PLAIN ***``: an
+    initial response may hold a password (the original logged it).  A
+    mistyped verb (``AUTH=PLAIN <base64>``, ``AUTHPLAIN:<base64>``) keeps
+    only its first four letters, and a word in the mechanism's place that is
+    no mechanism name is masked too."""
+    words = line.split(None, 2)
+    if not words:
+        return line
+    verb = words[0]
+    if verb.upper() != "AUTH":
+        return verb[:4] + " " + MASKED_LINE
+    if len(words) > 1 and words[1].upper() not in _SASL_MECHANISMS:
+        return verb + " " + MASKED_LINE
+    return " ".join(words[:2]) + (" " + MASKED_LINE if len(words) > 2 else "")
+
+
+
+class SaslExchange(object):
+    """The SASL dialogue of one session's AUTH commands: the 334 prompts
+    of LOGIN and PLAIN, base64 decoding, the program that checks the
+    password, and what the log must not show.  The session decides whether
+    AUTH may run at all (SMTPSession.smtp_AUTH); this class reads the
+    credentials, and marks the session authenticated."""
+
+    def __init__(self, session):
+        self.session = session
+        # Lines after an AUTH that did not succeed that are still masked
+        # (see loggable).
+        self.leftover = 0
+
+    def loggable(self, line, word, is_command):
+        """``line`` as the log, the trace and replies may show it.  AUTH
+        lines lose their credentials.  After an AUTH that did not succeed
+        the client may still send its base64 user name and password as if
+        it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of them,
+        until a real command: ``is_command(word)``) are masked whole."""
+        if word[:4].upper() == "AUTH":
+            # Until an AUTH succeeds, the lines after it may be credentials
+            # (whether it was refused, cancelled, failed or mistyped).
+            self.leftover = AUTH_LEFTOVER_LINES
+            return mask_auth_line(line)
+        if self.leftover:
+            if not is_command(word):
+                self.leftover -= 1
+                return MASKED_LINE
+            self.leftover = 0
+        return line
+
+    def run(self, mech, initial, client):
+        """Generator: the dialogue of ``AUTH mech [initial]`` to its reply."""
+        session = self.session
+        g = session.group
+        if mech == "LOGIN":
+            user = yield from self.value(initial, g.username_prompt, secret=False)
+            if user is None:
+                return
+            password = yield from self.value(None, g.password_prompt, secret=True)
+            if password is None:
+                return
+        else:
+            blob = yield from self.value(initial, "", secret=True)
+            if blob is None:
+                return
+            parts = blob.split("\0")
+            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                self.fail(client)
+                return
+            user, password = parts[1], parts[2]
+        yield (WANT_THREAD, None)          # the program may take seconds
+        self.authenticate(client, user, password)
+
+    def value(self, initial, prompt, secret):
+        """One base64 value: the initial response or the reply to a 334."""
+        session = self.session
+        if initial is None:
+            challenge = base64.b64encode(prompt.encode("utf-8")).decode("ascii")
+            session.reply("auth_prompt", challenge=challenge)
+            limit = session.cfg.max_line_length
+            try:
+                raw = yield from session.channel.readline(
+                    time.time() + session.cfg.command_timeout, limit)
+            except LineTooLong:
+                # An over-long answer ends this AUTH like bad base64 would;
+                # the session goes on at the command level.
+                session.log.received("<line longer than %d bytes discarded>" % limit)
+                session.param_error("line_too_long")
+                return None
+            text = raw.decode("latin-1").strip()
+            session.log.received("**base64-password**" if secret else text)
+        else:
+            text = "" if initial == "=" else initial
+        if text == "*":
+            session.tarpit()
+            session.runtime.auth_failures.record(session.peer_ip or "stdin")
+            session.reply("auth_cancelled")
+            return None
+        if not re.match(r"^[A-Za-z0-9+/]*={0,2}$", text) or len(text) % 4:
+            session.param_error("auth_bad_base64")
+            return None
+        return base64.b64decode(text).decode("utf-8", "surrogateescape")
+
+    def authenticate(self, client, user, password):
+        session = self.session
+        problem = auth_input_problem(user, password)
+        if problem:
+            session.log.note("AUTH refused before running the program: %s" % problem)
+            self.fail(client)
+            return
+        authenticator = session.runtime.authenticator(session.group)
+        result = authenticator.check(user, password, session.log) if authenticator \
+            else "tempfail"
+        if authenticator is None:
+            session.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
+        if result == "ok":
+            session.authuser = user
+            self.leftover = 0
+            session.log.note("AUTH user %s authenticated" % qformat(user))
+            session.reply("auth_ok")
+        elif result == "tempfail":
+            session.reply("auth_tempfail")
+        else:
+            self.fail(client)
+
+    def fail(self, client):
+        session = self.session
+        session.runtime.auth_failures.record(client)
+        session.tarpit()
+        session.reply("auth_failed")
+
 
 class AuthFailureTracker(object):
     """Failed AUTH attempts per client address over a sliding hour
@@ -6121,6 +6157,76 @@ class PipeAuthenticator(object):
 # ---------------------------------------------------------------------------
 # 10. The spool: handing messages to the router
 # ---------------------------------------------------------------------------
+
+def mail_envelope(session, txn):
+    """The envelope's head, written when MAIL is accepted: how the message
+    came in (``rcvdfrom``, ``with``, the AUTH user and TLS facts the router
+    puts in the Received: header), the sender and the DSN facts of MAIL.
+    The router reads it before the message, so every line here is a
+    promise about the client that the session has checked."""
+    g = session.group
+    lines = []
+    if session.mode in ("daemon", "inetd"):
+        lines.append("external")
+    if session.authuser is not None:
+        lines.append("comment smtp-auth: %s" % qformat(session.authuser))
+    if session.network:
+        where = "%s:%d " % (session.ip_literal, session.peer_port) if (
+            session.ip_literal and session.runtime.fake_peer is None) else ""
+        helo = qformat(session.helo_line)
+        auth = qformat(session.authuser) if session.authuser is not None else "<none>"
+        cipher = qformat(session.tls_cipher) if session.tls_cipher else "<none>"
+        peer = qformat(session.tls_peer) if session.tls_peer else "<none>"
+        extras = ""
+        if g.rcvd_auth_user:
+            extras += " smtp-auth: %s" % auth
+        if g.rcvd_tls_mode:
+            extras += " TLS-CIPHER: %s" % cipher
+        if g.rcvd_tls_peer:
+            extras += " TLS-PEER-CN1: %s" % peer
+        rhost = session.rhostname[:ENVELOPE_NAME_MAX]
+        lines.append("rcvdfrom %s (%s%s%s %s)" % (rhost, where, helo, extras,
+                                                 session.rhost_flags()))
+        lines.append("comment %s %s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
+            rhost, where, helo, auth, cipher, peer, session.rhost_flags()))
+    if txn.params["body"]:
+        lines.append("bodytype %s" % txn.params["body"])
+    lines.append("with %s" % session.with_protocol())
+    if txn.sender:
+        lines.append("from <%s>" % quote_local_part(txn.sender))
+    else:
+        lines.append("channel error")
+    if txn.params["envid"]:
+        lines.append("envid %s" % txn.params["envid"])
+    if txn.params["ret"]:
+        lines.append("notaryret %s" % txn.params["ret"])
+    return "\n".join(lines) + "\n"
+
+
+def rcpt_envelope(txn, address, dsn, notify_never):
+    """One recipient's ``todsn`` and ``to`` lines.  The DSN options are
+    always written out in full (the defaults filled in, NOTIFY forced to
+    NEVER by PARAM force-notify-never, DELAY added for a BY=..;N request
+    and TRACE for BY=..;..T) so that the router need not know ESMTP."""
+    by = txn.params["by"]
+    if notify_never:
+        notify = " NOTIFY=NEVER"
+    elif dsn["notify"]:
+        notify = " " + dsn["notify"]
+        words = dsn["notify"].upper()
+        if by and "N" in by[1] and "NEVER" not in words and "DELAY" not in words:
+            notify += ",DELAY"
+    else:
+        notify = " NOTIFY=FAILURE,DELAY"
+    if by and "T" in by[1]:
+        notify += ",TRACE"
+    by_part = " BY=%d;%s" % (int(txn.start + by[0]), by[1]) if by else ""
+    quoted = quote_local_part(address)
+    orcpt = " " + dsn["orcpt"] if dsn["orcpt"] else " ORCPT=rfc822;" + xtext_encode(quoted)
+    return "todsn%s%s%s INRCPT=rfc822;%s INFROM=rfc822;%s\nto <%s>\n" % (
+        notify, by_part, orcpt, xtext_encode(quoted),
+        xtext_encode(quote_local_part(txn.sender)), quoted)
+
 
 class DirectorySync(object):
     """fsync of a directory after renames into it, group-committed: every
