@@ -4414,11 +4414,12 @@ def rcpt_params(params, group):
 RESET_TRANSACTION, RESET_GREETING, RESET_TLS, RESET_SESSION = 1, 2, 3, 4
 
 
-class SMTPSession(socketserver.StreamRequestHandler):
-    """One SMTP conversation.  ``handle`` reads command lines and
-    dispatches ``VERB`` to ``smtp_VERB`` (``Z-IDENT`` to ``smtp_Z_IDENT``),
-    as http.server dispatches to ``do_GET``.  The same class serves a TCP
-    connection, an inetd socket (-n) and standard input (-i)."""
+class SessionStart(object):
+    """The connection side of a session, from accept to the first command:
+    the socketserver template (setup, handle, finish), the session's state
+    and its resets, the PROXY header, the policy verdict for the client,
+    the greeting and the TLS handshake, and the facts about the client that
+    the envelope records.  SMTPSession is built from it."""
 
     # -- socketserver template: setup / handle / finish -------------------------
 
@@ -4553,123 +4554,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
                 return p
         return None
 
-    # -- replies -------------------------------------------------------------
-
-    def reply(self, name, **fields):
-        fields.setdefault("ip", self.ip_literal)
-        fields.setdefault("host", self.myhostname)
-        lines = format_reply(name, self.group.enhancedstatus, **fields)
-        self.send_lines(lines)
-
-    def send_lines(self, lines):
-        for line in lines:
-            self.log.sent(line)
-        if lines and lines[-1][:3].isdigit():
-            self.last_code = int(lines[-1][:3])
-        self.channel.write_lines(lines)
-
-    def caret(self, code, enh, column):
-        """The ``NNN-x.y.z      ^`` line that points at a syntax error."""
-        if not self.group.multiline:
-            return
-        self.send_lines([reply_line(code, " " * max(0, min(column, CARET_MAX_COLUMN)) + "^",
-                                    enh if self.group.enhancedstatus else None, more=True)])
-
-    def tarpit(self):
-        """``PARAM tarpit initial exponent toplimit``: sleep before error
-        replies, the delay growing each time, capped."""
-        initial, exponent, top = self.group.tarpit
-        if self.tarpit_delay >= 1.0:
-            # Paid in converse(), after the command: the error reply is
-            # queued by then and goes out once the pause is over.
-            self.tarpit_due += round(self.tarpit_delay)
-            self.tarpit_delay += self.tarpit_delay * exponent
-            if top and self.tarpit_delay > top:
-                self.tarpit_delay = top
-
-    def contact(self):
-        return self.group.contact_pointer or DEFAULT_CONTACT
-
-    # -- the main loop -------------------------------------------------------
-
-    def conversation(self):
-        """The session as a generator of I/O requests (see WANT_INPUT)."""
-        try:
-            try:
-                yield from self.converse()
-            except SessionTimeout:
-                self.log.note("timeout; closing")
-                self.reply("timeout")
-            except ClientGone:
-                self.log.note("Session closed w/o QUIT")
-            except Exception:
-                import traceback
-                self.log.note("internal error: %s" % traceback.format_exc().replace("\n", " | "))
-                self.reply("internal_error")
-            try:
-                self.channel.flush()
-            except (ClientGone, SessionTimeout):
-                pass
-        finally:
-            self.abort_transaction("session terminated")
-
-    def converse(self):
-        if self.proxy_expected:
-            accepted = yield from self.read_proxy_header()
-            if not accepted:
-                return
-        if self.network:
-            self.log.note("connection from %s %s:%d on port %d pid %d%s" % (
-                self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
-                " via proxy %s" % self.proxy_via if self.proxy_via else ""))
-        if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
-            yield (WANT_THREAD, None)
-            if not self.start_tls():
-                return
-        if self.network:
-            self.evaluate_policy()
-        if self.policy_error is None and self.verdict.reject and (
-                self.mode != "daemon" or self.proxy_expected):
-            msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
-                host=self.myhostname)
-            self.reply("reject_ip", contact=self.contact(), msg=msg)
-            return
-        early = yield (WANT_PENDING, self.cfg.greet_pause)
-        self.send_lines(self.greeting())
-        if early:
-            # Talking before the greeting: a bot that does not wait.
-            self.log.note("-- pipeline input exists before the greeting")
-            self.reply("pipelined_greeting")
-            return
-        deadline_for = self.cfg.command_timeout
-        limit = self.cfg.max_line_length
-        in_a_row = 0
-        while not self.closing:
-            if self.runtime.stopping:
-                self.reply("shutdown")
-                return
-            try:
-                raw = yield from self.channel.readline(time.time() + deadline_for, limit)
-            except LineTooLong:
-                self.log.received("<line longer than %d bytes discarded>" % limit)
-                self.reply("line_too_long")
-                continue
-            # A sender refused (policy, unauthenticated submission, syntax)
-            # counts as a refused message in the server's status.
-            mail_ready = self.state == "MAIL" and self.txn is None and \
-                raw[:4].upper() == b"MAIL"
-            self.last_code = 0
-            yield from self.dispatch(raw)
-            if mail_ready and self.txn is None and self.last_code >= 400:
-                self.runtime.stats.count("refused")
-            if self.tarpit_due:
-                pause, self.tarpit_due = self.tarpit_due, 0
-                yield (WANT_SLEEP, pause)
-            in_a_row = in_a_row + 1 if self.channel.buf else 0
-            if in_a_row >= TURN_COMMANDS:
-                in_a_row = 0
-                yield (WANT_TURN, None)
-
     # -- PROXY protocol ------------------------------------------------------------
 
     def read_proxy_header(self):
@@ -4780,320 +4664,56 @@ class SMTPSession(socketserver.StreamRequestHandler):
                     "X": ""}.get(c, "")
         return re.sub(r"%(.)", sub, text)
 
-    def dispatch(self, raw):
-        """Checks of every command line, in the original's order.  A
-        generator, as are the ``smtp_VERB`` methods that read more input."""
-        strict = self.runtime.strict
-        if strict and not raw.endswith(b"\r\n") and raw.endswith(b"\n"):
-            self.log.received(self.loggable(raw.decode("latin-1").rstrip()))
-            self.reply("bare_lf")
-            return
-        line_b = raw.rstrip(b"\r\n")
-        if not strict:
-            line_b = line_b.rstrip(b" \t")
-        line = line_b.decode("utf-8", "surrogateescape")
-        word = _FIRST_WORD.match(line).group(0)
-        verb = word.upper()
-        shown = self.loggable(line)
-        self.log.received(shown)
-        if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
-            problem = self.illegal_characters(line_b)
-            if problem:
-                self.caret(500, "5.5.2", problem[1] + 4)
-                self.reply(problem[0])
-                return
-        if verb == "550":
-            return  # the original's silent workaround for broken clients
-        command = self.command_for(verb)
-        if command is None:
-            self.unknown_command(shown)
-            return
-        if command.junk and self.cfg.junk_command_limit > 0:
-            self.junk_count += 1
-            if self.junk_count > self.cfg.junk_command_limit:
-                self.log.note("more than %d junk commands; closing"
-                              % self.cfg.junk_command_limit)
-                self.reply("junk_limit")
-                self.closing = True
-                return
-        if self.network and self.policy_error and not command.policy_open:
-            self.tarpit()
-            self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
-            return
-        if not command.msa_open and self.msa_gate_closed():
-            self.reply("msa_gate")
-            return
-        yield from getattr(self, command.handler)(line, line[len(word):])
+    # -- envelope lines --------------------------------------------------------
 
-    @staticmethod
-    def illegal_characters(line):
-        """NUL, 8-bit, control characters (TAB allowed), a CR not before LF."""
-        m = _ILLEGAL_INPUT.search(line)
-        if m is None:
-            return None
-        byte = line[m.start()]
-        if byte == 0:
-            return ("illegal_nul", m.start())
-        if byte >= 0x80:
-            return ("illegal_8bit", m.start())
-        return ("illegal_ctrl", m.start())
+    def with_protocol(self):
+        if self.bsmtp:
+            return "BSMTP"
+        if self.kind in SUBMISSION_KINDS:
+            base = "SUBMIT"
+        elif self.ehlo_seen:
+            base = "ESMTP"
+        else:
+            return "SMTP"
+        return base + ("S" if self.tls_active else "") + ("A" if self.authuser else "")
 
-    def command_for(self, word):
-        """The command table's row for a command word, or None when the
-        verb is unknown or disabled on this listener."""
-        command = COMMAND_TABLE.get(word.upper())
-        if command is None or not command.enabled(self.group):
-            return None
-        return command
+    def rhost_flags(self):
+        c = "??" if self.helo_syntax_ok is None else ("OK" if self.helo_syntax_ok else "FAIL")
+        d = "OK" if self.helo_addr_ok else "FAIL"
+        return "rhost-flags-%s-%s-%s-%s" % (self.rhost_a, self.rhost_b, c, d)
 
-    def loggable(self, line):
-        """The command line as the log, the trace and replies may show it
-        (without AUTH credentials: SaslExchange.loggable)."""
-        word = _FIRST_WORD.match(line).group(0)
-        return self.sasl.loggable(line, word, lambda w: self.command_for(w) is not None)
-
-    def unknown_command(self, line):
-        """``line`` is already masked (see loggable)."""
-        self.unknown_count += 1
-        mail_syslog(syslog.LOG_WARNING if syslog else 0,
-                    "unknown SMTP command '%s' from %s/%d" % (
-                        line[:LOGGED_COMMAND_MAX], self.rhostname, self.peer_port))
-        self.tarpit()
-        if self.unknown_count >= self.cfg.max_unknown:
-            self.reply("unknown_last", line=line)
-            self.closing = True
-            return
-        self.reply("unknown", line=line)
-
-    @staticmethod
-    def verb_args(args, strict=False):
-        """Arguments after the verb: one separator, more skipped unless strict."""
-        if args[:1] in (" ", "\t"):
-            args = args[1:]
-        return args if strict else args.lstrip(" \t")
-
-    # -- HELO / EHLO ---------------------------------------------------------
-
-    def smtp_HELO(self, line, args):
-        yield from self.greet(line, args, ehlo=False)
-
-    def smtp_EHLO(self, line, args):
-        yield from self.greet(line, args, ehlo=True)
-
-    def greet(self, line, args, ehlo):
-        verb = "EHLO" if ehlo else "HELO"
-        arg = self.verb_args(args, self.runtime.strict)
-        problem = helo_syntax_problem(arg)
-        if problem and self.runtime.checkhelo:
-            self.tarpit()
-            self.caret(501, None, len(line) - len(arg) + 4)
-            self.reply("helo_bad_strict", line=line, msg=problem)
-            self.helo_line = "Bad.Helo.Input"
-            return
-        pattern = self.find_pattern(arg.lower())
-        if pattern is not None and pattern.flags.startswith("!"):
-            self.tarpit()
-            text = pattern.flags[1:].strip()
-            if text:
-                self.reply("helo_reject", msg=text)
-            else:
-                self.reply("helo_reject_default")
-            self.pattern = pattern
-            return
-        self.reset(RESET_GREETING, "HELO/EHLO")
-        self.pattern = pattern
-        self.style = pattern.flags if pattern is not None else self.runtime.style
-        self.helo_line = line[:HELO_LINE_KEPT]
-        self.helo_name = arg
-        self.helo_syntax_ok = problem is None
-        self.ehlo_seen = ehlo
-        self.state = "MAIL"
-        self.helo_addr_ok = False
-        if self.network and problem is None:
-            if not self.runtime.helo_name_cached(arg, self.peer_ip):
-                yield (WANT_THREAD, None)   # a DNS query may take seconds
-            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
-        if self.network and self.policy and self.policy.table and not arg.startswith("["):
-            found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
-            if found.get("rejectnet", ("",))[0] == "+":
-                self.verdict.reject = True  # later MAIL/RCPT are refused
-        first = ("helo_ok", {"arg": arg})
-        if (not self.runtime.gullible and self.rhost_a == "OK" and self.rhostname
-                and arg.lower() != self.rhostname.lower()):
-            first = ("helo_skeptic", {"verb": verb, "rhost": self.rhostname})
-        texts = []
-        if ehlo and problem and not self.runtime.gullible:
-            # The original's warning, its status code inline whatever
-            # enhancedstatuscodes says.
-            texts = ["Invalid `%s' parameter!" % line,
-                     "5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)]
-        texts.extend(reply_texts(first[0], host=self.myhostname, **first[1]))
-        if ehlo:
-            texts.extend(self.extensions())
-        self.send_lines(reply_lines(250, texts))
-
-    def size_limit(self):
-        limit = self.cfg.maxsize
-        if self.verdict.maxinsize and (not limit or self.verdict.maxinsize < limit):
-            limit = self.verdict.maxinsize
-        return limit
-
-    def auth_offered(self):
-        g = self.group
-        if not g.smtp_auth:
+    def start_tls(self):
+        context = self.runtime.tls_context(self.group)
+        if context is None or self.sock is None:
+            self.log.note("TLS requested but not configured for this listener")
             return False
-        if not (self.tls_active or g.auth_without_tls):
+        try:
+            tls = context.wrap_socket(self.sock, server_side=True,
+                                      do_handshake_on_connect=False)
+            tls.settimeout(self.cfg.tls_handshake_timeout)
+            tls.do_handshake()
+        except (ssl.SSLError, OSError, socket.error) as e:
+            self.log.note("TLS handshake failed: %s" % e)
             return False
-        if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
-            return False
+        self.sock = tls
+        self.channel.sock = tls
+        self.tls_active = True
+        name, version, bits = tls.cipher()
+        self.tls_version = version
+        self.tls_cipher = "%s keybits %s/%s version %s" % (name, bits, bits, version)
+        cert = tls.getpeercert()
+        if cert:
+            self.tls_peer = "/".join("%s=%s" % kv for rdn in cert.get("subject", ())
+                                     for kv in rdn)
+        self.log.note("TLS connection established; Cipher: %s" % self.tls_cipher)
         return True
 
-    def extensions(self):
-        """The EHLO keywords, in the original's order: the service
-        extensions, with the keywords of the verbs that have one at their
-        places; a verb the original did not have comes last, before HELP."""
-        g = self.group
-        ext = ["SIZE %d" % self.size_limit()]
-        if g.eightbitmime:
-            ext.append("8BITMIME")
-        if g.pipelining:
-            ext.append("PIPELINING")
-        ext += self.advertised("BDAT")
-        if g.enhancedstatus:
-            ext.append("ENHANCEDSTATUSCODES")
-        ext += self.advertised("EXPN") + self.advertised("VRFY")
-        if g.dsn:
-            ext.append("DSN")
-        if g.deliverby >= 0:
-            ext.append("DELIVERBY %d" % g.deliverby if g.deliverby > 0 else "DELIVERBY")
-        if g.rcpt_limit > RCPTLIMIT_ADVERTISED_OVER:
-            ext.append("X-RCPTLIMIT %d" % g.rcpt_limit)
-        for verb in ("AUTH", "STARTTLS", "ETRN"):
-            ext += self.advertised(verb)
-        for row in COMMANDS:
-            if isinstance(row, Command) and row.verb not in EHLO_PLACED_VERBS:
-                ext += self.advertised(row.verb)
-        return ext + self.advertised("HELP")
 
-    def advertised(self, verb):
-        """The EHLO keywords of ``verb`` (the command table's advertise
-        column), none when the verb is disabled or advertises nothing."""
-        row = COMMAND_TABLE[verb]
-        if row.advertise is None or not row.enabled(self.group):
-            return []
-        return row.advertise(self)
-
-    # -- simple verbs -----------------------------------------------------------
-
-    def smtp_RSET(self, line, args):
-        yield from NEVER_WAITS
-        self.reset(RESET_TRANSACTION, "RSET")
-        if args.strip() and self.runtime.strict:
-            self.reply("rset_junk")
-        else:
-            self.reply("rset")
-
-    def smtp_NOOP(self, line, args):
-        yield from NEVER_WAITS
-        if args.strip() and "R" in self.style:
-            self.reply("noop_junk")
-        else:
-            self.reply("noop")
-
-    def smtp_QUIT(self, line, args):
-        yield from NEVER_WAITS
-        self.abort_transaction("QUIT")
-        lines = []
-        if args.strip() and "R" in self.style:
-            lines = continued(format_reply("quit_junk", self.group.enhancedstatus))
-        self.send_lines(lines + format_reply("quit", self.group.enhancedstatus,
-                                             host=self.myhostname))
-        self.closing = True
-
-    def smtp_VRFY(self, line, args):
-        yield from NEVER_WAITS
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            self.reply("vrfy")
-
-    def smtp_EXPN(self, line, args):
-        yield from NEVER_WAITS
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            self.reply("expn")
-
-    def smtp_TURN(self, line, args):
-        yield from NEVER_WAITS
-        self.reply("turn")
-
-    def smtp_ETRN(self, line, args):
-        yield from NEVER_WAITS
-        arg = self.verb_args(args)
-        if not arg:
-            self.reply("etrn_noarg")
-        elif not arg[0].isalnum():
-            self.reply("etrn_literal")
-        else:
-            self.log.note("ETRN %s %s" % (arg, self.ip_literal))
-            self.reply("etrn_ok")
-
-    def smtp_VERB(self, line, args):
-        yield from NEVER_WAITS
-        self.reply("verb")
-
-    def smtp_TICK(self, line, args):
-        yield from NEVER_WAITS
-        self.bsmtp = True
-        self.reply("tick", line=line)
-
-    def smtp_Z_IDENT(self, line, args):
-        yield from NEVER_WAITS
-        self.reply("z_ident")
-
-    def smtp_Z_DEBUG(self, line, args):
-        yield from NEVER_WAITS
-        self.reply("debug_verbose")
-
-    def smtp_HELP(self, line, args):
-        yield from NEVER_WAITS
-        arg = self.verb_args(args).upper()
-        row = COMMAND_TABLE.get(arg)
-        topic = row.help if row is not None else None
-        if arg and topic:
-            lines = list(topic)
-        else:
-            lines = ["Copyright 1990 Rayan S. Zachariassen",
-                     "Copyright 1991-2004 Matti Aarnio", ""]
-            if self.cfg.help:
-                lines.extend(self.cfg.help)
-                lines.append("")
-            lines.append("The following commands are recognized:")
-            verbs = help_overview(self.group)
-            for i in range(0, len(verbs), HELP_VERBS_PER_LINE):
-                lines.append("    " + ", ".join(verbs[i:i + HELP_VERBS_PER_LINE]))
-            lines.extend(["", "The normal sequence is: EHLO/HELO (MAIL RCPT+ DATA)+ QUIT.", "",
-                          "This mailer will always accept 8-bit and binary message data",
-                          "though you are better to use MIME format!", "",
-                          "For local information contact: postmaster@%s" % self.myhostname,
-                          "SMTP server comments and bug reports to: <zmhacks@nic.funet.fi>"])
-        self.send_lines(reply_lines(214, lines))
-
-    # -- the transaction: MAIL, RCPT --------------------------------------------
-
-    def msa_gate_closed(self, for_transaction=False):
-        """Must this client authenticate first?  In MSA mode an
-        unauthenticated client may use only the verbs the command table
-        marks ``msa_open``.  A client whose network the policy trusts
-        (fulltrustnet, relaycustnet) passes that gate, and MAIL and RCPT
-        (``for_transaction``) too -- except on a BindSubmit(S) listener
-        and with msa-mode-strict, where only AUTH lets mail in."""
-        if not self.msa or self.authuser is not None:
-            return False
-        if not self.verdict.trusted:
-            return True
-        return for_transaction and (self.kind in SUBMISSION_KINDS or self.cfg.msa_mode_strict)
+class MailTransactionVerbs(object):
+    """MAIL, RCPT, DATA and BDAT: one transaction from its sender to the
+    committed spool file, with the submission checks (sender ownership,
+    rate limits) and relay control on the way.  Part of SMTPSession; it
+    uses the session's replies, tarpit, channel and state."""
 
     def sloppy(self):
         return self.runtime.sloppy or ("S" in self.style)
@@ -5577,6 +5197,447 @@ class SMTPSession(socketserver.StreamRequestHandler):
         if txn.data_started:
             self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
 
+
+class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequestHandler):
+    """One SMTP conversation.  ``converse`` reads command lines and
+    ``dispatch`` runs each through the command table (COMMANDS) to its
+    ``smtp_VERB`` generator, as http.server dispatches to ``do_GET``.  The
+    same class serves a TCP connection, an inetd socket (-n) and standard
+    input (-i).  The connection's start is SessionStart's, the mail
+    transaction MailTransactionVerbs', the AUTH dialogue SaslExchange's."""
+
+    # -- replies -------------------------------------------------------------
+
+    def reply(self, name, **fields):
+        fields.setdefault("ip", self.ip_literal)
+        fields.setdefault("host", self.myhostname)
+        lines = format_reply(name, self.group.enhancedstatus, **fields)
+        self.send_lines(lines)
+
+    def send_lines(self, lines):
+        for line in lines:
+            self.log.sent(line)
+        if lines and lines[-1][:3].isdigit():
+            self.last_code = int(lines[-1][:3])
+        self.channel.write_lines(lines)
+
+    def caret(self, code, enh, column):
+        """The ``NNN-x.y.z      ^`` line that points at a syntax error."""
+        if not self.group.multiline:
+            return
+        self.send_lines([reply_line(code, " " * max(0, min(column, CARET_MAX_COLUMN)) + "^",
+                                    enh if self.group.enhancedstatus else None, more=True)])
+
+    def tarpit(self):
+        """``PARAM tarpit initial exponent toplimit``: sleep before error
+        replies, the delay growing each time, capped."""
+        initial, exponent, top = self.group.tarpit
+        if self.tarpit_delay >= 1.0:
+            # Paid in converse(), after the command: the error reply is
+            # queued by then and goes out once the pause is over.
+            self.tarpit_due += round(self.tarpit_delay)
+            self.tarpit_delay += self.tarpit_delay * exponent
+            if top and self.tarpit_delay > top:
+                self.tarpit_delay = top
+
+    def contact(self):
+        return self.group.contact_pointer or DEFAULT_CONTACT
+
+    # -- the main loop -------------------------------------------------------
+
+    def conversation(self):
+        """The session as a generator of I/O requests (see WANT_INPUT)."""
+        try:
+            try:
+                yield from self.converse()
+            except SessionTimeout:
+                self.log.note("timeout; closing")
+                self.reply("timeout")
+            except ClientGone:
+                self.log.note("Session closed w/o QUIT")
+            except Exception:
+                import traceback
+                self.log.note("internal error: %s" % traceback.format_exc().replace("\n", " | "))
+                self.reply("internal_error")
+            try:
+                self.channel.flush()
+            except (ClientGone, SessionTimeout):
+                pass
+        finally:
+            self.abort_transaction("session terminated")
+
+    def converse(self):
+        if self.proxy_expected:
+            accepted = yield from self.read_proxy_header()
+            if not accepted:
+                return
+        if self.network:
+            self.log.note("connection from %s %s:%d on port %d pid %d%s" % (
+                self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
+                " via proxy %s" % self.proxy_via if self.proxy_via else ""))
+        if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
+            yield (WANT_THREAD, None)
+            if not self.start_tls():
+                return
+        if self.network:
+            self.evaluate_policy()
+        if self.policy_error is None and self.verdict.reject and (
+                self.mode != "daemon" or self.proxy_expected):
+            msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                host=self.myhostname)
+            self.reply("reject_ip", contact=self.contact(), msg=msg)
+            return
+        early = yield (WANT_PENDING, self.cfg.greet_pause)
+        self.send_lines(self.greeting())
+        if early:
+            # Talking before the greeting: a bot that does not wait.
+            self.log.note("-- pipeline input exists before the greeting")
+            self.reply("pipelined_greeting")
+            return
+        deadline_for = self.cfg.command_timeout
+        limit = self.cfg.max_line_length
+        in_a_row = 0
+        while not self.closing:
+            if self.runtime.stopping:
+                self.reply("shutdown")
+                return
+            try:
+                raw = yield from self.channel.readline(time.time() + deadline_for, limit)
+            except LineTooLong:
+                self.log.received("<line longer than %d bytes discarded>" % limit)
+                self.reply("line_too_long")
+                continue
+            # A sender refused (policy, unauthenticated submission, syntax)
+            # counts as a refused message in the server's status.
+            mail_ready = self.state == "MAIL" and self.txn is None and \
+                raw[:4].upper() == b"MAIL"
+            self.last_code = 0
+            yield from self.dispatch(raw)
+            if mail_ready and self.txn is None and self.last_code >= 400:
+                self.runtime.stats.count("refused")
+            if self.tarpit_due:
+                pause, self.tarpit_due = self.tarpit_due, 0
+                yield (WANT_SLEEP, pause)
+            in_a_row = in_a_row + 1 if self.channel.buf else 0
+            if in_a_row >= TURN_COMMANDS:
+                in_a_row = 0
+                yield (WANT_TURN, None)
+
+    def dispatch(self, raw):
+        """Checks of every command line, in the original's order.  A
+        generator, as are the ``smtp_VERB`` methods that read more input."""
+        strict = self.runtime.strict
+        if strict and not raw.endswith(b"\r\n") and raw.endswith(b"\n"):
+            self.log.received(self.loggable(raw.decode("latin-1").rstrip()))
+            self.reply("bare_lf")
+            return
+        line_b = raw.rstrip(b"\r\n")
+        if not strict:
+            line_b = line_b.rstrip(b" \t")
+        line = line_b.decode("utf-8", "surrogateescape")
+        word = _FIRST_WORD.match(line).group(0)
+        verb = word.upper()
+        shown = self.loggable(line)
+        self.log.received(shown)
+        if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
+            problem = self.illegal_characters(line_b)
+            if problem:
+                self.caret(500, "5.5.2", problem[1] + 4)
+                self.reply(problem[0])
+                return
+        if verb == "550":
+            return  # the original's silent workaround for broken clients
+        command = self.command_for(verb)
+        if command is None:
+            self.unknown_command(shown)
+            return
+        if command.junk and self.cfg.junk_command_limit > 0:
+            self.junk_count += 1
+            if self.junk_count > self.cfg.junk_command_limit:
+                self.log.note("more than %d junk commands; closing"
+                              % self.cfg.junk_command_limit)
+                self.reply("junk_limit")
+                self.closing = True
+                return
+        if self.network and self.policy_error and not command.policy_open:
+            self.tarpit()
+            self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
+            return
+        if not command.msa_open and self.msa_gate_closed():
+            self.reply("msa_gate")
+            return
+        yield from getattr(self, command.handler)(line, line[len(word):])
+
+    @staticmethod
+    def illegal_characters(line):
+        """NUL, 8-bit, control characters (TAB allowed), a CR not before LF."""
+        m = _ILLEGAL_INPUT.search(line)
+        if m is None:
+            return None
+        byte = line[m.start()]
+        if byte == 0:
+            return ("illegal_nul", m.start())
+        if byte >= 0x80:
+            return ("illegal_8bit", m.start())
+        return ("illegal_ctrl", m.start())
+
+    def command_for(self, word):
+        """The command table's row for a command word, or None when the
+        verb is unknown or disabled on this listener."""
+        command = COMMAND_TABLE.get(word.upper())
+        if command is None or not command.enabled(self.group):
+            return None
+        return command
+
+    def loggable(self, line):
+        """The command line as the log, the trace and replies may show it
+        (without AUTH credentials: SaslExchange.loggable)."""
+        word = _FIRST_WORD.match(line).group(0)
+        return self.sasl.loggable(line, word, lambda w: self.command_for(w) is not None)
+
+    def unknown_command(self, line):
+        """``line`` is already masked (see loggable)."""
+        self.unknown_count += 1
+        mail_syslog(syslog.LOG_WARNING if syslog else 0,
+                    "unknown SMTP command '%s' from %s/%d" % (
+                        line[:LOGGED_COMMAND_MAX], self.rhostname, self.peer_port))
+        self.tarpit()
+        if self.unknown_count >= self.cfg.max_unknown:
+            self.reply("unknown_last", line=line)
+            self.closing = True
+            return
+        self.reply("unknown", line=line)
+
+    @staticmethod
+    def verb_args(args, strict=False):
+        """Arguments after the verb: one separator, more skipped unless strict."""
+        if args[:1] in (" ", "\t"):
+            args = args[1:]
+        return args if strict else args.lstrip(" \t")
+
+    # -- HELO / EHLO ---------------------------------------------------------
+
+    def smtp_HELO(self, line, args):
+        yield from self.greet(line, args, ehlo=False)
+
+    def smtp_EHLO(self, line, args):
+        yield from self.greet(line, args, ehlo=True)
+
+    def greet(self, line, args, ehlo):
+        verb = "EHLO" if ehlo else "HELO"
+        arg = self.verb_args(args, self.runtime.strict)
+        problem = helo_syntax_problem(arg)
+        if problem and self.runtime.checkhelo:
+            self.tarpit()
+            self.caret(501, None, len(line) - len(arg) + 4)
+            self.reply("helo_bad_strict", line=line, msg=problem)
+            self.helo_line = "Bad.Helo.Input"
+            return
+        pattern = self.find_pattern(arg.lower())
+        if pattern is not None and pattern.flags.startswith("!"):
+            self.tarpit()
+            text = pattern.flags[1:].strip()
+            if text:
+                self.reply("helo_reject", msg=text)
+            else:
+                self.reply("helo_reject_default")
+            self.pattern = pattern
+            return
+        self.reset(RESET_GREETING, "HELO/EHLO")
+        self.pattern = pattern
+        self.style = pattern.flags if pattern is not None else self.runtime.style
+        self.helo_line = line[:HELO_LINE_KEPT]
+        self.helo_name = arg
+        self.helo_syntax_ok = problem is None
+        self.ehlo_seen = ehlo
+        self.state = "MAIL"
+        self.helo_addr_ok = False
+        if self.network and problem is None:
+            if not self.runtime.helo_name_cached(arg, self.peer_ip):
+                yield (WANT_THREAD, None)   # a DNS query may take seconds
+            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
+        if self.network and self.policy and self.policy.table and not arg.startswith("["):
+            found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
+            if found.get("rejectnet", ("",))[0] == "+":
+                self.verdict.reject = True  # later MAIL/RCPT are refused
+        first = ("helo_ok", {"arg": arg})
+        if (not self.runtime.gullible and self.rhost_a == "OK" and self.rhostname
+                and arg.lower() != self.rhostname.lower()):
+            first = ("helo_skeptic", {"verb": verb, "rhost": self.rhostname})
+        texts = []
+        if ehlo and problem and not self.runtime.gullible:
+            # The original's warning, its status code inline whatever
+            # enhancedstatuscodes says.
+            texts = ["Invalid `%s' parameter!" % line,
+                     "5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)]
+        texts.extend(reply_texts(first[0], host=self.myhostname, **first[1]))
+        if ehlo:
+            texts.extend(self.extensions())
+        self.send_lines(reply_lines(250, texts))
+
+    def size_limit(self):
+        limit = self.cfg.maxsize
+        if self.verdict.maxinsize and (not limit or self.verdict.maxinsize < limit):
+            limit = self.verdict.maxinsize
+        return limit
+
+    def auth_offered(self):
+        g = self.group
+        if not g.smtp_auth:
+            return False
+        if not (self.tls_active or g.auth_without_tls):
+            return False
+        if g.no_auth_on_25 and self.kind == "SMTP" and self.mode == "daemon":
+            return False
+        return True
+
+    def extensions(self):
+        """The EHLO keywords, in the original's order: the service
+        extensions, with the keywords of the verbs that have one at their
+        places; a verb the original did not have comes last, before HELP."""
+        g = self.group
+        ext = ["SIZE %d" % self.size_limit()]
+        if g.eightbitmime:
+            ext.append("8BITMIME")
+        if g.pipelining:
+            ext.append("PIPELINING")
+        ext += self.advertised("BDAT")
+        if g.enhancedstatus:
+            ext.append("ENHANCEDSTATUSCODES")
+        ext += self.advertised("EXPN") + self.advertised("VRFY")
+        if g.dsn:
+            ext.append("DSN")
+        if g.deliverby >= 0:
+            ext.append("DELIVERBY %d" % g.deliverby if g.deliverby > 0 else "DELIVERBY")
+        if g.rcpt_limit > RCPTLIMIT_ADVERTISED_OVER:
+            ext.append("X-RCPTLIMIT %d" % g.rcpt_limit)
+        for verb in ("AUTH", "STARTTLS", "ETRN"):
+            ext += self.advertised(verb)
+        for row in COMMANDS:
+            if isinstance(row, Command) and row.verb not in EHLO_PLACED_VERBS:
+                ext += self.advertised(row.verb)
+        return ext + self.advertised("HELP")
+
+    def advertised(self, verb):
+        """The EHLO keywords of ``verb`` (the command table's advertise
+        column), none when the verb is disabled or advertises nothing."""
+        row = COMMAND_TABLE[verb]
+        if row.advertise is None or not row.enabled(self.group):
+            return []
+        return row.advertise(self)
+
+    # -- simple verbs -----------------------------------------------------------
+
+    def smtp_RSET(self, line, args):
+        yield from NEVER_WAITS
+        self.reset(RESET_TRANSACTION, "RSET")
+        if args.strip() and self.runtime.strict:
+            self.reply("rset_junk")
+        else:
+            self.reply("rset")
+
+    def smtp_NOOP(self, line, args):
+        yield from NEVER_WAITS
+        if args.strip() and "R" in self.style:
+            self.reply("noop_junk")
+        else:
+            self.reply("noop")
+
+    def smtp_QUIT(self, line, args):
+        yield from NEVER_WAITS
+        self.abort_transaction("QUIT")
+        lines = []
+        if args.strip() and "R" in self.style:
+            lines = continued(format_reply("quit_junk", self.group.enhancedstatus))
+        self.send_lines(lines + format_reply("quit", self.group.enhancedstatus,
+                                             host=self.myhostname))
+        self.closing = True
+
+    def smtp_VRFY(self, line, args):
+        yield from NEVER_WAITS
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            self.reply("vrfy")
+
+    def smtp_EXPN(self, line, args):
+        yield from NEVER_WAITS
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            self.reply("expn")
+
+    def smtp_TURN(self, line, args):
+        yield from NEVER_WAITS
+        self.reply("turn")
+
+    def smtp_ETRN(self, line, args):
+        yield from NEVER_WAITS
+        arg = self.verb_args(args)
+        if not arg:
+            self.reply("etrn_noarg")
+        elif not arg[0].isalnum():
+            self.reply("etrn_literal")
+        else:
+            self.log.note("ETRN %s %s" % (arg, self.ip_literal))
+            self.reply("etrn_ok")
+
+    def smtp_VERB(self, line, args):
+        yield from NEVER_WAITS
+        self.reply("verb")
+
+    def smtp_TICK(self, line, args):
+        yield from NEVER_WAITS
+        self.bsmtp = True
+        self.reply("tick", line=line)
+
+    def smtp_Z_IDENT(self, line, args):
+        yield from NEVER_WAITS
+        self.reply("z_ident")
+
+    def smtp_Z_DEBUG(self, line, args):
+        yield from NEVER_WAITS
+        self.reply("debug_verbose")
+
+    def smtp_HELP(self, line, args):
+        yield from NEVER_WAITS
+        arg = self.verb_args(args).upper()
+        row = COMMAND_TABLE.get(arg)
+        topic = row.help if row is not None else None
+        if arg and topic:
+            lines = list(topic)
+        else:
+            lines = ["Copyright 1990 Rayan S. Zachariassen",
+                     "Copyright 1991-2004 Matti Aarnio", ""]
+            if self.cfg.help:
+                lines.extend(self.cfg.help)
+                lines.append("")
+            lines.append("The following commands are recognized:")
+            verbs = help_overview(self.group)
+            for i in range(0, len(verbs), HELP_VERBS_PER_LINE):
+                lines.append("    " + ", ".join(verbs[i:i + HELP_VERBS_PER_LINE]))
+            lines.extend(["", "The normal sequence is: EHLO/HELO (MAIL RCPT+ DATA)+ QUIT.", "",
+                          "This mailer will always accept 8-bit and binary message data",
+                          "though you are better to use MIME format!", "",
+                          "For local information contact: postmaster@%s" % self.myhostname,
+                          "SMTP server comments and bug reports to: <zmhacks@nic.funet.fi>"])
+        self.send_lines(reply_lines(214, lines))
+
+    # -- the transaction: MAIL, RCPT --------------------------------------------
+
+    def msa_gate_closed(self, for_transaction=False):
+        """Must this client authenticate first?  In MSA mode an
+        unauthenticated client may use only the verbs the command table
+        marks ``msa_open``.  A client whose network the policy trusts
+        (fulltrustnet, relaycustnet) passes that gate, and MAIL and RCPT
+        (``for_transaction``) too -- except on a BindSubmit(S) listener
+        and with msa-mode-strict, where only AUTH lets mail in."""
+        if not self.msa or self.authuser is not None:
+            return False
+        if not self.verdict.trusted:
+            return True
+        return for_transaction and (self.kind in SUBMISSION_KINDS or self.cfg.msa_mode_strict)
+
     # -- STARTTLS ---------------------------------------------------------------
 
     def smtp_STARTTLS(self, line, args):
@@ -5605,32 +5666,6 @@ class SMTPSession(socketserver.StreamRequestHandler):
         self.reset(RESET_TLS, "STARTTLS")
         if not self.start_tls():
             self.closing = True
-
-    def start_tls(self):
-        context = self.runtime.tls_context(self.group)
-        if context is None or self.sock is None:
-            self.log.note("TLS requested but not configured for this listener")
-            return False
-        try:
-            tls = context.wrap_socket(self.sock, server_side=True,
-                                      do_handshake_on_connect=False)
-            tls.settimeout(self.cfg.tls_handshake_timeout)
-            tls.do_handshake()
-        except (ssl.SSLError, OSError, socket.error) as e:
-            self.log.note("TLS handshake failed: %s" % e)
-            return False
-        self.sock = tls
-        self.channel.sock = tls
-        self.tls_active = True
-        name, version, bits = tls.cipher()
-        self.tls_version = version
-        self.tls_cipher = "%s keybits %s/%s version %s" % (name, bits, bits, version)
-        cert = tls.getpeercert()
-        if cert:
-            self.tls_peer = "/".join("%s=%s" % kv for rdn in cert.get("subject", ())
-                                     for kv in rdn)
-        self.log.note("TLS connection established; Cipher: %s" % self.tls_cipher)
-        return True
 
     # -- AUTH -------------------------------------------------------------------
 
