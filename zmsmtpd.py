@@ -583,6 +583,9 @@ UNIMPLEMENTED_PARAMS = {
     "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
     "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
     "accept-percent-kludge": "compiled out in 3.0.1 too",
+    "sum-sizeoption-value": "the free-space check weighs each MAIL's own SIZE= only",
+    "tls-loglevel": "Python's ssl module has no OpenSSL info callback to log from",
+    "tls-ccert-vd": "Python's ssl module sets no verify depth; a client chain is checked whole",
 }
 
 #: Listener kinds that start TLS before the greeting (RFC 8314 implicit TLS).
@@ -1363,9 +1366,18 @@ def _policy_network(key):
     prefix = int(bits)
     if not 0 <= prefix <= width:
         raise ValueError("prefix out of range")
-    value = int(binascii.hexlify(packed), 16)
-    mask = ((1 << width) - 1) ^ ((1 << (width - prefix)) - 1)
-    return (family, value & mask, prefix)
+    return (family, network_bits(int(binascii.hexlify(packed), 16), width, prefix), prefix)
+
+
+def network_bits(value, width, prefix):
+    """An address (``value``, ``width`` bits) with all but its first
+    ``prefix`` bits cleared: the network part the policy keys on."""
+    return value & (((1 << width) - 1) ^ ((1 << (width - prefix)) - 1))
+
+
+def policy_says(entry, name):
+    """Does a policy entry (attribute -> (value, message)) set ``name +``?"""
+    return bool(entry) and entry.get(name, ("",))[0] == "+"
 
 
 def _policy_tokens(text):
@@ -1510,8 +1522,7 @@ class PolicyTable(object):
         width = len(packed) * 8
         value = int(binascii.hexlify(packed), 16)
         for prefix in range(width, -1, -1):
-            mask = ((1 << width) - 1) ^ ((1 << (width - prefix)) - 1)
-            pairs = self.networks.get((family, value & mask, prefix))
+            pairs = self.networks.get((family, network_bits(value, width, prefix), prefix))
             if pairs is not None:
                 return self.resolve(pairs, wanted)
         if family == socket.AF_INET6:
@@ -1721,17 +1732,15 @@ def connection_verdict(table, ip, rhostname=None):
         return v
     found = table.lookup_ip(ip, IP_REQUEST) or {}
 
-    def on(name):
-        return found.get(name, ("", None))[0] == "+"
-    if on("rejectnet"):
+    if policy_says(found, "rejectnet"):
         v.reject = True
         v.reject_message = found["rejectnet"][1]
-    elif on("freezenet"):
+    elif policy_says(found, "freezenet"):
         v.freeze = True
     else:
-        v.trust_recipients = on("trustrecipients")
-        v.full_trust = on("fulltrustnet")
-        v.always_accept = on("relaycustnet")
+        v.trust_recipients = policy_says(found, "trustrecipients")
+        v.full_trust = policy_says(found, "fulltrustnet")
+        v.always_accept = policy_says(found, "relaycustnet")
     if "maxinsize" in found:
         v.maxinsize = _c_int(found["maxinsize"][0], None)
     if "maxsameipsource" in found:
@@ -1740,12 +1749,12 @@ def connection_verdict(table, ip, rhostname=None):
             v.reject = True
     if not v.reject and not v.full_trust and rhostname and not rhostname.startswith("["):
         named = table.lookup_domain(rhostname, PTR_REQUEST) or {}
-        if named.get("rejectnet", ("",))[0] == "+":
+        if policy_says(named, "rejectnet"):
             v.reject = True
             v.reject_message = named["rejectnet"][1]
-        elif named.get("freezenet", ("",))[0] == "+":
+        elif policy_says(named, "freezenet"):
             v.freeze = True
-        if not v.always_accept and named.get("relaycustnet", ("",))[0] == "+":
+        if not v.always_accept and policy_says(named, "relaycustnet"):
             v.always_accept = True
     return v
 
@@ -1785,8 +1794,8 @@ def relay_domain_allowed(table, domain, local_names):
     if not found:
         return False
     if "relaytarget" in found:
-        return found["relaytarget"][0] == "+"
-    return found.get("localdomain", ("",))[0] == "+"
+        return policy_says(found, "relaytarget")
+    return policy_says(found, "localdomain")
 
 
 def recipient_allowed(table, address, local_names):
@@ -1806,9 +1815,9 @@ def recipient_allowed(table, address, local_names):
         return True
     user_entry = table.lookup_user(address, RCPT_REQUEST) if table is not None else None
     if user_entry and "relaytarget" in user_entry:
-        return user_entry["relaytarget"][0] == "+"
+        return policy_says(user_entry, "relaytarget")
     if not (relay_domain_allowed(table, domain, local_names) or
-            (user_entry and user_entry.get("localdomain", ("",))[0] == "+")):
+            policy_says(user_entry, "localdomain")):
         return False
     for _ in range(SOURCE_ROUTE_ROUNDS - 1):
         bang = find_unquoted(local, "!")
@@ -2439,10 +2448,7 @@ class ListenerServer(socketserver.TCPServer):
         """Connection limits and ``rejectnet``: over the limit a 450 (or,
         far over it, silence), a rejected network the 550 banner; either way
         the connection is closed here, before any session starts."""
-        ip = client_address[0]
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]
-        return self.supervisor.admit(self, request, ip)
+        return self.supervisor.admit(self, request, unmapped_ip(client_address[0]))
 
     def serve_session(self, request, client_address, ended):
         """One session on an accepted connection, then ``ended()``."""
@@ -2983,9 +2989,7 @@ class SessionLoop(object):
         except (OSError, socket.error):
             self.end(slot)
             return
-        ip = client_address[0]
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]
+        ip = unmapped_ip(client_address[0])
         if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
             self.to_thread(slot, None)     # set-up asks DNS for names
             return
@@ -4467,9 +4471,7 @@ class SessionStart(object):
         self.peer_ip = ""
         self.peer_port = 0
         if peer is not None:
-            self.peer_ip = peer[0]
-            if self.peer_ip.startswith("::ffff:") and "." in self.peer_ip:
-                self.peer_ip = self.peer_ip[7:]
+            self.peer_ip = unmapped_ip(peer[0])
             self.peer_port = peer[1]
         # A connection from proxy-protocol-nets opens with a PROXY header.
         self.proxy_expected = (mode == "daemon" and self.network
@@ -5458,7 +5460,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
         if self.network and self.policy and self.policy.table and not arg.startswith("["):
             found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
-            if found.get("rejectnet", ("",))[0] == "+":
+            if policy_says(found, "rejectnet"):
                 self.verdict.reject = True  # later MAIL/RCPT are refused
         first = ("helo_ok", {"arg": arg})
         if (not self.runtime.gullible and self.rhost_a == "OK" and self.rhostname
