@@ -1344,7 +1344,8 @@ POLICY_IMPLEMENTED = frozenset((
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
     "maxsameipsource", "relaycustomer", "maxoutsize"))
 
-#: What each lookup phase asks for (policy.md 3.3).
+#: The attributes each lookup phase asks for: the client's address, its
+#: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
               "fulltrustnet", "trustrecipients", "maxsameipsource")
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
@@ -1498,7 +1499,8 @@ class PolicyTable(object):
                 message = None
 
     def lookup_ip(self, ip, wanted):
-        """Longest existing prefix wins, no inheritance (policy.md 3.1).
+        """The longest prefix that has an entry wins, and its attributes are
+        all there is: shorter prefixes are not consulted for the rest.
         Answers are cached per table: it never changes once loaded, and
         the same clients come back again and again."""
         key = (ip, wanted)
@@ -1725,8 +1727,8 @@ def sender_owned_by_login(sender, login, owners):
 
 
 def connection_verdict(table, ip, rhostname=None):
-    """The connect-time decision of policy.md 3.4: IP phase, then the
-    (unverified) PTR name phase when the IP phase left the client alone."""
+    """The decision at connect time: the client's address first, then its
+    (unverified) PTR name when the address left the client alone."""
     v = PolicyVerdict()
     if table is None or not ip:
         return v
@@ -2227,7 +2229,7 @@ def mail_syslog(priority, text):
 
 
 # ---------------------------------------------------------------------------
-# 7. Listeners: sockets, the fork-or-thread choice, the selectors loop
+# 7. Listeners: sockets, the session models, the selectors loop
 # ---------------------------------------------------------------------------
 
 def interface_address(name, family):
@@ -3941,8 +3943,9 @@ class HeaderRewriter(object):
     """What zmsmtpd does to the message header on its way to the spool:
     a first ``From `` line is dropped, ``Precedence:`` is noted for the
     router directory choice, and in MSA mode with an authenticated user
-    the ``X-Comment:`` line (3.0.1) and the ``Sender:`` rewrite (seed, D3)
-    are applied.  Input is LF-terminated; the header is held until its end
+    the ``X-Comment:`` line (as 3.0.1 writes it) and the ``Sender:``
+    rewrite (a ``Sender:`` naming the login, so the recipient sees who
+    really sent) are applied.  Input is LF-terminated; the header is held until its end
     (bounded by ``max-header-size``), then the rest streams through."""
 
     def __init__(self, sink, prefix_lines, rewrite_sender, sender_value, limit):
@@ -4721,6 +4724,13 @@ class MailTransactionVerbs(object):
         return self.runtime.sloppy or ("S" in self.style)
 
     def smtp_MAIL(self, line, args):
+        """Opens a transaction: the spool file is created and the
+        envelope's head written here, so that a full disk or an unusable
+        spool is reported at MAIL, before the client sends any data.  The
+        checks run cheapest and most telling first: order of commands, the
+        MSA's AUTH requirement, syntax and parameters, then the policy,
+        the sender's ownership by the login, the submission rate, size and
+        free space."""
         yield from NEVER_WAITS
         if self.state != "MAIL":
             self.tarpit()
@@ -4842,6 +4852,10 @@ class MailTransactionVerbs(object):
         return address, rest.split(), routed
 
     def smtp_RCPT(self, line, args):
+        """One recipient, written to the envelope at once: a recipient that
+        is accepted is on disk when the 250 goes out.  Relay control runs
+        here (not at MAIL), because only the recipient tells whether the
+        message would leave our domains."""
         yield from NEVER_WAITS
         if self.msa_gate_closed(for_transaction=True):
             self.tarpit()
@@ -5006,6 +5020,12 @@ class MailTransactionVerbs(object):
                               sender.encode("utf-8", "replace"), self.cfg.max_header_size)
 
     def smtp_DATA(self, line, args):
+        """The message, dot-stuffed, streamed through the header rewriter
+        into the spool file as it arrives, so that memory stays bounded
+        whatever the size.  An over-size message is read to its end and
+        then refused, so the client gets the reply in step rather than a
+        dropped connection; nothing reaches the router until the file is
+        committed."""
         if self.runtime.strict and args.strip():
             self.reply("data_junk")
             return
@@ -5108,6 +5128,11 @@ class MailTransactionVerbs(object):
             len(txn.recipients), size)
 
     def smtp_BDAT(self, line, args):
+        """A CHUNKING chunk of exactly ``size`` bytes.  The bytes are read
+        even when the chunk is refused: they are message data, and read as
+        commands they would be an injection.  CRLF becomes LF across chunk
+        borders (a CR at a chunk's end waits for the next chunk), as the
+        spool holds LF-terminated lines."""
         m = _BDAT_ARGS.match(args)
         if not m:
             # Without a valid size the chunk cannot be skipped: its bytes
@@ -5643,6 +5668,10 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
     # -- STARTTLS ---------------------------------------------------------------
 
     def smtp_STARTTLS(self, line, args):
+        """Upgrade the connection to TLS.  Anything pipelined after the
+        command is refused and dropped (it came in clear text and would be
+        taken as sent under TLS), and everything learnt before TLS is
+        forgotten: the client must greet again and authenticate again."""
         context = self.runtime.tls_context(self.group) if self.group.use_tls else None
         if context is None:
             self.reply("tls_not_enabled")
