@@ -27,11 +27,16 @@ Map of this file, in the order data flows through it:
                             WorkerPool, a worker's SessionLoop), Supervisor
                             (the master's selectors loop)
   8. Session .............. Channel and the WANT_* requests a conversation
-                            yields, drive_blocking, SMTPSession (a
-                            StreamRequestHandler whose conversation is a
-                            generator), one ``smtp_VERB`` per verb
-  9. Authentication ....... PipeAuthenticator, AuthFailureTracker
- 10. Spool ................ SpoolWriter / SpoolFile, group-committed dir fsync
+                            yields, drive_blocking, ESMTP parameter
+                            functions, the command table (COMMANDS), and
+                            SMTPSession (a StreamRequestHandler whose
+                            conversation is a generator; built from
+                            SessionStart and MailTransactionVerbs), one
+                            ``smtp_VERB`` generator per verb
+  9. Authentication ....... SaslExchange (the AUTH dialogue),
+                            PipeAuthenticator, AuthFailureTracker
+ 10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
+                            SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
 """
 
