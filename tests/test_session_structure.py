@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import smtplib
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 import types
 import unittest
 
-from tests.harness import HERE, free_port, which
+from tests.harness import HERE, client_tls_context, free_port, shared_certificate_dir
 from tests.test_startup_checks import PYTHON, _Site, wait_listening
 
 import zmsmtpd
@@ -121,32 +120,23 @@ class ResetAfterStartTLSTest(unittest.TestCase):
     not recorded with what its earlier EHLO proved."""
 
     def test_the_helo_address_check_from_before_tls_is_forgotten(self):
-        openssl = which("openssl")
-        if openssl is None:
+        certs = shared_certificate_dir()
+        if certs is None:
             self.skipTest("openssl not installed: cannot make a test certificate")
         port = free_port()
         site = _Site(self, [])
         site.write_conf(["PARAM BindSmtp [127.0.0.1] %d" % port,
                          "PARAM policydb btree $MAILVAR/db/smtp-policy", "PARAM use-tls",
-                         "PARAM tls-cert-file %s/cert.pem" % site.dir,
-                         "PARAM tls-key-file %s/key.pem" % site.dir,
+                         "PARAM tls-cert-file %s/cert.pem" % certs,
+                         "PARAM tls-key-file %s/key.pem" % certs,
                          # the 127.0.0.1 client may go without HELO
                          "127.0.0.1  -", "*  ftveR"])
-        made = subprocess.call([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                                "-subj", "/CN=localhost", "-days", "2",
-                                "-keyout", os.path.join(site.dir, "key.pem"),
-                                "-out", os.path.join(site.dir, "cert.pem")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.assertEqual(made, 0)
         proc = site.start(self)
         self.assertTrue(wait_listening(port, proc), site.errors())
         client = smtplib.SMTP("127.0.0.1", port, local_hostname="[127.0.0.1]", timeout=20)
         self.addCleanup(client.close)
         client.ehlo()
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self.assertEqual(client.starttls(context=context)[0], 220)
+        self.assertEqual(client.starttls(context=client_tls_context())[0], 220)
         # No EHLO after TLS: this client may go without one.
         self.assertEqual(client.docmd("MAIL FROM:<a@example.org>")[0], 250)
         self.assertEqual(client.docmd("RCPT TO:<postmaster@localhost>")[0], 250)
