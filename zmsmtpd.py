@@ -4979,24 +4979,6 @@ class MailTransactionVerbs(object):
         if self.cfg.submission_rate_limit is not None and self.authuser is not None:
             self.runtime.submissions.record(self.authuser, len(txn.recipients))
 
-    # -- envelope lines --------------------------------------------------------
-
-    def with_protocol(self):
-        if self.bsmtp:
-            return "BSMTP"
-        if self.kind in SUBMISSION_KINDS:
-            base = "SUBMIT"
-        elif self.ehlo_seen:
-            base = "ESMTP"
-        else:
-            return "SMTP"
-        return base + ("S" if self.tls_active else "") + ("A" if self.authuser else "")
-
-    def rhost_flags(self):
-        c = "??" if self.helo_syntax_ok is None else ("OK" if self.helo_syntax_ok else "FAIL")
-        d = "OK" if self.helo_addr_ok else "FAIL"
-        return "rhost-flags-%s-%s-%s-%s" % (self.rhost_a, self.rhost_b, c, d)
-
     # -- DATA and BDAT -----------------------------------------------------------
 
     def data_state_problem(self, bdat):
