@@ -46,6 +46,7 @@ import array
 import base64
 import heapq
 import ipaddress
+import marshal
 import binascii
 import calendar
 import difflib
@@ -3531,6 +3532,9 @@ class Supervisor(object):
                     except OSError:
                         pass
                     continue
+                if key.data == "auth-spawner":
+                    self.runtime.auth_spawner.ended(restart=not self.stopping)
+                    continue
                 if isinstance(key.data, tuple):
                     self.pool.worker_event(key.data[1], mask)
                     continue
@@ -6097,15 +6101,20 @@ class PipeAuthenticator(object):
     program's whole process group and answers "tempfail", failing to
     start it is never a success, the environment is built explicitly
     (``TZ=`` included), and when zmsmtpd runs as root the program runs as
-    the unprivileged user given (TRUSTEDUSER, default ``daemon``)."""
+    the unprivileged user given (TRUSTEDUSER, default ``daemon``).
+
+    With a ``spawner`` (an AuthSpawner, in a daemon) the program is started
+    by that small helper process; when it cannot take the request, the
+    program is started here, as before."""
 
     OUTPUT_LIMIT = 65536
 
-    def __init__(self, path, timeout, zenv, zconfig_path, run_as=None, log=None):
+    def __init__(self, path, timeout, zenv, zconfig_path, run_as=None, log=None, spawner=None):
         self.path = path
         self.timeout = timeout
         self.run_as = run_as
         self.log = log
+        self.spawner = spawner
         env = {"SHELL": "/bin/sh", "IFS": " \t\n",
                "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
                "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
@@ -6133,6 +6142,45 @@ class PipeAuthenticator(object):
     def check(self, user, password, log=None):
         """'ok', 'fail' or 'tempfail'."""
         log = log or self.log
+        start = time.time()
+        data = password.encode("utf-8", "surrogateescape") + b"\n"
+        outcome = None
+        if self.spawner is not None:
+            outcome = self.spawner.run([self.path, user], self.env, "/", self.run_as,
+                                       self.timeout, data)
+        if outcome is None:
+            outcome = self._run_here(user, data)
+        kind = outcome[0]
+        if kind == "error":
+            self._syslog("%s: cannot run %s: %s" % (user, self.path, outcome[1]))
+            if log:
+                log.note("cannot run auth program %s: %s" % (self.path, outcome[1]))
+            return "tempfail"
+        if kind == "timeout":
+            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            if log:
+                log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
+            return "tempfail"
+        if kind == "lost":
+            self._syslog("%s: %s: %s" % (user, self.path, outcome[1]))
+            if log:
+                log.note("auth program %s: %s" % (self.path, outcome[1]))
+            return "tempfail"
+        status, line = outcome[1], outcome[2]
+        first = line[:255].decode("utf-8", "replace")
+        if password:
+            # A program that echoes what it read must not put the
+            # password into syslog or the log.
+            first = first.replace(password, "<password>")
+        self._syslog("%s: %s" % (user, first))
+        if log:
+            log.note("auth program for %s exited %s after %.3fs: %s" % (
+                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+        return "ok" if status == 0 else "fail"
+
+    def _run_here(self, user, data):
+        """Start the program from this process: ``("done", status, first
+        output line)``, ``("timeout",)`` or ``("error", why)``."""
         import select
         start = time.time()
         try:
@@ -6141,15 +6189,12 @@ class PipeAuthenticator(object):
                                     env=self.env, close_fds=True, cwd="/",
                                     **self._spawn_options())
         except (OSError, ValueError, subprocess.SubprocessError) as e:
-            self._syslog("%s: cannot run %s: %s" % (user, self.path, e))
-            if log:
-                log.note("cannot run auth program %s: %s" % (self.path, e))
-            return "tempfail"
+            return ("error", str(e))
         output = bytearray()
         deadline = start + self.timeout
         try:
             try:
-                proc.stdin.write(password.encode("utf-8", "surrogateescape") + b"\n")
+                proc.stdin.write(data)
                 proc.stdin.close()
             except (OSError, IOError):
                 pass  # it may not read stdin at all; its exit status decides
@@ -6171,22 +6216,10 @@ class PipeAuthenticator(object):
             status = proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             self._kill(proc)
-            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
-            if log:
-                log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
-            return "tempfail"
+            return ("timeout",)
         finally:
             proc.stdout.close()
-        first = bytes(output).split(b"\n", 1)[0][:255].decode("utf-8", "replace")
-        if password:
-            # A program that echoes what it read must not put the
-            # password into syslog or the log.
-            first = first.replace(password, "<password>")
-        self._syslog("%s: %s" % (user, first))
-        if log:
-            log.note("auth program for %s exited %s after %.3fs: %s" % (
-                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
-        return "ok" if status == 0 else "fail"
+        return ("done", status, bytes(output).split(b"\n", 1)[0])
 
     @staticmethod
     def _kill(proc):
@@ -6206,6 +6239,467 @@ class PipeAuthenticator(object):
         facility = getattr(syslog, "LOG_AUTHPRIV", syslog.LOG_AUTH)
         mail_syslog(facility | syslog.LOG_INFO, text)
 
+
+#: How long a session waits for the auth spawner to take a request before
+#: it starts the auth program itself (the spawner is dead or stuck).
+AUTH_SPAWNER_TAKE_WAIT = 2.0
+#: How long, beyond the program's own timeout, a session waits for the
+#: spawner's answer once the spawner has taken the request.
+AUTH_SPAWNER_GRACE = 5.0
+#: The master restarts a spawner that ended at most this many times per
+#: AUTH_SPAWNER_RESTART_WINDOW seconds; after that sessions start the
+#: program themselves.
+AUTH_SPAWNER_RESTARTS = 5
+AUTH_SPAWNER_RESTART_WINDOW = 60.0
+#: The largest request (argv, environment, password) a session sends.
+AUTH_SPAWNER_MAX_REQUEST = 65536
+#: How much of the program's first output line the spawner returns.
+AUTH_SPAWNER_LINE_LIMIT = 1024
+
+
+def auth_spawner_wanted(config, zenv):
+    """Does any group run an auth program?"""
+    return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
+               for g in config.groups)
+
+
+class AuthSpawner(object):
+    """Starts the pipeauth programs from a small helper process.
+
+    Starting a program from a worker means copying that worker: when the
+    program must run as another user, CPython cannot use vfork, and a
+    full fork of a process with many threads, TLS contexts and buffers
+    costs milliseconds per AUTH.  The spawner is forked by the master
+    before it serves anything and stays small and single-threaded, so its
+    forks are cheap.
+
+    The master makes one SOCK_SEQPACKET socketpair: the spawner reads
+    requests from one end, and every session process (the master's
+    threads, workers, forked sessions) inherits the other.  A request is
+    one message -- argv, environment, working directory, the ids to run
+    as, the timeout and the bytes for stdin -- with one end of a fresh
+    socketpair attached, on which the spawner answers: ``A`` when it has
+    taken the request, then the outcome (exit status and first output
+    line, a timeout, or why the program could not start).  So any number
+    of sessions can ask at once and each answer reaches its asker.
+
+    The master keeps the spawner's end too: when the spawner dies it
+    starts another on the same socket, and requests sent meanwhile wait
+    there.  A session that gets no ``A`` within AUTH_SPAWNER_TAKE_WAIT,
+    or cannot send, starts the program itself; one that got ``A`` but no
+    outcome answers "tempfail", as the program may have run."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.client = None      # where sessions send requests
+        self.server = None      # the spawner's end, kept for a restart
+        self.alive_r = None     # the master's: end of file when the spawner ended
+        self.pid = None
+        self.selector = None
+        self.restarts = deque()
+        self.given_up = False
+
+    # -- the master ----------------------------------------------------------
+
+    def start(self, selector=None):
+        """Fork the spawner (the master, at start-up or when one ended)."""
+        import warnings
+        if selector is not None:
+            self.selector = selector
+        if self.client is None:
+            self.client, self.server = socket.socketpair(socket.AF_UNIX,
+                                                         socket.SOCK_SEQPACKET)
+        alive_r, alive_w = os.pipe()
+        with warnings.catch_warnings():
+            # 3.12+ warns about fork in a process with threads; the child
+            # runs only code that takes no lock another thread may hold.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            status = 1
+            try:
+                os.close(alive_r)
+                SpawnerLoop(self.server, alive_w).run()
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(alive_w)
+        self.alive_r, self.pid = alive_r, pid
+        if self.selector is not None:
+            self.selector.register(alive_r, selectors.EVENT_READ, "auth-spawner")
+        return pid
+
+    @property
+    def running(self):
+        return self.alive_r is not None
+
+    def ended(self, restart=True):
+        """The master: the spawner's liveness pipe reached end of file."""
+        if self.alive_r is None:
+            return
+        if self.selector is not None:
+            try:
+                self.selector.unregister(self.alive_r)
+            except (KeyError, ValueError):
+                pass
+        os.close(self.alive_r)
+        self.alive_r = None
+        pid, self.pid = self.pid, None
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass            # the master's reaper was first
+        if not restart:
+            return
+        now = time.time()
+        while self.restarts and now - self.restarts[0] > AUTH_SPAWNER_RESTART_WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) >= AUTH_SPAWNER_RESTARTS:
+            # Shutting the socket down (for every process that has it)
+            # makes sessions' requests fail at once, so they start the
+            # program themselves instead of waiting for an answer.
+            try:
+                self.server.shutdown(socket.SHUT_RDWR)
+            except (OSError, socket.error):
+                pass
+            self.given_up = True
+            if self.log:
+                self.log.note("auth spawner (pid %d) ended %d times within %ds; sessions "
+                              "start the auth program themselves from now on" % (
+                                  pid, len(self.restarts) + 1,
+                                  AUTH_SPAWNER_RESTART_WINDOW))
+            return
+        self.restarts.append(now)
+        try:
+            new = self.start()
+        except OSError as e:
+            if self.log:
+                self.log.note("auth spawner (pid %d) ended and cannot be restarted: %s; "
+                              "sessions start the auth program themselves" % (pid, e))
+            return
+        if self.log:
+            self.log.note("auth spawner (pid %d) ended; started another (pid %d)" % (pid, new))
+
+    # -- a session -------------------------------------------------------------
+
+    def run(self, argv, env, cwd, run_as, timeout, data):
+        """Have the spawner run a program: ``("done", status, first output
+        line)``, ``("timeout",)``, ``("error", why)``, ``("lost", why)``,
+        or None when the caller should start the program itself."""
+        if self.client is None or self.given_up:
+            return None
+        if run_as is not None:
+            ids = ("drop", run_as[0], run_as[1])
+        else:
+            # Today's identity of this process, real and effective, as a
+            # program started from here would have it.
+            ids = ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
+                   tuple(os.getgroups()))
+        request = marshal.dumps((1, list(argv), dict(env), cwd, ids, float(timeout), data))
+        if len(request) > AUTH_SPAWNER_MAX_REQUEST:
+            return None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                self.client.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", [theirs.fileno()]))],
+                                   socket.MSG_DONTWAIT)
+            except (OSError, socket.error):
+                return None     # no spawner to take it, or its queue is full
+            finally:
+                theirs.close()
+            taken = self._receive(mine, AUTH_SPAWNER_TAKE_WAIT)
+            if taken is None:
+                # Withdraw the request: from now on the spawner's "taken"
+                # fails, so it will not run the program.  One it sent just
+                # before is still here to read.
+                try:
+                    mine.shutdown(socket.SHUT_RDWR)
+                    taken = mine.recv(16, socket.MSG_DONTWAIT)
+                except (OSError, socket.error):
+                    taken = b""
+                if taken != b"A":
+                    return None
+                return ("lost", "the auth spawner took the request too late")
+            if taken != b"A":
+                return None     # the spawner ended before taking it
+            answer = self._receive(mine, timeout + AUTH_SPAWNER_GRACE)
+            if not answer:
+                return ("lost", "the auth spawner ended before the program did")
+            try:
+                outcome = marshal.loads(answer)
+            except (ValueError, EOFError, TypeError):
+                return ("lost", "the auth spawner sent a garbled answer")
+            return tuple(outcome)
+        finally:
+            mine.close()
+
+    @staticmethod
+    def _receive(sock, timeout):
+        """One message, b"" at end of file, None after ``timeout``."""
+        import select
+        deadline = time.time() + timeout
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return None
+            r, _, _ = select.select([sock], [], [], remaining)
+            if r:
+                try:
+                    return sock.recv(AUTH_SPAWNER_MAX_REQUEST)
+                except (OSError, socket.error):
+                    return b""
+
+
+class SpawnerJob(object):
+    """One program the spawner runs, and the session waiting for it."""
+
+    def __init__(self, proc, reply, data, deadline, started):
+        self.proc = proc
+        self.reply = reply
+        self.pending = data
+        self.deadline = deadline
+        self.started = started
+        self.line = bytearray()
+        self.line_done = False
+        self.answered = False
+        self.killed = False
+
+    def take_output(self, chunk):
+        if self.line_done:
+            return
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            chunk = chunk[:cut]
+            self.line_done = True
+        self.line.extend(chunk[:AUTH_SPAWNER_LINE_LIMIT - len(self.line)])
+        if len(self.line) >= AUTH_SPAWNER_LINE_LIMIT:
+            self.line_done = True
+
+    def answer(self, outcome):
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            self.reply.send(marshal.dumps(outcome), socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            pass        # the session gave up on it
+        self.reply.close()
+
+
+class SpawnerLoop(object):
+    """The auth spawner process: takes requests, runs the programs,
+    answers each on its own socket.  Single-threaded; the programs'
+    output pipes, stdin pipes, timeouts and exits are all served by one
+    selector loop, so a hanging program holds up nobody else.  It ends
+    when no process is left to send it requests."""
+
+    def __init__(self, sock, alive_w):
+        self.sock = sock
+        self.alive_w = alive_w
+        self.jobs = []
+        self.selector = None
+
+    def run(self):
+        import gc
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # The master's objects stay in this copy of its memory; what was
+        # already garbage goes now, before their descriptors are closed
+        # here, so no late finaliser closes a number reused meanwhile.
+        gc.collect()
+        close_descriptors_except((0, 1, 2, self.sock.fileno(), self.alive_w))
+        if os.getuid() == 0 and os.geteuid() != 0:
+            os.seteuid(0)       # a restart, forked by a master that dropped root
+            os.setegid(0)
+        set_process_name("auth-spawner")
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.sock.setblocking(False)
+        sel = self.selector = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "request")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        listening = True
+        while listening or self.jobs:
+            deadlines = [j.deadline for j in self.jobs if not j.killed]
+            timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
+            for key, _ in sel.select(timeout):
+                what = key.data
+                if what == "request":
+                    if not self.take():
+                        sel.unregister(self.sock)
+                        listening = False
+                elif what == "wake":
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except OSError:
+                        pass
+                elif what[0] == "out":
+                    self.read_output(what[1])
+                else:
+                    self.write_input(what[1])
+            self.tend()
+
+    def take(self):
+        """Take one request; False when every sender is gone."""
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                AUTH_SPAWNER_MAX_REQUEST, socket.CMSG_SPACE(4 * array.array("i").itemsize))
+        except (BlockingIOError, InterruptedError):
+            return True
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not data and not fds:
+            return False
+        if len(fds) != 1 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            return True
+        reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
+        try:
+            version, argv, env, cwd, ids, timeout, stdin = marshal.loads(data)
+            if version != 1:
+                raise ValueError(version)
+        except (ValueError, EOFError, TypeError):
+            reply.close()
+            return True
+        try:
+            reply.send(b"A", socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            reply.close()       # withdrawn: the session starts it itself
+            return True
+        started = time.time()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env, close_fds=True,
+                                    cwd=cwd, **spawner_id_options(ids))
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            job = SpawnerJob(None, reply, b"", 0, started)
+            job.answer(("error", str(e)))
+            return True
+        job = SpawnerJob(proc, reply, stdin, started + timeout, started)
+        self.jobs.append(job)
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, ("out", job))
+        os.set_blocking(proc.stdin.fileno(), False)
+        self.write_input(job)
+        if job.pending:
+            self.selector.register(proc.stdin, selectors.EVENT_WRITE, ("in", job))
+        return True
+
+    def write_input(self, job):
+        stdin = job.proc.stdin
+        if stdin is None or stdin.closed:
+            return
+        try:
+            written = os.write(stdin.fileno(), job.pending)
+            job.pending = job.pending[written:]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            job.pending = b""   # it does not read stdin; its exit status decides
+        if not job.pending:
+            self._drop(stdin)
+
+    def read_output(self, job, rounds=1):
+        stdout = job.proc.stdout
+        for _ in range(rounds):
+            if stdout.closed:
+                return
+            try:
+                chunk = os.read(stdout.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(stdout)
+                return
+            job.take_output(chunk)
+
+    def _drop(self, pipe):
+        try:
+            self.selector.unregister(pipe)
+        except (KeyError, ValueError):
+            pass
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+    def tend(self):
+        """Answer the jobs whose program exited or ran out of time."""
+        now = time.time()
+        for job in list(self.jobs):
+            status = job.proc.poll()
+            if status is not None:
+                if not job.answered:
+                    # What it wrote just before exiting; a child it left
+                    # behind may keep the pipe open, so only a little.
+                    self.read_output(job, rounds=4)
+                    job.answer(("done", status, bytes(job.line), now - job.started))
+                self._drop(job.proc.stdout)
+                self._drop(job.proc.stdin)
+                self.jobs.remove(job)
+            elif not job.killed and now >= job.deadline:
+                job.killed = True
+                try:
+                    os.killpg(job.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                job.answer(("timeout",))
+                self._drop(job.proc.stdout)
+                self._drop(job.proc.stdin)
+
+
+def spawner_id_options(ids):
+    """Popen arguments that give a program the ids a request asks for,
+    always in a new session (a timeout kills its whole group)."""
+    if ids[0] == "drop":
+        uid, gid = ids[1], ids[2]
+        if sys.version_info >= (3, 9):
+            # Done in C, without running Python in the child.
+            return {"start_new_session": True, "user": uid, "group": gid,
+                    "extra_groups": []}
+
+        def drop():
+            os.setsid()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        return {"preexec_fn": drop}
+    ruid, euid, rgid, egid, groups = ids[1:]
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (ruid, euid, rgid, egid) \
+            and sorted(os.getgroups()) == sorted(groups):
+        return {"start_new_session": True}
+
+    def same():
+        os.setsid()
+        os.setgroups(list(groups))
+        os.setresgid(rgid, egid, egid)
+        os.setresuid(ruid, euid, euid)
+    return {"preexec_fn": same}
+
+
+def close_descriptors_except(keep):
+    """Close every open descriptor not in ``keep``."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except (OSError, ValueError):
+        fds = range(3, 1024)
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 # ---------------------------------------------------------------------------
 # 10. The spool: handing messages to the router
@@ -6771,6 +7265,7 @@ class Runtime(object):
         self._names = {}
         self._names_lock = threading.Lock()
         self.supervisor = None
+        self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -6795,6 +7290,7 @@ class Runtime(object):
         self.sender_maps = sender_maps
         self.spool.dir_fsync = config.spool_dir_fsync
         self.tls = tls
+        self._authenticators = {}   # id(group) -> (group, PipeAuthenticator or None)
         self.policies = policies
         self.local_names = frozenset(n.lower() for n in (self.hostname, socket.getfqdn(),
                                                          "localhost") if n)
@@ -6812,11 +7308,20 @@ class Runtime(object):
         return self.policies.get(group.policydb) if group.policydb else None
 
     def authenticator(self, group):
+        """The group's PipeAuthenticator, built (with its user look-up)
+        once per configuration: a reload starts a new cache."""
+        cache = self._authenticators
+        hit = cache.get(id(group))
+        if hit is not None and hit[0] is group:
+            return hit[1]
         path = group.auth_pipe or self.zenv.get("PIPEAUTHPATH")
-        if not path:
-            return None
-        return PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv, self.zconfig_path,
-                                 run_as=self.auth_identity(group), log=self.log)
+        auth = None
+        if path:
+            auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
+                                     self.zconfig_path, run_as=self.auth_identity(group),
+                                     log=self.log, spawner=self.auth_spawner)
+        cache[id(group)] = (group, auth)
+        return auth
 
     def auth_identity(self, group):
         return auth_identity(group, self.zenv)
@@ -6907,6 +7412,10 @@ class Runtime(object):
             old = self.config
             self.apply_config(config)
             sup.config = config
+            spawner = self.auth_spawner
+            if spawner is not None and not spawner.running and not spawner.given_up \
+                    and auth_spawner_wanted(config, self.zenv):
+                spawner.start(sup.selector)
             listeners, errors = sup.open_listeners(specs, keep=sup.listeners)
             for e in errors:
                 self.log.note("reload: " + e)
@@ -7538,7 +8047,7 @@ class root_file_access(object):
 #: command line (/proc/PID/cmdline) stays as it was, since zmailer.sh and
 #: a restarting server recognise the daemon by it.
 PROCESS_NAMES = {"master": b"zmsmtpd: master", "worker": b"zmsmtpd: worker",
-                 "session": b"zmsmtpd: child"}
+                 "session": b"zmsmtpd: child", "auth-spawner": b"zmsmtpd: auth"}
 PR_SET_NAME = 15
 
 
@@ -7772,6 +8281,12 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     runtime.started = time.time()
     supervisor.status_path = status_path_for(pidfile)
     supervisor.write_status(force=True)
+    # The auth spawner is forked here: the master is its parent (after
+    # detaching) and can restart it; no worker, thread or session exists
+    # yet, and it closes the listeners and the log it inherits.
+    runtime.auth_spawner = AuthSpawner(log)
+    if auth_spawner_wanted(config, zenv):
+        runtime.auth_spawner.start(supervisor.selector)
     drop_privileges(user, log)
     if ready:
         os.write(ready[0], b"1")
