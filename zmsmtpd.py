@@ -34,7 +34,8 @@ Map of this file, in the order data flows through it:
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker
+                            PipeAuthenticator, AuthFailureTracker, AuthSpawner
+                            (the helper process that starts the programs)
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -6492,13 +6493,27 @@ class SpawnerLoop(object):
     answers each on its own socket.  Single-threaded; the programs'
     output pipes, stdin pipes, timeouts and exits are all served by one
     selector loop, so a hanging program holds up nobody else.  It ends
-    when no process is left to send it requests."""
+    when no process is left to send it requests.
 
-    def __init__(self, sock, alive_w):
+    A program that must run with other ids than the spawner's is handed
+    to a helper: a child of the spawner that has taken on those ids for
+    good and runs the same loop.  Starting a program needs no id change
+    there, so CPython (3.10+) can use vfork instead of copying the
+    process, and the helper may still kill the program's group at the
+    timeout.  Without a helper (too many different ids, or it cannot be
+    started) the spawner starts the program itself."""
+
+    MAX_HELPERS = 8
+
+    def __init__(self, sock, alive_w=None, identity=None):
         self.sock = sock
         self.alive_w = alive_w
+        self.identity = identity    # a helper: the ids it took on
         self.jobs = []
+        self.helpers = {}           # ids -> (pid, socket)
+        self.retired = []           # helpers that ended or were let go, to reap
         self.selector = None
+        self.wake = ()
 
     def run(self):
         import gc
@@ -6509,12 +6524,15 @@ class SpawnerLoop(object):
         # already garbage goes now, before their descriptors are closed
         # here, so no late finaliser closes a number reused meanwhile.
         gc.collect()
-        close_descriptors_except((0, 1, 2, self.sock.fileno(), self.alive_w))
-        if os.getuid() == 0 and os.geteuid() != 0:
+        keep = [0, 1, 2, self.sock.fileno()]
+        if self.alive_w is not None:
+            keep.append(self.alive_w)
+        close_descriptors_except(keep)
+        if self.identity is None and os.getuid() == 0 and os.geteuid() != 0:
             os.seteuid(0)       # a restart, forked by a master that dropped root
             os.setegid(0)
         set_process_name("auth-spawner")
-        wake_r, wake_w = os.pipe()
+        wake_r, wake_w = self.wake = os.pipe()
         for fd in (wake_r, wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(wake_w)
@@ -6544,6 +6562,8 @@ class SpawnerLoop(object):
                 else:
                     self.write_input(what[1])
             self.tend()
+            if self.helpers or self.retired:
+                self.reap_helpers()
 
     def take(self):
         """Take one request; False when every sender is gone."""
@@ -6570,6 +6590,9 @@ class SpawnerLoop(object):
         except (ValueError, EOFError, TypeError):
             reply.close()
             return True
+        if self.identity is None and os.geteuid() == 0 and not spawner_has_ids(ids) \
+                and self.forward(data, reply, ids):
+            return True
         try:
             reply.send(b"A", socket.MSG_DONTWAIT)
         except (OSError, socket.error):
@@ -6593,6 +6616,73 @@ class SpawnerLoop(object):
         if job.pending:
             self.selector.register(proc.stdin, selectors.EVENT_WRITE, ("in", job))
         return True
+
+    def forward(self, data, reply, ids):
+        """Pass a request on to the helper for ``ids``; False to run it here."""
+        for _ in range(2):
+            helper = self.helpers.get(ids) or self.start_helper(ids)
+            if helper is None:
+                return False
+            try:
+                helper[1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            array.array("i", [reply.fileno()]))],
+                                  socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False    # its queue is full: no waiting here
+            except (OSError, socket.error):
+                self.drop_helper(ids)   # it ended: one more try with a new one
+                continue
+            reply.close()
+            return True
+        return False
+
+    def start_helper(self, ids):
+        if len(self.helpers) >= self.MAX_HELPERS:
+            return None
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+        except OSError:
+            return None
+        if pid == 0:  # pragma: no cover - runs in the helper
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                if ids[0] == "drop":
+                    os.setgroups([])
+                    os.setgid(ids[2])
+                    os.setuid(ids[1])
+                else:
+                    ruid, euid, rgid, egid, groups = ids[1:]
+                    os.setgroups(list(groups))
+                    os.setresgid(rgid, egid, egid)
+                    os.setresuid(ruid, euid, euid)
+                SpawnerLoop(child, identity=ids).run()
+                status = 0
+            finally:
+                os._exit(status)
+        child.close()
+        self.helpers[ids] = (pid, parent)
+        return self.helpers[ids]
+
+    def drop_helper(self, ids):
+        pid, sock = self.helpers.pop(ids)
+        sock.close()        # it ends when its running programs have
+        self.retired.append(pid)
+
+    def reap_helpers(self):
+        for ids, (pid, sock) in list(self.helpers.items()):
+            if self._reaped(pid):
+                sock.close()
+                del self.helpers[ids]
+        self.retired = [pid for pid in self.retired if not self._reaped(pid)]
+
+    @staticmethod
+    def _reaped(pid):
+        try:
+            return os.waitpid(pid, os.WNOHANG)[0] != 0
+        except OSError:
+            return True
 
     def write_input(self, job):
         stdin = job.proc.stdin
@@ -6662,6 +6752,8 @@ class SpawnerLoop(object):
 def spawner_id_options(ids):
     """Popen arguments that give a program the ids a request asks for,
     always in a new session (a timeout kills its whole group)."""
+    if spawner_has_ids(ids):
+        return {"start_new_session": True}
     if ids[0] == "drop":
         uid, gid = ids[1], ids[2]
         if sys.version_info >= (3, 9):
@@ -6676,9 +6768,6 @@ def spawner_id_options(ids):
             os.setuid(uid)
         return {"preexec_fn": drop}
     ruid, euid, rgid, egid, groups = ids[1:]
-    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (ruid, euid, rgid, egid) \
-            and sorted(os.getgroups()) == sorted(groups):
-        return {"start_new_session": True}
 
     def same():
         os.setsid()
@@ -6686,6 +6775,17 @@ def spawner_id_options(ids):
         os.setresgid(rgid, egid, egid)
         os.setresuid(ruid, euid, euid)
     return {"preexec_fn": same}
+
+
+def spawner_has_ids(ids):
+    """Does this process already have the ids a request asks for?"""
+    if ids[0] == "drop":
+        uid, gid = ids[1], ids[2]
+        return os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) \
+            and not os.getgroups()
+    ruid, euid, rgid, egid, groups = ids[1:]
+    return (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (ruid, euid, rgid, egid) \
+        and sorted(os.getgroups()) == sorted(groups)
 
 
 def close_descriptors_except(keep):

@@ -310,6 +310,13 @@ class ZmPeer(Peer):
         self.po = os.path.join(self.top, "postoffice")
         for d in ("postoffice/public", "postoffice/router", "db", "bin", "log"):
             os.makedirs(os.path.join(self.top, d))
+        # Under root zmsmtpd's sessions run as an unprivileged user (daemon),
+        # who must reach the layout and create files in the spool: ZMailer's
+        # own modes, as its post-install sets them.
+        for d in (work, self.top, self.po):
+            os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o755)
+        for d in ("public", "router"):
+            os.chmod(os.path.join(self.po, d), 0o3777)
         self.spooled_dir = os.path.join(self.po, "router")
         self.leftover_dir = os.path.join(self.po, "public")
         with open(os.path.join(self.top, "db", "smtp-policy.dat"), "w") as f:
