@@ -41,19 +41,22 @@ Map of this file, in the order data flows through it:
  11. Command line ......... option parsing, daemon, pid file, signals, demo
 """
 
-from __future__ import print_function
-
 import array
 import base64
-import heapq
-import ipaddress
-import marshal
 import binascii
 import calendar
 import difflib
 import errno
+import fcntl
+import getopt
+import heapq
+import ipaddress
+import marshal
 import os
+import pwd
+import queue
 import re
+import select
 import selectors
 import signal
 import socket
@@ -65,12 +68,19 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque, namedtuple
 
 try:
     import syslog
 except ImportError:  # pragma: no cover - non-Unix
     syslog = None
+
+try:
+    import ctypes
+    import ctypes.util
+except ImportError:  # pragma: no cover - an interpreter built without it
+    ctypes = None
 
 VERSION = "3.0.1-zmsmtpd 1.0"
 PROGRAM = "zmsmtpd"
@@ -403,8 +413,6 @@ class ServerConfig(Frozen):
     """The whole configuration: process-wide settings, the groups, the
     HELO patterns, and every diagnostic met while reading it."""
 
-    def group_for_kind(self, kind):  # pragma: no cover - convenience
-        return self.groups[-1]
 
 
 # Keyword table.  Scope "G" is process-wide (last one wins, even inside a
@@ -639,7 +647,7 @@ GROUP_DEFAULTS = dict(
     proxy_protocol_nets=())
 
 GLOBAL_DEFAULTS = dict(
-    max_same_ip=100, max_parallel=800, bindport=25, bindport_given=False,
+    max_same_ip=100, max_parallel=800, bindport=25,
     maxsize=0, min_availspace=5000, max_unknown=10, junk_command_limit=100,
     sum_sizeoption=False,
     allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
@@ -923,7 +931,6 @@ class ConfigReader(object):
     def read(self):
         if self.options.get("bindport"):
             self.glob["bindport"] = self.options["bindport"]
-            self.glob["bindport_given"] = True
         if self.options.get("maxsize") is not None:
             self.glob["maxsize"] = max(0, self.options["maxsize"])
         self.bind_source = "-x"
@@ -1081,7 +1088,6 @@ class ConfigReader(object):
         if problem:
             return problem
         target["bindport"] = int(args[0])
-        target["bindport_given"] = True
 
     def _kind_bind(self, lineno, target, attr, extra, args, name):
         if not args:
@@ -2051,10 +2057,10 @@ def reply_bytes(lines):
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-def format_reply(name, enhanced_ok=True, multiline=True, **fields):
-    """The wire lines (without CRLF) of reply ``name``.  ``multiline=False``
-    is ``no-multiline-replies``: it only drops the caret line, which the
-    caller adds itself."""
+def format_reply(name, enhanced_ok=True, **fields):
+    """The wire lines (without CRLF) of reply ``name``.  (PARAM
+    no-multiline-replies only drops the caret line, which the session adds
+    itself.)"""
     code, enh, _ = REPLIES[name]
     texts = reply_texts(name, **fields)
     return reply_lines(code, texts, enh if enhanced_ok else None)
@@ -2252,8 +2258,6 @@ def interface_address(name, family):
         except IOError:
             pass
         return None
-    import fcntl
-    import struct
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         req = struct.pack("256s", name.encode()[:15])
@@ -2330,7 +2334,6 @@ class SessionThreads(object):
     per connection costs a handful of system calls and a stack mapping."""
 
     def __init__(self):
-        import queue
         self.jobs = queue.Queue()
         self.lock = threading.Lock()
         self.idle = 0
@@ -2356,11 +2359,6 @@ class SessionThreads(object):
                 with self.lock:
                     self.busy -= 1
                     self.idle += 1
-
-    def join(self, deadline):
-        """Wait (until ``deadline``) for the running sessions to end."""
-        while self.busy and time.time() < deadline:
-            time.sleep(0.05)
 
 
 class ThreadPerSessionMixIn(object):
@@ -2472,7 +2470,6 @@ class ListenerServer(socketserver.TCPServer):
                 ended()
 
     def handle_error(self, request, client_address):
-        import traceback
         self.supervisor.log.note("session error from %s: %s" % (
             client_address[0], traceback.format_exc().replace("\n", " | ")))
 
@@ -2568,7 +2565,7 @@ class WorkerPool(object):
         if not entry.backlog:
             try:
                 self.hand_over(entry, payload, request)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 pass
             except (OSError, socket.error) as e:
                 self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
@@ -2601,7 +2598,7 @@ class WorkerPool(object):
             payload, conn = entry.backlog[0]
             try:
                 self.hand_over(entry, payload, conn)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except (OSError, socket.error) as e:
                 self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
@@ -2625,7 +2622,7 @@ class WorkerPool(object):
         while True:
             try:
                 msg = entry.channel.recv(4096)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except (OSError, socket.error):
                 msg = b""
@@ -2856,10 +2853,7 @@ class SessionLoop(object):
                 timeout = max(0.0, self.timers[0][0] - time.time())
             if self.leaving:
                 timeout = min(timeout if timeout is not None else 1.0, 1.0)
-            try:
-                events = self.selector.select(timeout)
-            except InterruptedError:
-                continue
+            events = self.selector.select(timeout)
             for key, mask in events:
                 what = key.data
                 if what == "master":
@@ -2947,7 +2941,7 @@ class SessionLoop(object):
         while True:
             try:
                 msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except (OSError, socket.error):
                 msg, ancdata = b"", []
@@ -3069,7 +3063,7 @@ class SessionLoop(object):
         if data:
             try:
                 sent = slot.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 sent = 0
             except (OSError, socket.error):
                 slot.outbuf = b""
@@ -3106,7 +3100,7 @@ class SessionLoop(object):
             return
         try:
             data = slot.sock.recv(Channel.RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return
         except (OSError, socket.error):
             self.advance(slot, None, ClientGone())
@@ -3512,13 +3506,8 @@ class Supervisor(object):
         if self.pool is not None:
             self.pool.start()
         while not self.stopping:
-            try:
-                events = self.selector.select(
-                    timeout=STATUS_INTERVAL if self.status_path else 5.0)
-            except (OSError, select_error()) as e:  # pragma: no cover
-                if getattr(e, "errno", None) == errno.EINTR:
-                    continue
-                raise
+            events = self.selector.select(
+                timeout=STATUS_INTERVAL if self.status_path else 5.0)
             for key, mask in events:
                 if key.data is None:
                     try:
@@ -3574,11 +3563,6 @@ class Supervisor(object):
                 if not self.sessions:
                     break
             time.sleep(0.05)
-
-
-def select_error():
-    import select
-    return select.error
 
 
 # ---------------------------------------------------------------------------
@@ -3843,7 +3827,6 @@ class SocketChannel(Channel):
                 return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
             except (OSError, socket.error):
                 return False
-        import select
         try:
             r, _, _ = select.select([self.sock], [], [], wait)
         except (OSError, ValueError):
@@ -3866,7 +3849,6 @@ class StdioChannel(Channel):
         self.rfd, self.wfd = rfd, wfd
 
     def _recv(self, deadline):
-        import select
         remaining = deadline - time.time()
         if remaining <= 0:
             raise SessionTimeout()
@@ -3887,7 +3869,6 @@ class StdioChannel(Channel):
             raise ClientGone()
 
     def _input_ready(self, wait=0):
-        import select
         try:
             r, _, _ = select.select([self.rfd], [], [], wait)
         except (OSError, ValueError):
@@ -4625,7 +4606,6 @@ class SessionStart(object):
     def receive_proxy_header_exactly(self, deadline):
         """Blocking: the header from the socket, never a byte more (the TLS
         handshake that follows must reach the TLS layer whole)."""
-        import select
         sock, buf = self.sock, b""
         while True:
             header, more = parse_proxy_header(buf)
@@ -5275,7 +5255,6 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             except ClientGone:
                 self.log.note("Session closed w/o QUIT")
             except Exception:
-                import traceback
                 self.log.note("internal error: %s" % traceback.format_exc().replace("\n", " | "))
                 self.reply("internal_error")
             try:
@@ -6182,7 +6161,6 @@ class PipeAuthenticator(object):
     def _run_here(self, user, data):
         """Start the program from this process: ``("done", status, first
         output line)``, ``("timeout",)`` or ``("error", why)``."""
-        import select
         start = time.time()
         try:
             proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
@@ -7236,7 +7214,6 @@ LONG_OPTIONS = ["check", "demo=", "help"]
 
 def parse_command_line(argv):
     """The original's option letters and meanings; returns a dict."""
-    import getopt
     opts, rest = getopt.getopt(argv, OPTSTRING, LONG_OPTIONS)
     if rest:
         raise getopt.GetoptError("unexpected argument %r" % rest[0])
@@ -7538,7 +7515,6 @@ class Runtime(object):
 
 
 def lookup_user(name):
-    import pwd
     try:
         pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
     except KeyError:
@@ -7614,7 +7590,6 @@ def session_user(zenv):
     original's sessions did): the router trusts the envelope of a file by
     its owner, and a root-owned file from the network would be trusted as
     root.  Raises ConfigError when that user does not exist or is root."""
-    import pwd
     if os.geteuid() != 0:
         uid = os.geteuid()
         try:
@@ -7855,7 +7830,6 @@ def check_postoffice(site, user):
 def check_auth_programs(config, site):
     """Each group with smtp-auth: its program exists and the user it runs
     as may execute it, or every AUTH would fail."""
-    import pwd
     problems = []
     done = set()
     for index, g in enumerate(config.groups):
@@ -8100,12 +8074,10 @@ def _libc_function(name):
     """A function of the C library through ctypes, or None (not Linux,
     no ctypes, no such function)."""
     global _libc
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or ctypes is None:
         return None
     try:
         if _libc is None:
-            import ctypes
-            import ctypes.util
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         return getattr(_libc, name)
     except (ImportError, OSError, AttributeError):
@@ -8157,7 +8129,6 @@ def set_process_name(role):
     if prctl is None:
         return
     try:
-        import ctypes
         prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAMES[role][:15]), 0, 0, 0)
     except Exception:  # pragma: no cover - purely cosmetic
         pass
@@ -8230,7 +8201,6 @@ def run_interactive(runtime, config, inetd):
 
 
 def main(argv=None):
-    import getopt
     argv = sys.argv[1:] if argv is None else argv
     try:
         options = parse_command_line(argv)
