@@ -48,6 +48,7 @@ import calendar
 import difflib
 import errno
 import fcntl
+import functools
 import getopt
 import heapq
 import ipaddress
@@ -2369,10 +2370,10 @@ class ThreadPerSessionMixIn(object):
 
     def process_request(self, request, client_address):
         key = object()
-        sup = self.supervisor
+        sup = self.context
         sup.session_started(self, client_address, key)
         sup.threads.submit(self.serve_session, request, client_address,
-                           lambda: sup.session_ended(self, client_address, key))
+                           lambda: sup.session_ended(key))
 
 
 class ForkPerSessionMixIn(object):
@@ -2384,12 +2385,12 @@ class ForkPerSessionMixIn(object):
     def process_request(self, request, client_address):
         pid = os.fork()
         if pid:
-            self.supervisor.session_started(self, client_address, pid)
+            self.context.session_started(self, client_address, pid)
             self.close_request(request)
             return
         status = 0
         try:
-            self.supervisor.become_session_child()
+            self.context.become_session_child(request)
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
@@ -2410,8 +2411,10 @@ class ListenerServer(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 20000
 
-    def __init__(self, supervisor, spec):
-        self.supervisor = supervisor
+    def __init__(self, context, spec):
+        # Whoever runs this process's sessions: the Supervisor in the
+        # master, a WorkerContext in a worker process.
+        self.context = context
         self.spec = spec
         self.kind = spec.kind
         self.address_family = spec.family
@@ -2419,7 +2422,7 @@ class ListenerServer(socketserver.TCPServer):
         socketserver.TCPServer.__init__(self, (addr, spec.port), SMTPSession,
                                         bind_and_activate=False)
         try:
-            group = supervisor.config.groups[spec.group]
+            group = context.config.groups[spec.group]
             self.request_queue_size = max(1, group.listen_queue_size)
             if spec.family == socket.AF_INET6:
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -2436,7 +2439,7 @@ class ListenerServer(socketserver.TCPServer):
 
     @property
     def group(self):
-        return self.supervisor.config.groups[self.spec.group]
+        return self.context.config.groups[self.spec.group]
 
     def get_request(self):
         """Accept, and set what every session needs on its socket here, once:
@@ -2444,18 +2447,27 @@ class ListenerServer(socketserver.TCPServer):
         are written whole, so Nagle would only delay them)."""
         conn, addr = self.socket.accept()
         conn.setblocking(True)
-        cfg = self.supervisor.config
+        cfg = self.context.config
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_timeval(WRITE_TIMEOUT))
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                         kernel_timeval(cfg.command_timeout))
         return conn, addr
 
+    def ready(self, mask):
+        """The selector's callback: a connection to accept.  socketserver's
+        _handle_request_noblock runs get_request, verify_request and
+        process_request, with errors to handle_error."""
+        try:
+            self._handle_request_noblock()
+        except Exception:  # never let one accept kill the loop
+            self.context.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+
     def verify_request(self, request, client_address):
         """Connection limits and ``rejectnet``: over the limit a 450 (or,
         far over it, silence), a rejected network the 550 banner; either way
         the connection is closed here, before any session starts."""
-        return self.supervisor.admit(self, request, unmapped_ip(client_address[0]))
+        return self.context.admit(self, request, unmapped_ip(client_address[0]))
 
     def serve_session(self, request, client_address, ended):
         """One session on an accepted connection, then ``ended()``."""
@@ -2470,7 +2482,7 @@ class ListenerServer(socketserver.TCPServer):
                 ended()
 
     def handle_error(self, request, client_address):
-        self.supervisor.log.note("session error from %s: %s" % (
+        self.context.log.note("session error from %s: %s" % (
             client_address[0], traceback.format_exc().replace("\n", " | ")))
 
 
@@ -2485,12 +2497,12 @@ class WorkerDispatchMixIn(object):
     model = "workers"
 
     def process_request(self, request, client_address):
-        key = self.supervisor.pool.dispatch(self, request, client_address)
+        key = self.context.pool.dispatch(self, request, client_address)
         if key is not None:
-            self.supervisor.session_started(self, client_address, key)
+            self.context.session_started(self, client_address, key)
         else:
             lines = format_reply("shutdown", self.group.enhancedstatus,
-                                 host=self.supervisor.runtime.hostname)
+                                 host=self.context.runtime.hostname)
             try:
                 request.sendall(reply_bytes(lines))
             except (OSError, socket.error):
@@ -2542,14 +2554,15 @@ class WorkerPool(object):
                 other.channel.close()
             status = 0
             try:
-                WorkerProcess(sup, index, child).run()
+                WorkerContext(sup, index, child).run()
             except Exception:
                 status = 1
             os._exit(status)
         child.close()
         parent.setblocking(False)
-        self.workers[pid] = WorkerEntry(parent, index)
-        sup.selector.register(parent, selectors.EVENT_READ, ("worker", pid))
+        entry = self.workers[pid] = WorkerEntry(parent, index)
+        entry.ready = functools.partial(self.worker_event, pid)
+        sup.selector.register(parent, selectors.EVENT_READ, entry.ready)
 
     def dispatch(self, listener, request, client_address):
         """Send a connection to the least busy worker; its session key."""
@@ -2578,7 +2591,7 @@ class WorkerPool(object):
         if not entry.backlog:
             self.supervisor.selector.modify(entry.channel,
                                             selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                            ("worker", pid))
+                                            entry.ready)
         entry.backlog.append((payload, request.dup()))
         entry.active += 1
         return (pid, self.seq)
@@ -2603,10 +2616,10 @@ class WorkerPool(object):
             except (OSError, socket.error) as e:
                 self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
                 entry.active -= 1
-                self.supervisor.session_ended(None, None, (pid, int(payload.split()[1])))
+                self.supervisor.session_ended((pid, int(payload.split()[1])))
             entry.backlog.popleft()
             conn.close()
-        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, ("worker", pid))
+        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, entry.ready)
 
     def worker_event(self, pid, mask):
         if mask & selectors.EVENT_WRITE:
@@ -2632,15 +2645,12 @@ class WorkerPool(object):
             kind, _, rest = msg.partition(b" ")
             if kind == b"E":
                 entry.active -= 1
-                self.supervisor.session_ended(None, None, (pid, int(rest)))
-            elif kind == b"F":
-                self.supervisor.runtime.auth_failures.absorb(rest)
+                self.supervisor.session_ended((pid, int(rest)))
+                continue
+            self.supervisor.runtime.absorb_report(msg)
+            if kind in (b"F", b"U"):
+                # The other workers count them too.
                 self.broadcast(msg, but=pid)
-            elif kind == b"U":
-                self.supervisor.runtime.submissions.absorb(msg)
-                self.broadcast(msg, but=pid)
-            elif kind == b"C":
-                self.supervisor.runtime.stats.absorb(rest.decode("ascii", "replace"))
 
     def send_log(self, fds):
         """After the master reopened the log files (rotation): every
@@ -2681,7 +2691,7 @@ class WorkerPool(object):
         with sup.lock:
             gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
         for key in gone:
-            sup.session_ended(None, None, key)
+            sup.session_ended(key)
         try:
             os.waitpid(pid, os.WNOHANG)
         except OSError:
@@ -2706,10 +2716,8 @@ class WorkerPool(object):
     def wait(self, deadline):
         """Until the workers are gone or the deadline; then SIGKILL."""
         while self.workers and time.time() < deadline:
-            events = self.supervisor.selector.select(timeout=0.1)
-            for key, mask in events:
-                if isinstance(key.data, tuple):
-                    self.worker_event(key.data[1], mask)
+            for key, mask in self.supervisor.selector.select(timeout=0.1):
+                key.data(mask)
         for pid in list(self.workers):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -2727,38 +2735,51 @@ class WorkerEntry(object):
         self.active = 0
         self.retired = False
         self.backlog = deque()      # (message, connection) waiting for room
+        self.ready = None           # the selector's callback for its channel
 
 
-class WorkerProcess(object):
-    """One worker of ``session-model workers``: receives connections from
-    the master and runs their sessions in its SessionLoop."""
+class WorkerContext(object):
+    """What a worker process of ``session-model workers`` runs its sessions
+    with, built in the worker right after the fork.  The worker shares the
+    master's runtime (configuration, spool, policies), but its reports (AUTH
+    failures, accepted messages, counts) go to the master over ``channel``;
+    its listeners only name where a connection came in (the master alone
+    accepts); it numbers its own sessions and has its own threads for the
+    ones that block."""
 
     def __init__(self, supervisor, index, channel):
-        self.sup = supervisor
-        self.index = index
-        self.channel = channel
-
-    def run(self):
-        sup = self.sup
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for l in sup.listeners:
-            l.socket.close()
-        for fd in (sup.wake_r, sup.wake_w, sup.fail_r, sup.fail_w):
-            os.close(fd)
-        sup.selector = None
-        sup.session_counter = (self.index + 1) << 13
-        channel = self.channel
-        sup.runtime.auth_failures.report = lambda data: channel.send(b"F " + data)
-        sup.runtime.stats.report = lambda name: channel.send(b"C " + name.encode("ascii"))
-        sup.status_path = None
+        supervisor.close_in_child()
+        os.close(supervisor.fail_w)     # a worker reports over ``channel``
+        self.runtime = supervisor.runtime
+        self.config = supervisor.config
+        self.log = self.runtime.log
+        self.index = index
+        self.channel = channel
+        self.listeners = supervisor.listeners
+        for listener in self.listeners:
+            listener.context = self
+        self.threads = SessionThreads()
+        self.lock = threading.Lock()
+        # Session numbers (in the log's session tags) of different workers
+        # must not meet: each worker counts in a range of its own.
+        self.session_counter = (index + 1) << 13
+        self.runtime.report_to(channel.send)
         set_process_name("worker")
-        sup.runtime.submissions.report = channel.send
+
+    def run(self):
         SessionLoop(self).run()
 
+    def next_session_number(self):
+        with self.lock:
+            self.session_counter += 1
+            return self.session_counter
+
     def ended(self, seq):
+        """Tell the master that session ``seq`` is over."""
         try:
             self.channel.send(("E %s" % seq).encode("ascii"))
         except (OSError, socket.error):
@@ -2769,8 +2790,8 @@ class LoopSlot(object):
     """One session of a SessionLoop, and what it waits for."""
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
-                 "local", "outbuf", "want", "deadline", "heap_at", "input_deadline",
-                 "events", "resume")
+                 "local", "outbuf", "want", "ending", "deadline", "heap_at",
+                 "input_deadline", "events", "resume")
 
     def __init__(self, loop, listener, sock, seq):
         self.loop = loop
@@ -2780,20 +2801,122 @@ class LoopSlot(object):
         self.seq = seq
         self.session = self.conversation = self.local = None
         self.outbuf = b""
-        self.want = None        # input, pending, sleep, final; None: on a thread
+        # The WANT_* request the conversation waits on; None while it runs
+        # on a thread, or once it has ended.
+        self.want = None
+        self.ending = False     # the conversation ended: last replies out, then close
         self.deadline = 0.0     # when the present wait ends
         self.heap_at = None     # the time of this slot's entry in the loop's timer heap
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
 
-    # drive_blocking's "home": may the conversation come back to the loop?
-    def can_adopt(self, channel):
-        return not isinstance(getattr(channel, "sock", None), ssl.SSLSocket) \
-            and not self.loop.leaving
+    @property
+    def waiting(self):
+        """On the loop, with something to wait for (input, time, output)."""
+        return self.want is not None or self.ending
 
-    def adopt(self, conversation, request):
-        self.resume = request   # run_on_thread passes the slot back to the loop
+    def __call__(self, mask):
+        """The selector's callback for the session's socket."""
+        self.loop.guarded(self.loop.ready, self, mask)
+
+
+class ThreadHandover(object):
+    """The one place where a worker's conversation leaves its SessionLoop
+    for a thread and comes back.
+
+    A conversation that asks for WANT_THREAD (TLS, the AUTH program, a DNS
+    lookup not in the cache) continues on a thread with blocking I/O
+    (``send``).  Whenever it next waits for input the thread asks
+    ``may_return``; if so the conversation is parked, the loop woken up, and
+    ``take`` puts it back on the loop to wait for that input there.  Today
+    only a plain socket comes back; a TLS session could come back between
+    commands once the loop can read TLS without blocking, and that choice
+    is made in ``may_return`` alone."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.on_threads = 0
+        self.returning = deque()    # slots handed back by threads
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def busy(self):
+        with self.lock:
+            return self.on_threads + len(self.returning)
+
+    def send(self, slot, request):
+        """Loop -> thread: the conversation continues from ``request`` (None:
+        the session is not even set up yet) on a thread."""
+        with self.lock:
+            self.on_threads += 1
+        self.loop.context.threads.submit(self.run, slot, request)
+
+    def run(self, slot, request):
+        """On the thread: blocking I/O until the conversation ends or may
+        go back to the loop."""
+        sock, session = slot.sock, slot.session
+        finished = True
+        try:
+            sock.setblocking(True)
+            if slot.outbuf:
+                sock.sendall(slot.outbuf)
+                slot.outbuf = b""
+            if slot.conversation is None:
+                session.setup(slot.local)
+                slot.conversation = session.conversation()
+            session.channel.deferred = False
+            finished = drive_blocking(session.channel, slot.conversation, request,
+                                      back_to_loop=functools.partial(self.may_return, slot))
+        except Exception:
+            slot.listener.handle_error(sock, session.client_address)
+        finally:
+            with self.lock:
+                self.on_threads -= 1
+                if not finished:
+                    self.returning.append(slot)
+            if finished:
+                self.loop.end(slot)
+            else:
+                try:
+                    os.write(self.wake_w, b"x")
+                except OSError:
+                    pass
+
+    def may_return(self, slot, channel, request):
+        """drive_blocking's question at every request: may the conversation
+        go back to the loop now?  Yes when it only waits for input on a
+        plain socket and the loop still takes sessions; its queued replies
+        are sent first (the loop does not send for a blocking socket)."""
+        if request[0] != WANT_INPUT or self.loop.leaving or \
+                isinstance(getattr(channel, "sock", None), ssl.SSLSocket):
+            return False
+        try:
+            channel.flush()
+        except (ClientGone, SessionTimeout):
+            return False            # served on the thread: it meets the error again
+        slot.resume = request
+        return True
+
+    def take(self, mask=None):
+        """Thread -> loop (the wake-up pipe's callback): the parked
+        conversations wait on the loop for what they asked."""
+        try:
+            os.read(self.wake_r, 4096)
+        except OSError:
+            pass
+        while True:
+            with self.lock:
+                if not self.returning:
+                    return
+                slot = self.returning.popleft()
+            request, slot.resume = slot.resume, None
+            slot.session.channel.deferred = True
+            slot.sock.setblocking(False)
+            self.loop.slots[slot.fd] = slot
+            self.loop.wait_for_input(slot, request[1])
 
 
 class SessionLoop(object):
@@ -2802,48 +2925,39 @@ class SessionLoop(object):
     A plain TCP session runs here as its conversation generator: the loop
     receives when the socket is readable, sends queued replies without
     blocking, keeps every deadline in one heap and resumes the generator
-    with what it asked for.  A conversation that asks for WANT_THREAD (TLS,
-    the AUTH program, a DNS lookup not in the cache) continues on a thread
-    with blocking I/O, and comes back the next time it only waits for
-    input on a plain socket.  With one thread per worker the interpreter
-    lock is never handed over at a system call; with a thread per session
-    that hand-over cost more kernel time than the spool's fsync."""
+    with what it asked for.  A conversation that must block goes to a
+    thread and comes back (ThreadHandover).  With one thread per worker the
+    interpreter lock is never handed over at a system call; with a thread
+    per session that hand-over cost more kernel time than the spool's fsync."""
 
     #: Seconds to get the last replies out to a client that does not read.
     FINAL_WRITE_TIMEOUT = 30.0
 
-    def __init__(self, worker):
-        self.worker = worker
-        self.sup = worker.sup
-        self.runtime = worker.sup.runtime
-        self.master = worker.channel
+    def __init__(self, context):
+        self.context = context
+        self.runtime = context.runtime
+        self.master = context.channel
         self.selector = selectors.DefaultSelector()
         self.timers = []            # heap of (when, n, slot): at most one live entry a slot
         self.timer_n = 0
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
-        self.on_threads = 0
-        self.lock = threading.Lock()
-        self.returning = deque()    # slots handed back by threads
         self.runnable = deque()     # slots to resume at the next turn of the loop
         self.leaving = False        # told to finish (R, Q or the master gone)
         self.grace_end = None       # after Q: when to stop waiting for sessions
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.threads = ThreadHandover(self)
+        self.selector.register(self.threads.wake_r, selectors.EVENT_READ, self.threads.take)
         self.master.setblocking(False)
-        self.selector.register(self.master, selectors.EVENT_READ, "master")
+        self.selector.register(self.master, selectors.EVENT_READ, self.read_master)
         # Room for the descriptors of an ``L`` message (one per -l file).
         self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 16)
-        self.runtime.spool.make_inodes_ahead(self.sup.config.spool_spare_inodes)
+        self.runtime.spool.make_inodes_ahead(context.config.spool_spare_inodes)
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
         while True:
             if self.leaving:
-                with self.lock:
-                    busy = len(self.slots) + self.on_threads + len(self.returning)
+                busy = len(self.slots) + self.threads.busy()
                 if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
                     return
             timeout = None
@@ -2853,15 +2967,8 @@ class SessionLoop(object):
                 timeout = max(0.0, self.timers[0][0] - time.time())
             if self.leaving:
                 timeout = min(timeout if timeout is not None else 1.0, 1.0)
-            events = self.selector.select(timeout)
-            for key, mask in events:
-                what = key.data
-                if what == "master":
-                    self.read_master()
-                elif what == "wake":
-                    self.take_returning()
-                else:
-                    self.guarded(self.ready, what, mask)
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
             self.fire_timers()
             self.run_turns()
 
@@ -2869,7 +2976,7 @@ class SessionLoop(object):
         """Sessions that gave up their turn with input still buffered."""
         for _ in range(len(self.runnable)):
             slot = self.runnable.popleft()
-            if slot.want == "turn" and slot.fd in self.slots:
+            if slot.want == WANT_TURN and slot.fd in self.slots:
                 self.guarded(self.advance, slot, None, None)
 
     def guarded(self, step, slot, *args):
@@ -2889,7 +2996,7 @@ class SessionLoop(object):
             if slot.heap_at != when:
                 continue            # superseded by an earlier entry
             slot.heap_at = None
-            if slot.want is None:
+            if not slot.waiting:
                 continue            # closed, or on a thread
             if slot.deadline > now:
                 self.set_timer(slot, slot.deadline)     # the wait was extended
@@ -2917,7 +3024,7 @@ class SessionLoop(object):
             slot = entry[2]
             if slot.heap_at != entry[0]:
                 continue
-            if slot.want is None:
+            if not slot.waiting:
                 slot.heap_at = None
                 continue
             live.append(entry)
@@ -2937,7 +3044,7 @@ class SessionLoop(object):
 
     # -- connections from the master ----------------------------------------------
 
-    def read_master(self):
+    def read_master(self, mask=None):
         while True:
             try:
                 msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
@@ -2954,7 +3061,10 @@ class SessionLoop(object):
                     os.close(fd)
                 self.leaving = True
                 if msg != b"R" and self.grace_end is None:
-                    self.grace_end = time.time() + self.sup.config.shutdown_grace
+                    # Stopping (or the master is gone): idle sessions are
+                    # told at once, the others get the grace.
+                    self.grace_end = time.time() + self.context.config.shutdown_grace
+                    self.runtime.stop.set()
                 if not msg:
                     self.selector.unregister(self.master)
                     return
@@ -2971,7 +3081,7 @@ class SessionLoop(object):
                     os.close(fd)
                 try:
                     seq, index, ip, port = rest.decode("ascii").split(" ")
-                    listener = self.sup.listeners[int(index)]
+                    listener = self.context.listeners[int(index)]
                     port = int(port)
                 except (ValueError, IndexError):
                     os.close(fds[0])
@@ -2994,7 +3104,7 @@ class SessionLoop(object):
             return
         ip = unmapped_ip(client_address[0])
         if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
-            self.to_thread(slot, None)     # set-up asks DNS for names
+            self.threads.send(slot, None)     # set-up asks DNS for names
             return
         try:
             session.setup(slot.local)
@@ -3026,15 +3136,13 @@ class SessionLoop(object):
             value = error = None
             want, arg = request
             if want == WANT_INPUT:
-                slot.want = "input"
-                slot.input_deadline = arg
-                error = self.send_output(slot)
+                error = self.wait_for_input(slot, arg)
                 if error is None:
                     return
             elif want == WANT_TURN:
                 # Pipelined input is still buffered: let the other
                 # sessions have the loop first, and send what is queued.
-                slot.want = "turn"
+                slot.want = WANT_TURN
                 error = self.send_output(slot)
                 if error is None:
                     return
@@ -3042,12 +3150,12 @@ class SessionLoop(object):
                 if arg <= 0 or channel.buf:
                     value = channel.pending(0)
                     continue
-                slot.want = "pending"
+                slot.want = WANT_PENDING
                 self.set_timer(slot, time.time() + arg)
                 self.watch(slot, selectors.EVENT_READ)
                 return
             elif want == WANT_SLEEP:
-                slot.want = "sleep"
+                slot.want = WANT_SLEEP
                 self.set_timer(slot, time.time() + arg)
                 self.watch(slot, 0)
                 return
@@ -3055,10 +3163,17 @@ class SessionLoop(object):
                 self.to_thread(slot, request)
                 return
 
+    def wait_for_input(self, slot, deadline):
+        """WANT_INPUT: the queued replies out, then input until ``deadline``
+        (the exception for the conversation if the client is gone)."""
+        slot.want = WANT_INPUT
+        slot.input_deadline = deadline
+        return self.send_output(slot)
+
     def send_output(self, slot):
         """Send what the session queued, as far as the socket takes it now,
         then wait for what the slot waits for: room to send the rest (under
-        the write timeout), input, its next turn, or (when final) nothing."""
+        the write timeout), input, its next turn, or (when ending) nothing."""
         data = slot.outbuf + slot.session.channel.take_output()
         if data:
             try:
@@ -3073,59 +3188,56 @@ class SessionLoop(object):
         if data:
             self.set_timer(slot, time.time() + WRITE_TIMEOUT)
             self.watch(slot, selectors.EVENT_WRITE)
-        elif slot.want == "input":
+        elif slot.want == WANT_INPUT:
             self.set_timer(slot, slot.input_deadline)
             self.watch(slot, selectors.EVENT_READ)
-        elif slot.want == "turn":
+        elif slot.want == WANT_TURN:
             self.watch(slot, 0)
             self.runnable.append(slot)
         return None
 
     def ready(self, slot, mask):
-        if slot.want is None or slot.fd not in self.slots:
+        if not slot.waiting or slot.fd not in self.slots:
             return
         if mask & selectors.EVENT_WRITE:
             error = self.send_output(slot)
-            if slot.want == "final":
+            if slot.ending:
                 if error is not None or not slot.outbuf:
                     self.close(slot)
             elif error is not None:
                 self.advance(slot, None, error)
             return
         channel = slot.session.channel
-        if slot.want == "pending":
+        if slot.want == WANT_PENDING:
             self.advance(slot, channel.pending(0), None)
             return
-        if slot.want != "input":
+        if slot.want != WANT_INPUT:
             return
         try:
             data = slot.sock.recv(Channel.RECV_SIZE)
         except BlockingIOError:
             return
         except (OSError, socket.error):
-            self.advance(slot, None, ClientGone())
+            self.advance(slot, None, channel.lost())
             return
-        if data:
-            channel.buf += data
-        else:
-            channel.eof = True
-        self.advance(slot, None, None)
+        self.advance(slot, None, channel.feed(data))
 
     def expired(self, slot):
         want = slot.want
-        if want in ("input", "turn"):
+        if slot.ending:
+            self.close(slot)
+        elif want in (WANT_INPUT, WANT_TURN):
             # With output still queued it is the write timeout.
             self.advance(slot, None, ClientGone() if slot.outbuf else SessionTimeout())
-        elif want == "pending":
+        elif want == WANT_PENDING:
             self.advance(slot, False, None)
-        elif want == "sleep":
+        elif want == WANT_SLEEP:
             self.advance(slot, None, None)
-        elif want == "final":
-            self.close(slot)
 
     def wind_up(self, slot):
         """The conversation is over: its last replies out, then close."""
-        slot.want = "final"
+        slot.want = None
+        slot.ending = True
         if self.send_output(slot) is not None or not slot.outbuf:
             self.close(slot)
             return
@@ -3133,6 +3245,7 @@ class SessionLoop(object):
 
     def close(self, slot):
         slot.want = None
+        slot.ending = False
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
@@ -3145,65 +3258,15 @@ class SessionLoop(object):
                 slot.session.finish()       # closes a TLS socket
             slot.listener.shutdown_request(slot.sock)
         finally:
-            self.worker.ended(slot.seq)
-
-    # -- sessions that block: a thread of their own ------------------------------
+            self.context.ended(slot.seq)
 
     def to_thread(self, slot, request):
+        """The conversation's next step blocks: off the loop, to a thread."""
         if slot.events:
             self.watch(slot, 0)
         slot.want = None
         self.slots.pop(slot.fd, None)
-        with self.lock:
-            self.on_threads += 1
-        self.sup.threads.submit(self.run_on_thread, slot, request)
-
-    def run_on_thread(self, slot, request):
-        sock, session = slot.sock, slot.session
-        finished = True
-        try:
-            sock.setblocking(True)
-            if slot.outbuf:
-                sock.sendall(slot.outbuf)
-                slot.outbuf = b""
-            if slot.conversation is None:
-                session.setup(slot.local)
-                slot.conversation = session.conversation()
-            session.channel.deferred = False
-            finished = drive_blocking(session.channel, slot.conversation, request, home=slot)
-        except Exception:
-            slot.listener.handle_error(sock, session.client_address)
-        finally:
-            with self.lock:
-                self.on_threads -= 1
-                if not finished:
-                    self.returning.append(slot)
-            if finished:
-                self.end(slot)
-            else:
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:
-                    pass
-
-    def take_returning(self):
-        try:
-            os.read(self.wake_r, 4096)
-        except OSError:
-            pass
-        while True:
-            with self.lock:
-                if not self.returning:
-                    return
-                slot = self.returning.popleft()
-            request, slot.resume = slot.resume, None
-            slot.session.channel.deferred = True
-            slot.sock.setblocking(False)
-            self.slots[slot.fd] = slot
-            slot.want = "input"
-            slot.input_deadline = request[1]
-            self.set_timer(slot, request[1])
-            self.watch(slot, selectors.EVENT_READ)
+        self.threads.send(slot, request)
 
 
 #: Seconds between two rewrites of the status file at most.
@@ -3222,21 +3285,23 @@ class Supervisor(object):
         self.listeners = []
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
-        self.sessions = {}          # key (thread or pid) -> (kind, ip)
+        # key -> (kind, ip); the key is an object (thread model), a pid
+        # (fork model) or (worker pid, seq) (workers model).
+        self.sessions = {}
         self.per_kind = {}
         self.per_ip = {}
         self.session_counter = 0
-        self.stopping = False
         self.reload_requested = False
+        # Every selector key's data is the callback for its events.
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
-        # Forked sessions report failed AUTHs (auth-failrate) and accepted
-        # messages (submission-rate-limit) here.
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
+        # Forked sessions report failed AUTHs (auth-failrate), accepted
+        # messages (submission-rate-limit) and counts here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
-        self.selector.register(self.fail_r, selectors.EVENT_READ, "auth-failures")
+        self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
         self.status_path = None     # set by the daemon: see write_status
@@ -3278,7 +3343,7 @@ class Supervisor(object):
                 l.server_close()
         for l in listeners:
             if l not in self.listeners:
-                self.selector.register(l.socket, selectors.EVENT_READ, l)
+                self.selector.register(l.socket, selectors.EVENT_READ, l.ready)
         self.listeners = listeners
 
     # -- admission (called from ListenerServer.verify_request) ------------------
@@ -3333,7 +3398,7 @@ class Supervisor(object):
             self.per_kind[listener.kind] = self.per_kind.get(listener.kind, 0) + 1
             self.per_ip[(listener.kind, ip)] = self.per_ip.get((listener.kind, ip), 0) + 1
 
-    def session_ended(self, listener, client_address, key):
+    def session_ended(self, key):
         with self.lock:
             entry = self.sessions.pop(key, None)
             if entry is None:
@@ -3351,39 +3416,38 @@ class Supervisor(object):
             self.session_counter += 1
             return self.session_counter
 
-    def become_session_child(self):
-        """In a forked session: forget the master's sockets and handlers."""
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    def close_in_child(self):
+        """In a process just forked from the master (a session or a
+        worker): close what only the master uses."""
+        self.selector.close()
         for l in self.listeners:
             l.socket.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
-        os.close(self.fail_r)
+        for fd in (self.wake_r, self.wake_w, self.fail_r):
+            os.close(fd)
+
+    def become_session_child(self, request):
+        """In a forked session (fork model): the master's SIGTERM stops the
+        session as the StopFlag says (an idle one answers 421); reports go
+        to the master over its pipe."""
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.runtime.stop.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.close_in_child()
         fail_w = self.fail_w
-        self.runtime.auth_failures.report = lambda data: os.write(fail_w, data)
-        self.runtime.stats.report = lambda name: os.write(fail_w, ("=%s\n" % name).encode())
-        self.runtime.submissions.report = self.runtime.auth_failures.report
-        self.status_path = None
+        self.runtime.report_to(lambda line: os.write(fail_w, line))
         set_process_name("session")
 
-    def absorb_child_reports(self, data):
-        """Lines from forked sessions: ``=<counter>``, ``U <login> <time>
-        <recipients>`` (an accepted message, for submission-rate-limit) or
-        an AUTH failure."""
-        failures, submissions = [], []
-        for line in data.splitlines(True):
-            if line.startswith(b"="):
-                self.runtime.stats.absorb(line[1:].strip().decode("ascii", "replace"))
-            elif line.startswith(SubmissionRateTracker.PREFIX.encode("ascii")):
-                submissions.append(line)
-            else:
-                failures.append(line)
-        if submissions:
-            self.runtime.submissions.absorb(b"".join(submissions))
-        if failures:
-            self.runtime.auth_failures.absorb(b"".join(failures))
+    def read_child_reports(self, mask=None):
+        """Lines from forked sessions (Runtime.report_to).  Each is written
+        whole (a write under PIPE_BUF bytes), so lines of several sessions
+        do not mix."""
+        try:
+            data = os.read(self.fail_r, 65536)
+        except OSError:
+            return
+        for line in data.splitlines():
+            self.runtime.absorb_report(line)
 
     # -- the status file ---------------------------------------------------------
 
@@ -3478,17 +3542,36 @@ class Supervisor(object):
                 return
             if not pid:
                 return
-            self.session_ended(None, None, pid)
+            self.session_ended(pid)
 
     # -- signals and the loop ------------------------------------------------
 
+    @property
+    def stopping(self):
+        return self.runtime.stop.stopping
+
     def wake(self, signum=None, frame=None):
         if signum == signal.SIGTERM or signum == signal.SIGINT:
-            self.stopping = True
+            # Idle thread-model sessions get their 421 at once.
+            self.runtime.stop.set()
         elif signum == signal.SIGHUP:
             self.reload_requested = True
         try:
             os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def start_auth_spawner(self):
+        self.runtime.auth_spawner.start(self.selector, on_end=self.auth_spawner_ended)
+
+    def auth_spawner_ended(self, mask=None):
+        """The selector's callback for the spawner's liveness pipe."""
+        self.runtime.auth_spawner.ended(restart=not self.stopping)
+
+    def drain_wake(self, mask=None):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
         except OSError:
             pass
 
@@ -3509,40 +3592,50 @@ class Supervisor(object):
             events = self.selector.select(
                 timeout=STATUS_INTERVAL if self.status_path else 5.0)
             for key, mask in events:
-                if key.data is None:
-                    try:
-                        while os.read(self.wake_r, 512):
-                            pass
-                    except OSError:
-                        pass
-                    continue
-                if key.data == "auth-failures":
-                    try:
-                        self.absorb_child_reports(os.read(self.fail_r, 65536))
-                    except OSError:
-                        pass
-                    continue
-                if key.data == "auth-spawner":
-                    self.runtime.auth_spawner.ended(restart=not self.stopping)
-                    continue
-                if isinstance(key.data, tuple):
-                    self.pool.worker_event(key.data[1], mask)
-                    continue
-                listener = key.data
-                # _handle_request_noblock: accept, verify_request,
-                # process_request, with errors to handle_error.
-                try:
-                    listener._handle_request_noblock()
-                except Exception:  # never let one accept kill the loop
-                    self.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+                key.data(mask)
             if self.config.session_model in ("fork", "workers"):
                 self.reap_children()
             if self.reload_requested:
                 self.reload_requested = False
-                self.runtime.reload_count += 1
-                self.runtime.reload()
+                self.reload()
             self.write_status()
         self.shutdown()
+
+    def reload(self):
+        """SIGHUP: the runtime reopens the logs and reads and applies the
+        configuration again; then the listeners and the workers follow it.
+        A broken configuration is logged and the running one kept (the
+        original ignored SIGHUP).  The result goes to the status file,
+        where ``zmailer.sh reload`` waits for it."""
+        runtime = self.runtime
+        runtime.reload_count += 1
+        runtime.log.reopen()
+        if self.pool is not None:
+            self.pool.send_log(runtime.log.fds)
+        old = runtime.config
+        try:
+            config = runtime.load()
+            runtime.apply_config(config)
+            self.config = config
+            spawner = runtime.auth_spawner
+            if spawner is not None and not spawner.running and not spawner.given_up \
+                    and auth_spawner_wanted(config, runtime.zenv):
+                self.start_auth_spawner()
+            specs = listener_specs(config, runtime.options.get("ipv6", True))
+            listeners, errors = self.open_listeners(specs, keep=self.listeners)
+            for e in errors:
+                self.log.note("reload: " + e)
+            if not listeners:
+                runtime.apply_config(old)
+                self.config = old
+                raise ConfigError("no listener could be opened")
+            self.install_listeners(listeners)
+            if self.pool is not None:
+                self.pool.restart(config.session_workers or os.cpu_count() or 2)
+            runtime.reloaded(errors)
+        except (ConfigError, OSError, IOError, ValueError) as e:
+            runtime.reload_failed(e)
+        self.write_status(force=True)
 
     def shutdown(self):
         for l in self.listeners:
@@ -3552,17 +3645,41 @@ class Supervisor(object):
                 pass
             l.server_close()
         self.listeners = []
+        self.runtime.stop.set()
         deadline = time.time() + self.config.shutdown_grace
         if self.pool is not None:
             self.pool.retire()
             self.pool.wait(deadline + 1.0)
+        forked = self.config.session_model == "fork"
+        if forked:
+            # Each session child answers 421 if idle, else finishes its
+            # command first: SIGTERM tells it (see become_session_child).
+            self.signal_session_children(signal.SIGTERM)
         while time.time() < deadline:
-            if self.config.session_model == "fork":
+            if forked:
                 self.reap_children()
             with self.lock:
                 if not self.sessions:
                     break
             time.sleep(0.05)
+        if forked:
+            # The grace is over: no session outlives the master.
+            for pid in self.signal_session_children(signal.SIGKILL):
+                try:
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+
+    def signal_session_children(self, signum):
+        """Fork model: the sessions' keys are their pids."""
+        with self.lock:
+            pids = list(self.sessions)
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+        return pids
 
 
 # ---------------------------------------------------------------------------
@@ -3579,6 +3696,37 @@ class ClientGone(Exception):
 
 class LineTooLong(Exception):
     """A command line over the limit; the rest of it was discarded."""
+
+
+class ShuttingDown(Exception):
+    """The server stops while the session waits for its next command."""
+
+
+class StopFlag(object):
+    """The one stopping flag of a process, and the sessions it interrupts.
+
+    A session waiting for its next command is idle: while it waits its
+    channel is in ``idle``, and ``set`` interrupts that wait at once (the
+    session answers 421 and closes).  A session in the middle of a command
+    (a DATA transfer) is not disturbed; it sees the flag before it reads
+    the next command.  ``set`` may run in a signal handler that interrupted
+    a thread in the middle of ``Channel.read_command``: so no lock, and the
+    order matters (the channel enters ``idle`` before it looks at the flag,
+    ``set`` raises the flag before it looks at ``idle``)."""
+
+    def __init__(self):
+        self.stopping = False
+        self.idle = set()
+
+    def __bool__(self):
+        return self.stopping
+
+    __nonzero__ = __bool__
+
+    def set(self):
+        self.stopping = True
+        for channel in list(self.idle):
+            channel.interrupt()
 
 
 #: What a session's conversation (a generator) yields to whoever drives it:
@@ -3618,9 +3766,10 @@ class Channel(object):
         # Set while a SessionLoop drives the session: the loop sends the
         # queued output itself, without blocking, before it waits for input.
         self.deferred = False
+        self.interrupted = False    # its wait for a command ended by a stop
 
     # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(data),
-    # _input_ready() -> bool (without blocking)
+    # _input_ready() -> bool (without blocking), _wake_reader()
 
     def pending(self, wait=0):
         """Is client input waiting (pipelined), or does it arrive within
@@ -3629,11 +3778,47 @@ class Channel(object):
 
     def receive(self, deadline):
         """Blocking: the next recv's worth into the buffer, or the EOF flag."""
-        data = self._recv(deadline)
+        error = self.feed(self._recv(deadline))
+        if error is not None:
+            raise error
+
+    def feed(self, data):
+        """Input received for the session by whoever drives it (b"": the
+        client closed).  Returns the exception to throw into the
+        conversation instead, if any."""
         if data:
             self.buf += data
-        else:
-            self.eof = True
+            return None
+        if self.interrupted:
+            return ShuttingDown()
+        self.eof = True
+        return None
+
+    def lost(self):
+        """The exception for a receive that failed."""
+        return ShuttingDown() if self.interrupted else ClientGone()
+
+    def interrupt(self):
+        """StopFlag.set: end this idle session's wait for input."""
+        self.interrupted = True
+        self._wake_reader()
+
+    def _wake_reader(self):
+        pass
+
+    def read_command(self, deadline, limit, stop):
+        """Generator: readline for the next command.  While it waits for
+        input the session is idle, and ``stop`` (the process's StopFlag)
+        may interrupt the wait: ShuttingDown comes out of it."""
+        if b"\n" in self.buf:
+            return (yield from self.readline(deadline, limit))
+        stop.idle.add(self)
+        try:
+            if stop.stopping:
+                raise ShuttingDown()
+            return (yield from self.readline(deadline, limit))
+        finally:
+            stop.idle.discard(self)
 
     def readline(self, deadline, limit):
         """Generator: one line with its LF (a final line may lack it at EOF)."""
@@ -3703,7 +3888,7 @@ def serve_blocking(channel, request):
             return channel.pending(arg), None
         elif want == WANT_SLEEP:
             time.sleep(arg)
-    except (ClientGone, SessionTimeout) as e:
+    except (ClientGone, SessionTimeout, ShuttingDown) as e:
         return None, e
     return None, None
 
@@ -3719,23 +3904,17 @@ def resume(conversation, value, error):
         return None
 
 
-def drive_blocking(channel, conversation, request=None, home=None):
-    """Run a conversation to its end on this thread.  ``request`` is one it
-    yielded before (when a SessionLoop hands it over); with ``home`` set the
-    conversation goes back to that loop the next time it only waits for
-    input on a plain socket."""
+def drive_blocking(channel, conversation, request=None, back_to_loop=None):
+    """Run a conversation on this thread: to its end (True), or until
+    ``back_to_loop(channel, request)`` takes it back to a worker's
+    SessionLoop (False; see ThreadHandover).  ``request`` is one it yielded
+    before, when a SessionLoop handed it over."""
     value, error = (None, None) if request is None else serve_blocking(channel, request)
     while True:
         request = resume(conversation, value, error)
         if request is None:
             return True
-        if home is not None and request[0] == WANT_INPUT and home.can_adopt(channel):
-            try:
-                channel.flush()
-            except (ClientGone, SessionTimeout) as e:
-                value, error = None, e
-                continue
-            home.adopt(conversation, request)
+        if back_to_loop is not None and back_to_loop(channel, request):
             return False
         value, error = serve_blocking(channel, request)
 
@@ -3793,7 +3972,7 @@ class SocketChannel(Channel):
             except (BlockingIOError, socket.timeout):
                 continue  # SO_RCVTIMEO expired: the loop checks the deadline
             except (OSError, socket.error):
-                raise ClientGone()
+                raise self.lost()
 
     def _recv_tls(self, remaining):
         self.sock.settimeout(remaining)
@@ -3802,11 +3981,21 @@ class SocketChannel(Channel):
         except socket.timeout:
             raise SessionTimeout()
         except ssl.SSLError as e:
-            if "timed out" in str(e):
+            if "timed out" in str(e) and not self.interrupted:
                 raise SessionTimeout()
-            raise ClientGone()
+            raise self.lost()
         except (OSError, socket.error):
-            raise ClientGone()
+            raise self.lost()
+
+    def _wake_reader(self):
+        """A reader blocked in recv (a thread, or a forked session) or a
+        SessionLoop waiting for the socket wakes up to an end of input;
+        the write side stays open for the 421.  The plain socket's own
+        shutdown: a TLS socket's would drop its TLS state."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+        except (OSError, socket.error):
+            pass
 
     def _send(self, data):
         if isinstance(self.sock, ssl.SSLSocket):
@@ -4424,7 +4613,7 @@ class SessionStart(object):
     def setup(self, local=None):
         """Build the session from the listener that accepted it."""
         listener = self.server
-        runtime = listener.supervisor.runtime
+        runtime = listener.context.runtime
         sock = self.request
         peer = self.client_address
         if local is None:
@@ -4433,7 +4622,7 @@ class SessionStart(object):
         self.init_session(runtime, listener.group, channel,
                           kind=listener.kind, peer=peer, local=local,
                           number=(current_pid() if listener.model == "fork"
-                                  else listener.supervisor.next_session_number()),
+                                  else listener.context.next_session_number()),
                           mode="daemon", sock=sock)
 
     def finish(self):
@@ -5254,6 +5443,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.reply("timeout")
             except ClientGone:
                 self.log.note("Session closed w/o QUIT")
+            except ShuttingDown:
+                self.log.note("server shutting down; closing")
+                self.reply("shutdown")
             except Exception:
                 self.log.note("internal error: %s" % traceback.format_exc().replace("\n", " | "))
                 self.reply("internal_error")
@@ -5300,7 +5492,8 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.reply("shutdown")
                 return
             try:
-                raw = yield from self.channel.readline(time.time() + deadline_for, limit)
+                raw = yield from self.channel.read_command(time.time() + deadline_for, limit,
+                                                           self.runtime.stop)
             except LineTooLong:
                 self.log.received("<line longer than %d bytes discarded>" % limit)
                 self.reply("line_too_long")
@@ -6275,16 +6468,18 @@ class AuthSpawner(object):
         self.alive_r = None     # the master's: end of file when the spawner ended
         self.pid = None
         self.selector = None
+        self.on_end = None      # the selector's callback for ``alive_r``
         self.restarts = deque()
         self.given_up = False
 
     # -- the master ----------------------------------------------------------
 
-    def start(self, selector=None):
-        """Fork the spawner (the master, at start-up or when one ended)."""
+    def start(self, selector=None, on_end=None):
+        """Fork the spawner (the master, at start-up or when one ended);
+        ``on_end`` is called by ``selector`` when the spawner has ended."""
         import warnings
         if selector is not None:
-            self.selector = selector
+            self.selector, self.on_end = selector, on_end
         if self.client is None:
             self.client, self.server = socket.socketpair(socket.AF_UNIX,
                                                          socket.SOCK_SEQPACKET)
@@ -6305,7 +6500,7 @@ class AuthSpawner(object):
         os.close(alive_w)
         self.alive_r, self.pid = alive_r, pid
         if self.selector is not None:
-            self.selector.register(alive_r, selectors.EVENT_READ, "auth-spawner")
+            self.selector.register(alive_r, selectors.EVENT_READ, self.on_end)
         return pid
 
     @property
@@ -7321,7 +7516,7 @@ class Runtime(object):
         self.zenv = zenv
         self.zconfig_path = zconfig_path
         self.log = log
-        self.stopping = False
+        self.stop = StopFlag()
         self.fake_peer = options.get("fake_peer")
         style = options.get("style", "ve")
         self.strict = style == "strict"
@@ -7341,9 +7536,32 @@ class Runtime(object):
         self.submissions = SubmissionRateTracker()
         self._names = {}
         self._names_lock = threading.Lock()
-        self.supervisor = None
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.apply_config(config)
+
+    @property
+    def stopping(self):
+        return self.stop.stopping
+
+    # -- reports of forked sessions and workers to the master ---------------------
+
+    def report_to(self, send):
+        """In a forked session or a worker: what the master must count (AUTH
+        failures, accepted messages, the status file's counters) goes to it
+        as lines through ``send``, which ``absorb_report`` reads there."""
+        self.auth_failures.report = lambda data: send(b"F " + data)
+        self.submissions.report = send
+        self.stats.report = lambda name: send(("C %s\n" % name).encode("ascii"))
+
+    def absorb_report(self, line):
+        """The master's side of report_to: one line."""
+        kind, _, rest = line.partition(b" ")
+        if kind == b"F":
+            self.auth_failures.absorb(rest)
+        elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
+            self.submissions.absorb(line)
+        elif kind == b"C":
+            self.stats.absorb(rest.strip().decode("ascii", "replace"))
 
     def apply_config(self, config):
         """Build what depends on the configuration; raises ConfigError."""
@@ -7469,49 +7687,29 @@ class Runtime(object):
         except (OSError, socket.error, UnicodeError):
             return False
 
-    # -- reload ---------------------------------------------------------------
+    # -- reload (the Supervisor's SIGHUP) ---------------------------------------
 
-    def reload(self):
-        """SIGHUP: reopen the logs (rotation) and read the configuration
-        again; a broken one is logged and the running one kept (the
-        original ignored SIGHUP).  The result goes to the status file,
-        where ``zmailer.sh reload`` waits for it."""
-        self.log.reopen()
-        sup = self.supervisor
-        if sup.pool is not None:
-            sup.pool.send_log(self.log.fds)
-        try:
-            config = load_configuration(self.options, self.zenv, self.log)
-            problems = validate_config(config)
-            if problems:
-                raise ConfigError("; ".join(problems))
-            specs = listener_specs(config, self.options.get("ipv6", True))
-            old = self.config
-            self.apply_config(config)
-            sup.config = config
-            spawner = self.auth_spawner
-            if spawner is not None and not spawner.running and not spawner.given_up \
-                    and auth_spawner_wanted(config, self.zenv):
-                spawner.start(sup.selector)
-            listeners, errors = sup.open_listeners(specs, keep=sup.listeners)
-            for e in errors:
-                self.log.note("reload: " + e)
-            if not listeners:
-                self.apply_config(old)
-                sup.config = old
-                raise ConfigError("no listener could be opened")
-            sup.install_listeners(listeners)
-            if sup.pool is not None:
-                sup.pool.restart(config.session_workers or os.cpu_count() or 2)
-            self.log.note("configuration reloaded from %s" % config.path)
-            self.last_reload = (time.time(), True, "configuration reloaded from %s%s" % (
-                config.path, "; " + "; ".join(errors) if errors else ""))
-        except (ConfigError, OSError, IOError, ValueError) as e:
-            self.log.note("reload failed, keeping the running configuration: %s" % e)
-            mail_syslog(syslog.LOG_ERR if syslog else 0,
-                        "reload failed, keeping the running configuration: %s" % e)
-            self.last_reload = (time.time(), False, str(e))
-        sup.write_status(force=True)
+    def load(self):
+        """The configuration read again and checked; raises ConfigError."""
+        config = load_configuration(self.options, self.zenv, self.log)
+        problems = validate_config(config)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return config
+
+    def reloaded(self, errors=()):
+        """The new configuration is in place (``errors``: listeners of it
+        that could not be opened)."""
+        path = self.config.path
+        self.log.note("configuration reloaded from %s" % path)
+        self.last_reload = (time.time(), True, "configuration reloaded from %s%s" % (
+            path, "; " + "; ".join(errors) if errors else ""))
+
+    def reload_failed(self, error):
+        self.log.note("reload failed, keeping the running configuration: %s" % error)
+        mail_syslog(syslog.LOG_ERR if syslog else 0,
+                    "reload failed, keeping the running configuration: %s" % error)
+        self.last_reload = (time.time(), False, str(error))
 
 
 def lookup_user(name):
@@ -8304,7 +8502,6 @@ def main(argv=None):
 
 def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     supervisor = Supervisor(runtime, config)
-    runtime.supervisor = supervisor
     pidfile = pidfile_path(options, runtime.postoffice)
     stop_previous(pidfile, log)
     supervisor.install_signal_handlers()
@@ -8356,7 +8553,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     # yet, and it closes the listeners and the log it inherits.
     runtime.auth_spawner = AuthSpawner(log)
     if auth_spawner_wanted(config, zenv):
-        runtime.auth_spawner.start(supervisor.selector)
+        supervisor.start_auth_spawner()
     drop_privileges(user, log)
     if ready:
         os.write(ready[0], b"1")
@@ -8364,7 +8561,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     try:
         supervisor.serve_forever()
     finally:
-        runtime.stopping = True
+        runtime.stop.set()
         if os.getuid() == 0 and os.geteuid() != 0:
             try:
                 os.seteuid(0)
