@@ -24,10 +24,11 @@ Map of this file, in the order data flows through it:
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
                             socketserver.TCPServer per socket), the session
                             models (thread / fork / workers mixins, the
-                            WorkerPool, a worker's SessionLoop), Supervisor
-                            (the master's selectors loop)
+                            WorkerPool; a worker's WorkerContext, its
+                            SessionLoop and ThreadHandover), Supervisor
+                            (the master's selectors loop, reload, shutdown)
   8. Session .............. Channel and the WANT_* requests a conversation
-                            yields, drive_blocking, ESMTP parameter
+                            yields, StopFlag, drive_blocking, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
@@ -2406,7 +2407,9 @@ class ListenerServer(socketserver.TCPServer):
     """One listening socket, with the socketserver template methods doing
     what smtpserver's master did: ``verify_request`` applies the connection
     limits and the policy's ``rejectnet``, ``process_request`` (from the
-    mixin) chooses fork or thread, and the handler is one SMTP session."""
+    mixin) runs the session the configured model's way (a thread, a
+    forked process, or a worker process), and the handler is one SMTP
+    session.  Selector keys of a listening socket call ``ready``."""
 
     allow_reuse_address = True
     request_queue_size = 20000
@@ -2867,7 +2870,7 @@ class ThreadHandover(object):
             if slot.conversation is None:
                 session.setup(slot.local)
                 slot.conversation = session.conversation()
-            session.channel.deferred = False
+            session.channel.driven_by_loop(False)
             finished = drive_blocking(session.channel, slot.conversation, request,
                                       back_to_loop=functools.partial(self.may_return, slot))
         except Exception:
@@ -2913,7 +2916,7 @@ class ThreadHandover(object):
                     return
                 slot = self.returning.popleft()
             request, slot.resume = slot.resume, None
-            slot.session.channel.deferred = True
+            slot.session.channel.driven_by_loop(True)
             slot.sock.setblocking(False)
             self.loop.slots[slot.fd] = slot
             self.loop.wait_for_input(slot, request[1])
@@ -3114,7 +3117,7 @@ class SessionLoop(object):
             return
         slot.conversation = session.conversation()
         self.slots[slot.fd] = slot
-        session.channel.deferred = True
+        session.channel.driven_by_loop(True)
         sock.setblocking(False)
         self.advance(slot, None, None)
 
@@ -3274,9 +3277,13 @@ STATUS_INTERVAL = 1.0
 
 
 class Supervisor(object):
-    """The master: owns the configuration, the listeners and the counts of
-    running sessions, runs the selectors loop, and handles SIGHUP/SIGTERM
-    through a self-pipe so signals never interrupt a half-done operation."""
+    """The master: owns the listeners and the counts of running sessions,
+    runs the selectors loop (each key's data is its callback), and handles
+    SIGHUP and SIGTERM through a self-pipe, so a signal never interrupts a
+    half-done operation of its own: at SIGHUP it asks the runtime to load
+    and apply the configuration, then follows with listeners and workers;
+    at SIGTERM it raises the runtime's StopFlag (idle sessions are told
+    421), closes the listeners and gives the others ``shutdown-grace``."""
 
     def __init__(self, runtime, config):
         self.runtime = runtime
@@ -3868,6 +3875,11 @@ class Channel(object):
     def flush(self):
         if self.out and not self.deferred:
             self._send(self.take_output())
+
+    def driven_by_loop(self, flag):
+        """A SessionLoop drives the session from now on (True), or a thread
+        with blocking I/O does (False)."""
+        self.deferred = flag
 
     def take_output(self):
         """The queued output as one string (for the SessionLoop)."""
