@@ -3934,6 +3934,10 @@ def drive_blocking(channel, conversation, request=None, back_to_loop=None):
 #: Seconds a reply write may take before the session is given up.
 WRITE_TIMEOUT = 300.0
 
+#: Seconds between two looks at the stop flag of a TLS session waiting
+#: for input (see SocketChannel._recv_tls).
+STOP_CHECK_SECONDS = 1.0
+
 
 def kernel_timeval(seconds):
     """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO."""
@@ -3973,7 +3977,7 @@ class SocketChannel(Channel):
             if remaining <= 0:
                 raise SessionTimeout()
             if isinstance(self.sock, ssl.SSLSocket):
-                return self._recv_tls(remaining)
+                return self._recv_tls(deadline)
             # Only ever shortened: a kernel timeout shorter than the
             # deadline just wakes this loop, which checks the deadline.
             if self.rcvtimeo is None or remaining < self.rcvtimeo - 1.0:
@@ -3986,26 +3990,38 @@ class SocketChannel(Channel):
             except (OSError, socket.error):
                 raise self.lost()
 
-    def _recv_tls(self, remaining):
-        self.sock.settimeout(remaining)
-        try:
-            return self.sock.recv(self.RECV_SIZE)
-        except socket.timeout:
-            raise SessionTimeout()
-        except ssl.SSLError as e:
-            if "timed out" in str(e) and not self.interrupted:
+    def _recv_tls(self, deadline):
+        """One TLS read.  The wait is cut into slices of STOP_CHECK_SECONDS
+        to look at ``interrupted`` in between: a TLS connection cannot be
+        woken by shutting down its read side as a plain one is (the TLS
+        layer takes that for a broken connection and the 421 could not be
+        sent)."""
+        while True:
+            if self.interrupted:
+                raise ShuttingDown()
+            remaining = deadline - time.time()
+            if remaining <= 0:
                 raise SessionTimeout()
-            raise self.lost()
-        except (OSError, socket.error):
-            raise self.lost()
+            self.sock.settimeout(min(remaining, STOP_CHECK_SECONDS))
+            try:
+                return self.sock.recv(self.RECV_SIZE)
+            except socket.timeout:
+                pass
+            except ssl.SSLError as e:
+                if "timed out" not in str(e):
+                    raise self.lost()
+            except (OSError, socket.error):
+                raise self.lost()
 
     def _wake_reader(self):
         """A reader blocked in recv (a thread, or a forked session) or a
         SessionLoop waiting for the socket wakes up to an end of input;
-        the write side stays open for the 421.  The plain socket's own
-        shutdown: a TLS socket's would drop its TLS state."""
+        the write side stays open for the 421.  (A TLS reader looks at
+        ``interrupted`` itself: see _recv_tls.)"""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+            self.sock.shutdown(socket.SHUT_RD)
         except (OSError, socket.error):
             pass
 

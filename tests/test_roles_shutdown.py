@@ -7,13 +7,14 @@ once; a message in the middle of DATA may still finish within
 Run from the repository root:  python -m unittest -v tests.test_roles_shutdown
 """
 
+import os
 import signal
 import smtplib
 import socket
 import time
 import unittest
 
-from tests.harness import free_port
+from tests.harness import client_tls_context, free_port, shared_certificate_dir
 
 from test_zmsmtpd import BASIC_CONF, Daemon, Layout
 
@@ -30,9 +31,15 @@ class ShutdownCase(object):
         self.port = free_port()
         self.layout = Layout()
         self.addCleanup(self.layout.cleanup)
+        tls = []
+        certs = shared_certificate_dir()
+        if certs:
+            tls = ["PARAM use-tls",
+                   "PARAM tls-cert-file %s" % os.path.join(certs, "cert.pem"),
+                   "PARAM tls-key-file %s" % os.path.join(certs, "key.pem")]
         self.layout.write_conf(["PARAM BindSmtp [127.0.0.1] %d" % self.port,
                                 "PARAM shutdown-grace %d" % self.GRACE] + self.MODEL
-                               + BASIC_CONF)
+                               + tls + BASIC_CONF)
         self.daemon = Daemon(self.layout, wait_port=self.port)
         self.addCleanup(self.daemon.stop)
 
@@ -68,6 +75,16 @@ class ShutdownCase(object):
         self.assert_told_shutdown(c)
         # At once, not at the end of the grace.
         self.assertLess(time.time() - started, self.GRACE)
+        self.assertEqual(self.daemon.proc.wait(15), 0)
+
+    def test_an_idle_session_over_starttls_is_told_421_at_sigterm(self):
+        if not shared_certificate_dir():
+            self.skipTest("openssl not installed (no test certificate)")
+        c = self.client()
+        self.assertEqual(c.starttls(context=client_tls_context())[0], 220)
+        self.assertEqual(c.ehlo("client.example")[0], 250)
+        self.stop_server()
+        self.assert_told_shutdown(c)
         self.assertEqual(self.daemon.proc.wait(15), 0)
 
     def test_a_message_in_data_finishes_within_the_grace(self):
