@@ -4836,7 +4836,7 @@ class SessionStart(object):
                 if not readable:
                     raise SessionTimeout()
                 data = sock.recv(more)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 continue
             except (OSError, socket.error, ValueError):
                 raise ClientGone()
