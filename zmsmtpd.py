@@ -3276,6 +3276,85 @@ class SessionLoop(object):
 STATUS_INTERVAL = 1.0
 
 
+class StatusFile(object):
+    """The master's status file, next to the pid file."""
+
+    def __init__(self, path, log):
+        self.path = path
+        self.log = log
+        self.state = None           # what the file last said
+        self.written = 0.0
+        self.error = None           # the last failure, logged once
+
+    def write(self, supervisor, force=False):
+        """The status file ``zmailer.sh status`` shows: rewritten (a new
+        file renamed over the old, so a reader never sees half of one)
+        when something changed, at most every STATUS_INTERVAL seconds,
+        and at once after a reload."""
+        path = self.path
+        runtime = supervisor.runtime
+        with supervisor.lock:
+            sessions = len(supervisor.sessions)
+        with runtime.stats.lock:
+            counts = dict(runtime.stats.counts)
+        state = (sessions, counts["accepted"], counts["refused"], runtime.last_reload)
+        now = time.time()
+        if not force and (state == self.state
+                          or now - self.written < STATUS_INTERVAL):
+            return
+        reload_at = reload_result = ""
+        reloads = runtime.reload_count
+        if runtime.last_reload is not None:
+            when, taken, what = runtime.last_reload
+            reload_at = "%d" % when
+            reload_result = "%s: %s" % ("taken" if taken else "refused", what)
+        lines = [
+            "# zmsmtpd status, rewritten by the running server (read by zmailer.sh status)",
+            "pid=%d" % os.getpid(),
+            "started=%d" % runtime.started,
+            "started_at=%s" % time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                            time.gmtime(runtime.started)),
+            "listeners=%s" % supervisor.describe_listeners(),
+            "sessions=%d" % sessions,
+            "accepted=%d" % counts["accepted"],
+            "refused=%d" % counts["refused"],
+            "reloads=%d" % reloads,
+            "reload_at=%s" % reload_at,
+            "reload_at_text=%s" % (time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                 time.gmtime(float(reload_at)))
+                                   if reload_at else ""),
+            "reload_result=%s" % " ".join(reload_result.split()),
+        ]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with root_file_access():
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, path)
+        except OSError as e:
+            if self.error is None:
+                self.log.note("cannot write status file %s: %s" % (path, e.strerror or e))
+            self.error = str(e)
+            return
+        self.error = None
+        self.state = state
+        self.written = now
+
+    def remove(self):
+        """At the end: the file, if it is still this process's."""
+        try:
+            with open(self.path) as f:
+                if ("pid=%d\n" % os.getpid()) not in f.read():
+                    return
+            os.unlink(self.path)
+        except (IOError, OSError):
+            pass
+
+
 class Supervisor(object):
     """The master: owns the listeners and the counts of running sessions,
     runs the selectors loop (each key's data is its callback), and handles
@@ -3311,10 +3390,7 @@ class Supervisor(object):
         self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
-        self.status_path = None     # set by the daemon: see write_status
-        self.status_state = None
-        self.status_written = 0.0
-        self.status_error = None
+        self.status = None          # the daemon's StatusFile
         self.pool = None
         if config.session_model == "workers":
             self.pool = WorkerPool(self, config.session_workers or os.cpu_count() or 2)
@@ -3469,75 +3545,8 @@ class Supervisor(object):
         return ", ".join(out)
 
     def write_status(self, force=False):
-        """The status file ``zmailer.sh status`` shows: rewritten (a new
-        file renamed over the old, so a reader never sees half of one)
-        when something changed, at most every STATUS_INTERVAL seconds,
-        and at once after a reload."""
-        path = self.status_path
-        if not path:
-            return
-        runtime = self.runtime
-        with self.lock:
-            sessions = len(self.sessions)
-        with runtime.stats.lock:
-            counts = dict(runtime.stats.counts)
-        state = (sessions, counts["accepted"], counts["refused"], runtime.last_reload)
-        now = time.time()
-        if not force and (state == self.status_state
-                          or now - self.status_written < STATUS_INTERVAL):
-            return
-        reload_at = reload_result = ""
-        reloads = runtime.reload_count
-        if runtime.last_reload is not None:
-            when, taken, what = runtime.last_reload
-            reload_at = "%d" % when
-            reload_result = "%s: %s" % ("taken" if taken else "refused", what)
-        lines = [
-            "# zmsmtpd status, rewritten by the running server (read by zmailer.sh status)",
-            "pid=%d" % os.getpid(),
-            "started=%d" % runtime.started,
-            "started_at=%s" % time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                            time.gmtime(runtime.started)),
-            "listeners=%s" % self.describe_listeners(),
-            "sessions=%d" % sessions,
-            "accepted=%d" % counts["accepted"],
-            "refused=%d" % counts["refused"],
-            "reloads=%d" % reloads,
-            "reload_at=%s" % reload_at,
-            "reload_at_text=%s" % (time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                 time.gmtime(float(reload_at)))
-                                   if reload_at else ""),
-            "reload_result=%s" % " ".join(reload_result.split()),
-        ]
-        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        try:
-            with root_file_access():
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, path)
-        except OSError as e:
-            if self.status_error is None:
-                self.log.note("cannot write status file %s: %s" % (path, e.strerror or e))
-            self.status_error = str(e)
-            return
-        self.status_error = None
-        self.status_state = state
-        self.status_written = now
-
-    def remove_status(self):
-        if not self.status_path:
-            return
-        try:
-            with open(self.status_path) as f:
-                if ("pid=%d\n" % os.getpid()) not in f.read():
-                    return
-            os.unlink(self.status_path)
-        except (IOError, OSError):
-            pass
+        if self.status is not None:
+            self.status.write(self, force)
 
     def reap_children(self):
         while True:
@@ -3597,7 +3606,7 @@ class Supervisor(object):
             self.pool.start()
         while not self.stopping:
             events = self.selector.select(
-                timeout=STATUS_INTERVAL if self.status_path else 5.0)
+                timeout=STATUS_INTERVAL if self.status is not None else 5.0)
             for key, mask in events:
                 key.data(mask)
             if self.config.session_model in ("fork", "workers"):
@@ -8574,7 +8583,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     log.note("started server pid %d at %s" % (os.getpid(), rfc822_date()))
     set_process_name("master")
     runtime.started = time.time()
-    supervisor.status_path = status_path_for(pidfile)
+    supervisor.status = StatusFile(status_path_for(pidfile), log)
     supervisor.write_status(force=True)
     # The auth spawner is forked here: the master is its parent (after
     # detaching) and can restart it; no worker, thread or session exists
@@ -8596,7 +8605,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
             except OSError:
                 pass
         remove_pidfile(pidfile)
-        supervisor.remove_status()
+        supervisor.status.remove()
         log.note("killed server pid %d at %s" % (os.getpid(), rfc822_date()))
         mail_syslog(syslog.LOG_INFO if syslog else 0, "killed server.")
     return 0
