@@ -50,6 +50,7 @@ import difflib
 import errno
 import fcntl
 import functools
+import gc
 import getopt
 import heapq
 import ipaddress
@@ -71,6 +72,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque, namedtuple
 
 try:
@@ -6514,7 +6516,6 @@ class AuthSpawner(object):
     def start(self, selector=None, on_end=None):
         """Fork the spawner (the master, at start-up or when one ended);
         ``on_end`` is called by ``selector`` when the spawner has ended."""
-        import warnings
         if selector is not None:
             self.selector, self.on_end = selector, on_end
         if self.client is None:
@@ -6648,7 +6649,6 @@ class AuthSpawner(object):
     @staticmethod
     def _receive(sock, timeout):
         """One message, b"" at end of file, None after ``timeout``."""
-        import select
         deadline = time.time() + timeout
         while True:
             remaining = deadline - time.time()
@@ -6724,9 +6724,9 @@ class SpawnerLoop(object):
         self.retired = []           # helpers that ended or were let go, to reap
         self.selector = None
         self.wake = ()
+        self.listening = False      # while some process may still send requests
 
     def run(self):
-        import gc
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -6749,31 +6749,29 @@ class SpawnerLoop(object):
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self.sock.setblocking(False)
         sel = self.selector = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, "request")
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        listening = True
-        while listening or self.jobs:
+        sel.register(self.sock, selectors.EVENT_READ, self.on_request)
+        sel.register(wake_r, selectors.EVENT_READ, self.on_wake)
+        self.listening = True
+        while self.listening or self.jobs:
             deadlines = [j.deadline for j in self.jobs if not j.killed]
             timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-            for key, _ in sel.select(timeout):
-                what = key.data
-                if what == "request":
-                    if not self.take():
-                        sel.unregister(self.sock)
-                        listening = False
-                elif what == "wake":
-                    try:
-                        while os.read(wake_r, 512):
-                            pass
-                    except OSError:
-                        pass
-                elif what[0] == "out":
-                    self.read_output(what[1])
-                else:
-                    self.write_input(what[1])
+            for key, mask in sel.select(timeout):
+                key.data(mask)
             self.tend()
             if self.helpers or self.retired:
                 self.reap_helpers()
+
+    def on_request(self, mask):
+        if not self.take():
+            self.selector.unregister(self.sock)
+            self.listening = False
+
+    def on_wake(self, mask):
+        try:
+            while os.read(self.wake[0], 512):
+                pass
+        except OSError:
+            pass
 
     def take(self):
         """Take one request; False when every sender is gone."""
@@ -6820,11 +6818,13 @@ class SpawnerLoop(object):
         job = SpawnerJob(proc, reply, stdin, started + timeout, started)
         self.jobs.append(job)
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ, ("out", job))
+        self.selector.register(proc.stdout, selectors.EVENT_READ,
+                               lambda mask, job=job: self.read_output(job))
         os.set_blocking(proc.stdin.fileno(), False)
         self.write_input(job)
         if job.pending:
-            self.selector.register(proc.stdin, selectors.EVENT_WRITE, ("in", job))
+            self.selector.register(proc.stdin, selectors.EVENT_WRITE,
+                                   lambda mask, job=job: self.write_input(job))
         return True
 
     def forward(self, data, reply, ids):
