@@ -200,6 +200,8 @@ def xtext_encode(value):
     (The original printed bytes >= 0x80 as +FFFFFFxx through a signed char;
     we write the correct +xx.)"""
     if isinstance(value, str):
+        if _XTEXT_AS_IS.match(value):
+            return value    # the usual address: nothing to escape
         value = value.encode("utf-8", "surrogateescape")
     out = []
     for byte in bytearray(value):
@@ -211,6 +213,8 @@ def xtext_encode(value):
 
 
 _XTEXT_RE = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
+#: Text that xtext leaves as it is (printable ASCII without "+" and "=").
+_XTEXT_AS_IS = re.compile(r"[!-*,-<>-~]*\Z")
 
 
 def is_xtext(value):
@@ -2061,13 +2065,35 @@ def reply_bytes(lines):
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+#: format_reply's made lines, keyed by the name, enhanced_ok and the
+#: fields: a session sends the same few replies (MAIL's and RCPT's 250,
+#: DATA's 354, RSET) again and again.  Emptied when full; a reply with a
+#: long field (a client's line quoted back) is not kept.
+_MADE_REPLIES = {}
+MADE_REPLIES_KEPT = 512
+MADE_REPLY_FIELD_MAX = 200
+
+
 def format_reply(name, enhanced_ok=True, **fields):
     """The wire lines (without CRLF) of reply ``name``.  (PARAM
     no-multiline-replies only drops the caret line, which the session adds
     itself.)"""
+    key = (name, enhanced_ok) + tuple(sorted(fields.items()))
+    try:
+        lines = _MADE_REPLIES.get(key)
+    except TypeError:       # a field that cannot be a key: not kept
+        lines = key = None
+    if lines is not None:
+        return list(lines)
     code, enh, _ = REPLIES[name]
     texts = reply_texts(name, **fields)
-    return reply_lines(code, texts, enh if enhanced_ok else None)
+    lines = reply_lines(code, texts, enh if enhanced_ok else None)
+    if key is not None and all(len(v) <= MADE_REPLY_FIELD_MAX
+                               for v in fields.values() if isinstance(v, str)):
+        if len(_MADE_REPLIES) >= MADE_REPLIES_KEPT:
+            _MADE_REPLIES.clear()
+        _MADE_REPLIES[key] = tuple(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -2228,17 +2254,38 @@ class SessionLog(object):
         return int(time.time() - self.start) if self.tag != "0000000" else 0
 
     def received(self, text):
-        self.log.write(self.tag, self._dt(), "r", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            log.write(self.tag, self._dt(), "r", text)
 
     def sent(self, text):
-        self.log.write(self.tag, self._dt(), "w", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            log.write(self.tag, self._dt(), "w", text)
 
     def note(self, text):
         self.log.write(self.tag, self._dt(), "#", "000-" + text)
 
 
+#: How long the answer "is there a syslog socket?" is trusted.
+SYSLOG_SOCKET_RECHECK = 1.0
+_syslog_socket_seen = [0.0, True]   # [time of the last look, socket there]
+
+
+def syslog_socket_present():
+    """Whether SYSLOG_SOCKET exists, looked at most once a second.  Without
+    it every syslog() call opens a socket, fails to connect and closes it
+    again -- per accepted message -- and the line is lost all the same."""
+    now = time.time()
+    seen = _syslog_socket_seen
+    if now - seen[0] >= SYSLOG_SOCKET_RECHECK or now < seen[0]:
+        seen[1] = os.path.exists(SYSLOG_SOCKET)
+        seen[0] = now
+    return seen[1]
+
+
 def mail_syslog(priority, text):
-    if syslog is not None:
+    if syslog is not None and syslog_socket_present():
         try:
             syslog.syslog(priority, text)
         except (OSError, ValueError):  # pragma: no cover
@@ -5953,6 +6000,7 @@ class Transaction(object):
         self.bdat_cr = False
         self.writer = None
         self.wire_bytes = 0
+        self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -7079,10 +7127,14 @@ def rcpt_envelope(txn, address, dsn, notify_never):
         notify += ",TRACE"
     by_part = " BY=%d;%s" % (int(txn.start + by[0]), by[1]) if by else ""
     quoted = quote_local_part(address)
-    orcpt = " " + dsn["orcpt"] if dsn["orcpt"] else " ORCPT=rfc822;" + xtext_encode(quoted)
+    inrcpt = xtext_encode(quoted)
+    orcpt = " " + dsn["orcpt"] if dsn["orcpt"] else " ORCPT=rfc822;" + inrcpt
+    inform = txn.sender_xtext
+    if inform is None:
+        # The same for every recipient of the transaction: made once.
+        inform = txn.sender_xtext = xtext_encode(quote_local_part(txn.sender))
     return "todsn%s%s%s INRCPT=rfc822;%s INFROM=rfc822;%s\nto <%s>\n" % (
-        notify, by_part, orcpt, xtext_encode(quoted),
-        xtext_encode(quote_local_part(txn.sender)), quoted)
+        notify, by_part, orcpt, inrcpt, inform, quoted)
 
 
 class DirectorySync(object):
@@ -7132,7 +7184,12 @@ class SpareInodes(object):
     under the message's usual name, so the allocation overlaps the SMTP
     dialogue instead of delaying the reply to MAIL.  An unnamed file leaves
     nothing behind when the process dies.  Where O_TMPFILE or the
-    /proc/self/fd link is not available, create() simply opens as before."""
+    /proc/self/fd link is not available, create() simply opens as before.
+
+    The helper is woken only when the pool has fallen to ``low_water``
+    (half of ``keep``), and then fills it back to ``keep`` in one go:
+    waking a thread costs a few system calls and context switches, which
+    per message would be a large part of a fast session's CPU."""
 
     #: Errors that mean "this system cannot do it": give up for good.
     UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EXDEV, errno.ENOSYS)
@@ -7141,7 +7198,9 @@ class SpareInodes(object):
         self.directory = directory
         self.mode = mode
         self.keep = keep        # PARAM spool-spare-inodes
+        self.low_water = keep // 2
         self.ready = []
+        self.refill_wanted = True   # fill the pool at start
         self.cond = threading.Condition()
         self.disabled = not (hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"))
         self.dir_fd = None
@@ -7159,11 +7218,10 @@ class SpareInodes(object):
     def take(self):
         """An open unnamed file, or None (then create one the usual way)."""
         with self.cond:
-            if not self.ready:
+            fd = self.ready.pop() if self.ready else None
+            if len(self.ready) <= self.low_water and not self.refill_wanted:
+                self.refill_wanted = True
                 self.cond.notify()
-                return None
-            fd = self.ready.pop()
-            self.cond.notify()
             return fd
 
     def name(self, fd, name):
@@ -7182,7 +7240,9 @@ class SpareInodes(object):
         flags = os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
         while True:
             with self.cond:
-                while len(self.ready) >= self.keep and not self.disabled:
+                if len(self.ready) >= self.keep:
+                    self.refill_wanted = False
+                while not self.refill_wanted and not self.disabled:
                     self.cond.wait()
                 if self.disabled:
                     for fd in self.ready:
