@@ -1268,6 +1268,14 @@ class TestDaemonLifecycle(ServerTestCase):
 
 class TestDaemonHousekeeping(ServerTestCase):
 
+    @staticmethod
+    def read_log(layout):
+        try:
+            with open(layout.log) as f:
+                return f.read()
+        except (IOError, OSError):
+            return ""
+
     def test_spool_files_of_dead_sessions_are_recovered_or_removed_at_start(self):
         port = free_port()
         layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port] + BASIC_CONF)
@@ -1286,6 +1294,10 @@ class TestDaemonHousekeeping(ServerTestCase):
             os.chmod(path, mode)
         inode = os.stat(finished).st_ino
         self.start_daemon(layout, port)
+        # The listener is bound before the clean-up runs: wait for its log line.
+        deadline = time.time() + 10
+        while time.time() < deadline and "unfinished ones removed" not in self.read_log(layout):
+            time.sleep(0.05)
         # complete and fsynced (mode 0600): the lost rename is redone
         self.assertEqual(layout.router_files(), [str(inode)])
         self.assertFalse(os.path.exists(unfinished))
