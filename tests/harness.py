@@ -179,3 +179,32 @@ def stop_server(proc, grace=8.0):
     except OSError:
         pass
     proc.wait()
+
+
+class SMTPReplies(object):
+    """SMTP over a connected (plain or TLS) socket, line by line: a
+    command out, its whole (multi-line) reply back as (code, lines)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def reply(self):
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError("closed; got %r" % self.buf)
+                self.buf += data
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                return int(lines[-1][:3]), lines
+
+    def cmd(self, text):
+        self.send(text.encode("ascii") + b"\r\n")
+        return self.reply()

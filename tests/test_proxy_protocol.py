@@ -27,7 +27,7 @@ import time
 import unittest
 
 from tests import test_submission as sub
-from tests.harness import free_port, kill_quietly, which
+from tests.harness import SMTPReplies, free_port, kill_quietly, which
 
 PROXY = "127.0.0.5"
 CLIENT = "127.0.0.7"
@@ -71,33 +71,12 @@ def v1_header(src, sport, dst="127.0.0.1", dport=25):
     return ("PROXY TCP4 %s %s %d %d\r\n" % (src, dst, sport, dport)).encode("ascii")
 
 
-class Raw(object):
+class Raw(SMTPReplies):
     """A raw client that sends a header of our making first."""
 
     def __init__(self, port, source=PROXY, timeout=15):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout,
-                                             source_address=(source, 0))
-        self.buf = b""
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def reply(self):
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise EOFError("closed; got %r" % self.buf)
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return int(lines[-1][:3]), lines
-
-    def cmd(self, text):
-        self.send(text.encode("ascii") + b"\r\n")
-        return self.reply()
+        SMTPReplies.__init__(self, socket.create_connection(("127.0.0.1", port), timeout,
+                                                            source_address=(source, 0)))
 
     def closed(self):
         """True when the server closed the connection after its replies."""

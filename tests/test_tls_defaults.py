@@ -33,7 +33,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import (HERE, client_tls_context, free_port, open_to_sessions,
+from tests.harness import (HERE, SMTPReplies, client_tls_context, free_port, open_to_sessions,
                            shared_certificate_dir, stop_server, which)
 
 import zmsmtpd
@@ -263,29 +263,7 @@ def _td_negotiated(output):
     return (m.group(1), m.group(2)) if m else None
 
 
-class _TdReader(object):
-    """Line-based SMTP over a (possibly TLS) socket."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    def reply(self):
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(4096)
-                if not data:
-                    raise EOFError("closed; got %r" % self.buf)
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return int(lines[-1][:3]), lines
-
-    def cmd(self, text):
-        self.sock.sendall(text.encode("ascii") + b"\r\n")
-        return self.reply()
+_TdReader = SMTPReplies     # line-based SMTP over a (possibly TLS) socket
 
 
 def _td_python_tls_session(port, starttls):
