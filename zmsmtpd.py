@@ -2843,7 +2843,8 @@ class LoopSlot(object):
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
                  "local", "outbuf", "want", "ending", "deadline", "heap_at",
-                 "input_deadline", "events", "resume")
+                 "input_deadline", "events", "resume", "tls_context", "other",
+                 "tls_closing")
 
     def __init__(self, loop, listener, sock, seq):
         self.loop = loop
@@ -2862,6 +2863,9 @@ class LoopSlot(object):
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
+        self.tls_context = None  # WANT_TLS: the context to wrap the socket with
+        self.other = None       # WANT_READABLE: the other socket waited on
+        self.tls_closing = False  # ending: close_notify sent, the client's awaited
 
     @property
     def waiting(self):
@@ -2881,10 +2885,8 @@ class ThreadHandover(object):
     lookup not in the cache) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
-    ``take`` puts it back on the loop to wait for that input there.  Today
-    only a plain socket comes back; a TLS session could come back between
-    commands once the loop can read TLS without blocking, and that choice
-    is made in ``may_return`` alone."""
+    ``take`` puts it back on the loop to wait for that input there, plain
+    or TLS alike (the loop reads and writes TLS without blocking)."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -2939,11 +2941,10 @@ class ThreadHandover(object):
 
     def may_return(self, slot, channel, request):
         """drive_blocking's question at every request: may the conversation
-        go back to the loop now?  Yes when it only waits for input on a
-        plain socket and the loop still takes sessions; its queued replies
-        are sent first (the loop does not send for a blocking socket)."""
-        if request[0] != WANT_INPUT or self.loop.leaving or \
-                isinstance(getattr(channel, "sock", None), ssl.SSLSocket):
+        go back to the loop now?  Yes when it only waits for input and the
+        loop still takes sessions; its queued replies are sent first (the
+        loop does not send for a blocking socket)."""
+        if request[0] != WANT_INPUT or self.loop.leaving:
             return False
         try:
             channel.flush()
@@ -2966,6 +2967,8 @@ class ThreadHandover(object):
                 slot = self.returning.popleft()
             request, slot.resume = slot.resume, None
             slot.session.channel.driven_by_loop(True)
+            # A handshake on the thread replaced the socket with TLS's.
+            slot.sock = slot.session.sock or slot.sock
             slot.sock.setblocking(False)
             self.loop.slots[slot.fd] = slot
             self.loop.wait_for_input(slot, request[1])
@@ -3117,6 +3120,7 @@ class SessionLoop(object):
                     # told at once, the others get the grace.
                     self.grace_end = time.time() + self.context.config.shutdown_grace
                     self.runtime.stop.set()
+                    self.interrupt_idle_tls()
                 if not msg:
                     self.selector.unregister(self.master)
                     return
@@ -3143,6 +3147,16 @@ class SessionLoop(object):
             else:
                 for fd in fds:
                     os.close(fd)
+
+    def interrupt_idle_tls(self):
+        """The stop flag woke the idle plain sessions by shutting their
+        read side; a TLS session cannot be woken that way (its TLS layer
+        would take it for a broken connection, and the 421 could not go
+        out), so its wait for a command ends here."""
+        for slot in list(self.slots.values()):
+            if slot.want == WANT_INPUT and isinstance(slot.sock, ssl.SSLSocket) and \
+                    slot.session.channel.interrupted:
+                self.guarded(self.advance, slot, None, ShuttingDown())
 
     def begin(self, listener, sock, client_address, seq):
         slot = LoopSlot(self, listener, sock, seq)
@@ -3211,9 +3225,64 @@ class SessionLoop(object):
                 self.set_timer(slot, time.time() + arg)
                 self.watch(slot, 0)
                 return
+            elif want == WANT_TLS:
+                slot.want = WANT_TLS
+                slot.tls_context, deadline = arg
+                error = self.send_output(slot)      # the 220 goes out in clear text
+                if error is None:
+                    self.set_timer(slot, deadline)
+                    if slot.outbuf:
+                        return                      # ready() goes on once it is out
+                    value = self.handshake(slot)
+                    if value is WAITING:
+                        return
+            elif want == WANT_READABLE:
+                self.wait_for_other(slot, *arg)
+                return
             else:
                 self.to_thread(slot, request)
                 return
+
+    def handshake(self, slot):
+        """WANT_TLS, once the clear-text replies are out: one step of the
+        handshake without blocking.  WAITING while it needs the socket
+        again; else what goes back to the conversation (None: TLS is up)."""
+        if slot.tls_context is not None:
+            context, slot.tls_context = slot.tls_context, None
+            try:
+                slot.sock = slot.session.channel.wrap_tls(context)
+            except (ssl.SSLError, OSError, socket.error, ValueError) as e:
+                return e
+        try:
+            slot.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.watch(slot, selectors.EVENT_READ)
+            return WAITING
+        except ssl.SSLWantWriteError:
+            self.watch(slot, selectors.EVENT_WRITE)
+            return WAITING
+        except (ssl.SSLError, OSError, socket.error, ValueError) as e:
+            return e
+        return None
+
+    def wait_for_other(self, slot, sock, deadline):
+        """WANT_READABLE: the session sleeps until ``sock`` is readable or
+        ``deadline`` passes; its own socket is not watched meanwhile."""
+        slot.want = WANT_READABLE
+        slot.other = sock
+        self.watch(slot, 0)
+        self.selector.register(sock, selectors.EVENT_READ,
+                               functools.partial(self.guarded, self.other_ready, slot))
+        self.set_timer(slot, deadline)
+
+    def other_ready(self, slot, mask=None):
+        self.forget_other(slot)
+        self.advance(slot, True, None)
+
+    def forget_other(self, slot):
+        if slot.other is not None:
+            self.selector.unregister(slot.other)
+            slot.other = None
 
     def wait_for_input(self, slot, deadline):
         """WANT_INPUT: the queued replies out, then input until ``deadline``
@@ -3230,7 +3299,8 @@ class SessionLoop(object):
         if data:
             try:
                 sent = slot.sock.send(data)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                # TLS wants the same data again once the socket takes it.
                 sent = 0
             except (OSError, socket.error):
                 slot.outbuf = b""
@@ -3251,6 +3321,14 @@ class SessionLoop(object):
     def ready(self, slot, mask):
         if not slot.waiting or slot.fd not in self.slots:
             return
+        if slot.tls_closing:
+            self.finish_tls_close(slot)
+            return
+        if slot.want == WANT_TLS and not slot.outbuf:
+            value = self.handshake(slot)
+            if value is not WAITING:
+                self.advance(slot, value, None)
+            return
         if mask & selectors.EVENT_WRITE:
             error = self.send_output(slot)
             if slot.ending:
@@ -3258,6 +3336,8 @@ class SessionLoop(object):
                     self.close(slot)
             elif error is not None:
                 self.advance(slot, None, error)
+            elif slot.want == WANT_TLS and not slot.outbuf:
+                self.ready(slot, 0)
             return
         channel = slot.session.channel
         if slot.want == WANT_PENDING:
@@ -3265,9 +3345,17 @@ class SessionLoop(object):
             return
         if slot.want != WANT_INPUT:
             return
+        sock = slot.sock
         try:
-            data = slot.sock.recv(Channel.RECV_SIZE)
-        except BlockingIOError:
+            data = sock.recv(Channel.RECV_SIZE)
+            if data and isinstance(sock, ssl.SSLSocket):
+                # One TLS read gives at most one record; what the TLS
+                # layer already holds makes the socket no more readable.
+                while sock.pending():
+                    data += sock.recv(Channel.RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            # Not a whole TLS record yet (or the TLS layer must write
+            # first, which it does at the next read).
             return
         except (OSError, socket.error):
             self.advance(slot, None, channel.lost())
@@ -3278,6 +3366,11 @@ class SessionLoop(object):
         want = slot.want
         if slot.ending:
             self.close(slot)
+        elif want == WANT_TLS:
+            self.advance(slot, socket.timeout("the handshake timed out"), None)
+        elif want == WANT_READABLE:
+            self.forget_other(slot)
+            self.advance(slot, False, None)
         elif want in (WANT_INPUT, WANT_TURN):
             # With output still queued it is the write timeout.
             self.advance(slot, None, ClientGone() if slot.outbuf else SessionTimeout())
@@ -3296,13 +3389,59 @@ class SessionLoop(object):
         self.set_timer(slot, time.time() + self.FINAL_WRITE_TIMEOUT)
 
     def close(self, slot):
+        self.forget_other(slot)
+        if isinstance(slot.sock, ssl.SSLSocket) and slot.sock.fileno() >= 0:
+            if not slot.tls_closing and self.start_tls_close(slot):
+                return          # the client's close_notify is awaited
+            self.drop_tls(slot)
         slot.want = None
-        slot.ending = False
+        slot.ending = slot.tls_closing = False
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
         self.end(slot)
         slot.session = slot.conversation = None    # a timer entry may outlive the slot
+
+    def start_tls_close(self, slot):
+        """End TLS properly without blocking the loop: send close_notify,
+        then give the client TLS_SHUTDOWN_TIMEOUT to answer with its own
+        (as close_tls does for a blocking socket).  True while waiting."""
+        slot.tls_closing = True
+        slot.want = None
+        slot.ending = True
+        if self.tls_goodbye(slot):
+            return False
+        self.set_timer(slot, time.time() + TLS_SHUTDOWN_TIMEOUT)
+        self.watch(slot, selectors.EVENT_READ)
+        return True
+
+    @staticmethod
+    def tls_goodbye(slot):
+        """One try at the close_notify exchange: True when it is over (done,
+        or failed: the client is gone)."""
+        try:
+            slot.sock.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (OSError, socket.error, ssl.SSLError, ValueError):
+            pass
+        return True
+
+    def finish_tls_close(self, slot):
+        """The client's close_notify (or its end) may have come."""
+        if self.tls_goodbye(slot):
+            self.close(slot)
+
+    def drop_tls(self, slot):
+        """The TLS connection's end: our FIN, and the descriptor closed
+        (out of the selector first); session.finish() finds it closed."""
+        try:
+            slot.sock.shutdown(socket.SHUT_WR)
+        except (OSError, socket.error, ValueError):
+            pass
+        if slot.events:
+            self.watch(slot, 0)
+        slot.sock.close()
 
     def end(self, slot):
         try:
@@ -3798,15 +3937,24 @@ class StopFlag(object):
 #: ``(WANT_INPUT, deadline)`` more bytes in the channel's buffer, or its
 #: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
 #: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
-#: pause; ``(WANT_THREAD, None)`` the next step blocks (TLS, the AUTH
-#: program, an uncached DNS lookup), so it must run on a thread of its own;
-#: ``(WANT_TURN, None)`` pipelined commands are still buffered, and others
-#: may go first (every TURN_COMMANDS commands).
+#: pause; ``(WANT_THREAD, None)`` the next step blocks (an uncached DNS
+#: lookup, an auth program started without the spawner), so it must run on
+#: a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
+#: buffered, and others may go first (every TURN_COMMANDS commands);
+#: ``(WANT_TLS, (context, deadline))`` the queued replies out in clear
+#: text, then the TLS handshake as the server (sends back None, or the
+#: exception that ended the handshake); ``(WANT_READABLE, (sock,
+#: deadline))`` wait until another socket (the auth spawner's answer) is
+#: readable (sends back True), or the deadline passes (False).
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
-WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN = \
-    "input", "pending", "sleep", "thread", "turn"
+WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN, WANT_TLS, WANT_READABLE = \
+    "input", "pending", "sleep", "thread", "turn", "tls", "readable"
+
+#: What SessionLoop.handshake gives back while the handshake needs the
+#: socket again.
+WAITING = object()
 
 #: Pipelined commands a session runs before it lets the others have the
 #: worker's loop (one recv can bring some 10 000 of them).
@@ -3958,9 +4106,29 @@ def serve_blocking(channel, request):
             return channel.pending(arg), None
         elif want == WANT_SLEEP:
             time.sleep(arg)
+        elif want == WANT_READABLE:
+            sock, deadline = arg
+            readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.time()))
+            return bool(readable), None
+        elif want == WANT_TLS:
+            context, deadline = arg
+            channel.flush()
+            return channel.tls_handshake(context, deadline), None
     except (ClientGone, SessionTimeout, ShuttingDown) as e:
         return None, e
     return None, None
+
+
+def blocking_result(steps):
+    """Run a generator of requests that needs no session channel (the auth
+    program's steps) with blocking waits; its return value."""
+    value = None
+    while True:
+        try:
+            request = steps.send(value)
+        except StopIteration as done:
+            return done.value
+        value, _ = serve_blocking(None, request)
 
 
 def resume(conversation, value, error):
@@ -4070,6 +4238,24 @@ class SocketChannel(Channel):
                     raise self.lost()
             except (OSError, socket.error):
                 raise self.lost()
+
+    def wrap_tls(self, context):
+        """The connection is TLS from now on (its handshake still to do):
+        the TLS socket, which takes over the descriptor."""
+        self.sock = context.wrap_socket(self.sock, server_side=True,
+                                        do_handshake_on_connect=False)
+        return self.sock
+
+    def tls_handshake(self, context, deadline):
+        """Blocking: the server's side of the handshake; None, or the
+        exception that ended it."""
+        try:
+            tls = self.wrap_tls(context)
+            tls.settimeout(max(0.001, deadline - time.time()))
+            tls.do_handshake()
+        except (ssl.SSLError, OSError, socket.error, ValueError) as e:
+            return e
+        return None
 
     def _wake_reader(self):
         """A reader blocked in recv (a thread, or a forked session) or a
@@ -4953,20 +5139,19 @@ class SessionStart(object):
         return "rhost-flags-%s-%s-%s-%s" % (self.rhost_a, self.rhost_b, c, d)
 
     def start_tls(self):
+        """Generator: the TLS handshake, whoever drives the session (queued
+        replies go out in clear text first); True once TLS is up."""
         context = self.runtime.tls_context(self.group)
         if context is None or self.sock is None:
             self.log.note("TLS requested but not configured for this listener")
             return False
-        try:
-            tls = context.wrap_socket(self.sock, server_side=True,
-                                      do_handshake_on_connect=False)
-            tls.settimeout(self.cfg.tls_handshake_timeout)
-            tls.do_handshake()
-        except (ssl.SSLError, OSError, socket.error) as e:
-            self.log.note("TLS handshake failed: %s" % e)
+        problem = yield (WANT_TLS, (context, time.time() + self.cfg.tls_handshake_timeout))
+        # The TLS socket took over the connection even when the handshake
+        # failed; closing the session closes it.
+        tls = self.sock = self.channel.sock
+        if problem is not None:
+            self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
             return False
-        self.sock = tls
-        self.channel.sock = tls
         self.tls_active = True
         name, version, bits = tls.cipher()
         self.tls_version = version
@@ -5552,8 +5737,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
                 " via proxy %s" % self.proxy_via if self.proxy_via else ""))
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
-            yield (WANT_THREAD, None)
-            if not self.start_tls():
+            if not (yield from self.start_tls()):
                 return
         if self.network:
             self.evaluate_policy()
@@ -5938,14 +6122,12 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         if self.sock is None:
             self.reply("tls_failed")
             return
-        yield (WANT_THREAD, None)      # the handshake blocks
         self.reply("tls_go")
-        self.channel.flush()
         # Nothing learnt before TLS holds after it (RFC 3207): the client
         # greets again, and its earlier HELO name, the pattern that matched
         # it and whether it resolved are forgotten.
         self.reset(RESET_TLS, "STARTTLS")
-        if not self.start_tls():
+        if not (yield from self.start_tls()):
             self.closing = True
 
     # -- AUTH -------------------------------------------------------------------
@@ -6173,8 +6355,7 @@ class SaslExchange(object):
                 self.fail(client)
                 return
             user, password = parts[1], parts[2]
-        yield (WANT_THREAD, None)          # the program may take seconds
-        self.authenticate(client, user, password)
+        yield from self.authenticate(client, user, password)
 
     def value(self, initial, prompt, secret):
         """One base64 value: the initial response or the reply to a 334."""
@@ -6207,6 +6388,7 @@ class SaslExchange(object):
         return base64.b64decode(text).decode("utf-8", "surrogateescape")
 
     def authenticate(self, client, user, password):
+        """Generator: the program's verdict, and the reply."""
         session = self.session
         problem = auth_input_problem(user, password)
         if problem:
@@ -6214,10 +6396,11 @@ class SaslExchange(object):
             self.fail(client)
             return
         authenticator = session.runtime.authenticator(session.group)
-        result = authenticator.check(user, password, session.log) if authenticator \
-            else "tempfail"
         if authenticator is None:
+            result = "tempfail"
             session.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
+        else:
+            result = yield from authenticator.verdict(user, password, session.log)
         if result == "ok":
             session.authuser = user
             self.leftover = 0
@@ -6400,15 +6583,22 @@ class PipeAuthenticator(object):
             os.setuid(uid)
 
     def check(self, user, password, log=None):
-        """'ok', 'fail' or 'tempfail'."""
+        """'ok', 'fail' or 'tempfail', waiting for it here."""
+        return blocking_result(self.verdict(user, password, log))
+
+    def verdict(self, user, password, log=None):
+        """Generator: 'ok', 'fail' or 'tempfail'.  Waiting for the spawner
+        is a WANT_READABLE, which a worker's loop serves without a thread;
+        a program started here needs one (WANT_THREAD)."""
         log = log or self.log
         start = time.time()
         data = password.encode("utf-8", "surrogateescape") + b"\n"
         outcome = None
         if self.spawner is not None:
-            outcome = self.spawner.run([self.path, user], self.env, "/", self.run_as,
-                                       self.timeout, data)
+            outcome = yield from self.spawner.run([self.path, user], self.env, "/", self.run_as,
+                                                  self.timeout, data)
         if outcome is None:
+            yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
         kind = outcome[0]
         if kind == "error":
@@ -6643,9 +6833,10 @@ class AuthSpawner(object):
     # -- a session -------------------------------------------------------------
 
     def run(self, argv, env, cwd, run_as, timeout, data):
-        """Have the spawner run a program: ``("done", status, first output
-        line)``, ``("timeout",)``, ``("error", why)``, ``("lost", why)``,
-        or None when the caller should start the program itself."""
+        """Generator (its waits are WANT_READABLE): have the spawner run a
+        program: ``("done", status, first output line)``, ``("timeout",)``,
+        ``("error", why)``, ``("lost", why)``, or None when the caller
+        should start the program itself."""
         if self.client is None or self.given_up:
             return None
         if run_as is not None:
@@ -6668,7 +6859,7 @@ class AuthSpawner(object):
                 return None     # no spawner to take it, or its queue is full
             finally:
                 theirs.close()
-            taken = self._receive(mine, AUTH_SPAWNER_TAKE_WAIT)
+            taken = yield from self._receive(mine, AUTH_SPAWNER_TAKE_WAIT)
             if taken is None:
                 # Withdraw the request: from now on the spawner's "taken"
                 # fails, so it will not run the program.  One it sent just
@@ -6683,7 +6874,7 @@ class AuthSpawner(object):
                 return ("lost", "the auth spawner took the request too late")
             if taken != b"A":
                 return None     # the spawner ended before taking it
-            answer = self._receive(mine, timeout + AUTH_SPAWNER_GRACE)
+            answer = yield from self._receive(mine, timeout + AUTH_SPAWNER_GRACE)
             if not answer:
                 return ("lost", "the auth spawner ended before the program did")
             try:
@@ -6696,16 +6887,17 @@ class AuthSpawner(object):
 
     @staticmethod
     def _receive(sock, timeout):
-        """One message, b"" at end of file, None after ``timeout``."""
+        """Generator: one message, b"" at end of file, None after ``timeout``."""
         deadline = time.time() + timeout
         while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
+            if time.time() >= deadline:
                 return None
-            r, _, _ = select.select([sock], [], [], remaining)
-            if r:
+            readable = yield (WANT_READABLE, (sock, deadline))
+            if readable:
                 try:
-                    return sock.recv(AUTH_SPAWNER_MAX_REQUEST)
+                    return sock.recv(AUTH_SPAWNER_MAX_REQUEST, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
                 except (OSError, socket.error):
                     return b""
 
@@ -7836,7 +8028,10 @@ def close_tls(sock):
     """End a TLS session properly: send close_notify and give the client a
     moment to answer with its own before the socket is closed, so it sees
     the end of the session and not a truncation (RFC 8446 6.1).  Any
-    failure here (client gone, no answer) just closes the socket."""
+    failure here (client gone, no answer) just closes the socket.  (A
+    worker's SessionLoop does the same without blocking, and closes it.)"""
+    if sock.fileno() < 0:
+        return
     try:
         sock.settimeout(TLS_SHUTDOWN_TIMEOUT)
         sock.unwrap()

@@ -1,0 +1,202 @@
+# -*- coding: utf-8 -*-
+"""TLS and AUTH served by a worker's event loop (session-model workers).
+
+* A TLS session (STARTTLS or implicit TLS) and its AUTH run on the worker's
+  loop between commands: many of them at once add no thread to the worker.
+* The loop never blocks on one client: a handshake that stalls, and a
+  client that never answers the server's close_notify, do not hold up
+  the other sessions of the same worker; each is ended by its own timer
+  (tls-handshake-timeout, and the TLS shutdown wait).
+* An idle TLS session on the loop is told ``421`` when the server stops.
+
+Run from the repository root:  python -m unittest -v tests.test_tls_on_loop
+"""
+
+from __future__ import print_function
+
+import base64
+import os
+import signal
+import socket
+import ssl
+import time
+import unittest
+
+from tests.harness import SMTPReplies, client_tls_context, wait_for_workers
+from tests.test_tls_defaults import _TD_PASSWORD, _TD_USER, _TdDaemon, _td_need_openssl
+
+#: Seconds the daemons of this module give a handshake.
+HANDSHAKE_TIMEOUT = 3
+
+
+def thread_count(pid):
+    try:
+        return len(os.listdir("/proc/%d/task" % pid))
+    except OSError:
+        return 0
+
+
+def wait_until(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+class _OneWorkerServer(unittest.TestCase):
+    """A daemon with one worker, so every session meets on the same loop:
+    STARTTLS and AUTH on {smtp}, implicit TLS on {smtps}."""
+
+    @classmethod
+    def setUpClass(cls):
+        _td_need_openssl(cls)
+        cls.server = _TdDaemon()
+        try:
+            cls.server.start("PARAM BindSmtp [127.0.0.1] {smtp}\n"
+                             "PARAM BindSmtpS [127.0.0.1] {smtps}\n"
+                             "PARAM session-model workers\nPARAM session-workers 1\n"
+                             "PARAM tls-handshake-timeout %d\n" % HANDSHAKE_TIMEOUT)
+        except Exception:
+            cls.server.cleanup()
+            raise
+        workers = wait_for_workers(cls.server.proc.pid, 1)
+        if len(workers) != 1:
+            cls.server.cleanup()
+            raise AssertionError("expected one worker, found %r" % workers)
+        cls.worker = workers[0]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.cleanup()
+
+    def connect(self, kind="smtp"):
+        sock = socket.create_connection(("127.0.0.1", self.server.ports[kind]), 20)
+        self.addCleanup(sock.close)
+        return sock
+
+    def tls_session(self, auth=False):
+        """Greeting, EHLO, STARTTLS, EHLO [, AUTH PLAIN]: the TLS socket and
+        its reply reader, left idle."""
+        raw = self.connect()
+        replies = SMTPReplies(raw)
+        self.assertEqual(replies.reply()[0], 220)
+        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        self.assertEqual(replies.cmd("STARTTLS")[0], 220)
+        tls = client_tls_context().wrap_socket(raw)
+        self.addCleanup(tls.close)
+        replies = SMTPReplies(tls)
+        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        if auth:
+            blob = base64.b64encode(("\0%s\0%s" % (_TD_USER, _TD_PASSWORD)).encode())
+            self.assertEqual(replies.cmd("AUTH PLAIN " + blob.decode())[0], 235)
+        return tls, replies
+
+    def plain_session_seconds(self):
+        """How long a whole plain session (greeting to 221) takes now."""
+        start = time.time()
+        replies = SMTPReplies(self.connect())
+        self.assertEqual(replies.reply()[0], 220)
+        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        self.assertEqual(replies.cmd("QUIT")[0], 221)
+        return time.time() - start
+
+    def log_text(self):
+        try:
+            with open(self.server.logfile, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except IOError:
+            return ""
+
+
+class TlsSessionsRunOnTheWorkerLoopTest(_OneWorkerServer):
+
+    def test_twenty_tls_sessions_with_auth_add_no_thread_to_the_worker(self):
+        self.tls_session(auth=True)         # the first one may start helpers
+        before = thread_count(self.worker)
+        held = [self.tls_session(auth=True) for _ in range(20)]
+        after = thread_count(self.worker)
+        self.assertEqual(len(held), 20)
+        self.assertGreater(before, 0)
+        self.assertLessEqual(after, before,
+                             "the worker went from %d to %d threads" % (before, after))
+
+    def test_a_message_over_tls_with_auth_is_spooled(self):
+        tls, replies = self.tls_session(auth=True)
+        self.assertEqual(replies.cmd("MAIL FROM:<%s@example.org>" % _TD_USER)[0], 250)
+        self.assertEqual(replies.cmd("RCPT TO:<someone@example.net>")[0], 250)
+        self.assertEqual(replies.cmd("DATA")[0], 354)
+        code, lines = replies.cmd("Subject: on the loop\r\n\r\nbody\r\n.")
+        self.assertEqual(code, 250)
+        envelope, header = self.server.spool(" ".join(lines))
+        self.assertIn("Subject: on the loop", header)
+        self.assertTrue(any(l.startswith("rcvdfrom") for l in envelope), envelope)
+        self.assertEqual(replies.cmd("QUIT")[0], 221)
+
+
+class StalledTlsClientsDoNotHoldUpTheLoopTest(_OneWorkerServer):
+
+    def test_a_stalled_handshake_does_not_delay_other_sessions(self):
+        stalled = self.connect("smtps")
+        stalled.sendall(b"\x16\x03\x01")   # the start of a record header, no more
+        time.sleep(0.2)     # give the worker the chance to take it up first
+        self.assertLess(self.plain_session_seconds(), 2.0)
+
+    def test_a_stalled_handshake_is_ended_by_the_handshake_timeout(self):
+        start = time.time()
+        stalled = self.connect("smtps")
+        stalled.settimeout(HANDSHAKE_TIMEOUT + 15)
+        data = stalled.recv(100)
+        elapsed = time.time() - start
+        self.assertEqual(data, b"")
+        self.assertGreaterEqual(elapsed, HANDSHAKE_TIMEOUT - 0.5)
+        self.assertLess(elapsed, HANDSHAKE_TIMEOUT + 10)
+        self.assertTrue(wait_until(lambda: "TLS handshake failed: the handshake timed out"
+                                   in self.log_text(), 5), self.log_text()[-2000:])
+
+    def test_a_client_that_ignores_close_notify_does_not_delay_others(self):
+        tls, replies = self.tls_session()
+        self.assertEqual(replies.cmd("QUIT")[0], 221)
+        # The client neither answers close_notify nor closes: the server's
+        # wait for it must not stop the loop, and must end on its own.
+        self.assertLess(self.plain_session_seconds(), 2.0)
+        self.assertEqual(tls.recv(4096), b"")      # the server's close_notify
+        # A plain view of the same connection sees the server's FIN.
+        end = socket.socket(fileno=os.dup(tls.fileno()))
+        self.addCleanup(end.close)
+        end.settimeout(20)
+        start = time.time()
+        self.assertEqual(end.recv(4096), b"")
+        self.assertLess(time.time() - start, 15)
+
+
+class IdleTlsSessionIsToldOfShutdownTest(unittest.TestCase):
+
+    def test_idle_tls_session_on_the_loop_gets_421_when_the_server_stops(self):
+        _td_need_openssl(self)
+        server = _TdDaemon()
+        self.addCleanup(server.cleanup)
+        server.start("PARAM BindSmtp [127.0.0.1] {smtp}\n"
+                     "PARAM session-model workers\nPARAM session-workers 1\n")
+        self.assertEqual(len(wait_for_workers(server.proc.pid, 1)), 1)
+        raw = socket.create_connection(("127.0.0.1", server.ports["smtp"]), 20)
+        self.addCleanup(raw.close)
+        replies = SMTPReplies(raw)
+        self.assertEqual(replies.reply()[0], 220)
+        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        self.assertEqual(replies.cmd("STARTTLS")[0], 220)
+        tls = client_tls_context().wrap_socket(raw)
+        self.addCleanup(tls.close)
+        replies = SMTPReplies(tls)
+        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        start = time.time()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        code, lines = replies.reply()
+        self.assertEqual(code, 421, lines)
+        self.assertLess(time.time() - start, 5)
+
+
+if __name__ == "__main__":
+    unittest.main()
