@@ -2887,8 +2887,9 @@ class ThreadHandover(object):
     """The one place where a worker's conversation leaves its SessionLoop
     for a thread and comes back.
 
-    A conversation that asks for WANT_THREAD (TLS, the AUTH program, a DNS
-    lookup not in the cache) continues on a thread with blocking I/O
+    A conversation that asks for WANT_THREAD (a DNS lookup not in the
+    cache, an auth program started without the spawner, the PROXY header
+    of an implicit-TLS listener) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
     ``take`` puts it back on the loop to wait for that input there, plain
@@ -4652,8 +4653,9 @@ def _always(group):
 #: command); ``msa_open`` still allowed before AUTH on a submission session;
 #: ``policy_open`` still answered when the policy database is broken;
 #: ``junk`` moves no mail, so it counts towards PARAM junk-command-limit;
-#: ``blocks`` the step may need a thread of its own (TLS, the AUTH program,
-#: DNS), which its handler asks for with WANT_THREAD; ``help`` the text of
+#: ``blocks`` the step may need a thread of its own (DNS, an auth program
+#: started without the spawner), which its handler asks for with
+#: WANT_THREAD; ``help`` the text of
 #: ``HELP VERB``; ``listed`` in the HELP overview: "always", "enabled"
 #: (while enabled) or None; ``advertise`` a function of the session giving
 #: the verb's EHLO keywords.
@@ -4705,7 +4707,7 @@ COMMANDS = (
             help=("AUTH LOGIN [initial-response]", "AUTH PLAIN [initial-response]",
                   "    Authenticate; then MAIL is accepted in submission mode."),
             advertise=lambda s: ["AUTH LOGIN PLAIN", "AUTH=LOGIN"] if s.auth_offered() else []),
-    command("STARTTLS", msa_open=True, blocks=True,
+    command("STARTTLS", msa_open=True,
             help=("STARTTLS", "    Start TLS; then greet again with EHLO."),
             advertise=lambda s: ["STARTTLS"] if (
                 s.group.use_tls and not s.tls_active
