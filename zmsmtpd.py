@@ -5121,11 +5121,15 @@ class SessionStart(object):
         return reply_lines(220, [self.expand_metatags(l) for l in lines])
 
     def expand_metatags(self, text):
+        if "%" not in text:
+            return text
+
         def sub(m):
             c = m.group(1)
+            if c == "T":
+                return rfc822_date()
             return {"%": "%", "H": self.myhostname, "I": "", "i": self.ip_literal,
-                    "p": str(self.local_port), "V": VERSION, "T": rfc822_date(),
-                    "X": ""}.get(c, "")
+                    "p": str(self.local_port), "V": VERSION, "X": ""}.get(c, "")
         return re.sub(r"%(.)", sub, text)
 
     # -- envelope lines --------------------------------------------------------
