@@ -170,6 +170,17 @@ def tree_pss_kb(pid):
     return total, len(tree)
 
 
+def tree_threads(pid):
+    """Threads of pid and its live descendants."""
+    n = 0
+    for p in proc_tree(pid):
+        try:
+            n += len(os.listdir("/proc/%d/task" % p))
+        except OSError:
+            pass
+    return n
+
+
 def machine_cpu():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -869,6 +880,7 @@ def idle_memory(peer, nconn, tls=False):
     try:
         time.sleep(0.5)
         base, nbase = tree_pss_kb(peer.pid)
+        tbase = tree_threads(peer.pid)
         if tls:
             import ssl
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -890,6 +902,7 @@ def idle_memory(peer, nconn, tls=False):
         opened = time.time() - t0
         time.sleep(1.0)
         held, nheld = tree_pss_kb(peer.pid)
+        theld = tree_threads(peer.pid)
         # the server must still serve a new client while holding them
         alive = _still_serving(port)
     finally:
@@ -903,6 +916,7 @@ def idle_memory(peer, nconn, tls=False):
     return {"peer": peer.name, "kind": "tls" if tls else "plain", "conns": n, "wanted": nconn,
             "error": err, "pss_before_mb": base / 1024.0, "pss_after_mb": held / 1024.0,
             "procs_before": nbase, "procs_after": nheld, "open_s": opened,
+            "threads_before": tbase, "threads_after": theld,
             "mb_per_conn": (held - base) / 1024.0 / max(1, n), "still_serving": alive}
 
 
@@ -1729,10 +1743,12 @@ def one_run(a, peers, variants, scens, rounds, all_scen, smtp_source, rawdir, wo
             for v in [p for p in peers if p is not None and p.speaks_tls]:
                 m = idle_memory(v, n, tls)
                 mem.append(m)
-                log("idle memory %s %s: %d conns in %.1f s, %.1f -> %.1f MB Pss, %.3f MB/conn%s" % (
-                    v.name, m["kind"], m["conns"], m["open_s"], m["pss_before_mb"],
-                    m["pss_after_mb"], m["mb_per_conn"],
-                    "" if not m["error"] else " (stopped: %s)" % m["error"]))
+                log("idle memory %s %s: %d conns in %.1f s, %.1f -> %.1f MB Pss, %.3f MB/conn, "
+                    "%d -> %d threads%s" % (
+                        v.name, m["kind"], m["conns"], m["open_s"], m["pss_before_mb"],
+                        m["pss_after_mb"], m["mb_per_conn"], m["threads_before"],
+                        m["threads_after"],
+                        "" if not m["error"] else " (stopped: %s)" % m["error"]))
     if a.profile:
         sc = dict(all_scen[a.profile_scenario])
         for v in variants:
@@ -1859,14 +1875,14 @@ def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work,
               "EC P-256" if TLS.get("keytype") == "ec" else "RSA 2048"))
         w("")
         w("| server | connections | idle connections held | Pss before | Pss with them "
-          "| MB per connection | processes | goal ≤ 1 MB |")
-        w("|---|---|---|---|---|---|---|---|")
+          "| MB per connection | processes | threads | goal ≤ 1 MB |")
+        w("|---|---|---|---|---|---|---|---|---|")
         for m in mem:
-            w("| %s | %s | %d%s | %.1f MB | %.1f MB | %.3f | %d -> %d | %s |" % (
+            w("| %s | %s | %d%s | %.1f MB | %.1f MB | %.3f | %d -> %d | %d -> %d | %s |" % (
                 m["peer"], "STARTTLS" if m.get("kind") == "tls" else "plain",
                 m["conns"], "" if not m["error"] else " (stopped: %s)" % m["error"],
                 m["pss_before_mb"], m["pss_after_mb"], m["mb_per_conn"],
-                m["procs_before"], m["procs_after"],
+                m["procs_before"], m["procs_after"], m["threads_before"], m["threads_after"],
                 ("yes" if memory_ok(m) else "**no**") +
                 ("" if m["still_serving"] else " (a new client was not served)")))
 
