@@ -3,6 +3,7 @@
 
     python3 bench/bench.py            # full run, 3 interleaved rounds
     python3 bench/bench.py --quick    # smaller message counts
+    python3 bench/bench.py --issue13 --repeat 3   # issue 13's goals, 3 runs
 
 Load generator: Postfix's smtp-source (Debian package "postfix"; only its tools
 are used, Postfix itself is never started).  Every peer is started by this
@@ -168,6 +169,17 @@ def tree_pss_kb(pid):
         except (IOError, OSError):
             pass
     return total, len(tree)
+
+
+def tree_threads(pid):
+    """Threads of pid and its live descendants."""
+    n = 0
+    for p in proc_tree(pid):
+        try:
+            n += len(os.listdir("/proc/%d/task" % p))
+        except OSError:
+            pass
+    return n
 
 
 def machine_cpu():
@@ -685,36 +697,215 @@ def measure(peer, scen, smtp_source, rawdir):
     return res
 
 
-def idle_memory(peer, nconn):
-    """Hold nconn idle sessions (greeting read) and measure Pss of the server tree."""
+#: How idle_memory(tls=True) starts the server and picks the port: the
+#: configuration of the submission scenarios (certificate, AUTH), STARTTLS on
+#: the submission listener (zmsmtpd's BindSubmit, aiosmtpd's only port).
+IDLE_TLS_SCEN = {"key": "idle-tls", "client": "py", "mode": "starttls", "auth": True}
+
+REPLY_END = re.compile(br"(?:^|\r\n)(\d{3}) [^\r\n]*\r\n$")
+
+
+class IdleTLSConn(object):
+    """One client connection on its way to an idle TLS session: banner,
+    EHLO, STARTTLS, handshake, EHLO again; then it stays silent."""
+
+    def __init__(self, sock):
+        self.sock = sock            # the plain socket, then the TLS socket
+        self.state = "banner"
+        self.buf = b""
+        self.out = b""
+
+
+def hold_tls_sessions(port, nconn, ctx, helo, timeout=120.0, window=50):
+    """Open nconn STARTTLS sessions to 127.0.0.1:port from this one process
+    and leave them idle.  Non-blocking sockets and one selector: at most
+    `window` connections are between connect and idle at a time, so the
+    listener's backlog is not flooded and a server that hands a handshake
+    to a thread is not asked for 1000 at once.  Returns (list of the
+    sockets held, error text or None); on an error the ones already idle
+    are still returned, like the plain test, which stops at the first
+    failure."""
+    import selectors
+    import ssl
+    sel = selectors.DefaultSelector()
+    held, opened, busy = [], 0, 0
+    ehlo = ("EHLO %s\r\n" % helo).encode()
+    deadline = time.time() + timeout
+    err = None
+
+    def want(c, events):
+        try:
+            sel.modify(c.sock, events, c)
+        except KeyError:
+            sel.register(c.sock, events, c)
+
+    def send(c, data):
+        c.out += data
+        flush(c)
+
+    def flush(c):
+        while c.out:
+            try:
+                n = c.sock.send(c.out)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                want(c, selectors.EVENT_WRITE)
+                return
+            c.out = c.out[n:]
+        want(c, selectors.EVENT_READ)
+
+    def handshake(c):
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            want(c, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            want(c, selectors.EVENT_WRITE)
+            return
+        c.state = "ehlo2"
+        send(c, ehlo)
+
+    def readable(c):
+        """Read what there is; returns a complete reply or None."""
+        while True:
+            try:
+                data = c.sock.recv(8192)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                want(c, selectors.EVENT_WRITE)
+                break
+            if not data:
+                raise OSError("connection closed in state %s (%r)" % (c.state, c.buf[-100:]))
+            c.buf += data
+        m = REPLY_END.search(c.buf)
+        if not m:
+            return None
+        text, c.buf = c.buf, b""
+        return m.group(1).decode(), text
+
+    def step(c, events):
+        if c.state == "handshake":
+            handshake(c)
+            return False
+        if c.out:
+            flush(c)
+            if c.out:
+                return False
+        if not events & selectors.EVENT_READ and not c.buf:
+            return False
+        got = readable(c)
+        if got is None:
+            return False
+        code, text = got
+        expect = {"banner": "220", "ehlo1": "250", "starttls": "220", "ehlo2": "250"}[c.state]
+        if code != expect:
+            raise OSError("%s answered %r" % (c.state, text[-100:]))
+        if c.state == "banner":
+            c.state = "ehlo1"
+            send(c, ehlo)
+        elif c.state == "ehlo1":
+            c.state = "starttls"
+            send(c, b"STARTTLS\r\n")
+        elif c.state == "starttls":
+            sel.unregister(c.sock)
+            c.sock = ctx.wrap_socket(c.sock, do_handshake_on_connect=False)
+            c.state = "handshake"
+            handshake(c)
+        else:
+            sel.unregister(c.sock)
+            c.state = "idle"
+            return True
+        return False
+
+    try:
+        while len(held) < nconn and err is None:
+            while busy < window and opened < nconn:
+                opened += 1
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                except (IOError, OSError) as e:
+                    err = "connection %d: %s" % (opened, e)
+                    break
+                s.setblocking(False)
+                c = IdleTLSConn(s)
+                sel.register(s, selectors.EVENT_READ, c)
+                busy += 1
+            if err or time.time() > deadline:
+                err = err or "%d of %d sessions idle after %.0f s" % (len(held), nconn, timeout)
+                break
+            for key, events in sel.select(1.0):
+                c = key.data
+                try:
+                    if step(c, events):
+                        held.append(c.sock)
+                        busy -= 1
+                except (IOError, OSError, ssl.SSLError) as e:
+                    err = "session %d: %s: %s" % (len(held) + 1, c.state, e)
+                    break
+    finally:
+        for key in list(sel.get_map().values()):
+            try:
+                key.fileobj.close()
+            except OSError:
+                pass
+        sel.close()
+    return held, err
+
+
+def _still_serving(port):
+    """A new client gets the 220 greeting (the server is not saturated)."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            return s.recv(512).startswith(b"220")
+        finally:
+            s.close()
+    except (IOError, OSError):
+        return False
+
+
+def idle_memory(peer, nconn, tls=False):
+    """Hold nconn idle sessions and measure Pss of the server tree before and
+    with them.  Plain: each connection reads the 220 greeting and stays
+    silent.  tls: each goes through EHLO, STARTTLS, the TLS handshake and
+    EHLO again on the submission listener, with the benchmark certificate
+    (hold_tls_sessions), and then stays silent."""
     peer.clean()
-    peer.start()
+    scen = IDLE_TLS_SCEN if tls else None
+    peer.start(scen)
+    port = peer.client_port(scen) if tls else peer.port
     socks = []
+    err = None
+    t0 = time.time()
     try:
         time.sleep(0.5)
         base, nbase = tree_pss_kb(peer.pid)
-        err = None
-        for i in range(nconn):
-            try:
-                s = socket.create_connection(("127.0.0.1", peer.port), timeout=30)
-                g = s.recv(512)
-                socks.append(s)
-                if not g.startswith(b"220"):
-                    err = "connection %d greeted with %r" % (i, g[:80])
+        tbase = tree_threads(peer.pid)
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE     # the self-signed benchmark certificate
+            socks, err = hold_tls_sessions(port, nconn, ctx, HELO_NAME)
+        else:
+            for i in range(nconn):
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                    g = s.recv(512)
+                    socks.append(s)
+                    if not g.startswith(b"220"):
+                        err = "connection %d greeted with %r" % (i, g[:80])
+                        break
+                except (IOError, OSError) as e:
+                    err = "connection %d: %s" % (i, e)
                     break
-            except (IOError, OSError) as e:
-                err = "connection %d: %s" % (i, e)
-                break
+        opened = time.time() - t0
         time.sleep(1.0)
         held, nheld = tree_pss_kb(peer.pid)
+        theld = tree_threads(peer.pid)
         # the server must still serve a new client while holding them
-        alive = True
-        try:
-            s = socket.create_connection(("127.0.0.1", peer.port), timeout=30)
-            alive = s.recv(512).startswith(b"220")
-            s.close()
-        except (IOError, OSError):
-            alive = False
+        alive = _still_serving(port)
     finally:
         for s in socks:
             try:
@@ -723,10 +914,17 @@ def idle_memory(peer, nconn):
                 pass
         peer.stop()
     n = len(socks)
-    return {"peer": peer.name, "conns": n, "wanted": nconn, "error": err,
-            "pss_before_mb": base / 1024.0, "pss_after_mb": held / 1024.0,
-            "procs_before": nbase, "procs_after": nheld,
+    return {"peer": peer.name, "kind": "tls" if tls else "plain", "conns": n, "wanted": nconn,
+            "error": err, "pss_before_mb": base / 1024.0, "pss_after_mb": held / 1024.0,
+            "procs_before": nbase, "procs_after": nheld, "open_s": opened,
+            "threads_before": tbase, "threads_after": theld,
             "mb_per_conn": (held - base) / 1024.0 / max(1, n), "still_serving": alive}
+
+
+def memory_ok(m):
+    """The idle-memory goal: at most 1 MB per connection, every connection
+    held, and a new client still served."""
+    return m["mb_per_conn"] <= 1.0 and m["conns"] == m["wanted"] and m["still_serving"]
 
 
 # ---------------------------------------------------------------- venv for aiosmtpd
@@ -1075,6 +1273,165 @@ def report_submission(w, by, names, variants, sub_scens, rounds, aio_ver):
                 "–" if prog is None else "%.0f %%" % (100 * prog / full)))
 
 
+#: --issue13: what the preset selects unless given on the command line.
+#: Sized from runs on a shared 2-CPU machine: one run of 3 rounds plus the
+#: idle-memory tests takes about 8 minutes there.
+ISSUE13 = {"scenarios": "persist,c20,starttls-auth,smtps-auth,starttls,auth-plain,plain-py",
+           "models": "default", "only": "zmsmtpd,aiosmtpd", "disk_state": "fresh",
+           "rounds": 3, "msgs": 3000, "persist_msgs": 3000, "sub_msgs": 1000}
+
+#: Goals of issue 13, as the goals summary checks them.
+GOAL_PERSIST_CPU_US = 350.0     # server CPU per message, one persistent session
+GOAL_PERSIST_RATIO = 2.5        # msg/s zmsmtpd / aiosmtpd, one persistent session
+GOAL_RATIO = 1.5                # 20 clients, and both TLS + AUTH paths
+GOAL_MB_PER_CONN = 1.0          # idle memory per connection, plain and TLS
+
+
+def goals_summary(runs, variants, peers, rounds):
+    """The goals of issue 13 from the figures of the runs: per run the
+    median of the rounds with the rounds in brackets, the goal, and
+    whether the median meets it.  Every figure of a line comes from
+    measurements of the same round (ratios, shares), so the noise of a
+    shared machine hits both sides alike."""
+    names = [p.name for p in peers if p is not None]
+    aio = ([n for n in names if n.startswith("aiosmtpd")] or [None])[0]
+    nruns = len(runs)
+
+    def per_round(rn, peer, scen, fn):
+        got = {}
+        for r in rn["results"]:
+            if r["peer"] == peer and r["scenario"] == scen and r["ok"] and "user_us" in r:
+                got[r["round"]] = fn(r)
+        return [got.get(i) for i in range(1, rounds + 1)]
+
+    def rate(r):
+        return r["rate"]
+
+    def cpu(r):
+        return r["user_us"] + r["sys_us"]
+
+    def cpu_prog(r):
+        return r["user_us"] + r["sys_us"] + r.get("child_us", 0.0)
+
+    def prog(r):
+        return r.get("child_us", 0.0)
+
+    def combine(f, *series):
+        return [None if any(x is None for x in xs) else f(*xs) for xs in zip(*series)]
+
+    def ratio(x, y):
+        return x / y if y else None
+
+    lines = []      # (what, server, [per-run rounds or single value], goal, spec, unit)
+
+    def add(what, server, per_run, goal=None, spec="%.2f", unit=""):
+        if all(v is None or (isinstance(v, list) and all(x is None for x in v))
+               for v in per_run):
+            return
+        lines.append((what, server, per_run, goal, spec, unit))
+
+    for v in variants:
+        zm = v.name
+        add("1 session: server CPU per msg (user + sys)", zm,
+            [per_round(rn, zm, "persist", cpu) for rn in runs],
+            ("<=", GOAL_PERSIST_CPU_US), "%.0f", " µs")
+        if aio:
+            add("1 session: msg/s, zmsmtpd / aiosmtpd", zm,
+                [combine(ratio, per_round(rn, zm, "persist", rate),
+                         per_round(rn, aio, "persist", rate)) for rn in runs],
+                (">=", GOAL_PERSIST_RATIO))
+        for sc in ("starttls-auth", "smtps-auth"):
+            if aio:
+                add("%s: msg/s, zmsmtpd / aiosmtpd" % sc, zm,
+                    [combine(ratio, per_round(rn, zm, sc, rate), per_round(rn, aio, sc, rate))
+                     for rn in runs], (">=", GOAL_RATIO))
+                add("%s: server CPU, aiosmtpd / zmsmtpd (without the auth program)" % sc, zm,
+                    [combine(ratio, per_round(rn, aio, sc, cpu), per_round(rn, zm, sc, cpu))
+                     for rn in runs], (">=", GOAL_RATIO))
+                add("%s: server CPU, aiosmtpd / zmsmtpd (with the auth program)" % sc, zm,
+                    [combine(ratio, per_round(rn, aio, sc, cpu), per_round(rn, zm, sc, cpu_prog))
+                     for rn in runs], (">=", GOAL_RATIO))
+            # shares of the whole server-side time of the path: server CPU
+            # plus the auth program's CPU, all from the same round
+            add("%s: share of server time on TLS (handshake + records)" % sc, zm,
+                [combine(lambda full, t, nt: 100.0 * (full - nt) / t,
+                         per_round(rn, zm, sc, cpu), per_round(rn, zm, sc, cpu_prog),
+                         per_round(rn, zm, "auth-plain", cpu)) for rn in runs],
+                None, "%.0f", " %")
+            if sc == "starttls-auth":
+                add("%s: share of server time on AUTH in the server" % sc, zm,
+                    [combine(lambda full, t, na: 100.0 * (full - na) / t,
+                             per_round(rn, zm, sc, cpu), per_round(rn, zm, sc, cpu_prog),
+                             per_round(rn, zm, "starttls", cpu)) for rn in runs],
+                    None, "%.0f", " %")
+            add("%s: share of server time in the auth program" % sc, zm,
+                [combine(lambda p_, t: 100.0 * p_ / t, per_round(rn, zm, sc, prog),
+                         per_round(rn, zm, sc, cpu_prog)) for rn in runs],
+                None, "%.0f", " %")
+        if aio:
+            add("20 clients (c20): msg/s, zmsmtpd / aiosmtpd", zm,
+                [combine(ratio, per_round(rn, zm, "c20", rate), per_round(rn, aio, "c20", rate))
+                 for rn in runs], (">=", GOAL_RATIO))
+        for kind, label in (("plain", "plain"), ("tls", "STARTTLS")):
+            per_run = []
+            for rn in runs:
+                ms = [m for m in rn["memory"] if m["peer"] == zm and m.get("kind") == kind]
+                per_run.append(ms[0] if ms else None)
+            if any(per_run):
+                n = max(m["wanted"] for m in per_run if m)
+                lines.append(("idle memory per connection, %d %s" % (n, label), zm, per_run,
+                              ("<=", GOAL_MB_PER_CONN), "%.3f", " MB"))
+
+    out = []
+    w = out.append
+    if not lines:
+        return out
+    w("")
+    w("### Issue 13 goals (%s; each figure: the median of %d rounds, the rounds in brackets)"
+      % ("one run" if nruns == 1 else "%d consecutive runs side by side" % nruns, rounds))
+    w("")
+    w("| figure | server | " + " | ".join("run %d" % (i + 1) for i in range(nruns)) +
+      " | goal | met |")
+    w("|---|---|" + "---|" * nruns + "---|---|")
+    for what, server, per_run, goal, spec, unit in lines:
+        cells, met = [], []
+        for v in per_run:
+            if isinstance(v, dict) or v is None:         # an idle-memory measurement
+                if v is None:
+                    cells.append("–")
+                    met.append(None)
+                    continue
+                cells.append("**%s%s**%s" % (spec % v["mb_per_conn"], unit,
+                                             "" if v["conns"] == v["wanted"] and v["still_serving"]
+                                             else " (%d held%s)" % (v["conns"], "" if v["still_serving"]
+                                                                    else ", new client not served")))
+                met.append(memory_ok(v) and v["mb_per_conn"] <= goal[1])
+                continue
+            m = med(v)
+            if m is None:
+                cells.append("–")
+                met.append(None)
+                continue
+            cells.append("**%s%s** (%s)" % (spec % m, unit, ", ".join(fmt(x, spec) for x in v)))
+            if goal is not None:
+                met.append(m <= goal[1] if goal[0] == "<=" else m >= goal[1])
+        if goal is None:
+            gtxt, mtxt = "–", "–"
+        else:
+            gtxt = "≤ %g%s" % (goal[1], unit) if goal[0] == "<=" else "≥ %g×" % goal[1]
+            mtxt = ", ".join("–" if x is None else "met" if x else "**not met**" for x in met)
+        w("| %s | %s | %s | %s | %s |" % (what, server, " | ".join(cells), gtxt, mtxt))
+    w("")
+    w("Ratios and shares are computed round by round from the same round's runs, then the "
+      "median is taken. Server CPU: user + system time of the server's processes and threads "
+      "per message; for zmsmtpd without the auth program's own CPU unless the line says "
+      "\"with\". Shares of the whole server-side time T of the path (server CPU + auth "
+      "program CPU): TLS = (server CPU of the path - server CPU of auth-plain) / T; AUTH in the "
+      "server = (server CPU of starttls-auth - server CPU of starttls) / T; auth program = "
+      "its CPU / T. \"met\" is judged on the median of each run.")
+    return out
+
+
 def report_strace(w, tr):
     s = tr["summary"]
     w("")
@@ -1136,7 +1493,18 @@ def main():
                     help="messages per parallel run (default 5000, --quick 1000)")
     ap.add_argument("--persist-msgs", type=int, default=None,
                     help="messages in the one-session run (default 2000, --quick 500)")
-    ap.add_argument("--idle-conns", type=int, default=1000)
+    ap.add_argument("--idle-conns", type=int, default=1000,
+                    help="idle plain connections in the memory test (default 1000; 0: none)")
+    ap.add_argument("--idle-tls-conns", type=int, default=1000,
+                    help="idle STARTTLS sessions in the memory test (default 1000; 0: none)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="N consecutive full runs (rounds, memory test, ...) in one command; "
+                         "the goals summary shows them side by side (default 1)")
+    ap.add_argument("--issue13", action="store_true",
+                    help="preset for the goals of issue 13: scenarios %s, the default session "
+                         "model, only zmsmtpd and aiosmtpd, --disk-state fresh, idle plain and "
+                         "TLS memory, message counts sized for a run of about 8 minutes on 2 "
+                         "CPUs; options given explicitly win" % ISSUE13["scenarios"])
     ap.add_argument("--zmsmtpd", default=os.path.join(REPO, "zmsmtpd.py"),
                     help="path of zmsmtpd.py (default: the one next to bench/)")
     ap.add_argument("--python", default=sys.executable, help="Python that runs zmsmtpd")
@@ -1145,17 +1513,18 @@ def main():
                          "'zmsmtpd fork=--fork', or with configuration lines, e.g. "
                          "'no spares=PARAM spool-spare-inodes 0'; repeatable "
                          "(default: one plain variant)")
-    ap.add_argument("--models", default="auto",
+    ap.add_argument("--models", default=None,
                     help="comma list of PARAM session-model values to measure, e.g. thread,fork "
                          "(workers/N also sets PARAM session-workers N) "
-                         "(default auto: all models zmsmtpd.py knows of, else one plain run)")
+                         "(default auto: all models zmsmtpd.py knows of, else one plain run; "
+                         "default: no session-model line, i.e. zmsmtpd's default)")
     ap.add_argument("--foreground", action="store_true",
                     help="run zmsmtpd in the foreground with -v (it then traces every SMTP line "
                          "to stderr) instead of as a detached daemon with -I pidfile")
     ap.add_argument("--log", action="store_true", help="give zmsmtpd -l LOGFILE (session log)")
     ap.add_argument("--venv", default=os.path.join(HERE, ".venv"),
                     help="throw-away venv for aiosmtpd (and py-spy); default bench/.venv")
-    ap.add_argument("--disk-state", choices=("churn", "fresh"), default="churn",
+    ap.add_argument("--disk-state", choices=("churn", "fresh"), default=None,
                     help="churn (default): spooled files are deleted between runs, as a "
                          "router deletes what it has routed; on ext4 without a journal that "
                          "makes every file creation skip the recently freed inodes, about 1 ms "
@@ -1164,7 +1533,7 @@ def main():
     ap.add_argument("--no-aiosmtpd", action="store_true")
     ap.add_argument("--aiosmtpd-executor", action="store_true",
                     help="also measure aiosmtpd with fsync in a thread pool")
-    ap.add_argument("--scenarios", default="c20,c50,persist,submission",
+    ap.add_argument("--scenarios", default=None,
                     help="comma list of c20, c50, persist, starttls-auth, smtps-auth, "
                          "starttls, auth-plain, plain-py; 'submission' stands for "
                          "starttls-auth,smtps-auth,starttls,auth-plain (default: all but "
@@ -1190,7 +1559,8 @@ def main():
     ap.add_argument("--only", default=None,
                     help="comma list of name parts: measure only the matching servers "
                          "(e.g. 'zmsmtpd,raw')")
-    ap.add_argument("--no-memory", action="store_true", help="skip the idle-connection test")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the idle-connection tests (plain and TLS)")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, run zmsmtpd once per variant under py-spy (c20)")
     ap.add_argument("--profile-scenario", default="c20")
@@ -1204,6 +1574,17 @@ def main():
     ap.add_argument("--smtp-source", default=None)
     ap.add_argument("--smtp-sink", default=None)
     a = ap.parse_args()
+    # a preset fills in what was not given on the command line
+    preset = ISSUE13 if a.issue13 else {}
+    for opt, default in (("scenarios", "c20,c50,persist,submission"), ("models", "auto"),
+                         ("disk_state", "churn"), ("only", None), ("rounds", None),
+                         ("msgs", None), ("persist_msgs", None), ("sub_msgs", None)):
+        if getattr(a, opt) is None:
+            if a.quick and opt.endswith("msgs"):
+                continue        # --quick's counts, not the preset's
+            setattr(a, opt, preset.get(opt, default))
+    if a.repeat < 1:
+        sys.exit("--repeat wants 1 or more")
 
     global HELO_NAME
     HELO_NAME = a.helo
@@ -1217,10 +1598,13 @@ def main():
         sys.exit("smtp-source not found: apt-get install postfix (only its tools are used)")
     if not os.path.exists(a.zmsmtpd):
         sys.exit("zmsmtpd not found at %s (--zmsmtpd PATH)" % a.zmsmtpd)
-    nofile = raise_nofile(max(4096, 2 * a.idle_conns + 1000))
+    # the server's descriptors and this process's own (the client end of each
+    # idle connection): the server inherits the limit
+    nofile = raise_nofile(max(4096, 2 * max(a.idle_conns, a.idle_tls_conns) + 1000))
 
     variants = []
     models = detect_models(a.zmsmtpd) if a.models == "auto" else \
+        [] if a.models == "default" else \
         [m.strip() for m in a.models.split(",") if m.strip()]
     for v in a.variant or ["zmsmtpd="]:
         name, _, args = v.partition("=")
@@ -1292,78 +1676,105 @@ def main():
     if any(sc.get("client") == "py" for sc in scens) or \
             any(all_scen[k].get("client") == "py" for k in
                 [a.profile_scenario] * a.profile + [a.strace_scenario] * a.strace +
-                [a.cprofile_scenario] * a.cprofile):
+                [a.cprofile_scenario] * a.cprofile) or \
+            (not a.no_memory and a.idle_tls_conns > 0):
         make_tls_material(work, a.tls_key, a.auth_program)
 
-    results = []
-    mem = []
-    prof = []
-    traces = []
-    cprofs = []
+    runs = []
     try:
-        for r in range(rounds):
-            order = peers[r % len(peers):] + peers[:r % len(peers)]
-            for sc in scens:
-                for p in order:
-                    if sc.get("client") == "py" and not (p is not None and p.speaks_tls):
-                        continue        # smtp-sink and the raw disk loop have no TLS
-                    res = measure(p, sc, smtp_source, rawdir)
-                    res["round"] = r + 1
-                    results.append(res)
-                    log("round %d %-8s %-30s %7.0f msg/s %s%s%s%s" % (
-                        r + 1, sc["key"], res["peer"], res["rate"],
-                        "ok" if res["ok"] else "FAILED",
-                        "" if "user_us" not in res else
-                        "  server user %.0f us + sys %.0f us per msg" % (res["user_us"], res["sys_us"]),
-                        "" if "client_us" not in res else
-                        "; auth prog %.0f us; client %.0f us" % (res["child_us"], res["client_us"]),
-                        "" if "switches" not in res else
-                        "; %.1f context switches" % res["switches"]))
-                    if not res["ok"]:
-                        log("   ", {k: v for k, v in res.items() if k in ("rc", "error", "spooled", "leftover")})
-        if not a.no_memory:
-            for v in variants:
-                m = idle_memory(v, a.idle_conns)
-                mem.append(m)
-                log("idle memory %s: %d conns, %.1f -> %.1f MB Pss, %.3f MB/conn" % (
-                    v.name, m["conns"], m["pss_before_mb"], m["pss_after_mb"], m["mb_per_conn"]))
-        if a.profile:
-            sc = dict(all_scen[a.profile_scenario])
-            for v in variants:
-                res, summ = profile_zm(v, pyspy, smtp_source, sc, work, 250)
-                log("profile run %s: %.0f msg/s (under py-spy) %s" % (
-                    v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-                prof.append({"peer": v.name, "result": res, "summary": summ})
-        if a.strace:
-            sc = dict(all_scen[a.strace_scenario])
-            for v in variants:
-                res, summ = strace_zm(v, sc, smtp_source, work)
-                log("strace run %s: %.0f msg/s (under strace) %s" % (
-                    v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-                traces.append({"peer": v.name, "result": res, "summary": summ})
-        if a.cprofile:
-            sc = dict(all_scen[a.cprofile_scenario])
-            for v in variants:
-                res, summ = cprofile_zm(v, sc, smtp_source, work)
-                log("cProfile run %s: %.0f msg/s (under cProfile) %s" % (
-                    v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-                cprofs.append({"peer": v.name, "result": res, "summary": summ})
+        for run in range(a.repeat):
+            if a.repeat > 1:
+                log("run %d of %d" % (run + 1, a.repeat))
+            runs.append(one_run(a, peers, variants, scens, rounds, all_scen, smtp_source,
+                                rawdir, work, pyspy))
     finally:
         for p in peers:
             if p is not None:
                 p.stop()
 
-    report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work, traces, cprofs)
+    for i, rn in enumerate(runs):
+        if a.repeat > 1:
+            print("")
+            print("## Run %d of %d" % (i + 1, a.repeat))
+        report(a, rn["results"], rn["memory"], rn["profile"], variants, peers, scens, rounds,
+               aio_ver, work, rn["strace"], rn["cprofile"])
+    print("\n".join(goals_summary(runs, variants, peers, rounds)))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"results": results, "memory": mem, "profile": prof,
-                       "strace": traces, "cprofile": cprofs}, f, indent=1)
+            json.dump(runs[0] if len(runs) == 1 else {"runs": runs}, f, indent=1)
     if a.keep:
         log("kept", work)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    bad = [r for r in results if not r["ok"]]
+    bad = [r for rn in runs for r in rn["results"] if not r["ok"]]
     sys.exit(1 if bad else 0)
+
+
+def one_run(a, peers, variants, scens, rounds, all_scen, smtp_source, rawdir, work, pyspy):
+    """One full run: the interleaved rounds, the idle-memory tests, and the
+    profile / strace / cProfile runs asked for."""
+    results = []
+    mem = []
+    prof = []
+    traces = []
+    cprofs = []
+    for r in range(rounds):
+        order = peers[r % len(peers):] + peers[:r % len(peers)]
+        for sc in scens:
+            for p in order:
+                if sc.get("client") == "py" and not (p is not None and p.speaks_tls):
+                    continue        # smtp-sink and the raw disk loop have no TLS
+                res = measure(p, sc, smtp_source, rawdir)
+                res["round"] = r + 1
+                results.append(res)
+                log("round %d %-8s %-30s %7.0f msg/s %s%s%s%s" % (
+                    r + 1, sc["key"], res["peer"], res["rate"],
+                    "ok" if res["ok"] else "FAILED",
+                    "" if "user_us" not in res else
+                    "  server user %.0f us + sys %.0f us per msg" % (res["user_us"], res["sys_us"]),
+                    "" if "client_us" not in res else
+                    "; auth prog %.0f us; client %.0f us" % (res["child_us"], res["client_us"]),
+                    "" if "switches" not in res else
+                    "; %.1f context switches" % res["switches"]))
+                if not res["ok"]:
+                    log("   ", {k: v for k, v in res.items() if k in ("rc", "error", "spooled", "leftover")})
+    if not a.no_memory:
+        # zmsmtpd's rows and aiosmtpd for comparison; plain, then STARTTLS
+        for tls, n in ((False, a.idle_conns), (True, a.idle_tls_conns)):
+            if n <= 0:
+                continue
+            for v in [p for p in peers if p is not None and p.speaks_tls]:
+                m = idle_memory(v, n, tls)
+                mem.append(m)
+                log("idle memory %s %s: %d conns in %.1f s, %.1f -> %.1f MB Pss, %.3f MB/conn, "
+                    "%d -> %d threads%s" % (
+                        v.name, m["kind"], m["conns"], m["open_s"], m["pss_before_mb"],
+                        m["pss_after_mb"], m["mb_per_conn"], m["threads_before"],
+                        m["threads_after"],
+                        "" if not m["error"] else " (stopped: %s)" % m["error"]))
+    if a.profile:
+        sc = dict(all_scen[a.profile_scenario])
+        for v in variants:
+            res, summ = profile_zm(v, pyspy, smtp_source, sc, work, 250)
+            log("profile run %s: %.0f msg/s (under py-spy) %s" % (
+                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
+            prof.append({"peer": v.name, "result": res, "summary": summ})
+    if a.strace:
+        sc = dict(all_scen[a.strace_scenario])
+        for v in variants:
+            res, summ = strace_zm(v, sc, smtp_source, work)
+            log("strace run %s: %.0f msg/s (under strace) %s" % (
+                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
+            traces.append({"peer": v.name, "result": res, "summary": summ})
+    if a.cprofile:
+        sc = dict(all_scen[a.cprofile_scenario])
+        for v in variants:
+            res, summ = cprofile_zm(v, sc, smtp_source, work)
+            log("cProfile run %s: %.0f msg/s (under cProfile) %s" % (
+                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
+            cprofs.append({"peer": v.name, "result": res, "summary": summ})
+    return {"results": results, "memory": mem, "profile": prof, "strace": traces,
+            "cprofile": cprofs}
 
 
 def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work,
@@ -1461,15 +1872,22 @@ def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work,
         w("")
         w("### Idle connections (proportional set size of the server and all its children)")
         w("")
-        w("| server | idle connections held | Pss before | Pss with them | MB per connection | processes | goal ≤ 1 MB |")
-        w("|---|---|---|---|---|---|---|")
+        w("plain: each connection read the 220 greeting; STARTTLS: each went through EHLO, "
+          "STARTTLS, the TLS handshake (%s certificate) and EHLO again on the submission "
+          "listener. Then all stay silent." % (
+              "EC P-256" if TLS.get("keytype") == "ec" else "RSA 2048"))
+        w("")
+        w("| server | connections | idle connections held | Pss before | Pss with them "
+          "| MB per connection | processes | threads | goal ≤ 1 MB |")
+        w("|---|---|---|---|---|---|---|---|---|")
         for m in mem:
-            w("| %s | %d%s | %.1f MB | %.1f MB | %.3f | %d -> %d | %s |" % (
-                m["peer"], m["conns"], "" if not m["error"] else " (stopped: %s)" % m["error"],
+            w("| %s | %s | %d%s | %.1f MB | %.1f MB | %.3f | %d -> %d | %d -> %d | %s |" % (
+                m["peer"], "STARTTLS" if m.get("kind") == "tls" else "plain",
+                m["conns"], "" if not m["error"] else " (stopped: %s)" % m["error"],
                 m["pss_before_mb"], m["pss_after_mb"], m["mb_per_conn"],
-                m["procs_before"], m["procs_after"],
-                "yes" if (m["mb_per_conn"] <= 1.0 and m["conns"] == m["wanted"]
-                          and m["still_serving"]) else "**no**"))
+                m["procs_before"], m["procs_after"], m["threads_before"], m["threads_after"],
+                ("yes" if memory_ok(m) else "**no**") +
+                ("" if m["still_serving"] else " (a new client was not served)")))
 
     if prof:
         for pr in prof:
@@ -1504,7 +1922,7 @@ def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work,
       "Disk state: %s." % (
           machine_line(work, a.python), first, fmt(100 * med(busy) if busy else None),
           a.disk_state))
-    if TLS:
+    if TLS and sub_scens:
         w("Submission scenarios: %s certificate (self-signed, both servers), %d client "
           "processes (bench/smtp_load.py), auth program %s." % (
               "RSA 2048" if TLS["keytype"] == "rsa" else "EC P-256",
