@@ -8245,6 +8245,9 @@ def make_tls_context(group):
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.options |= getattr(ssl, "OP_NO_SSLv2", 0) | getattr(ssl, "OP_NO_SSLv3", 0)
+        # A client may not start the handshake over (TLS 1.2): each one
+        # costs the server a signature, a cheap way to keep a worker busy.
+        context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         set_tls_min_version(context, group.tls_min_version)
         context.load_cert_chain(group.tls_cert, group.tls_key or group.tls_cert)
         context.set_ciphers(group.tls_ciphers or DEFAULT_TLS_CIPHERS)

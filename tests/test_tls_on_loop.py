@@ -8,6 +8,7 @@
   the other sessions of the same worker; each is ended by its own timer
   (tls-handshake-timeout, and the TLS shutdown wait).
 * An idle TLS session on the loop is told ``421`` when the server stops.
+* A client may not renegotiate (start the TLS handshake over).
 
 Run from the repository root:  python -m unittest -v tests.test_tls_on_loop
 """
@@ -16,13 +17,15 @@ from __future__ import print_function
 
 import base64
 import os
+import select
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import unittest
 
-from tests.harness import SMTPReplies, client_tls_context, wait_for_workers
+from tests.harness import SMTPReplies, client_tls_context, wait_for_workers, which
 from tests.test_tls_defaults import _TD_PASSWORD, _TD_USER, _TdDaemon, _td_need_openssl
 
 #: Seconds the daemons of this module give a handshake.
@@ -170,6 +173,50 @@ class StalledTlsClientsDoNotHoldUpTheLoopTest(_OneWorkerServer):
         start = time.time()
         self.assertEqual(end.recv(4096), b"")
         self.assertLess(time.time() - start, 15)
+
+
+class ClientRenegotiationIsRefusedTest(_OneWorkerServer):
+    """A TLS 1.2 client may not start the handshake over: each one would
+    cost the worker's loop a signature."""
+
+    def test_openssl_client_renegotiation_gets_no_renegotiation(self):
+        openssl = which("openssl")
+        if not openssl:
+            self.skipTest("openssl not installed")
+        proc = subprocess.Popen([openssl, "s_client", "-connect",
+                                 "127.0.0.1:%d" % self.server.ports["smtp"],
+                                 "-starttls", "smtp", "-tls1_2"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        output = self.read_until(proc, "New, ")
+        proc.stdin.write(b"EHLO client.example\r\n")
+        proc.stdin.flush()
+        output += self.read_until(proc, "\n250 ")
+        # s_client starts a renegotiation for an input line that is just "R".
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        output += self.read_until(proc, "no renegotiation")
+        self.assertIn("RENEGOTIATING", output)
+        self.assertIn("no renegotiation", output)
+
+    @staticmethod
+    def read_until(proc, text, timeout=20):
+        """s_client's output until ``text`` shows (or it ends, or time is up)."""
+        out = ""
+        deadline = time.time() + timeout
+        while text not in out and time.time() < deadline:
+            readable, _, _ = select.select([proc.stdout], [], [], deadline - time.time())
+            if not readable:
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk.decode("utf-8", "replace")
+        return out
 
 
 class IdleTlsSessionIsToldOfShutdownTest(unittest.TestCase):
