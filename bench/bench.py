@@ -1069,6 +1069,9 @@ def cprofile_zm(peer, scen, smtp_source, outdir):
     message."""
     pdir = os.path.join(outdir, "cprofile-%s-%s" % (re.sub(r"\W", "_", peer.name), scen["key"]))
     os.makedirs(pdir)
+    # The workers write their profiles here as the session user (daemon
+    # when the bench runs as root).
+    os.chmod(pdir, 0o1777)
     peer.launcher = [peer.python, os.path.join(HERE, "cprofile_zm.py"), pdir]
     try:
         res = measure(peer, scen, smtp_source, None)

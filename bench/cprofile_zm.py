@@ -6,9 +6,11 @@
 zmsmtpd.py is loaded as a module and started with its own main(); nothing in
 it is changed.  Wrapped for profiling, from the outside:
 
-* WorkerProcess.run -- a worker's event loop (session-model workers);
-* SessionLoop.run_on_thread -- a session that went to a thread (TLS, the
-  AUTH program, a DNS lookup), one profile per hand-over;
+* WorkerContext.run (WorkerProcess.run in older versions) -- a worker's
+  event loop (session-model workers);
+* ThreadHandover.run (SessionLoop.run_on_thread in older versions) -- a
+  session that went to a thread (TLS, the AUTH program, a DNS lookup), one
+  profile per hand-over;
 * SMTPSession.handle -- a session of the thread and fork models.
 
 Every profile of a process is merged and written to OUTDIR/PID.prof when the
@@ -21,6 +23,10 @@ functions with each other, not with unprofiled runs.
 import atexit
 import cProfile
 import os
+# Imported here, before zmsmtpd starts: a worker runs as the session user
+# (daemon under root), which may not be allowed to read the Python library
+# (e.g. a pyenv under /root), and then could not import it at exit.
+import pstats
 import sys
 import threading
 
@@ -50,7 +56,6 @@ def main():
         return wrapper
 
     def dump():
-        import pstats
         pid = os.getpid()
         with lock:
             mine = [p for owner, p in profiles if owner == pid]
@@ -67,7 +72,11 @@ def main():
         if stats is not None:
             stats.dump_stats(os.path.join(outdir, "%d.prof" % pid))
 
-    worker_run = profiled(zm.WorkerProcess.run)
+    # The class that runs a worker's loop was renamed once; profile
+    # whichever this zmsmtpd.py has (without it no worker is profiled and
+    # the workers model gives no output at all).
+    worker_class = getattr(zm, "WorkerContext", None) or getattr(zm, "WorkerProcess")
+    worker_run = profiled(worker_class.run)
 
     def run_and_dump(self):
         try:
@@ -75,8 +84,12 @@ def main():
         finally:
             dump()
 
-    zm.WorkerProcess.run = run_and_dump
-    zm.SessionLoop.run_on_thread = profiled(zm.SessionLoop.run_on_thread)
+    worker_class.run = run_and_dump
+    handover = getattr(zm, "ThreadHandover", None)
+    if handover is not None:
+        handover.run = profiled(handover.run)
+    else:
+        zm.SessionLoop.run_on_thread = profiled(zm.SessionLoop.run_on_thread)
     zm.SMTPSession.handle = profiled(zm.SMTPSession.handle)
     atexit.register(dump)
     sys.exit(zm.main())
