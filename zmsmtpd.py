@@ -2589,7 +2589,8 @@ class WorkerPool(object):
     worker's queue cannot take at once (the kernel queues few descriptors
     on a UNIX socket) waits in the worker's backlog here until it can.
     Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``.  A worker that dies is replaced; its
+    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
+    (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
     sessions are counted as ended."""
 
     def __init__(self, supervisor, count):
@@ -2829,7 +2830,15 @@ class WorkerContext(object):
         set_process_name("worker")
 
     def run(self):
-        SessionLoop(self).run()
+        stats = self.runtime.stats
+        stats.holding_thread = threading.get_ident()
+        try:
+            SessionLoop(self).run()
+        finally:
+            # What the loop still holds must reach the master before the
+            # worker exits.
+            stats.holding_thread = None
+            stats.flush()
 
     def next_session_number(self):
         with self.lock:
@@ -3017,6 +3026,7 @@ class SessionLoop(object):
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
+        stats = self.runtime.stats
         while True:
             if self.leaving:
                 busy = len(self.slots) + self.threads.busy()
@@ -3029,10 +3039,16 @@ class SessionLoop(object):
                 timeout = max(0.0, self.timers[0][0] - time.time())
             if self.leaving:
                 timeout = min(timeout if timeout is not None else 1.0, 1.0)
+            if stats.held:
+                # The held counts of accepted and refused messages are due.
+                due = max(0.0, stats.report_due - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
             self.fire_timers()
             self.run_turns()
+            if stats.held and time.monotonic() >= stats.report_due:
+                stats.flush()
 
     def run_turns(self):
         """Sessions that gave up their turn with input still buffered."""
@@ -7852,10 +7868,24 @@ def parse_command_line(argv):
     return o
 
 
+#: Seconds a worker's loop may hold its counts of accepted and refused
+#: messages before it reports them to the master (whose status file is
+#: rewritten at most every STATUS_INTERVAL anyway).
+REPORT_INTERVAL = 0.5
+
+
 class ServerStats(object):
     """Messages accepted and refused since start, for the status file.
     The master keeps the counts; a forked session or a worker process
-    reports each event to it through ``report``."""
+    reports them to it through ``report`` (name, number).
+
+    A worker's loop holds its counts and reports them at most every
+    REPORT_INTERVAL (``flush``; the loop calls it when ``report_due`` has
+    come): a report per message cost the worker a send and the master a
+    wake-up, two receives, a wait and a status check, per message.  The
+    first count after a quiet interval goes at once.  Counts made on
+    another thread (a session handed to a thread) go at once, as the loop
+    may be asleep without a timer for them."""
 
     NAMES = ("accepted", "refused")
 
@@ -7863,20 +7893,38 @@ class ServerStats(object):
         self.lock = threading.Lock()
         self.counts = dict.fromkeys(self.NAMES, 0)
         self.report = None      # in a forked session or worker: tells the master
+        self.holding_thread = None  # the worker's loop thread, which holds counts
+        self.held = {}          # name -> number not reported yet
+        self.report_due = 0.0   # time.monotonic() when the held counts must go
 
     def count(self, name):
-        if self.report is not None:
-            try:
-                self.report(name)
-            except (OSError, socket.error):
-                pass
-            return
-        self.absorb(name)
+        if self.report is None:
+            self.absorb(name)
+        elif self.holding_thread == threading.get_ident():
+            held = self.held
+            held[name] = held.get(name, 0) + 1
+            if time.monotonic() >= self.report_due:
+                self.flush()
+        else:
+            self.send(name, 1)
 
-    def absorb(self, name):
+    def flush(self):
+        """Report the held counts; the next report is due an interval on."""
+        held, self.held = self.held, {}
+        self.report_due = time.monotonic() + REPORT_INTERVAL
+        for name, number in held.items():
+            self.send(name, number)
+
+    def send(self, name, number):
+        try:
+            self.report(name, number)
+        except (OSError, socket.error):
+            pass
+
+    def absorb(self, name, number=1):
         if name in self.counts:
             with self.lock:
-                self.counts[name] += 1
+                self.counts[name] += number
 
 
 class Runtime(object):
@@ -7925,7 +7973,8 @@ class Runtime(object):
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
         self.submissions.report = send
-        self.stats.report = lambda name: send(("C %s\n" % name).encode("ascii"))
+        self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
+                                                      .encode("ascii"))
 
     def absorb_report(self, line):
         """The master's side of report_to: one line."""
@@ -7935,7 +7984,11 @@ class Runtime(object):
         elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
             self.submissions.absorb(line)
         elif kind == b"C":
-            self.stats.absorb(rest.strip().decode("ascii", "replace"))
+            # ``C name number`` (without a number: one).
+            fields = rest.split()
+            number = fields[1] if len(fields) > 1 else b"1"
+            if fields and number.isdigit():
+                self.stats.absorb(fields[0].decode("ascii", "replace"), int(number))
 
     def apply_config(self, config):
         """Build what depends on the configuration; raises ConfigError."""
