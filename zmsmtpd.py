@@ -150,20 +150,29 @@ def rfc822_date(when=None):
         tm.tm_hour, tm.tm_min, tm.tm_sec, sign, offset // 60, offset % 60)
 
 
+#: [(seconds, their characters in a spool id)] of the last id made: the
+#: messages of one second share them.
+_spool_id_second = [(None, "")]
+
+
 def spool_id(inode, mtime_ns):
     """The id shown in ``250 2.0.0 accepted; <id>``: ``S<inode>`` and the
     file's mtime (GMT) in the tag alphabet, plus five nanosecond characters
     when the nanoseconds are not zero -- the router computes the same."""
     secs, nsec = divmod(mtime_ns, 1000000000)
-    tm = time.gmtime(secs)
     a = TAG_ALPHABET
-    year = tm.tm_year
-    parts = ["S%d" % inode, a[(year >> 12) & 63], a[(year >> 6) & 63],
-             a[year & 63], a[tm.tm_mon - 1], a[tm.tm_mday - 1], a[tm.tm_hour],
-             a[tm.tm_min], a[tm.tm_sec]]
+    last_secs, stamp = _spool_id_second[0]
+    if last_secs != secs:
+        tm = time.gmtime(secs)
+        year = tm.tm_year
+        stamp = "".join((a[(year >> 12) & 63], a[(year >> 6) & 63], a[year & 63],
+                         a[tm.tm_mon - 1], a[tm.tm_mday - 1], a[tm.tm_hour],
+                         a[tm.tm_min], a[tm.tm_sec]))
+        _spool_id_second[0] = (secs, stamp)
     if nsec:
-        parts.extend(a[(nsec >> shift) & 63] for shift in (24, 18, 12, 6, 0))
-    return "".join(parts)
+        return "S%d%s%s" % (inode, stamp, "".join(a[(nsec >> shift) & 63]
+                                                   for shift in (24, 18, 12, 6, 0)))
+    return "S%d%s" % (inode, stamp)
 
 
 def session_tag(start, number):
@@ -2078,17 +2087,24 @@ def reply_bytes(lines):
 _MADE_REPLIES = {}
 MADE_REPLIES_KEPT = 512
 MADE_REPLY_FIELD_MAX = 200
+#: Replies that name the message's spool id, different every time: kept,
+#: they would only fill the cache and have it emptied every few hundred
+#: messages.
+UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
     """The wire lines (without CRLF) of reply ``name``.  (PARAM
     no-multiline-replies only drops the caret line, which the session adds
     itself.)"""
-    key = (name, enhanced_ok) + tuple(sorted(fields.items()))
-    try:
-        lines = _MADE_REPLIES.get(key)
-    except TypeError:       # a field that cannot be a key: not kept
-        lines = key = None
+    if name in UNKEPT_REPLIES:
+        key = lines = None
+    else:
+        key = (name, enhanced_ok) + tuple(sorted(fields.items()))
+        try:
+            lines = _MADE_REPLIES.get(key)
+        except TypeError:       # a field that cannot be a key: not kept
+            lines = key = None
     if lines is not None:
         return list(lines)
     code, enh, _ = REPLIES[name]
@@ -2270,7 +2286,15 @@ class SessionLog(object):
             log.write(self.tag, self._dt(), "w", text)
 
     def note(self, text):
-        self.log.write(self.tag, self._dt(), "#", "000-" + text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            log.write(self.tag, self._dt(), "#", "000-" + text)
+
+    def recording(self):
+        """Whether a line written now goes anywhere (an ``-l`` log or the
+        ``-v`` trace): a line nobody keeps need not be made."""
+        log = self.log
+        return bool(log.fds or log.use_syslog or log.trace)
 
 
 #: How long the answer "is there a syslog socket?" is trusted.
@@ -2288,6 +2312,11 @@ def syslog_socket_present():
         seen[1] = os.path.exists(SYSLOG_SOCKET)
         seen[0] = now
     return seen[1]
+
+
+def syslog_wanted():
+    """Whether a line for syslog would reach it."""
+    return syslog is not None and syslog_socket_present()
 
 
 def mail_syslog(priority, text):
@@ -5561,11 +5590,15 @@ class MailTransactionVerbs(object):
             self.reply("data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
-        self.log.note("%s: %d bytes" % (sid, size))
+        recording = self.log.recording()
+        if recording:
+            self.log.note("%s: %d bytes" % (sid, size))
         self.runtime.stats.count("accepted")
-        summary = self.message_summary(txn, sid, size)
-        self.log.note(summary)
-        mail_syslog(syslog.LOG_INFO if syslog else 0, summary)
+        if recording or syslog_wanted():
+            # Made only for a log or a syslog that takes it.
+            summary = self.message_summary(txn, sid, size)
+            self.log.note(summary)
+            mail_syslog(syslog.LOG_INFO if syslog else 0, summary)
         if "S" in self.runtime.syslogflg:
             mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
                 sid, size, self.rhostname, self.peer_port))
@@ -7603,10 +7636,11 @@ class SpoolWriter(object):
         spare = self.spares.take() if self.spares is not None else None
         for attempt in range(SPOOL_NAME_ATTEMPTS):
             suffix = "" if first == 1 and attempt == 0 else ".%d" % (first + attempt * 1000003)
-            path = os.path.join(self.public, "%s:%d%s" % (self.host, pid, suffix))
+            name = "%s:%d%s" % (self.host, pid, suffix)
+            path = os.path.join(self.public, name)
             if spare is not None:
                 try:
-                    self.spares.name(spare, os.path.basename(path))
+                    self.spares.name(spare, name)
                 except OSError as e:
                     if e.errno == errno.EEXIST:
                         continue
@@ -7666,7 +7700,7 @@ class SpoolWriter(object):
         """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
         tell the router; with ``spool-dir-fsync`` also fsync that directory
         (group-committed).  Returns (directory name, file name)."""
-        dirname = self.target_dir(priority)
+        dirname = self.target_dir(priority) if priority else "router"
         name = str(inode)
         if self.hash:
             name = "%s/%s" % (chr(ord("A") + inode % 26), name)
