@@ -5817,14 +5817,15 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             return
         deadline_for = self.cfg.command_timeout
         limit = self.cfg.max_line_length
+        stop = self.runtime.stop
         in_a_row = 0
         while not self.closing:
-            if self.runtime.stopping:
+            if stop.stopping:
                 self.reply("shutdown")
                 return
             try:
                 raw = yield from self.channel.read_command(time.time() + deadline_for, limit,
-                                                           self.runtime.stop)
+                                                           stop)
             except LineTooLong:
                 self.log.received("<line longer than %d bytes discarded>" % limit)
                 self.reply("line_too_long")
@@ -5859,7 +5860,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         line = line_b.decode("utf-8", "surrogateescape")
         word = _FIRST_WORD.match(line).group(0)
         verb = word.upper()
-        shown = self.loggable(line)
+        shown = self.loggable(line, word)
         self.log.received(shown)
         if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
@@ -5911,10 +5912,12 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             return None
         return command
 
-    def loggable(self, line):
+    def loggable(self, line, word=None):
         """The command line as the log, the trace and replies may show it
-        (without AUTH credentials: SaslExchange.loggable)."""
-        word = _FIRST_WORD.match(line).group(0)
+        (without AUTH credentials: SaslExchange.loggable).  ``word``: its
+        first word, when the caller has it already."""
+        if word is None:
+            word = _FIRST_WORD.match(line).group(0)
         return self.sasl.loggable(line, word, lambda w: self.command_for(w) is not None)
 
     def unknown_command(self, line):
