@@ -170,8 +170,8 @@ def spool_id(inode, mtime_ns):
                          a[tm.tm_min], a[tm.tm_sec]))
         _spool_id_second[0] = (secs, stamp)
     if nsec:
-        return "S%d%s%s" % (inode, stamp, "".join(a[(nsec >> shift) & 63]
-                                                   for shift in (24, 18, 12, 6, 0)))
+        return "S%d%s%s%s%s%s%s" % (inode, stamp, a[(nsec >> 24) & 63], a[(nsec >> 18) & 63],
+                                    a[(nsec >> 12) & 63], a[(nsec >> 6) & 63], a[nsec & 63])
     return "S%d%s" % (inode, stamp)
 
 
