@@ -114,6 +114,49 @@ class WorkerCountBatchingTest(unittest.TestCase):
         self.assertEqual(lines, [b"C accepted 12\n"])
 
 
+class PerMessageShortcutTest(unittest.TestCase):
+    """Shortcuts on the way of every message give what the long way gave."""
+
+    def test_qformat_quotes_plain_text_and_still_escapes_the_rest(self):
+        self.assertEqual(zmsmtpd.qformat("mail.example.org"), '"mail.example.org"')
+        self.assertEqual(zmsmtpd.qformat("a b"), '"a b"')
+        self.assertEqual(zmsmtpd.qformat('x"y\\z(w)'), '"x\\"y\\\\z\\(w\\)"')
+        self.assertEqual(zmsmtpd.qformat("\u00e9\tx"), '"\\303\\251\\011x"')
+        self.assertEqual(zmsmtpd.qformat(b"a b"), '"a b"')
+
+    def test_spool_id_of_another_second_is_not_taken_from_the_last_one(self):
+        second = 1764547200          # 2025-12-01 00:00:00 UTC
+        first = zmsmtpd.spool_id(42, second * 10 ** 9)
+        later = zmsmtpd.spool_id(42, (second + 61) * 10 ** 9 + 5)
+        again = zmsmtpd.spool_id(7, second * 10 ** 9 + 123456789)
+        self.assertEqual(first, "S42" + first[3:11])
+        self.assertNotEqual(first[3:11], later[3:11])
+        self.assertEqual(again[:10], "S7" + first[3:11])
+        self.assertEqual(len(again), 2 + 8 + 5)
+        self.assertEqual(len(later), 3 + 8 + 5)
+
+    def test_reply_naming_the_spool_id_is_not_kept_among_made_replies(self):
+        zmsmtpd._MADE_REPLIES.clear()
+        lines = zmsmtpd.format_reply("data_ok", True, id="S123AbcDefGh", ip="", host="h")
+        self.assertEqual(lines, ["250 2.0.0 accepted; S123AbcDefGh"])
+        self.assertEqual(zmsmtpd._MADE_REPLIES, {})
+        zmsmtpd.format_reply("rset", True, ip="", host="h")
+        self.assertEqual(len(zmsmtpd._MADE_REPLIES), 1)
+
+    def test_address_with_control_or_8bit_character_is_still_refused(self):
+        for address in ("a\x01b@example.org", "a\x7fb@example.org", "\u00e9@example.org",
+                        "a\udc80@example.org"):
+            self.assertEqual(zmsmtpd.address_problem(address, False, False),
+                             "Illegal character in address", repr(address))
+        self.assertIsNone(zmsmtpd.address_problem("a.b~c@example.org", False, False))
+
+    def test_session_log_says_whether_a_line_goes_anywhere(self):
+        quiet = zmsmtpd.SessionLog(zmsmtpd.TranscriptLog(), "AAAAAAA", time.time())
+        self.assertFalse(quiet.recording())
+        traced = zmsmtpd.SessionLog(zmsmtpd.TranscriptLog(trace=True), "AAAAAAA", time.time())
+        self.assertTrue(traced.recording())
+
+
 class PersistentSessionStatusTest(unittest.TestCase):
     """With the counts held in the worker, the status file still shows
     every message of a session that stays open, within a few seconds."""
