@@ -668,13 +668,17 @@ def measure(peer, scen, smtp_source, rawdir):
         else:
             el, rc, text = run_source(smtp_source, peer.port, scen["sessions"], scen["msgs"],
                                       scen["persistent"])
+        # The machine's share is read when the load ends: the wait below
+        # may last its whole 5 s when the server has gained a lasting
+        # process meanwhile (zmsmtpd's auth helper, started at the first
+        # AUTH), and an idle machine then would count as the run's.
+        m1 = machine_cpu()
         # let forked children finish and be reaped before reading the counters
         deadline = time.time() + 5
         while time.time() < deadline and tree_cpu(peer.pid)[2] > 1 + peer.idle_children:
             time.sleep(0.05)
         c1 = tree_cpu(peer.pid)
         x1 = tree_switches(peer.pid)
-        m1 = machine_cpu()
     finally:
         peer.stop()
     res.update(elapsed=el, rate=scen["msgs"] / el, rc=rc,
