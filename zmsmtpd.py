@@ -6981,6 +6981,11 @@ class AuthSpawner(object):
                     return b""
 
 
+#: recvmsg's flags for a message or its descriptors cut short (a plain int:
+#: the flag enums cost a call per use).
+MESSAGE_CUT_FLAGS = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
+
 class SpawnerJob(object):
     """One program the spawner runs, and the session waiting for it."""
 
@@ -7107,7 +7112,7 @@ class SpawnerLoop(object):
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         if not data and not fds:
             return False
-        if len(fds) != 1 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if len(fds) != 1 or flags & MESSAGE_CUT_FLAGS:
             for fd in fds:
                 os.close(fd)
             return True
@@ -7244,6 +7249,8 @@ class SpawnerLoop(object):
             job.take_output(chunk)
 
     def _drop(self, pipe):
+        if pipe is None or pipe.closed:
+            return              # dropped already (at its end of file)
         try:
             self.selector.unregister(pipe)
         except (KeyError, ValueError):
