@@ -1759,27 +1759,25 @@ def one_run(a, peers, variants, scens, rounds, all_scen, smtp_source, rawdir, wo
                         m["pss_after_mb"], m["mb_per_conn"], m["threads_before"],
                         m["threads_after"],
                         "" if not m["error"] else " (stopped: %s)" % m["error"]))
-    if a.profile:
-        sc = dict(all_scen[a.profile_scenario])
+    # The profiling runs: (asked for, scenario, run it, what the log calls it, results).
+    profilers = (
+        (a.profile, a.profile_scenario,
+         lambda v, sc: profile_zm(v, pyspy, smtp_source, sc, work, 250), "profile", "py-spy",
+         prof),
+        (a.strace, a.strace_scenario, lambda v, sc: strace_zm(v, sc, smtp_source, work),
+         "strace", "strace", traces),
+        (a.cprofile, a.cprofile_scenario, lambda v, sc: cprofile_zm(v, sc, smtp_source, work),
+         "cProfile", "cProfile", cprofs),
+    )
+    for wanted, scenario, run, name, tool, found in profilers:
+        if not wanted:
+            continue
+        sc = dict(all_scen[scenario])
         for v in variants:
-            res, summ = profile_zm(v, pyspy, smtp_source, sc, work, 250)
-            log("profile run %s: %.0f msg/s (under py-spy) %s" % (
-                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-            prof.append({"peer": v.name, "result": res, "summary": summ})
-    if a.strace:
-        sc = dict(all_scen[a.strace_scenario])
-        for v in variants:
-            res, summ = strace_zm(v, sc, smtp_source, work)
-            log("strace run %s: %.0f msg/s (under strace) %s" % (
-                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-            traces.append({"peer": v.name, "result": res, "summary": summ})
-    if a.cprofile:
-        sc = dict(all_scen[a.cprofile_scenario])
-        for v in variants:
-            res, summ = cprofile_zm(v, sc, smtp_source, work)
-            log("cProfile run %s: %.0f msg/s (under cProfile) %s" % (
-                v.name, res["rate"], "ok" if res["ok"] else "FAILED"))
-            cprofs.append({"peer": v.name, "result": res, "summary": summ})
+            res, summ = run(v, sc)
+            log("%s run %s: %.0f msg/s (under %s) %s" % (
+                name, v.name, res["rate"], tool, "ok" if res["ok"] else "FAILED"))
+            found.append({"peer": v.name, "result": res, "summary": summ})
     return {"results": results, "memory": mem, "profile": prof, "strace": traces,
             "cprofile": cprofs}
 

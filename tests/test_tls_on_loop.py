@@ -20,13 +20,13 @@ import os
 import select
 import signal
 import socket
-import ssl
 import subprocess
 import time
 import unittest
 
 from tests.harness import SMTPReplies, client_tls_context, wait_for_workers, which
-from tests.test_tls_defaults import _TD_PASSWORD, _TD_USER, _TdDaemon, _td_need_openssl
+from tests.test_tls_defaults import (_TD_PASSWORD, _TD_USER, _TdDaemon, _TdServerCase,
+                                     _td_need_openssl)
 
 #: Seconds the daemons of this module give a handshake.
 HANDSHAKE_TIMEOUT = 3
@@ -39,6 +39,25 @@ def thread_count(pid):
         return 0
 
 
+def open_tls_session(testcase, port, auth=False):
+    """Greeting, EHLO, STARTTLS, EHLO [, AUTH PLAIN]: the TLS socket and
+    its reply reader, left idle (closed when the test ends)."""
+    raw = socket.create_connection(("127.0.0.1", port), 20)
+    testcase.addCleanup(raw.close)
+    replies = SMTPReplies(raw)
+    testcase.assertEqual(replies.reply()[0], 220)
+    testcase.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+    testcase.assertEqual(replies.cmd("STARTTLS")[0], 220)
+    tls = client_tls_context().wrap_socket(raw)
+    testcase.addCleanup(tls.close)
+    replies = SMTPReplies(tls)
+    testcase.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+    if auth:
+        blob = base64.b64encode(("\0%s\0%s" % (_TD_USER, _TD_PASSWORD)).encode())
+        testcase.assertEqual(replies.cmd("AUTH PLAIN " + blob.decode())[0], 235)
+    return tls, replies
+
+
 def wait_until(predicate, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -49,31 +68,22 @@ def wait_until(predicate, timeout):
     return predicate()
 
 
-class _OneWorkerServer(unittest.TestCase):
+class _OneWorkerServer(_TdServerCase):
     """A daemon with one worker, so every session meets on the same loop:
     STARTTLS and AUTH on {smtp}, implicit TLS on {smtps}."""
 
+    listeners = ("PARAM BindSmtp [127.0.0.1] {smtp}\nPARAM BindSmtpS [127.0.0.1] {smtps}\n"
+                 "PARAM session-workers 1\nPARAM tls-handshake-timeout %d\n"
+                 % HANDSHAKE_TIMEOUT)
+
     @classmethod
     def setUpClass(cls):
-        _td_need_openssl(cls)
-        cls.server = _TdDaemon()
-        try:
-            cls.server.start("PARAM BindSmtp [127.0.0.1] {smtp}\n"
-                             "PARAM BindSmtpS [127.0.0.1] {smtps}\n"
-                             "PARAM session-model workers\nPARAM session-workers 1\n"
-                             "PARAM tls-handshake-timeout %d\n" % HANDSHAKE_TIMEOUT)
-        except Exception:
-            cls.server.cleanup()
-            raise
+        super(_OneWorkerServer, cls).setUpClass()
         workers = wait_for_workers(cls.server.proc.pid, 1)
         if len(workers) != 1:
             cls.server.cleanup()
             raise AssertionError("expected one worker, found %r" % workers)
         cls.worker = workers[0]
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.cleanup()
 
     def connect(self, kind="smtp"):
         sock = socket.create_connection(("127.0.0.1", self.server.ports[kind]), 20)
@@ -81,21 +91,7 @@ class _OneWorkerServer(unittest.TestCase):
         return sock
 
     def tls_session(self, auth=False):
-        """Greeting, EHLO, STARTTLS, EHLO [, AUTH PLAIN]: the TLS socket and
-        its reply reader, left idle."""
-        raw = self.connect()
-        replies = SMTPReplies(raw)
-        self.assertEqual(replies.reply()[0], 220)
-        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
-        self.assertEqual(replies.cmd("STARTTLS")[0], 220)
-        tls = client_tls_context().wrap_socket(raw)
-        self.addCleanup(tls.close)
-        replies = SMTPReplies(tls)
-        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
-        if auth:
-            blob = base64.b64encode(("\0%s\0%s" % (_TD_USER, _TD_PASSWORD)).encode())
-            self.assertEqual(replies.cmd("AUTH PLAIN " + blob.decode())[0], 235)
-        return tls, replies
+        return open_tls_session(self, self.server.ports["smtp"], auth)
 
     def plain_session_seconds(self):
         """How long a whole plain session (greeting to 221) takes now."""
@@ -228,16 +224,7 @@ class IdleTlsSessionIsToldOfShutdownTest(unittest.TestCase):
         server.start("PARAM BindSmtp [127.0.0.1] {smtp}\n"
                      "PARAM session-model workers\nPARAM session-workers 1\n")
         self.assertEqual(len(wait_for_workers(server.proc.pid, 1)), 1)
-        raw = socket.create_connection(("127.0.0.1", server.ports["smtp"]), 20)
-        self.addCleanup(raw.close)
-        replies = SMTPReplies(raw)
-        self.assertEqual(replies.reply()[0], 220)
-        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
-        self.assertEqual(replies.cmd("STARTTLS")[0], 220)
-        tls = client_tls_context().wrap_socket(raw)
-        self.addCleanup(tls.close)
-        replies = SMTPReplies(tls)
-        self.assertEqual(replies.cmd("EHLO client.example")[0], 250)
+        tls, replies = open_tls_session(self, server.ports["smtp"])
         start = time.time()
         os.kill(server.proc.pid, signal.SIGTERM)
         code, lines = replies.reply()
