@@ -5918,7 +5918,10 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         first word, when the caller has it already."""
         if word is None:
             word = _FIRST_WORD.match(line).group(0)
-        return self.sasl.loggable(line, word, lambda w: self.command_for(w) is not None)
+        return self.sasl.loggable(line, word, self.is_command)
+
+    def is_command(self, word):
+        return self.command_for(word) is not None
 
     def unknown_command(self, line):
         """``line`` is already masked (see loggable)."""
