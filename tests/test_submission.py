@@ -299,6 +299,31 @@ def _sub_stop_servers(cls):
         s.cleanup()
 
 
+class _SubServerCase(unittest.TestCase):
+    """One _SubServer with the test auth program, started once for the
+    class with ``conf`` (see _SubServer.start) and ``start_options``.
+    ``needs`` names what must be installed: "certificate" (openssl) and
+    "swaks"; without it the class is skipped with the reason."""
+
+    conf = None
+    start_options = {}
+    needs = ()
+
+    @classmethod
+    def setUpClass(cls):
+        if "swaks" in cls.needs and not os.access(_SUB_SWAKS, os.X_OK):
+            raise unittest.SkipTest("swaks not installed: %s missing" % _SUB_SWAKS)
+        if "certificate" in cls.needs and _sub_certificate() is None:
+            raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
+        cls.srv = _SubServer()
+        cls.program = cls.srv.auth_program()
+        _sub_start_servers(cls, (cls.srv, cls.conf, dict(cls.start_options)))
+
+    @classmethod
+    def tearDownClass(cls):
+        _sub_stop_servers(cls)
+
+
 def _sub_split_spool(text):
     """(envelope lines, header lines, body text) of a spool file."""
     env, sep, message = text.partition("env-end\n")
@@ -423,23 +448,15 @@ def _sub_ehlo_keywords(lines):
 # AUTH LOGIN / PLAIN with smtplib and on the wire
 # ---------------------------------------------------------------------------
 
-class SubmissionAuthMechanismsTest(unittest.TestCase):
+class SubmissionAuthMechanismsTest(_SubServerCase):
     """AUTH LOGIN and AUTH PLAIN (D5), replies of protocol.md 3.2-3.4."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def wire(self):
         w = self.srv.wire()
@@ -584,27 +601,18 @@ PARAM smtp-auth-pipe {dir}/bin/auth
         self.assertIn("from <bob@example.org>", env)
 
 
-class SubmissionAuthNeedsTlsTest(unittest.TestCase):
+class SubmissionAuthNeedsTlsTest(_SubServerCase):
     """Without auth-login-also-without-tls AUTH exists only under TLS (D5)."""
 
-    @classmethod
-    def setUpClass(cls):
-        if _sub_certificate() is None:
-            raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    needs = ("certificate",)
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM use-tls
 PARAM tls-cert-file {cert}
 PARAM tls-key-file {key}
 PARAM smtp-auth
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def test_auth_is_not_advertised_before_starttls(self):
         w = self.srv.wire()
@@ -639,26 +647,18 @@ PARAM smtp-auth-pipe {dir}/bin/auth
         self.assertEqual(s.auth("LOGIN", s.auth_login)[0], 235)
 
 
-class SubmissionNoSmtpAuthOn25Test(unittest.TestCase):
+class SubmissionNoSmtpAuthOn25Test(_SubServerCase):
     """``PARAM no-smtp-auth-on-25``: no AUTH on BindSmtp listeners, whatever
     the port; BindSubmit listeners keep it (protocol.md 3.5)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSubmit [127.0.0.1] {submit}
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM no-smtp-auth-on-25
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def test_smtp_listener_neither_advertises_nor_accepts_auth(self):
         w = self.srv.wire("smtp")
@@ -688,18 +688,11 @@ PARAM smtp-auth-pipe {dir}/bin/auth
 # swaks over STARTTLS and SMTPS
 # ---------------------------------------------------------------------------
 
-class SubmissionSwaksTest(unittest.TestCase):
+class SubmissionSwaksTest(_SubServerCase):
     """swaks --auth LOGIN/PLAIN over STARTTLS (-tls) and SMTPS (--tlsc)."""
 
-    @classmethod
-    def setUpClass(cls):
-        if not os.access(_SUB_SWAKS, os.X_OK):
-            raise unittest.SkipTest("swaks not installed: %s missing" % _SUB_SWAKS)
-        if _sub_certificate() is None:
-            raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    needs = ("swaks", "certificate",)
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSmtpS [127.0.0.1] {smtps}
 PARAM msa-mode
@@ -708,11 +701,7 @@ PARAM tls-cert-file {cert}
 PARAM tls-key-file {key}
 PARAM smtp-auth
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def swaks(self, kind, mech, tls_flag, password=_SUB_PASSWORD):
         cmd = [_SUB_SWAKS, "--server", "127.0.0.1", "--port", str(self.srv.ports[kind]),
@@ -764,16 +753,11 @@ PARAM smtp-auth-pipe {dir}/bin/auth
 # STARTTLS (D12)
 # ---------------------------------------------------------------------------
 
-class SubmissionStartTlsTest(unittest.TestCase):
+class SubmissionStartTlsTest(_SubServerCase):
     """STARTTLS resets the session (RFC 3207) and refuses pipelined text."""
 
-    @classmethod
-    def setUpClass(cls):
-        if _sub_certificate() is None:
-            raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    needs = ("certificate",)
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSmtpS [127.0.0.1] {smtps}
 PARAM use-tls
@@ -782,11 +766,7 @@ PARAM tls-key-file {key}
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def wire(self):
         w = self.srv.wire()
@@ -978,26 +958,18 @@ class SubmissionTlsStartupErrorTest(unittest.TestCase):
 # MSA mode (D1, D2)
 # ---------------------------------------------------------------------------
 
-class SubmissionMsaModeTest(unittest.TestCase):
+class SubmissionMsaModeTest(_SubServerCase):
     """PARAM msa-mode: 530 after MAIL FROM for untrusted clients; policy
     trusted networks submit without AUTH except on BindSubmit (D1, D2)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSubmit [127.0.0.1] {submit}
 PARAM msa-mode
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def wire(self, kind="smtp", source=None):
         w = self.srv.wire(kind, source)
@@ -1075,25 +1047,17 @@ PARAM smtp-auth-pipe {dir}/bin/auth
             self.assertEqual(keywords[-1], "HELP")
 
 
-class SubmissionMsaStrictTest(unittest.TestCase):
+class SubmissionMsaStrictTest(_SubServerCase):
     """PARAM msa-mode-strict: everyone authenticates, trusted networks too."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM msa-mode
 PARAM msa-mode-strict
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def test_relaycustnet_and_fulltrustnet_clients_get_530_after_mail_from(self):
         for source in ("127.0.0.2", "127.0.0.3"):
@@ -1110,26 +1074,18 @@ PARAM smtp-auth-pipe {dir}/bin/auth
         self.assertIn("with ESMTPA", env)
 
 
-class SubmissionRelayControlTest(unittest.TestCase):
+class SubmissionRelayControlTest(_SubServerCase):
     """Plain SMTP (no msa-mode): unauthenticated untrusted clients may not
     relay; authenticated users may.  ETRN stays offered here, but not on a
     BindSubmit listener (always MSA)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSubmit [127.0.0.1] {submit}
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def test_unauthenticated_untrusted_client_gets_550_relay_denied(self):
         s = self.srv.smtp()
@@ -1367,25 +1323,18 @@ class SubmissionSenderRewriteTest(unittest.TestCase):
 # The pipeauth program (D4)
 # ---------------------------------------------------------------------------
 
-class SubmissionPipeAuthProgramTest(unittest.TestCase):
+class SubmissionPipeAuthProgramTest(_SubServerCase):
     """What the program gets and how its behaviour maps to replies."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _SubServer()
-        cls.program = cls.srv.auth_program()
-        _sub_start_servers(cls, (cls.srv, """
+    start_options = {"env_extra": {"TZ": "UTC", "ZMSUB_CANARY": "must-not-leak"}}
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
 PARAM smtp-auth-pipe-timeout 1
 PARAM auth-failrate 1000
-""", {"env_extra": {"TZ": "UTC", "ZMSUB_CANARY": "must-not-leak"}}))
-
-    @classmethod
-    def tearDownClass(cls):
-        _sub_stop_servers(cls)
+"""
 
     def wire(self):
         w = self.srv.wire()
