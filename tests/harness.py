@@ -181,6 +181,40 @@ def stop_server(proc, grace=8.0):
     proc.wait()
 
 
+def read_text(path):
+    """A file's text, or "" when it cannot be read (yet): a test server's
+    stderr or log."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except (IOError, OSError):
+        return ""
+
+
+class ForegroundServer(object):
+    """What the test modules' wrappers of one zmsmtpd.py in the foreground
+    share: ``proc`` its process, ``dir`` its private layout (removed by
+    cleanup), ``errfile`` its stderr and ``logfile`` its -l log."""
+
+    proc = None
+    dir = errfile = logfile = None
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        stop_server(proc)
+
+    def cleanup(self):
+        self.stop()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stderr(self):
+        return read_text(self.errfile)
+
+    def log_text(self):
+        return read_text(self.logfile)
+
+
 class SMTPReplies(object):
     """SMTP over a connected (plain or TLS) socket, line by line: a
     command out, its whole (multi-line) reply back as (code, lines)."""

@@ -25,7 +25,8 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import free_port, kill_quietly, process_alive, which, open_to_sessions
+from tests.harness import (ForegroundServer, free_port, kill_quietly, open_to_sessions,
+                           process_alive, which)
 
 import zmsmtpd
 
@@ -146,7 +147,7 @@ def certificate(testcase):
     return cert, key
 
 
-class Daemon(object):
+class Daemon(ForegroundServer):
     """A zmsmtpd.py daemon in the foreground with AUTH on one SMTP port."""
 
     def __init__(self, testcase, model="workers", extra=""):
@@ -218,17 +219,6 @@ class Daemon(object):
             pid = self.recorded(name)
             if pid:
                 kill_quietly(int(pid), signal.SIGKILL)
-
-    def stderr(self):
-        with open(self.errfile, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def log_text(self):
-        try:
-            with open(self.logfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except IOError:
-            return ""
 
     def recorded(self, name):
         try:

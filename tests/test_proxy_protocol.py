@@ -27,7 +27,7 @@ import time
 import unittest
 
 from tests import test_submission as sub
-from tests.harness import SMTPReplies, free_port, kill_quietly, which
+from tests.harness import SMTPReplies, free_port, kill_quietly, read_text, which
 
 PROXY = "127.0.0.5"
 CLIENT = "127.0.0.7"
@@ -133,8 +133,7 @@ class HAProxy(object):
             raise RuntimeError("haproxy did not start:\n" + out)
 
     def output(self):
-        with open(self.errfile, "rb") as f:
-            return f.read().decode("utf-8", "replace")
+        return read_text(self.errfile)
 
     def cleanup(self):
         if self.proc.poll() is None:

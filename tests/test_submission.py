@@ -39,9 +39,9 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import (client_tls_context, free_port, kill_quietly,  # noqa: F401
-                           open_to_sessions, process_alive, shared_certificate_dir,
-                           stop_server, which)
+from tests.harness import (ForegroundServer, client_tls_context, free_port,  # noqa: F401
+                           kill_quietly, open_to_sessions, process_alive,
+                           shared_certificate_dir, which)
 
 _SUB_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUB_SERVER = os.path.join(_SUB_REPO, "zmsmtpd.py")
@@ -135,7 +135,7 @@ def _sub_need_tls(testcase):
     return pair
 
 
-class _SubServer(object):
+class _SubServer(ForegroundServer):
     """One zmsmtpd.py daemon in the foreground, in a private layout.
 
     ``conf`` is the test-specific part of smtpserver.conf; ``{smtp}``,
@@ -225,28 +225,6 @@ class _SubServer(object):
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("zmsmtpd did not listen on %d:\n%s" % (port, self.stderr()))
-
-    def stop(self):
-        proc, self.proc = self.proc, None
-        stop_server(proc)
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def stderr(self):
-        try:
-            with open(self.errfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except IOError:
-            return ""
-
-    def log_text(self):
-        try:
-            with open(self.logfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except IOError:
-            return ""
 
     def calls(self):
         try:

@@ -22,7 +22,6 @@ from __future__ import print_function
 
 import os
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -33,8 +32,8 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import (HERE, SMTPReplies, client_tls_context, free_port, open_to_sessions,
-                           shared_certificate_dir, stop_server, which)
+from tests.harness import (HERE, ForegroundServer, SMTPReplies, client_tls_context, free_port,
+                           open_to_sessions, shared_certificate_dir, which)
 
 import zmsmtpd
 
@@ -94,7 +93,7 @@ def _td_permissive_env():
 _td_client_context = client_tls_context
 
 
-class _TdDaemon(object):
+class _TdDaemon(ForegroundServer):
     """One zmsmtpd.py in the foreground in a private layout.  ``conf`` is
     the listener part of smtpserver.conf: ``{smtp}``, ``{smtps}``,
     ``{submits}`` become free ports, ``{dir}``, ``{cert}``, ``{key}`` the
@@ -178,21 +177,6 @@ class _TdDaemon(object):
                                 env=_td_permissive_env(), cwd=self.dir)
         out = proc.communicate(timeout=60)[0].decode("utf-8", "replace")
         return proc.returncode, out
-
-    def stop(self):
-        proc, self.proc = self.proc, None
-        stop_server(proc)
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def stderr(self):
-        try:
-            with open(self.errfile, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except IOError:
-            return ""
 
     def spool(self, reply_text):
         """(envelope lines, header text) of the file a ``250 ... accepted;
