@@ -40,16 +40,7 @@ def tearDownModule():
 
 POLICY = sub._SUB_POLICY + "[127.0.0.9]/32  rejectnet +\n"
 
-SERVER_CONF = """
-PARAM BindSmtp [127.0.0.1] {smtp}
-PARAM BindSmtpS [127.0.0.1] {smtps}
-PARAM use-tls
-PARAM tls-cert-file {cert}
-PARAM tls-key-file {key}
-PARAM smtp-auth
-PARAM auth-login-also-without-tls
-PARAM smtp-auth-pipe {dir}/bin/auth
-PARAM auth-failrate 3
+SERVER_CONF = sub._SUB_SMTP_AND_SMTPS_CONF + """PARAM auth-failrate 3
 PARAM proxy-protocol-nets 127.0.0.5/32 ::2/128
 PARAM session-model %s
 """
@@ -419,22 +410,15 @@ class ProxyProtocolForkTest(_ProxyCases, unittest.TestCase):
     MODEL = "fork"
 
 
-class ProxyProtocolTimeoutTest(unittest.TestCase):
+class ProxyProtocolTimeoutTest(sub._SubServerCase):
     """A balancer connection that sends no header within the command
     timeout is closed with a 421 and a log line."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = sub._SubServer()
-        sub._sub_start_servers(cls, (cls.srv, """
+    conf = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM command-timeout 1.5
 PARAM proxy-protocol-nets 127.0.0.5
-""", {}))
-
-    @classmethod
-    def tearDownClass(cls):
-        sub._sub_stop_servers(cls)
+"""
 
     def test_silent_connection_is_closed_after_the_command_timeout(self):
         r = Raw(self.srv.ports["smtp"])

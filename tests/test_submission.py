@@ -731,11 +731,8 @@ PARAM smtp-auth-pipe {dir}/bin/auth
 # STARTTLS (D12)
 # ---------------------------------------------------------------------------
 
-class SubmissionStartTlsTest(_SubServerCase):
-    """STARTTLS resets the session (RFC 3207) and refuses pipelined text."""
-
-    needs = ("certificate",)
-    conf = """
+#: SMTP with STARTTLS and implicit TLS (SMTPS), AUTH also without TLS.
+_SUB_SMTP_AND_SMTPS_CONF = """
 PARAM BindSmtp [127.0.0.1] {smtp}
 PARAM BindSmtpS [127.0.0.1] {smtps}
 PARAM use-tls
@@ -745,6 +742,13 @@ PARAM smtp-auth
 PARAM auth-login-also-without-tls
 PARAM smtp-auth-pipe {dir}/bin/auth
 """
+
+
+class SubmissionStartTlsTest(_SubServerCase):
+    """STARTTLS resets the session (RFC 3207) and refuses pipelined text."""
+
+    needs = ("certificate",)
+    conf = _SUB_SMTP_AND_SMTPS_CONF
 
     def wire(self):
         w = self.srv.wire()
