@@ -19,6 +19,8 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4b. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
+                            does (HostsAccess), for PARAM use-tcp-wrapper
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
@@ -603,7 +605,6 @@ RAW_KEYWORDS = ("help", "hdr220", "sasl-mechanisms", "contact-pointer-message")
 #: Settings that are read and kept but change nothing in zmsmtpd; reported
 #: once by --check and at start-up so an administrator is never surprised.
 UNIMPLEMENTED_PARAMS = {
-    "use-tcp-wrapper": "libwrap is not available to Python",
     "smtp-auth-sasl": "Cyrus SASL is not used; LOGIN and PLAIN go to the pipe program",
     "sasl-mechanisms": "no SASL library (a no-op in 3.0.1 too)",
     "tls-dcert-file": "DSA certificates are obsolete", "tls-dkey-file": "DSA keys are obsolete",
@@ -1872,6 +1873,385 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
+# 4b. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
+# ---------------------------------------------------------------------------
+
+#: The access files ``PARAM use-tcp-wrapper`` reads (module names, so that
+#: tests can point them elsewhere).
+HOSTS_ALLOW = "/etc/hosts.allow"
+HOSTS_DENY = "/etc/hosts.deny"
+#: The daemon name the rules are matched against: the original's libwrap
+#: call names this service, so existing rules for it keep working.
+TCP_WRAPPER_DAEMON = "smtp-receiver"
+#: libwrap's line buffer: a longer (joined) line is skipped with a warning.
+HOSTS_LINE_MAX = 8191
+#: What libwrap calls a host whose name or address is not known, and one
+#: whose reverse name does not lead back to its address.
+HOST_UNKNOWN = "unknown"
+HOST_PARANOID = "paranoid"
+
+_HOSTS_SEPARATORS = re.compile(r"[, \t\r\n]+")
+#: hosts_options(5) names libwrap knows; only allow, deny and twist change
+#: the verdict here, the others are ignored with a warning.
+_HOSTS_OPTIONS = frozenset(("allow", "deny", "twist", "spawn", "severity", "nice",
+                            "keepalive", "linger", "umask", "user", "group", "setenv",
+                            "rfc931", "banners"))
+
+
+def hosts_split_at(text, delimiter):
+    """(before, after) at the first ``delimiter`` outside ``[...]`` (an
+    IPv6 address holds colons); after is None when there is none."""
+    depth = 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif depth == 0 and c == delimiter:
+            return text[:i], text[i + 1:]
+    return text, None
+
+
+def _hosts_glob(pattern, text):
+    # libwrap's * and ? compare characters exactly (no case folding).
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.match("(?s)" + regex + r"\Z", text) is not None
+
+
+def _dot_quad(text):
+    """An IPv4 address in four decimal parts as an int, else None."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+        return None
+    numbers = [int(p) for p in parts]
+    if any(n > 255 for n in numbers):
+        return None
+    return (numbers[0] << 24) | (numbers[1] << 16) | (numbers[2] << 8) | numbers[3]
+
+
+def _v4_mask(text):
+    """A mask written as a dotted quad or a prefix length, else None."""
+    mask = _dot_quad(text)
+    if mask is not None:
+        # libwrap reads the mask with inet_addr, whose error value this is.
+        return None if mask == 0xffffffff else mask
+    if text.isdigit() and 1 <= int(text) <= 32:   # libwrap takes no /0
+        return (0xffffffff << (32 - int(text))) & 0xffffffff
+    return None
+
+
+def hosts_string_match(token, text):
+    """A daemon, user or host token against one string, as libwrap's
+    string_match does it (wildcards, ``.suffix``, ``prefix.``, ALL, KNOWN,
+    ``[v6]``, else equal ignoring case)."""
+    if text.lower().startswith("::ffff:") and _dot_quad(text[7:]) is not None:
+        text = text[7:]
+    if "*" in token or "?" in token:
+        return _hosts_glob(token, text)
+    upper = token.upper()
+    if token.startswith("."):
+        return len(text) > len(token) and text.lower().endswith(token.lower())
+    if upper == "ALL":
+        return True
+    if upper == "KNOWN":
+        return text.lower() != HOST_UNKNOWN
+    if token.endswith("."):
+        return text.lower().startswith(token.lower())
+    if token.startswith("[") and token.endswith("]"):
+        try:
+            return ipaddress.IPv6Address(token[1:-1]) == ipaddress.IPv6Address(text)
+        except ValueError:
+            return False
+    return token.lower() == text.lower()
+
+
+def hosts_masked_match(net, mask, address):
+    """``net/mask``, ``net/len`` or ``[v6net]/len`` against an address."""
+    if address.lower().startswith("::ffff:") and _dot_quad(address[7:]) is not None:
+        address = address[7:]
+    value = _dot_quad(address)
+    if value is not None:
+        network, bits = _dot_quad(net), _v4_mask(mask)
+        if network is None or bits is None:
+            return False
+        # Host bits set in the net match nothing, as in libwrap.
+        return value & bits == network
+    if not (net.startswith("[") and net.endswith("]")) or not mask.isdigit() \
+            or int(mask) > 128:
+        return False
+    try:
+        network = int(ipaddress.IPv6Address(net[1:-1]))
+        value = int(ipaddress.IPv6Address(address))
+    except ValueError:
+        return False
+    shift = 128 - int(mask)
+    return value >> shift == network >> shift
+
+
+class HostsClient(object):
+    """What the rules may ask of a client: its address and its name
+    (HOST_UNKNOWN without one, HOST_PARANOID when the name's addresses do
+    not include it).  The user name is never looked up (no RFC 931), so
+    it is HOST_UNKNOWN."""
+
+    def __init__(self, address, name=HOST_UNKNOWN):
+        self.address = address or HOST_UNKNOWN
+        self.name = name or HOST_UNKNOWN
+        self.user = HOST_UNKNOWN
+
+    def name_known(self):
+        return self.name.lower() not in (HOST_UNKNOWN, HOST_PARANOID)
+
+
+def hosts_host_match(token, host):
+    """One host token against a HostsClient, as libwrap's host_match."""
+    if token.startswith("@"):
+        return False        # NIS netgroups: warned about when the file is read
+    if token.startswith("/"):
+        return hosts_file_match(token, host)
+    upper = token.upper()
+    if upper == "KNOWN":
+        return host.address != HOST_UNKNOWN and host.name_known()
+    if upper == "LOCAL":
+        return "." not in host.name and host.name_known()
+    net, mask = hosts_split_at(token, "/")
+    if mask is not None:
+        return hosts_masked_match(net, mask, host.address)
+    if hosts_string_match(token, host.address):
+        return True
+    # A token that could only be an address is not compared with the name.
+    return any(c not in "0123456789./" for c in token) and \
+        hosts_string_match(token, host.name)
+
+
+def hosts_file_match(path, host):
+    """``/path``: any host pattern listed in that file."""
+    try:
+        with open(path, "r", encoding="latin-1") as f:
+            tokens = f.read().split()
+    except (IOError, OSError):
+        return False
+    return any(hosts_host_match(t, host) for t in tokens)
+
+
+def hosts_list_match(tokens, matches):
+    """libwrap's list_match: the first matching token wins unless the
+    list after the next EXCEPT matches (``a EXCEPT b EXCEPT c`` is
+    ``a EXCEPT (b EXCEPT c)``)."""
+    for i, token in enumerate(tokens):
+        if token.upper() == "EXCEPT":
+            return False
+        if matches(token):
+            rest = tokens[i + 1:]
+            for j, later in enumerate(rest):
+                if later.upper() == "EXCEPT":
+                    return not hosts_list_match(rest[j + 1:], matches)
+            return True
+    return False
+
+
+class HostsRule(Frozen):
+    """One rule: its line, its daemon and client tokens, and the verdicts
+    its options give ("allow"/"deny", in order)."""
+
+
+class HostsTable(object):
+    """One access file, read into rules; ``problems`` lists (line, what)
+    for what is not supported here (the start-up warnings)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.rules = []
+        self.problems = []
+        self.missing = False
+        self.error = None
+        self.unterminated = 0   # the line without a newline that ends the file
+
+    @classmethod
+    def load(cls, path):
+        table = cls(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read().decode("latin-1")
+        except (IOError, OSError) as e:
+            if e.errno == errno.ENOENT:
+                table.missing = True     # no file: no rules, as in libwrap
+            else:
+                table.error = e.strerror or str(e)
+            return table
+        table.parse(data)
+        return table
+
+    def parse(self, data):
+        lineno = 0
+        pending, first = "", None
+        for raw in data.splitlines(True):
+            lineno += 1
+            if first is None:
+                first = lineno
+            if not raw.endswith("\n"):
+                # libwrap's reading fails there: in hosts.deny, a client no
+                # earlier line matched is refused.
+                self.unterminated = first
+                self.problems.append((first, "the last line has no newline: libwrap (and "
+                                      "zmsmtpd) stop there with an error, which refuses "
+                                      "in hosts.deny every client no earlier line "
+                                      "matched. Fix: end the line"))
+                break
+            if raw.endswith("\\\n"):
+                pending += raw[:-2]
+                continue
+            line, start = pending + raw, first
+            pending, first = "", None
+            self.take(start, line)
+
+    def take(self, lineno, line):
+        if len(line) > HOSTS_LINE_MAX:
+            self.problems.append((lineno, "line longer than %d characters, skipped"
+                                  % HOSTS_LINE_MAX))
+            return
+        if line.startswith("#") or not line.strip():
+            return
+        daemons, rest = hosts_split_at(line, ":")
+        if rest is None:
+            self.problems.append((lineno, 'missing ":" separator, line skipped'))
+            return
+        clients, options = hosts_split_at(rest, ":")
+        rule = HostsRule(lineno=lineno,
+                         daemons=[t for t in _HOSTS_SEPARATORS.split(daemons) if t],
+                         clients=[t for t in _HOSTS_SEPARATORS.split(clients) if t],
+                         options=self.parse_options(lineno, options))
+        for token in rule.clients:
+            if token.startswith("@"):
+                self.problems.append((lineno, "NIS netgroup %s is not supported; it never "
+                                      "matches" % token))
+            elif "@" in token[1:]:
+                self.problems.append((lineno, "%s: client user names are not looked up "
+                                      "(no RFC 931); the user is always unknown" % token))
+        self.rules.append(rule)
+
+    def parse_options(self, lineno, text):
+        """The third field, as hosts_options(5): ``allow`` and ``deny``
+        decide; ``twist`` refuses (no command is run in its place); other
+        options are ignored."""
+        if text is None or not text.strip():
+            return ()
+        verdicts = []
+        for option in re.split(r"(?<!\\):", text):
+            name = re.split(r"[\s=]", option.strip(), 1)[0].lower()
+            if not name:
+                continue
+            if name in ("allow", "deny"):
+                verdicts.append(name)
+            elif name == "twist":
+                verdicts.append("deny")
+                self.problems.append((lineno, "option twist: no command is run; the client "
+                                      "is refused"))
+            elif name in _HOSTS_OPTIONS:
+                self.problems.append((lineno, "option %s is not supported; ignored" % name))
+            else:
+                # libwrap refuses a client whose rule has an unknown option.
+                verdicts.append("deny")
+                self.problems.append((lineno, "unknown option %s (a shell command?): "
+                                      "libwrap refuses the client, and so does zmsmtpd"
+                                      % name))
+        return tuple(verdicts)
+
+    def match(self, daemon, server, client):
+        """The first rule that matches, or None."""
+        for rule in self.rules:
+            if hosts_list_match(rule.daemons, lambda t: hosts_server_match(t, daemon, server)) \
+                    and hosts_list_match(rule.clients, lambda t: hosts_client_match(t, client)):
+                return rule
+        return None
+
+
+def hosts_server_match(token, daemon, server):
+    """``daemon`` or ``daemon@host`` (host: the address connected to)."""
+    name, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_string_match(token, daemon)
+    return hosts_string_match(token[0] + name, daemon) and hosts_host_match(host, server)
+
+
+def hosts_client_match(token, client):
+    """``host`` or ``user@host``."""
+    user, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_host_match(token, client)
+    return hosts_host_match(host, client) and hosts_string_match(token[0] + user, client.user)
+
+
+class HostsAccess(object):
+    """hosts_access(5) for ``PARAM use-tcp-wrapper``: hosts.allow, then
+    hosts.deny, the first matching rule deciding; no match grants.  A
+    hosts.deny that exists but cannot be read refuses everyone (libwrap
+    does the same).  The files are read again when they change."""
+
+    def __init__(self, allow=None, deny=None, daemon=TCP_WRAPPER_DAEMON, log=None):
+        self.paths = (allow or HOSTS_ALLOW, deny or HOSTS_DENY)
+        self.daemon = daemon
+        self.log = log
+        self.lock = threading.Lock()
+        self.tables = {}        # path -> (stat signature, HostsTable)
+
+    def table(self, path):
+        try:
+            st = os.stat(path)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns if hasattr(st, "st_mtime_ns")
+                         else st.st_mtime)
+        except (IOError, OSError):
+            signature = None
+        with self.lock:
+            hit = self.tables.get(path)
+            if hit is not None and hit[0] == signature:
+                return hit[1]
+        table = HostsTable.load(path)
+        with self.lock:
+            self.tables[path] = (signature, table)
+        if hit is not None and self.log is not None:
+            # Changed since the start-up warnings: the log says what of it
+            # is not supported.
+            self.log.note("tcp wrapper: %s changed and was read again" % path)
+            for line, what in table.problems:
+                self.log.note("tcp wrapper: %s" % diag_text(path, line, what))
+        return table
+
+    def problems(self):
+        """(file, line, what) for the start-up warnings."""
+        out = []
+        for path in self.paths:
+            table = self.table(path)
+            if table.error:
+                out.append((path, 0, "cannot read it: %s%s" % (
+                    table.error, "; every client is refused" if path == self.paths[1] else "")))
+            out.extend((path, line, what) for line, what in table.problems)
+        return out
+
+    def verdict(self, client, server=None):
+        """(granted?, "file:line" of the deciding rule or None)."""
+        server = server or HostsClient(None)
+        allow, deny = self.paths
+        for path, granted in ((allow, True), (deny, False)):
+            table = self.table(path)
+            if table.error:
+                if path == deny:
+                    return False, "%s (unreadable: %s)" % (path, table.error)
+                continue
+            rule = table.match(self.daemon, server, client)
+            if rule is None and table.unterminated:
+                if path == deny:
+                    return False, "%s:%d (no newline at its end)" % (path, table.unterminated)
+                continue
+            if rule is not None:
+                if rule.options:
+                    # The first of them decides (libwrap acts on it at once).
+                    granted = rule.options[0] == "allow"
+                return granted, "%s:%d" % (path, rule.lineno)
+        return True, None
+
+
+# ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
 
@@ -1899,6 +2279,8 @@ REPLIES = {
     "proxy_header_bad": (421, "4.7.0", "{host} Missing or malformed PROXY protocol header, "
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
+    "tcp_wrapper_denied": (421, None, "{host} ZMailer Server {version} WILL NOT TALK TO YOU "
+                                      "at {date}"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
     # line level
@@ -2090,7 +2472,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
+UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last", "tcp_wrapper_denied"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -4986,6 +5368,7 @@ class SessionStart(object):
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
         self.local_port = local[1] if local else 0
+        self.local_ip = unmapped_ip(local[0]) if local else ""
         if not self.network or (mode == "interactive"):
             self.ip_literal = ""  # -T pretends a peer for policy only
         elif ":" in self.peer_ip:
@@ -5149,6 +5532,28 @@ class SessionStart(object):
         self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
             ip if self.runtime.fake_peer is None else None)
         self.reset(RESET_SESSION)
+
+    def tcp_wrapper_grants(self):
+        """``PARAM use-tcp-wrapper``: hosts.allow and hosts.deny decide
+        whether the client is served at all.  Checked here, in the
+        session, with the names it has already looked up (the master
+        never waits for DNS); a refused client gets the original's 421
+        and the close."""
+        if self.rhost_a != "OK":
+            name = HOST_UNKNOWN
+        elif self.rhost_b != "OK":
+            name = HOST_PARANOID
+        else:
+            name = self.rhostname
+        server = HostsClient(self.local_ip or None)
+        granted, rule = self.runtime.hosts_access.verdict(HostsClient(self.peer_ip, name),
+                                                         server)
+        if granted:
+            return True
+        self.log.note("refused by the tcp wrapper (%s): %s %s" % (rule, self.rhostname,
+                                                                 self.ip_literal))
+        self.reply("tcp_wrapper_denied", version=VERSION, date=rfc822_date())
+        return False
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -5801,6 +6206,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             if not (yield from self.start_tls()):
                 return
         if self.network:
+            if self.group.use_tcp_wrapper and self.mode != "interactive" \
+                    and not self.tcp_wrapper_grants():
+                return
             self.evaluate_policy()
         if self.policy_error is None and self.verdict.reject and (
                 self.mode != "daemon" or self.proxy_expected):
@@ -8006,6 +8414,7 @@ class Runtime(object):
         self._names = {}
         self._names_lock = threading.Lock()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
+        self.hosts_access = HostsAccess(log=log)
         self.apply_config(config)
 
     @property
@@ -8430,6 +8839,12 @@ def describe_config(config, site, user=None):
             out.append("%sauth program: %s%s" % (
                 prefix, program or "none (AUTH would answer 454)",
                 " (runs as uid %d, gid %d)" % ids if program and ids else ""))
+    wrapped = [str(i) for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if wrapped:
+        out.append("tcp wrapper: %s, then %s, daemon name %s (group%s %s); a refused client "
+                   "gets 421 before the greeting" % (
+                       HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
+                       "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
@@ -8438,7 +8853,7 @@ def describe_config(config, site, user=None):
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "contentfilter", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("contentfilter", "perl-hook", "enable-router",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
@@ -8454,6 +8869,16 @@ def unimplemented_warnings(config):
                                  "mail is accepted without it" % (
                                      name, UNIMPLEMENTED_PARAMS[name])))
     return out
+
+
+def tcp_wrapper_warnings(config, access=None):
+    """What hosts.allow and hosts.deny hold that is not supported, each
+    with its file and line, when a group has ``PARAM use-tcp-wrapper``."""
+    if not any(g.use_tcp_wrapper for g in config.groups):
+        return []
+    access = access or HostsAccess()
+    return [diag_text(path, line, "tcp wrapper: " + what)
+            for path, line, what in access.problems()]
 
 
 def check_policies(config, user=None):
@@ -8944,6 +9369,9 @@ def main(argv=None):
         problems.extend(diag_text(*e) for e in config.number_errors)
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
+    if not interactive:
+        for text in tcp_wrapper_warnings(config):
+            sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     runtime = None
     if user_problem:
         problems.append(user_problem)

@@ -214,6 +214,21 @@ class ForegroundServer(object):
     def log_text(self):
         return read_text(self.logfile)
 
+    def await_listener(self, port, timeout=20.0):
+        """Poll until ``proc`` accepts on loopback ``port``; raise with its
+        stderr when it exits or does not listen within ``timeout``."""
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("zmsmtpd exited at start-up:\n%s" % self.stderr())
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return
+            except (OSError, socket.error):
+                if time.time() > deadline:
+                    raise RuntimeError("zmsmtpd did not listen:\n%s" % self.stderr())
+                time.sleep(0.05)
+
 
 class SMTPReplies(object):
     """SMTP over a connected (plain or TLS) socket, line by line: a
