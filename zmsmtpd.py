@@ -37,8 +37,10 @@ Map of this file, in the order data flows through it:
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker, AuthSpawner
-                            (the helper process that starts the programs)
+                            PipeAuthenticator, AuthFailureTracker, the
+                            built-in password check (PAM, shadow and crypt
+                            through ctypes), AuthSpawner (the helper process
+                            that starts the programs and the check)
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -55,6 +57,7 @@ import functools
 import gc
 import getopt
 import heapq
+import hmac
 import ipaddress
 import marshal
 import os
@@ -7116,6 +7119,11 @@ class PipeAuthenticator(object):
         if log:
             log.note("auth program for %s exited %s after %.3fs: %s" % (
                 qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+        return self.status_verdict(status)
+
+    @staticmethod
+    def status_verdict(status):
+        """The program's exit status as a verdict."""
         return "ok" if status == 0 else "fail"
 
     def _run_here(self, user, data):
@@ -7179,6 +7187,264 @@ class PipeAuthenticator(object):
         mail_syslog(facility | syslog.LOG_INFO, text)
 
 
+# -- the built-in password check: PAM, else shadow and crypt -------------------
+
+#: The "program" a session asks the auth spawner for when a group has
+#: smtp-auth but neither smtp-auth-pipe nor PIPEAUTHPATH: no path to run
+#: (it does not start with "/"), but a check the spawner's own child makes
+#: as root.
+BUILTIN_PASSWORD_CHECK = "<built-in password check>"
+#: The PAM service the original's built-in check used.
+PAM_SERVICE = "smtpauth-login"
+#: The libraries tried, in order (module names, so tests can hide them).
+PAM_LIBRARIES = ("libpam.so.0", "pam")
+CRYPT_LIBRARIES = ("libcrypt.so.1", "libcrypt.so.2", "crypt")
+#: The check's exit statuses, as a program's: 0 accepted, 1 refused, and
+#: EX_TEMPFAIL when the system could not tell (answered 454, not 535).
+PASSWORD_CHECK_TEMPFAIL = 75
+#: Longest password the check reads from its stdin.
+PASSWORD_CHECK_INPUT_MAX = 4096
+
+# Linux-PAM's numbers (security/_pam_types.h).
+PAM_SUCCESS = 0
+PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
+PAM_BUF_ERR, PAM_CONV_ERR = 5, 19
+PAM_SILENT, PAM_DISALLOW_NULL_AUTHTOK = 0x8000, 0x0001
+#: Results that say the system could not decide (a broken stack, a missing
+#: module, no memory, an unreachable directory): tempfail, not a refusal.
+PAM_UNDECIDED = frozenset((1, 2, 3, 4, 5, 9, 19, 25, 26))   # open, symbol, service,
+# system, buffer, authinfo unavailable, conversation, ignore, abort
+
+
+def _load_library(names):
+    """The first of ``names`` ctypes can load (a file name, or a library
+    name find_library knows), or None."""
+    if ctypes is None:
+        return None
+    for name in names:
+        path = name if name.startswith("lib") else ctypes.util.find_library(name)
+        if not path:
+            continue
+        try:
+            return ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            continue
+    return None
+
+
+def password_check_backends():
+    """What the built-in check can use here, best first: "PAM" (libpam
+    loads) and "shadow" (libcrypt's crypt loads)."""
+    found = []
+    pam = _load_library(PAM_LIBRARIES)
+    if pam is not None and hasattr(pam, "pam_start"):
+        found.append("PAM")
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is not None and hasattr(crypt, "crypt"):
+        found.append("shadow")
+    return found
+
+
+if ctypes is not None:
+    class _PamMessage(ctypes.Structure):
+        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+    class _PamResponse(ctypes.Structure):
+        _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
+
+    _PAM_CONV_FUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int,
+                                      ctypes.POINTER(ctypes.POINTER(_PamMessage)),
+                                      ctypes.POINTER(ctypes.POINTER(_PamResponse)),
+                                      ctypes.c_void_p)
+
+    class _PamConv(ctypes.Structure):
+        _fields_ = [("conv", _PAM_CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
+
+
+def pam_password_check(user, password, service=PAM_SERVICE):
+    """("ok" | "fail" | "tempfail", what PAM said): pam_authenticate, then
+    pam_acct_mgmt (an expired or locked account is refused too)."""
+    pam = _load_library(PAM_LIBRARIES)
+    calloc, strdup, free = [_libc_function(n) for n in ("calloc", "strdup", "free")]
+    if pam is None or None in (calloc, strdup, free):
+        return "tempfail", "libpam cannot be loaded"
+    calloc.restype = strdup.restype = ctypes.c_void_p
+    calloc.argtypes = (ctypes.c_size_t, ctypes.c_size_t)
+    strdup.argtypes = (ctypes.c_char_p,)
+    free.argtypes = (ctypes.c_void_p,)
+    pam.pam_start.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_PamConv),
+                              ctypes.POINTER(ctypes.c_void_p))
+    pam.pam_authenticate.argtypes = pam.pam_acct_mgmt.argtypes = (ctypes.c_void_p,
+                                                                  ctypes.c_int)
+    pam.pam_end.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.restype = ctypes.c_char_p
+    answers = {PAM_PROMPT_ECHO_OFF: password.encode("utf-8", "surrogateescape"),
+               PAM_PROMPT_ECHO_ON: user.encode("utf-8", "surrogateescape")}
+
+    def converse(count, messages, responses, appdata):
+        # PAM frees what we return, so it must come from the C library's
+        # allocator: an array of responses and a strdup per answer.
+        if count <= 0:
+            return PAM_CONV_ERR
+        array_ = calloc(count, ctypes.sizeof(_PamResponse))
+        if not array_:
+            return PAM_BUF_ERR
+        replies = ctypes.cast(array_, ctypes.POINTER(_PamResponse))
+        for i in range(count):
+            style = messages[i].contents.msg_style
+            if style in answers:
+                replies[i].resp = strdup(answers[style])
+            elif style not in (PAM_ERROR_MSG, PAM_TEXT_INFO):
+                for j in range(i):
+                    free(replies[j].resp)
+                free(array_)
+                return PAM_CONV_ERR
+        responses[0] = replies
+        return PAM_SUCCESS
+
+    callback = _PAM_CONV_FUNC(converse)     # referenced until pam_end
+    conv = _PamConv(callback, None)
+    handle = ctypes.c_void_p()
+    status = pam.pam_start(service.encode("ascii"), answers[PAM_PROMPT_ECHO_ON],
+                           ctypes.byref(conv), ctypes.byref(handle))
+    if status != PAM_SUCCESS:
+        return "tempfail", "pam_start: error %d" % status
+    flags = PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
+    step = "pam_authenticate"
+    status = pam.pam_authenticate(handle, flags)
+    if status == PAM_SUCCESS:
+        step = "pam_acct_mgmt"
+        status = pam.pam_acct_mgmt(handle, flags)
+    said = (pam.pam_strerror(handle, status) or b"").decode("utf-8", "replace")
+    pam.pam_end(handle, status)
+    if status == PAM_SUCCESS:
+        return "ok", "PAM %s: %s" % (service, said)
+    verdict = "tempfail" if status in PAM_UNDECIDED else "fail"
+    return verdict, "PAM %s: %s: %s" % (service, step, said)
+
+
+if ctypes is not None:
+    class _Spwd(ctypes.Structure):
+        # Only the leading fields of struct spwd are read.
+        _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_char_p),
+                    ("sp_lstchg", ctypes.c_long), ("sp_min", ctypes.c_long),
+                    ("sp_max", ctypes.c_long), ("sp_warn", ctypes.c_long),
+                    ("sp_inact", ctypes.c_long), ("sp_expire", ctypes.c_long)]
+
+
+def shadow_password_check(user, password):
+    """("ok" | "fail" | "tempfail", why): the hash of /etc/shadow (else
+    the one in /etc/passwd), through libcrypt's crypt(3).  A locked
+    (``!``, ``*``), empty or expired entry is refused."""
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is None:
+        return "tempfail", "libcrypt cannot be loaded"
+    crypt.crypt.restype = ctypes.c_char_p
+    crypt.crypt.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+    try:
+        pw = pwd.getpwnam(user)
+    except (KeyError, UnicodeError, ValueError):
+        return "fail", "shadow: no such user"
+    stored, expire = pw.pw_passwd.encode("utf-8", "surrogateescape"), -1
+    getspnam = _libc_function("getspnam")
+    if getspnam is not None:
+        getspnam.restype = ctypes.POINTER(_Spwd)
+        getspnam.argtypes = (ctypes.c_char_p,)
+        entry = getspnam(user.encode("utf-8", "surrogateescape"))
+        if entry:
+            stored, expire = entry.contents.sp_pwdp or b"", entry.contents.sp_expire
+        elif stored in (b"x", b"*"):
+            return "tempfail", "shadow: the entry cannot be read (not root?)"
+    if not stored or stored[:1] in (b"!", b"*") or len(stored) < 13:
+        return "fail", "shadow: the account has no usable password"
+    if expire >= 0 and time.time() // 86400 >= expire:
+        return "fail", "shadow: the account has expired"
+    hashed = crypt.crypt(password.encode("utf-8", "surrogateescape"), stored)
+    if not hashed or hashed[:1] == b"*":
+        return "tempfail", "shadow: crypt cannot read this hash"
+    if hmac.compare_digest(hashed, stored):
+        return "ok", "shadow: ok"
+    return "fail", "shadow: wrong password"
+
+
+def system_password_check(user, password):
+    """The built-in check: PAM service smtpauth-login where libpam loads,
+    else the shadow file through crypt(3) -- the order the original's
+    build picked (PAM, shadow, passwd).  Needs root for other users."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        return pam_password_check(user, password)
+    if "shadow" in backends:
+        return shadow_password_check(user, password)
+    return "tempfail", "neither libpam nor libcrypt can be loaded"
+
+
+def start_password_check(argv):
+    """The auth spawner's way of "starting" BUILTIN_PASSWORD_CHECK: a
+    child that reads the password from its stdin as a program would,
+    checks it with system_password_check, writes what it found as its
+    one output line and exits 0, 1 or PASSWORD_CHECK_TEMPFAIL.  A child,
+    because PAM may take seconds (its delay after a failure) and the
+    spawner serves everyone on one thread."""
+    user = argv[1] if len(argv) > 1 else ""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = PASSWORD_CHECK_TEMPFAIL
+        try:
+            # The spawner's signal set-up is not this child's: a helper a
+            # PAM module runs must not make Python write to a closed
+            # wake-up pipe (and its complaint to the output line).
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)    # the first output line is the verdict's
+            # A PAM module may run helpers: they get 0-2 only.
+            close_descriptors_except([0, 1, 2])
+            data = b""
+            while b"\n" not in data and len(data) < PASSWORD_CHECK_INPUT_MAX:
+                chunk = os.read(0, PASSWORD_CHECK_INPUT_MAX)
+                if not chunk:
+                    break
+                data += chunk
+            password = data.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+            verdict, why = system_password_check(user, password)
+            os.write(1, why.encode("utf-8", "replace") + b"\n")
+            status = {"ok": 0, "fail": 1}.get(verdict, PASSWORD_CHECK_TEMPFAIL)
+        finally:
+            os._exit(status)
+    for fd in (in_r, out_w):
+        os.close(fd)
+    return SpawnedProgram(pid, os.fdopen(in_w, "wb", buffering=0),
+                          os.fdopen(out_r, "rb", buffering=0))
+
+
+class SystemPasswordAuthenticator(PipeAuthenticator):
+    """The built-in check for a group with smtp-auth and no program: the
+    session asks the auth spawner for BUILTIN_PASSWORD_CHECK, which a
+    child of the spawner (root) carries out.  It never runs in a session
+    process: without a spawner (inetd and -i modes, or one that stopped
+    for good) every AUTH is a temporary failure."""
+
+    def __init__(self, timeout, zenv, zconfig_path, log=None, spawner=None):
+        PipeAuthenticator.__init__(self, BUILTIN_PASSWORD_CHECK, timeout, zenv, zconfig_path,
+                                   log=log, spawner=spawner)
+
+    def _run_here(self, user, data):
+        return ("error", "the built-in password check runs only in a daemon's auth spawner")
+
+    def status_verdict(self, status):
+        if status == PASSWORD_CHECK_TEMPFAIL:
+            return "tempfail"
+        return PipeAuthenticator.status_verdict(status)
+
+
 #: How long a session waits for the auth spawner to take a request before
 #: it starts the auth program itself (the spawner is dead or stuck).
 AUTH_SPAWNER_TAKE_WAIT = 2.0
@@ -7197,9 +7463,9 @@ AUTH_SPAWNER_LINE_LIMIT = 1024
 
 
 def auth_spawner_wanted(config, zenv):
-    """Does any group run an auth program?"""
-    return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
-               for g in config.groups)
+    """Does any group check passwords (with a program or the built-in
+    check, which only the spawner runs)?"""
+    return any(g.smtp_auth for g in config.groups)
 
 
 class AuthSpawner(object):
@@ -7535,8 +7801,11 @@ class SpawnerLoop(object):
         except (ValueError, EOFError, TypeError):
             reply.close()
             return True
-        if self.identity is None and os.geteuid() == 0 and not spawner_has_ids(ids) \
-                and self.forward(data, reply, ids):
+        # The built-in check runs with the spawner's own ids (root: it
+        # reads /etc/shadow), whatever ids the session named.
+        builtin = argv[:1] == [BUILTIN_PASSWORD_CHECK]
+        if not builtin and self.identity is None and os.geteuid() == 0 \
+                and not spawner_has_ids(ids) and self.forward(data, reply, ids):
             return True
         try:
             reply.send(b"A", socket.MSG_DONTWAIT)
@@ -7545,7 +7814,8 @@ class SpawnerLoop(object):
             return True
         started = time.time()
         try:
-            proc = start_program(argv, env, cwd, ids)
+            proc = start_password_check(argv) if builtin else \
+                start_program(argv, env, cwd, ids)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             job = SpawnerJob(None, reply, b"", 0, started)
             job.answer(("error", str(e)))
@@ -8501,6 +8771,10 @@ class Runtime(object):
             auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
                                      self.zconfig_path, run_as=self.auth_identity(group),
                                      log=self.log, spawner=self.auth_spawner)
+        elif group.smtp_auth:
+            auth = SystemPasswordAuthenticator(group.auth_pipe_timeout, self.zenv,
+                                               self.zconfig_path, log=self.log,
+                                               spawner=self.auth_spawner)
         cache[id(group)] = (group, auth)
         return auth
 
@@ -8834,11 +9108,12 @@ def describe_config(config, site, user=None):
         else:
             out.append("%spolicy: none (every network session would get 400 4.7.0)" % prefix)
         program = g.auth_pipe or site.zenv.get("PIPEAUTHPATH")
-        if g.smtp_auth:
+        if g.smtp_auth and program:
             ids = site.auth_identity(g)
             out.append("%sauth program: %s%s" % (
-                prefix, program or "none (AUTH would answer 454)",
-                " (runs as uid %d, gid %d)" % ids if program and ids else ""))
+                prefix, program, " (runs as uid %d, gid %d)" % ids if ids else ""))
+        elif g.smtp_auth:
+            out.append("%sauth program: none; %s" % (prefix, describe_password_check()))
     wrapped = [str(i) for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
     if wrapped:
         out.append("tcp wrapper: %s, then %s, daemon name %s (group%s %s); a refused client "
@@ -8933,9 +9208,24 @@ def check_postoffice(site, user):
     return problems
 
 
+def describe_password_check():
+    """--check's words for the built-in check on this system."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        how = "PAM service %s (/etc/pam.d/%s%s)" % (
+            PAM_SERVICE, PAM_SERVICE, "" if os.path.exists("/etc/pam.d/" + PAM_SERVICE)
+            else " is missing: PAM uses its service 'other'")
+    elif backends:
+        how = "/etc/shadow through crypt(3) (no libpam)"
+    else:
+        return "the built-in password check cannot work here (no libpam, no libcrypt)"
+    return "the built-in password check: %s, by the auth spawner as root" % how
+
+
 def check_auth_programs(config, site):
     """Each group with smtp-auth: its program exists and the user it runs
-    as may execute it, or every AUTH would fail."""
+    as may execute it, or every AUTH would fail; without a program, the
+    built-in check must have PAM or crypt(3) to work with."""
     problems = []
     done = set()
     for index, g in enumerate(config.groups):
@@ -8948,6 +9238,15 @@ def check_auth_programs(config, site):
             program = site.zenv.get("PIPEAUTHPATH")
             where = "%s: PIPEAUTHPATH=%s" % (site.zconfig_path, program)
         if not program:
+            if "builtin" not in done and not password_check_backends():
+                done.add("builtin")
+                problems.append(
+                    "%s: PARAM smtp-auth without smtp-auth-pipe or PIPEAUTHPATH: the "
+                    "built-in password check needs libpam (PAM service %s) or libcrypt "
+                    "(/etc/shadow), and neither can be loaded; every AUTH would fail. Fix: "
+                    "install libpam0g (Debian) and write /etc/pam.d/%s, or name a checking "
+                    "program with PARAM smtp-auth-pipe" % (
+                        config_where(config, index, "smtp_auth"), PAM_SERVICE, PAM_SERVICE))
             continue
         if g.auth_pipe_user and os.geteuid() == 0 and \
                 lookup_user(g.auth_pipe_user) is None:

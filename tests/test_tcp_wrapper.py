@@ -15,15 +15,12 @@ refuses a client of hosts.deny with the original's 421.
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import unittest
 
-from tests.harness import ForegroundServer, free_port, open_to_sessions, which
+from tests.harness import BootedDaemon, which
 
 import zmsmtpd
 
@@ -219,56 +216,24 @@ class HostsFileReadingTest(unittest.TestCase):
                          (False, "%s:3" % self.deny))
 
 
-# The daemon runs with the module's file names pointed at its directory.
-BOOT = ("import sys; sys.path.insert(0, %r); import zmsmtpd; "
-        "zmsmtpd.HOSTS_ALLOW, zmsmtpd.HOSTS_DENY = sys.argv[1], sys.argv[2]; "
-        "sys.exit(zmsmtpd.main(sys.argv[3:]))" % REPO)
-
-
-class WrappedDaemon(ForegroundServer):
+class WrappedDaemon(BootedDaemon):
+    """A daemon with use-tcp-wrapper, its access files in its directory
+    (the module's names pointed there)."""
 
     def __init__(self, testcase, allow, deny, check=False):
-        self.dir = tempfile.mkdtemp(prefix="zmwrapd-")
-        testcase.addCleanup(self.cleanup)
-        os.chmod(self.dir, 0o755)
-        for sub in ("postoffice/public", "postoffice/router", "db", "log"):
-            os.makedirs(os.path.join(self.dir, sub))
-        open_to_sessions(self.dir, os.path.join(self.dir, "postoffice", "public"),
-                         os.path.join(self.dir, "postoffice", "router"))
-        self.allow = os.path.join(self.dir, "hosts.allow")
-        self.deny = os.path.join(self.dir, "hosts.deny")
+        files = tempfile.mkdtemp(prefix="zmwrap-")
+        testcase.addCleanup(shutil.rmtree, files, True)
+        os.chmod(files, 0o755)
+        self.allow = os.path.join(files, "hosts.allow")
+        self.deny = os.path.join(files, "hosts.deny")
         for path, text in ((self.allow, allow), (self.deny, deny)):
             with open(path, "w") as f:
                 f.write(text)
             os.chmod(path, 0o644)
-        self.zconf = os.path.join(self.dir, "zmailer.conf")
-        with open(self.zconf, "w") as f:
-            f.write("POSTOFFICE=%(d)s/postoffice\nLOGDIR=%(d)s/log\nMAILVAR=%(d)s\n"
-                    % {"d": self.dir})
-        with open(os.path.join(self.dir, "db", "smtp-policy.dat"), "w") as f:
-            f.write("[127.0.0.0]/8  relaycustnet +\n")
-        self.port = free_port()
-        self.conf = os.path.join(self.dir, "smtpserver.conf")
-        with open(self.conf, "w") as f:
-            f.write("PARAM BindSmtp [127.0.0.1] %d\nPARAM policydb btree %s/db/smtp-policy\n"
-                    "PARAM shutdown-grace 1\nPARAM use-tcp-wrapper\n*   ftveR\n"
-                    % (self.port, self.dir))
-        self.logfile = os.path.join(self.dir, "log", "smtpserver.log")
-        self.errfile = os.path.join(self.dir, "log", "stderr")
-        args = [sys.executable, "-c", BOOT, self.allow, self.deny, "-v", "-Z", self.zconf,
-                "-C", self.conf, "-l", self.logfile]
-        env = dict(os.environ, TZ="UTC")
-        env.pop("ZCONFIG", None)
-        if check:
-            self.check = subprocess.run(args + ["--check"], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, universal_newlines=True,
-                                        env=env, cwd=self.dir, timeout=60)
-            return
-        with open(self.errfile, "ab") as err:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err,
-                                         stderr=err, env=env, cwd=self.dir,
-                                         start_new_session=True)
-        self.await_listener(self.port)
+        BootedDaemon.__init__(
+            self, testcase, "PARAM use-tcp-wrapper\n*   ftveR\n",
+            setup="zmsmtpd.HOSTS_ALLOW, zmsmtpd.HOSTS_DENY = args[1:3]",
+            setup_args=(self.allow, self.deny), check=check)
 
     def first_line_and_rest(self, source):
         """The first reply line to a client connecting from ``source``,
