@@ -1947,8 +1947,7 @@ def hosts_string_match(token, text):
     """A daemon, user or host token against one string, as libwrap's
     string_match does it (wildcards, ``.suffix``, ``prefix.``, ALL, KNOWN,
     ``[v6]``, else equal ignoring case)."""
-    if text.lower().startswith("::ffff:") and _dot_quad(text[7:]) is not None:
-        text = text[7:]
+    text = unmapped_ip(text)
     if "*" in token or "?" in token:
         return _hosts_glob(token, text)
     upper = token.upper()
@@ -1970,8 +1969,7 @@ def hosts_string_match(token, text):
 
 def hosts_masked_match(net, mask, address):
     """``net/mask``, ``net/len`` or ``[v6net]/len`` against an address."""
-    if address.lower().startswith("::ffff:") and _dot_quad(address[7:]) is not None:
-        address = address[7:]
+    address = unmapped_ip(address)
     value = _dot_quad(address)
     if value is not None:
         network, bits = _dot_quad(net), _v4_mask(mask)
@@ -7212,8 +7210,10 @@ PAM_BUF_ERR, PAM_CONV_ERR = 5, 19
 PAM_SILENT, PAM_DISALLOW_NULL_AUTHTOK = 0x8000, 0x0001
 #: Results that say the system could not decide (a broken stack, a missing
 #: module, no memory, an unreachable directory): tempfail, not a refusal.
-PAM_UNDECIDED = frozenset((1, 2, 3, 4, 5, 9, 19, 25, 26))   # open, symbol, service,
-# system, buffer, authinfo unavailable, conversation, ignore, abort
+PAM_UNDECIDED = frozenset((
+    1, 2, 3, 4, 5,      # PAM_OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR
+    9, 19, 24,          # PAM_AUTHINFO_UNAVAIL, CONV_ERR, TRY_AGAIN
+    25, 26, 28))        # PAM_IGNORE, ABORT, MODULE_UNKNOWN
 
 
 def _load_library(names):

@@ -17,6 +17,7 @@ import os
 import smtplib
 import subprocess
 import sys
+import time
 import unittest
 import uuid
 
@@ -97,6 +98,43 @@ class PamCheckTest(unittest.TestCase):
     def test_locked_account_is_refused(self):
         subprocess.check_call(["usermod", "-L", self.user.name])
         self.assertEqual(zmsmtpd.pam_password_check(self.user.name, PASSWORD)[0], "fail")
+
+    def test_broken_stack_is_a_temporary_failure(self):
+        service = "zmsmtpd-test-" + uuid.uuid4().hex[:8]
+        path = os.path.join("/etc/pam.d", service)
+        with open(path, "w") as f:
+            f.write("auth required pam_zmsmtpd_no_such_module.so\n")
+        self.addCleanup(os.unlink, path)
+        verdict, said = zmsmtpd.pam_password_check(self.user.name, PASSWORD, service)
+        self.assertEqual(verdict, "tempfail", said)
+
+    def run_check_child(self, user, password):
+        """The spawner's child for one check: (exit status, its line)."""
+        proc = zmsmtpd.start_password_check([zmsmtpd.BUILTIN_PASSWORD_CHECK, user])
+        proc.stdin.write(password.encode() + b"\n")
+        proc.stdin.close()
+        out = b""
+        while True:
+            chunk = proc.stdout.read(4096)
+            if not chunk:
+                break
+            out += chunk
+        proc.stdout.close()
+        while proc.poll() is None:
+            time.sleep(0.02)
+        return proc.returncode, out.decode()
+
+    def test_spawner_child_answers_as_a_program_would(self):
+        self.assertEqual(self.run_check_child(self.user.name, PASSWORD),
+                         (0, "PAM smtpauth-login: Success\n"))
+        status, line = self.run_check_child(self.user.name, "wrong")
+        self.assertEqual((status, line.count("\n")), (1, 1), line)
+        self.assertNotIn("wrong", line)
+        authenticator = zmsmtpd.SystemPasswordAuthenticator(5, zmsmtpd.ZEnv("/dev/null"),
+                                                            None)
+        self.assertEqual(authenticator.status_verdict(zmsmtpd.PASSWORD_CHECK_TEMPFAIL),
+                         "tempfail")
+        self.assertEqual(authenticator.status_verdict(1), "fail")
 
 
 class ShadowCheckTest(unittest.TestCase):
