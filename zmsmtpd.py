@@ -1904,6 +1904,9 @@ _HOSTS_OPTIONS = frozenset(("allow", "deny", "twist", "spawn", "severity", "nice
 def hosts_split_at(text, delimiter):
     """(before, after) at the first ``delimiter`` outside ``[...]`` (an
     IPv6 address holds colons); after is None when there is none."""
+    if "[" not in text:
+        before, found, after = text.partition(delimiter)
+        return (before, after) if found else (text, None)
     depth = 0
     for i, c in enumerate(text):
         if c == "[":

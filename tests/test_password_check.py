@@ -211,6 +211,16 @@ class BuiltinAuthDaemonTest(unittest.TestCase):
         self.assertIn("235 ", run.stdout)
 
 
+class NoSpawnerTest(unittest.TestCase):
+    """Outside a daemon (-i, inetd) there is no root spawner, and the
+    check never runs in the session process: AUTH is a temporary failure."""
+
+    def test_without_spawner_the_answer_is_tempfail(self):
+        authenticator = zmsmtpd.SystemPasswordAuthenticator(5, zmsmtpd.ZEnv("/dev/null"),
+                                                            None)
+        self.assertEqual(authenticator.check("root", "anything"), "tempfail")
+
+
 class NoCheckPossibleTest(unittest.TestCase):
     """Without libpam and libcrypt, AUTH cannot work: --check and a start
     refuse with exit 2 and say what to configure."""
