@@ -19,7 +19,7 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
-  4b. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
+  4c. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
                             does (HostsAccess), for PARAM use-tcp-wrapper
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
@@ -1876,7 +1876,7 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
-# 4b. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
+# 4c. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
 # ---------------------------------------------------------------------------
 
 #: The access files ``PARAM use-tcp-wrapper`` reads (module names, so that
@@ -2253,6 +2253,17 @@ class HostsAccess(object):
                     granted = rule.options[0] == "allow"
                 return granted, "%s:%d" % (path, rule.lineno)
         return True, None
+
+
+def tcp_wrapper_warnings(config, access=None):
+    """What hosts.allow and hosts.deny hold that is not supported, each
+    with its file and line, when a group has ``PARAM use-tcp-wrapper``."""
+    if not any(g.use_tcp_wrapper for g in config.groups):
+        return []
+    access = access or HostsAccess()
+    return [diag_text(path, line, "tcp wrapper: " + what)
+            for path, line, what in access.problems()]
+
 
 
 # ---------------------------------------------------------------------------
@@ -9147,16 +9158,6 @@ def unimplemented_warnings(config):
                                  "mail is accepted without it" % (
                                      name, UNIMPLEMENTED_PARAMS[name])))
     return out
-
-
-def tcp_wrapper_warnings(config, access=None):
-    """What hosts.allow and hosts.deny hold that is not supported, each
-    with its file and line, when a group has ``PARAM use-tcp-wrapper``."""
-    if not any(g.use_tcp_wrapper for g in config.groups):
-        return []
-    access = access or HostsAccess()
-    return [diag_text(path, line, "tcp wrapper: " + what)
-            for path, line, what in access.problems()]
 
 
 def check_policies(config, user=None):
