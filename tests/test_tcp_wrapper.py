@@ -14,13 +14,14 @@ refuses a client of hosts.deny with the original's 421.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import unittest
 
-from tests.harness import BootedDaemon, which
+from tests.harness import BootedDaemon, reference_file, which
 
 import zmsmtpd
 
@@ -220,7 +221,7 @@ class WrappedDaemon(BootedDaemon):
     """A daemon with use-tcp-wrapper, its access files in its directory
     (the module's names pointed there)."""
 
-    def __init__(self, testcase, allow, deny, check=False):
+    def __init__(self, testcase, allow, deny, check=False, param="PARAM use-tcp-wrapper\n"):
         files = tempfile.mkdtemp(prefix="zmwrap-")
         testcase.addCleanup(shutil.rmtree, files, True)
         os.chmod(files, 0o755)
@@ -231,7 +232,7 @@ class WrappedDaemon(BootedDaemon):
                 f.write(text)
             os.chmod(path, 0o644)
         BootedDaemon.__init__(
-            self, testcase, "PARAM use-tcp-wrapper\n*   ftveR\n",
+            self, testcase, param + "*   ftveR\n",
             setup="zmsmtpd.HOSTS_ALLOW, zmsmtpd.HOSTS_DENY = args[1:3]",
             setup_args=(self.allow, self.deny), check=check)
 
@@ -300,6 +301,38 @@ class WrappedDaemonTest(unittest.TestCase):
         self.assertIn("warning: %s:2: tcp wrapper: NIS netgroup @netgroup is not supported"
                       % self.daemon.deny, self.daemon.stderr())
         self.assertNotIn("use-tcp-wrapper is not implemented", self.daemon.stderr())
+
+
+class RecordedWrapperTest(unittest.TestCase):
+    """The recording's rule files (tcpwrapper.txt, W2 and W3): with the
+    PARAM the denied client gets the recorded line (our name and version,
+    the time of day); without it (W3) the files change nothing."""
+
+    def setUp(self):
+        with open(reference_file(self, "oracle", "policy-and-handoffs",
+                                 "tcpwrapper.txt")) as f:
+            text = f.read()
+        self.files = [re.search(r"^--- /etc/%s in the test namespace\n((?:[^-\n].*\n)+)"
+                                % re.escape(name), text, re.M).group(1)
+                      for name in ("hosts.allow", "hosts.deny")]
+        recorded = re.search(r"^S: (421 .* WILL NOT TALK TO YOU at .*)$", text, re.M).group(1)
+        # Their host name, version and date are the recording's own.
+        self.expected = re.escape(recorded).replace(re.escape("localhost"), r"\S+", 1)
+        self.expected = self.expected.replace(re.escape("3.0.1 #1"), re.escape(zmsmtpd.VERSION))
+        self.expected = re.sub(r"Sun.*", r"\\w{3}, \\d+ \\w{3} \\d{4} [0-9:]{8} [-+]\\d{4}$",
+                               self.expected)
+
+    def test_with_the_param_the_recorded_verdicts_and_line(self):
+        daemon = WrappedDaemon(self, *self.files)
+        line, rest = daemon.first_line_and_rest("127.0.0.31")
+        self.assertRegex(line, self.expected)
+        self.assertFalse(rest)
+        for source in ("127.0.0.32", "127.0.0.33"):
+            self.assertTrue(daemon.first_line_and_rest(source)[0].startswith("220 "), source)
+
+    def test_without_the_param_the_files_change_nothing(self):
+        daemon = WrappedDaemon(self, *self.files, param="")
+        self.assertTrue(daemon.first_line_and_rest("127.0.0.31")[0].startswith("220 "))
 
 
 class WrappedCheckTest(unittest.TestCase):
