@@ -9223,6 +9223,10 @@ def describe_password_check():
         how = "/etc/shadow through crypt(3) (no libpam)"
     else:
         return "the built-in password check cannot work here (no libpam, no libcrypt)"
+    if os.geteuid() != 0:
+        # Without root, PAM's pam_unix checks only the caller's own password.
+        return "the built-in password check: %s, by the auth spawner (not root: other " \
+            "users' passwords cannot be read)" % how
     return "the built-in password check: %s, by the auth spawner as root" % how
 
 
