@@ -9212,6 +9212,27 @@ def check_postoffice(site, user):
     return problems
 
 
+def check_tcp_wrapper_files(config, user):
+    """With use-tcp-wrapper, sessions read hosts.allow and hosts.deny as
+    the session user: a file they cannot read would refuse every client
+    (hosts.deny) or skip its grants (hosts.allow)."""
+    wrapped = [i for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if not wrapped:
+        return []
+    paths = [p for p in (HOSTS_ALLOW, HOSTS_DENY) if os.path.isfile(p)]
+    problems = []
+    for path, readable in zip(paths, access_as(user, [(p, os.R_OK) for p in paths])):
+        if not readable:
+            problems.append(
+                "%s: PARAM use-tcp-wrapper: %s cannot be read by %s, the user sessions run "
+                "as; %s. Fix: chmod 644 %s" % (
+                    config_where(config, wrapped[0], "use_tcp_wrapper"), path,
+                    user.describe() if user else "this user",
+                    "every client would be refused" if path == HOSTS_DENY
+                    else "its rules would be skipped", path))
+    return problems
+
+
 def describe_password_check():
     """--check's words for the built-in check on this system."""
     backends = password_check_backends()
@@ -9367,6 +9388,7 @@ def startup_problems(config, site, log, daemon, user):
     problems.extend(check_policies(config, user))
     problems.extend(check_postoffice(site, user))
     problems.extend(check_auth_programs(config, site))
+    problems.extend(check_tcp_wrapper_files(config, user))
     return problems
 
 

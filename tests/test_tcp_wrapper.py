@@ -221,16 +221,19 @@ class WrappedDaemon(BootedDaemon):
     """A daemon with use-tcp-wrapper, its access files in its directory
     (the module's names pointed there)."""
 
-    def __init__(self, testcase, allow, deny, check=False, param="PARAM use-tcp-wrapper\n"):
-        files = tempfile.mkdtemp(prefix="zmwrap-")
-        testcase.addCleanup(shutil.rmtree, files, True)
-        os.chmod(files, 0o755)
+    def __init__(self, testcase, allow, deny, check=False, param="PARAM use-tcp-wrapper\n",
+                 files=None):
+        """``files``: a directory whose access files are used as they are."""
+        if files is None:
+            files = tempfile.mkdtemp(prefix="zmwrap-")
+            testcase.addCleanup(shutil.rmtree, files, True)
+            os.chmod(files, 0o755)
+            for name, text in (("hosts.allow", allow), ("hosts.deny", deny)):
+                with open(os.path.join(files, name), "w") as f:
+                    f.write(text)
+                os.chmod(os.path.join(files, name), 0o644)
         self.allow = os.path.join(files, "hosts.allow")
         self.deny = os.path.join(files, "hosts.deny")
-        for path, text in ((self.allow, allow), (self.deny, deny)):
-            with open(path, "w") as f:
-                f.write(text)
-            os.chmod(path, 0o644)
         BootedDaemon.__init__(
             self, testcase, param + "*   ftveR\n",
             setup="zmsmtpd.HOSTS_ALLOW, zmsmtpd.HOSTS_DENY = args[1:3]",
@@ -336,6 +339,22 @@ class RecordedWrapperTest(unittest.TestCase):
 
 
 class WrappedCheckTest(unittest.TestCase):
+
+    def test_deny_file_the_session_user_cannot_read_stops_check(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root (sessions run as another user)")
+        files = tempfile.mkdtemp(prefix="zmwrap-")
+        self.addCleanup(shutil.rmtree, files, True)
+        os.chmod(files, 0o755)
+        deny = os.path.join(files, "hosts.deny")
+        with open(deny, "w") as f:
+            f.write("ALL: 192.0.2.1\n")
+        os.chmod(deny, 0o600)
+        run = WrappedDaemon(self, None, None, check=True, files=files).check
+        self.assertEqual(run.returncode, 2, run.stdout)
+        self.assertIn("smtpserver.conf:4: PARAM use-tcp-wrapper: %s cannot be read by "
+                      % deny, run.stderr)
+        self.assertIn("every client would be refused. Fix: chmod 644", run.stderr)
 
     def test_check_describes_the_wrapper_and_warns(self):
         daemon = WrappedDaemon(self, "", "ALL: 192.0.2.1: twist /bin/echo\n", check=True)
