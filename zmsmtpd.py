@@ -587,6 +587,7 @@ _PARAMS = [
     (("junk-command-limit",), "G", "int", "junk_command_limit", None),
     # -- submission policy beyond the original
     (("sender-login-match",), "Grp", "switch", "sender_login_match", None),
+    (("auth-msa-rewrite",), "Grp", "switch", "auth_msa_rewrite", None),
     (("sender-login-maps",), "G", "str", "sender_login_maps", None),
     (("submission-rate-limit",), "G", "ratelimit", "submission_rate_limit", None),
     (("proxy-protocol-nets",), "Grp", "nets", "proxy_protocol_nets", None),
@@ -667,6 +668,7 @@ GROUP_DEFAULTS = dict(
     rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
     policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
     spf_whitelist=None, contact_pointer=None, sender_login_match=False,
+    auth_msa_rewrite=False,
     proxy_protocol_nets=())
 
 GLOBAL_DEFAULTS = dict(
@@ -2127,6 +2129,30 @@ def format_reply(name, enhanced_ok=True, **fields):
 SYSLOG_SOCKET = "/dev/log"
 
 
+#: What a client's bytes may not bring into a log, trace or syslog line raw:
+#: C0 controls but TAB (a CR or LF would start a forged line, ESC a
+#: terminal sequence), DEL, and C1 controls -- as characters and as the
+#: undecodable bytes 0x80-0x9f that surrogateescape keeps.
+_LOG_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udc9f]")
+
+
+def _log_escape(match):
+    code = ord(match.group(0))
+    if code >= 0xdc00:
+        code -= 0xdc00
+    return "\\x%02x" % code
+
+
+def log_safe(text):
+    """``text`` with every control character written as ``\\xHH``: the one
+    escaping of all log writers (TranscriptLog, so SessionLog and the
+    ``-v`` trace, and mail_syslog), so that no client input can end a log
+    line early or reach a terminal as a control sequence."""
+    if _LOG_UNSAFE.search(text) is None:
+        return text
+    return _LOG_UNSAFE.sub(_log_escape, text)
+
+
 class TranscriptLog(object):
     """The ``-l`` log: lines ``<tag><dt><r|w|#>\\t<text>``.  Every line is
     one ``os.write`` on an O_APPEND descriptor, so concurrent sessions
@@ -2243,6 +2269,7 @@ class TranscriptLog(object):
     def write(self, tag, dt, mark, text):
         if not (self.fds or self.use_syslog or self.trace):
             return
+        text = log_safe(text)
         line = "%s%04d%s\t%s\n" % (tag, dt, mark, text)
         data = line.encode("utf-8", "surrogateescape")
         for fd in self.fds:
@@ -2322,7 +2349,7 @@ def syslog_wanted():
 def mail_syslog(priority, text):
     if syslog is not None and syslog_socket_present():
         try:
-            syslog.syslog(priority, text)
+            syslog.syslog(priority, log_safe(text))
         except (OSError, ValueError):  # pragma: no cover
             pass
 
@@ -4443,6 +4470,11 @@ class DotDecoder(object):
         return b"".join(out).replace(b"\r\n", b"\n"), None
 
 
+#: A header field's name and its colon; WSP before the colon is RFC 5322's
+#: obsolete syntax (section 4.5), which readers still take as that field.
+_FIELD_NAME = re.compile(br"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
 class HeaderRewriter(object):
     """What zmsmtpd does to the message header on its way to the spool:
     a first ``From `` line is dropped, ``Precedence:`` is noted for the
@@ -4450,7 +4482,15 @@ class HeaderRewriter(object):
     the ``X-Comment:`` line (as 3.0.1 writes it) and the ``Sender:``
     rewrite (a ``Sender:`` naming the login, so the recipient sees who
     really sent) are applied.  Input is LF-terminated; the header is held until its end
-    (bounded by ``max-header-size``), then the rest streams through."""
+    (bounded by ``max-header-size``), then the rest streams through.
+
+    The header ends only at an empty line: a line of spaces or tabs is
+    folding to an RFC 5322 reader, so a field after it is still a header
+    field.  With the rewrite on, a bare CR inside the header becomes a
+    space, because some readers take it as a line break (and so a field
+    after it as a field of its own); and every field named ``Sender``,
+    however written (``Sender :``, folded), becomes ``Old-Sender:``.  So
+    the message leaves with exactly one ``Sender:``, the login's."""
 
     def __init__(self, sink, prefix_lines, rewrite_sender, sender_value, limit):
         self.sink = sink
@@ -4459,6 +4499,7 @@ class HeaderRewriter(object):
         self.sender_value = sender_value
         self.limit = limit
         self.head = b""
+        self.scanned = 0    # where the search for the empty line goes on
         self.in_header = True
         self.priority = 0
         self.too_big = False
@@ -4483,38 +4524,46 @@ class HeaderRewriter(object):
             self._emit_header(len(self.head))
 
     def _header_end(self):
-        """Offset just past the header section, or None if not yet seen."""
-        pos = 0
+        """Offset of the empty line that ends the header, or None if not
+        yet seen.  Lines already looked at are not looked at again."""
+        head, pos = self.head, self.scanned
         while True:
-            j = self.head.find(b"\n", pos)
+            j = head.find(b"\n", pos)
             if j < 0:
+                self.scanned = pos
                 return None
-            if not self.head[pos:j].strip(b" \t\r"):
+            if j == pos:
                 return pos
             pos = j + 1
+
+    @staticmethod
+    def field_name(line):
+        """The lower-case name of the field a header line starts, or None
+        for a continuation line or a line that is no field."""
+        m = _FIELD_NAME.match(line)
+        return m.group(1).lower() if m else None
 
     def _emit_header(self, end):
         head, rest = self.head[:end], self.head[end:]
         self.head = b""
         self.in_header = False
+        if self.rewrite_sender:
+            head = head.replace(b"\r", b" ")
         lines = head.split(b"\n")
         tail = lines.pop()  # text after the last LF (b"" normally)
         if lines and (lines[0].startswith(b"From ") or lines[0].startswith(b">From ")):
             lines.pop(0)
         out = list(self.prefix)
-        in_sender = False
         for line in lines:
-            low = line[:12].lower()
             if line[:1] in (b" ", b"\t"):
                 out.append(line)
                 continue
-            in_sender = False
-            if low.startswith(b"precedence:"):
-                value = line[11:].strip().lower()
+            name = self.field_name(line)
+            if name == b"precedence":
+                value = line[line.index(b":") + 1:].strip().lower()
                 self.priority = {b"bulk": 1, b"junk": 9}.get(value, 0)
-            if self.rewrite_sender and low.startswith(b"sender:"):
-                line = b"Old-Sender:" + line[7:]
-                in_sender = True
+            elif name == b"sender" and self.rewrite_sender:
+                line = b"Old-Sender:" + line[line.index(b":") + 1:]
             out.append(line)
         if self.rewrite_sender:
             out.insert(len(self.prefix), b"Sender: " + self.sender_value)
@@ -5041,7 +5090,7 @@ class SessionStart(object):
         if level == RESET_TLS:
             return
         self.unknown_count = 0
-        self.sasl.leftover = 0
+        self.sasl.masking = False
         self.junk_count = 0
         self.tarpit_delay = self.group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
@@ -5499,7 +5548,11 @@ class MailTransactionVerbs(object):
         user = sanitize_header_value(self.authuser) if self.authuser else None
         prefix = []
         rewrite = False
-        if self.msa and user:
+        # An authenticated session outside MSA mode (port 25 after
+        # STARTTLS, BindSmtpS) gets the MSA's header rules only with
+        # ``auth-msa-rewrite``: unlike Postfix's login check, the original
+        # left such mail's header alone.
+        if user and (self.msa or self.group.auth_msa_rewrite):
             prefix.append(("X-Comment: RFC 2476 MSA function at %s logged sender identity "
                            "as: %s" % (self.myhostname, user)).encode("utf-8", "replace"))
             rewrite = not self.group.no_msa_sender_rewrite
@@ -5883,13 +5936,29 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.closing = True
                 return
         if self.network and self.policy_error and not command.policy_open:
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.tarpit()
             self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
             return
         if not command.msa_open and self.msa_gate_closed():
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.reply("msa_gate")
             return
         yield from getattr(self, command.handler)(line, line[len(word):])
+
+    def skip_refused_chunk(self, command, args):
+        """A BDAT refused before its handler runs still has its chunk read
+        and dropped (as smtp_BDAT does for its own refusals): read as
+        commands, the chunk's bytes would be an injection.  Without a valid
+        size the chunk's end is unknown, so the session ends after the
+        reply."""
+        if command.handler != "smtp_BDAT":
+            return
+        m = _BDAT_ARGS.match(args)
+        if m is None:
+            self.closing = True
+            return
+        yield from self.channel_skip(int(m.group(1)), time.time() + self.cfg.data_timeout)
 
     @staticmethod
     def illegal_characters(line):
@@ -6362,10 +6431,18 @@ _SASL_MECHANISMS = frozenset((
 #: that may hold credentials.
 MASKED_LINE = "***"
 
-#: After an AUTH that did not succeed (refused, cancelled, failed), this
-#: many following lines that are no command are masked: AUTH LOGIN's user
-#: name and password.
-AUTH_LEFTOVER_LINES = 2
+#: What the log and the trace show for AUTH LOGIN's answers to its 334
+#: prompts (the password's form is the original's): a password typed in the
+#: user name field must not reach a log either.
+MASKED_USER_LINE = "**base64-username**"
+MASKED_PASSWORD_LINE = "**base64-password**"
+
+
+def unverified_user(user):
+    """How a log or syslog line names the user of an AUTH that did not
+    succeed: by the length only, since a client may have typed its password
+    in the user name field.  The name itself is logged on success only."""
+    return "<unverified user name, %d characters>" % len(user)
 
 
 def mask_auth_line(line):
@@ -6395,26 +6472,26 @@ class SaslExchange(object):
 
     def __init__(self, session):
         self.session = session
-        # Lines after an AUTH that did not succeed that are still masked
-        # (see loggable).
-        self.leftover = 0
+        # After an AUTH that did not succeed, lines are masked until the
+        # next command (see loggable).
+        self.masking = False
 
     def loggable(self, line, word, is_command):
         """``line`` as the log, the trace and replies may show it.  AUTH
         lines lose their credentials.  After an AUTH that did not succeed
         the client may still send its base64 user name and password as if
-        it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of them,
-        until a real command: ``is_command(word)``) are masked whole."""
+        it had got a 334, or type them as lines of their own; every such
+        line, however many, is masked whole until a real command
+        (``is_command(word)``)."""
         if word[:4].upper() == "AUTH":
             # Until an AUTH succeeds, the lines after it may be credentials
             # (whether it was refused, cancelled, failed or mistyped).
-            self.leftover = AUTH_LEFTOVER_LINES
+            self.masking = True
             return mask_auth_line(line)
-        if self.leftover:
+        if self.masking:
             if not is_command(word):
-                self.leftover -= 1
                 return MASKED_LINE
-            self.leftover = 0
+            self.masking = False
         return line
 
     def run(self, mech, initial, client):
@@ -6456,7 +6533,7 @@ class SaslExchange(object):
                 session.param_error("line_too_long")
                 return None
             text = raw.decode("latin-1").strip()
-            session.log.received("**base64-password**" if secret else text)
+            session.log.received(MASKED_PASSWORD_LINE if secret else MASKED_USER_LINE)
         else:
             text = "" if initial == "=" else initial
         if text == "*":
@@ -6474,7 +6551,8 @@ class SaslExchange(object):
         session = self.session
         problem = auth_input_problem(user, password)
         if problem:
-            session.log.note("AUTH refused before running the program: %s" % problem)
+            session.log.note("AUTH refused before running the program: %s (%s)"
+                             % (problem, unverified_user(user)))
             self.fail(client)
             return
         authenticator = session.runtime.authenticator(session.group)
@@ -6485,12 +6563,15 @@ class SaslExchange(object):
             result = yield from authenticator.verdict(user, password, session.log)
         if result == "ok":
             session.authuser = user
-            self.leftover = 0
+            self.masking = False
             session.log.note("AUTH user %s authenticated" % qformat(user))
             session.reply("auth_ok")
         elif result == "tempfail":
+            session.log.note("AUTH not checked (temporary failure) for %s"
+                             % unverified_user(user))
             session.reply("auth_tempfail")
         else:
+            session.log.note("AUTH failed for %s" % unverified_user(user))
             self.fail(client)
 
     def fail(self, client):
@@ -6683,18 +6764,20 @@ class PipeAuthenticator(object):
             yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
         kind = outcome[0]
+        # Until the program said yes, the name may be a mistyped password.
+        who = unverified_user(user)
         if kind == "error":
-            self._syslog("%s: cannot run %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: cannot run %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("cannot run auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
         if kind == "timeout":
-            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            self._syslog("%s: %s timed out after %gs" % (who, self.path, self.timeout))
             if log:
                 log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
             return "tempfail"
         if kind == "lost":
-            self._syslog("%s: %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
@@ -6704,10 +6787,17 @@ class PipeAuthenticator(object):
             # A program that echoes what it read must not put the
             # password into syslog or the log.
             first = first.replace(password, "<password>")
-        self._syslog("%s: %s" % (user, first))
+        if status == 0:
+            who, logged_who = user, qformat(user)
+        else:
+            logged_who = who
+            if user:
+                # Nor its argument, the user name, unless the program took it.
+                first = first.replace(user, "<user>")
+        self._syslog("%s: %s" % (who, first))
         if log:
             log.note("auth program for %s exited %s after %.3fs: %s" % (
-                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+                logged_who, status, time.time() - start, qformat(first.rstrip("\r"))))
         return "ok" if status == 0 else "fail"
 
     def _run_here(self, user, data):

@@ -1,0 +1,266 @@
+# -*- coding: utf-8 -*-
+"""What a hostile client may try on the submission path: a second
+``Sender:`` past the MSA's rewrite, a BDAT chunk before AUTH read as
+commands, passwords in the logs, control characters forging log lines,
+the MSA rules on other listeners (``PARAM auth-msa-rewrite``).
+
+Run from the repository root:  python -m unittest -v tests.test_hostile_input
+
+Each TestCase starts its own zmsmtpd.py daemon (the submission tests'
+layout and auth program: any user name with the right password logs in).
+Clients are smtplib and the submission tests' raw-socket client.
+"""
+
+from __future__ import print_function
+
+import email
+import re
+import unittest
+
+from tests import test_submission as sub
+
+PASSWORD = sub._SUB_PASSWORD
+LOGIN = "bob@example.org"
+
+SUBMIT_CONF = """
+PARAM BindSubmit [127.0.0.1] {submit}
+PARAM BindSmtp [127.0.0.1] {smtp}
+PARAM smtp-auth
+PARAM auth-login-also-without-tls
+PARAM smtp-auth-pipe {dir}/bin/auth
+"""
+
+
+def tearDownModule():
+    sub.tearDownModule()
+
+
+def _start(testcase_class, conf=""):
+    srv = sub._SubServer()
+    srv.auth_program()
+    sub._sub_start_servers(testcase_class, (srv, SUBMIT_CONF + conf, {}))
+    return srv
+
+
+def _send_raw_message(testcase, client, message):
+    """MAIL, RCPT, then DATA with ``message`` sent byte for byte (smtplib's
+    data() would turn a bare CR into a line break); the 250's text."""
+    testcase.assertEqual(client.mail(LOGIN)[0], 250)
+    testcase.assertEqual(client.rcpt("friend@elsewhere.example")[0], 250)
+    code, text = client.docmd("DATA")
+    testcase.assertEqual(code, 354, text)
+    client.send(message + b"\r\n.\r\n")
+    code, text = client.getreply()
+    testcase.assertEqual(code, 250, text)
+    return text
+
+
+def _spooled_message(srv, reply_text):
+    """The spooled message (after the envelope) parsed by ``email``."""
+    text = srv.spool(reply_text)
+    _, sep, message = text.partition("env-end\n")
+    assert sep, text
+    return email.message_from_string(message)
+
+
+class SenderRewriteCannotBeBypassedTest(unittest.TestCase):
+    """MSA mode: whatever the client writes, the spooled message has exactly
+    one ``Sender:``, the login's (as Python's email package reads it)."""
+
+    VARIANTS = {
+        "space-only line": b"From: x@example.org\r\n \r\nSender: evil@example.net\r\n",
+        "tab-only line": b"From: x@example.org\r\n\t\r\nSender: evil@example.net\r\n",
+        "bare CR in a line": b"X-Note: a\rSender: evil@example.net\r\n",
+        "bare CR line": b"Subject: s\r\n\r\r\nSender: evil@example.net\r\n",
+        "WSP before colon": b"Sender : evil@example.net\r\n",
+        "tab before colon": b"Sender\t: evil@example.net\r\n",
+        "folded": b"Sender:\r\n evil@example.net\r\n",
+        "upper case, no space": b"SENDER:evil@example.net\r\n",
+        "two of them": b"Sender: a@example.net\r\nSender: b@example.net\r\n",
+    }
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def submit(self, header):
+        client = sub._sub_login(self, self.srv, kind="submit", user=LOGIN)
+        text = _send_raw_message(self, client, header + b"\r\nbody\r\n")
+        return _spooled_message(self.srv, text)
+
+    def test_every_variant_leaves_one_sender_the_logins(self):
+        for name, header in sorted(self.VARIANTS.items()):
+            msg = self.submit(b"To: friend@elsewhere.example\r\n" + header)
+            self.assertEqual(msg.get_all("Sender"), [LOGIN], name)
+
+    def test_sender_at_the_end_of_a_long_header_is_rewritten(self):
+        # A header of about 300 KB arrives in many reads: the Sender: at its
+        # end lies well past the first buffers the rewriter is fed.
+        filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 80) for i in range(3000))
+        msg = self.submit(filler + b"Sender: evil@example.net\r\n")
+        self.assertEqual(msg.get_all("Sender"), [LOGIN])
+        self.assertEqual(len(msg.get_all("X-Filler-02999")), 1)
+
+    def test_sender_in_the_body_is_kept(self):
+        client = sub._sub_login(self, self.srv, kind="submit", user=LOGIN)
+        text = _send_raw_message(self, client, b"Subject: s\r\n\r\nSender: in the body\r\n")
+        spooled = self.srv.spool(text)
+        self.assertIn("\n\nSender: in the body\n", spooled)
+
+
+class AuthMsaRewriteParamTest(unittest.TestCase):
+    """An authenticated session on port 25: its header is left alone by
+    default (the original), and gets the MSA rules with auth-msa-rewrite."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.plain = sub._SubServer()
+        cls.plain.auth_program()
+        cls.rewriting = sub._SubServer()
+        cls.rewriting.auth_program()
+        sub._sub_start_servers(cls, (cls.plain, SUBMIT_CONF, {}),
+                               (cls.rewriting, SUBMIT_CONF + "PARAM auth-msa-rewrite\n", {}))
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def senders(self, srv):
+        client = sub._sub_login(self, srv, kind="smtp", user=LOGIN)
+        text = _send_raw_message(self, client, b"Sender: evil@example.net\r\n\r\nbody\r\n")
+        return _spooled_message(srv, text)
+
+    def test_port_25_keeps_the_clients_sender_by_default(self):
+        msg = self.senders(self.plain)
+        self.assertEqual(msg.get_all("Sender"), ["evil@example.net"])
+        self.assertIsNone(msg["X-Comment"])
+
+    def test_auth_msa_rewrite_gives_port_25_the_msa_rules(self):
+        msg = self.senders(self.rewriting)
+        self.assertEqual(msg.get_all("Sender"), [LOGIN])
+        self.assertEqual(msg.get_all("Old-Sender"), ["evil@example.net"])
+        self.assertIn("logged sender identity as: " + LOGIN, msg["X-Comment"])
+
+
+class BdatRefusedBeforeAuthTest(unittest.TestCase):
+    """A BDAT refused with 530 (no AUTH yet on a submission listener) still
+    has its chunk read: nothing in it runs as a command."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def test_commands_inside_the_chunk_are_not_run(self):
+        w = self.srv.wire("submit")
+        self.addCleanup(w.close)
+        w.ehlo()
+        chunk = b"RSET\r\nMAIL FROM:<chunk@example.org>\r\nNOOP\r\n"
+        w.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        code, lines = w.reply()
+        self.assertEqual(code, 530, lines)
+        # The next reply is the one to this QUIT: none came for the chunk.
+        self.assertEqual(w.cmd("QUIT")[0], 221)
+        self.srv.stop()
+        log = self.srv.log_text()
+        self.assertNotIn("chunk@example.org", log)
+        self.assertNotRegex(log, r"r\tRSET")
+
+    def test_bdat_without_a_size_ends_the_session(self):
+        w = self.srv.wire("submit")
+        self.addCleanup(w.close)
+        w.ehlo()
+        self.assertEqual(w.cmd("BDAT x")[0], 530)
+        w.send(b"NOOP\r\n")
+        self.assertRaises((EOFError, OSError), w.reply)
+
+
+class PasswordsNeverLoggedTest(unittest.TestCase):
+    """A password typed as the user name, lines after a cancelled AUTH, and
+    AUTH LOGIN's answers reach neither the -l log nor the -v trace, nor an
+    echoing reply."""
+
+    SECRET = "Typed-As-User-9q"
+
+    def test_password_appears_nowhere(self):
+        srv = sub._SubServer()
+        self.addCleanup(srv.cleanup)
+        srv.auth_program()
+        srv.start(SUBMIT_CONF)
+        secret = self.SECRET
+        b64 = sub._sub_b64
+        replies = []
+        # 1. AUTH LOGIN with the password typed as the user name.
+        w = srv.wire("submit")
+        w.ehlo()
+        replies += [w.cmd("AUTH LOGIN"), w.cmd(b64(secret)), w.cmd(b64("oops"))]
+        w.quit()
+        # 2. AUTH PLAIN with the password as the user name.
+        w = srv.wire("submit")
+        w.ehlo()
+        replies.append(w.cmd("AUTH PLAIN " + sub._sub_plain(secret, "oops")))
+        # 3. A cancelled AUTH, then three lines that are no command.
+        replies += [w.cmd("AUTH LOGIN"), w.cmd("*")]
+        for line in (secret, b64(secret), secret + " again"):
+            replies.append(w.cmd(line))
+        self.assertEqual(w.cmd("NOOP")[0], 250)
+        w.quit()
+        # 4. A good AUTH: its user name is logged (as Postfix's sasl_username).
+        client = sub._sub_login(self, srv, kind="submit", user="verified-user")
+        client.quit()
+        codes = [code for code, _ in replies]
+        self.assertEqual(codes, [334, 334, 535, 535, 334, 501, 550, 550, 550], replies)
+        for code, lines in replies:
+            self.assertNotIn(secret, "\n".join(lines))
+        srv.stop()
+        for name, text in (("-v trace", srv.stderr()), ("-l log", srv.log_text())):
+            self.assertIn("Unknown command '***'", text, name)
+            self.assertIn("AUTH failed for <unverified user name, %d characters>"
+                          % len(secret), text, name)
+            self.assertIn("**base64-username**", text, name)
+            for shown in (secret, b64(secret), sub._sub_plain(secret, "oops")):
+                self.assertNotIn(shown, text, "%s shows %r" % (name, shown))
+        # The user name of the AUTH that succeeded is logged.
+        self.assertIn('AUTH user "verified-user" authenticated', srv.log_text())
+
+
+class ControlCharactersEscapedInLogsTest(unittest.TestCase):
+    """ESC, bare CR and other control characters from a client are written
+    as \\xHH in the log and the trace: no forged line, no terminal
+    sequence."""
+
+    FORGED = "000-accepted client=evil"
+
+    def test_client_input_cannot_forge_a_log_line(self):
+        srv = sub._SubServer()
+        self.addCleanup(srv.cleanup)
+        srv.start("PARAM BindSmtp [127.0.0.1] {smtp}\n")
+        w = srv.wire("smtp")
+        w.send(b"EHLO \x1b[31mx\r\n")
+        w.reply()
+        w.send(b"MAIL FROM:<a\r" + self.FORGED.encode() + b">\r\n")
+        w.reply()
+        w.send(b"NOOP \x00\x7f\x9b\x85\r" + self.FORGED.encode() + b"\r\n")
+        w.reply()
+        w.quit()
+        srv.stop()
+        for name, text in (("-v trace", srv.stderr()), ("-l log", srv.log_text())):
+            self.assertIn("\\x1b[31mx", text, name)
+            self.assertIn("\\x0d" + self.FORGED, text, name)
+            self.assertIn("\\x00\\x7f\\x9b\\x85", text, name)
+            for ch in ("\x1b", "\r", "\x00", "\x7f", "\x9b", "\x85"):
+                self.assertNotIn(ch, text, name)
+            for line in text.splitlines():
+                self.assertFalse(re.match(r"^\s*" + re.escape(self.FORGED), line),
+                                 "%s: forged line %r" % (name, line))
+
+
+if __name__ == "__main__":
+    unittest.main()
