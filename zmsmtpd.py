@@ -55,6 +55,7 @@ import getopt
 import heapq
 import ipaddress
 import marshal
+import mmap
 import os
 import pwd
 import queue
@@ -69,6 +70,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -118,6 +120,15 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: A session thread idle this many seconds ends; at most this many wait
+#: for work at any time (SessionThreads).
+SESSION_THREAD_IDLE = 5.0
+SESSION_THREADS_IDLE_MAX = 16
+#: The submission rate limit's counts, shared by all processes: logins are
+#: spread over this many buckets of this many bytes (a bucket that fills
+#: forgets its quietest login; pages are allocated only when used).
+RATE_BUCKETS = 256
+RATE_BUCKET_BYTES = 65536
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -2442,36 +2453,92 @@ def listener_specs(config, ipv6=True, origins=None):
     return specs
 
 
-class SessionThreads(object):
-    """Threads that serve sessions, kept for the next one: starting a thread
-    per connection costs a handful of system calls and a stack mapping."""
+class PendingRefusals(object):
+    """Refusals (reply lines) waiting for the session of a connection: on
+    an implicit-TLS listener the limits' 450 and rejectnet's 550 go out
+    inside TLS, after the handshake, so the session that does the handshake
+    sends them.  Keyed by the connection's descriptor, which stays its own
+    until the session takes the refusal."""
 
     def __init__(self):
-        self.jobs = queue.Queue()
         self.lock = threading.Lock()
-        self.idle = 0
-        self.busy = 0
+        self.lines = {}
+
+    def hold(self, sock, lines):
+        with self.lock:
+            self.lines[sock.fileno()] = list(lines)
+
+    def take(self, sock):
+        """The refusal held for ``sock``, or None; forgotten either way."""
+        with self.lock:
+            return self.lines.pop(sock.fileno(), None)
+
+    @staticmethod
+    def encode(lines):
+        """One word for a message to a worker."""
+        return base64.b64encode("\r\n".join(lines).encode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def decode(word):
+        return base64.b64decode(word).decode("utf-8", "surrogateescape").split("\r\n")
+
+
+class SessionThreads(object):
+    """Threads that serve sessions, kept for the next one: starting a thread
+    per connection costs a handful of system calls and a stack mapping.  A
+    thread idle for SESSION_THREAD_IDLE seconds ends, and at most
+    SESSION_THREADS_IDLE_MAX wait at any time, so a burst (a flood of
+    stalled handshakes, of new client addresses) does not leave its threads
+    behind."""
+
+    def __init__(self):
+        self.jobs = deque()
+        self.ready = threading.Condition(threading.Lock())
+        self.idle = 0       # threads waiting for a job
+        self.busy = 0       # jobs given and not yet finished
 
     def submit(self, func, *args):
-        with self.lock:
+        with self.ready:
             self.busy += 1
-            if self.idle:
+            self.jobs.append((func, args))
+            # Each waiting job needs a waiting thread of its own: one that
+            # was woken but has not yet taken its job still counts as idle.
+            if self.idle >= len(self.jobs):
+                self.ready.notify()
+                return
+        t = threading.Thread(target=self._loop, name="smtp-session")
+        t.daemon = True
+        t.start()
+
+    def _next_job(self):
+        """The next job, or None when this thread should end (idle too
+        long, or enough others idle)."""
+        with self.ready:
+            if not self.jobs and self.idle >= SESSION_THREADS_IDLE_MAX:
+                return None
+            self.idle += 1
+            try:
+                deadline = time.time() + SESSION_THREAD_IDLE
+                while not self.jobs:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        return None
+                    self.ready.wait(left)
+                return self.jobs.popleft()
+            finally:
                 self.idle -= 1
-            else:
-                t = threading.Thread(target=self._loop, name="smtp-session")
-                t.daemon = True
-                t.start()
-        self.jobs.put((func, args))
 
     def _loop(self):
         while True:
-            func, args = self.jobs.get()
+            job = self._next_job()
+            if job is None:
+                return
+            func, args = job
             try:
                 func(*args)
             finally:
-                with self.lock:
+                with self.ready:
                     self.busy -= 1
-                    self.idle += 1
 
 
 class ThreadPerSessionMixIn(object):
@@ -2498,6 +2565,7 @@ class ForkPerSessionMixIn(object):
         pid = os.fork()
         if pid:
             self.context.session_started(self, client_address, pid)
+            self.context.refusals.take(request)     # the child sends it
             self.close_request(request)
             return
         status = 0
@@ -2638,14 +2706,13 @@ class WorkerPool(object):
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
-    seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
+    seen by another worker), ``R`` (a reload:
     finish the running sessions, however long they take, and exit), ``Q``
     (stopping: the same, within ``shutdown-grace``).  A connection the
     worker's queue cannot take at once (the kernel queues few descriptors
     on a UNIX socket) waits in the worker's backlog here until it can.
     Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
+    ``C <accepted|refused> <number>``
     (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
     sessions are counted as ended."""
 
@@ -2690,6 +2757,11 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
+        refusal = self.supervisor.refusals.take(request)
+        if refusal is not None:
+            # A fifth word: the refusal the session sends after its TLS
+            # handshake (see Supervisor.admit).
+            payload += b" " + PendingRefusals.encode(refusal)
         if not entry.backlog:
             try:
                 self.hand_over(entry, payload, request)
@@ -2763,7 +2835,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
+            if kind == b"F":
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -2878,6 +2950,7 @@ class WorkerContext(object):
         for listener in self.listeners:
             listener.context = self
         self.threads = SessionThreads()
+        self.refusals = PendingRefusals()   # from the master's admit
         self.lock = threading.Lock()
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
@@ -3209,19 +3282,21 @@ class SessionLoop(object):
                 self.runtime.auth_failures.absorb(rest)
             elif kind == b"L":
                 self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
                 try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
+                    words = rest.decode("ascii").split(" ")
+                    seq, index, ip, port = words[:4]
                     listener = self.context.listeners[int(index)]
                     port = int(port)
-                except (ValueError, IndexError):
+                    refusal = PendingRefusals.decode(words[4]) if len(words) > 4 else None
+                except (ValueError, IndexError, binascii.Error):
                     os.close(fds[0])
                     continue
                 sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+                if refusal is not None:
+                    self.context.refusals.hold(sock, refusal)
                 self.begin(listener, sock, (ip, port), seq)
             else:
                 for fd in fds:
@@ -3643,6 +3718,7 @@ class Supervisor(object):
         self.sessions = {}
         self.per_kind = {}
         self.per_ip = {}
+        self.refusals = PendingRefusals()
         self.session_counter = 0
         self.reload_requested = False
         # Every selector key's data is the callback for its events.
@@ -3650,8 +3726,8 @@ class Supervisor(object):
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
-        # Forked sessions report failed AUTHs (auth-failrate), accepted
-        # messages (submission-rate-limit) and counts here.
+        # Forked sessions report failed AUTHs (auth-failrate) and counts
+        # here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
@@ -3734,6 +3810,12 @@ class Supervisor(object):
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
+        if listener.kind in IMPLICIT_TLS_KINDS:
+            # A client of an implicit-TLS listener reads nothing before its
+            # handshake: the session does the handshake (bounded by
+            # tls-handshake-timeout), sends the refusal inside TLS and ends.
+            self.refusals.hold(request, lines)
+            return True
         try:
             request.settimeout(5)
             request.sendall(reply_bytes(lines))
@@ -4998,6 +5080,7 @@ class SessionStart(object):
                           number=(current_pid() if listener.model == "fork"
                                   else listener.context.next_session_number()),
                           mode="daemon", sock=sock)
+        self.refusal = listener.context.refusals.take(sock)
 
     def finish(self):
         """Close a TLS connection here: the plain socket socketserver
@@ -5034,6 +5117,7 @@ class SessionStart(object):
         self.proxy_expected = (mode == "daemon" and self.network
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
+        self.refusal = None               # reply lines to send after implicit TLS, then end
         self.local_port = local[1] if local else 0
         if not self.network or (mode == "interactive"):
             self.ip_literal = ""  # -T pretends a peer for policy only
@@ -5317,9 +5401,6 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("mail_sender_not_owned", login=self.authuser)
             return
-        if not self.message_rate_permitted():
-            self.reply("mail_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and ok["size"] > limit:
             self.tarpit()
@@ -5329,13 +5410,20 @@ class MailTransactionVerbs(object):
         if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
             self.reply("mail_no_space")
             return
+        permitted, hold = self.reserve_message()
+        if not permitted:
+            self.reply("mail_rate_limit")
+            return
         try:
             spool = self.runtime.spool.create()
         except OSError as e:
             self.log.note("cannot create spool file: %s" % e)
+            if hold is not None:
+                self.runtime.submissions.release(*hold)
             self.reply("mail_spool_failed")
             return
         self.txn = Transaction(address, ok, spool)
+        self.txn.rate_hold = hold
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
         except OSError as e:
@@ -5452,18 +5540,19 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("rcpt_relay_denied", addr="<%s>" % address)
             return
-        if not self.recipient_rate_permitted(txn):
-            self.reply("rcpt_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
+            return
+        if not self.reserve_recipient(txn):
+            self.reply("rcpt_rate_limit")
             return
         try:
             txn.spool.write(rcpt_envelope(txn, address, dsn, self.group.force_notify_never)
                             .encode("utf-8", "surrogateescape"))
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
+            self.release_reservation(txn, recipients=1)
             self.reply("rcpt_no_space")
             return
         txn.recipients.append(address)
@@ -5499,36 +5588,53 @@ class MailTransactionVerbs(object):
         self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
         return False
 
-    def message_rate_permitted(self):
-        """``submission-rate-limit MSGS``: one more message this hour?"""
+    def reserve_message(self):
+        """``submission-rate-limit MSGS``: one more message this hour,
+        counting the ones other sessions have under way?  If so it is
+        reserved (see SubmissionRateTracker) under a token for the
+        transaction about to open, which the caller gives to it."""
         limit = self.cfg.submission_rate_limit
         if limit is None or self.authuser is None:
-            return True
-        messages, _ = self.runtime.submissions.counts(self.authuser)
-        if messages < limit[0]:
-            return True
+            return True, None
+        tracker = self.runtime.submissions
+        token = tracker.token()
+        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
+        if ok:
+            return True, (self.authuser, token)
         self.log.note("submission rate limit: login %s sent %d messages in the last hour "
                       "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
-        return False
+        return False, None
 
-    def recipient_rate_permitted(self, txn):
-        """``submission-rate-limit MSGS RCPTS``: one more recipient this hour,
-        counting the ones already given in this transaction?"""
+    def reserve_recipient(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this
+        hour, counting the ones reserved by this and other transactions?
+        If so it is reserved for ``txn``."""
         limit = self.cfg.submission_rate_limit
-        if limit is None or limit[1] is None or self.authuser is None:
+        if limit is None or limit[1] is None or txn.rate_hold is None:
             return True
-        _, recipients = self.runtime.submissions.counts(self.authuser)
-        if recipients + len(txn.recipients) < limit[1]:
+        login, token = txn.rate_hold
+        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
+                                                              recipients=1)
+        if ok:
             return True
         self.log.note("submission rate limit: login %s reached %d recipients in the last "
-                      "hour (limit %d); RCPT refused" % (qformat(self.authuser),
-                                                         recipients + len(txn.recipients),
-                                                         limit[1]))
+                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
         return False
 
+    def release_reservation(self, txn, recipients=None):
+        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            self.runtime.submissions.release(login, token, recipients)
+            if recipients is None:
+                txn.rate_hold = None
+
     def count_submission(self, txn):
-        if self.cfg.submission_rate_limit is not None and self.authuser is not None:
-            self.runtime.submissions.record(self.authuser, len(txn.recipients))
+        """The message was accepted: its reservation becomes a count."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            txn.rate_hold = None
+            self.runtime.submissions.commit(login, token, len(txn.recipients))
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -5622,6 +5728,7 @@ class MailTransactionVerbs(object):
         if failure is not None:
             self.log.note("aborted (%d bytes): %s" % (wire_bytes, failure[1]))
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             txn.spool.abort()
             if failure[0] == "data_too_big":
                 self.reply(failure[0], limit=self.cfg.maxsize)
@@ -5635,6 +5742,7 @@ class MailTransactionVerbs(object):
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             self.reply("data_spool_failed")
             return
         self.junk_count = 0
@@ -5763,6 +5871,7 @@ class MailTransactionVerbs(object):
         txn, self.txn = self.txn, None
         if txn is None:
             return
+        self.release_reservation(txn)
         keep = None
         if "D" in self.style and txn.data_started and why == "session terminated":
             keep = ".BDAT-EOF" if txn.bdat_started else ".DATA-EOF"
@@ -5852,6 +5961,10 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 " via proxy %s" % self.proxy_via if self.proxy_via else ""))
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             if not (yield from self.start_tls()):
+                return
+            if self.refusal is not None:
+                # The listener's limits or rejectnet (Supervisor.admit).
+                self.send_lines(self.refusal)
                 return
         if self.network:
             self.evaluate_policy()
@@ -6333,6 +6446,7 @@ class Transaction(object):
         self.writer = None
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
+        self.rate_hold = None       # (login, token): what submission-rate-limit reserved
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -6630,71 +6744,166 @@ class AuthFailureTracker(object):
 
 class SubmissionRateTracker(object):
     """Messages and recipients each authenticated user submitted over a
-    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``).
+    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``), and the
+    ones under way.
 
-    Every process keeps a copy.  A forked session or a worker reports each
-    accepted message to the master (``report``), which records it for the
-    sessions it forks later and passes it on to the other workers -- the
-    way auth-failrate counts.  Sessions running at the same moment in other
-    processes learn of each other's messages only through the master, so
-    they may overshoot by the messages in flight."""
+    A transaction reserves its message at MAIL and each recipient at RCPT
+    against the limit; the reservation is released when the transaction
+    ends without a message (RSET, a refusal, the session's end) and becomes
+    a count when the message is accepted.  So sessions running at the same
+    moment cannot together pass the limit.
+
+    The counts live in memory that every process of the server shares: an
+    anonymous shared mapping made before the master forks any worker or
+    session.  The logins are spread over RATE_BUCKETS buckets; a bucket is
+    changed only under an exclusive ``lockf`` lock on its byte of a
+    temporary file (between processes) and this object's lock (between
+    threads), so each decision is exact across workers, forked sessions and
+    threads without any message to the master.  A lock of a process that
+    dies is released by the kernel, and its reservations are dropped by the
+    next look at the bucket."""
 
     WINDOW = 3600.0
-    PREFIX = "U "       # marks these reports on the pipe they share
+    #: Bytes of one bucket: its length (4 bytes), then the marshalled dict
+    #: ``login -> [events, reservations]``.
+    HEADER = struct.Struct("=I")
 
-    def __init__(self):
+    def __init__(self, buckets=None, bucket_bytes=None):
+        self.buckets = buckets or RATE_BUCKETS
+        self.bucket_bytes = bucket_bytes or RATE_BUCKET_BYTES
+        self.memory = mmap.mmap(-1, self.buckets * self.bucket_bytes)
+        self.lockfile = tempfile.TemporaryFile(prefix="zmsmtpd-rate-")
         self.lock = threading.Lock()
-        self.events = {}        # login -> deque of (time, recipients)
-        self.report = None
+        self.next_token = 0
 
-    def _recent(self, login, now):
-        events = self.events.get(login)
-        if events is None:
-            return ()
-        while events and now - events[0][0] >= self.WINDOW:
-            events.popleft()
-        if not events:
-            del self.events[login]
-        return events
+    def token(self):
+        """A name for one transaction's reservation, unique across processes."""
+        with self.lock:
+            self.next_token += 1
+            return "%d.%d" % (os.getpid(), self.next_token)
 
-    def counts(self, login, now=None):
-        """(messages, recipients) of ``login`` in the last hour."""
-        now = time.time() if now is None else now
+    # -- one bucket, locked --------------------------------------------------------
+
+    def _bucket(self, login):
+        return binascii.crc32(login.encode("utf-8", "surrogateescape")) % self.buckets
+
+    def _change(self, login, change):
+        """Run ``change(entry, now)`` on ``login``'s entry ([events,
+        reservations], made if missing) under the bucket's locks, store the
+        bucket, and return what ``change`` returned."""
         login = login.lower()       # one account, however its name is typed
+        index = self._bucket(login)
+        offset = index * self.bucket_bytes
+        now = time.time()
         with self.lock:
-            events = self._recent(login, now)
-            return len(events), sum(n for _, n in events)
-
-    def record(self, login, recipients, when=None, relay=True):
-        now = time.time() if when is None else when
-        login = login.lower()
-        with self.lock:
-            self._recent(login, now)
-            self.events.setdefault(login, deque()).append((now, recipients))
-            if len(self.events) > 100000:       # bound the memory a flood can take
-                self._expire_all(now)
-        if relay and self.report is not None:
+            fcntl.lockf(self.lockfile, fcntl.LOCK_EX, 1, index)
             try:
-                self.report(("%s%s %f %d\n" % (self.PREFIX, xtext_encode(login), now,
-                                               recipients)).encode("ascii", "replace"))
-            except OSError:
-                pass
+                table = self._load(offset)
+                self._expire(table, now)
+                entry = table.get(login)
+                if entry is None:
+                    entry = table[login] = [[], {}]
+                result = change(entry, now)
+                if not entry[0] and not entry[1]:
+                    del table[login]
+                self._store(offset, table)
+                return result
+            finally:
+                fcntl.lockf(self.lockfile, fcntl.LOCK_UN, 1, index)
 
-    def _expire_all(self, now):
-        for login in list(self.events):
-            self._recent(login, now)
+    def _load(self, offset):
+        size = self.HEADER.unpack_from(self.memory, offset)[0]
+        if not size or size > self.bucket_bytes - self.HEADER.size:
+            return {}
+        start = offset + self.HEADER.size
+        try:
+            return marshal.loads(self.memory[start:start + size])
+        except (ValueError, EOFError, TypeError):
+            return {}
 
-    def absorb(self, data):
-        """The receiving side: lines ``U <login> <time> <recipients>``."""
-        for line in data.decode("ascii", "replace").splitlines():
-            words = line.split(" ")
-            if len(words) != 4 or words[0] + " " != self.PREFIX:
-                continue
-            try:
-                self.record(xtext_decode(words[1]), int(words[3]), float(words[2]),
-                            relay=False)
-            except ValueError:
-                continue
+    def _store(self, offset, table):
+        room = self.bucket_bytes - self.HEADER.size
+        data = marshal.dumps(table)
+        while len(data) > room and table:
+            # A full bucket (a flood of logins) forgets the login that has
+            # been quiet longest: a bound on the memory, not a refusal.
+            del table[min(table, key=lambda name: self._last_seen(table[name]))]
+            data = marshal.dumps(table)
+        self.HEADER.pack_into(self.memory, offset, len(data))
+        start = offset + self.HEADER.size
+        self.memory[start:start + len(data)] = data
+
+    @staticmethod
+    def _last_seen(entry):
+        times = [e[0] for e in entry[0]] + [r[0] for r in entry[1].values()]
+        return max(times) if times else 0.0
+
+    def _expire(self, table, now):
+        """Drop counts older than the window, reservations of processes
+        that are gone, and logins with nothing left."""
+        me = os.getpid()
+        for login in list(table):
+            events, reserved = table[login]
+            while events and now - events[0][0] >= self.WINDOW:
+                events.pop(0)
+            for token in list(reserved):
+                held = reserved[token]
+                if now - held[0] >= self.WINDOW or (held[3] != me and
+                                                    not process_alive(held[3])):
+                    del reserved[token]
+            if not events and not reserved:
+                del table[login]
+
+    @staticmethod
+    def _used(entry):
+        """(messages, recipients): counted plus reserved."""
+        events, reserved = entry
+        return (sum(e[1] for e in events) + sum(r[1] for r in reserved.values()),
+                sum(e[2] for e in events) + sum(r[2] for r in reserved.values()))
+
+    # -- what sessions ask -----------------------------------------------------------
+
+    def counts(self, login):
+        """(messages, recipients) of ``login`` in the last hour, the ones
+        under way included."""
+        return self._change(login, lambda entry, now: self._used(entry))
+
+    def reserve(self, login, token, limit, messages=0, recipients=0):
+        """Reserve ``messages`` and ``recipients`` for transaction ``token``
+        if the limit ``(MSGS, RCPTS or None)`` allows them: (reserved?,
+        messages used, recipients used) -- the use before this request."""
+        def change(entry, now):
+            used = self._used(entry)
+            if messages and used[0] + messages > limit[0]:
+                return (False,) + used
+            if recipients and limit[1] is not None and used[1] + recipients > limit[1]:
+                return (False,) + used
+            held = entry[1].setdefault(token, [now, 0, 0, os.getpid()])
+            held[1] += messages
+            held[2] += recipients
+            return (True,) + used
+        return self._change(login, change)
+
+    def release(self, login, token, recipients=None):
+        """Give back transaction ``token``'s reservation (or, with
+        ``recipients``, that many of its recipients)."""
+        def change(entry, now):
+            held = entry[1].get(token)
+            if held is None:
+                return
+            if recipients is None:
+                del entry[1][token]
+            else:
+                held[2] = max(0, held[2] - recipients)
+        self._change(login, change)
+
+    def commit(self, login, token, recipients):
+        """Transaction ``token``'s message was accepted: its reservation
+        becomes one message with ``recipients`` in the hour's counts."""
+        def change(entry, now):
+            entry[1].pop(token, None)
+            entry[0].append((now, 1, recipients))
+        self._change(login, change)
 
 
 class PipeAuthenticator(object):
@@ -8109,7 +8318,6 @@ class Runtime(object):
         failures, accepted messages, the status file's counters) goes to it
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -8118,8 +8326,6 @@ class Runtime(object):
         kind, _, rest = line.partition(b" ")
         if kind == b"F":
             self.auth_failures.absorb(rest)
-        elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
-            self.submissions.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()

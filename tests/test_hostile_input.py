@@ -14,10 +14,16 @@ Clients are smtplib and the submission tests' raw-socket client.
 from __future__ import print_function
 
 import email
+import os
 import re
+import socket
+import ssl
+import time
 import unittest
 
+import zmsmtpd
 from tests import test_submission as sub
+from tests.harness import wait_for_workers
 
 PASSWORD = sub._SUB_PASSWORD
 LOGIN = "bob@example.org"
@@ -260,6 +266,153 @@ class ControlCharactersEscapedInLogsTest(unittest.TestCase):
             for line in text.splitlines():
                 self.assertFalse(re.match(r"^\s*" + re.escape(self.FORGED), line),
                                  "%s: forged line %r" % (name, line))
+
+
+def _thread_count(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+class _ThreadsRetiredCases(object):
+    """After 50 concurrent sessions that each took a thread end, the
+    process that ran them is back to its base thread count within the idle
+    time (SESSION_THREAD_IDLE): idle threads end."""
+
+    MODEL = "thread"
+    SESSIONS = 50
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = sub._SubServer()
+        sub._sub_start_servers(cls, (cls.srv, "PARAM BindSmtp [127.0.0.1] {smtp}\n"
+                                     "PARAM session-model %s\nPARAM session-workers 1\n"
+                                     % cls.MODEL, {}))
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def serving_pid(self):
+        if self.MODEL == "workers":
+            workers = wait_for_workers(self.srv.proc.pid, 1)
+            self.assertEqual(len(workers), 1)
+            return workers[0]
+        return self.srv.proc.pid
+
+    def session(self, source):
+        """A connection with its greeting read (the session has started)."""
+        sock = socket.create_connection(("127.0.0.1", self.srv.ports["smtp"]), 15,
+                                        source_address=(source, 0))
+        self.addCleanup(sock.close)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            self.assertTrue(chunk, "closed before the greeting")
+            data += chunk
+        return sock
+
+    def wait_until(self, predicate, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline and not predicate():
+            time.sleep(0.1)
+        return predicate()
+
+    def test_idle_threads_end_after_a_burst(self):
+        pid = self.serving_pid()
+        idle_time = zmsmtpd.SESSION_THREAD_IDLE
+        # A first session makes whatever helpers live as long as the
+        # process; its own thread retires within the idle time.
+        self.session("127.0.2.1").sendall(b"QUIT\r\n")
+        time.sleep(idle_time + 1)
+        base = _thread_count(pid)
+        # Each from a new address: in a worker, the name lookup of a new
+        # address runs on a thread.
+        socks = [self.session("127.0.3.%d" % (i + 1)) for i in range(self.SESSIONS)]
+        peak = _thread_count(pid)
+        if self.MODEL == "thread":
+            self.assertGreaterEqual(peak, base + self.SESSIONS)
+        for sock in socks:
+            sock.close()
+        self.assertTrue(self.wait_until(lambda: _thread_count(pid) <= base, idle_time + 5),
+                        "threads: base %d, peak %d, now %d" % (base, peak, _thread_count(pid)))
+
+
+class ThreadsRetiredThreadModelTest(_ThreadsRetiredCases, unittest.TestCase):
+    MODEL = "thread"
+
+
+class ThreadsRetiredWorkersModelTest(_ThreadsRetiredCases, unittest.TestCase):
+    MODEL = "workers"
+
+
+IMPLICIT_TLS_LIMIT_CONF = """
+PARAM BindSmtpS [127.0.0.1] {smtps}
+PARAM use-tls
+PARAM tls-cert-file {cert}
+PARAM tls-key-file {key}
+PARAM MaxSameIpSource 1
+PARAM session-model %s
+PARAM session-workers 1
+"""
+
+
+class _ImplicitTlsRefusalCases(object):
+    """On a BindSmtpS listener the over-limit 450 and rejectnet's 550 come
+    inside TLS, after the handshake: a TLS client reads them."""
+
+    MODEL = "workers"
+
+    @classmethod
+    def setUpClass(cls):
+        if sub._sub_certificate() is None:
+            raise unittest.SkipTest("openssl not installed: cannot make a test certificate")
+        cls.srv = sub._SubServer(policy=sub._SUB_POLICY + "[127.0.0.9]/32  rejectnet +\n")
+        sub._sub_start_servers(cls, (cls.srv, IMPLICIT_TLS_LIMIT_CONF % cls.MODEL, {}))
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def tls_first_reply(self, source):
+        """Connect from ``source``, do the TLS handshake, read one reply."""
+        raw = socket.create_connection(("127.0.0.1", self.srv.ports["smtps"]), 15,
+                                       source_address=(source, 0))
+        tls = sub._sub_tls_client_context().wrap_socket(raw)
+        self.addCleanup(tls.close)
+        data = b""
+        while True:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+            lines = data.split(b"\r\n")
+            if any(line[3:4] == b" " for line in lines[:-1]):
+                break
+        return tls, data.decode("utf-8", "replace")
+
+    def test_over_limit_reply_comes_after_the_handshake(self):
+        first, greeting = self.tls_first_reply("127.0.0.5")
+        self.assertTrue(greeting.startswith("220 "), greeting)
+        second, refusal = self.tls_first_reply("127.0.0.5")
+        self.assertTrue(refusal.startswith("450-"), refusal)
+        self.assertIn("\r\n450 ", refusal)
+        self.assertEqual(second.recv(100), b"")     # then the session ends
+        first.sendall(b"QUIT\r\n")
+
+    def test_rejectnet_reply_comes_after_the_handshake(self):
+        tls, refusal = self.tls_first_reply("127.0.0.9")
+        self.assertTrue(refusal.startswith("550"), refusal)
+
+
+class ImplicitTlsRefusalWorkersTest(_ImplicitTlsRefusalCases, unittest.TestCase):
+    MODEL = "workers"
+
+
+class ImplicitTlsRefusalForkTest(_ImplicitTlsRefusalCases, unittest.TestCase):
+    MODEL = "fork"
+
+
+class ImplicitTlsRefusalThreadTest(_ImplicitTlsRefusalCases, unittest.TestCase):
+    MODEL = "thread"
 
 
 if __name__ == "__main__":
