@@ -75,6 +75,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque, namedtuple
 
 try:
@@ -2476,11 +2477,11 @@ class PendingRefusals(object):
     @staticmethod
     def encode(lines):
         """One word for a message to a worker."""
-        return base64.b64encode("\r\n".join(lines).encode("utf-8", "surrogateescape"))
+        return base64.b64encode("\n".join(lines).encode("utf-8", "surrogateescape"))
 
     @staticmethod
     def decode(word):
-        return base64.b64decode(word).decode("utf-8", "surrogateescape").split("\r\n")
+        return base64.b64decode(word).decode("utf-8", "surrogateescape").split("\n")
 
 
 class SessionThreads(object):
@@ -6772,7 +6773,11 @@ class SubmissionRateTracker(object):
         self.buckets = buckets or RATE_BUCKETS
         self.bucket_bytes = bucket_bytes or RATE_BUCKET_BYTES
         self.memory = mmap.mmap(-1, self.buckets * self.bucket_bytes)
-        self.lockfile = tempfile.TemporaryFile(prefix="zmsmtpd-rate-")
+        # The locks' file: unnamed at once, so nothing is left behind.
+        fd, path = tempfile.mkstemp(prefix="zmsmtpd-rate-")
+        os.unlink(path)
+        self.lockfile = fd
+        weakref.finalize(self, os.close, fd)
         self.lock = threading.Lock()
         self.next_token = 0
 

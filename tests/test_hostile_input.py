@@ -16,10 +16,14 @@ from __future__ import print_function
 import email
 import os
 import re
+import shutil
 import socket
 import ssl
+import tempfile
 import time
 import unittest
+
+from unittest import mock
 
 import zmsmtpd
 from tests import test_submission as sub
@@ -69,7 +73,19 @@ def _spooled_message(srv, reply_text):
     return email.message_from_string(message)
 
 
-class SenderRewriteCannotBeBypassedTest(unittest.TestCase):
+class _ServerCase(unittest.TestCase):
+    """One server (SUBMIT_CONF) for the class."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+
+class SenderRewriteCannotBeBypassedTest(_ServerCase):
     """MSA mode: whatever the client writes, the spooled message has exactly
     one ``Sender:``, the login's (as Python's email package reads it)."""
 
@@ -85,13 +101,6 @@ class SenderRewriteCannotBeBypassedTest(unittest.TestCase):
         "two of them": b"Sender: a@example.net\r\nSender: b@example.net\r\n",
     }
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _start(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        sub._sub_stop_servers(cls)
 
     def submit(self, header):
         client = sub._sub_login(self, self.srv, kind="submit", user=LOGIN)
@@ -129,7 +138,8 @@ class AuthMsaRewriteParamTest(unittest.TestCase):
         cls.rewriting = sub._SubServer()
         cls.rewriting.auth_program()
         sub._sub_start_servers(cls, (cls.plain, SUBMIT_CONF, {}),
-                               (cls.rewriting, SUBMIT_CONF + "PARAM auth-msa-rewrite\n", {}))
+                               (cls.rewriting, SUBMIT_CONF + "PARAM auth-msa-rewrite\n"
+                                "PARAM sender-login-match\n", {}))
 
     @classmethod
     def tearDownClass(cls):
@@ -151,18 +161,16 @@ class AuthMsaRewriteParamTest(unittest.TestCase):
         self.assertEqual(msg.get_all("Old-Sender"), ["evil@example.net"])
         self.assertIn("logged sender identity as: " + LOGIN, msg["X-Comment"])
 
+    def test_sender_login_match_applies_on_port_25_too(self):
+        client = sub._sub_login(self, self.rewriting, kind="smtp", user=LOGIN)
+        code, text = client.mail("ceo@example.org")
+        self.assertEqual(code, 553, text)
 
-class BdatRefusedBeforeAuthTest(unittest.TestCase):
+
+class BdatRefusedBeforeAuthTest(_ServerCase):
     """A BDAT refused with 530 (no AUTH yet on a submission listener) still
     has its chunk read: nothing in it runs as a command."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _start(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        sub._sub_stop_servers(cls)
 
     def test_commands_inside_the_chunk_are_not_run(self):
         w = self.srv.wire("submit")
@@ -235,6 +243,64 @@ class PasswordsNeverLoggedTest(unittest.TestCase):
                 self.assertNotIn(shown, text, "%s shows %r" % (name, shown))
         # The user name of the AUTH that succeeded is logged.
         self.assertIn('AUTH user "verified-user" authenticated', srv.log_text())
+
+
+class _NoteLog(object):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+class SyslogLinesCarryNoPasswordTest(unittest.TestCase):
+    """The auth program's syslog and log lines name the user only once the
+    program accepted it: its argument may be a password typed as the user
+    name, and programs echo it (``<user>: no such user``)."""
+
+    PROGRAM = "#!/bin/sh\nread pw\nif [ \"$pw\" = right ]; then echo \"hello $1\"; exit 0; fi\n" \
+              "echo \"$1: no such user\"\nexit 1\n"
+
+    def setUp(self):
+        if zmsmtpd.syslog is None:
+            self.skipTest("no syslog module")
+        d = tempfile.mkdtemp(prefix="zmhostile-")
+        self.addCleanup(shutil.rmtree, d, True)
+        self.path = os.path.join(d, "auth")
+        with open(self.path, "w") as f:
+            f.write(self.PROGRAM)
+        os.chmod(self.path, 0o755)
+        self.sent = []
+        patches = [mock.patch.object(zmsmtpd, "syslog_socket_present", lambda: True),
+                   mock.patch.object(zmsmtpd.syslog, "syslog",
+                                     lambda priority, text: self.sent.append(text))]
+        for p in patches:
+            p.start()
+            self.addCleanup(p.stop)
+
+    def check(self, user, password):
+        log = _NoteLog()
+        auth = zmsmtpd.PipeAuthenticator(self.path, 10, zmsmtpd.ZEnv(self.path), self.path)
+        return auth.check(user, password, log), log.notes
+
+    def test_failed_user_name_is_not_in_syslog_or_log(self):
+        secret = "Typed-As-User-9q"
+        result, notes = self.check(secret, "wrong")
+        self.assertEqual(result, "fail")
+        lines = self.sent + notes
+        self.assertTrue(self.sent)
+        for line in lines:
+            self.assertNotIn(secret, line)
+        self.assertIn("<unverified user name, 16 characters>: <user>: no such user", self.sent)
+
+    def test_accepted_user_name_is_logged(self):
+        result, notes = self.check("carol", "right")
+        self.assertEqual(result, "ok")
+        self.assertIn("carol: hello carol", self.sent)
+
+    def test_syslog_lines_are_escaped(self):
+        zmsmtpd.mail_syslog(0, "unknown SMTP command 'a\rb\x1b[0m'")
+        self.assertEqual(self.sent, ["unknown SMTP command 'a\\x0db\\x1b[0m'"])
 
 
 class ControlCharactersEscapedInLogsTest(unittest.TestCase):
@@ -374,33 +440,22 @@ class _ImplicitTlsRefusalCases(object):
 
     def tls_first_reply(self, source):
         """Connect from ``source``, do the TLS handshake, read one reply."""
-        raw = socket.create_connection(("127.0.0.1", self.srv.ports["smtps"]), 15,
-                                       source_address=(source, 0))
-        tls = sub._sub_tls_client_context().wrap_socket(raw)
-        self.addCleanup(tls.close)
-        data = b""
-        while True:
-            chunk = tls.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-            lines = data.split(b"\r\n")
-            if any(line[3:4] == b" " for line in lines[:-1]):
-                break
-        return tls, data.decode("utf-8", "replace")
+        w = sub._SubWire(self.srv.ports["smtps"], source=source, tls=True)
+        self.addCleanup(w.close)
+        return w, w.greeting
 
     def test_over_limit_reply_comes_after_the_handshake(self):
         first, greeting = self.tls_first_reply("127.0.0.5")
-        self.assertTrue(greeting.startswith("220 "), greeting)
+        self.assertEqual(greeting[0], 220, greeting)
         second, refusal = self.tls_first_reply("127.0.0.5")
-        self.assertTrue(refusal.startswith("450-"), refusal)
-        self.assertIn("\r\n450 ", refusal)
-        self.assertEqual(second.recv(100), b"")     # then the session ends
-        first.sendall(b"QUIT\r\n")
+        self.assertEqual(refusal[0], 450, refusal)
+        self.assertEqual(len(refusal[1]), 3, refusal)
+        self.assertEqual(second.sock.recv(100), b"")     # then the session ends
+        first.quit()
 
     def test_rejectnet_reply_comes_after_the_handshake(self):
-        tls, refusal = self.tls_first_reply("127.0.0.9")
-        self.assertTrue(refusal.startswith("550"), refusal)
+        _, refusal = self.tls_first_reply("127.0.0.9")
+        self.assertEqual(refusal[0], 550, refusal)
 
 
 class ImplicitTlsRefusalWorkersTest(_ImplicitTlsRefusalCases, unittest.TestCase):
@@ -413,6 +468,42 @@ class ImplicitTlsRefusalForkTest(_ImplicitTlsRefusalCases, unittest.TestCase):
 
 class ImplicitTlsRefusalThreadTest(_ImplicitTlsRefusalCases, unittest.TestCase):
     MODEL = "thread"
+
+
+class LimitsDocumentedTest(unittest.TestCase):
+    """MaxSameIpSource's per-kind count and maxsize 0 = unlimited are said
+    in the README (configuration and differences), and the sample
+    configuration sets a maxsize like Postfix's default."""
+
+    @staticmethod
+    def read(name):
+        with open(os.path.join(os.path.dirname(sub._SUB_SERVER), name)) as f:
+            return f.read()
+
+    def section(self, title):
+        text = self.read("README")
+        start = text.index("\n%s\n%s\n" % (title, "-" * len(title)))
+        end = text.find("\n-----", start + 2 * len(title) + 4)
+        return " ".join(text[start:end].split())
+
+    def test_readme_configuration_states_the_limits_meaning(self):
+        text = self.section("Configuration: smtpserver.conf")
+        self.assertIn("MaxSameIpSource N` (default 100) counts the sessions of one client "
+                      "address per listener kind", text)
+        self.assertIn("`0`, the default, means no limit at all", text)
+        self.assertIn("inside TLS, after a handshake bounded by `tls-handshake-timeout`", text)
+
+    def test_readme_differences_state_the_limits_meaning(self):
+        text = self.section("Differences from the original, and why")
+        self.assertIn("Both limits count per listener kind", text)
+        self.assertIn("`maxsize 0` still means unlimited", text)
+
+    def test_sample_sets_maxsize_to_ten_mebibytes(self):
+        self.assertRegex(self.read("smtpserver.conf.sample"),
+                         r"(?m)^PARAM maxsize +10485760$")
+        path = os.path.join(os.path.dirname(sub._SUB_SERVER), "smtpserver.conf.sample")
+        config = zmsmtpd.ConfigReader(path, zmsmtpd.ZEnv(path)).read()
+        self.assertEqual(config.maxsize, 10485760)
 
 
 if __name__ == "__main__":

@@ -203,22 +203,27 @@ class SenderLoginMatchOffTest(unittest.TestCase):
         self.assertIn("accepted", text)
 
 
-class _RateLimitCases(object):
-    """The same checks under each session model (class attribute MODEL)."""
+class _RateLimitServer(object):
+    """A server with ``submission-rate-limit LIMIT`` in session model MODEL."""
 
     MODEL = "workers"
+    LIMIT = "3 5"
 
     @classmethod
     def setUpClass(cls):
         cls.srv = _start(cls, """
-PARAM submission-rate-limit 3 5
+PARAM submission-rate-limit %s
 PARAM session-model %s
 PARAM session-workers 2
-""" % cls.MODEL)
+""" % (cls.LIMIT, cls.MODEL))
 
     @classmethod
     def tearDownClass(cls):
         sub._sub_stop_servers(cls)
+
+
+class _RateLimitCases(_RateLimitServer):
+    """The same checks under each session model (class attribute MODEL)."""
 
     def send_one(self, user, rcpts=("friend@elsewhere.example",)):
         """A fresh connection (another worker or process, likely) per message."""
@@ -282,26 +287,14 @@ class RateLimitThreadTest(_RateLimitCases, unittest.TestCase):
     MODEL = "thread"
 
 
-class _ParallelRateLimitCases(object):
+class _ParallelRateLimitCases(_RateLimitServer):
     """20 sessions of one login that all pass MAIL and RCPT before any of
     them sends DATA: the reservations keep them within 5 messages and 20
     recipients together, whichever worker or process serves each."""
 
-    MODEL = "workers"
+    LIMIT = "5 20"
     SESSIONS = 20
     RCPTS = 4
-
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = _start(cls, """
-PARAM submission-rate-limit 5 20
-PARAM session-model %s
-PARAM session-workers 2
-""" % cls.MODEL)
-
-    @classmethod
-    def tearDownClass(cls):
-        sub._sub_stop_servers(cls)
 
     def session(self, user, barrier, results, index):
         """MAIL and RCPTs, wait for the others, then DATA if all passed."""
