@@ -120,6 +120,22 @@ class SenderRewriteCannotBeBypassedTest(_ServerCase):
         self.assertEqual(msg.get_all("Sender"), [LOGIN])
         self.assertEqual(len(msg.get_all("X-Filler-02999")), 1)
 
+    def test_bdat_chunks_are_rewritten_alike(self):
+        # The Sender: is split over two chunks, after a whitespace-only line.
+        w = self.srv.wire("submit")
+        self.addCleanup(w.close)
+        w.ehlo()
+        self.assertEqual(w.auth_plain(user=LOGIN)[0], 235)
+        self.assertEqual(w.cmd("MAIL FROM:<%s>" % LOGIN)[0], 250)
+        self.assertEqual(w.cmd("RCPT TO:<friend@elsewhere.example>")[0], 250)
+        for chunk, last in ((b"To: friend@elsewhere.example\r\n \r\nSen", ""),
+                            (b"der: evil@example.net\r\n\r\nbody\r\n", " LAST")):
+            w.send(b"BDAT %d%s\r\n" % (len(chunk), last.encode()) + chunk)
+            code, lines = w.reply()
+            self.assertEqual(code, 250, lines)
+        msg = _spooled_message(self.srv, lines[-1])
+        self.assertEqual(msg.get_all("Sender"), [LOGIN])
+
     def test_sender_in_the_body_is_kept(self):
         client = sub._sub_login(self, self.srv, kind="submit", user=LOGIN)
         text = _send_raw_message(self, client, b"Subject: s\r\n\r\nSender: in the body\r\n")
