@@ -2458,21 +2458,27 @@ class PendingRefusals(object):
     """Refusals (reply lines) waiting for the session of a connection: on
     an implicit-TLS listener the limits' 450 and rejectnet's 550 go out
     inside TLS, after the handshake, so the session that does the handshake
-    sends them.  Keyed by the connection's descriptor, which stays its own
-    until the session takes the refusal."""
+    sends them.  Kept under the connection's descriptor with the client's
+    (address, port): should a refusal be left behind (a session that failed
+    to start), a later connection on the same descriptor from elsewhere does
+    not get it."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.lines = {}
 
-    def hold(self, sock, lines):
+    def hold(self, sock, peer, lines):
         with self.lock:
-            self.lines[sock.fileno()] = list(lines)
+            self.lines[sock.fileno()] = (tuple(peer[:2]), list(lines))
 
-    def take(self, sock):
-        """The refusal held for ``sock``, or None; forgotten either way."""
+    def take(self, sock, peer):
+        """The refusal held for ``sock`` from ``peer``, or None; what was
+        held under its descriptor is forgotten either way."""
         with self.lock:
-            return self.lines.pop(sock.fileno(), None)
+            held = self.lines.pop(sock.fileno(), None)
+        if held is None or held[0] != tuple(peer[:2]):
+            return None
+        return held[1]
 
     @staticmethod
     def encode(lines):
@@ -2566,7 +2572,7 @@ class ForkPerSessionMixIn(object):
         pid = os.fork()
         if pid:
             self.context.session_started(self, client_address, pid)
-            self.context.refusals.take(request)     # the child sends it
+            self.context.refusals.take(request, client_address)     # the child sends it
             self.close_request(request)
             return
         status = 0
@@ -2749,6 +2755,7 @@ class WorkerPool(object):
 
     def dispatch(self, listener, request, client_address):
         """Send a connection to the least busy worker; its session key."""
+        refusal = self.supervisor.refusals.take(request, client_address)
         ready = [p for p, e in self.workers.items() if not e.retired]
         if not ready:
             return None
@@ -2758,7 +2765,6 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
-        refusal = self.supervisor.refusals.take(request)
         if refusal is not None:
             # A fifth word: the refusal the session sends after its TLS
             # handshake (see Supervisor.admit).
@@ -3297,7 +3303,7 @@ class SessionLoop(object):
                     continue
                 sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
                 if refusal is not None:
-                    self.context.refusals.hold(sock, refusal)
+                    self.context.refusals.hold(sock, (ip, port), refusal)
                 self.begin(listener, sock, (ip, port), seq)
             else:
                 for fd in fds:
@@ -3815,8 +3821,11 @@ class Supervisor(object):
             # A client of an implicit-TLS listener reads nothing before its
             # handshake: the session does the handshake (bounded by
             # tls-handshake-timeout), sends the refusal inside TLS and ends.
-            self.refusals.hold(request, lines)
-            return True
+            try:
+                self.refusals.hold(request, request.getpeername(), lines)
+                return True
+            except (OSError, socket.error):
+                return False        # the client is gone already
         try:
             request.settimeout(5)
             request.sendall(reply_bytes(lines))
@@ -5073,6 +5082,7 @@ class SessionStart(object):
         runtime = listener.context.runtime
         sock = self.request
         peer = self.client_address
+        refusal = listener.context.refusals.take(sock, peer)
         if local is None:
             local = sock.getsockname()
         channel = SocketChannel(sock, prepared_rcvtimeo=runtime.config.command_timeout)
@@ -5081,7 +5091,7 @@ class SessionStart(object):
                           number=(current_pid() if listener.model == "fork"
                                   else listener.context.next_session_number()),
                           mode="daemon", sock=sock)
-        self.refusal = listener.context.refusals.take(sock)
+        self.refusal = refusal
 
     def finish(self):
         """Close a TLS connection here: the plain socket socketserver
