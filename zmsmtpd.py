@@ -4645,6 +4645,12 @@ class HeaderRewriter(object):
         tail = lines.pop()  # text after the last LF (b"" normally)
         if lines and (lines[0].startswith(b"From ") or lines[0].startswith(b">From ")):
             lines.pop(0)
+        if self.prefix or self.rewrite_sender:
+            # Lines of white space first and no field before them: readers
+            # skip them, but after the lines put in front here they would
+            # continue those (the login's Sender: with the client's text).
+            while lines and lines[0][:1] in (b" ", b"\t"):
+                lines.pop(0)
         out = list(self.prefix)
         for line in lines:
             if line[:1] in (b" ", b"\t"):

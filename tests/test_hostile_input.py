@@ -112,6 +112,12 @@ class SenderRewriteCannotBeBypassedTest(_ServerCase):
             msg = self.submit(b"To: friend@elsewhere.example\r\n" + header)
             self.assertEqual(msg.get_all("Sender"), [LOGIN], name)
 
+    def test_a_first_line_of_white_space_does_not_continue_the_logins_sender(self):
+        for first in (b" Sender: evil@example.net\r\n", b"\t,evil@example.net\r\n"):
+            msg = self.submit(first + b"To: friend@elsewhere.example\r\n")
+            self.assertEqual(msg.get_all("Sender"), [LOGIN], first)
+            self.assertEqual(msg["To"], "friend@elsewhere.example")
+
     def test_sender_at_the_end_of_a_long_header_is_rewritten(self):
         # A header of about 300 KB arrives in many reads: the Sender: at its
         # end lies well past the first buffers the rewriter is fed.
