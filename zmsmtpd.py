@@ -130,6 +130,10 @@ SESSION_THREADS_IDLE_MAX = 16
 #: forgets its quietest login; pages are allocated only when used).
 RATE_BUCKETS = 256
 RATE_BUCKET_BYTES = 65536
+#: Messages a login sends within this many seconds are one entry in the
+#: counts (dated by the last of them, so they expire no earlier than they
+#: should): a login's entries stay few whatever its limit.
+RATE_MERGE_SECONDS = 60.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -6923,7 +6927,12 @@ class SubmissionRateTracker(object):
         becomes one message with ``recipients`` in the hour's counts."""
         def change(entry, now):
             entry[1].pop(token, None)
-            entry[0].append((now, 1, recipients))
+            events = entry[0]
+            if events and now - events[-1][0] < RATE_MERGE_SECONDS:
+                last = events.pop()
+                events.append((now, last[1] + 1, last[2] + recipients))
+            else:
+                events.append((now, 1, recipients))
         self._change(login, change)
 
 

@@ -14,12 +14,14 @@ layout and auth program: any user name with the right password logs in).
 from __future__ import print_function
 
 import os
+import signal
 import smtplib
 import subprocess
 import threading
 import time
 import unittest
 
+import zmsmtpd
 from tests import test_submission as sub
 from tests.harness import which
 
@@ -402,6 +404,62 @@ class RateLimitReservationReleasedTest(unittest.TestCase):
     def mail_code(client):
         client.rset()
         return client.mail("x@example.org")[0]
+
+
+class SubmissionRateTrackerTest(unittest.TestCase):
+    """The shared counts themselves: exact across processes, a dead
+    process's reservations dropped, a busy login's count kept whole."""
+
+    def test_processes_reserving_at_once_get_exactly_the_limit(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        children = []
+        for _ in range(6):
+            pid = os.fork()
+            if pid == 0:
+                got = sum(tracker.reserve("Carol", tracker.token(), (10, None),
+                                          messages=1)[0] for _ in range(5))
+                os.write(w, b"%d\n" % got)
+                # Stopped: alive, holding its reservations, until killed.
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os._exit(0)
+            children.append(pid)
+        os.close(w)
+        data = b""
+        while data.count(b"\n") < len(children):
+            chunk = os.read(r, 100)
+            if not chunk:
+                break
+            data += chunk
+        self.assertEqual(sum(int(n) for n in data.split()), 10)
+        self.assertEqual(tracker.counts("carol"), (10, 0))
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        # Their processes are gone, and so are their reservations.
+        self.assertEqual(tracker.counts("carol"), (0, 0))
+
+    def test_a_busy_login_keeps_its_whole_count(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        for _ in range(3000):
+            token = tracker.token()
+            self.assertTrue(tracker.reserve("bulk", token, (10000, 30000), messages=1)[0])
+            self.assertTrue(tracker.reserve("bulk", token, (10000, 30000), recipients=2)[0])
+            tracker.commit("bulk", token, 2)
+        self.assertEqual(tracker.counts("bulk"), (3000, 6000))
+
+    def test_release_gives_back_what_was_reserved(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        token = tracker.token()
+        tracker.reserve("dave", token, (1, 2), messages=1)
+        tracker.reserve("dave", token, (1, 2), recipients=1)
+        self.assertEqual(tracker.reserve("dave", tracker.token(), (1, 2), messages=1),
+                         (False, 1, 1))
+        tracker.release("dave", token, recipients=1)
+        self.assertEqual(tracker.counts("dave"), (1, 0))
+        tracker.release("dave", token)
+        self.assertEqual(tracker.counts("dave"), (0, 0))
 
 
 class SubmissionPolicyConfigErrorTest(unittest.TestCase):
