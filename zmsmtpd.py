@@ -6794,8 +6794,12 @@ class SubmissionRateTracker(object):
         self.bucket_bytes = bucket_bytes or RATE_BUCKET_BYTES
         self.memory = mmap.mmap(-1, self.buckets * self.bucket_bytes)
         # The locks' file: unnamed at once, so nothing is left behind.
-        fd, path = tempfile.mkstemp(prefix="zmsmtpd-rate-")
-        os.unlink(path)
+        try:
+            fd, path = tempfile.mkstemp(prefix="zmsmtpd-rate-")
+            os.unlink(path)
+        except (OSError, IOError) as e:
+            raise ConfigError("cannot make the submission-rate-limit lock file in %s: %s"
+                              % (os.environ.get("TMPDIR") or "/tmp", e.strerror or e))
         self.lockfile = fd
         weakref.finalize(self, os.close, fd)
         self.lock = threading.Lock()
