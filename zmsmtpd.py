@@ -60,6 +60,7 @@ import heapq
 import hmac
 import ipaddress
 import marshal
+import mmap
 import os
 import pwd
 import queue
@@ -74,10 +75,12 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque, namedtuple
 
 try:
@@ -123,6 +126,19 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: A session thread idle this many seconds ends; at most this many wait
+#: for work at any time (SessionThreads).
+SESSION_THREAD_IDLE = 5.0
+SESSION_THREADS_IDLE_MAX = 16
+#: The submission rate limit's counts, shared by all processes: logins are
+#: spread over this many buckets of this many bytes (a bucket that fills
+#: forgets its quietest login; pages are allocated only when used).
+RATE_BUCKETS = 256
+RATE_BUCKET_BYTES = 65536
+#: Messages a login sends within this many seconds are one entry in the
+#: counts (dated by the last of them, so they expire no earlier than they
+#: should): a login's entries stay few whatever its limit.
+RATE_MERGE_SECONDS = 60.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -592,6 +608,7 @@ _PARAMS = [
     (("junk-command-limit",), "G", "int", "junk_command_limit", None),
     # -- submission policy beyond the original
     (("sender-login-match",), "Grp", "switch", "sender_login_match", None),
+    (("auth-msa-rewrite",), "Grp", "switch", "auth_msa_rewrite", None),
     (("sender-login-maps",), "G", "str", "sender_login_maps", None),
     (("submission-rate-limit",), "G", "ratelimit", "submission_rate_limit", None),
     (("proxy-protocol-nets",), "Grp", "nets", "proxy_protocol_nets", None),
@@ -671,6 +688,7 @@ GROUP_DEFAULTS = dict(
     rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
     policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
     spf_whitelist=None, contact_pointer=None, sender_login_match=False,
+    auth_msa_rewrite=False,
     proxy_protocol_nets=())
 
 GLOBAL_DEFAULTS = dict(
@@ -2524,6 +2542,30 @@ def format_reply(name, enhanced_ok=True, **fields):
 SYSLOG_SOCKET = "/dev/log"
 
 
+#: What a client's bytes may not bring into a log, trace or syslog line raw:
+#: C0 controls but TAB (a CR or LF would start a forged line, ESC a
+#: terminal sequence), DEL, and C1 controls -- as characters and as the
+#: undecodable bytes 0x80-0x9f that surrogateescape keeps.
+_LOG_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udc9f]")
+
+
+def _log_escape(match):
+    code = ord(match.group(0))
+    if code >= 0xdc00:
+        code -= 0xdc00
+    return "\\x%02x" % code
+
+
+def log_safe(text):
+    """``text`` with every control character written as ``\\xHH``: the one
+    escaping of all log writers (TranscriptLog, so SessionLog and the
+    ``-v`` trace, and mail_syslog), so that no client input can end a log
+    line early or reach a terminal as a control sequence."""
+    if _LOG_UNSAFE.search(text) is None:
+        return text
+    return _LOG_UNSAFE.sub(_log_escape, text)
+
+
 class TranscriptLog(object):
     """The ``-l`` log: lines ``<tag><dt><r|w|#>\\t<text>``.  Every line is
     one ``os.write`` on an O_APPEND descriptor, so concurrent sessions
@@ -2640,6 +2682,7 @@ class TranscriptLog(object):
     def write(self, tag, dt, mark, text):
         if not (self.fds or self.use_syslog or self.trace):
             return
+        text = log_safe(text)
         line = "%s%04d%s\t%s\n" % (tag, dt, mark, text)
         data = line.encode("utf-8", "surrogateescape")
         for fd in self.fds:
@@ -2719,7 +2762,7 @@ def syslog_wanted():
 def mail_syslog(priority, text):
     if syslog is not None and syslog_socket_present():
         try:
-            syslog.syslog(priority, text)
+            syslog.syslog(priority, log_safe(text))
         except (OSError, ValueError):  # pragma: no cover
             pass
 
@@ -2812,36 +2855,98 @@ def listener_specs(config, ipv6=True, origins=None):
     return specs
 
 
-class SessionThreads(object):
-    """Threads that serve sessions, kept for the next one: starting a thread
-    per connection costs a handful of system calls and a stack mapping."""
+class PendingRefusals(object):
+    """Refusals (reply lines) waiting for the session of a connection: on
+    an implicit-TLS listener the limits' 450 and rejectnet's 550 go out
+    inside TLS, after the handshake, so the session that does the handshake
+    sends them.  Kept under the connection's descriptor with the client's
+    (address, port): should a refusal be left behind (a session that failed
+    to start), a later connection on the same descriptor from elsewhere does
+    not get it."""
 
     def __init__(self):
-        self.jobs = queue.Queue()
         self.lock = threading.Lock()
-        self.idle = 0
-        self.busy = 0
+        self.lines = {}
+
+    def hold(self, sock, peer, lines):
+        with self.lock:
+            self.lines[sock.fileno()] = (tuple(peer[:2]), list(lines))
+
+    def take(self, sock, peer):
+        """The refusal held for ``sock`` from ``peer``, or None; what was
+        held under its descriptor is forgotten either way."""
+        with self.lock:
+            held = self.lines.pop(sock.fileno(), None)
+        if held is None or held[0] != tuple(peer[:2]):
+            return None
+        return held[1]
+
+    @staticmethod
+    def encode(lines):
+        """One word for a message to a worker."""
+        return base64.b64encode("\n".join(lines).encode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def decode(word):
+        return base64.b64decode(word).decode("utf-8", "surrogateescape").split("\n")
+
+
+class SessionThreads(object):
+    """Threads that serve sessions, kept for the next one: starting a thread
+    per connection costs a handful of system calls and a stack mapping.  A
+    thread idle for SESSION_THREAD_IDLE seconds ends, and at most
+    SESSION_THREADS_IDLE_MAX wait at any time, so a burst (a flood of
+    stalled handshakes, of new client addresses) does not leave its threads
+    behind."""
+
+    def __init__(self):
+        self.jobs = deque()
+        self.ready = threading.Condition(threading.Lock())
+        self.idle = 0       # threads waiting for a job
+        self.busy = 0       # jobs given and not yet finished
 
     def submit(self, func, *args):
-        with self.lock:
+        with self.ready:
             self.busy += 1
-            if self.idle:
+            self.jobs.append((func, args))
+            # Each waiting job needs a waiting thread of its own: one that
+            # was woken but has not yet taken its job still counts as idle.
+            if self.idle >= len(self.jobs):
+                self.ready.notify()
+                return
+        t = threading.Thread(target=self._loop, name="smtp-session")
+        t.daemon = True
+        t.start()
+
+    def _next_job(self):
+        """The next job, or None when this thread should end (idle too
+        long, or enough others idle)."""
+        with self.ready:
+            if not self.jobs and self.idle >= SESSION_THREADS_IDLE_MAX:
+                return None
+            self.idle += 1
+            try:
+                deadline = time.time() + SESSION_THREAD_IDLE
+                while not self.jobs:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        return None
+                    self.ready.wait(left)
+                return self.jobs.popleft()
+            finally:
                 self.idle -= 1
-            else:
-                t = threading.Thread(target=self._loop, name="smtp-session")
-                t.daemon = True
-                t.start()
-        self.jobs.put((func, args))
 
     def _loop(self):
         while True:
-            func, args = self.jobs.get()
+            job = self._next_job()
+            if job is None:
+                return
+            func, args = job
             try:
                 func(*args)
             finally:
-                with self.lock:
+                with self.ready:
                     self.busy -= 1
-                    self.idle += 1
 
 
 class ThreadPerSessionMixIn(object):
@@ -2868,6 +2973,7 @@ class ForkPerSessionMixIn(object):
         pid = os.fork()
         if pid:
             self.context.session_started(self, client_address, pid)
+            self.context.refusals.take(request, client_address)     # the child sends it
             self.close_request(request)
             return
         status = 0
@@ -3008,14 +3114,13 @@ class WorkerPool(object):
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
-    seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
+    seen by another worker), ``R`` (a reload:
     finish the running sessions, however long they take, and exit), ``Q``
     (stopping: the same, within ``shutdown-grace``).  A connection the
     worker's queue cannot take at once (the kernel queues few descriptors
     on a UNIX socket) waits in the worker's backlog here until it can.
     Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
+    ``C <accepted|refused> <number>``
     (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
     sessions are counted as ended."""
 
@@ -3051,6 +3156,7 @@ class WorkerPool(object):
 
     def dispatch(self, listener, request, client_address):
         """Send a connection to the least busy worker; its session key."""
+        refusal = self.supervisor.refusals.take(request, client_address)
         ready = [p for p, e in self.workers.items() if not e.retired]
         if not ready:
             return None
@@ -3060,6 +3166,10 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
+        if refusal is not None:
+            # A fifth word: the refusal the session sends after its TLS
+            # handshake (see Supervisor.admit).
+            payload += b" " + PendingRefusals.encode(refusal)
         if not entry.backlog:
             try:
                 self.hand_over(entry, payload, request)
@@ -3133,7 +3243,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
+            if kind == b"F":
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -3248,6 +3358,7 @@ class WorkerContext(object):
         for listener in self.listeners:
             listener.context = self
         self.threads = SessionThreads()
+        self.refusals = PendingRefusals()   # from the master's admit
         self.lock = threading.Lock()
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
@@ -3579,19 +3690,21 @@ class SessionLoop(object):
                 self.runtime.auth_failures.absorb(rest)
             elif kind == b"L":
                 self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
                 try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
+                    words = rest.decode("ascii").split(" ")
+                    seq, index, ip, port = words[:4]
                     listener = self.context.listeners[int(index)]
                     port = int(port)
-                except (ValueError, IndexError):
+                    refusal = PendingRefusals.decode(words[4]) if len(words) > 4 else None
+                except (ValueError, IndexError, binascii.Error):
                     os.close(fds[0])
                     continue
                 sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+                if refusal is not None:
+                    self.context.refusals.hold(sock, (ip, port), refusal)
                 self.begin(listener, sock, (ip, port), seq)
             else:
                 for fd in fds:
@@ -4013,6 +4126,7 @@ class Supervisor(object):
         self.sessions = {}
         self.per_kind = {}
         self.per_ip = {}
+        self.refusals = PendingRefusals()
         self.session_counter = 0
         self.reload_requested = False
         # Every selector key's data is the callback for its events.
@@ -4020,8 +4134,8 @@ class Supervisor(object):
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
-        # Forked sessions report failed AUTHs (auth-failrate), accepted
-        # messages (submission-rate-limit) and counts here.
+        # Forked sessions report failed AUTHs (auth-failrate) and counts
+        # here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
@@ -4104,6 +4218,15 @@ class Supervisor(object):
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
+        if listener.kind in IMPLICIT_TLS_KINDS:
+            # A client of an implicit-TLS listener reads nothing before its
+            # handshake: the session does the handshake (bounded by
+            # tls-handshake-timeout), sends the refusal inside TLS and ends.
+            try:
+                self.refusals.hold(request, request.getpeername(), lines)
+                return True
+            except (OSError, socket.error):
+                return False        # the client is gone already
         try:
             request.settimeout(5)
             request.sendall(reply_bytes(lines))
@@ -4840,6 +4963,11 @@ class DotDecoder(object):
         return b"".join(out).replace(b"\r\n", b"\n"), None
 
 
+#: A header field's name and its colon; WSP before the colon is RFC 5322's
+#: obsolete syntax (section 4.5), which readers still take as that field.
+_FIELD_NAME = re.compile(br"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
 class HeaderRewriter(object):
     """What zmsmtpd does to the message header on its way to the spool:
     a first ``From `` line is dropped, ``Precedence:`` is noted for the
@@ -4847,7 +4975,15 @@ class HeaderRewriter(object):
     the ``X-Comment:`` line (as 3.0.1 writes it) and the ``Sender:``
     rewrite (a ``Sender:`` naming the login, so the recipient sees who
     really sent) are applied.  Input is LF-terminated; the header is held until its end
-    (bounded by ``max-header-size``), then the rest streams through."""
+    (bounded by ``max-header-size``), then the rest streams through.
+
+    The header ends only at an empty line: a line of spaces or tabs is
+    folding to an RFC 5322 reader, so a field after it is still a header
+    field.  With the rewrite on, a bare CR inside the header becomes a
+    space, because some readers take it as a line break (and so a field
+    after it as a field of its own); and every field named ``Sender``,
+    however written (``Sender :``, folded), becomes ``Old-Sender:``.  So
+    the message leaves with exactly one ``Sender:``, the login's."""
 
     def __init__(self, sink, prefix_lines, rewrite_sender, sender_value, limit):
         self.sink = sink
@@ -4856,6 +4992,7 @@ class HeaderRewriter(object):
         self.sender_value = sender_value
         self.limit = limit
         self.head = b""
+        self.scanned = 0    # where the search for the empty line goes on
         self.in_header = True
         self.priority = 0
         self.too_big = False
@@ -4880,38 +5017,52 @@ class HeaderRewriter(object):
             self._emit_header(len(self.head))
 
     def _header_end(self):
-        """Offset just past the header section, or None if not yet seen."""
-        pos = 0
+        """Offset of the empty line that ends the header, or None if not
+        yet seen.  Lines already looked at are not looked at again."""
+        head, pos = self.head, self.scanned
         while True:
-            j = self.head.find(b"\n", pos)
+            j = head.find(b"\n", pos)
             if j < 0:
+                self.scanned = pos
                 return None
-            if not self.head[pos:j].strip(b" \t\r"):
+            if j == pos:
                 return pos
             pos = j + 1
+
+    @staticmethod
+    def field_name(line):
+        """The lower-case name of the field a header line starts, or None
+        for a continuation line or a line that is no field."""
+        m = _FIELD_NAME.match(line)
+        return m.group(1).lower() if m else None
 
     def _emit_header(self, end):
         head, rest = self.head[:end], self.head[end:]
         self.head = b""
         self.in_header = False
+        if self.rewrite_sender:
+            head = head.replace(b"\r", b" ")
         lines = head.split(b"\n")
         tail = lines.pop()  # text after the last LF (b"" normally)
         if lines and (lines[0].startswith(b"From ") or lines[0].startswith(b">From ")):
             lines.pop(0)
+        if self.prefix or self.rewrite_sender:
+            # Lines of white space first and no field before them: readers
+            # skip them, but after the lines put in front here they would
+            # continue those (the login's Sender: with the client's text).
+            while lines and lines[0][:1] in (b" ", b"\t"):
+                lines.pop(0)
         out = list(self.prefix)
-        in_sender = False
         for line in lines:
-            low = line[:12].lower()
             if line[:1] in (b" ", b"\t"):
                 out.append(line)
                 continue
-            in_sender = False
-            if low.startswith(b"precedence:"):
-                value = line[11:].strip().lower()
+            name = self.field_name(line)
+            if name == b"precedence":
+                value = line[line.index(b":") + 1:].strip().lower()
                 self.priority = {b"bulk": 1, b"junk": 9}.get(value, 0)
-            if self.rewrite_sender and low.startswith(b"sender:"):
-                line = b"Old-Sender:" + line[7:]
-                in_sender = True
+            elif name == b"sender" and self.rewrite_sender:
+                line = b"Old-Sender:" + line[line.index(b":") + 1:]
             out.append(line)
         if self.rewrite_sender:
             out.insert(len(self.prefix), b"Sender: " + self.sender_value)
@@ -5338,6 +5489,7 @@ class SessionStart(object):
         runtime = listener.context.runtime
         sock = self.request
         peer = self.client_address
+        refusal = listener.context.refusals.take(sock, peer)
         if local is None:
             local = sock.getsockname()
         channel = SocketChannel(sock, prepared_rcvtimeo=runtime.config.command_timeout)
@@ -5346,6 +5498,7 @@ class SessionStart(object):
                           number=(current_pid() if listener.model == "fork"
                                   else listener.context.next_session_number()),
                           mode="daemon", sock=sock)
+        self.refusal = refusal
 
     def finish(self):
         """Close a TLS connection here: the plain socket socketserver
@@ -5382,6 +5535,7 @@ class SessionStart(object):
         self.proxy_expected = (mode == "daemon" and self.network
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
+        self.refusal = None               # reply lines to send after implicit TLS, then end
         self.local_port = local[1] if local else 0
         self.local_ip = unmapped_ip(local[0]) if local else ""
         if not self.network or (mode == "interactive"):
@@ -5439,7 +5593,7 @@ class SessionStart(object):
         if level == RESET_TLS:
             return
         self.unknown_count = 0
-        self.sasl.leftover = 0
+        self.sasl.masking = False
         self.junk_count = 0
         self.tarpit_delay = self.group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
@@ -5688,9 +5842,6 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("mail_sender_not_owned", login=self.authuser)
             return
-        if not self.message_rate_permitted():
-            self.reply("mail_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and ok["size"] > limit:
             self.tarpit()
@@ -5700,13 +5851,20 @@ class MailTransactionVerbs(object):
         if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
             self.reply("mail_no_space")
             return
+        permitted, hold = self.reserve_message()
+        if not permitted:
+            self.reply("mail_rate_limit")
+            return
         try:
             spool = self.runtime.spool.create()
         except OSError as e:
             self.log.note("cannot create spool file: %s" % e)
+            if hold is not None:
+                self.runtime.submissions.release(*hold)
             self.reply("mail_spool_failed")
             return
         self.txn = Transaction(address, ok, spool)
+        self.txn.rate_hold = hold
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
         except OSError as e:
@@ -5823,18 +5981,19 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("rcpt_relay_denied", addr="<%s>" % address)
             return
-        if not self.recipient_rate_permitted(txn):
-            self.reply("rcpt_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
+            return
+        if not self.reserve_recipient(txn):
+            self.reply("rcpt_rate_limit")
             return
         try:
             txn.spool.write(rcpt_envelope(txn, address, dsn, self.group.force_notify_never)
                             .encode("utf-8", "surrogateescape"))
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
+            self.release_reservation(txn, recipients=1)
             self.reply("rcpt_no_space")
             return
         txn.recipients.append(address)
@@ -5870,36 +6029,53 @@ class MailTransactionVerbs(object):
         self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
         return False
 
-    def message_rate_permitted(self):
-        """``submission-rate-limit MSGS``: one more message this hour?"""
+    def reserve_message(self):
+        """``submission-rate-limit MSGS``: one more message this hour,
+        counting the ones other sessions have under way?  If so it is
+        reserved (see SubmissionRateTracker) under a token for the
+        transaction about to open, which the caller gives to it."""
         limit = self.cfg.submission_rate_limit
         if limit is None or self.authuser is None:
-            return True
-        messages, _ = self.runtime.submissions.counts(self.authuser)
-        if messages < limit[0]:
-            return True
+            return True, None
+        tracker = self.runtime.submissions
+        token = tracker.token()
+        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
+        if ok:
+            return True, (self.authuser, token)
         self.log.note("submission rate limit: login %s sent %d messages in the last hour "
                       "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
-        return False
+        return False, None
 
-    def recipient_rate_permitted(self, txn):
-        """``submission-rate-limit MSGS RCPTS``: one more recipient this hour,
-        counting the ones already given in this transaction?"""
+    def reserve_recipient(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this
+        hour, counting the ones reserved by this and other transactions?
+        If so it is reserved for ``txn``."""
         limit = self.cfg.submission_rate_limit
-        if limit is None or limit[1] is None or self.authuser is None:
+        if limit is None or limit[1] is None or txn.rate_hold is None:
             return True
-        _, recipients = self.runtime.submissions.counts(self.authuser)
-        if recipients + len(txn.recipients) < limit[1]:
+        login, token = txn.rate_hold
+        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
+                                                              recipients=1)
+        if ok:
             return True
         self.log.note("submission rate limit: login %s reached %d recipients in the last "
-                      "hour (limit %d); RCPT refused" % (qformat(self.authuser),
-                                                         recipients + len(txn.recipients),
-                                                         limit[1]))
+                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
         return False
 
+    def release_reservation(self, txn, recipients=None):
+        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            self.runtime.submissions.release(login, token, recipients)
+            if recipients is None:
+                txn.rate_hold = None
+
     def count_submission(self, txn):
-        if self.cfg.submission_rate_limit is not None and self.authuser is not None:
-            self.runtime.submissions.record(self.authuser, len(txn.recipients))
+        """The message was accepted: its reservation becomes a count."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            txn.rate_hold = None
+            self.runtime.submissions.commit(login, token, len(txn.recipients))
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -5919,7 +6095,11 @@ class MailTransactionVerbs(object):
         user = sanitize_header_value(self.authuser) if self.authuser else None
         prefix = []
         rewrite = False
-        if self.msa and user:
+        # An authenticated session outside MSA mode (port 25 after
+        # STARTTLS, BindSmtpS) gets the MSA's header rules only with
+        # ``auth-msa-rewrite``: unlike Postfix's login check, the original
+        # left such mail's header alone.
+        if user and (self.msa or self.group.auth_msa_rewrite):
             prefix.append(("X-Comment: RFC 2476 MSA function at %s logged sender identity "
                            "as: %s" % (self.myhostname, user)).encode("utf-8", "replace"))
             rewrite = not self.group.no_msa_sender_rewrite
@@ -5989,6 +6169,7 @@ class MailTransactionVerbs(object):
         if failure is not None:
             self.log.note("aborted (%d bytes): %s" % (wire_bytes, failure[1]))
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             txn.spool.abort()
             if failure[0] == "data_too_big":
                 self.reply(failure[0], limit=self.cfg.maxsize)
@@ -6002,6 +6183,7 @@ class MailTransactionVerbs(object):
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             self.reply("data_spool_failed")
             return
         self.junk_count = 0
@@ -6130,6 +6312,7 @@ class MailTransactionVerbs(object):
         txn, self.txn = self.txn, None
         if txn is None:
             return
+        self.release_reservation(txn)
         keep = None
         if "D" in self.style and txn.data_started and why == "session terminated":
             keep = ".BDAT-EOF" if txn.bdat_started else ".DATA-EOF"
@@ -6220,6 +6403,10 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             if not (yield from self.start_tls()):
                 return
+            if self.refusal is not None:
+                # The listener's limits or rejectnet (Supervisor.admit).
+                self.send_lines(self.refusal)
+                return
         if self.network:
             if self.group.use_tcp_wrapper and self.mode != "interactive" \
                     and not self.tcp_wrapper_grants():
@@ -6306,13 +6493,29 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.closing = True
                 return
         if self.network and self.policy_error and not command.policy_open:
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.tarpit()
             self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
             return
         if not command.msa_open and self.msa_gate_closed():
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.reply("msa_gate")
             return
         yield from getattr(self, command.handler)(line, line[len(word):])
+
+    def skip_refused_chunk(self, command, args):
+        """A BDAT refused before its handler runs still has its chunk read
+        and dropped (as smtp_BDAT does for its own refusals): read as
+        commands, the chunk's bytes would be an injection.  Without a valid
+        size the chunk's end is unknown, so the session ends after the
+        reply."""
+        if command.handler != "smtp_BDAT":
+            return
+        m = _BDAT_ARGS.match(args)
+        if m is None:
+            self.closing = True
+            return
+        yield from self.channel_skip(int(m.group(1)), time.time() + self.cfg.data_timeout)
 
     @staticmethod
     def illegal_characters(line):
@@ -6687,6 +6890,7 @@ class Transaction(object):
         self.writer = None
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
+        self.rate_hold = None       # (login, token): what submission-rate-limit reserved
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -6785,10 +6989,18 @@ _SASL_MECHANISMS = frozenset((
 #: that may hold credentials.
 MASKED_LINE = "***"
 
-#: After an AUTH that did not succeed (refused, cancelled, failed), this
-#: many following lines that are no command are masked: AUTH LOGIN's user
-#: name and password.
-AUTH_LEFTOVER_LINES = 2
+#: What the log and the trace show for AUTH LOGIN's answers to its 334
+#: prompts (the password's form is the original's): a password typed in the
+#: user name field must not reach a log either.
+MASKED_USER_LINE = "**base64-username**"
+MASKED_PASSWORD_LINE = "**base64-password**"
+
+
+def unverified_user(user):
+    """How a log or syslog line names the user of an AUTH that did not
+    succeed: by the length only, since a client may have typed its password
+    in the user name field.  The name itself is logged on success only."""
+    return "<unverified user name, %d characters>" % len(user)
 
 
 def mask_auth_line(line):
@@ -6818,26 +7030,26 @@ class SaslExchange(object):
 
     def __init__(self, session):
         self.session = session
-        # Lines after an AUTH that did not succeed that are still masked
-        # (see loggable).
-        self.leftover = 0
+        # After an AUTH that did not succeed, lines are masked until the
+        # next command (see loggable).
+        self.masking = False
 
     def loggable(self, line, word, is_command):
         """``line`` as the log, the trace and replies may show it.  AUTH
         lines lose their credentials.  After an AUTH that did not succeed
         the client may still send its base64 user name and password as if
-        it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of them,
-        until a real command: ``is_command(word)``) are masked whole."""
+        it had got a 334, or type them as lines of their own; every such
+        line, however many, is masked whole until a real command
+        (``is_command(word)``)."""
         if word[:4].upper() == "AUTH":
             # Until an AUTH succeeds, the lines after it may be credentials
             # (whether it was refused, cancelled, failed or mistyped).
-            self.leftover = AUTH_LEFTOVER_LINES
+            self.masking = True
             return mask_auth_line(line)
-        if self.leftover:
+        if self.masking:
             if not is_command(word):
-                self.leftover -= 1
                 return MASKED_LINE
-            self.leftover = 0
+            self.masking = False
         return line
 
     def run(self, mech, initial, client):
@@ -6879,7 +7091,7 @@ class SaslExchange(object):
                 session.param_error("line_too_long")
                 return None
             text = raw.decode("latin-1").strip()
-            session.log.received("**base64-password**" if secret else text)
+            session.log.received(MASKED_PASSWORD_LINE if secret else MASKED_USER_LINE)
         else:
             text = "" if initial == "=" else initial
         if text == "*":
@@ -6897,7 +7109,8 @@ class SaslExchange(object):
         session = self.session
         problem = auth_input_problem(user, password)
         if problem:
-            session.log.note("AUTH refused before running the program: %s" % problem)
+            session.log.note("AUTH refused before running the program: %s (%s)"
+                             % (problem, unverified_user(user)))
             self.fail(client)
             return
         authenticator = session.runtime.authenticator(session.group)
@@ -6908,12 +7121,15 @@ class SaslExchange(object):
             result = yield from authenticator.verdict(user, password, session.log)
         if result == "ok":
             session.authuser = user
-            self.leftover = 0
+            self.masking = False
             session.log.note("AUTH user %s authenticated" % qformat(user))
             session.reply("auth_ok")
         elif result == "tempfail":
+            session.log.note("AUTH not checked (temporary failure) for %s"
+                             % unverified_user(user))
             session.reply("auth_tempfail")
         else:
+            session.log.note("AUTH failed for %s" % unverified_user(user))
             self.fail(client)
 
     def fail(self, client):
@@ -6972,71 +7188,179 @@ class AuthFailureTracker(object):
 
 class SubmissionRateTracker(object):
     """Messages and recipients each authenticated user submitted over a
-    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``).
+    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``), and the
+    ones under way.
 
-    Every process keeps a copy.  A forked session or a worker reports each
-    accepted message to the master (``report``), which records it for the
-    sessions it forks later and passes it on to the other workers -- the
-    way auth-failrate counts.  Sessions running at the same moment in other
-    processes learn of each other's messages only through the master, so
-    they may overshoot by the messages in flight."""
+    A transaction reserves its message at MAIL and each recipient at RCPT
+    against the limit; the reservation is released when the transaction
+    ends without a message (RSET, a refusal, the session's end) and becomes
+    a count when the message is accepted.  So sessions running at the same
+    moment cannot together pass the limit.
+
+    The counts live in memory that every process of the server shares: an
+    anonymous shared mapping made before the master forks any worker or
+    session.  The logins are spread over RATE_BUCKETS buckets; a bucket is
+    changed only under an exclusive ``lockf`` lock on its byte of a
+    temporary file (between processes) and this object's lock (between
+    threads), so each decision is exact across workers, forked sessions and
+    threads without any message to the master.  A lock of a process that
+    dies is released by the kernel, and its reservations are dropped by the
+    next look at the bucket."""
 
     WINDOW = 3600.0
-    PREFIX = "U "       # marks these reports on the pipe they share
+    #: Bytes of one bucket: its length (4 bytes), then the marshalled dict
+    #: ``login -> [events, reservations]``.
+    HEADER = struct.Struct("=I")
 
-    def __init__(self):
+    def __init__(self, buckets=None, bucket_bytes=None):
+        self.buckets = buckets or RATE_BUCKETS
+        self.bucket_bytes = bucket_bytes or RATE_BUCKET_BYTES
+        self.memory = mmap.mmap(-1, self.buckets * self.bucket_bytes)
+        # The locks' file: unnamed at once, so nothing is left behind.
+        try:
+            fd, path = tempfile.mkstemp(prefix="zmsmtpd-rate-")
+            os.unlink(path)
+        except (OSError, IOError) as e:
+            raise ConfigError("cannot make the submission-rate-limit lock file in %s: %s"
+                              % (os.environ.get("TMPDIR") or "/tmp", e.strerror or e))
+        self.lockfile = fd
+        weakref.finalize(self, os.close, fd)
         self.lock = threading.Lock()
-        self.events = {}        # login -> deque of (time, recipients)
-        self.report = None
+        self.next_token = 0
 
-    def _recent(self, login, now):
-        events = self.events.get(login)
-        if events is None:
-            return ()
-        while events and now - events[0][0] >= self.WINDOW:
-            events.popleft()
-        if not events:
-            del self.events[login]
-        return events
+    def token(self):
+        """A name for one transaction's reservation, unique across processes."""
+        with self.lock:
+            self.next_token += 1
+            return "%d.%d" % (os.getpid(), self.next_token)
 
-    def counts(self, login, now=None):
-        """(messages, recipients) of ``login`` in the last hour."""
-        now = time.time() if now is None else now
+    # -- one bucket, locked --------------------------------------------------------
+
+    def _bucket(self, login):
+        return binascii.crc32(login.encode("utf-8", "surrogateescape")) % self.buckets
+
+    def _change(self, login, change):
+        """Run ``change(entry, now)`` on ``login``'s entry ([events,
+        reservations], made if missing) under the bucket's locks, store the
+        bucket, and return what ``change`` returned."""
         login = login.lower()       # one account, however its name is typed
+        index = self._bucket(login)
+        offset = index * self.bucket_bytes
+        now = time.time()
         with self.lock:
-            events = self._recent(login, now)
-            return len(events), sum(n for _, n in events)
-
-    def record(self, login, recipients, when=None, relay=True):
-        now = time.time() if when is None else when
-        login = login.lower()
-        with self.lock:
-            self._recent(login, now)
-            self.events.setdefault(login, deque()).append((now, recipients))
-            if len(self.events) > 100000:       # bound the memory a flood can take
-                self._expire_all(now)
-        if relay and self.report is not None:
+            fcntl.lockf(self.lockfile, fcntl.LOCK_EX, 1, index)
             try:
-                self.report(("%s%s %f %d\n" % (self.PREFIX, xtext_encode(login), now,
-                                               recipients)).encode("ascii", "replace"))
-            except OSError:
-                pass
+                table = self._load(offset)
+                self._expire(table, now)
+                entry = table.get(login)
+                if entry is None:
+                    entry = table[login] = [[], {}]
+                result = change(entry, now)
+                if not entry[0] and not entry[1]:
+                    del table[login]
+                self._store(offset, table)
+                return result
+            finally:
+                fcntl.lockf(self.lockfile, fcntl.LOCK_UN, 1, index)
 
-    def _expire_all(self, now):
-        for login in list(self.events):
-            self._recent(login, now)
+    def _load(self, offset):
+        size = self.HEADER.unpack_from(self.memory, offset)[0]
+        if not size or size > self.bucket_bytes - self.HEADER.size:
+            return {}
+        start = offset + self.HEADER.size
+        try:
+            return marshal.loads(self.memory[start:start + size])
+        except (ValueError, EOFError, TypeError):
+            return {}
 
-    def absorb(self, data):
-        """The receiving side: lines ``U <login> <time> <recipients>``."""
-        for line in data.decode("ascii", "replace").splitlines():
-            words = line.split(" ")
-            if len(words) != 4 or words[0] + " " != self.PREFIX:
-                continue
-            try:
-                self.record(xtext_decode(words[1]), int(words[3]), float(words[2]),
-                            relay=False)
-            except ValueError:
-                continue
+    def _store(self, offset, table):
+        room = self.bucket_bytes - self.HEADER.size
+        data = marshal.dumps(table)
+        while len(data) > room and table:
+            # A full bucket (a flood of logins) forgets the login that has
+            # been quiet longest: a bound on the memory, not a refusal.
+            del table[min(table, key=lambda name: self._last_seen(table[name]))]
+            data = marshal.dumps(table)
+        self.HEADER.pack_into(self.memory, offset, len(data))
+        start = offset + self.HEADER.size
+        self.memory[start:start + len(data)] = data
+
+    @staticmethod
+    def _last_seen(entry):
+        times = [e[0] for e in entry[0]] + [r[0] for r in entry[1].values()]
+        return max(times) if times else 0.0
+
+    def _expire(self, table, now):
+        """Drop counts older than the window, reservations of processes
+        that are gone, and logins with nothing left."""
+        me = os.getpid()
+        for login in list(table):
+            events, reserved = table[login]
+            while events and now - events[0][0] >= self.WINDOW:
+                events.pop(0)
+            for token in list(reserved):
+                held = reserved[token]
+                if now - held[0] >= self.WINDOW or (held[3] != me and
+                                                    not process_alive(held[3])):
+                    del reserved[token]
+            if not events and not reserved:
+                del table[login]
+
+    @staticmethod
+    def _used(entry):
+        """(messages, recipients): counted plus reserved."""
+        events, reserved = entry
+        return (sum(e[1] for e in events) + sum(r[1] for r in reserved.values()),
+                sum(e[2] for e in events) + sum(r[2] for r in reserved.values()))
+
+    # -- what sessions ask -----------------------------------------------------------
+
+    def counts(self, login):
+        """(messages, recipients) of ``login`` in the last hour, the ones
+        under way included."""
+        return self._change(login, lambda entry, now: self._used(entry))
+
+    def reserve(self, login, token, limit, messages=0, recipients=0):
+        """Reserve ``messages`` and ``recipients`` for transaction ``token``
+        if the limit ``(MSGS, RCPTS or None)`` allows them: (reserved?,
+        messages used, recipients used) -- the use before this request."""
+        def change(entry, now):
+            used = self._used(entry)
+            if messages and used[0] + messages > limit[0]:
+                return (False,) + used
+            if recipients and limit[1] is not None and used[1] + recipients > limit[1]:
+                return (False,) + used
+            held = entry[1].setdefault(token, [now, 0, 0, os.getpid()])
+            held[1] += messages
+            held[2] += recipients
+            return (True,) + used
+        return self._change(login, change)
+
+    def release(self, login, token, recipients=None):
+        """Give back transaction ``token``'s reservation (or, with
+        ``recipients``, that many of its recipients)."""
+        def change(entry, now):
+            held = entry[1].get(token)
+            if held is None:
+                return
+            if recipients is None:
+                del entry[1][token]
+            else:
+                held[2] = max(0, held[2] - recipients)
+        self._change(login, change)
+
+    def commit(self, login, token, recipients):
+        """Transaction ``token``'s message was accepted: its reservation
+        becomes one message with ``recipients`` in the hour's counts."""
+        def change(entry, now):
+            entry[1].pop(token, None)
+            events = entry[0]
+            if events and now - events[-1][0] < RATE_MERGE_SECONDS:
+                last = events.pop()
+                events.append((now, last[1] + 1, last[2] + recipients))
+            else:
+                events.append((now, 1, recipients))
+        self._change(login, change)
 
 
 class PipeAuthenticator(object):
@@ -7106,18 +7430,20 @@ class PipeAuthenticator(object):
             yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
         kind = outcome[0]
+        # Until the program said yes, the name may be a mistyped password.
+        who = unverified_user(user)
         if kind == "error":
-            self._syslog("%s: cannot run %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: cannot run %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("cannot run auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
         if kind == "timeout":
-            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            self._syslog("%s: %s timed out after %gs" % (who, self.path, self.timeout))
             if log:
                 log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
             return "tempfail"
         if kind == "lost":
-            self._syslog("%s: %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
@@ -7127,10 +7453,17 @@ class PipeAuthenticator(object):
             # A program that echoes what it read must not put the
             # password into syslog or the log.
             first = first.replace(password, "<password>")
-        self._syslog("%s: %s" % (user, first))
+        if status == 0:
+            who, logged_who = user, qformat(user)
+        else:
+            logged_who = who
+            if user:
+                # Nor its argument, the user name, unless the program took it.
+                first = first.replace(user, "<user>")
+        self._syslog("%s: %s" % (who, first))
         if log:
             log.note("auth program for %s exited %s after %.3fs: %s" % (
-                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+                logged_who, status, time.time() - start, qformat(first.rstrip("\r"))))
         return self.status_verdict(status)
 
     @staticmethod
@@ -8712,7 +9045,6 @@ class Runtime(object):
         failures, accepted messages, the status file's counters) goes to it
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -8721,8 +9053,6 @@ class Runtime(object):
         kind, _, rest = line.partition(b" ")
         if kind == b"F":
             self.auth_failures.absorb(rest)
-        elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
-            self.submissions.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()
