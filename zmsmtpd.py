@@ -116,6 +116,9 @@ HELP_VERBS_PER_LINE = 9
 BDAT_SIZE_DIGITS = 18
 #: Longest AUTH user name handed to the authentication program.
 AUTH_USER_MAX = 256
+#: Log lines of a session's opening held back at most (see SessionLog.hold):
+#: a health check needs a dozen; a session that talks on is logged whole.
+HELD_LOG_LINES_MAX = 200
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
@@ -835,6 +838,10 @@ def _glob_regex(pattern):
 
 
 _BRACKETED_ADDRESS = re.compile(r"^\[(ipv6[.:])?([^\]]*)\]$", re.I)
+#: The address forms of a Bind line that the original reads (besides any,
+#: any6 and iface:): [a.b.c.d] and [IPv6.x] (or [IPv6:x]).
+_ORIGINAL_BIND_FORM = re.compile(r"^(any6?|iface:.*|\[[0-9.]+\]|\[ipv6[.:][^\]]*\])$",
+                                 re.I)
 _LOOKS_IPV4 = re.compile(r"^[0-9.]+$")
 
 
@@ -1181,6 +1188,13 @@ class ConfigReader(object):
                                     "'ip link' for the names)" % (
                                         self.lines.get(lineno, address), addr[6:]))
                     return None
+        if lineno > 0 and not _ORIGINAL_BIND_FORM.match(address.strip()):
+            # Either form works here; the original skipped such a line.
+            self.warn(lineno, "%s: listens on %s, but ZMailer's smtpserver ignores this "
+                      "line (its form is %s)" % (
+                          self.lines.get(lineno, address), pairs[0][1],
+                          "[%s]" % pairs[0][1] if pairs[0][0] == socket.AF_INET
+                          else "[IPv6.%s]" % pairs[0][1]))
         new = []
         for family, addr in pairs:
             spec = BindSpec(kind=kind, family=family, address=addr, port=port,
@@ -2366,6 +2380,8 @@ class SessionLog(object):
         if not (log.fds or log.use_syslog or log.trace):
             return
         dt = self._dt()
+        if self.held is not None and len(self.held) >= HELD_LOG_LINES_MAX:
+            self.release()
         if self.held is not None:
             self.held.append((dt, mark, text))
             log.write(self.tag, dt, mark, text, kept=False)
@@ -8048,7 +8064,7 @@ OPTION_GROUPS = (
         ("--check", None, "check", True,
          "read and check the configuration as a start would (binding each "
          "listener and letting go), print it like postconf -n; exit 0 when "
-         "usable, 2 on any error or configuration warning"),
+         "usable, 2 on an error or a warning that a line is not in effect"),
         ("--demo", "DIR", "demo", str,
          "write a demo layout in DIR (kept if it exists) and serve it with -v"),
     )),

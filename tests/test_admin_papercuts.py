@@ -192,6 +192,15 @@ class CheckOnAHostWithoutIPv6Test(unittest.TestCase):
                                                                      str(port)])[1:])
         self.assertEqual(status, 0, err)
 
+    def test_start_up_says_the_same_and_listens_nowhere(self):
+        site = _Site(self, ["PARAM policydb btree $MAILVAR/db/smtp-policy", "*  ftveR"])
+        port = free_port()
+        status, out, err = run([PYTHON, "-c", NO_IPV6] + site.args(["-p", str(port)])[1:])
+        self.assertEqual(status, 2, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("(this host has no IPv6: start with -4", err)
+        self.assertFalse(can_greet(port))
+
 
 # ---------------------------------------------------------------- item 11
 
@@ -264,7 +273,7 @@ class CheckGatesOnWarningsTest(unittest.TestCase):
         text = " ".join(readme().split())
         self.assertIn("`--check`, the gate before a deployment, exits 2 for each warning "
                       "that means a line is not in effect as written", text)
-        self.assertIn("Two warnings stay warnings for `--check` too", text)
+        self.assertIn("Three warnings stay warnings for `--check` too", text)
 
 
 # ---------------------------------------------------------------- item 12
@@ -561,13 +570,15 @@ class AddressesWithAndWithoutBracketsTest(unittest.TestCase):
     BIND_KEYWORDS = ("BindAddress", "BindSmtp", "BindSmtpS", "BindSubmit", "BindSubmitS")
 
     def read(self, *lines):
+        """Group 0 of a configuration; ``self.warnings`` its warnings."""
         d = tempfile.mkdtemp(prefix="zmaddr-")
         self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "smtpserver.conf")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n*  ve\n")
         config = zmsmtpd.ConfigReader(path, zmsmtpd.ZEnv(None, {})).read()
-        self.assertEqual(config.bind_errors + config.diagnostics, ())
+        self.assertEqual(config.bind_errors + config.check_errors, ())
+        self.warnings = [m for _, _, m in config.diagnostics]
         return config.groups[0]
 
     def binds(self, group):
@@ -580,15 +591,22 @@ class AddressesWithAndWithoutBracketsTest(unittest.TestCase):
                                     ("[IPv6:2001:db8::1]", "[2001:db8::1]")):
                 with self.subTest(keyword=keyword, address=bare):
                     one = self.binds(self.read("PARAM %s %s 2525" % (keyword, bracketed)))
+                    self.assertEqual(self.warnings, [])
                     two = self.binds(self.read("PARAM %s %s 2525" % (keyword, bare)))
                     self.assertEqual(one, two)
                     self.assertEqual(one[0][2], bare.strip("[]"))
+                    # The original skipped the line: said once, with its form.
+                    self.assertEqual(len(self.warnings), 1)
+                    self.assertIn("but ZMailer's smtpserver ignores this line (its form is "
+                                  "%s)" % bracketed.replace("IPv6:", "IPv6."),
+                                  self.warnings[0])
 
     def test_proxy_protocol_nets_takes_both_forms(self):
         one = self.read("PARAM proxy-protocol-nets [127.0.0.7]/32 [10.0.0.0]/8 "
                         "[IPv6.2001:db8::]/32 [192.0.2.9]")
         two = self.read("PARAM proxy-protocol-nets 127.0.0.7/32 10.0.0.0/8 2001:db8::/32 "
                         "192.0.2.9")
+        self.assertEqual(self.warnings, [])
         self.assertEqual(one.proxy_protocol_nets, two.proxy_protocol_nets)
         self.assertEqual([str(n) for n in one.proxy_protocol_nets],
                          ["127.0.0.7/32", "10.0.0.0/8", "2001:db8::/32", "192.0.2.9/32"])
