@@ -365,6 +365,8 @@ show_status () {
     ss_reload=$(status_field "$ss_file" reload_result)
     if [ -n "$ss_reload" ]; then
         say "  last reload: $(status_field "$ss_file" reload_at_text), $ss_reload"
+        sed -n 's/^reload_warning=/    warning: /p' "$ss_file" 2>/dev/null |
+            while IFS= read -r ss_warning; do say "$ss_warning"; done
     else
         say "  last reload: none since start"
     fi

@@ -228,6 +228,10 @@ class ReloadShowsItsWarningsTest(unittest.TestCase):
                          "'maxsise' (did you mean 'maxsize'?)\n" % (pid, lay.conf, lay.conf))
         status = read_text(lay.pidfile + ".status")
         self.assertIn("\nreload_warning=%s:4: bad PARAM keyword" % lay.conf, status)
+        rc, out = lay.run_script(shell, "status")
+        self.assertEqual(rc, 0, out)
+        self.assertRegex(out, r"\n  last reload: .*, taken: configuration reloaded from .* "
+                              r"with 1 warning\n    warning: .*:4: bad PARAM keyword")
         # Fixed, the next reload has no warning left to show.
         lay.write_conf(good)
         rc, out = lay.run_script(shell, "reload")
