@@ -941,7 +941,6 @@ class ConfigReader(object):
         self.diagnostics = []
         self.seen_bind = False
         self.seen_params = set()
-        self.file_read = False
         self.config_errors = []     # "file:line: text" of settings that cannot work
         # Problems with listener lines, with numbers and lines that are
         # ignored are kept apart: a daemon cannot start with a bad listener
@@ -1014,7 +1013,6 @@ class ConfigReader(object):
             # 400: a start, --check and a reload all stop here.
             raise ConfigError("cannot read configuration file %s: %s"
                               % (self.path, e.strerror or e))
-        self.file_read = True
         text = data.decode("utf-8", "surrogateescape")
         for lineno, line in enumerate(text.split("\n"), 1):
             line = line.rstrip("\r")
@@ -1025,7 +1023,7 @@ class ConfigReader(object):
                 self._param_line(lineno, line)
             else:
                 self._pattern_line(lineno, line)
-        if not self.seen_bind and self.file_read and self.zenv.get("BINDADDR"):
+        if not self.seen_bind and self.zenv.get("BINDADDR"):
             # The original crashed here (NULL group); the intent was plain.
             self.bind_source = "%s: BINDADDR" % (self.zenv.path or "zmailer.conf")
             self._add_bind(-1, "ADDR", self.zenv.get("BINDADDR"), None)
@@ -1322,7 +1320,7 @@ class ConfigReader(object):
                             number_errors=tuple(self.number_errors),
                             check_errors=tuple(self.number_errors + self.ignored_lines),
                             origins=dict(self.origins), effective_lines=effective,
-                            unimplemented=unimplemented, file_read=self.file_read,
+                            unimplemented=unimplemented,
                             config_errors=tuple(self.config_errors),
                             **glob)
 
@@ -8658,8 +8656,7 @@ def describe_config(config, site, user=None):
     for lineno, line in config.effective_lines:
         out.append("%s:%d: %s" % (config.path, lineno, line))
     if not config.effective_lines:
-        out.append("# (none: %s)" % ("the file is empty" if config.file_read
-                                       else "the file could not be read"))
+        out.append("# (none: the file is empty)")
     out.append("")
     out.append("# listeners")
     for spec in listener_specs(config, site.options.get("ipv6", True)):
