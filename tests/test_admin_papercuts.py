@@ -140,6 +140,28 @@ class VerboseRunBesideALiveDaemonTest(unittest.TestCase):
         self.assertRegex(trace, r"(?m)^\d\d:\d\d:\d\d\.\d{3} \S{7}\d{4}w\t250 ")
 
 
+    def test_the_readme_one_session_command_serves_while_the_daemon_runs(self):
+        command = re.search(r"^    (python3 zmsmtpd\.py -i -Z \S+ -T '\[([0-9.]+)\]')$",
+                            readme(), re.M)
+        self.assertIsNotNone(command, "no -i command in the README")
+        argv = [PYTHON, SERVER, "-i", "-Z", self.site.zconf, "-T",
+                "[%s]" % command.group(2)]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        replies = [proc.stdout.readline()]
+        for line in (b"HELO client.example\r\n", b"QUIT\r\n"):
+            # One line after each reply: input ahead of the greeting is refused.
+            proc.stdin.write(line)
+            proc.stdin.flush()
+            replies.append(proc.stdout.readline())
+        out, _ = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 0, replies)
+        self.assertEqual([r[:4] for r in replies], [b"220 ", b"250 ", b"221 "], replies)
+        self.assertTrue(process_alive(self.daemon))
+        self.assertEqual(int(read_text(self.site.pidfile)), self.daemon)
+
+
 def can_greet(port):
     try:
         s = socket.create_connection(("127.0.0.1", port), 2)
