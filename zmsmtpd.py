@@ -76,6 +76,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -123,6 +124,9 @@ HELP_VERBS_PER_LINE = 9
 BDAT_SIZE_DIGITS = 18
 #: Longest AUTH user name handed to the authentication program.
 AUTH_USER_MAX = 256
+#: Log lines of a session's opening held back at most (see SessionLog.hold):
+#: a health check needs a dozen; a session that talks on is logged whole.
+HELD_LOG_LINES_MAX = 200
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
@@ -402,6 +406,16 @@ class ZEnv(object):
 
     def __contains__(self, name):
         return name in self.values
+
+    def origin(self, name):
+        """Where setting ``name`` comes from, in words for a message: this
+        file's line, or the built-in default because the file sets none
+        or does not exist."""
+        path = self.path or DEFAULT_ZCONFIG
+        if name in self.values:
+            return "%s in %s" % (name, path)
+        return "the built-in default for %s (%s %s)" % (
+            name, path, "sets none" if os.path.exists(path) else "does not exist")
 
 
 def find_zconfig(option_path):
@@ -845,34 +859,61 @@ def _glob_regex(pattern):
     return rx
 
 
-_BIND_V4 = re.compile(r"^\[(\d{1,3}(?:\.\d{1,3}){3})\]$")
-_BIND_V6 = re.compile(r"^\[ipv6[.: ]([0-9a-fA-F:.]+)\]$", re.I)
+_BRACKETED_ADDRESS = re.compile(r"^\[(ipv6[.:])?([^\]]*)\]$", re.I)
+#: The address forms of a Bind line that the original reads (besides any,
+#: any6 and iface:): [a.b.c.d] and [IPv6.x] (or [IPv6:x]).
+_ORIGINAL_BIND_FORM = re.compile(r"^(any6?|iface:.*|\[[0-9.]+\]|\[ipv6[.:][^\]]*\])$",
+                                 re.I)
+_LOOKS_IPV4 = re.compile(r"^[0-9.]+$")
+
+
+def parse_address(text):
+    """An IP address as any PARAM or option writes it: in brackets as the
+    Bind lines and the policy do (``[192.0.2.1]``, ``[IPv6.2001:db8::1]``,
+    ``[IPv6:2001:db8::1]``, ``[2001:db8::1]``) or bare (``192.0.2.1``,
+    ``2001:db8::1``).  Returns (family, address); raises ValueError."""
+    t = text.strip()
+    m = _BRACKETED_ADDRESS.match(t)
+    tagged_v6 = bool(m and m.group(1))
+    literal = m.group(2) if m else t
+    families = (socket.AF_INET6,) if tagged_v6 else (socket.AF_INET, socket.AF_INET6)
+    for family in families:
+        try:
+            socket.inet_pton(family, literal)
+        except (OSError, socket.error, ValueError):
+            continue
+        return family, literal
+    if tagged_v6 or ":" in literal:
+        raise ValueError("bad IPv6 address '%s'" % text)
+    if _LOOKS_IPV4.match(literal):
+        raise ValueError("bad IPv4 address '%s'" % text)
+    raise ValueError("'%s' is not an IP address" % text)
+
+
+def parse_network(text):
+    """A network as any PARAM writes it: an address in either form of
+    parse_address, with or without ``/prefix`` (``[10.0.0.0]/8``,
+    ``10.0.0.0/8``, ``[IPv6.2001:db8::]/32``).  Host bits may be set.
+    Returns an ipaddress network; raises ValueError."""
+    address, slash, prefix = text.strip().partition("/")
+    family, literal = parse_address(address)
+    if slash and not re.match(r"^[0-9]{1,3}$", prefix):
+        raise ValueError("bad prefix length '/%s'" % prefix)
+    return ipaddress.ip_network("%s/%s" % (literal, prefix) if slash else literal,
+                                strict=False)
 
 
 def parse_bind_address(text):
     """Bind address forms -> list of (family, address).  ``address`` is a
-    literal, ``""`` for a wildcard, or ``iface:NAME`` resolved at bind time.
-    A bare ``1.2.3.4`` or a host name is refused, as by the original."""
+    literal (either form of parse_address), ``""`` for a wildcard (``any``,
+    ``any6``), or ``iface:NAME`` resolved at bind time.  A host name is
+    refused: it could only become a wildcard listener nobody meant."""
     t = text.strip()
     low = t.lower()
     if low == "any":
         return [(socket.AF_INET, "")]
     if low == "any6":
         return [(socket.AF_INET6, "")]
-    m = _BIND_V4.match(t)
-    if m:
-        try:
-            socket.inet_pton(socket.AF_INET, m.group(1))
-        except (OSError, socket.error):
-            raise ValueError("bad IPv4 address '%s'" % text)
-        return [(socket.AF_INET, m.group(1))]
-    m = _BIND_V6.match(t)
-    if m:
-        try:
-            socket.inet_pton(socket.AF_INET6, m.group(1))
-        except (OSError, socket.error):
-            raise ValueError("bad IPv6 address '%s'" % text)
-        return [(socket.AF_INET6, m.group(1))]
     if low.startswith("iface:"):
         rest = t[6:]
         if rest.startswith("v4:"):
@@ -882,16 +923,13 @@ def parse_bind_address(text):
         if not rest:
             raise ValueError("iface: needs an interface name")
         return [(socket.AF_INET6, "iface:" + rest), (socket.AF_INET, "iface:" + rest)]
-    hint = ""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, t)
-        except (OSError, socket.error, ValueError):
-            continue
-        hint = "; write it as [%s]" % t if family == socket.AF_INET else \
-            "; write it as [IPv6.%s]" % t
-    raise ValueError("bad bind address '%s' (the forms are [1.2.3.4], [IPv6.x], any, "
-                     "any6, iface:NAME%s)" % (text, hint))
+    try:
+        return [parse_address(t)]
+    except ValueError as e:
+        if "is not an IP address" not in str(e):
+            raise
+    raise ValueError("bad bind address '%s' (the forms are [192.0.2.1] or 192.0.2.1, "
+                     "[IPv6.2001:db8::1] or 2001:db8::1, any, any6, iface:NAME)" % text)
 
 
 #: The port a Bind keyword listens on when its line names none.
@@ -925,13 +963,14 @@ class ConfigReader(object):
         self.diagnostics = []
         self.seen_bind = False
         self.seen_params = set()
-        self.file_read = False
         self.config_errors = []     # "file:line: text" of settings that cannot work
-        # Problems with listener lines and with numbers are kept apart:
-        # a daemon cannot start with a bad listener line, and --check
-        # counts a number it had to guess at as an error.
+        # Problems with listener lines, with numbers and lines that are
+        # ignored are kept apart: a daemon cannot start with a bad listener
+        # line, and --check counts as an error a number it had to guess at
+        # and a line that means nothing to it (see check_errors).
         self.bind_errors = []
         self.number_errors = []
+        self.ignored_lines = []
         self.lines = {}            # line number -> the line as written
         self.origins = {}          # (scope, attribute) -> line number
         self.effective = []        # (what it sets or None, line number)
@@ -939,6 +978,13 @@ class ConfigReader(object):
 
     def warn(self, lineno, message):
         self.diagnostics.append((self.path, lineno, message))
+
+    def ignore(self, lineno, message):
+        """A line that is skipped (an unknown keyword, missing arguments,
+        a lower-case 'param'): a warning at start and reload, an error
+        for --check, since what the administrator meant is not in effect."""
+        self.ignored_lines.append((self.path, lineno, message))
+        self.warn(lineno, message)
 
     def bind_error(self, lineno, message):
         """A listener line that cannot work.  The source is the -x option
@@ -980,20 +1026,15 @@ class ConfigReader(object):
             self.glob["maxsize"] = max(0, self.options["maxsize"])
         self.bind_source = "-x"
         if self.options.get("bindaddr"):
-            self._add_bind(0, "ADDR", "[%s]" % self.options["bindaddr"]
-                           if not self.options["bindaddr"].startswith("[")
-                           else self.options["bindaddr"], None)
+            self._add_bind(0, "ADDR", self.options["bindaddr"], None)
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except (IOError, OSError) as e:
-            if self.options.get("explicit"):
-                raise ConfigError("cannot read configuration file %s: %s"
-                                  % (self.path, e.strerror or e))
-            self.warn(0, "cannot read configuration file: %s" % (e.strerror or e))
-            data = b""
-        else:
-            self.file_read = True
+            # Without its file the server would answer every command with
+            # 400: a start, --check and a reload all stop here.
+            raise ConfigError("cannot read configuration file %s: %s"
+                              % (self.path, e.strerror or e))
         text = data.decode("utf-8", "surrogateescape")
         for lineno, line in enumerate(text.split("\n"), 1):
             line = line.rstrip("\r")
@@ -1004,7 +1045,7 @@ class ConfigReader(object):
                 self._param_line(lineno, line)
             else:
                 self._pattern_line(lineno, line)
-        if not self.seen_bind and self.file_read and self.zenv.get("BINDADDR"):
+        if not self.seen_bind and self.zenv.get("BINDADDR"):
             # The original crashed here (NULL group); the intent was plain.
             self.bind_source = "%s: BINDADDR" % (self.zenv.path or "zmailer.conf")
             self._add_bind(-1, "ADDR", self.zenv.get("BINDADDR"), None)
@@ -1022,7 +1063,7 @@ class ConfigReader(object):
         spec = PARAM_TABLE.get(key)
         if spec is None:
             guess = difflib.get_close_matches(key, list(PARAM_TABLE), 1, 0.75)
-            self.warn(lineno, "bad PARAM keyword/missing parameters: '%s'%s" % (
+            self.ignore(lineno, "bad PARAM keyword/missing parameters: '%s'%s" % (
                 keyword, " (did you mean '%s'?)" % guess[0] if guess else ""))
             return
         canonical, scope, kind, attr, extra = spec
@@ -1030,7 +1071,9 @@ class ConfigReader(object):
         if key in RAW_KEYWORDS:
             args = [value]
         else:
-            args = c_tokens(dollar_expand(value, self.zenv))
+            # A list of networks (our own PARAM) has no three-word limit.
+            text = dollar_expand(value, self.zenv)
+            args = c_tokens(text, len(text) if kind == "nets" else 3)
         self.seen_params.add(canonical)
         target = self.glob if scope == "G" else self.cur
         handler = getattr(self, "_kind_" + kind)
@@ -1039,7 +1082,7 @@ class ConfigReader(object):
             self.bind_error(lineno, "%s: %s" % (self.lines.get(lineno, keyword), problem))
             return
         if problem:
-            self.warn(lineno, "%s: '%s'" % (problem, keyword))
+            self.ignore(lineno, "%s: '%s'" % (problem, keyword))
             return
         where = "G" if scope == "G" else len(self.groups) - 1
         self.origins[(where, attr or canonical)] = lineno
@@ -1165,6 +1208,13 @@ class ConfigReader(object):
                                     "'ip link' for the names)" % (
                                         self.lines.get(lineno, address), addr[6:]))
                     return None
+        if lineno > 0 and not _ORIGINAL_BIND_FORM.match(address.strip()):
+            # Either form works here; the original skipped such a line.
+            self.warn(lineno, "%s: listens on %s, but ZMailer's smtpserver ignores this "
+                      "line (its form is %s)" % (
+                          self.lines.get(lineno, address), pairs[0][1],
+                          "[%s]" % pairs[0][1] if pairs[0][0] == socket.AF_INET
+                          else "[IPv6.%s]" % pairs[0][1]))
         new = []
         for family, addr in pairs:
             spec = BindSpec(kind=kind, family=family, address=addr, port=port,
@@ -1200,10 +1250,11 @@ class ConfigReader(object):
             if word.startswith("#"):
                 break
             try:
-                nets.append(ipaddress.ip_network(word.strip("[]"), strict=False))
+                nets.append(parse_network(word))
             except ValueError:
                 self.fail(lineno, "PARAM %s: %r is not a network (use 10.0.0.0/8, "
-                          "192.0.2.7, 2001:db8::/32)" % (name, word))
+                          "[10.0.0.0]/8, 192.0.2.7, 2001:db8::/32, [IPv6.2001:db8::]/32)"
+                          % (name, word))
         if not nets:
             self.fail(lineno, "PARAM %s needs at least one network" % name)
         target[attr] = tuple(nets)
@@ -1246,7 +1297,7 @@ class ConfigReader(object):
     def _pattern_line(self, lineno, line):
         self.effective.append((None, lineno))
         if line.lower().startswith("param"):
-            self.warn(lineno, "line starts with lower-case 'param': read as a "
+            self.ignore(lineno, "line starts with lower-case 'param': read as a "
                       "HELO pattern, not a PARAM line (PARAM is case-sensitive)")
         tok = c_tokens(line, 1)
         pattern = tok[0].lower() if tok else ""
@@ -1289,31 +1340,58 @@ class ConfigReader(object):
                             diagnostics=tuple(self.diagnostics),
                             bind_errors=tuple(self.bind_errors),
                             number_errors=tuple(self.number_errors),
+                            check_errors=tuple(self.number_errors + self.ignored_lines),
                             origins=dict(self.origins), effective_lines=effective,
-                            unimplemented=unimplemented, file_read=self.file_read,
+                            unimplemented=unimplemented,
                             config_errors=tuple(self.config_errors),
                             **glob)
 
 
-def find_config_path(option_path, zenv, argv0):
-    """``-C file``; else ``$MAILSHARE/<name>.conf`` (3.0.1), else
-    ``$MAILVAR/<name>.conf`` (seed era).  ``<name>`` is the program's name;
-    for ``zmsmtpd.py`` (or ``zmsmtpd``) it is ``smtpserver``, so a copy of
-    this file reads the installed configuration unchanged, while a symlink
-    called ``smtpserver-submit`` still reads ``smtpserver-submit.conf``."""
-    if option_path:
-        return option_path
+def config_candidates(zenv, argv0):
+    """Where the configuration is looked for without ``-C``, in order:
+    (path, where that place comes from).  ``$MAILSHARE/<name>.conf``
+    (3.0.1), then ``$MAILVAR/<name>.conf`` (seed era), else a built-in
+    path.  ``<name>`` is the program's name; for ``zmsmtpd.py`` (or
+    ``zmsmtpd``) it is ``smtpserver``, so a copy of this file reads the
+    installed configuration unchanged, while a symlink called
+    ``smtpserver-submit`` still reads ``smtpserver-submit.conf``."""
     name = os.path.basename(argv0 or "smtpserver")
     if name.endswith(".py"):
         name = name[:-3]
     if name in ("zmsmtpd", "__main__", ""):
         name = "smtpserver"
-    candidates = [os.path.join(zenv.get(var), name + ".conf")
-                  for var in ("MAILSHARE", "MAILVAR") if zenv.get(var)]
-    for path in candidates:
+    candidates = []
+    for var in ("MAILSHARE", "MAILVAR"):
+        path = os.path.join(zenv.get(var), name + ".conf") if zenv.get(var) else None
+        if path and path not in [c[0] for c in candidates]:
+            candidates.append((path, zenv.origin(var)))
+    if not candidates:
+        zconfig = zenv.path or DEFAULT_ZCONFIG
+        candidates.append(("/etc/zmailer/%s.conf" % name, "the built-in place, as %s %s" % (
+            zconfig, "sets neither MAILSHARE nor MAILVAR" if os.path.exists(zconfig)
+            else "does not exist")))
+    return candidates
+
+
+def find_config_path(option_path, zenv, argv0):
+    """``-C file``, else the first of config_candidates that exists, else
+    the first of them."""
+    if option_path:
+        return option_path
+    candidates = config_candidates(zenv, argv0)
+    for path, _ in candidates:
         if os.path.exists(path):
             return path
-    return candidates[0] if candidates else "/etc/zmailer/%s.conf" % name
+    return candidates[0][0]
+
+
+def missing_config_text(zenv, argv0):
+    """The start-up error for a configuration file found nowhere."""
+    places = ["%s (%s)" % c for c in config_candidates(zenv, argv0)]
+    return ("no configuration file: %s. Fix: install one there (smtpserver.conf.sample "
+            "is a commented start), or name it with -C" % (
+                "%s does not exist" % places[0] if len(places) == 1
+                else "neither %s exists" % " nor ".join(places)))
 
 
 def diag_text(file_, line, message):
@@ -2679,22 +2757,25 @@ class TranscriptLog(object):
             except OSError:
                 pass
 
-    def write(self, tag, dt, mark, text):
+    def write(self, tag, dt, mark, text, kept=True, traced=True):
+        """One line to the log files and syslog (``kept``) and to the -v
+        trace (``traced``)."""
         if not (self.fds or self.use_syslog or self.trace):
             return
         text = log_safe(text)
         line = "%s%04d%s\t%s\n" % (tag, dt, mark, text)
-        data = line.encode("utf-8", "surrogateescape")
-        for fd in self.fds:
+        if kept:
+            data = line.encode("utf-8", "surrogateescape")
+            for fd in self.fds:
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    pass
+            if self.use_syslog:
+                syslog.syslog(syslog.LOG_DEBUG, "%s%04d %s %s" % (tag, dt, mark, text))
+        if self.trace and traced:
             try:
-                os.write(fd, data)
-            except OSError:
-                pass
-        if self.use_syslog:
-            syslog.syslog(syslog.LOG_DEBUG, "%s%04d %s %s" % (tag, dt, mark, text))
-        if self.trace:
-            try:
-                sys.stderr.write(line)
+                sys.stderr.write(trace_time() + line)
                 sys.stderr.flush()
             except (IOError, OSError, ValueError):
                 pass
@@ -2704,31 +2785,69 @@ class TranscriptLog(object):
         self.write("0000000", 0, "#", "000-" + text)
 
 
+def trace_time(now=None):
+    """The -v trace's prefix: the local time of day to the millisecond
+    (``HH:MM:SS.mmm ``), as a log line's own field is only the seconds
+    since its session began."""
+    now = time.time() if now is None else now
+    return "%s.%03d " % (time.strftime("%H:%M:%S", time.localtime(now)),
+                         int(now * 1000) % 1000)
+
+
 class SessionLog(object):
-    """One session's view of the transcript log: fixed tag, elapsed time."""
+    """One session's view of the transcript log: fixed tag, elapsed time.
+
+    The lines of a session's opening can be held back from the log files
+    (``hold``; the -v trace shows them at once): a connection that ends
+    before its first command -- a load balancer's or a monitor's check --
+    is then logged as one line (``collapse``) instead of a session block,
+    and a real session gets its lines in order once it sends a command
+    (``release``)."""
 
     def __init__(self, log, tag, start):
         self.log = log
         self.tag = tag
         self.start = start
+        self.held = None            # [(dt, mark, text)] while held back
 
     def _dt(self):
         return int(time.time() - self.start) if self.tag != "0000000" else 0
 
-    def received(self, text):
+    def _line(self, mark, text):
         log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "r", text)
+        if not (log.fds or log.use_syslog or log.trace):
+            return
+        dt = self._dt()
+        if self.held is not None and len(self.held) >= HELD_LOG_LINES_MAX:
+            self.release()
+        if self.held is not None:
+            self.held.append((dt, mark, text))
+            log.write(self.tag, dt, mark, text, kept=False)
+        else:
+            log.write(self.tag, dt, mark, text)
+
+    def received(self, text):
+        self._line("r", text)
 
     def sent(self, text):
-        log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "w", text)
+        self._line("w", text)
 
     def note(self, text):
-        log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "#", "000-" + text)
+        self._line("#", "000-" + text)
+
+    def hold(self):
+        self.held = []
+
+    def release(self):
+        """The held lines go to the log files, as they came."""
+        held, self.held = self.held, None
+        for dt, mark, text in held or ():
+            self.log.write(self.tag, dt, mark, text, traced=False)
+
+    def collapse(self, text):
+        """The held lines are dropped; ``text`` is the session's one line."""
+        self.held = None
+        self.note(text)
 
     def recording(self):
         """Whether a line written now goes anywhere (an ``-l`` log or the
@@ -4075,6 +4194,8 @@ class StatusFile(object):
                                    if reload_at else ""),
             "reload_result=%s" % " ".join(reload_result.split()),
         ]
+        lines.extend("reload_warning=%s" % " ".join(text.split())
+                     for text in runtime.reload_warnings)
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
         tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
@@ -4531,6 +4652,25 @@ WAITING = object()
 #: Pipelined commands a session runs before it lets the others have the
 #: worker's loop (one recv can bring some 10 000 of them).
 TURN_COMMANDS = 16
+
+#: What a load balancer's health check says after a PROXY LOCAL (v2) or
+#: UNKNOWN (v1) header (HAProxy's ``option smtpchk``: HELO, QUIT): such a
+#: session is logged as one line.
+HEALTH_CHECK_VERBS = frozenset(("HELO", "EHLO", "NOOP", "RSET", "QUIT"))
+#: How a TLS handshake ends when the client just goes away (a TCP health
+#: check connects and closes or resets): not a TLS problem to report.
+CLIENT_GONE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                      ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def client_went_away(error):
+    """Whether a TLS handshake ended because the client closed or reset the
+    connection.  OpenSSL 3 reports a close as a plain SSLError ("unexpected
+    eof while reading") to a Python built before it knew that error, and a
+    connection reset before the TLS layer took it over is ENOTCONN."""
+    return isinstance(error, CLIENT_GONE_ERRORS) or (
+        isinstance(error, ssl.SSLError) and "unexpected eof" in str(error).lower()) or (
+        getattr(error, "errno", None) == errno.ENOTCONN)
 
 
 class Channel(object):
@@ -5536,6 +5676,9 @@ class SessionStart(object):
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
         self.refusal = None               # reply lines to send after implicit TLS, then end
+        self.proxy_check = None           # a LOCAL/UNKNOWN header (the balancer's
+                                          # check): "PROXY v2 LOCAL from [ip]:port"
+        self.opening = "connection"       # the log's first line of the session
         self.local_port = local[1] if local else 0
         self.local_ip = unmapped_ip(local[0]) if local else ""
         if not self.network or (mode == "interactive"):
@@ -5647,8 +5790,8 @@ class SessionStart(object):
         if header.source is None:
             # LOCAL (v2) or UNKNOWN: the balancer's own health check, served
             # as a connection from the balancer.
-            self.log.note("PROXY v%d %s from %s: serving the proxy itself"
-                          % (header.version, header.command, proxy))
+            self.proxy_check = "PROXY v%d %s from %s" % (header.version, header.command, proxy)
+            self.log.note("%s: serving the proxy itself" % self.proxy_check)
             return True
         ip, port = header.source
         if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
@@ -5781,7 +5924,12 @@ class SessionStart(object):
         # failed; closing the session closes it.
         tls = self.sock = self.channel.sock
         if problem is not None:
-            self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
+            if self.log.held is not None and client_went_away(problem):
+                # Connected and left without a word: a health check.
+                self.log.collapse("%s: closed during the TLS handshake, before any command"
+                                  % self.opening)
+            else:
+                self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
             return False
         self.tls_active = True
         name, version, bits = tls.cipher()
@@ -6377,7 +6525,8 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.log.note("timeout; closing")
                 self.reply("timeout")
             except ClientGone:
-                self.log.note("Session closed w/o QUIT")
+                if not self.settle_log(gone=True):
+                    self.log.note("Session closed w/o QUIT")
             except ShuttingDown:
                 self.log.note("server shutting down; closing")
                 self.reply("shutdown")
@@ -6390,16 +6539,42 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 pass
         finally:
             self.abort_transaction("session terminated")
+            self.settle_log()
+
+    def settle_log(self, gone=False):
+        """At the end of a session whose opening lines are still held back
+        (see SessionLog.hold): one line for a connection ``gone`` before
+        its first command, or for a balancer's health check that only
+        greeted and quit; else the held lines as they came.  True when the
+        one line was written."""
+        log = self.log
+        if log.held is None:
+            return False
+        commands = [text for _, mark, text in log.held if mark == "r"]
+        if self.proxy_check:
+            log.collapse("%s on port %d pid %d: the proxy's health check%s" % (
+                self.proxy_check, self.local_port, current_pid(),
+                ": " + ", ".join(commands) if commands else ""))
+        elif gone and not commands:
+            log.collapse("%s: closed before any command" % self.opening)
+        else:
+            log.release()
+            return False
+        return True
 
     def converse(self):
+        if self.network:
+            # Held until the first command: see settle_log.
+            self.log.hold()
         if self.proxy_expected:
             accepted = yield from self.read_proxy_header()
             if not accepted:
                 return
         if self.network:
-            self.log.note("connection from %s %s:%d on port %d pid %d%s" % (
+            self.opening = "connection from %s %s:%d on port %d pid %d%s" % (
                 self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
-                " via proxy %s" % self.proxy_via if self.proxy_via else ""))
+                " via proxy %s" % self.proxy_via if self.proxy_via else "")
+            self.log.note(self.opening)
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             if not (yield from self.start_tls()):
                 return
@@ -6471,6 +6646,8 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         word = _FIRST_WORD.match(line).group(0)
         verb = word.upper()
         shown = self.loggable(line, word)
+        if self.log.held is not None and not (self.proxy_check and verb in HEALTH_CHECK_VERBS):
+            self.log.release()
         self.log.received(shown)
         if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
@@ -8859,84 +9036,155 @@ class SpoolFile(object):
 # 11. Command line, run-time state, daemon
 # ---------------------------------------------------------------------------
 
-USAGE = """\
-Usage: zmsmtpd.py [-46aBghintvVw] [-C conffile] [-d level] [-I pidfile]
-                  [-l logfile|SYSLOG] [-L maxload] [-M maxsize] [-P postoffice]
-                  [-p port] [-R router] [-s strict|sloppy|flags] [-S local|remote]
-                  [-T '[ip]'] [-Z zmailer.conf] [-x address] [--check] [--demo DIR]
-"""
-OPTSTRING = "46aBC:d:ghil:np:tI:L:M:P:R:s:S:T:VvwZ:x:"
-LONG_OPTIONS = ["check", "demo=", "help"]
+def _fake_peer(value):
+    m = re.match(r"^\[(?:ipv6[.:])?([0-9A-Fa-f:.]+)\]$", value, re.I)
+    if not m:
+        raise getopt.GetoptError("-T needs [a.b.c.d] or [ipv6.addr]")
+    return m.group(1)
+
+
+#: The command line, one row per option: (option, its argument's name or
+#: None, the key parse_command_line keeps it under, what it keeps (for an
+#: option with an argument, a function of the text), what --help says).
+#: Both the parser and --help are made from this table.
+OPTION_GROUPS = (
+    ("Files", (
+        ("-Z", "file", "zconfig", str,
+         "zmailer.conf (default: $ZCONFIG, else /etc/zmailer.conf)"),
+        ("-C", "file", "config", str,
+         "smtpserver.conf (default: $MAILSHARE/smtpserver.conf, else "
+         "$MAILVAR/smtpserver.conf)"),
+        ("-P", "dir", "postoffice", str, "POSTOFFICE (default: zmailer.conf's)"),
+        ("-I", "pidfile", "pidfile", str,
+         "pid file; a relative name is under $POSTOFFICE (default "
+         "$POSTOFFICE/.pid.smtpserver); the status file is kept beside it"),
+    )),
+    ("Listeners", (
+        ("-p", "port", "bindport", lambda v: _c_int(v, 25),
+         "port of the default and BindAddress listeners (PARAM BindPort wins)"),
+        ("-x", "addr", "bindaddr", str,
+         "listen on this address only, as PARAM BindAddress [addr]"),
+        ("-4", None, "ipv6", False, "IPv4 only"),
+        ("-6", None, "ipv6", True, "IPv6 too (the default)"),
+        ("-t", None, "implicit_tls", True,
+         "implicit TLS before the greeting (with -n: inetd on port 465)"),
+    )),
+    ("How it runs", (
+        ("-v", None, "verbose", True,
+         "foreground; the session log also goes to stderr, each line after "
+         "the time of day (HH:MM:SS.mmm); refuses to replace a running server "
+         "unless --replace is given"),
+        ("-d", "level", "debug", lambda v: _c_int(v, 0),
+         "debug level; 2 or more keeps the daemon in the foreground (and, "
+         "like a detaching start, replaces a running server)"),
+        ("--replace", None, "replace", True,
+         "with -v: stop the server named by the pid file and take its place"),
+        ("-i", None, "interactive", True,
+         "one session on stdin/stdout, no listener (for debugging)"),
+        ("-n", None, "inetd", True, "inetd: one session on the socket on fd 0"),
+        ("-T", "'[ip]'", "fake_peer", _fake_peer,
+         "with -i: pretend to be that client (the policy checks run)"),
+        ("--check", None, "check", True,
+         "read and check the configuration as a start would (binding each "
+         "listener and letting go), print it like postconf -n; exit 0 when "
+         "usable, 2 on an error or a warning that a line is not in effect"),
+        ("--demo", "DIR", "demo", str,
+         "write a demo layout in DIR (kept if it exists) and serve it with -v"),
+    )),
+    ("Sessions", (
+        ("-s", "style", "style", str,
+         "strict, sloppy, or the default style flags (default ve)"),
+        ("-h", None, "checkhelo", True, "check HELO/EHLO syntax strictly (bad name: 501)"),
+        ("-g", None, "gullible", True, "gullible: no \"expected EHLO <name>\" remark"),
+        ("-B", None, "bsmtp", True, "mark sessions BSMTP (with BSMTP)"),
+        ("-M", "bytes", "maxsize", lambda v: max(0, _c_int(v, 0)),
+         "largest message (PARAM maxsize wins)"),
+    )),
+    ("Logs", (
+        ("-l", "file|SYSLOG", "logs", str,
+         "session log file, or SYSLOG (may be given twice)"),
+        ("-S", "local|remote", "logsuffix", str.lower, "log file suffix"),
+    )),
+    ("Accepted for compatibility, no effect", (
+        ("-a", None, "ident", True, "ident lookups (none are made)"),
+        ("-L", "maxload", "maxload", lambda v: _c_int(v, 10),
+         "load limit (not used, as in 3.0.1)"),
+        ("-R", "path", "router", str, "interactive router (there is none)"),
+        ("-w", None, "whoson", True, "whoson (not available)"),
+    )),
+    ("Information", (
+        ("-V", None, "version", True, "print the version and exit"),
+        ("--help", None, "help", True, "print this text and exit"),
+    )),
+)
+OPTION_ROWS = [row for _, rows in OPTION_GROUPS for row in rows]
+#: Options that may be given more than once; each value is kept.
+REPEATED_OPTIONS = ("logs",)
+OPTSTRING = "".join(flag[1] + (":" if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+                    if not flag.startswith("--"))
+LONG_OPTIONS = [flag[2:] + ("=" if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+                if flag.startswith("--")]
+
+
+def _usage():
+    """The usage lines: bare letters together, then each option with an
+    argument, wrapped as a man page's synopsis."""
+    letters = sorted((flag[1] for flag, arg, _, _, _ in OPTION_ROWS
+                      if not arg and not flag.startswith("--")),
+                     key=lambda c: (c.lower(), c.isupper()))
+    words = ["[-%s]" % "".join(letters)]
+    words += ["[%s %s]" % (flag, arg) for flag, arg, _, _, _ in OPTION_ROWS
+              if arg and not flag.startswith("--")]
+    words += ["[%s%s]" % (flag, " " + arg if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+              if flag.startswith("--")]
+    head = "Usage: zmsmtpd.py "
+    lines, line = [], head
+    for word in words:
+        if len(line) + len(word) > 78 and line.strip() != head.strip():
+            lines.append(line.rstrip())
+            line = " " * len(head)
+        line += word + " "
+    lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+USAGE = _usage()
+
+
+def help_text():
+    """--help: the usage, then every option by group with what it does."""
+    out = [USAGE, "\n"]
+    for heading, rows in OPTION_GROUPS:
+        out.append("%s:\n" % heading)
+        for flag, arg, _, _, text in rows:
+            name = "  %s%s" % (flag, " " + arg if arg else "")
+            body = textwrap.wrap(text, 78 - 22)
+            if len(name) > 20:
+                out.append(name + "\n")
+                name = ""
+            out.append("%-22s%s\n" % (name, body[0]))
+            out.extend("%-22s%s\n" % ("", more) for more in body[1:])
+        out.append("\n")
+    out.append("Without -v or -d 2 the server detaches once its listeners are open and "
+               "its pid\nfile is written.  SIGTERM stops it, SIGHUP re-reads the "
+               "configuration.\n")
+    return "".join(out)
 
 
 def parse_command_line(argv):
-    """The original's option letters and meanings; returns a dict."""
+    """The original's option letters and meanings (OPTION_GROUPS); a dict."""
     opts, rest = getopt.getopt(argv, OPTSTRING, LONG_OPTIONS)
     if rest:
         raise getopt.GetoptError("unexpected argument %r" % rest[0])
+    rows = dict((row[0], row) for row in OPTION_ROWS)
     o = {"logs": [], "style": "ve", "debug": 0}
     for flag, value in opts:
-        if flag == "-4":
-            o["ipv6"] = False
-        elif flag == "-6":
-            o["ipv6"] = True
-        elif flag == "-a":
-            o["ident"] = True
-        elif flag == "-B":
-            o["bsmtp"] = True
-        elif flag == "-C":
-            o["config"] = value
-        elif flag == "-d":
-            o["debug"] = _c_int(value, 0)
-        elif flag == "-g":
-            o["gullible"] = True
-        elif flag == "-h":
-            o["checkhelo"] = True
-        elif flag == "-i":
-            o["interactive"] = True
-        elif flag == "-l":
-            o["logs"].append(value)
-        elif flag == "-n":
-            o["inetd"] = True
-        elif flag == "-p":
-            o["bindport"] = _c_int(value, 25)
-        elif flag == "-t":
-            o["implicit_tls"] = True
-        elif flag == "-I":
-            o["pidfile"] = value
-        elif flag == "-L":
-            o["maxload"] = _c_int(value, 10)
-        elif flag == "-M":
-            o["maxsize"] = max(0, _c_int(value, 0))
-        elif flag == "-P":
-            o["postoffice"] = value
-        elif flag == "-R":
-            o["router"] = value
-        elif flag == "-s":
-            o["style"] = value
-        elif flag == "-S":
-            o["logsuffix"] = value.lower()
-        elif flag == "-T":
-            m = re.match(r"^\[(?:ipv6[.:])?([0-9A-Fa-f:.]+)\]$", value, re.I)
-            if not m:
-                raise getopt.GetoptError("-T needs [a.b.c.d] or [ipv6.addr]")
-            o["fake_peer"] = m.group(1)
-        elif flag == "-V":
-            o["version"] = True
-        elif flag == "-v":
-            o["verbose"] = True
-        elif flag == "-w":
-            o["whoson"] = True
-        elif flag == "-Z":
-            o["zconfig"] = value
-        elif flag == "-x":
-            o["bindaddr"] = value
-        elif flag == "--check":
-            o["check"] = True
-        elif flag == "--demo":
-            o["demo"] = value
-        elif flag == "--help":
-            o["help"] = True
+        _, arg, key, keep, _ = rows[flag]
+        value = keep(value) if arg else keep
+        if key in REPEATED_OPTIONS:
+            o[key].append(value)
+        else:
+            o[key] = value
     return o
 
 
@@ -9027,6 +9275,7 @@ class Runtime(object):
         self.started = time.time()
         self.reload_count = 0
         self.last_reload = None     # (time, taken?, what happened)
+        self.reload_warnings = ()   # the configuration warnings of the last reload
         self.submissions = SubmissionRateTracker()
         self._names = {}
         self._names_lock = threading.Lock()
@@ -9205,14 +9454,21 @@ class Runtime(object):
         """The new configuration is in place (``errors``: listeners of it
         that could not be opened)."""
         path = self.config.path
+        # load_configuration logged them; the status file shows them to
+        # whoever asked for the reload (zmailer.sh reload prints them).
+        warnings = config_warnings(self.config)
         self.log.note("configuration reloaded from %s" % path)
-        self.last_reload = (time.time(), True, "configuration reloaded from %s%s" % (
-            path, "; " + "; ".join(errors) if errors else ""))
+        self.reload_warnings = tuple(warnings)
+        self.last_reload = (time.time(), True, "configuration reloaded from %s%s%s" % (
+            path, "; " + "; ".join(errors) if errors else "",
+            " with %d warning%s" % (len(warnings), "" if len(warnings) == 1 else "s")
+            if warnings else ""))
 
     def reload_failed(self, error):
         self.log.note("reload failed, keeping the running configuration: %s" % error)
         mail_syslog(syslog.LOG_ERR if syslog else 0,
                     "reload failed, keeping the running configuration: %s" % error)
+        self.reload_warnings = ()
         self.last_reload = (time.time(), False, str(error))
 
 
@@ -9390,18 +9646,21 @@ def make_tls_context(group):
     return context
 
 
-def load_configuration(options, zenv, log=None, listeners=True, numbers=False):
+def load_configuration(options, zenv, log=None, listeners=True, check=False):
     """Read the configuration and report its warnings on stderr and in the
     log.  Bad listener lines are errors where listeners are opened
     (``listeners``; validate_config reports them), warnings elsewhere;
-    guessed numbers are errors with ``numbers`` (--check), not warnings."""
+    the configuration's check_errors (guessed numbers, ignored lines) are
+    errors with ``check`` (--check), not warnings."""
     path = find_config_path(options.get("config"), zenv, sys.argv[0])
+    if not options.get("config") and not os.path.exists(path):
+        raise ConfigError(missing_config_text(zenv, sys.argv[0]))
     reader = ConfigReader(path, zenv, {
         "bindport": options.get("bindport"), "maxsize": options.get("maxsize"),
         "bindaddr": options.get("bindaddr"), "explicit": bool(options.get("config"))})
     config = reader.read()
     warnings = [d for d in config.diagnostics
-                if not (numbers and d in config.number_errors)]
+                if not (check and d in config.check_errors)]
     if not listeners:
         warnings.extend(config.bind_errors)
         warnings.sort(key=lambda d: (d[0] != config.path, d[1]))
@@ -9424,8 +9683,7 @@ def describe_config(config, site, user=None):
     for lineno, line in config.effective_lines:
         out.append("%s:%d: %s" % (config.path, lineno, line))
     if not config.effective_lines:
-        out.append("# (none: %s)" % ("the file is empty" if config.file_read
-                                       else "the file could not be read"))
+        out.append("# (none: the file is empty)")
     out.append("")
     out.append("# listeners")
     for spec in listener_specs(config, site.options.get("ipv6", True)):
@@ -9490,6 +9748,12 @@ def unimplemented_warnings(config):
     return out
 
 
+def config_warnings(config):
+    """Every warning about a configuration as text: what its reading met
+    (file:line) and the accepted-mail-changing PARAMs that do nothing."""
+    return [diag_text(*d) for d in config.diagnostics] + unimplemented_warnings(config)
+
+
 def check_policies(config, user=None):
     """Every group's policy text must load, and be readable by the user
     sessions run as (they re-read it when it changes); otherwise every
@@ -9525,8 +9789,7 @@ def check_postoffice(site, user):
     """public/ and router/ must take new files from the session user;
     otherwise every MAIL would answer a misleading 452."""
     problems = []
-    source = "-P" if site.options.get("postoffice") else \
-        "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
+    source = "-P" if site.options.get("postoffice") else site.zenv.origin("POSTOFFICE")
     for sub in ("public", "router"):
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
@@ -9663,7 +9926,9 @@ def listener_problem(config, spec, origin, error):
     address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
     why = {errno.EADDRINUSE: " (another program listens there)",
            errno.EADDRNOTAVAIL: " (the address is not one of this host's)",
-           errno.EACCES: " (ports below 1024 need root)"}.get(getattr(error, "errno", None), "")
+           errno.EACCES: " (ports below 1024 need root)",
+           errno.EAFNOSUPPORT: " (this host has no IPv6: start with -4, or name IPv4 "
+                               "addresses in the Bind lines)"}.get(getattr(error, "errno", None), "")
     lineno, line = origin
     if lineno > 0:
         where = "%s:%d: %s" % (config.path, lineno, line)
@@ -9690,8 +9955,10 @@ def try_listeners(config, options, pidfile):
     running = running_server_pid(pidfile)
     for spec in listener_specs(config, ipv6):
         address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
-        sock = socket.socket(spec.family, socket.SOCK_STREAM)
+        sock = None
         try:
+            # Creating the socket can fail as well (a host without IPv6).
+            sock = socket.socket(spec.family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if spec.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -9703,7 +9970,8 @@ def try_listeners(config, options, pidfile):
             else:
                 problems.append(listener_problem(config, spec, origins[_spec_key(spec)], e))
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
     return problems, notes
 
 
@@ -9973,7 +10241,7 @@ def main(argv=None):
         sys.stderr.write("%s: %s\n%s" % (PROGRAM, e, USAGE))
         return 2
     if options.get("help"):
-        sys.stdout.write(USAGE)
+        sys.stdout.write(help_text())
         return 0
     if options.get("version"):
         print("zmsmtpd (ZMailer smtpserver compatible) %s" % VERSION)
@@ -10017,15 +10285,16 @@ def main(argv=None):
         for path, why in log.open_errors:
             sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, why))
     try:
-        config = load_configuration(options, zenv, log, listeners=daemon, numbers=check)
+        config = load_configuration(options, zenv, log, listeners=daemon, check=check)
     except ConfigError as e:
         sys.stderr.write("%s: configuration error:\n  %s\n" % (PROGRAM, e))
         return 2
     problems = validate_config(config, daemon=daemon)
     if check:
-        # A start takes such a number as the original did; --check, the
-        # place to find out, counts it as an error.
-        problems.extend(diag_text(*e) for e in config.number_errors)
+        # A start takes such a number as the original did and skips such
+        # a line; --check, the gate before a deployment, counts each as an
+        # error.
+        problems.extend(diag_text(*e) for e in config.check_errors)
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
     if not interactive:
@@ -10071,8 +10340,21 @@ def main(argv=None):
 
 
 def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
-    supervisor = Supervisor(runtime, config)
     pidfile = pidfile_path(options, runtime.postoffice)
+    if options.get("verbose") and not options.get("replace"):
+        # A -v run is someone watching or debugging by hand: stopping the
+        # live daemon would leave the host without a server after Ctrl-C.
+        running = running_server_pid(pidfile)
+        if running:
+            sys.stderr.write(
+                "%s: a server is running (pid %d, pid file %s); a -v run would stop it "
+                "and leave no server once it ends.\n  To watch a session beside it: -i "
+                "(one session on stdin), or another pid file and ports (-I FILE, and -C "
+                "with a copy of smtpserver.conf whose Bind lines name free ports).\n"
+                "  To stop it and take its place: add --replace.\n"
+                % (PROGRAM, running, pidfile))
+            return 2
+    supervisor = Supervisor(runtime, config)
     stop_previous(pidfile, log)
     supervisor.install_signal_handlers()
     if foreground:
