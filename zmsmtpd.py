@@ -19,6 +19,9 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4b. DNS ................ a stub resolver (resolv.conf, hosts, UDP and
+                            TCP, a TTL cache) whose waits are WANT_READABLE
+                            requests: a worker's loop serves them
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
@@ -118,11 +121,53 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: Name facts (reverse names, HELO confirmations) a process keeps before
+#: it starts afresh; each for Runtime.NAME_TTL seconds.
+NAME_CACHE_ENTRIES = 10000
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
 #: taken only when a file of an earlier process with the same pid is left).
 SPOOL_NAME_ATTEMPTS = 27
+#: The resolver's configuration file (nameserver and options lines).
+RESOLV_CONF = "/etc/resolv.conf"
+#: The name servers' port (resolv.conf has no syntax for another).
+DNS_PORT = 53
+#: Name servers used from it, and the bounds on its ``options``; without
+#: options the C library's defaults (5 seconds, 2 attempts) apply.
+DNS_SERVERS_MAX = 3
+DNS_TIMEOUT_DEFAULT = 5
+DNS_ATTEMPTS_DEFAULT = 2
+DNS_TIMEOUT_MAX = 30
+DNS_ATTEMPTS_MAX = 5
+#: The host table consulted before DNS, as the C library's "files dns".
+HOSTS_FILE = "/etc/hosts"
+#: Seconds between two looks at those files' mtimes; bytes read of them.
+DNS_CONF_RECHECK = 1.0
+DNS_SYSTEM_FILE_MAX = 1048576
+#: Answers kept per process; records cached at most this long whatever
+#: their TTL, "no such name" / "no such record" at most DNS_NEGATIVE_TTL_MAX.
+DNS_CACHE_ENTRIES = 20000
+DNS_TTL_MAX = 86400
+DNS_NEGATIVE_TTL_MAX = 3600
+#: Largest UDP answer taken (RFC 1035 allows 512 without EDNS, which we do
+#: not send) and largest TCP answer (its two-byte length prefix's range).
+DNS_UDP_MAX = 512
+DNS_TCP_MAX = 65535
+#: Records read from one answer's answer and authority sections; more is a
+#: flood, not an answer to one question.
+DNS_RECORDS_MAX = 256
+#: Compression pointers followed within one name (each must also point
+#: before the one followed last, so that a loop ends).
+DNS_POINTERS_MAX = 32
+#: CNAME links followed from the name asked for.
+DNS_CNAME_HOPS = 8
+#: Datagrams that are not the answer (wrong id, question or sender) taken
+#: while waiting for one; more is a flood and ends the wait.
+DNS_STRAY_MAX = 20
+#: Seconds between two looks at a TCP connection being set up (the loop's
+#: readiness wait is for reading only).
+DNS_TCP_CONNECT_POLL = 0.005
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -1872,6 +1917,622 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
+# 4b. DNS: a stub resolver (RFC 1035) that waits on the session's loop
+# ---------------------------------------------------------------------------
+
+#: Record types asked for, and the classes of answer a lookup gives.
+DNS_A, DNS_NS, DNS_CNAME, DNS_SOA, DNS_PTR, DNS_MX, DNS_TXT, DNS_AAAA = \
+    1, 2, 5, 6, 12, 15, 16, 28
+DNS_TYPE_NAMES = {DNS_A: "A", DNS_CNAME: "CNAME", DNS_SOA: "SOA", DNS_PTR: "PTR",
+                  DNS_MX: "MX", DNS_TXT: "TXT", DNS_AAAA: "AAAA", DNS_NS: "NS"}
+DNS_OK, DNS_NXDOMAIN, DNS_NODATA, DNS_TEMPFAIL = "ok", "nxdomain", "nodata", "tempfail"
+
+_DNS_HEADER = struct.Struct("!HHHHHH")
+_DNS_RR = struct.Struct("!HHIH")
+_DNS_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+
+
+class DnsFormatError(Exception):
+    """A packet that is not a well-formed DNS message (or not one we take)."""
+
+
+class DnsAnswer(namedtuple("DnsAnswer", "status records ttl why")):
+    """A lookup's outcome: ``status`` one of DNS_OK (``records`` holds the
+    values: address strings, (preference, host) for MX, one string per TXT
+    record, host names for PTR and CNAME), DNS_NXDOMAIN, DNS_NODATA (both
+    answers, ``records`` empty) or DNS_TEMPFAIL (``why`` says what went
+    wrong); ``ttl`` is how long it may be cached."""
+
+    __slots__ = ()
+
+    @property
+    def temporary(self):
+        return self.status == DNS_TEMPFAIL
+
+
+def dns_tempfail(why):
+    return DnsAnswer(DNS_TEMPFAIL, (), 0, why)
+
+
+def dns_encode_name(name):
+    """A domain name in wire format; ValueError for one DNS cannot carry."""
+    name = name.rstrip(".")
+    out = []
+    if name:
+        for label in name.split("."):
+            raw = label.encode("ascii")     # UnicodeError is a ValueError
+            if not 0 < len(raw) < 64:
+                raise ValueError("bad label in %r" % name)
+            out.append(struct.pack("B", len(raw)) + raw)
+    out.append(b"\0")
+    wire = b"".join(out)
+    if len(wire) > 255:
+        raise ValueError("name too long")
+    return wire
+
+
+def dns_query(qid, name, qtype):
+    """A query packet: recursion desired, one question of class IN."""
+    return _DNS_HEADER.pack(qid, 0x0100, 1, 0, 0, 0) + dns_encode_name(name) + \
+        struct.pack("!HH", qtype, 1)
+
+
+def dns_read_name(packet, offset):
+    """(name, offset after it) of the name at ``offset``, compression
+    pointers followed; DnsFormatError for anything hostile: a pointer
+    loop or one pointing forwards, a cut packet, a name over 255 bytes."""
+    labels = []
+    length = 0
+    end = None
+    pointers = 0
+    lowest = offset
+    n = len(packet)
+    while True:
+        if offset >= n:
+            raise DnsFormatError("name runs past the end")
+        size = packet[offset]
+        if size & 0xC0 == 0xC0:
+            if offset + 1 >= n:
+                raise DnsFormatError("cut compression pointer")
+            target = ((size & 0x3F) << 8) | packet[offset + 1]
+            pointers += 1
+            if target >= lowest or pointers > DNS_POINTERS_MAX:
+                raise DnsFormatError("compression pointer loop")
+            if end is None:
+                end = offset + 2
+            offset = lowest = target
+            continue
+        if size & 0xC0:
+            raise DnsFormatError("unknown label type")
+        offset += 1
+        if size == 0:
+            break
+        if offset + size > n:
+            raise DnsFormatError("label runs past the end")
+        length += size + 1
+        if length > 255:
+            raise DnsFormatError("name longer than 255 bytes")
+        labels.append(packet[offset:offset + size].decode("latin-1"))
+        offset += size
+    return ".".join(labels), (end if end is not None else offset)
+
+
+def _dns_rdata(packet, rtype, start, size):
+    """A record's value as DnsAnswer keeps it (None for types not kept)."""
+    end = start + size
+    if rtype == DNS_A:
+        if size != 4:
+            raise DnsFormatError("A record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET, packet[start:end])
+    if rtype == DNS_AAAA:
+        if size != 16:
+            raise DnsFormatError("AAAA record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET6, packet[start:end])
+    if rtype in (DNS_CNAME, DNS_PTR, DNS_NS):
+        name, after = dns_read_name(packet, start)
+        if after != end:
+            raise DnsFormatError("name record of the wrong length")
+        return name
+    if rtype == DNS_MX:
+        if size < 3:
+            raise DnsFormatError("MX record too short")
+        name, after = dns_read_name(packet, start + 2)
+        if after != end:
+            raise DnsFormatError("MX record of the wrong length")
+        return (struct.unpack("!H", packet[start:start + 2])[0], name)
+    if rtype == DNS_TXT:
+        parts, i = [], start
+        while i < end:
+            j = i + 1 + packet[i]
+            if j > end:
+                raise DnsFormatError("TXT string runs past its record")
+            parts.append(packet[i + 1:j].decode("utf-8", "replace"))
+            i = j
+        return "".join(parts)
+    if rtype == DNS_SOA:
+        _, i = dns_read_name(packet, start)
+        _, i = dns_read_name(packet, i)
+        if i + 20 != end:
+            raise DnsFormatError("SOA record of the wrong length")
+        return struct.unpack("!5I", packet[i:end])[4]      # the minimum TTL
+    return None
+
+
+class DnsMessage(object):
+    """A parsed answer: header fields, the question, and the records of
+    its answer and authority sections as (owner, type, ttl, value)."""
+
+    __slots__ = ("qid", "rcode", "truncated", "question", "answers", "authority")
+
+    @classmethod
+    def parse(cls, packet):
+        if len(packet) < _DNS_HEADER.size:
+            raise DnsFormatError("shorter than a header")
+        qid, flags, qdcount, ancount, nscount, _ = _DNS_HEADER.unpack_from(packet)
+        m = cls()
+        m.qid = qid
+        m.rcode = flags & 0x000F
+        m.truncated = bool(flags & 0x0200)
+        if not flags & 0x8000:
+            raise DnsFormatError("not a response")
+        if qdcount != 1:
+            raise DnsFormatError("%d questions" % qdcount)
+        if ancount + nscount > DNS_RECORDS_MAX:
+            raise DnsFormatError("%d records" % (ancount + nscount))
+        name, offset = dns_read_name(packet, _DNS_HEADER.size)
+        if offset + 4 > len(packet):
+            raise DnsFormatError("cut question")
+        qtype, qclass = struct.unpack_from("!HH", packet, offset)
+        m.question = (name.lower(), qtype, qclass)
+        offset += 4
+        m.answers, m.authority = [], []
+        for section, count in ((m.answers, ancount), (m.authority, nscount)):
+            for _ in range(count):
+                if m.truncated and offset >= len(packet):
+                    return m        # the rest is in the TCP answer
+                owner, offset = dns_read_name(packet, offset)
+                if offset + _DNS_RR.size > len(packet):
+                    raise DnsFormatError("cut record header")
+                rtype, rclass, ttl, size = _DNS_RR.unpack_from(packet, offset)
+                offset += _DNS_RR.size
+                if offset + size > len(packet):
+                    raise DnsFormatError("record data runs past the end")
+                if rclass == 1:
+                    value = _dns_rdata(packet, rtype, offset, size)
+                    if value is not None:
+                        section.append((owner.lower(), rtype, min(ttl & 0x7FFFFFFF, DNS_TTL_MAX),
+                                        value))
+                offset += size
+        return m
+
+    def outcome(self, name, qtype):
+        """The DnsAnswer for ``name`` from this message, CNAME links in it
+        followed; (answer, name the chain ends at) where the chain leaves
+        the message without an answer (ask again for that name)."""
+        name = name.lower().rstrip(".")
+        ttl = DNS_TTL_MAX
+        for _ in range(DNS_CNAME_HOPS + 1):
+            values = []
+            alias = None
+            for owner, rtype, rttl, value in self.answers:
+                if owner != name:
+                    continue
+                if rtype == qtype:
+                    values.append(value)
+                    ttl = min(ttl, rttl)
+                elif rtype == DNS_CNAME and alias is None:
+                    alias = value.lower()
+                    ttl = min(ttl, rttl)
+            if values:
+                return DnsAnswer(DNS_OK, tuple(values), ttl, None), None
+            if alias is None:
+                negative = self.negative_ttl()
+                status = DNS_NXDOMAIN if self.rcode == 3 else DNS_NODATA
+                return DnsAnswer(status, (), min(ttl, negative), None), None
+            name = alias
+            if not any(owner == name for owner, _, _, _ in self.answers):
+                return None, name
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS), None
+
+    def negative_ttl(self):
+        """RFC 2308: the SOA record's TTL or its minimum, the smaller;
+        without an SOA the answer is not cached."""
+        for _, rtype, ttl, minimum in self.authority:
+            if rtype == DNS_SOA:
+                return min(ttl, minimum, DNS_NEGATIVE_TTL_MAX)
+        return 0
+
+
+def canonical_ip(text):
+    """An address in the one spelling inet_ntop gives it, or None."""
+    try:
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, socket.error, ValueError):
+        return None
+
+
+class WatchedSystemFile(object):
+    """A system file (resolv.conf, hosts) parsed again when its inode, size
+    or mtime change, looked at at most once every DNS_CONF_RECHECK seconds;
+    a missing file reads as empty.  Subclasses: ``default_path()``,
+    ``parse(text)``."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.lock = threading.Lock()
+        self.signature = False
+        self.checked = 0.0
+        self.parse("")
+
+    def refresh(self):
+        """Called with the lock held."""
+        now = time.time()
+        if now - self.checked < DNS_CONF_RECHECK:
+            return
+        self.checked = now
+        path = self.path or self.default_path()
+        try:
+            st = os.stat(path)
+            signature = (path, st.st_ino, st.st_size, st.st_mtime)
+            if signature == self.signature:
+                return
+            with open(path, "rb") as f:
+                text = f.read(DNS_SYSTEM_FILE_MAX).decode("latin-1")
+        except (OSError, IOError):
+            signature, text = None, ""
+            if signature == self.signature:
+                return
+        self.signature = signature
+        self.parse(text)
+
+
+class HostsFile(WatchedSystemFile):
+    """/etc/hosts, asked before DNS as the C library's ``files dns`` does:
+    an address's first name, a name's addresses."""
+
+    @staticmethod
+    def default_path():
+        return HOSTS_FILE
+
+    def parse(self, text):
+        names, addresses = {}, {}
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            ip = canonical_ip(words[0]) if len(words) > 1 else None
+            if ip is None:
+                continue
+            names.setdefault(ip, words[1])
+            for name in words[1:]:
+                known = addresses.setdefault(name.lower().rstrip("."), [])
+                if ip not in known:
+                    known.append(ip)
+        self.names, self.addresses = names, addresses
+
+    def name_of(self, ip):
+        with self.lock:
+            self.refresh()
+            return self.names.get(canonical_ip(ip) or ip)
+
+    def addresses_of(self, name):
+        with self.lock:
+            self.refresh()
+            return tuple(self.addresses.get(name.lower().rstrip("."), ()))
+
+
+class ResolverConfig(WatchedSystemFile):
+    """The name servers and options of a resolv.conf.  Without a usable
+    nameserver line the local host is asked, as the C library does."""
+
+    def __init__(self, path=None):
+        self.next_first = 0
+        WatchedSystemFile.__init__(self, path)
+
+    @staticmethod
+    def default_path():
+        return RESOLV_CONF
+
+    def current(self):
+        """(servers in the order to ask them this time, timeout, attempts)."""
+        with self.lock:
+            self.refresh()
+            servers = self.servers
+            if self.rotate and len(servers) > 1:
+                first = self.next_first % len(servers)
+                self.next_first = first + 1
+                servers = servers[first:] + servers[:first]
+            return servers, self.timeout, self.attempts
+
+    def parse(self, text):
+        servers = []
+        timeout, attempts, rotate = DNS_TIMEOUT_DEFAULT, DNS_ATTEMPTS_DEFAULT, False
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0][0] in "#;":
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                address = words[1].split("%")[0]
+                try:
+                    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                    socket.inet_pton(family, address)
+                except (OSError, socket.error, ValueError):
+                    continue
+                if len(servers) < DNS_SERVERS_MAX:
+                    servers.append(address)
+            elif words[0] == "options":
+                for option in words[1:]:
+                    name, _, value = option.partition(":")
+                    if name == "rotate":
+                        rotate = True
+                    elif name in ("timeout", "attempts") and value.isdigit():
+                        if name == "timeout":
+                            timeout = min(max(int(value), 1), DNS_TIMEOUT_MAX)
+                        else:
+                            attempts = min(max(int(value), 1), DNS_ATTEMPTS_MAX)
+        self.servers = tuple(servers) or ("127.0.0.1",)
+        self.timeout, self.attempts, self.rotate = timeout, attempts, rotate
+
+
+class DnsCache(object):
+    """Answers by (name, type) until their TTL runs out; at most
+    DNS_CACHE_ENTRIES (the expired ones go first, then the lot)."""
+
+    def __init__(self, size=DNS_CACHE_ENTRIES):
+        self.size = size
+        self.entries = {}
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def put(self, key, answer):
+        if answer.temporary or answer.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if len(self.entries) >= self.size:
+                for old in [k for k, v in self.entries.items() if v[0] <= now]:
+                    del self.entries[old]
+                if len(self.entries) >= self.size:
+                    self.entries.clear()
+            self.entries[key] = (now + answer.ttl, answer)
+
+
+class Resolver(object):
+    """A stub resolver whose waits are WANT_READABLE requests (and
+    WANT_SLEEP while a TCP connection is set up): a worker's SessionLoop
+    serves them among its other sessions, a blocking session model with
+    select (blocking_result, drive_blocking).
+
+    Each query goes out from a new UDP socket (the kernel picks a random
+    source port) with a random id; an answer counts only when it comes
+    from the server asked, with that id and question.  A truncated answer
+    is asked again over TCP.  Servers are tried in turn, ``attempts``
+    rounds, each waiting ``timeout`` seconds.  SERVFAIL, refusals,
+    timeouts and hostile packets are temporary failures, logged once."""
+
+    def __init__(self, log=None, conf_path=None, hosts_path=None, port=DNS_PORT):
+        self.log = log
+        self.port = port
+        self.conf = ResolverConfig(conf_path)
+        self.hosts = HostsFile(hosts_path)
+        self.cache = DnsCache()
+
+    def lookup(self, name, qtype):
+        """Generator: the DnsAnswer for ``name``'s records of ``qtype``."""
+        name = name.rstrip(".").lower()
+        try:
+            dns_encode_name(name)
+        except ValueError:
+            return DnsAnswer(DNS_NXDOMAIN, (), 0, "not a domain name")
+        for _ in range(DNS_CNAME_HOPS):
+            key = (name, qtype)
+            answer = self.cache.get(key)
+            if answer is not None:
+                return answer
+            message = yield from self.ask(name, qtype)
+            if not isinstance(message, DnsMessage):
+                return message
+            answer, further = message.outcome(name, qtype)
+            if answer is not None:
+                self.cache.put(key, answer)
+                return answer
+            name = further
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS)
+
+    def ask(self, name, qtype):
+        """Generator: the DnsMessage answering the question, or a
+        DnsAnswer of a temporary failure."""
+        servers, timeout, attempts = self.conf.current()
+        problem = "no answer"
+        for _ in range(attempts):
+            for server in servers:
+                message, why = yield from self._udp(server, name, qtype, timeout)
+                if message is not None and message.truncated:
+                    message, why = yield from self._tcp(server, name, qtype, timeout)
+                if message is not None:
+                    if message.rcode in (0, 3):
+                        return message
+                    why = "rcode %d" % message.rcode
+                problem = why
+                if why.startswith("hostile") or why.startswith("rcode"):
+                    self.note("DNS %s %s from %s: %s" % (
+                        DNS_TYPE_NAMES.get(qtype, qtype), name, server, why))
+        return dns_tempfail(problem)
+
+    def note(self, text):
+        if self.log is not None:
+            self.log.note(text)
+
+    @staticmethod
+    def _matches(message, qid, name, qtype):
+        return message.qid == qid and message.question == (name, qtype, 1)
+
+    def _udp(self, server, name, qtype, timeout):
+        """Generator: (DnsMessage or None, why not) from one server."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        deadline = time.time() + timeout
+        strays = 0
+        try:
+            sock.setblocking(False)
+            try:
+                # Connected: the kernel drops datagrams from anyone else.
+                sock.connect((server, self.port))
+                sock.send(dns_query(qid, name, qtype))
+            except (OSError, socket.error) as e:
+                return None, "send: %s" % e
+            while True:
+                if time.time() >= deadline:
+                    return None, "timed out" if not strays else \
+                        "hostile: timed out after %d stray answers" % strays
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                while True:
+                    try:
+                        packet, peer = sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except (OSError, socket.error) as e:
+                        return None, "receive: %s" % e   # e.g. port unreachable
+                    if len(packet) > DNS_UDP_MAX:
+                        return None, "hostile: oversized answer (%d bytes)" % len(packet)
+                    try:
+                        message = DnsMessage.parse(packet)
+                    except DnsFormatError as e:
+                        return None, "hostile: %s" % e
+                    if peer[0] == server and self._matches(message, qid, name, qtype):
+                        return message, None
+                    strays += 1
+                    if strays > DNS_STRAY_MAX:
+                        return None, "hostile: flood of %d answers that do not match" % strays
+        finally:
+            sock.close()
+
+    def _tcp(self, server, name, qtype, timeout):
+        """Generator: the same question over TCP (after a truncated answer)."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        deadline = time.time() + timeout
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        try:
+            sock.setblocking(False)
+            error = sock.connect_ex((server, self.port))
+            if error not in (0, errno.EINPROGRESS):
+                return None, "TCP connect: %s" % os.strerror(error)
+            while True:
+                _, writable, _ = select.select([], [sock], [], 0)
+                if writable:
+                    break
+                if time.time() >= deadline:
+                    return None, "TCP connect timed out"
+                yield (WANT_SLEEP, DNS_TCP_CONNECT_POLL)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                return None, "TCP connect: %s" % os.strerror(error)
+            query = dns_query(qid, name, qtype)
+            try:
+                sock.send(struct.pack("!H", len(query)) + query)
+            except (OSError, socket.error) as e:
+                return None, "TCP send: %s" % e
+            data = b""
+            want = None
+            while want is None or len(data) < want:
+                if time.time() >= deadline:
+                    return None, "TCP answer timed out"
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                try:
+                    chunk = sock.recv(DNS_TCP_MAX + 2)
+                except BlockingIOError:
+                    continue
+                except (OSError, socket.error) as e:
+                    return None, "TCP receive: %s" % e
+                if not chunk:
+                    return None, "hostile: TCP answer cut short"
+                data += chunk
+                if want is None and len(data) >= 2:
+                    want = 2 + struct.unpack("!H", data[:2])[0]
+                if len(data) > DNS_TCP_MAX + 2 or (want is not None and len(data) > want):
+                    return None, "hostile: TCP answer longer than announced"
+            try:
+                message = DnsMessage.parse(data[2:])
+            except DnsFormatError as e:
+                return None, "hostile: %s" % e
+            if not self._matches(message, qid, name, qtype):
+                return None, "hostile: TCP answer to another question"
+            if message.truncated:
+                return None, "hostile: truncated TCP answer"
+            return message, None
+        finally:
+            sock.close()
+
+    # -- what the server asks --------------------------------------------------
+
+    def addresses(self, name):
+        """Generator: (status, the name's IPv4 and IPv6 addresses); the
+        status of the A lookup unless only AAAA found something.  The hosts
+        file first."""
+        listed = self.hosts.addresses_of(name)
+        if listed:
+            return DNS_OK, listed
+        v4 = yield from self.lookup(name, DNS_A)
+        if v4.temporary:
+            return v4.status, ()
+        v6 = yield from self.lookup(name, DNS_AAAA)
+        found = v4.records + (v6.records if v6.status == DNS_OK else ())
+        if found:
+            return DNS_OK, found
+        if v6.temporary:
+            return v6.status, ()
+        return v4.status, ()
+
+    def reverse_name(self, ip):
+        """Generator: the PTR name of an address (the first that is a
+        valid host name, as the C library takes), None when there is none,
+        DNS_TEMPFAIL when DNS could not say.  The hosts file first."""
+        listed = self.hosts.name_of(ip)
+        if listed:
+            return listed
+        try:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+        except (OSError, socket.error, ValueError):
+            return None
+        if len(packed) == 4:
+            query = ".".join(str(b) for b in reversed(bytearray(packed))) + ".in-addr.arpa"
+        else:
+            nibbles = binascii.hexlify(packed).decode("ascii")
+            query = ".".join(reversed(nibbles)) + ".ip6.arpa"
+        answer = yield from self.lookup(query, DNS_PTR)
+        if answer.temporary:
+            return DNS_TEMPFAIL
+        for name in answer.records:
+            if _DNS_HOSTNAME_RE.match(name) and len(name) <= 253:
+                return name
+        return None
+
+    def resolves_to(self, name, ip):
+        """Generator: is ``ip`` among ``name``'s addresses?"""
+        ip = canonical_ip(ip)
+        if ip is None:
+            return False
+        _, found = yield from self.addresses(name)
+        return any(canonical_ip(address) == ip for address in found)
+
+
+# ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
 
@@ -2925,8 +3586,8 @@ class ThreadHandover(object):
     """The one place where a worker's conversation leaves its SessionLoop
     for a thread and comes back.
 
-    A conversation that asks for WANT_THREAD (a DNS lookup not in the
-    cache, an auth program started without the spawner, the PROXY header
+    A conversation that asks for WANT_THREAD (an auth program started
+    without the spawner, the PROXY header
     of an implicit-TLS listener) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
@@ -3219,10 +3880,6 @@ class SessionLoop(object):
             slot.local = sock.getsockname()
         except (OSError, socket.error):
             self.end(slot)
-            return
-        ip = unmapped_ip(client_address[0])
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
-            self.threads.send(slot, None)     # set-up asks DNS for names
             return
         try:
             session.setup(slot.local)
@@ -3989,15 +4646,15 @@ class StopFlag(object):
 #: ``(WANT_INPUT, deadline)`` more bytes in the channel's buffer, or its
 #: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
 #: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
-#: pause; ``(WANT_THREAD, None)`` the next step blocks (an uncached DNS
-#: lookup, an auth program started without the spawner), so it must run on
-#: a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
+#: pause; ``(WANT_THREAD, None)`` the next step blocks (an auth program
+#: started without the spawner), so it must run on a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
 #: buffered, and others may go first (every TURN_COMMANDS commands);
 #: ``(WANT_TLS, (context, deadline))`` the queued replies out in clear
 #: text, then the TLS handshake as the server (sends back None, or the
 #: exception that ended the handshake); ``(WANT_READABLE, (sock,
-#: deadline))`` wait until another socket (the auth spawner's answer) is
-#: readable (sends back True), or the deadline passes (False).
+#: deadline))`` wait until another socket (the auth spawner's answer, a
+#: DNS server's) is readable (sends back True), or the deadline passes
+#: (False).
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
@@ -4698,7 +5355,7 @@ def _always(group):
 #: command); ``msa_open`` still allowed before AUTH on a submission session;
 #: ``policy_open`` still answered when the policy database is broken;
 #: ``junk`` moves no mail, so it counts towards PARAM junk-command-limit;
-#: ``blocks`` the step may need a thread of its own (DNS, an auth program
+#: ``blocks`` the step may need a thread of its own (an auth program
 #: started without the spawner), which its handler asks for with
 #: WANT_THREAD; ``help`` the text of
 #: ``HELP VERB``; ``listed`` in the HELP overview: "always", "enabled"
@@ -4720,10 +5377,10 @@ Alias = namedtuple("Alias", "verb of")
 
 #: In the order of the HELP overview, which is the original's.
 COMMANDS = (
-    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True, blocks=True,
+    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True,
             help=("EHLO <hostname>", "    Extended hello: greet the server and list its "
                                      "extensions.")),
-    command("HELO", msa_open=True, blocks=True,
+    command("HELO", msa_open=True,
             help=("HELO <hostname>", "    Greet the server.")),
     command("MAIL", help=("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
                           "    Specify the originator address for the next message.",
@@ -4994,13 +5651,8 @@ class SessionStart(object):
             self.ip_literal = "[%s]" % self.peer_ip
         tag = "0000000" if mode == "interactive" else session_tag(self.start, number)
         self.log = SessionLog(runtime.log, tag, self.start)
-        self.myhostname = runtime.local_name(local[0] if local else None)
-        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
-            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
-        if runtime.fake_peer is not None and mode == "interactive":
-            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
-        elif not self.network:
-            self.rhostname = "stdin"
+        self.local_ip = local[0] if local else None
+        self.take_names()
         self.policy = runtime.policy_for(group) if self.network else None
         self.verdict = PolicyVerdict()
         self.policy_error = None
@@ -5015,6 +5667,26 @@ class SessionStart(object):
         self.closing = False
         self.sasl = SaslExchange(self)
         self.reset(RESET_SESSION)
+
+    def take_names(self):
+        """Both ends' names as far as the runtime knows them (from its
+        cache at set-up; from DNS once learn_names has asked)."""
+        runtime = self.runtime
+        self.myhostname = runtime.local_name(self.local_ip)
+        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
+            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        if runtime.fake_peer is not None and self.mode == "interactive":
+            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
+        elif not self.network:
+            self.rhostname = "stdin"
+
+    def learn_names(self):
+        """Generator: the reverse names of both ends and the forward
+        confirmation of the client's, from DNS when not cached."""
+        runtime = self.runtime
+        yield from runtime.find_names(
+            self.local_ip, self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        self.take_names()
 
     def reset(self, level, why=None):
         """Forget what the session has learnt, as far as ``level`` says (see
@@ -5099,9 +5771,8 @@ class SessionStart(object):
                           % (header.version, header.command, proxy))
             return True
         ip, port = header.source
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
-            yield (WANT_THREAD, None)       # the client's name from DNS
         self.become_client(ip, port)
+        yield from self.learn_names()
         return True
 
     def channel_proxy_header(self, deadline):
@@ -5146,8 +5817,7 @@ class SessionStart(object):
         AUTH failure counts, the log and the envelope."""
         self.peer_ip, self.peer_port = ip, port
         self.ip_literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
-        self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
-            ip if self.runtime.fake_peer is None else None)
+        self.take_names()
         self.reset(RESET_SESSION)
 
     def evaluate_policy(self):
@@ -5789,6 +6459,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             self.abort_transaction("session terminated")
 
     def converse(self):
+        yield from self.learn_names()
         if self.proxy_expected:
             accepted = yield from self.read_proxy_header()
             if not accepted:
@@ -5981,9 +6652,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         self.state = "MAIL"
         self.helo_addr_ok = False
         if self.network and problem is None:
-            if not self.runtime.helo_name_cached(arg, self.peer_ip):
-                yield (WANT_THREAD, None)   # a DNS query may take seconds
-            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
+            self.helo_addr_ok = yield from self.runtime.helo_resolves_to(arg, self.peer_ip)
         if self.network and self.policy and self.policy.table and not arg.startswith("["):
             found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
             if policy_says(found, "rejectnet"):
@@ -8005,6 +8674,7 @@ class Runtime(object):
         self.submissions = SubmissionRateTracker()
         self._names = {}
         self._names_lock = threading.Lock()
+        self.resolver = Resolver(log=log)
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.apply_config(config)
 
@@ -8100,69 +8770,60 @@ class Runtime(object):
 
     # -- name lookups, cached briefly -------------------------------------------
 
-    def _cached(self, key, compute):
-        now = time.time()
+    def _recall(self, key):
+        hit = self._names.get(key)
+        if hit is not None and time.time() - hit[0] < self.NAME_TTL:
+            return hit[1]
+        return None
+
+    def _remember(self, key, value):
         with self._names_lock:
-            hit = self._names.get(key)
-            if hit and now - hit[0] < self.NAME_TTL:
-                return hit[1]
-        value = compute()
-        with self._names_lock:
-            if len(self._names) > 10000:
+            if len(self._names) > NAME_CACHE_ENTRIES:
                 self._names.clear()
-            self._names[key] = (now, value)
-        return value
+            self._names[key] = (time.time(), value)
 
     def local_name(self, local_ip):
         """Our name as this connection sees it: the reverse name of the
-        local address, else the system host name."""
+        local address (once find_names learnt it), else the host name."""
         if not local_ip:
             return self.hostname
-
-        def compute():
-            try:
-                return socket.gethostbyaddr(local_ip)[0]
-            except (OSError, socket.error):
-                return self.hostname
-        return self._cached(("local", local_ip), compute)
+        return self._recall(("local", local_ip)) or self.hostname
 
     def peer_name(self, ip):
-        """(name, reverse-lookup flag, forward-confirmation flag)."""
+        """(name, reverse-lookup flag, forward-confirmation flag), as far as
+        find_names learnt them."""
         if not ip:
             return "stdin", "??", "FAIL"
+        return self._recall(("peer", ip)) or ("[%s]" % ip, "FAIL", "FAIL")
 
-        def compute():
-            try:
-                name = socket.gethostbyaddr(ip)[0]
-            except (OSError, socket.error):
-                return "[%s]" % ip, "FAIL", "FAIL"
-            return name, "OK", "OK" if self._resolves_to(name, ip) else "FAIL"
-        return self._cached(("peer", ip), compute)
+    def find_names(self, local_ip, peer_ip):
+        """Generator (its waits are the resolver's): the reverse names of
+        both ends, and whether the client's name leads back to its address,
+        looked up unless cached.  A temporary DNS failure is not kept."""
+        resolver = self.resolver
+        if local_ip and self._recall(("local", local_ip)) is None:
+            name = yield from resolver.reverse_name(local_ip)
+            if name != DNS_TEMPFAIL:
+                self._remember(("local", local_ip), name or self.hostname)
+        if peer_ip and self._recall(("peer", peer_ip)) is None:
+            name = yield from resolver.reverse_name(peer_ip)
+            if name is None:
+                self._remember(("peer", peer_ip), ("[%s]" % peer_ip, "FAIL", "FAIL"))
+            elif name != DNS_TEMPFAIL:
+                confirmed = yield from resolver.resolves_to(name, peer_ip)
+                self._remember(("peer", peer_ip), (name, "OK", "OK" if confirmed else "FAIL"))
 
     def helo_resolves_to(self, name, ip):
+        """Generator: does the HELO name (or address literal) lead to the
+        client's address?"""
         if not ip or name.startswith("["):
             return bool(ip) and name.strip("[]").split(":")[-1] == ip
-        return self._cached(("helo", name.lower(), ip), lambda: self._resolves_to(name, ip))
-
-    def helo_name_cached(self, name, ip):
-        """Can helo_resolves_to answer without asking DNS?"""
-        return not ip or name.startswith("[") or self._known(("helo", name.lower(), ip))
-
-    def names_cached(self, local_ip, peer_ip):
-        """Can a session's set-up find both names without asking DNS?"""
-        return ((not local_ip or self._known(("local", local_ip)))
-                and (not peer_ip or self._known(("peer", peer_ip))))
-
-    def _known(self, key):
-        hit = self._names.get(key)
-        return hit is not None and time.time() - hit[0] < self.NAME_TTL
-
-    @staticmethod
-    def _resolves_to(name, ip):
-        try:
-            return any(info[4][0] == ip for info in socket.getaddrinfo(name, None))
-        except (OSError, socket.error, UnicodeError):
-            return False
+        key = ("helo", name.lower(), ip)
+        known = self._recall(key)
+        if known is None:
+            known = yield from self.resolver.resolves_to(name, ip)
+            self._remember(key, known)
+        return known
 
     # -- reload (the Supervisor's SIGHUP) ---------------------------------------
 
