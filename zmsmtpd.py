@@ -160,6 +160,8 @@ DNS_RECORDS_MAX = 256
 #: Compression pointers followed within one name (each must also point
 #: before the one followed last, so that a loop ends).
 DNS_POINTERS_MAX = 32
+#: MX hosts of a domain whose addresses are looked at, best first.
+DNS_MX_HOSTS_MAX = 10
 #: CNAME links followed from the name asked for.
 DNS_CNAME_HOPS = 8
 #: Datagrams that are not the answer (wrong id, question or sender) taken
@@ -1423,7 +1425,8 @@ POLICY_ATTRIBUTES = frozenset((
 POLICY_IMPLEMENTED = frozenset((
     "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
-    "maxsameipsource", "relaycustomer", "maxoutsize"))
+    "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
+    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
@@ -1432,6 +1435,14 @@ IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
+#: The sender's lookups at MAIL FROM: its whole address, then its domain
+#: (``.`` for the null sender).  What the address's entry sets, even to
+#: ``-``, is not asked of the domain.
+SENDER_USER_REQUEST = ("rejectsource", "freezesource")
+SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns")
+#: The recipient's lookups at RCPT TO: its whole address, then its domain.
+RCPT_USER_REQUEST = ("relaytarget", "freeze", "localdomain")
+RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "acceptifmx", "acceptifdns", "localdomain")
 
 
 def _policy_network(key):
@@ -1556,6 +1567,13 @@ class PolicyTable(object):
                 table.records.setdefault(key, []).extend(plist)
         table.unimplemented = tuple(sorted(seen_unimplemented))
         return table
+
+    def sets_any(self, names):
+        """Does any entry set one of the attributes ``names`` to ``+``?"""
+        for pairs in list(self.records.values()) + list(self.networks.values()):
+            if any(name in names and value == "+" for name, value in pairs):
+                return True
+        return False
 
     # -- resolution ----------------------------------------------------------
 
@@ -1840,6 +1858,123 @@ def connection_verdict(table, ip, rhostname=None):
         if not v.always_accept and policy_says(named, "relaycustnet"):
             v.always_accept = True
     return v
+
+
+class SenderVerdict(object):
+    """What the policy says about one MAIL FROM address: ``refuse`` (the
+    attribute's ``message`` text or None in ``message``), ``freeze`` (the
+    message goes to the freezer), ``norelay`` (every recipient needs us
+    as its MX), ``dns_mode`` (senderokwithdns: the first character of its
+    value, or None for no DNS check) and the domain to check."""
+
+    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain")
+
+    def __init__(self):
+        self.refuse = self.freeze = self.norelay = False
+        self.message = self.dns_mode = self.domain = None
+
+
+def sender_verdict(table, address):
+    """The sender attributes: the address's own entry first (``freezesource
+    +`` there freezes, ``rejectsource +`` refuses), then its domain's (where
+    ``freezesource +`` refuses too, as in the original).  An address
+    without a domain is judged by its own entry only."""
+    s = SenderVerdict()
+    if table is None:
+        return s
+    masked = ()
+    if address:
+        own = table.lookup_user(address, SENDER_USER_REQUEST)
+        if own is not None:
+            for name, effect in (("freezesource", "freeze"), ("rejectsource", "refuse")):
+                if policy_says(own, name):
+                    setattr(s, effect, True)
+                    s.message = own[name][1]
+                    return s
+            masked = tuple(n for n in SENDER_USER_REQUEST if n in own)
+        at = find_unquoted(address, "@", last=True)
+        if at < 0:
+            return s
+        domain = address[at + 1:]
+    else:
+        domain = "."
+    found = table.lookup_domain(domain, tuple(
+        n for n in SENDER_DOMAIN_REQUEST if n not in masked)) or {}
+    for name in ("rejectsource", "freezesource"):
+        if policy_says(found, name):
+            s.refuse = True
+            s.message = found[name][1]
+            return s
+    if address:
+        s.norelay = policy_says(found, "sendernorelay")
+        if "senderokwithdns" in found and not domain.startswith("["):
+            s.dns_mode = found["senderokwithdns"][0][:1]
+            s.domain = domain
+    return s
+
+
+class RecipientVerdict(object):
+    """What the policy says about one RCPT TO address, before any DNS:
+    ``outcome`` is "accept", "freeze", "refuse" (``relaytarget -``),
+    "relay" (a domain the policy does not let this client relay to) or
+    "dns" (``check`` says which: "mx" for acceptifmx or a sendernorelay
+    sender, "exists" for acceptifdns; ``mode``
+    the first character of the attribute's value); ``domain`` the domain
+    the DNS check is about, ``message`` the deciding attribute's text."""
+
+    __slots__ = ("outcome", "check", "mode", "domain", "message")
+
+    def __init__(self, outcome, check=None, mode="-", domain=None, message=None):
+        self.outcome = outcome
+        self.check = check
+        self.mode = mode
+        self.domain = domain
+        self.message = message
+
+
+def recipient_verdict(table, address, local_names, always_accept=False, norelay=False):
+    """The recipient side of the policy for a client that is not fully
+    trusted: its whole address's ``relaytarget``/``freeze`` decide first;
+    then its domain (with the source-route hops of recipient_allowed);
+    ``relaytarget -`` refuses, ``freeze +`` freezes, ``relaytarget +``
+    accepts; a relaycustnet client may send anywhere else; ``acceptifmx`` (or a sendernorelay sender) needs us as
+    the domain's MX, ``acceptifdns`` a domain that exists; a domain that
+    is ours or local is accepted, anything else is relaying."""
+    at = find_unquoted(address, "@", last=True)
+    domain = address[at + 1:] if at >= 0 else ""
+    if not domain or address.lower() == "postmaster":
+        return RecipientVerdict("accept")
+    if table is None:
+        return RecipientVerdict("accept" if always_accept or
+                                recipient_allowed(None, address, local_names) else "relay")
+    own = table.lookup_user(address, RCPT_USER_REQUEST) or {}
+    if "relaytarget" in own:
+        return RecipientVerdict("accept" if policy_says(own, "relaytarget") else "refuse",
+                                message=own["relaytarget"][1])
+    if policy_says(own, "freeze"):
+        return RecipientVerdict("freeze", message=own["freeze"][1])
+    found = table.lookup_domain(domain, RCPT_DOMAIN_REQUEST) or {}
+    if "relaytarget" in found and not policy_says(found, "relaytarget"):
+        return RecipientVerdict("refuse", message=found["relaytarget"][1])
+    if policy_says(found, "freeze"):
+        return RecipientVerdict("freeze", message=found["freeze"][1])
+    if policy_says(found, "relaytarget") or policy_says(found, "localdomain") or \
+            domain.lower() in local_names or policy_says(own, "localdomain"):
+        if always_accept or recipient_allowed(table, address, local_names):
+            return RecipientVerdict("accept")
+        return RecipientVerdict("relay")
+    if always_accept:
+        return RecipientVerdict("accept")
+    if domain.startswith("["):
+        return RecipientVerdict("relay")
+    if "acceptifmx" in found or norelay:
+        mode = found["acceptifmx"][0][:1] if "acceptifmx" in found else "."
+        return RecipientVerdict("dns", "mx", mode, domain,
+                                found["acceptifmx"][1] if "acceptifmx" in found else None)
+    if "acceptifdns" in found:
+        return RecipientVerdict("dns", "exists", found["acceptifdns"][0][:1], domain,
+                                found["acceptifdns"][1])
+    return RecipientVerdict("relay")
 
 
 #: How many rounds the relay test spends on a recipient's local part
@@ -2532,6 +2667,93 @@ class Resolver(object):
         return any(canonical_ip(address) == ip for address in found)
 
 
+class LocalAddresses(object):
+    """This host's own addresses (the kernel's local IPv4 routes and the
+    IPv6 interface addresses), read again every DNS_CONF_RECHECK seconds:
+    a domain whose MX or address is one of them is served here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.checked = 0.0
+        self.addresses = frozenset()
+
+    def current(self):
+        now = time.time()
+        with self.lock:
+            if now - self.checked >= DNS_CONF_RECHECK:
+                self.checked = now
+                self.addresses = self.read()
+            return self.addresses
+
+    @staticmethod
+    def read():
+        found = set()
+        try:
+            with open("/proc/net/fib_trie") as f:
+                last = None
+                for line in f:
+                    words = line.split()
+                    if len(words) == 2 and words[0] == "|--":
+                        last = words[1]
+                    elif last and "/32 host LOCAL" in line:
+                        found.add(last)
+        except (IOError, OSError):
+            pass
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    h = line.split()[0]
+                    found.add(canonical_ip(":".join(h[i:i + 4] for i in range(0, 32, 4))))
+        except (IOError, OSError, IndexError):
+            pass
+        found.discard(None)
+        return frozenset(found)
+
+
+#: What domain_check finds: the domain is served here (or exists, when
+#: that is all that was asked), exists but is served elsewhere, does not
+#: exist (nor has an address), or DNS could not say.
+DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING, DOMAIN_TEMPFAIL = "ok", "elsewhere", "missing", \
+    "tempfail"
+
+
+def address_is_loopback(ip):
+    return ip.startswith("127.") or ip == "::1"
+
+
+def domain_check(resolver, domain, ours, need_us):
+    """Generator: DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING or
+    DOMAIN_TEMPFAIL for a mail domain: its MX hosts' addresses, else its
+    own.  ``need_us``: only an address in ``ours`` (this host's) is OK.
+    A domain whose MX or address is on loopback is a temporary failure:
+    mail for it could go nowhere, and the zone is broken or hostile."""
+    mx = yield from resolver.lookup(domain, DNS_MX)
+    if mx.temporary:
+        return DOMAIN_TEMPFAIL
+    if mx.status == DNS_NXDOMAIN:
+        return DOMAIN_MISSING
+    if mx.records:
+        targets = [host for _, host in sorted(mx.records)][:DNS_MX_HOSTS_MAX]
+        if targets == [""]:
+            return DOMAIN_MISSING       # RFC 7505's null MX: no mail at all
+    else:
+        targets = [domain]
+    unresolved = True
+    for host in targets:
+        status, found = yield from resolver.addresses(host)
+        if status == DNS_TEMPFAIL and not mx.records:
+            return DOMAIN_TEMPFAIL
+        for ip in found:
+            unresolved = False
+            if address_is_loopback(ip):
+                return DOMAIN_TEMPFAIL
+            if ip in ours:
+                return DOMAIN_OK
+    if unresolved and not mx.records:
+        return DOMAIN_MISSING
+    return DOMAIN_ELSEWHERE if need_us else DOMAIN_OK
+
+
 # ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
@@ -2612,6 +2834,16 @@ REPLIES = {
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
     "mail_sender_not_owned": (553, "5.7.1", "Sender address rejected: not owned by user {login}"),
+    "mail_source_reject": (553, "5.7.1", "Hello {ip}, for MAIL FROM address {addr} access is "
+                                         "denied by the policy analysis functions."),
+    "mail_source_reject_text": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                              "policy analysis reported: {msg}"),
+    "mail_source_dns_error": (553, "5.4.3", "Hello {ip}, for MAIL FROM address {addr} the policy "
+                                            "analysis reports DNS error with your source "
+                                            "domain."),
+    "mail_source_dns_tempfail": (451, "4.4.3", "Hello {ip}, for your input: {addr} policy "
+                                               "analysis reports temporary DNS error with your "
+                                               "source domain."),
     "mail_rate_limit": (450, "4.7.1", "Message submission rate limit exceeded, try again later"),
     # RCPT
     "rcpt_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO command"),
@@ -2637,6 +2869,14 @@ REPLIES = {
     "rcpt_no_space": (452, "4.3.1", "insufficient storage space, try again later"),
     "rcpt_relay_denied": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
                                         "address {addr} via our server"),
+    "rcpt_policy_reject": (550, "5.7.1", "Hello {ip}, Policy rejection on the target address: "
+                                         "{addr}"),
+    "rcpt_mx_rule": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
+                                   "address {addr} via our server; MX rule"),
+    "rcpt_dns_error": (550, "5.4.3", "Hello {ip}, Policy analysis found DNS error on the target "
+                                     "domain: {addr}"),
+    "rcpt_dns_tempfail": (451, "4.4.3", "Hello {ip}, policy analysis reports temporary DNS error "
+                                        "with the target domain: {addr}"),
     "rcpt_earlier_reject": (550, "5.7.1", "Hello {ip}, access denied by the policy analysis "
                                           "functions by earlier rejection"),
     "rcpt_ok_size": (250, "2.1.5", "Ok; can accomodate {size} byte message{note} for {addr}"),
@@ -2648,6 +2888,8 @@ REPLIES = {
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
     "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data_ok": (250, "2.0.0", "accepted; {id}"),
+    "data_ok_frozen": (250, "2.7.1", "Content-Policy accept-into-freezer-2 msg: accepted into "
+                                     "freezer, no explanations; {id}"),
     "data_too_big": (552, "5.3.4", "Size of this message exceeds the fixed maximum size of  {limit}  "
                                    "chars for received email "),
     "data_header_too_big": (552, "5.3.4", "Message header section exceeds {limit} bytes"),
@@ -2751,7 +2993,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
+UNKEPT_REPLIES = frozenset(("data_ok", "data_ok_frozen", "bdat_last"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -5694,6 +5936,7 @@ class SessionStart(object):
         (again after a PROXY header) all come here.  ``why`` is logged when
         an open transaction's message data is dropped."""
         self.abort_transaction(why)
+        self.sender_refused = False     # the policy refused the last MAIL FROM
         if level == RESET_TRANSACTION:
             if self.state != "HELO":
                 self.state = "MAIL"
@@ -5909,6 +6152,7 @@ class MailTransactionVerbs(object):
         the sender's ownership by the login, the submission rate, size and
         free space."""
         yield from NEVER_WAITS
+        self.sender_refused = False
         if self.state != "MAIL":
             self.tarpit()
             self.reply({"HELO": "mail_wait_helo", "RCPT": "mail_wait_rcpt"}.get(
@@ -5934,6 +6178,9 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("mail_policy_reject", addr="<%s>" % address)
             return
+        sender = yield from self.sender_policy(address)
+        if sender is None:
+            return
         if not self.sender_login_permitted(address):
             self.tarpit()
             self.reply("mail_sender_not_owned", login=self.authuser)
@@ -5957,8 +6204,12 @@ class MailTransactionVerbs(object):
             self.reply("mail_spool_failed")
             return
         self.txn = Transaction(address, ok, spool)
+        self.txn.freeze = sender.freeze or self.verdict.freeze
+        self.txn.norelay = sender.norelay
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
+            if sender.freeze:
+                spool.write(FREEZE_SENDER_COMMENT)
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
             self.abort_transaction("spool write failed")
@@ -6038,6 +6289,10 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("msa_mail")
             return
+        if self.sender_refused and self.txn is None:
+            self.tarpit()
+            self.reply("rcpt_earlier_reject")
+            return
         if self.state not in ("RCPT", "DATA") or self.txn is None or self.txn.bdat_started:
             self.tarpit()
             self.reply({"HELO": "rcpt_wait_helo"}.get(self.state, "rcpt_in_bdat"
@@ -6069,9 +6324,11 @@ class MailTransactionVerbs(object):
         if txn.sender == "" and len(txn.recipients) >= g.max_error_recipients:
             self.reply("rcpt_spam_trap")
             return
-        if not self.recipient_permitted(address):
+        refusal = yield from self.recipient_policy(address)
+        if refusal is not None:
             self.tarpit()
-            self.reply("rcpt_relay_denied", addr="<%s>" % address)
+            self.reply(refusal, addr="<%s>" % address)
+            self.note_refused_recipient(txn, address)
             return
         if not self.recipient_rate_permitted(txn):
             self.reply("rcpt_rate_limit")
@@ -6087,6 +6344,11 @@ class MailTransactionVerbs(object):
             self.log.note("spool write failed: %s" % e)
             self.reply("rcpt_no_space")
             return
+        if txn.freeze:
+            try:
+                txn.spool.write(FREEZE_RCPT_COMMENT)
+            except OSError:
+                pass                # the file's next write meets it again
         txn.recipients.append(address)
         self.state = "DATA"
         note = ", source route ignored" if routed else ""
@@ -6095,17 +6357,65 @@ class MailTransactionVerbs(object):
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
 
-    def recipient_permitted(self, address):
-        """Relay control for network clients without AUTH or trust."""
-        if not self.network or self.authuser is not None:
-            return True
-        v = self.verdict
-        if v.full_trust or v.always_accept or v.trust_recipients:
-            return not v.reject
-        if v.reject:
-            return False
+    def sender_policy(self, address):
+        """Generator: the sender's SenderVerdict for a network client that
+        is not fully trusted, or None once its refusal is sent (the RCPTs
+        that follow hear of it).  The DNS check of senderokwithdns is not
+        made for a client that has authenticated."""
         table = self.policy.table if self.policy else None
-        return recipient_allowed(table, address, self.runtime.local_names)
+        if not self.network or self.verdict.full_trust or table is None:
+            return SenderVerdict()
+        sender = sender_verdict(table, address)
+        refusal, fields = None, {}
+        if sender.refuse:
+            refusal = "mail_source_reject"
+            if sender.message:
+                refusal, fields = "mail_source_reject_text", {"msg": sender.message}
+        elif sender.dns_mode is not None and self.authuser is None:
+            found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
+            refusal = {DOMAIN_MISSING: "mail_source_dns_error",
+                       DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
+        if refusal is None:
+            return sender
+        self.tarpit()
+        self.sender_refused = True
+        self.reply(refusal, addr="<%s>" % address, **fields)
+        return None
+
+    def recipient_policy(self, address):
+        """Generator: relay control and the recipient attributes for
+        network clients without AUTH: None when the recipient may be
+        accepted (a ``freeze`` sends the whole message to the freezer),
+        else the name of the refusal's reply."""
+        if not self.network or self.authuser is not None:
+            return None
+        v, txn = self.verdict, self.txn
+        if v.reject:
+            return "rcpt_relay_denied"
+        if v.full_trust or v.trust_recipients or txn.freeze:
+            return None
+        table = self.policy.table if self.policy else None
+        found = recipient_verdict(table, address, self.runtime.local_names,
+                                  always_accept=v.always_accept, norelay=txn.norelay)
+        if found.outcome == "freeze":
+            txn.freeze = True
+        if found.outcome in ("accept", "freeze"):
+            return None
+        if found.outcome != "dns":
+            return "rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"
+        runtime = self.runtime
+        answer = yield from domain_check(runtime.resolver, found.domain,
+                                         runtime.local_addresses.current(), found.check == "mx")
+        return {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
+                DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+
+    def note_refused_recipient(self, txn, address):
+        """The envelope keeps the recipients the policy refused, as comments."""
+        try:
+            txn.spool.write(("comment policytest() rejected rcptaddr: <%s>\n" % address)
+                            .encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass                    # the file's next write meets it again
 
     # -- submission policy: sender ownership and rate limits ----------------------
 
@@ -6248,7 +6558,7 @@ class MailTransactionVerbs(object):
                 self.reply(failure[0])
             return
         try:
-            sid, size = txn.spool.commit(writer.priority)
+            sid, size = txn.spool.commit(writer.priority, freezer=txn.freeze)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -6257,7 +6567,7 @@ class MailTransactionVerbs(object):
         self.junk_count = 0
         self.count_submission(txn)
         if bdat_chunk is None:
-            self.reply("data_ok", id=sid)
+            self.reply("data_ok_frozen" if txn.freeze else "data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
         recording = self.log.recording()
@@ -6933,6 +7243,8 @@ class Transaction(object):
         self.writer = None
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
+        self.freeze = False         # the policy sends the message to the freezer
+        self.norelay = False        # sendernorelay: recipients need us as their MX
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -8116,6 +8428,12 @@ def mail_envelope(session, txn):
     return "\n".join(lines) + "\n"
 
 
+#: Envelope comments of a frozen message, as the original writes them:
+#: after the sender (frozen by ``freezesource``), after each recipient.
+FREEZE_SENDER_COMMENT = b"comment policytest() reported freeze state\n"
+FREEZE_RCPT_COMMENT = b"comment policytest() reported freeze state 1\n"
+
+
 def rcpt_envelope(txn, address, dsn, notify_never):
     """One recipient's ``todsn`` and ``to`` lines.  The DSN options are
     always written out in full (the defaults filled in, NOTIFY forced to
@@ -8393,6 +8711,15 @@ class SpoolWriter(object):
         self.notify_router(dirname, name)
         return dirname, name
 
+    def freeze(self, path, inode):
+        """Rename a finished file to ``freezer/<inode>policy-2``, the name
+        the original gives a message its policy froze; the router does not
+        look there, an administrator releases it."""
+        final = os.path.join(self.postoffice, "freezer", "%dpolicy-2" % inode)
+        os.rename(path, final)
+        if self.dir_fsync:
+            self.directory_sync(os.path.dirname(final)).sync()
+
     def target_dir(self, priority):
         """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
         chosen = "router"
@@ -8454,9 +8781,10 @@ class SpoolFile(object):
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def commit(self, priority=0):
+    def commit(self, priority=0, freezer=False):
         """Mark finished (mode 0600), fsync, rename into the router's
-        directory.  Returns (spool id, size).  On error the file is removed
+        directory (the freezer's, for a message the policy freezes).
+        Returns (spool id, size).  On error the file is removed
         and OSError raised: nothing acknowledged is ever half there."""
         try:
             self._flush()
@@ -8465,7 +8793,10 @@ class SpoolFile(object):
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            self.writer.publish(self.path, st.st_ino, priority)
+            if freezer:
+                self.writer.freeze(self.path, st.st_ino)
+            else:
+                self.writer.publish(self.path, st.st_ino, priority)
         except OSError:
             self.abort()
             raise
@@ -8675,6 +9006,7 @@ class Runtime(object):
         self._names = {}
         self._names_lock = threading.Lock()
         self.resolver = Resolver(log=log)
+        self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.apply_config(config)
 
@@ -9148,13 +9480,30 @@ def check_policies(config, user=None):
     return problems
 
 
-def check_postoffice(site, user):
-    """public/ and router/ must take new files from the session user;
-    otherwise every MAIL would answer a misleading 452."""
+#: Policy attributes that send messages to $POSTOFFICE/freezer/.
+FREEZING_ATTRIBUTES = ("freeze", "freezesource", "freezenet")
+
+
+def policies_freeze(config):
+    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+    for g in config.groups:
+        if g.policydb:
+            try:
+                if PolicyTable.load(g.policydb[1] + ".dat").sets_any(FREEZING_ATTRIBUTES):
+                    return True
+            except (PolicyError, IOError, OSError):
+                pass                # check_policies says why
+    return False
+
+
+def check_postoffice(site, user, freezing=False):
+    """public/ and router/ (and freezer/ when the policy freezes messages)
+    must take new files from the session user; otherwise every MAIL (or
+    every frozen message) would answer a misleading 452."""
     problems = []
     source = "-P" if site.options.get("postoffice") else \
         "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
-    for sub in ("public", "router"):
+    for sub in ("public", "router") + (("freezer",) if freezing else ()):
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
             problems.append("%s: $POSTOFFICE/%s (%s) is not a directory. Fix: create it "
@@ -9294,7 +9643,7 @@ def startup_problems(config, site, log, daemon, user):
             problems.append("-l %s: cannot open the log file: %s. Fix: create its "
                             "directory, or name a file root can write" % (path, why))
     problems.extend(check_policies(config, user))
-    problems.extend(check_postoffice(site, user))
+    problems.extend(check_postoffice(site, user, policies_freeze(config)))
     problems.extend(check_auth_programs(config, site))
     return problems
 
