@@ -1426,13 +1426,15 @@ POLICY_IMPLEMENTED = frozenset((
     "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
     "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
-    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns"))
+    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
+    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
-              "fulltrustnet", "trustrecipients", "maxsameipsource")
-PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
+              "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
+              "rcpt-dns-rbl", "ratelimitmsgs")
+PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
 #: The sender's lookups at MAIL FROM: its whole address, then its domain
@@ -1441,8 +1443,9 @@ RCPT_REQUEST = ("relaytarget", "localdomain")
 SENDER_USER_REQUEST = ("rejectsource", "freezesource")
 SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns")
 #: The recipient's lookups at RCPT TO: its whole address, then its domain.
-RCPT_USER_REQUEST = ("relaytarget", "freeze", "localdomain")
-RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "acceptifmx", "acceptifdns", "localdomain")
+RCPT_USER_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "localdomain")
+RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "acceptifmx", "acceptifdns",
+                       "localdomain")
 
 
 def _policy_network(key):
@@ -1499,11 +1502,18 @@ class PolicyVerdict(object):
     """What the policy says about one connection (mutable per session)."""
 
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
-                 "trust_recipients", "freeze", "maxinsize", "maxsameip")
+                 "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
+                 "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit")
 
     def __init__(self):
         self.reject = False
         self.reject_message = None
+        self.rbl_zones = None       # test-dns-rbl: zones to look the client up in
+        self.rbl_message = None     # its ``message`` text
+        self.rcpt_rbl = None        # rcpt-dns-rbl: zones, or ``_text``
+        self.rcpt_rbl_text = None   # what refuses recipients that test-rcpt-dns-rbl
+        self.listed = False         # refused by an RBL (found by the session)
+        self.ratelimit = None       # ratelimitmsgs: messages an hour (negative: refuse hard)
         self.always_accept = False
         self.full_trust = False
         self.trust_recipients = False
@@ -1848,6 +1858,12 @@ def connection_verdict(table, ip, rhostname=None):
         v.maxsameip = _c_int(found["maxsameipsource"][0], None)
         if v.maxsameip == 0:
             v.reject = True
+    if "test-dns-rbl" in found:
+        v.rbl_zones, v.rbl_message = found["test-dns-rbl"]
+    if "rcpt-dns-rbl" in found:
+        v.rcpt_rbl = found["rcpt-dns-rbl"][0]
+    if "ratelimitmsgs" in found:
+        v.ratelimit = _c_int(found["ratelimitmsgs"][0], None) or None
     if not v.reject and not v.full_trust and rhostname and not rhostname.startswith("["):
         named = table.lookup_domain(rhostname, PTR_REQUEST) or {}
         if policy_says(named, "rejectnet"):
@@ -1857,6 +1873,8 @@ def connection_verdict(table, ip, rhostname=None):
             v.freeze = True
         if not v.always_accept and policy_says(named, "relaycustnet"):
             v.always_accept = True
+        if v.rcpt_rbl is None and named.get("rcpt-dns-rbl", ("",))[0].startswith("_"):
+            v.rcpt_rbl = named["rcpt-dns-rbl"][0]
     return v
 
 
@@ -1915,7 +1933,9 @@ def sender_verdict(table, address):
 
 class RecipientVerdict(object):
     """What the policy says about one RCPT TO address, before any DNS:
-    ``outcome`` is "accept", "freeze", "refuse" (``relaytarget -``),
+    ``outcome`` is "accept", "freeze", "refuse" (``relaytarget -``), "rbl"
+    (the recipient honours the client's rcpt-dns-rbl listing, whose text
+    is ``message``),
     "relay" (a domain the policy does not let this client relay to) or
     "dns" (``check`` says which: "mx" for acceptifmx or a sendernorelay
     sender, "exists" for acceptifdns; ``mode``
@@ -1932,11 +1952,13 @@ class RecipientVerdict(object):
         self.message = message
 
 
-def recipient_verdict(table, address, local_names, always_accept=False, norelay=False):
+def recipient_verdict(table, address, local_names, always_accept=False, norelay=False,
+                      rbl_text=None):
     """The recipient side of the policy for a client that is not fully
     trusted: its whole address's ``relaytarget``/``freeze`` decide first;
     then its domain (with the source-route hops of recipient_allowed);
-    ``relaytarget -`` refuses, ``freeze +`` freezes, ``relaytarget +``
+    ``relaytarget -`` refuses, ``freeze +`` freezes, ``test-rcpt-dns-rbl
+    +`` refuses a client rcpt-dns-rbl listed (``rbl_text``), ``relaytarget +``
     accepts; a relaycustnet client may send anywhere else; ``acceptifmx`` (or a sendernorelay sender) needs us as
     the domain's MX, ``acceptifdns`` a domain that exists; a domain that
     is ours or local is accepted, anything else is relaying."""
@@ -1953,11 +1975,15 @@ def recipient_verdict(table, address, local_names, always_accept=False, norelay=
                                 message=own["relaytarget"][1])
     if policy_says(own, "freeze"):
         return RecipientVerdict("freeze", message=own["freeze"][1])
+    if rbl_text is not None and policy_says(own, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
     found = table.lookup_domain(domain, RCPT_DOMAIN_REQUEST) or {}
     if "relaytarget" in found and not policy_says(found, "relaytarget"):
         return RecipientVerdict("refuse", message=found["relaytarget"][1])
     if policy_says(found, "freeze"):
         return RecipientVerdict("freeze", message=found["freeze"][1])
+    if rbl_text is not None and policy_says(found, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
     if policy_says(found, "relaytarget") or policy_says(found, "localdomain") or \
             domain.lower() in local_names or policy_says(own, "localdomain"):
         if always_accept or recipient_allowed(table, address, local_names):
@@ -2645,12 +2671,9 @@ class Resolver(object):
             packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
         except (OSError, socket.error, ValueError):
             return None
-        if len(packed) == 4:
-            query = ".".join(str(b) for b in reversed(bytearray(packed))) + ".in-addr.arpa"
-        else:
-            nibbles = binascii.hexlify(packed).decode("ascii")
-            query = ".".join(reversed(nibbles)) + ".ip6.arpa"
-        answer = yield from self.lookup(query, DNS_PTR)
+        answer = yield from self.lookup(
+            reversed_address(packed) + (".in-addr.arpa" if len(packed) == 4 else ".ip6.arpa"),
+            DNS_PTR)
         if answer.temporary:
             return DNS_TEMPFAIL
         for name in answer.records:
@@ -2665,6 +2688,38 @@ class Resolver(object):
             return False
         _, found = yield from self.addresses(name)
         return any(canonical_ip(address) == ip for address in found)
+
+
+def reversed_address(packed):
+    """An address's labels as reverse DNS and the RBLs spell them: the
+    bytes (IPv4) or nibbles (IPv6) last first."""
+    if len(packed) == 4:
+        return ".".join(str(b) for b in reversed(bytearray(packed)))
+    return ".".join(reversed(binascii.hexlify(packed).decode("ascii")))
+
+
+def rbl_listing(resolver, ip, zones):
+    """Generator: the text of the first of the ``:``-separated DNS block
+    lists that lists ``ip`` (an A record in 127.0.0.0/24; its TXT record's
+    text, or "" without one), None when none does or DNS cannot say.  A
+    zone ``+`` (the original's removed shorthand for a long-gone list) and
+    ``-`` are skipped."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, socket.error, ValueError):
+        return None
+    for zone in zones.split(":"):
+        zone = zone.strip().strip(".")
+        if zone in ("", "+", "-"):
+            continue
+        name = "%s.%s" % (reversed_address(packed), zone)
+        listed = yield from resolver.lookup(name, DNS_A)
+        if not any(a.startswith("127.0.0.") for a in listed.records):
+            continue
+        text = yield from resolver.lookup(name, DNS_TXT)
+        return "".join(c if " " <= c < "\x7f" or c > "\x9f" else " "
+                       for c in (text.records[0] if text.records else ""))
+    return None
 
 
 class LocalAddresses(object):
@@ -2772,6 +2827,9 @@ REPLIES = {
     "too_many_same_ip": (450, "4.7.1", ("Come again later", "{contact}",
                                         "Too many simultaneous connections from same IP "
                                         "address ({count} max {limit})")),
+    "too_many_same_ip_policy": (450, None, "{host} - Come again later, too many simultaneous "
+                                           "connections from this IP address /ms({count} of "
+                                           "{limit})"),
     "too_many_parallel": (450, "4.7.1", ("{contact}", "Come again later",
                                          "Too many simultaneous connections to this server "
                                          "({count} max {limit})")),
@@ -2833,6 +2891,13 @@ REPLIES = {
     "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
+    "mail_client_rate": (451, "4.7.1", "Hello {ip}, for your MAIL FROM address {addr} policy "
+                                       "analysis reported: You are sending too much "
+                                       "mail/rcpts per time interval.  Try again later."),
+    "mail_client_rate_hard": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                            "policy analysis reported: You are sending too "
+                                            "much mail/rcpts per time interval.  Try again "
+                                            "later."),
     "mail_sender_not_owned": (553, "5.7.1", "Sender address rejected: not owned by user {login}"),
     "mail_source_reject": (553, "5.7.1", "Hello {ip}, for MAIL FROM address {addr} access is "
                                          "denied by the policy analysis functions."),
@@ -2871,6 +2936,7 @@ REPLIES = {
                                         "address {addr} via our server"),
     "rcpt_policy_reject": (550, "5.7.1", "Hello {ip}, Policy rejection on the target address: "
                                          "{addr}"),
+    "rcpt_rbl": (550, "5.7.1", "Hello {ip}, Policy analysis reported: {msg} rcpt={addr}"),
     "rcpt_mx_rule": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
                                    "address {addr} via our server; MX rule"),
     "rcpt_dns_error": (550, "5.4.3", "Hello {ip}, Policy analysis found DNS error on the target "
@@ -3639,7 +3705,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
+            if kind in (b"F", b"U", b"M"):
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -4087,6 +4153,8 @@ class SessionLoop(object):
                 self.runtime.log.adopt(fds)
             elif kind == b"U":
                 self.runtime.submissions.absorb(msg)
+            elif kind == b"M":
+                self.runtime.client_messages.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -4587,22 +4655,29 @@ class Supervisor(object):
         group = listener.group
         contact = group.contact_pointer or DEFAULT_CONTACT
         lines = None
-        if same > cfg.max_same_ip and same > 1:
-            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
-                                 count=same, limit=cfg.max_same_ip)
-        elif total > cfg.max_parallel:
-            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
-                                 count=total, limit=cfg.max_parallel)
-        elif not proxied:
+        verdict = None
+        if not proxied:
             policy = self.runtime.policy_for(group)
             table = policy.current() if policy else None
             if table is not None:
                 verdict = connection_verdict(table, ip)
-                if verdict.reject:
-                    msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
-                        host=self.runtime.hostname)
-                    lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
-                                         contact=contact, msg=msg)
+        if verdict is not None and verdict.maxsameip and verdict.maxsameip > 0:
+            # The client's own limit from the policy, in the original's words.
+            if same > verdict.maxsameip:
+                lines = format_reply("too_many_same_ip_policy", group.enhancedstatus,
+                                     host=self.runtime.hostname, count=same,
+                                     limit=verdict.maxsameip)
+        elif same > cfg.max_same_ip and same > 1:
+            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
+                                 count=same, limit=cfg.max_same_ip)
+        if lines is None and total > cfg.max_parallel:
+            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
+                                 count=total, limit=cfg.max_parallel)
+        elif lines is None and verdict is not None and verdict.reject:
+            msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                host=self.runtime.hostname)
+            lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
+                                 contact=contact, msg=msg)
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
@@ -6074,6 +6149,31 @@ class SessionStart(object):
         self.verdict = connection_verdict(table, ip, self.rhostname
                                           if self.rhost_a == "OK" else None)
 
+    def check_block_lists(self):
+        """Generator: the client in the DNS block lists of its policy entry
+        (not a client the policy trusts, nor one of our own addresses):
+        ``test-dns-rbl`` refuses the connection with the list's text;
+        ``rcpt-dns-rbl`` (zones, or ``_text`` without DNS) keeps the text
+        for the recipients that ask for it (``test-rcpt-dns-rbl +``)."""
+        v = self.verdict
+        if v.reject or v.always_accept or v.full_trust or not (v.rbl_zones or v.rcpt_rbl):
+            return
+        ip = self.runtime.fake_peer or self.peer_ip
+        if address_is_loopback(ip) or ip in self.runtime.local_addresses.current():
+            return
+        resolver = self.runtime.resolver
+        if v.rbl_zones:
+            text = yield from rbl_listing(resolver, ip, v.rbl_zones)
+            if text is not None:
+                self.log.note("client %s is in the block list: %s" % (ip, text or v.rbl_zones))
+                v.reject = v.listed = True
+                v.reject_message = text or v.rbl_message
+                return
+        if v.rcpt_rbl and v.rcpt_rbl.startswith("_"):
+            v.rcpt_rbl_text = v.rcpt_rbl[1:] if v.rcpt_rbl[1:2] != "+" else None
+        elif v.rcpt_rbl:
+            v.rcpt_rbl_text = yield from rbl_listing(resolver, ip, v.rcpt_rbl)
+
     def greeting(self):
         lines = self.cfg.hdr220 or (REPLIES["greeting_default"][2],)
         return reply_lines(220, [self.expand_metatags(l) for l in lines])
@@ -6179,7 +6279,7 @@ class MailTransactionVerbs(object):
             self.reply("mail_policy_reject", addr="<%s>" % address)
             return
         sender = yield from self.sender_policy(address)
-        if sender is None:
+        if sender is None or not self.client_rate_permitted(address):
             return
         if not self.sender_login_permitted(address):
             self.tarpit()
@@ -6327,7 +6427,7 @@ class MailTransactionVerbs(object):
         refusal = yield from self.recipient_policy(address)
         if refusal is not None:
             self.tarpit()
-            self.reply(refusal, addr="<%s>" % address)
+            self.reply(refusal[0], addr="<%s>" % address, **refusal[1])
             self.note_refused_recipient(txn, address)
             return
         if not self.recipient_rate_permitted(txn):
@@ -6386,28 +6486,57 @@ class MailTransactionVerbs(object):
         """Generator: relay control and the recipient attributes for
         network clients without AUTH: None when the recipient may be
         accepted (a ``freeze`` sends the whole message to the freezer),
-        else the name of the refusal's reply."""
+        else the refusal's reply name and fields."""
         if not self.network or self.authuser is not None:
             return None
         v, txn = self.verdict, self.txn
         if v.reject:
-            return "rcpt_relay_denied"
+            return "rcpt_relay_denied", {}
         if v.full_trust or v.trust_recipients or txn.freeze:
             return None
         table = self.policy.table if self.policy else None
         found = recipient_verdict(table, address, self.runtime.local_names,
-                                  always_accept=v.always_accept, norelay=txn.norelay)
+                                  always_accept=v.always_accept, norelay=txn.norelay,
+                                  rbl_text=v.rcpt_rbl_text)
         if found.outcome == "freeze":
             txn.freeze = True
         if found.outcome in ("accept", "freeze"):
             return None
+        if found.outcome == "rbl":
+            return "rcpt_rbl", {"msg": found.message}
         if found.outcome != "dns":
-            return "rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"
+            return ("rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"), {}
         runtime = self.runtime
         answer = yield from domain_check(runtime.resolver, found.domain,
                                          runtime.local_addresses.current(), found.check == "mx")
-        return {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
-                DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+        refusal = {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
+                   DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+        return None if refusal is None else (refusal, {})
+
+    def client_rate_permitted(self, address):
+        """``ratelimitmsgs N`` on a relaycustnet client's entry: fewer than N
+        messages from its address in the last hour (10 N once it has
+        authenticated), counted across the server's processes; a negative
+        N refuses hard.  Not in -i sessions, which have no one to count
+        with (nor had the original)."""
+        v = self.verdict
+        if not v.ratelimit or not v.always_accept or self.mode == "interactive":
+            return True
+        limit = abs(v.ratelimit) * (10 if self.authuser is not None else 1)
+        messages, _ = self.runtime.client_messages.counts(self.runtime.fake_peer or self.peer_ip)
+        if messages < limit:
+            return True
+        self.log.note("ratelimitmsgs: %d messages from %s in the last hour (limit %d); MAIL "
+                      "refused" % (messages, self.peer_ip, limit))
+        self.sender_refused = True
+        self.reply("mail_client_rate" if v.ratelimit > 0 else "mail_client_rate_hard",
+                   addr="<%s>" % address)
+        return False
+
+    def count_client_message(self, txn):
+        if self.verdict.ratelimit and self.mode != "interactive":
+            self.runtime.client_messages.record(self.runtime.fake_peer or self.peer_ip,
+                                                len(txn.recipients))
 
     def note_refused_recipient(self, txn, address):
         """The envelope keeps the recipients the policy refused, as comments."""
@@ -6566,6 +6695,7 @@ class MailTransactionVerbs(object):
             return
         self.junk_count = 0
         self.count_submission(txn)
+        self.count_client_message(txn)
         if bdat_chunk is None:
             self.reply("data_ok_frozen" if txn.freeze else "data_ok", id=sid)
         else:
@@ -6783,8 +6913,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 return
         if self.network:
             self.evaluate_policy()
+            yield from self.check_block_lists()
         if self.policy_error is None and self.verdict.reject and (
-                self.mode != "daemon" or self.proxy_expected):
+                self.mode != "daemon" or self.proxy_expected or self.verdict.listed):
             msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
@@ -7595,6 +7726,14 @@ class SubmissionRateTracker(object):
                             relay=False)
             except ValueError:
                 continue
+
+
+class ClientMessageTracker(SubmissionRateTracker):
+    """Messages accepted from each client address over a sliding hour, for
+    the policy's ``ratelimitmsgs``; counted, reported to the master and
+    passed on to the other workers as SubmissionRateTracker's are."""
+
+    PREFIX = "M "
 
 
 class PipeAuthenticator(object):
@@ -9003,6 +9142,7 @@ class Runtime(object):
         self.reload_count = 0
         self.last_reload = None     # (time, taken?, what happened)
         self.submissions = SubmissionRateTracker()
+        self.client_messages = ClientMessageTracker()
         self._names = {}
         self._names_lock = threading.Lock()
         self.resolver = Resolver(log=log)
@@ -9022,6 +9162,7 @@ class Runtime(object):
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
         self.submissions.report = send
+        self.client_messages.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -9032,6 +9173,8 @@ class Runtime(object):
             self.auth_failures.absorb(rest)
         elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
             self.submissions.absorb(line)
+        elif kind + b" " == ClientMessageTracker.PREFIX.encode("ascii"):
+            self.client_messages.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()
