@@ -4,7 +4,8 @@
 
 Run from the repository root:  python -m unittest -v tests.test_policy_parity
 
-Each ``-i -T [ip]`` case of the recording is replayed: the same policy, the
+Each ``-i -T [ip]`` case of the recording is replayed (and its daemon cases,
+MS1-MS3 and RL1-RL4, against one daemon): the same policy, the
 same commands, the client address played with ``-T``; the replies after
 EHLO, where the message went (router/, freezer/ or nowhere) and its
 envelope's sender, recipient and policy comment lines are compared with
@@ -601,6 +602,105 @@ class RateLimitMsgsFromPolicy(unittest.TestCase):
 
 class RateLimitMsgsForkModel(RateLimitMsgsFromPolicy):
     MODEL = "fork"
+
+
+def parse_daemon_cases(text):
+    """{name: {"policy": its own lines, "client": address, "sessions": [[(command,
+    last C reply line)]] (the greeting under "")}} of the daemon cases."""
+    cases = {}
+    for block in text.split("### CASE ")[1:]:
+        head, _, rest = block.partition("\n")
+        m = re.search(r"^client: .*?from (127\.0\.0\.\d+)", rest, re.M)
+        if not m:
+            continue
+        policy = [line[4:] for line in rest.split("\nclient:")[0].splitlines()
+                  if line.startswith("    ") and not line[4:].startswith(("localhost", "vm"))]
+        c_part = rest.split("--- C smtpserver 3.0.1", 1)[1].split("\n--- zmsmtpd", 1)[0]
+        sessions, command = [], ""
+        for line in c_part.splitlines():
+            if line.startswith(("--- session", "--- connection")) or not sessions:
+                if line.startswith("--- ") or not sessions:
+                    sessions.append([])
+                    command = ""
+            if re.match(r"C(\(conn \d+\))?: ", line):
+                command = line.split(": ", 1)[1]
+            elif line.startswith("S: ") and line[6:7] != "-" and command is not None:
+                sessions[-1].append((command, line[3:]))
+                command = None
+        cases[head.split(":")[0]] = {"policy": policy, "client": m.group(1),
+                                     "sessions": [s for s in sessions if s]}
+    return cases
+
+
+def host_neutral(line):
+    import socket
+    return normalise(line).replace(socket.gethostname(), "HOST").replace("localhost", "HOST")
+
+
+class DaemonCasesWithTheRecording(unittest.TestCase):
+    """The recording's daemon cases (MS1-MS3, RL1-RL4) against one zmsmtpd
+    daemon with all their policy entries: the greetings of refused
+    connections, and MAIL, RCPT, DATA and the message's replies session by
+    session."""
+
+    @classmethod
+    def setUpClass(cls):
+        from tests import test_submission as sub
+        path = os.path.join(__import__("tests.harness").harness.REFERENCE, "oracle",
+                            "policy-and-handoffs", "policy-parity.txt")
+        if not os.path.exists(path):
+            raise unittest.SkipTest("reference material not present: %s" % path)
+        with open(path) as f:
+            cls.cases = parse_daemon_cases(f.read())
+        cls.sub = sub
+        policy = BASE_POLICY + "".join(line + "\n" for case in cls.cases.values()
+                                       for line in case["policy"])
+        cls.srv = sub._SubServer(policy=policy)
+        sub._sub_start_servers(cls, (cls.srv, "PARAM BindSmtp [127.0.0.1] {smtp}\n"
+                                     "PARAM session-workers 2\n", {}))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sub._sub_stop_servers(cls)
+
+    def connect(self, source):
+        import socket
+        from tests.harness import SMTPReplies
+        s = socket.create_connection(("127.0.0.1", self.srv.ports["smtp"]), 15,
+                                     source_address=(source, 0))
+        self.addCleanup(s.close)
+        return SMTPReplies(s)
+
+    def test_seven_daemon_cases_are_there(self):
+        self.assertEqual(sorted(self.cases), ["MS1", "MS2", "MS3", "RL1", "RL2", "RL3", "RL4"])
+
+    def test_refused_connections_get_the_original_greeting(self):
+        case = self.cases["MS1"]
+        code, lines = self.connect(case["client"]).reply()
+        self.assertEqual(host_neutral(lines[-1]), host_neutral(case["sessions"][0][0][1]))
+        for name in ("MS2", "MS3"):
+            case = self.cases[name]
+            greetings = [self.connect(case["client"]).reply()[1][-1] for _ in range(3)]
+            expected = [s[0][1] for s in case["sessions"][:3]]
+            self.assertEqual(host_neutral(greetings[2]), host_neutral(expected[2]), name)
+            self.assertTrue(all(g.startswith("220 ") for g in greetings[:2]), greetings)
+
+    def test_rate_limited_sessions_get_the_original_replies(self):
+        import time
+        for name in ("RL1", "RL2", "RL3", "RL4"):
+            case = self.cases[name]
+            for number, steps in enumerate(case["sessions"], 1):
+                c = self.connect(case["client"])
+                c.reply()
+                for command, expected in steps[1:]:
+                    m = re.match(r"<message: \d+ bytes, Subject: ([^>]*)>", command)
+                    text = "Subject: %s\r\n\r\nx\r\n." % m.group(1) if m else command
+                    code, lines = c.cmd(text)
+                    if not command.startswith(("EHLO", "QUIT")):
+                        self.assertEqual(host_neutral(lines[-1]), host_neutral(expected),
+                                         "%s session %d %s" % (name, number, command))
+                # The count reaches the other worker through the master.
+                time.sleep(0.3)
 
 
 class FreezerDirectoryCheck(unittest.TestCase):
