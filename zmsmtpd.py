@@ -6459,11 +6459,12 @@ class MailTransactionVerbs(object):
 
     def sender_policy(self, address):
         """Generator: the sender's SenderVerdict for a network client that
-        is not fully trusted, or None once its refusal is sent (the RCPTs
-        that follow hear of it).  The DNS check of senderokwithdns is not
-        made for a client that has authenticated."""
+        is neither fully trusted nor authenticated (AUTH overrides the
+        policy, as it does for relaying), or None once its refusal is sent
+        (the RCPTs that follow hear of it)."""
         table = self.policy.table if self.policy else None
-        if not self.network or self.verdict.full_trust or table is None:
+        if not self.network or self.verdict.full_trust or table is None or \
+                self.authuser is not None:
             return SenderVerdict()
         sender = sender_verdict(table, address)
         refusal, fields = None, {}
@@ -6471,7 +6472,7 @@ class MailTransactionVerbs(object):
             refusal = "mail_source_reject"
             if sender.message:
                 refusal, fields = "mail_source_reject_text", {"msg": sender.message}
-        elif sender.dns_mode is not None and self.authuser is None:
+        elif sender.dns_mode is not None:
             found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
             refusal = {DOMAIN_MISSING: "mail_source_dns_error",
                        DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)

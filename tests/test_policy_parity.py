@@ -703,6 +703,33 @@ class DaemonCasesWithTheRecording(unittest.TestCase):
                 time.sleep(0.3)
 
 
+class AuthenticatedSenderSkipsSenderAttributes(unittest.TestCase):
+    """AUTH overrides the policy: rejectsource and senderokwithdns do not
+    refuse an authenticated client's MAIL FROM; without AUTH they do."""
+
+    @classmethod
+    def setUpClass(cls):
+        from tests import test_submission as sub
+        cls.sub = sub
+        cls.srv = sub._SubServer(policy=BASE_POLICY + "bad@spam.test\trejectsource +\n")
+        cls.srv.auth_program()
+        sub._sub_start_servers(cls, (cls.srv, "PARAM BindSmtp [127.0.0.1] {smtp}\n"
+                                     "PARAM smtp-auth\nPARAM auth-login-also-without-tls\n"
+                                     "PARAM smtp-auth-pipe {dir}/bin/auth\n", {}))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sub._sub_stop_servers(cls)
+
+    def test_rejectsource_refuses_only_without_auth(self):
+        client = self.sub._sub_login(self, self.srv)
+        self.assertEqual(client.mail("bad@spam.test")[0], 250)
+        plain = self.srv.smtp()
+        self.addCleanup(self.sub._sub_quit, plain)
+        plain.ehlo()
+        self.assertEqual(plain.mail("bad@spam.test")[0], 553)
+
+
 class FreezerDirectoryCheck(unittest.TestCase):
     """A policy that freezes needs $POSTOFFICE/freezer/: --check says so."""
 
