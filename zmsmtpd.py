@@ -2247,10 +2247,17 @@ class DnsMessage(object):
         m.question = (name.lower(), qtype, qclass)
         offset += 4
         m.answers, m.authority = [], []
-        for section, count in ((m.answers, ancount), (m.authority, nscount)):
+        try:
+            m._records(packet, offset, ancount, nscount)
+        except DnsFormatError:
+            if not m.truncated:
+                raise
+            # A truncated answer may stop anywhere: the TCP one is asked for.
+        return m
+
+    def _records(self, packet, offset, ancount, nscount):
+        for section, count in ((self.answers, ancount), (self.authority, nscount)):
             for _ in range(count):
-                if m.truncated and offset >= len(packet):
-                    return m        # the rest is in the TCP answer
                 owner, offset = dns_read_name(packet, offset)
                 if offset + _DNS_RR.size > len(packet):
                     raise DnsFormatError("cut record header")
@@ -2264,7 +2271,6 @@ class DnsMessage(object):
                         section.append((owner.lower(), rtype, min(ttl & 0x7FFFFFFF, DNS_TTL_MAX),
                                         value))
                 offset += size
-        return m
 
     def outcome(self, name, qtype):
         """The DnsAnswer for ``name`` from this message, CNAME links in it
@@ -2412,11 +2418,9 @@ class ResolverConfig(WatchedSystemFile):
             if not words or words[0][0] in "#;":
                 continue
             if words[0] == "nameserver" and len(words) > 1:
-                address = words[1].split("%")[0]
-                try:
-                    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-                    socket.inet_pton(family, address)
-                except (OSError, socket.error, ValueError):
+                # The spelling the kernel gives the answer's sender in.
+                address = canonical_ip(words[1].split("%")[0])
+                if address is None:
                     continue
                 if len(servers) < DNS_SERVERS_MAX:
                     servers.append(address)

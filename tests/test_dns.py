@@ -221,7 +221,7 @@ class ResolvConfReading(unittest.TestCase):
 
     def test_servers_and_options(self):
         self.write("# comment\nsearch example.org\nnameserver 192.0.2.1\nnameserver bogus\n"
-                   "nameserver ::1\noptions timeout:3 attempts:4 ndots:2\n")
+                   "nameserver 0:0::1\noptions timeout:3 attempts:4 ndots:2\n")
         conf = zmsmtpd.ResolverConfig(self.path)
         self.assertEqual(conf.current(), (("192.0.2.1", "::1"), 3, 4))
 
@@ -470,6 +470,15 @@ class ResolverAgainstAFakeServer(unittest.TestCase):
         self.assertEqual(answer.status, DNS_TEMPFAIL)
         self.assertEqual(len(self.log.lines), 1, self.log.lines)
         self.assertIn(words, self.log.lines[0])
+
+    def test_a_truncated_answer_cut_mid_record_still_goes_to_tcp(self):
+        def cut(p):
+            qid, name, qtype = query_of(p)
+            whole = answer_packet(qid, name, qtype, [record(name, DNS_A, a_rdata("192.0.2.7"))],
+                                  tc=True)
+            return [whole[:-3]]
+        r = self.resolver(cut, tcp=lambda p: a_answer(p, "192.0.2.8"))
+        self.assertEqual(blocking_result(r.lookup("cut.test", DNS_A)).records, ("192.0.2.8",))
 
     def test_an_oversized_datagram_is_a_temporary_failure(self):
         def big(p):
