@@ -24,13 +24,12 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import unittest
 
-from tests.harness import SMTPReplies, free_port, kill_quietly, read_text, which
+from tests.harness import SMTPReplies, free_port, read_text, which
 from tests import test_submission as sub
 
 import zmsmtpd

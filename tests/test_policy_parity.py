@@ -23,12 +23,15 @@ from __future__ import print_function
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
-from tests.harness import reference_file, which
+from tests import test_submission as sub
+from tests.harness import REFERENCE, SMTPReplies, reference_file, which
 from tests.test_dns import DNSMASQ_ZONE
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,24 +40,20 @@ SERVER = os.path.join(HERE, "zmsmtpd.py")
 #: The policy every case of the recording starts with.
 BASE_POLICY = "localhost\tlocaldomain + relaytarget +\nvm\tlocaldomain + relaytarget +\n"
 
-#: Cases where zmsmtpd answers otherwise on purpose (README, "Differences"),
-#: or has not got the attribute yet; what it does instead is checked by
-#: the tests named.
+#: Cases where zmsmtpd answers otherwise on purpose (README, "Differences").
 DECIDED = {
     "B0": "no '.' entry: a foreign domain is relaying and refused "
           "(PolicyAttributesWithoutDns.test_unknown_domain_is_still_relaying)",
     "SN0": "as B0: recipients in domains the policy does not know are relaying",
-    "MX3": "a relaycustnet client's recipient domains are not looked up in DNS",
-    "MX4": "a relaycustnet client's recipient domains are not looked up in DNS",
+    "MX3": "a relaycustnet client's recipient domains are not looked up in DNS "
+           "(PolicyAttributesWithoutDns.test_relaycustnet_client_recipients_are_not_looked_up)",
+    "MX4": "as MX3",
 }
 #: Cases refused at the greeting: zmsmtpd closes the connection after the
 #: original's 550 greeting (the original answered 550 until QUIT), so
 #: only the greeting is compared.
 GREETING_ONLY = ("TR1", "TR3", "MS0i")
-NOT_YET = {}
 
-#: Extra lines the zone of the recording has beyond the resolver tests'.
-PARITY_ZONE = DNSMASQ_ZONE
 
 NETNS_SCRIPT = """#!/bin/sh
 # $1 dnsmasq.conf, $2 resolv.conf, $3 hosts; the rest is the command.
@@ -147,7 +146,7 @@ class Layout(object):
     def in_namespaces(self):
         """Sessions from now on run in the recording's namespaces."""
         with open(os.path.join(self.dir, "dnsmasq.conf"), "w") as f:
-            f.write(PARITY_ZONE)
+            f.write(DNSMASQ_ZONE)
         with open(os.path.join(self.dir, "resolv.conf"), "w") as f:
             f.write("nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
         with open(os.path.join(self.dir, "hosts"), "w") as f:
@@ -259,7 +258,7 @@ class PolicyParityWithTheRecording(unittest.TestCase):
         self.assertEqual(len(cases), 36, sorted(cases))
         checked = []
         for name, case in sorted(cases.items()):
-            if name in DECIDED or name in NOT_YET:
+            if name in DECIDED:
                 continue
             with self.subTest(case=name):
                 steps = case["steps"]
@@ -276,7 +275,7 @@ class PolicyParityWithTheRecording(unittest.TestCase):
                                      "%s %s: %s" % (name, command, case["title"]))
                 self.assertEqual(outcome[:2], case["outcome"], name)
                 checked.append(name)
-        self.assertEqual(len(checked), 36 - len(DECIDED) - len(NOT_YET), checked)
+        self.assertEqual(len(checked), 36 - len(DECIDED), checked)
 
 
 # -- self-contained ----------------------------------------------------------------
@@ -395,6 +394,20 @@ class PolicyAttributesWithoutDns(_PolicySessions):
                                                  "rejected rcptaddr: <b@mx-other.test> | to "
                                                  "<root@localhost>"))
 
+    def test_relaycustnet_client_recipients_are_not_looked_up(self):
+        r, _ = self.run_session("[198.51.100.7]/32\trelaycustnet +\n.\trelaytarget -\n"
+                                "frozen.test\tfreeze +\n", [
+                                    "MAIL FROM:<a@client.example>", "RCPT TO:<d@nxd.test>",
+                                    "RCPT TO:<u@frozen.test>"], client="198.51.100.7")
+        # "." says relaytarget -, which refuses a relaycustnet client too,
+        # as in the original; freeze still freezes.
+        self.assertTrue(r["RCPT TO:<d@nxd.test>"].startswith("550 5.7.1 Hello , Policy "
+                                                            "rejection"), r)
+        self.assertTrue(r["RCPT TO:<u@frozen.test>"].startswith("250 "), r)
+        r, _ = self.run_session("[198.51.100.7]/32\trelaycustnet +\n", [
+            "MAIL FROM:<a@client.example>", "RCPT TO:<d@nxd.test>"], client="198.51.100.7")
+        self.assertTrue(r["RCPT TO:<d@nxd.test>"].startswith("250 "), r)
+
     def test_unknown_domain_is_still_relaying(self):
         r, _ = self.run_session("", ["MAIL FROM:<a@client.example>", "RCPT TO:<b@mx-other.test>"])
         self.assertEqual(r["RCPT TO:<b@mx-other.test>"],
@@ -499,26 +512,21 @@ class MaxSameIpSourceFromPolicy(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from tests import test_submission as sub
-        cls.sub = sub
         cls.srv = sub._SubServer(policy=BASE_POLICY + "[127.0.0.10]/32\tmaxsameipsource 2\n"
                                  "[127.0.0.11]/32\tmaxsameipsource 2 relaycustnet +\n")
         sub._sub_start_servers(cls, (cls.srv, "PARAM BindSmtp [127.0.0.1] {smtp}\n", {}))
 
     @classmethod
     def tearDownClass(cls):
-        cls.sub._sub_stop_servers(cls)
+        sub._sub_stop_servers(cls)
 
     def greet(self, source):
-        import socket
-        from tests.harness import SMTPReplies
         s = socket.create_connection(("127.0.0.1", self.srv.ports["smtp"]), 15,
                                      source_address=(source, 0))
         self.addCleanup(s.close)
         return SMTPReplies(s).reply()
 
     def test_third_connection_from_the_address_is_told_to_come_again(self):
-        import socket
         for source in ("127.0.0.10", "127.0.0.11"):
             self.assertEqual(self.greet(source)[0], 220)
             self.assertEqual(self.greet(source)[0], 220)
@@ -539,8 +547,6 @@ class RateLimitMsgsFromPolicy(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from tests import test_submission as sub
-        cls.sub = sub
         cls.srv = sub._SubServer(policy=BASE_POLICY + (
             "[127.0.0.7]/32\trelaycustnet + ratelimitmsgs 2\n"
             "[127.0.0.8]/32\trelaycustnet + ratelimitmsgs -2\n"
@@ -552,12 +558,9 @@ class RateLimitMsgsFromPolicy(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.sub._sub_stop_servers(cls)
+        sub._sub_stop_servers(cls)
 
     def mail_replies(self, source, sessions=4):
-        import socket
-        import time
-        from tests.harness import SMTPReplies
         got = []
         for _ in range(sessions):
             s = socket.create_connection(("127.0.0.1", self.srv.ports["smtp"]), 15,
@@ -633,7 +636,6 @@ def parse_daemon_cases(text):
 
 
 def host_neutral(line):
-    import socket
     return normalise(line).replace(socket.gethostname(), "HOST").replace("localhost", "HOST")
 
 
@@ -645,14 +647,11 @@ class DaemonCasesWithTheRecording(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from tests import test_submission as sub
-        path = os.path.join(__import__("tests.harness").harness.REFERENCE, "oracle",
-                            "policy-and-handoffs", "policy-parity.txt")
+        path = os.path.join(REFERENCE, "oracle", "policy-and-handoffs", "policy-parity.txt")
         if not os.path.exists(path):
             raise unittest.SkipTest("reference material not present: %s" % path)
         with open(path) as f:
             cls.cases = parse_daemon_cases(f.read())
-        cls.sub = sub
         policy = BASE_POLICY + "".join(line + "\n" for case in cls.cases.values()
                                        for line in case["policy"])
         cls.srv = sub._SubServer(policy=policy)
@@ -661,11 +660,9 @@ class DaemonCasesWithTheRecording(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.sub._sub_stop_servers(cls)
+        sub._sub_stop_servers(cls)
 
     def connect(self, source):
-        import socket
-        from tests.harness import SMTPReplies
         s = socket.create_connection(("127.0.0.1", self.srv.ports["smtp"]), 15,
                                      source_address=(source, 0))
         self.addCleanup(s.close)
@@ -686,7 +683,6 @@ class DaemonCasesWithTheRecording(unittest.TestCase):
             self.assertTrue(all(g.startswith("220 ") for g in greetings[:2]), greetings)
 
     def test_rate_limited_sessions_get_the_original_replies(self):
-        import time
         for name in ("RL1", "RL2", "RL3", "RL4"):
             case = self.cases[name]
             for number, steps in enumerate(case["sessions"], 1):
@@ -709,8 +705,6 @@ class AuthenticatedSenderSkipsSenderAttributes(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from tests import test_submission as sub
-        cls.sub = sub
         cls.srv = sub._SubServer(policy=BASE_POLICY + "bad@spam.test\trejectsource +\n")
         cls.srv.auth_program()
         sub._sub_start_servers(cls, (cls.srv, "PARAM BindSmtp [127.0.0.1] {smtp}\n"
@@ -719,13 +713,13 @@ class AuthenticatedSenderSkipsSenderAttributes(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.sub._sub_stop_servers(cls)
+        sub._sub_stop_servers(cls)
 
     def test_rejectsource_refuses_only_without_auth(self):
-        client = self.sub._sub_login(self, self.srv)
+        client = sub._sub_login(self, self.srv)
         self.assertEqual(client.mail("bad@spam.test")[0], 250)
         plain = self.srv.smtp()
-        self.addCleanup(self.sub._sub_quit, plain)
+        self.addCleanup(sub._sub_quit, plain)
         plain.ehlo()
         self.assertEqual(plain.mail("bad@spam.test")[0], 553)
 
