@@ -265,7 +265,10 @@ class PolicyParityWithTheRecording(unittest.TestCase):
                 got, outcome = self.layout.session(case["policy"], case["client"],
                                                    [c for c, _ in steps[1:]])
                 if name in GREETING_ONLY:
-                    self.assertEqual(got[0][1], steps[0][1], name)
+                    # The host name in MS0i's greeting is the machine's.
+                    self.assertEqual(re.sub(r"; \S+ - You are", "; HOST - You are", got[0][1]),
+                                     re.sub(r"; \S+ - You are", "; HOST - You are", steps[0][1]),
+                                     name)
                     self.assertEqual(got[1][1], "<EOF>", name)
                     steps = steps[:1]
                 for (command, expected), (sent, line) in zip(steps[1:], got[1:]):
