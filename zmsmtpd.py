@@ -37,7 +37,8 @@ Map of this file, in the order data flows through it:
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
-                            SessionStart and MailTransactionVerbs), one
+                            SessionStart, MailTransactionVerbs and
+                            TransactionPolicy), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, the
@@ -4333,7 +4334,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"M"):
+            if kind == b"F":
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -4780,8 +4781,6 @@ class SessionLoop(object):
                 self.runtime.auth_failures.absorb(rest)
             elif kind == b"L":
                 self.runtime.log.adopt(fds)
-            elif kind == b"M":
-                self.runtime.client_messages.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -6958,6 +6957,165 @@ class SessionStart(object):
         return True
 
 
+class TransactionPolicy(object):
+    """The decisions MAIL and RCPT ask for, one small function each: the
+    policy's sender and recipient attributes, the client's message rate
+    (``ratelimitmsgs``), the sender a login may use and the reservations
+    of submission-rate-limit.  Part of SMTPSession, beside
+    MailTransactionVerbs, whose verbs call them."""
+
+    def sender_policy(self, address):
+        """Generator: the sender's SenderVerdict for a network client that
+        is neither fully trusted nor authenticated (AUTH overrides the
+        policy, as it does for relaying), or None once its refusal is sent
+        (the RCPTs that follow hear of it)."""
+        table = self.policy.table if self.policy else None
+        if not self.network or self.verdict.full_trust or table is None or \
+                self.authuser is not None:
+            return SenderVerdict()
+        sender = sender_verdict(table, address)
+        refusal, fields = None, {}
+        if sender.refuse:
+            refusal = "mail_source_reject"
+            if sender.message:
+                refusal, fields = "mail_source_reject_text", {"msg": sender.message}
+        elif sender.dns_mode is not None:
+            found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
+            refusal = {DOMAIN_MISSING: "mail_source_dns_error",
+                       DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
+        if refusal is None:
+            return sender
+        self.tarpit()
+        self.sender_refused = True
+        self.reply(refusal, addr="<%s>" % address, **fields)
+        return None
+
+    def recipient_policy(self, address):
+        """Generator: relay control and the recipient attributes for
+        network clients without AUTH: None when the recipient may be
+        accepted (a ``freeze`` sends the whole message to the freezer),
+        else the refusal's reply name and fields."""
+        if not self.network or self.authuser is not None:
+            return None
+        v, txn = self.verdict, self.txn
+        if v.reject:
+            return "rcpt_relay_denied", {}
+        if v.full_trust or v.trust_recipients or txn.freeze:
+            return None
+        table = self.policy.table if self.policy else None
+        found = recipient_verdict(table, address, self.runtime.local_names,
+                                  always_accept=v.always_accept, norelay=txn.norelay,
+                                  rbl_text=v.rcpt_rbl_text)
+        if found.outcome == "freeze":
+            txn.freeze = True
+        if found.outcome in ("accept", "freeze"):
+            return None
+        if found.outcome == "rbl":
+            return "rcpt_rbl", {"msg": found.message}
+        if found.outcome != "dns":
+            return ("rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"), {}
+        runtime = self.runtime
+        answer = yield from domain_check(runtime.resolver, found.domain,
+                                         runtime.local_addresses.current(), found.check == "mx")
+        refusal = {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
+                   DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+        return None if refusal is None else (refusal, {})
+
+    def client_rate_permitted(self, address):
+        """``ratelimitmsgs N`` on a relaycustnet client's entry: fewer than N
+        messages from its address in the last hour (10 N once it has
+        authenticated), counted across the server's processes; a negative
+        N refuses hard.  Not in -i sessions, which have no one to count
+        with (nor had the original)."""
+        v = self.verdict
+        if not v.ratelimit or not v.always_accept or self.mode == "interactive":
+            return True
+        limit = abs(v.ratelimit) * (10 if self.authuser is not None else 1)
+        messages, _ = self.runtime.client_messages.counts(self.runtime.fake_peer or self.peer_ip)
+        if messages < limit:
+            return True
+        self.log.note("ratelimitmsgs: %d messages from %s in the last hour (limit %d); MAIL "
+                      "refused" % (messages, self.peer_ip, limit))
+        self.sender_refused = True
+        self.reply("mail_client_rate" if v.ratelimit > 0 else "mail_client_rate_hard",
+                   addr="<%s>" % address)
+        return False
+
+    def count_client_message(self, txn):
+        if self.verdict.ratelimit and self.mode != "interactive":
+            self.runtime.client_messages.record(self.runtime.fake_peer or self.peer_ip,
+                                                len(txn.recipients))
+
+    def note_refused_recipient(self, txn, address):
+        """The envelope keeps the recipients the policy refused, as comments."""
+        try:
+            txn.spool.write(("comment policytest() rejected rcptaddr: <%s>\n" % address)
+                            .encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass                    # the file's next write meets it again
+
+    # -- submission policy: sender ownership and rate limits ----------------------
+
+    def sender_login_permitted(self, address):
+        """``sender-login-match``: an authenticated user sends only as
+        addresses its login owns.  Clients without AUTH are not affected."""
+        if not self.group.sender_login_match or self.authuser is None:
+            return True
+        maps = self.runtime.sender_maps
+        if sender_owned_by_login(address, self.authuser, maps.current() if maps else None):
+            return True
+        self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
+        return False
+
+    def reserve_message(self):
+        """``submission-rate-limit MSGS``: one more message this hour,
+        counting the ones other sessions have under way?  If so it is
+        reserved (see SubmissionRateTracker) under a token for the
+        transaction about to open, which the caller gives to it."""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or self.authuser is None:
+            return True, None
+        tracker = self.runtime.submissions
+        token = tracker.token()
+        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
+        if ok:
+            return True, (self.authuser, token)
+        self.log.note("submission rate limit: login %s sent %d messages in the last hour "
+                      "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
+        return False, None
+
+    def reserve_recipient(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this
+        hour, counting the ones reserved by this and other transactions?
+        If so it is reserved for ``txn``."""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or limit[1] is None or txn.rate_hold is None:
+            return True
+        login, token = txn.rate_hold
+        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
+                                                              recipients=1)
+        if ok:
+            return True
+        self.log.note("submission rate limit: login %s reached %d recipients in the last "
+                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
+        return False
+
+    def release_reservation(self, txn, recipients=None):
+        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            self.runtime.submissions.release(login, token, recipients)
+            if recipients is None:
+                txn.rate_hold = None
+
+    def count_submission(self, txn):
+        """The message was accepted: its reservation becomes a count."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            txn.rate_hold = None
+            self.runtime.submissions.commit(login, token, len(txn.recipients))
+
+
 class MailTransactionVerbs(object):
     """MAIL, RCPT, DATA and BDAT: one transaction from its sender to the
     committed spool file, with the submission checks (sender ownership,
@@ -7185,157 +7343,6 @@ class MailTransactionVerbs(object):
             self.reply("rcpt_ok_size", size=txn.params["size"], note=note, addr="<%s>" % address)
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
-
-    def sender_policy(self, address):
-        """Generator: the sender's SenderVerdict for a network client that
-        is neither fully trusted nor authenticated (AUTH overrides the
-        policy, as it does for relaying), or None once its refusal is sent
-        (the RCPTs that follow hear of it)."""
-        table = self.policy.table if self.policy else None
-        if not self.network or self.verdict.full_trust or table is None or \
-                self.authuser is not None:
-            return SenderVerdict()
-        sender = sender_verdict(table, address)
-        refusal, fields = None, {}
-        if sender.refuse:
-            refusal = "mail_source_reject"
-            if sender.message:
-                refusal, fields = "mail_source_reject_text", {"msg": sender.message}
-        elif sender.dns_mode is not None:
-            found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
-            refusal = {DOMAIN_MISSING: "mail_source_dns_error",
-                       DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
-        if refusal is None:
-            return sender
-        self.tarpit()
-        self.sender_refused = True
-        self.reply(refusal, addr="<%s>" % address, **fields)
-        return None
-
-    def recipient_policy(self, address):
-        """Generator: relay control and the recipient attributes for
-        network clients without AUTH: None when the recipient may be
-        accepted (a ``freeze`` sends the whole message to the freezer),
-        else the refusal's reply name and fields."""
-        if not self.network or self.authuser is not None:
-            return None
-        v, txn = self.verdict, self.txn
-        if v.reject:
-            return "rcpt_relay_denied", {}
-        if v.full_trust or v.trust_recipients or txn.freeze:
-            return None
-        table = self.policy.table if self.policy else None
-        found = recipient_verdict(table, address, self.runtime.local_names,
-                                  always_accept=v.always_accept, norelay=txn.norelay,
-                                  rbl_text=v.rcpt_rbl_text)
-        if found.outcome == "freeze":
-            txn.freeze = True
-        if found.outcome in ("accept", "freeze"):
-            return None
-        if found.outcome == "rbl":
-            return "rcpt_rbl", {"msg": found.message}
-        if found.outcome != "dns":
-            return ("rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"), {}
-        runtime = self.runtime
-        answer = yield from domain_check(runtime.resolver, found.domain,
-                                         runtime.local_addresses.current(), found.check == "mx")
-        refusal = {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
-                   DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
-        return None if refusal is None else (refusal, {})
-
-    def client_rate_permitted(self, address):
-        """``ratelimitmsgs N`` on a relaycustnet client's entry: fewer than N
-        messages from its address in the last hour (10 N once it has
-        authenticated), counted across the server's processes; a negative
-        N refuses hard.  Not in -i sessions, which have no one to count
-        with (nor had the original)."""
-        v = self.verdict
-        if not v.ratelimit or not v.always_accept or self.mode == "interactive":
-            return True
-        limit = abs(v.ratelimit) * (10 if self.authuser is not None else 1)
-        messages, _ = self.runtime.client_messages.counts(self.runtime.fake_peer or self.peer_ip)
-        if messages < limit:
-            return True
-        self.log.note("ratelimitmsgs: %d messages from %s in the last hour (limit %d); MAIL "
-                      "refused" % (messages, self.peer_ip, limit))
-        self.sender_refused = True
-        self.reply("mail_client_rate" if v.ratelimit > 0 else "mail_client_rate_hard",
-                   addr="<%s>" % address)
-        return False
-
-    def count_client_message(self, txn):
-        if self.verdict.ratelimit and self.mode != "interactive":
-            self.runtime.client_messages.record(self.runtime.fake_peer or self.peer_ip,
-                                                len(txn.recipients))
-
-    def note_refused_recipient(self, txn, address):
-        """The envelope keeps the recipients the policy refused, as comments."""
-        try:
-            txn.spool.write(("comment policytest() rejected rcptaddr: <%s>\n" % address)
-                            .encode("utf-8", "surrogateescape"))
-        except OSError:
-            pass                    # the file's next write meets it again
-
-    # -- submission policy: sender ownership and rate limits ----------------------
-
-    def sender_login_permitted(self, address):
-        """``sender-login-match``: an authenticated user sends only as
-        addresses its login owns.  Clients without AUTH are not affected."""
-        if not self.group.sender_login_match or self.authuser is None:
-            return True
-        maps = self.runtime.sender_maps
-        if sender_owned_by_login(address, self.authuser, maps.current() if maps else None):
-            return True
-        self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
-        return False
-
-    def reserve_message(self):
-        """``submission-rate-limit MSGS``: one more message this hour,
-        counting the ones other sessions have under way?  If so it is
-        reserved (see SubmissionRateTracker) under a token for the
-        transaction about to open, which the caller gives to it."""
-        limit = self.cfg.submission_rate_limit
-        if limit is None or self.authuser is None:
-            return True, None
-        tracker = self.runtime.submissions
-        token = tracker.token()
-        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
-        if ok:
-            return True, (self.authuser, token)
-        self.log.note("submission rate limit: login %s sent %d messages in the last hour "
-                      "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
-        return False, None
-
-    def reserve_recipient(self, txn):
-        """``submission-rate-limit MSGS RCPTS``: one more recipient this
-        hour, counting the ones reserved by this and other transactions?
-        If so it is reserved for ``txn``."""
-        limit = self.cfg.submission_rate_limit
-        if limit is None or limit[1] is None or txn.rate_hold is None:
-            return True
-        login, token = txn.rate_hold
-        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
-                                                              recipients=1)
-        if ok:
-            return True
-        self.log.note("submission rate limit: login %s reached %d recipients in the last "
-                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
-        return False
-
-    def release_reservation(self, txn, recipients=None):
-        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
-        if txn.rate_hold is not None:
-            login, token = txn.rate_hold
-            self.runtime.submissions.release(login, token, recipients)
-            if recipients is None:
-                txn.rate_hold = None
-
-    def count_submission(self, txn):
-        """The message was accepted: its reservation becomes a count."""
-        if txn.rate_hold is not None:
-            login, token = txn.rate_hold
-            txn.rate_hold = None
-            self.runtime.submissions.commit(login, token, len(txn.recipients))
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -7582,7 +7589,8 @@ class MailTransactionVerbs(object):
             self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
 
 
-class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequestHandler):
+class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
+                  socketserver.StreamRequestHandler):
     """One SMTP conversation.  ``converse`` reads command lines and
     ``dispatch`` runs each through the command table (COMMANDS) to its
     ``smtp_VERB`` generator, as http.server dispatches to ``do_GET``.  The
@@ -8657,10 +8665,12 @@ class SubmissionRateTracker(object):
 
 class ClientMessageTracker(SubmissionRateTracker):
     """Messages accepted from each client address over a sliding hour, for
-    the policy's ``ratelimitmsgs``; counted, reported to the master and
-    passed on to the other workers as SubmissionRateTracker's are."""
+    the policy's ``ratelimitmsgs``: counts keyed by the address, in the
+    same memory every process shares as SubmissionRateTracker's."""
 
-    PREFIX = "M "
+    def record(self, address, recipients):
+        """One message from ``address`` was accepted."""
+        self.commit(address, self.token(), recipients)
 
 
 class PipeAuthenticator(object):
@@ -10436,10 +10446,9 @@ class Runtime(object):
 
     def report_to(self, send):
         """In a forked session or a worker: what the master must count (AUTH
-        failures, accepted messages, the status file's counters) goes to it
+        failures, the status file's counters) goes to it
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
-        self.client_messages.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -10448,8 +10457,6 @@ class Runtime(object):
         kind, _, rest = line.partition(b" ")
         if kind == b"F":
             self.auth_failures.absorb(rest)
-        elif kind + b" " == ClientMessageTracker.PREFIX.encode("ascii"):
-            self.client_messages.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()
