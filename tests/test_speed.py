@@ -20,7 +20,8 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import client_tls_context, shared_certificate_dir, which
+from tests.harness import (client_tls_context, require_audit_step, shared_certificate_dir,
+                           which)
 from tests.test_submission import _SubServer, _sub_need_tls
 
 #: id-ecPublicKey in DER: an ECDSA certificate's key algorithm.
@@ -145,6 +146,26 @@ class TlsEcdsaCertificateTest(unittest.TestCase):
                              ec[-1500:])
             rsa = self.s_client("RSA-PSS+SHA256:RSA+SHA256", starttls)
             self.assertIn("Server public key is 2048 bit", rsa, rsa[-1500:])
+
+    def test_testssl_lists_both_certificates(self):
+        require_audit_step()
+        testssl = which("testssl") or which("testssl.sh")
+        if not testssl:
+            self.skipTest("testssl not installed (Debian package testssl.sh)")
+        # -S: the server's defaults, certificates included (seconds, not minutes).
+        proc = subprocess.Popen([testssl, "--quiet", "--color", "0", "--warnings", "off", "-S",
+                                 "127.0.0.1:%d" % self.srv.ports["smtps"]],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            text = proc.communicate(timeout=300)[0].decode("utf-8", "replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            self.fail("testssl -S did not finish in 300 s")
+        self.assertRegex(text, r"Server Certificate #2")
+        self.assertRegex(text, r"Server key size +RSA 2048")
+        self.assertRegex(text, r"Server key size +EC 256")
 
 
 class TlsEcdsaConfigurationErrorTest(unittest.TestCase):
