@@ -8460,7 +8460,13 @@ def access_as(user, checks):
 
 def make_tls_context(group):
     """An ssl context for a group with ``use-tls``; a certificate that is
-    missing or unreadable stops start-up (never a silent downgrade)."""
+    missing or unreadable stops start-up (never a silent downgrade).
+
+    The context is made in the master before it forks the workers, so the
+    session ticket keys OpenSSL draws for it are the same in every worker
+    and a returning client resumes on whichever worker takes it.  A reload
+    makes new contexts (new keys) and new workers: older tickets then get a
+    full handshake.  OpenSSL lets a ticket live two hours at most."""
     if not group.tls_cert:
         raise ConfigError("use-tls needs PARAM tls-cert-file")
     try:

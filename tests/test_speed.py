@@ -13,6 +13,7 @@ certificates are made with openssl; without it the TLS tests skip.
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -321,7 +322,7 @@ class AuthVerdictCacheTest(unittest.TestCase):
 
     def test_a_reload_clears_the_cache(self):
         self.assertEqual(self.auth("right-one"), 235)
-        self.srv.proc.send_signal(1)  # SIGHUP
+        self.srv.proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 20
         while "configuration reloaded" not in self.srv.log_text():
             self.assertLess(time.time(), deadline, "no reload:\n" + self.srv.log_text()[-2000:])
@@ -437,6 +438,23 @@ class TlsResumptionAcrossWorkersTest(unittest.TestCase):
     def test_tls12_tickets_resume_on_every_worker(self):
         self.assertGreaterEqual(self.resume_rounds(_tls12_client()), 0.9)
         self.assertGreaterEqual(len(self.worker_pids()), 2, self.worker_pids())
+
+    def test_a_reload_makes_new_ticket_keys(self):
+        ctx = _pinned_client("TLSv1_2")
+        old = self.connect(ctx, None)
+        old.close()
+        before = self.srv.log_text().count("configuration reloaded")
+        self.srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 20
+        while self.srv.log_text().count("configuration reloaded") == before:
+            self.assertLess(time.time(), deadline, "no reload:\n" + self.srv.log_text()[-2000:])
+            time.sleep(0.05)
+        stale = self.connect(ctx, old.session)
+        self.assertFalse(stale.session_reused)
+        fresh = self.connect(ctx, stale.session)
+        stale.close()
+        self.assertTrue(fresh.session_reused)
+        fresh.close()
 
     def test_tls13_tickets_resume_on_every_worker(self):
         ctx = _pinned_client("TLSv1_3")
