@@ -14,7 +14,8 @@ SPOOL/new/ -- the same create + write + fsync + rename that a durable MTA does.
                 parallel sessions overlap)
 
 With --tls-cert the listener on --port offers STARTTLS with that
-certificate (and --tls-eccert an ECDSA one beside it, in the same context), and --smtps-port adds a second listener on which TLS starts
+certificate (and --tls-eccert an ECDSA one beside it, in the same
+context), and --smtps-port adds a second listener on which TLS starts
 with the first byte (implicit TLS).  --auth adds AUTH PLAIN/LOGIN with an
 in-process authenticator that accepts every user at once (so the server,
 not a password check, is what is measured); AUTH is allowed without TLS

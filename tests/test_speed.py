@@ -175,12 +175,10 @@ class TlsEcdsaConfigurationErrorTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.rsa = _SubServer()
         cls.ecdir, cls.eccert, cls.eckey = _ec_certificate()
 
     @classmethod
     def tearDownClass(cls):
-        cls.rsa.cleanup()
         shutil.rmtree(cls.ecdir, ignore_errors=True)
 
     def check(self, ec_lines, start=False):
