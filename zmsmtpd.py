@@ -41,10 +41,12 @@ Map of this file, in the order data flows through it:
                             TransactionPolicy), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker, the
-                            built-in password check (PAM, shadow and crypt
-                            through ctypes), AuthSpawner (the helper process
-                            that starts the programs and the check)
+                            PipeAuthenticator, the opt-in verdict cache
+                            (AuthVerdictCache, CachingAuthenticator),
+                            AuthFailureTracker, the built-in password check
+                            (PAM, shadow and crypt through ctypes),
+                            AuthSpawner (the helper process that starts
+                            the programs and the check)
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -60,6 +62,7 @@ import fcntl
 import functools
 import gc
 import getopt
+import hashlib
 import heapq
 import hmac
 import ipaddress
@@ -86,7 +89,7 @@ import time
 import traceback
 import warnings
 import weakref
-from collections import deque, namedtuple
+from collections import OrderedDict, deque, namedtuple
 
 try:
     import syslog
@@ -150,6 +153,9 @@ RATE_MERGE_SECONDS = 60.0
 #: Name facts (reverse names, HELO confirmations) a process keeps before
 #: it starts afresh; each for Runtime.NAME_TTL seconds.
 NAME_CACHE_ENTRIES = 10000
+#: Verdicts ``PARAM smtp-auth-cache TTL`` keeps when no SIZE is given (a
+#: bound on memory: a few hundred bytes each).
+AUTH_CACHE_DEFAULT_SIZE = 1000
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -594,6 +600,7 @@ _PARAMS = [
     (("smtp-auth-pipe-timeout",), "Grp", "float", "auth_pipe_timeout", None),
     (("smtp-auth-pipe-user",), "Grp", "str", "auth_pipe_user", None),
     (("auth-failrate",), "Grp", "atoi", "auth_failrate", 3),
+    (("smtp-auth-cache",), "Grp", "authcache", "auth_cache", None),
     (("smtp-auth-sasl",), "Grp", "on", "auth_sasl", None),
     (("no-smtp-auth-sasl",), "Grp", "off", "auth_sasl", None),
     (("sasl-mechanisms",), "Grp", "raw", "sasl_mechanisms", None),
@@ -605,6 +612,8 @@ _PARAMS = [
     (("no-use-tls",), "Grp", "off", "use_tls", None),
     (("tls-cert-file",), "Grp", "str", "tls_cert", None),
     (("tls-key-file",), "Grp", "str", "tls_key", None),
+    (("tls-eccert-file",), "Grp", "str", "tls_eccert", None),
+    (("tls-eckey-file",), "Grp", "str", "tls_eckey", None),
     (("tls-dcert-file",), "Grp", "str", "tls_dcert", None),
     (("tls-dkey-file",), "Grp", "str", "tls_dkey", None),
     (("tls-dh1024",), "Grp", "str", "tls_dh1024", None),
@@ -740,8 +749,9 @@ GROUP_DEFAULTS = dict(
     vrfycmd=False, smtp_auth=False, auth_without_tls=False, no_auth_on_25=False,
     username_prompt="Username:", password_prompt="Password:", auth_pipe=None,
     auth_pipe_timeout=30.0, auth_pipe_user=None, auth_failrate=20, auth_sasl=False,
-    sasl_mechanisms=None, no_msa_sender_rewrite=False, use_tls=False,
-    tls_cert=None, tls_key=None, tls_dcert=None, tls_dkey=None, tls_dh1024=None,
+    sasl_mechanisms=None, auth_cache=None, no_msa_sender_rewrite=False, use_tls=False,
+    tls_cert=None, tls_key=None, tls_eccert=None, tls_eckey=None, tls_dcert=None,
+    tls_dkey=None, tls_dh1024=None,
     tls_dh512=None, tls_cafile=None, tls_capath=None, tls_ciphers=None,
     tls_min_version="TLSv1.2",
     tls_random_source=None, tls_loglevel=0, tls_ccert_vd=1, tls_ask_cert=0,
@@ -1190,7 +1200,8 @@ class ConfigReader(object):
             return "bad PARAM keyword/missing parameters"
         target[attr] = args[0]
         # Setting one of the certificate pair fills the other if unset.
-        pair = {"tls_cert": "tls_key", "tls_key": "tls_cert"}.get(attr)
+        pair = {"tls_cert": "tls_key", "tls_key": "tls_cert",
+                "tls_eccert": "tls_eckey", "tls_eckey": "tls_eccert"}.get(attr)
         if pair and not target.get(pair):
             target[pair] = args[0]
         if attr == "tls_cafile" and not args[0]:
@@ -1283,14 +1294,25 @@ class ConfigReader(object):
             self.fail(lineno, "PARAM %s takes on or off, not %r" % (name, args[0]))
         target[attr] = word in ("on", "yes", "true", "1")
 
-    def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
-        """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
+    def _one_or_two_counts(self, lineno, args, name, usage):
+        """One or two positive whole numbers; anything else stops the load."""
         words = [a for a in args if not a.startswith("#")][:3]
         if not words or len(words) > 2 or not all(re.match(r"^[0-9]{1,9}$", w) and int(w) > 0
                                                    for w in words):
-            self.fail(lineno, "PARAM %s needs MSGS [RCPTS], positive whole numbers per "
-                      "user and hour, not %r" % (name, " ".join(args)))
-        target[attr] = (int(words[0]), int(words[1]) if len(words) > 1 else None)
+            self.fail(lineno, "PARAM %s needs %s, not %r" % (name, usage, " ".join(args)))
+        return [int(w) for w in words] + [None]
+
+    def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
+        """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
+        target[attr] = tuple(self._one_or_two_counts(
+            lineno, args, name, "MSGS [RCPTS], positive whole numbers per user and hour")[:2])
+
+    def _kind_authcache(self, lineno, target, attr, extra, args, name):
+        """``TTL [SIZE]``: seconds a verdict is kept, and how many are."""
+        ttl, size = self._one_or_two_counts(
+            lineno, args, name, "TTL [SIZE], positive whole numbers (seconds a verdict is "
+            "kept, verdicts kept)")[:2]
+        target[attr] = (ttl, size or AUTH_CACHE_DEFAULT_SIZE)
 
     def _kind_nets(self, lineno, target, attr, extra, args, name):
         nets = []
@@ -1487,8 +1509,12 @@ def validate_config(config, daemon=True):
                 problems.append("%s: PARAM use-tls needs PARAM tls-cert-file"
                                 % config_where(config, index, "use_tls"))
             seen = set()
-            for attr, keyword in (("tls_cert", "tls-cert-file"), ("tls_key", "tls-key-file"),
-                                  ("tls_cafile", "tls-CAfile")):
+            # A key file defaults to its certificate's file (one PEM with both).
+            for attr, keyword, cert_attr in (
+                    ("tls_cert", "tls-cert-file", None), ("tls_key", "tls-key-file", "tls_cert"),
+                    ("tls_eccert", "tls-eccert-file", None),
+                    ("tls_eckey", "tls-eckey-file", "tls_eccert"),
+                    ("tls_cafile", "tls-CAfile", None)):
                 path = getattr(g, attr)
                 if not path or path in seen:
                     continue
@@ -1498,8 +1524,8 @@ def validate_config(config, daemon=True):
                         pass
                 except (IOError, OSError) as e:
                     where = config_where(config, index, attr)
-                    if where == config.path:  # the key file defaults to the cert
-                        where = config_where(config, index, "tls_cert")
+                    if where == config.path and cert_attr:
+                        where = config_where(config, index, cert_attr)
                     problems.append("%s: PARAM %s %s: cannot read it: %s" % (
                         where, keyword, path, e.strerror or e))
     return problems
@@ -8439,6 +8465,97 @@ class SaslExchange(object):
         session.reply("auth_failed")
 
 
+class AuthVerdictCache(object):
+    """Successful (user, password) checks for ``ttl`` seconds, at most
+    ``size`` of them, oldest dropped first; ``PARAM smtp-auth-cache``.
+
+    Entries are HMAC-SHA256 digests of user and password under a random
+    key made in, and known only to, the process that checks: nothing that
+    could be replayed or tested offline leaves it.  A deliberately slow hash
+    (PBKDF2) would buy nothing here: whoever can read this memory can read
+    the passwords as they arrive, and the cache exists to save the CPU a
+    check costs.  A process that inherits a cache (a fork) starts it
+    afresh with its own key."""
+
+    def __init__(self, ttl, size):
+        self.ttl = ttl
+        self.size = size
+        self.lock = threading.Lock()
+        self.pid = None
+        self.key = None
+        self.entries = OrderedDict()     # digest -> expiry time
+
+    def _digest(self, user, password):
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.key = os.urandom(32)
+            self.entries.clear()
+        text = (user + "\0" + password).encode("utf-8", "surrogateescape")
+        return hmac.new(self.key, text, hashlib.sha256).digest()
+
+    def hit(self, user, password, now):
+        with self.lock:
+            digest = self._digest(user, password)
+            expiry = self.entries.get(digest)
+            if expiry is None:
+                return False
+            if expiry <= now:
+                del self.entries[digest]
+                return False
+            return True
+
+    def remember(self, user, password, now):
+        with self.lock:
+            digest = self._digest(user, password)
+            self.entries.pop(digest, None)
+            self.entries[digest] = now + self.ttl
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+
+class CachingAuthenticator(object):
+    """A PipeAuthenticator whose successes are remembered (AuthVerdictCache):
+    a client that authenticates on every connection costs one program run
+    per TTL.  Failures always go to the program.  The cache belongs to one
+    configuration (a reload builds a new one) and to one version of the
+    program: when the file at ``path`` changes it starts empty."""
+
+    def __init__(self, inner, path, ttl, size):
+        self.inner = inner
+        self.path = path
+        self.cache = AuthVerdictCache(ttl, size)
+        self.program = self._program_identity()
+
+    def _program_identity(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+
+    def check(self, user, password, log=None):
+        return blocking_result(self.verdict(user, password, log))
+
+    def verdict(self, user, password, log=None):
+        """Generator: as PipeAuthenticator.verdict."""
+        program = self._program_identity()
+        if program != self.program:
+            self.cache.clear()
+            self.program = program
+        if self.cache.hit(user, password, time.time()):
+            if log:
+                log.note("AUTH verdict for %s from the auth cache" % qformat(user))
+            return "ok"
+        result = yield from self.inner.verdict(user, password, log)
+        if result == "ok":
+            self.cache.remember(user, password, time.time())
+        return result
+
+
 class AuthFailureTracker(object):
     """Failed AUTH attempts per client address over a sliding hour
     (``PARAM auth-failrate N``, default 20, minimum 3) -- what 3.0.1
@@ -10471,7 +10588,8 @@ class Runtime(object):
             try:
                 tls[index] = make_tls_context(g) if g.use_tls else None
             except ConfigError as e:
-                raise ConfigError("%s: %s" % (config_where(config, index, "tls_cert"), e))
+                raise ConfigError("%s: %s" % (
+                    config_where(config, index, getattr(e, "attr", "tls_cert")), e))
         policies = {}
         for g in config.groups:
             if g.policydb and g.policydb not in policies:
@@ -10519,6 +10637,8 @@ class Runtime(object):
             auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
                                      self.zconfig_path, run_as=self.auth_identity(group),
                                      log=self.log, spawner=self.auth_spawner)
+            if group.auth_cache:
+                auth = CachingAuthenticator(auth, path, *group.auth_cache)
         elif group.smtp_auth:
             auth = SystemPasswordAuthenticator(group.auth_pipe_timeout, self.zenv,
                                                self.zconfig_path, log=self.log,
@@ -10768,7 +10888,13 @@ def access_as(user, checks):
 
 def make_tls_context(group):
     """An ssl context for a group with ``use-tls``; a certificate that is
-    missing or unreadable stops start-up (never a silent downgrade)."""
+    missing or unreadable stops start-up (never a silent downgrade).
+
+    The context is made in the master before it forks the workers, so the
+    session ticket keys OpenSSL draws for it are the same in every worker
+    and a returning client resumes on whichever worker takes it.  A reload
+    makes new contexts (new keys) and new workers: older tickets then get a
+    full handshake.  OpenSSL lets a ticket live two hours at most."""
     if not group.tls_cert:
         raise ConfigError("use-tls needs PARAM tls-cert-file")
     try:
@@ -10789,7 +10915,47 @@ def make_tls_context(group):
     except (ssl.SSLError, OSError, IOError, ValueError) as e:
         raise ConfigError("TLS setup failed (cert %s, key %s): %s" % (
             group.tls_cert, group.tls_key, e))
+    if group.tls_eccert:
+        load_ec_certificate(context, group.tls_eccert, group.tls_eckey or group.tls_eccert)
     return context
+
+
+#: DER of the object identifier id-ecPublicKey (1.2.840.10045.2.1), the
+#: algorithm of an ECDSA certificate's subject public key.
+EC_PUBLIC_KEY_OID = b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"
+
+
+def load_ec_certificate(context, cert, key):
+    """Add an ECDSA certificate and key to a context that holds the RSA
+    one: OpenSSL keeps one certificate per key type and picks the one the
+    client's signature algorithms allow, so ECDSA-capable clients get the
+    cheaper handshake.  An RSA certificate here would silently replace the
+    RSA one, so the certificate's key type is checked first.  A ConfigError
+    names the PARAM at fault in its ``attr``."""
+    try:
+        with open(cert, "r") as f:
+            # The first certificate of the file (a key may come before it).
+            block = re.search(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----",
+                              f.read())
+        if not block:
+            raise ValueError("no BEGIN CERTIFICATE block")
+        der = ssl.PEM_cert_to_DER_cert(block.group(0))
+    except (IOError, OSError, ValueError, binascii.Error) as e:
+        error = ConfigError("PARAM tls-eccert-file %s: cannot read a PEM certificate: %s"
+                            % (cert, getattr(e, "strerror", None) or e))
+        error.attr = "tls_eccert"
+        raise error
+    if EC_PUBLIC_KEY_OID not in der:
+        error = ConfigError("PARAM tls-eccert-file %s: not an ECDSA certificate "
+                            "(the RSA one belongs in tls-cert-file)" % cert)
+        error.attr = "tls_eccert"
+        raise error
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, IOError, ValueError) as e:
+        error = ConfigError("TLS setup failed (ECDSA cert %s, key %s): %s" % (cert, key, e))
+        error.attr = "tls_eckey" if key != cert else "tls_eccert"
+        raise error
 
 
 def load_configuration(options, zenv, log=None, listeners=True, check=False):
