@@ -21,25 +21,30 @@ Map of this file, in the order data flows through it:
                             prefix and domain lookups, connection verdicts
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
-  7. Listeners ............ Bind parsing to sockets, ListenerServer (a
+  7. Process core ......... EventLoop (one selector, a timer heap,
+                            call_soon, signals through one wake-up pipe),
+                            Peer (framed messages with descriptors between
+                            processes, an outbox that never drops), the
+                            SCM_RIGHTS helpers, reaping only our own children
+  8. Listeners ............ Bind parsing to sockets, ListenerServer (a
                             socketserver.TCPServer per socket), the session
                             models (thread / fork / workers mixins, the
                             WorkerPool; a worker's WorkerContext, its
                             SessionLoop and ThreadHandover), Supervisor
-                            (the master's selectors loop, reload, shutdown)
-  8. Session .............. Channel and the WANT_* requests a conversation
+                            (the master: reload, restarts, shutdown)
+  9. Session .............. Channel and the WANT_* requests a conversation
                             yields, StopFlag, drive_blocking, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
-  9. Authentication ....... SaslExchange (the AUTH dialogue),
+ 10. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
                             (the helper process that starts the programs)
- 10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
+ 11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
- 11. Command line ......... option parsing, daemon, pid file, signals, demo
+ 12. Command line ......... option parsing, daemon, pid file, signals, demo
 """
 
 import array
@@ -118,6 +123,25 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: Messages a process-core peer may hold in its outbox (sent when the
+#: socket has room) before it counts as stuck: logged once, and the
+#: master hands a stuck worker no more connections until it catches up.
+PEER_OUTBOX_LIMIT = 1024
+#: Descriptors one framed message may carry (a log reopen passes one per
+#: ``-l`` file; a connection hand-over passes one).
+PEER_MESSAGE_FDS = 16
+#: The largest framed message between the master and its processes.
+PEER_MESSAGE_MAX = 65536
+#: Seconds a process that ends waits to get its outbox out to the master.
+PEER_FLUSH_AT_EXIT = 5.0
+#: A worker that ends is restarted after WORKER_RESTART_DELAY seconds,
+#: doubled at each end in a row up to WORKER_RESTART_DELAY_MAX; a worker
+#: that ran WORKER_STABLE_RUN seconds starts the series again.  A worker
+#: that dies at once (a broken library, no memory) is so never forked in
+#: a tight loop.
+WORKER_RESTART_DELAY = 0.5
+WORKER_RESTART_DELAY_MAX = 30.0
+WORKER_STABLE_RUN = 10.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -2328,7 +2352,517 @@ def mail_syslog(priority, text):
 
 
 # ---------------------------------------------------------------------------
-# 7. Listeners: sockets, the session models, the selectors loop
+# 7. Process core: one event loop per process, framed messages between them
+# ---------------------------------------------------------------------------
+#
+# Every long-lived process of the server (the master, a worker) runs one
+# EventLoop; processes talk through a Peer each over a SOCK_SEQPACKET
+# socketpair.  How to use them:
+#
+#   loop = EventLoop(log)
+#   loop.watch(sock, selectors.EVENT_READ, callback)  # callback(mask); 0 = forget
+#   timer = loop.call_at(when, callback, *args)       # time.time() based
+#   timer.cancel()
+#   loop.call_soon(callback, *args)                   # from any thread
+#   loop.catch_signals(handler, [signal.SIGHUP])      # handler(signum) on the loop
+#   loop.every_turn(hook)       # hook() after each turn; returns the most
+#                               # seconds until it must run again, or None
+#   loop.run(until=None, deadline=None)   # until loop.stop(), until(), deadline
+#
+#   peer = Peer(loop, sock, on_message, on_end, "worker 1234")
+#   peer.send(b"S 1 0 ...", fds=[conn.fileno()])  # never dropped, any thread
+#   on_message(data, fds)       # the receiver owns fds (non-inheritable)
+#   on_end(why)                 # end of file or an error; peer closed by then
+#   peer.congested              # the outbox is over PEER_OUTBOX_LIMIT
+#
+# send_message/receive_message are the one way to pass descriptors
+# (SCM_RIGHTS) between processes, for code that has no Peer (a request's
+# own reply socket).  An exception that escapes a callback is logged with
+# its traceback by the loop (run_callback) and the loop goes on.
+
+#: What child_exit gives for a child whose exit status cannot be known
+#: (ECHILD: it was reaped elsewhere).  Never a success.
+EXIT_STATUS_UNKNOWN = -1
+
+
+def send_message(sock, message, fds=(), flags=0):
+    """Send one framed message on a SOCK_SEQPACKET socket with the
+    descriptors ``fds`` attached (SCM_RIGHTS); the sender keeps its own.
+    Raises what sendmsg raises (BlockingIOError: the queue is full)."""
+    ancillary = []
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", fds).tobytes())]
+    sock.sendmsg([message], ancillary, flags)
+
+
+def receive_message(sock, size=PEER_MESSAGE_MAX, max_fds=PEER_MESSAGE_FDS, flags=0):
+    """Receive one framed message: ``(data, fds, cut)``.  Every descriptor
+    that came is close-on-exec from the start (and checked so), since a
+    program another thread starts meanwhile must not inherit it.  ``cut``:
+    the message or its descriptors did not fit (the descriptors that came
+    are still returned, for the caller to close).  ``(b"", [], False)`` is
+    end of file; BlockingIOError when nothing waits."""
+    itemsize = array.array("i").itemsize
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(max_fds * itemsize),
+        flags | getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % itemsize])
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return data, list(fds), bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def child_exit(pid):
+    """Reap child ``pid`` if it has ended, without waiting: None while it
+    runs, else its wait status, or EXIT_STATUS_UNKNOWN when it is not (or
+    no longer) a child to wait for.  Only ever a pid this process started:
+    waiting for any child would take the status of a program that a
+    session thread started, and that thread would see a success."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return EXIT_STATUS_UNKNOWN
+    return status if done else None
+
+
+def wait_for_exit(pid, timeout):
+    """Wait up to ``timeout`` seconds for child ``pid``: its wait status,
+    EXIT_STATUS_UNKNOWN, or None if it still runs."""
+    deadline = time.time() + timeout
+    delay = 0.0005
+    while True:
+        status = child_exit(pid)
+        if status is not None:
+            return status
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return None
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def exit_code(status):
+    """A wait status as Popen's returncode (a signal's death negative);
+    None for EXIT_STATUS_UNKNOWN."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return None
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def describe_exit(status):
+    """A wait status in words, for the log."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return "ended with an exit status that cannot be known"
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+class Timer(object):
+    """A callback due at ``when`` (time.time()) on an EventLoop."""
+
+    __slots__ = ("loop", "when", "callback", "args")
+
+    def __init__(self, loop, when, callback, args):
+        self.loop = loop
+        self.when = when
+        self.callback = callback
+        self.args = args
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def cancel(self):
+        """It will not run; what it refers to is let go at once."""
+        if self.callback is not None:
+            self.callback = self.args = None
+            self.loop.cancelled += 1
+
+
+class EventLoop(object):
+    """One process's loop: a selector whose keys' data are the callbacks
+    for their events (``callback(mask)``), a heap of timers, callbacks
+    queued from other threads and from signal handlers, and one wake-up
+    pipe for both (it is also the signal module's wake-up descriptor where
+    the process catches signals, so a signal never waits for a timeout).
+
+    Everything runs on the thread that calls ``run`` except ``call_soon``
+    and Peer.send, which any thread may call."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.timers = []            # heap of (when, n, Timer)
+        self.timer_n = 0
+        self.cancelled = 0          # cancelled timers still in the heap
+        self.soon = deque()         # (callback, args); deque appends are atomic
+        self.hooks = []
+        self.hook_wait = None
+        self.stopped = False
+        self.thread = None          # the thread running the loop
+        self.signal_handler = None
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._drain)
+
+    # -- what to wait for ---------------------------------------------------------
+
+    def watch(self, fileobj, events, callback=None):
+        """Call ``callback(mask)`` when ``fileobj`` has ``events``; no
+        events: no longer watched."""
+        selector = self.selector
+        if not events:
+            try:
+                selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+            return
+        try:
+            selector.get_key(fileobj)
+        except KeyError:
+            selector.register(fileobj, events, callback)
+        else:
+            selector.modify(fileobj, events, callback)
+
+    def call_at(self, when, callback, *args):
+        """A Timer: ``callback(*args)`` on the loop once time.time() >= when."""
+        timer = Timer(self, when, callback, args)
+        self.timer_n += 1
+        heapq.heappush(self.timers, (when, self.timer_n, timer))
+        if self.cancelled > 64 and self.cancelled * 2 > len(self.timers):
+            self._compact_timers()
+        return timer
+
+    def call_later(self, delay, callback, *args):
+        return self.call_at(time.time() + delay, callback, *args)
+
+    def call_soon(self, callback, *args):
+        """``callback(*args)`` at the loop's next turn; from any thread, or
+        a signal handler."""
+        self.soon.append((callback, args))
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass            # full: a wake-up is pending anyway
+
+    def catch_signals(self, handler, signums):
+        """Signals ``signums`` of this process call ``handler(signum)`` on
+        the loop (call from the main thread)."""
+        self.signal_handler = handler
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in signums:
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum, frame):
+        self.soon.append((self.signal_handler, (signum,)))
+
+    def every_turn(self, hook):
+        """``hook()`` after each turn of the loop; it returns the most
+        seconds the loop may sleep before it must run again (or None)."""
+        self.hooks.append(hook)
+
+    def stop(self):
+        """``run`` returns at the end of this turn."""
+        self.stopped = True
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, until=None, deadline=None):
+        """Turn until ``stop()``, ``until()`` is true, or ``deadline``."""
+        self.thread = threading.get_ident()
+        self.stopped = False
+        run_callback = self.run_callback
+        while not self.stopped:
+            if until is not None and until():
+                return
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                return
+            if self.soon:
+                timeout = 0
+            else:
+                timeout = self.hook_wait
+                if self.timers:
+                    first = max(0.0, self.timers[0][0] - now)
+                    timeout = first if timeout is None else min(timeout, first)
+                if deadline is not None:
+                    left = deadline - now
+                    timeout = left if timeout is None else min(timeout, left)
+            for key, mask in self.selector.select(timeout):
+                run_callback(key.data, mask)
+            if self.timers:
+                self._run_timers()
+            if self.soon:
+                self._run_soon()
+            if self.hooks:
+                self._run_hooks()
+
+    def run_callback(self, callback, *args):
+        """The one place where the loop calls code: an exception there is
+        logged with its traceback and the loop goes on."""
+        try:
+            callback(*args)
+        except Exception:
+            text = "uncaught exception in %s (the loop goes on): %s" % (
+                getattr(callback, "__qualname__", None) or repr(callback),
+                traceback.format_exc().replace("\n", " | "))
+            if self.log is not None:
+                self.log.note(text)
+            else:
+                sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+    def _run_timers(self):
+        now = time.time()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            callback, args = timer.callback, timer.args
+            if callback is None:
+                self.cancelled -= 1
+                continue
+            timer.callback = timer.args = None
+            self.run_callback(callback, *args)
+
+    def _compact_timers(self):
+        self.timers = [entry for entry in self.timers if entry[2].callback is not None]
+        heapq.heapify(self.timers)
+        self.cancelled = 0
+
+    def _run_soon(self):
+        soon = self.soon
+        for _ in range(len(soon)):
+            callback, args = soon.popleft()
+            self.run_callback(callback, *args)
+
+    def _run_hooks(self):
+        wait = None
+        for hook in self.hooks:
+            try:
+                seconds = hook()
+            except Exception:
+                self.run_callback(functools.partial(_reraise, sys.exc_info()[1]))
+                continue
+            if seconds is not None:
+                wait = seconds if wait is None else min(wait, seconds)
+        self.hook_wait = wait
+
+    def _drain(self, mask=None):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    # -- the end ------------------------------------------------------------------
+
+    def close_in_child(self):
+        """In a process just forked from this loop's: let the copy go
+        without a system call on what the parent still uses (an epoll
+        instance is shared across fork: unregistering here would
+        unregister in the parent)."""
+        if self.signal_handler is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            self.signal_handler = None
+        self.selector.close()
+        close_fds((self.wake_r, self.wake_w))
+        self.timers = []
+        self.soon.clear()
+        self.hooks = []
+
+    def close(self):
+        self.close_in_child()
+
+
+def _reraise(error):
+    raise error
+
+
+class Peer(object):
+    """The other process at the far end of a SOCK_SEQPACKET socketpair, as
+    one process's EventLoop sees it: framed messages with descriptors.
+
+    ``send`` never drops a message: what the socket cannot take now waits
+    in the outbox, in order, and goes when it is writable.  A peer whose
+    outbox holds PEER_OUTBOX_LIMIT messages is stuck (``congested``): that
+    is logged once, and the owner applies back-pressure (the master hands
+    a stuck worker no connections).  Received descriptors are
+    non-inheritable.  End of file and errors reach the owner's ``on_end``
+    once (errors logged here), the peer closed by then."""
+
+    def __init__(self, loop, sock, on_message, on_end, name):
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.on_end = on_end
+        self.name = name
+        self.outbox = deque()       # (message, fds this peer owns)
+        self.stuck = False
+        self.closed = False
+        sock.setblocking(False)
+        loop.watch(sock, selectors.EVENT_READ, self.ready)
+
+    @property
+    def congested(self):
+        return len(self.outbox) >= PEER_OUTBOX_LIMIT
+
+    def send(self, message, fds=()):
+        """Send ``message`` (bytes) with the descriptors ``fds`` (the caller
+        keeps its own), now or as soon as the socket takes it.  Any thread;
+        False when the peer is gone (logged)."""
+        loop = self.loop
+        if loop.thread is not None and threading.get_ident() != loop.thread:
+            loop.call_soon(self._send_owned, message, [os.dup(fd) for fd in fds])
+            return not self.closed
+        return self._send(message, fds, owned=False)
+
+    def _send_owned(self, message, fds):
+        try:
+            self._send(message, fds, owned=True)
+        finally:
+            if not self.outbox or self.outbox[-1][1] is not fds:
+                close_fds(fds)
+
+    def _send(self, message, fds, owned):
+        if self.closed:
+            self._log("message %r not sent: the channel is closed" % message[:40])
+            return False
+        if not self.outbox:
+            try:
+                send_message(self.sock, message, fds)
+                return True
+            except BlockingIOError:
+                pass
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return False
+        self.outbox.append((message, fds if owned else [os.dup(fd) for fd in fds]))
+        if len(self.outbox) == 1:
+            self.loop.watch(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.ready)
+        elif len(self.outbox) >= PEER_OUTBOX_LIMIT and not self.stuck:
+            self.stuck = True
+            self._log("%s does not read: %d messages wait for it" % (self.name,
+                                                                     len(self.outbox)))
+        return True
+
+    def flush(self):
+        outbox = self.outbox
+        while outbox:
+            message, fds = outbox[0]
+            try:
+                send_message(self.sock, message, fds)
+            except BlockingIOError:
+                return
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return
+            outbox.popleft()
+            close_fds(fds)
+        if self.stuck:
+            self.stuck = False
+            self._log("%s reads again" % self.name)
+        self.loop.watch(self.sock, selectors.EVENT_READ, self.ready)
+
+    def ready(self, mask):
+        """The selector's callback."""
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+        if mask & selectors.EVENT_READ:
+            while not self.closed:
+                try:
+                    data, fds, cut = receive_message(self.sock)
+                except BlockingIOError:
+                    return
+                except (OSError, socket.error) as e:
+                    self.broken("cannot receive", e)
+                    return
+                if not data and not fds:
+                    self.end("end of file")
+                    return
+                if cut:
+                    close_fds(fds)
+                    self._log("a message from %s did not fit and was dropped: %r"
+                              % (self.name, data[:40]))
+                    continue
+                self.on_message(data, fds)
+
+    def drain(self, timeout=PEER_FLUSH_AT_EXIT):
+        """Before the process exits: the outbox out, waiting up to
+        ``timeout`` seconds for room."""
+        if self.closed or not self.outbox:
+            return
+        deadline = time.time() + timeout
+        try:
+            while self.outbox:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise socket.timeout()
+                select.select([], [self.sock], [], remaining)
+                self.flush()
+        except socket.timeout:
+            self._log("%d messages to %s not sent: it did not read for %gs" % (
+                len(self.outbox), self.name, timeout))
+
+    def broken(self, what, error):
+        self._log("%s %s: %s" % (what, self.name, error))
+        self.end(str(error))
+
+    def end(self, why):
+        if self.closed:
+            return
+        self.close()
+        self.on_end(why)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.watch(self.sock, 0)
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def close_in_child(self):
+        """In a process forked from the owner: only the descriptors."""
+        self.closed = True
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def _log(self, text):
+        log = self.loop.log
+        if log is not None:
+            log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+
+# ---------------------------------------------------------------------------
+# 8. Listeners: sockets, the session models, the selectors loop
 # ---------------------------------------------------------------------------
 
 def interface_address(name, family):
@@ -3939,7 +4473,7 @@ class Supervisor(object):
 
 
 # ---------------------------------------------------------------------------
-# 8. The SMTP session
+# 9. The SMTP session
 # ---------------------------------------------------------------------------
 
 class SessionTimeout(Exception):
@@ -6348,7 +6882,7 @@ def auth_input_problem(user, password):
 
 
 # ---------------------------------------------------------------------------
-# 9. Authentication: the external pipeauth program
+# 10. Authentication: the external pipeauth program
 # ---------------------------------------------------------------------------
 
 #: Mechanism names kept when an AUTH line is masked; any other word in that
@@ -7399,7 +7933,7 @@ def close_descriptors_except(keep):
                 pass
 
 # ---------------------------------------------------------------------------
-# 10. The spool: handing messages to the router
+# 11. The spool: handing messages to the router
 # ---------------------------------------------------------------------------
 
 def mail_envelope(session, txn):
@@ -7831,7 +8365,7 @@ class SpoolFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 11. Command line, run-time state, daemon
+# 12. Command line, run-time state, daemon
 # ---------------------------------------------------------------------------
 
 USAGE = """\
