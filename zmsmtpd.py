@@ -3141,233 +3141,254 @@ def make_listener_class(model):
 
 
 class WorkerPool(object):
-    """The worker processes of ``session-model workers``.
+    """The worker processes of ``session-model workers``, each a Peer on
+    the master's loop.
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
     seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
-    finish the running sessions, however long they take, and exit), ``Q``
-    (stopping: the same, within ``shutdown-grace``).  A connection the
-    worker's queue cannot take at once (the kernel queues few descriptors
-    on a UNIX socket) waits in the worker's backlog here until it can.
-    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
-    (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
-    sessions are counted as ended."""
+    another worker accepted, for submission-rate-limit), ``L`` with the
+    reopened log files' descriptors, ``R`` (a reload: finish the running
+    sessions, however long they take, and exit), ``Q`` (stopping: the
+    same, within ``shutdown-grace``).  Worker -> master: ``E <seq>``
+    (session ended), ``F <ip> <time>``, ``U <login> <time> <recipients>``,
+    ``C <accepted|refused> <number>`` (for the status file, held up to
+    REPORT_INTERVAL).  No message is dropped: what a socket cannot take
+    waits in its Peer's outbox, and a worker whose outbox is full gets no
+    connections until it reads again.
+
+    A worker that dies is logged with its exit status or signal, its
+    sessions are counted as ended, and another is started after a delay
+    that grows while workers keep dying young (WORKER_RESTART_DELAY)."""
 
     def __init__(self, supervisor, count):
         self.supervisor = supervisor
         self.count = max(1, count)
         self.workers = {}      # pid -> WorkerEntry
         self.seq = 0
+        self.delays = {}       # index -> the delay of its last restart
+        self.restarts = {}     # index -> the Timer of a pending restart
 
-    def start(self):
+    def start(self, strict=False):
+        """A worker for each index.  One that cannot be forked is tried
+        again later, or (``strict``) raises OSError after the ones this
+        call started are retired again."""
+        started = []
         for index in range(self.count):
-            self.spawn(index)
+            try:
+                started.append(self.spawn(index))
+            except OSError as e:
+                if strict:
+                    for pid in started:
+                        self.retire_one(self.workers[pid], b"R")
+                    raise
+                self.supervisor.log.note("cannot start worker %d: %s" % (index, e))
+                self.restart_later(index)
+        return started
 
     def spawn(self, index):
         sup = self.supervisor
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
+        try:
+            pid = os.fork()
+        except OSError:
             parent.close()
-            for other in self.workers.values():
-                other.channel.close()
+            child.close()
+            raise
+        if pid == 0:
             status = 0
             try:
+                parent.close()
+                for other in self.workers.values():
+                    other.peer.close_in_child()
                 WorkerContext(sup, index, child).run()
             except Exception:
                 status = 1
+                sup.log.note("worker %d failed: %s" % (os.getpid(), traceback.format_exc()
+                                                       .replace("\n", " | ")))
             os._exit(status)
         child.close()
-        parent.setblocking(False)
-        entry = self.workers[pid] = WorkerEntry(parent, index)
-        entry.ready = functools.partial(self.worker_event, pid)
-        sup.selector.register(parent, selectors.EVENT_READ, entry.ready)
+        entry = WorkerEntry(pid, index, list(sup.listeners))
+        entry.peer = Peer(sup.loop, parent, functools.partial(self.message, entry),
+                          functools.partial(self.channel_ended, entry), "worker %d" % pid)
+        self.workers[pid] = entry
+        return pid
 
     def dispatch(self, listener, request, client_address):
-        """Send a connection to the least busy worker; its session key."""
-        ready = [p for p, e in self.workers.items() if not e.retired]
+        """Hand a connection to the least busy worker that reads its
+        messages; its session key, or None when no worker can take it."""
+        ready = [e for e in self.workers.values()
+                 if not e.retired and not e.peer.closed and not e.peer.congested
+                 and listener in e.listeners]
         if not ready:
             return None
-        pid = min(ready, key=lambda p: self.workers[p].active)
-        entry = self.workers[pid]
+        entry = min(ready, key=lambda e: e.active)
         self.seq += 1
-        index = self.supervisor.listeners.index(listener)
-        payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
-                                      client_address[1])).encode("ascii")
-        if not entry.backlog:
-            try:
-                self.hand_over(entry, payload, request)
-            except BlockingIOError:
-                pass
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                return None
-            else:
-                entry.active += 1
-                return (pid, self.seq)
-        # The worker's queue is full: keep a copy of the connection until
-        # it has room (the caller closes its own).
-        if not entry.backlog:
-            self.supervisor.selector.modify(entry.channel,
-                                            selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                            entry.ready)
-        entry.backlog.append((payload, request.dup()))
+        payload = ("S %d %d %s %d" % (self.seq, entry.listeners.index(listener),
+                                      client_address[0], client_address[1])).encode("ascii")
+        if not self.hand_over(entry, payload, request):
+            return None
         entry.active += 1
-        return (pid, self.seq)
+        return (entry.pid, self.seq)
 
     @staticmethod
     def hand_over(entry, payload, request):
-        fds = array.array("i", [request.fileno()])
-        entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           fds.tobytes())])
+        return entry.peer.send(payload, [request.fileno()])
 
-    def writable(self, pid):
-        """Room in worker ``pid``'s queue: hand over its backlog."""
-        entry = self.workers.get(pid)
-        if entry is None:
+    def message(self, entry, data, fds):
+        """A message from a worker."""
+        close_fds(fds)          # workers send none
+        kind, _, rest = data.partition(b" ")
+        sup = self.supervisor
+        if kind == b"E":
+            entry.active -= 1
+            sup.session_ended((entry.pid, int(rest)))
             return
-        while entry.backlog:
-            payload, conn = entry.backlog[0]
-            try:
-                self.hand_over(entry, payload, conn)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(payload.split()[1])))
-            entry.backlog.popleft()
-            conn.close()
-        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, entry.ready)
-
-    def worker_event(self, pid, mask):
-        if mask & selectors.EVENT_WRITE:
-            self.writable(pid)
-        if mask & selectors.EVENT_READ:
-            self.readable(pid)
-
-    def readable(self, pid):
-        """Messages from worker ``pid``; EOF means it is gone."""
-        entry = self.workers.get(pid)
-        if entry is None:
-            return
-        while True:
-            try:
-                msg = entry.channel.recv(4096)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error):
-                msg = b""
-            if not msg:
-                self.lost(pid)
-                return
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"E":
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(rest)))
-                continue
-            self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
-                # The other workers count them too.
-                self.broadcast(msg, but=pid)
+        sup.runtime.absorb_report(data)
+        if kind in (b"F", b"U"):
+            # The other workers count them too.
+            self.broadcast(data, but=entry.pid)
 
     def send_log(self, fds):
         """After the master reopened the log files (rotation): every
         worker, the retiring ones too, gets the new descriptors (``L``).
         A worker runs as the session user and could not open them."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      array.array("i", fds).tobytes())] if fds else []
-        for pid, entry in list(self.workers.items()):
-            try:
-                # The queue may be full of connections: wait a little.
-                entry.channel.settimeout(2.0)
-                entry.channel.sendmsg([b"L"], ancillary)
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot pass the reopened log to worker %d: %s"
-                                         % (pid, e))
-            finally:
-                entry.channel.setblocking(False)
+        for entry in list(self.workers.values()):
+            entry.peer.send(b"L", fds)
 
     def broadcast(self, msg, but=None):
         for pid, entry in list(self.workers.items()):
-            if pid != but:
-                try:
-                    entry.channel.send(msg)
-                except (OSError, socket.error):
-                    pass
+            if pid != but and not entry.peer.closed:
+                entry.peer.send(msg)
 
-    def lost(self, pid):
-        entry = self.workers.pop(pid)
+    def channel_ended(self, entry, why):
+        """The worker's channel reached its end (the worker exits) or
+        broke: it gets no more connections; its sessions end with it."""
         sup = self.supervisor
-        try:
-            sup.selector.unregister(entry.channel)
-        except (KeyError, ValueError):
-            pass
-        entry.channel.close()
-        for _, conn in entry.backlog:
-            conn.close()
-        entry.backlog.clear()
         with sup.lock:
-            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
+            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == entry.pid]
         for key in gone:
             sup.session_ended(key)
+        entry.active = 0
+        self.reap_one(entry)
+
+    def reap(self):
+        for entry in list(self.workers.values()):
+            self.reap_one(entry)
+
+    def reap_one(self, entry):
+        if entry.status is None:
+            entry.status = child_exit(entry.pid)
+            if entry.status is None:
+                return
+        if not entry.peer.closed:
+            # What it sent before it ended still counts; the end of its
+            # channel comes back here (channel_ended).
+            entry.peer.ready(selectors.EVENT_READ)
+            entry.peer.end("the worker ended")
+            return
+        if self.workers.pop(entry.pid, None) is not None:
+            self.ended(entry, entry.status)
+
+    def ended(self, entry, status):
+        """Worker ``entry`` ended with wait status ``status``."""
+        sup = self.supervisor
+        what = describe_exit(status)
+        if sup.stopping or entry.retired:
+            if status != 0:
+                sup.log.note("worker %d (retiring) %s" % (entry.pid, what))
+            return
+        if time.time() - entry.started >= WORKER_STABLE_RUN:
+            self.delays.pop(entry.index, None)
+        delay = self.restart_later(entry.index)
+        sup.log.note("worker %d %s; starting another in %g s" % (entry.pid, what, delay))
+
+    def restart_later(self, index):
+        """Start worker ``index`` again after the next delay; the delay."""
+        last = self.delays.get(index)
+        delay = WORKER_RESTART_DELAY if last is None else min(last * 2, WORKER_RESTART_DELAY_MAX)
+        self.delays[index] = delay
+        old = self.restarts.pop(index, None)
+        if old is not None:
+            old.cancel()
+        self.restarts[index] = self.supervisor.loop.call_later(delay, self.respawn, index)
+        return delay
+
+    def respawn(self, index):
+        self.restarts.pop(index, None)
+        if self.supervisor.stopping or index >= self.count:
+            return
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except OSError:
-            pass
-        if not sup.stopping and not entry.retired:
-            sup.log.note("worker %d ended; starting another" % pid)
-            self.spawn(entry.index)
+            self.spawn(index)
+        except OSError as e:
+            delay = self.restart_later(index)
+            self.supervisor.log.note("cannot start worker %d: %s; trying again in %g s"
+                                     % (index, e, delay))
+
+    def cancel_restarts(self):
+        for timer in self.restarts.values():
+            timer.cancel()
+        self.restarts.clear()
+
+    def retire_one(self, entry, message):
+        entry.retired = True
+        entry.peer.send(message)
 
     def retire(self, message=b"Q"):
         """Ask every worker to finish its sessions and exit (no respawn)."""
-        for entry in self.workers.values():
-            entry.retired = True
-        self.broadcast(message)
+        self.cancel_restarts()
+        for entry in list(self.workers.values()):
+            self.retire_one(entry, message)
 
     def restart(self, count):
-        """After a reload: the old workers finish their sessions, however
-        long they take; ``count`` new ones take over at once."""
-        self.retire(b"R")
-        self.count = max(1, count)
-        self.start()
+        """After a reload: ``count`` new workers take over at once, and the
+        old ones finish their sessions, however long they take.  If a new
+        one cannot be forked, the old ones keep serving (OSError)."""
+        old = [e for e in self.workers.values() if not e.retired]
+        old_count, self.count = self.count, max(1, count)
+        try:
+            self.start(strict=True)
+        except OSError:
+            self.count = old_count
+            raise
+        self.cancel_restarts()
+        for entry in old:
+            self.retire_one(entry, b"R")
 
     def wait(self, deadline):
         """Until the workers are gone or the deadline; then SIGKILL."""
-        while self.workers and time.time() < deadline:
-            for key, mask in self.supervisor.selector.select(timeout=0.1):
-                key.data(mask)
-        for pid in list(self.workers):
+        self.supervisor.loop.run(until=lambda: not self.workers, deadline=deadline)
+        for pid, entry in list(self.workers.items()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.lost(pid)
+            wait_for_exit(pid, 5.0)
+            self.reap_one(entry)
 
 
 class WorkerEntry(object):
     """The master's view of one worker."""
 
-    def __init__(self, channel, index):
-        self.channel = channel
+    def __init__(self, pid, index, listeners):
+        self.pid = pid
         self.index = index
+        self.listeners = listeners  # the master's, when it was forked
+        self.peer = None
         self.active = 0
         self.retired = False
-        self.backlog = deque()      # (message, connection) waiting for room
-        self.ready = None           # the selector's callback for its channel
+        self.started = time.time()
+        self.status = None          # its wait status, once reaped
 
 
 class WorkerContext(object):
     """What a worker process of ``session-model workers`` runs its sessions
     with, built in the worker right after the fork.  The worker shares the
     master's runtime (configuration, spool, policies), but its reports (AUTH
-    failures, accepted messages, counts) go to the master over ``channel``;
-    its listeners only name where a connection came in (the master alone
-    accepts); it numbers its own sessions and has its own threads for the
-    ones that block."""
+    failures, accepted messages, counts) go to the master over ``channel``
+    (a Peer once the SessionLoop runs); its listeners only name where a
+    connection came in (the master alone accepts); it numbers its own
+    sessions and has its own threads for the ones that block."""
 
     def __init__(self, supervisor, index, channel):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -3380,7 +3401,9 @@ class WorkerContext(object):
         self.config = supervisor.config
         self.log = self.runtime.log
         self.index = index
+        self.loop = EventLoop(self.log)
         self.channel = channel
+        self.master = None          # the Peer for ``channel``, made by the SessionLoop
         self.listeners = supervisor.listeners
         for listener in self.listeners:
             listener.context = self
@@ -3389,7 +3412,7 @@ class WorkerContext(object):
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
         self.session_counter = (index + 1) << 13
-        self.runtime.report_to(channel.send)
+        self.runtime.report_to(self.tell_master)
         set_process_name("worker")
 
     def run(self):
@@ -3402,25 +3425,28 @@ class WorkerContext(object):
             # worker exits.
             stats.holding_thread = None
             stats.flush()
+            master = getattr(self, "master", None)
+            if master is not None:
+                master.drain()
 
     def next_session_number(self):
         with self.lock:
             self.session_counter += 1
             return self.session_counter
 
+    def tell_master(self, message):
+        self.master.send(message)
+
     def ended(self, seq):
         """Tell the master that session ``seq`` is over."""
-        try:
-            self.channel.send(("E %s" % seq).encode("ascii"))
-        except (OSError, socket.error):
-            pass
+        self.master.send(("E %s" % seq).encode("ascii"))
 
 
 class LoopSlot(object):
     """One session of a SessionLoop, and what it waits for."""
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
-                 "local", "outbuf", "want", "ending", "deadline", "heap_at",
+                 "local", "outbuf", "want", "ending", "deadline", "timer",
                  "input_deadline", "events", "resume", "tls_context", "other",
                  "tls_closing")
 
@@ -3437,7 +3463,7 @@ class LoopSlot(object):
         self.want = None
         self.ending = False     # the conversation ended: last replies out, then close
         self.deadline = 0.0     # when the present wait ends
-        self.heap_at = None     # the time of this slot's entry in the loop's timer heap
+        self.timer = None       # the slot's one Timer on the loop, due at or before deadline
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
@@ -3472,9 +3498,6 @@ class ThreadHandover(object):
         self.lock = threading.Lock()
         self.on_threads = 0
         self.returning = deque()    # slots handed back by threads
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
 
     def busy(self):
         with self.lock:
@@ -3513,10 +3536,7 @@ class ThreadHandover(object):
             if finished:
                 self.loop.end(slot)
             else:
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:
-                    pass
+                self.loop.core.call_soon(self.take)
 
     def may_return(self, slot, channel, request):
         """drive_blocking's question at every request: may the conversation
@@ -3532,13 +3552,9 @@ class ThreadHandover(object):
         slot.resume = request
         return True
 
-    def take(self, mask=None):
-        """Thread -> loop (the wake-up pipe's callback): the parked
-        conversations wait on the loop for what they asked."""
-        try:
-            os.read(self.wake_r, 4096)
-        except OSError:
-            pass
+    def take(self):
+        """Thread -> loop (through call_soon): the parked conversations
+        wait on the loop for what they asked."""
         while True:
             with self.lock:
                 if not self.returning:
@@ -3554,12 +3570,12 @@ class ThreadHandover(object):
 
 
 class SessionLoop(object):
-    """The event loop of a worker process.
+    """The sessions of a worker process, on its EventLoop.
 
     A plain TCP session runs here as its conversation generator: the loop
     receives when the socket is readable, sends queued replies without
-    blocking, keeps every deadline in one heap and resumes the generator
-    with what it asked for.  A conversation that must block goes to a
+    blocking, keeps every deadline as a timer of the loop and resumes the
+    generator with what it asked for.  A conversation that must block goes to a
     thread and comes back (ThreadHandover).  With one thread per worker the
     interpreter lock is never handed over at a system call; with a thread
     per session that hand-over cost more kernel time than the spool's fsync."""
@@ -3570,55 +3586,44 @@ class SessionLoop(object):
     def __init__(self, context):
         self.context = context
         self.runtime = context.runtime
-        self.master = context.channel
-        self.selector = selectors.DefaultSelector()
-        self.timers = []            # heap of (when, n, slot): at most one live entry a slot
-        self.timer_n = 0
+        self.core = context.loop
+        self.master = context.master = Peer(self.core, context.channel, self.from_master,
+                                            self.master_gone, "the master")
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
-        self.runnable = deque()     # slots to resume at the next turn of the loop
         self.leaving = False        # told to finish (R, Q or the master gone)
         self.grace_end = None       # after Q: when to stop waiting for sessions
         self.threads = ThreadHandover(self)
-        self.selector.register(self.threads.wake_r, selectors.EVENT_READ, self.threads.take)
-        self.master.setblocking(False)
-        self.selector.register(self.master, selectors.EVENT_READ, self.read_master)
-        # Room for the descriptors of an ``L`` message (one per -l file).
-        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 16)
         self.runtime.spool.make_inodes_ahead(context.config.spool_spare_inodes)
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        stats = self.runtime.stats
-        while True:
-            if self.leaving:
-                busy = len(self.slots) + self.threads.busy()
-                if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
-                    return
-            timeout = None
-            if self.runnable:
-                timeout = 0
-            elif self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.time())
-            if self.leaving:
-                timeout = min(timeout if timeout is not None else 1.0, 1.0)
-            if stats.held:
-                # The held counts of accepted and refused messages are due.
-                due = max(0.0, stats.report_due - time.monotonic())
-                timeout = due if timeout is None else min(timeout, due)
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)
-            self.fire_timers()
-            self.run_turns()
-            if stats.held and time.monotonic() >= stats.report_due:
-                stats.flush()
+        self.core.every_turn(self.between_turns)
+        self.core.run()
 
-    def run_turns(self):
-        """Sessions that gave up their turn with input still buffered."""
-        for _ in range(len(self.runnable)):
-            slot = self.runnable.popleft()
-            if slot.want == WANT_TURN and slot.fd in self.slots:
-                self.guarded(self.advance, slot, None, None)
+    def between_turns(self):
+        """After each turn of the loop: the end of a worker told to leave,
+        and the held counts of accepted and refused messages when due."""
+        wait = None
+        if self.leaving:
+            busy = len(self.slots) + self.threads.busy()
+            if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
+                self.core.stop()
+                return None
+            wait = 1.0
+        stats = self.runtime.stats
+        if stats.held:
+            due = stats.report_due - time.monotonic()
+            if due <= 0:
+                stats.flush()
+            else:
+                wait = due if wait is None else min(wait, due)
+        return wait
+
+    def take_turn(self, slot):
+        """A session that gave up its turn with input still buffered."""
+        if slot.want == WANT_TURN and slot.fd in self.slots:
+            self.guarded(self.advance, slot, None, None)
 
     def guarded(self, step, slot, *args):
         """A fault in one session's step ends that session, not the worker
@@ -3630,109 +3635,79 @@ class SessionLoop(object):
             if slot.fd in self.slots:
                 self.close(slot)
 
-    def fire_timers(self):
-        now = time.time()
-        while self.timers and self.timers[0][0] <= now:
-            when, _, slot = heapq.heappop(self.timers)
-            if slot.heap_at != when:
-                continue            # superseded by an earlier entry
-            slot.heap_at = None
-            if not slot.waiting:
-                continue            # closed, or on a thread
-            if slot.deadline > now:
-                self.set_timer(slot, slot.deadline)     # the wait was extended
-            else:
-                self.guarded(self.expired, slot)
+    def timer_fired(self, slot):
+        slot.timer = None
+        if not slot.waiting:
+            return                  # closed, or on a thread
+        if slot.deadline > time.time():
+            self.set_timer(slot, slot.deadline)     # the wait was extended
+        else:
+            self.guarded(self.expired, slot)
 
     def set_timer(self, slot, when):
         """The present wait of ``slot`` ends at ``when``.  A slot keeps one
-        entry in the heap, pushed again when it fires early: a session
-        makes a new wait for every command, and an entry per wait would
-        keep thousands of finished sessions alive for the whole command
-        timeout."""
+        timer, set again when it fires early: a session makes a new wait
+        for every command, and a timer per wait would keep thousands of
+        finished waits in the heap for the whole command timeout."""
         slot.deadline = when
-        if slot.heap_at is not None and slot.heap_at <= when:
-            return
-        slot.heap_at = when
-        self.timer_n += 1
-        heapq.heappush(self.timers, (when, self.timer_n, slot))
-        if len(self.timers) > 2 * len(self.slots) + 64:
-            self.compact_timers()
-
-    def compact_timers(self):
-        live = []
-        for entry in self.timers:
-            slot = entry[2]
-            if slot.heap_at != entry[0]:
-                continue
-            if not slot.waiting:
-                slot.heap_at = None
-                continue
-            live.append(entry)
-        heapq.heapify(live)
-        self.timers = live
+        timer = slot.timer
+        if timer is not None:
+            if timer.when <= when and timer.active:
+                return
+            timer.cancel()
+        slot.timer = self.core.call_at(when, self.timer_fired, slot)
 
     def watch(self, slot, events):
         if events == slot.events:
             return
-        if not events:
-            self.selector.unregister(slot.fd)
-        elif not slot.events:
-            self.selector.register(slot.fd, events, slot)
-        else:
-            self.selector.modify(slot.fd, events, slot)
+        self.core.watch(slot.fd, events, slot)
         slot.events = events
 
-    # -- connections from the master ----------------------------------------------
+    # -- connections and messages from the master ------------------------------------
 
-    def read_master(self, mask=None):
-        while True:
+    def from_master(self, msg, fds):
+        """A message of the master (see WorkerPool)."""
+        if msg in (b"Q", b"R"):
+            close_fds(fds)
+            self.leave(stopping=msg == b"Q")
+            return
+        kind, _, rest = msg.partition(b" ")
+        if kind == b"F":
+            self.runtime.auth_failures.absorb(rest)
+        elif kind == b"L":
+            self.runtime.log.adopt(fds)
+        elif kind == b"U":
+            self.runtime.submissions.absorb(msg)
+        elif kind == b"S" and fds:
+            close_fds(fds[1:])
             try:
-                msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
-            except BlockingIOError:
+                seq, index, ip, port = rest.decode("ascii").split(" ")
+                listener = self.context.listeners[int(index)]
+                port = int(port)
+            except (ValueError, IndexError):
+                os.close(fds[0])
+                self.context.log.note("a bad connection message from the master: %r"
+                                      % msg[:80])
                 return
-            except (OSError, socket.error):
-                msg, ancdata = b"", []
-            fds = array.array("i")
-            for level, ctype, data in ancdata:
-                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if not msg or msg in (b"Q", b"R"):
-                for fd in fds:
-                    os.close(fd)
-                self.leaving = True
-                if msg != b"R" and self.grace_end is None:
-                    # Stopping (or the master is gone): idle sessions are
-                    # told at once, the others get the grace.
-                    self.grace_end = time.time() + self.context.config.shutdown_grace
-                    self.runtime.stop.set()
-                    self.interrupt_idle_tls()
-                if not msg:
-                    self.selector.unregister(self.master)
-                    return
-                continue
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"F":
-                self.runtime.auth_failures.absorb(rest)
-            elif kind == b"L":
-                self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
-            elif kind == b"S" and fds:
-                for fd in fds[1:]:
-                    os.close(fd)
-                try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
-                    listener = self.context.listeners[int(index)]
-                    port = int(port)
-                except (ValueError, IndexError):
-                    os.close(fds[0])
-                    continue
-                sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
-                self.begin(listener, sock, (ip, port), seq)
-            else:
-                for fd in fds:
-                    os.close(fd)
+            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+            self.begin(listener, sock, (ip, port), seq)
+        else:
+            close_fds(fds)
+
+    def master_gone(self, why):
+        self.context.log.note("worker %d: the master's channel ended (%s); finishing"
+                              % (os.getpid(), why))
+        self.leave(stopping=True)
+
+    def leave(self, stopping):
+        """Finish the running sessions and exit; ``stopping`` (or the
+        master gone): idle sessions are told at once, the others get the
+        grace."""
+        self.leaving = True
+        if stopping and self.grace_end is None:
+            self.grace_end = time.time() + self.context.config.shutdown_grace
+            self.runtime.stop.set()
+            self.interrupt_idle_tls()
 
     def interrupt_idle_tls(self):
         """The stop flag woke the idle plain sessions by shutting their
@@ -3857,8 +3832,8 @@ class SessionLoop(object):
         slot.want = WANT_READABLE
         slot.other = sock
         self.watch(slot, 0)
-        self.selector.register(sock, selectors.EVENT_READ,
-                               functools.partial(self.guarded, self.other_ready, slot))
+        self.core.watch(sock, selectors.EVENT_READ,
+                        functools.partial(self.guarded, self.other_ready, slot))
         self.set_timer(slot, deadline)
 
     def other_ready(self, slot, mask=None):
@@ -3867,7 +3842,7 @@ class SessionLoop(object):
 
     def forget_other(self, slot):
         if slot.other is not None:
-            self.selector.unregister(slot.other)
+            self.core.watch(slot.other, 0)
             slot.other = None
 
     def wait_for_input(self, slot, deadline):
@@ -3901,7 +3876,7 @@ class SessionLoop(object):
             self.watch(slot, selectors.EVENT_READ)
         elif slot.want == WANT_TURN:
             self.watch(slot, 0)
-            self.runnable.append(slot)
+            self.core.call_soon(self.take_turn, slot)
         return None
 
     def ready(self, slot, mask):
@@ -3985,8 +3960,11 @@ class SessionLoop(object):
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
         self.end(slot)
-        slot.session = slot.conversation = None    # a timer entry may outlive the slot
+        slot.session = slot.conversation = None
 
     def start_tls_close(self, slot):
         """End TLS properly without blocking the loop: send close_notify,
@@ -4131,9 +4109,10 @@ class StatusFile(object):
 
 class Supervisor(object):
     """The master: owns the listeners and the counts of running sessions,
-    runs the selectors loop (each key's data is its callback), and handles
-    SIGHUP and SIGTERM through a self-pipe, so a signal never interrupts a
-    half-done operation of its own: at SIGHUP it asks the runtime to load
+    runs its EventLoop, and handles SIGHUP, SIGTERM and SIGCHLD on that
+    loop, so a signal never interrupts a half-done operation of its own:
+    it reaps only the children it started (workers, forked sessions; the
+    auth spawner reaps its own).  At SIGHUP it asks the runtime to load
     and apply the configuration, then follows with listeners and workers;
     at SIGTERM it raises the runtime's StopFlag (idle sessions are told
     421), closes the listeners and gives the others ``shutdown-grace``."""
@@ -4143,7 +4122,10 @@ class Supervisor(object):
         self.config = config
         self.log = runtime.log
         self.listeners = []
-        self.selector = selectors.DefaultSelector()
+        self.loop = EventLoop(self.log)
+        # The auth spawner's liveness pipe is watched here; each key's data
+        # is the callback for its events.
+        self.selector = self.loop.selector
         self.lock = threading.Lock()
         # key -> (kind, ip); the key is an object (thread model), a pid
         # (fork model) or (worker pid, seq) (workers model).
@@ -4151,17 +4133,14 @@ class Supervisor(object):
         self.per_kind = {}
         self.per_ip = {}
         self.session_counter = 0
+        self.reaped = 0.0           # when the children were last looked at
         self.reload_requested = False
-        # Every selector key's data is the callback for its events.
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
         # Forked sessions report failed AUTHs (auth-failrate), accepted
         # messages (submission-rate-limit) and counts here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
-        self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.watch(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.every_turn(self.between_turns)
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
         self.status = None          # the daemon's StatusFile
@@ -4196,11 +4175,11 @@ class Supervisor(object):
     def install_listeners(self, listeners):
         for l in self.listeners:
             if l not in listeners:
-                self.selector.unregister(l.socket)
+                self.loop.watch(l.socket, 0)
                 l.server_close()
         for l in listeners:
             if l not in self.listeners:
-                self.selector.register(l.socket, selectors.EVENT_READ, l.ready)
+                self.loop.watch(l.socket, selectors.EVENT_READ, l.ready)
         self.listeners = listeners
 
     # -- admission (called from ListenerServer.verify_request) ------------------
@@ -4267,6 +4246,9 @@ class Supervisor(object):
                 self.per_ip[(kind, ip)] = n
             else:
                 del self.per_ip[(kind, ip)]
+            last = not self.sessions
+        if last and self.stopping:
+            self.loop.wake()        # shutdown waits for the last session
 
     def next_session_number(self):
         with self.lock:
@@ -4276,11 +4258,10 @@ class Supervisor(object):
     def close_in_child(self):
         """In a process just forked from the master (a session or a
         worker): close what only the master uses."""
-        self.selector.close()
+        self.loop.close_in_child()
         for l in self.listeners:
             l.socket.close()
-        for fd in (self.wake_r, self.wake_w, self.fail_r):
-            os.close(fd)
+        os.close(self.fail_r)
 
     def become_session_child(self, request):
         """In a forked session (fork model): the master's SIGTERM stops the
@@ -4323,16 +4304,18 @@ class Supervisor(object):
             self.status.write(self, force)
 
     def reap_children(self):
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except OSError:
-                return
-            if not pid:
-                return
-            self.session_ended(pid)
+        """Reap the children this process started and that ended: workers
+        and forked sessions, each by its pid.  Never any child: a session
+        thread's program must keep its exit status for that thread."""
+        self.reaped = time.time()
+        if self.pool is not None:
+            self.pool.reap()
+        if self.config.session_model == "fork":
+            with self.lock:
+                pids = [key for key in self.sessions if isinstance(key, int)]
+            for pid in pids:
+                if child_exit(pid) is not None:
+                    self.session_ended(pid)
 
     # -- signals and the loop ------------------------------------------------
 
@@ -4340,16 +4323,18 @@ class Supervisor(object):
     def stopping(self):
         return self.runtime.stop.stopping
 
-    def wake(self, signum=None, frame=None):
+    def on_signal(self, signum):
+        """The loop's handler of this process's signals."""
         if signum == signal.SIGTERM or signum == signal.SIGINT:
             # Idle thread-model sessions get their 421 at once.
             self.runtime.stop.set()
         elif signum == signal.SIGHUP:
-            self.reload_requested = True
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+            # Several SIGHUPs in a row ask for one reload.
+            if not self.reload_requested:
+                self.reload_requested = True
+                self.loop.call_soon(self.reload)
+        elif signum == signal.SIGCHLD:
+            self.reap_children()
 
     def start_auth_spawner(self):
         self.runtime.auth_spawner.start(self.selector, on_end=self.auth_spawner_ended)
@@ -4358,37 +4343,29 @@ class Supervisor(object):
         """The selector's callback for the spawner's liveness pipe."""
         self.runtime.auth_spawner.ended(restart=not self.stopping)
 
-    def drain_wake(self, mask=None):
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except OSError:
-            pass
-
     def install_signal_handlers(self):
         """Called before the pid file says we are there: a SIGTERM that
         arrives between start-up and the loop must still lead to a clean
         stop (pid file removed), not the default sudden death."""
-        signal.signal(signal.SIGTERM, self.wake)
-        signal.signal(signal.SIGINT, self.wake)
-        signal.signal(signal.SIGHUP, self.wake)
+        signums = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         if self.config.session_model in ("fork", "workers"):
-            signal.signal(signal.SIGCHLD, self.wake)
+            signums.append(signal.SIGCHLD)
+        self.loop.catch_signals(self.on_signal, signums)
+
+    def between_turns(self):
+        """After each turn of the loop: the status file, and (should a
+        SIGCHLD have gone astray) the children now and then."""
+        if self.config.session_model in ("fork", "workers") and \
+                time.time() - self.reaped >= STATUS_INTERVAL:
+            self.reap_children()
+        self.write_status()
+        return STATUS_INTERVAL if self.status is not None else 5.0
 
     def serve_forever(self):
         if self.pool is not None:
             self.pool.start()
-        while not self.stopping:
-            events = self.selector.select(
-                timeout=STATUS_INTERVAL if self.status is not None else 5.0)
-            for key, mask in events:
-                key.data(mask)
-            if self.config.session_model in ("fork", "workers"):
-                self.reap_children()
-            if self.reload_requested:
-                self.reload_requested = False
-                self.reload()
-            self.write_status()
+        self.reap_children()
+        self.loop.run(until=lambda: self.stopping)
         self.shutdown()
 
     def reload(self):
@@ -4398,6 +4375,7 @@ class Supervisor(object):
         original ignored SIGHUP).  The result goes to the status file,
         where ``zmailer.sh reload`` waits for it."""
         runtime = self.runtime
+        self.reload_requested = False
         runtime.reload_count += 1
         runtime.log.reopen()
         if self.pool is not None:
@@ -4421,18 +4399,27 @@ class Supervisor(object):
                 raise ConfigError("no listener could be opened")
             self.install_listeners(listeners)
             if self.pool is not None:
-                self.pool.restart(config.session_workers or os.cpu_count() or 2)
+                self.restart_workers(config, old)
             runtime.reloaded(errors)
         except (ConfigError, OSError, IOError, ValueError) as e:
             runtime.reload_failed(e)
         self.write_status(force=True)
 
+    def restart_workers(self, config, old):
+        """New workers for the new configuration; if they cannot be
+        started, the running ones keep serving, and so the master goes
+        back to the configuration they run with (ConfigError)."""
+        try:
+            self.pool.restart(config.session_workers or os.cpu_count() or 2)
+        except OSError as e:
+            self.runtime.apply_config(old)
+            self.config = old
+            raise ConfigError("cannot start the workers of the new configuration (%s); "
+                              "the running workers go on serving" % e)
+
     def shutdown(self):
         for l in self.listeners:
-            try:
-                self.selector.unregister(l.socket)
-            except (KeyError, ValueError):
-                pass
+            self.loop.watch(l.socket, 0)
             l.server_close()
         self.listeners = []
         self.runtime.stop.set()
@@ -4445,13 +4432,8 @@ class Supervisor(object):
             # Each session child answers 421 if idle, else finishes its
             # command first: SIGTERM tells it (see become_session_child).
             self.signal_session_children(signal.SIGTERM)
-        while time.time() < deadline:
-            if forked:
-                self.reap_children()
-            with self.lock:
-                if not self.sessions:
-                    break
-            time.sleep(0.05)
+        self.reap_children()
+        self.loop.run(until=lambda: not self.sessions, deadline=deadline)
         if forked:
             # The grace is over: no session outlives the master.
             for pid in self.signal_session_children(signal.SIGKILL):
