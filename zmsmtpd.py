@@ -7228,7 +7228,8 @@ class PipeAuthenticator(object):
 
     def _run_here(self, user, data):
         """Start the program from this process: ``("done", status, first
-        output line)``, ``("timeout",)`` or ``("error", why)``."""
+        output line)``, ``("timeout",)``, ``("error", why)`` or ``("lost",
+        why)`` when its exit status cannot be known (never a success)."""
         start = time.time()
         try:
             proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
@@ -7239,6 +7240,7 @@ class PipeAuthenticator(object):
             return ("error", str(e))
         output = bytearray()
         deadline = start + self.timeout
+        status = None
         try:
             try:
                 proc.stdin.write(data)
@@ -7252,7 +7254,8 @@ class PipeAuthenticator(object):
                     raise subprocess.TimeoutExpired(self.path, self.timeout)
                 r, _, _ = select.select([fd], [], [], min(remaining, 0.05))
                 if not r:
-                    if proc.poll() is not None:
+                    status = child_exit(proc.pid)
+                    if status is not None:
                         break  # exited; a leftover child may hold the pipe
                     continue
                 chunk = os.read(fd, 65536)
@@ -7260,13 +7263,21 @@ class PipeAuthenticator(object):
                     break
                 if len(output) < self.OUTPUT_LIMIT:
                     output.extend(chunk[:self.OUTPUT_LIMIT - len(output)])
-            status = proc.wait(timeout=max(0.1, deadline - time.time()))
+            if status is None:
+                # Popen's wait would take an unknown status (ECHILD) for 0.
+                status = wait_for_exit(proc.pid, max(0.1, deadline - time.time()))
+                if status is None:
+                    raise subprocess.TimeoutExpired(self.path, self.timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
             return ("timeout",)
         finally:
             proc.stdout.close()
-        return ("done", status, bytes(output).split(b"\n", 1)[0])
+        code = exit_code(status)
+        proc.returncode = code if code is not None else 255     # reaped: Popen may not wait
+        if code is None:
+            return ("lost", "its exit status cannot be known (reaped elsewhere)")
+        return ("done", code, bytes(output).split(b"\n", 1)[0])
 
     @staticmethod
     def _kill(proc):
@@ -7817,14 +7828,11 @@ class SpawnedProgram(object):
 
     def poll(self):
         if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.pid, 255 << 8
-            if pid:
-                # Popen's convention: a signal's death as its negative number.
-                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
-                    else os.WEXITSTATUS(status)
+            status = child_exit(self.pid)
+            if status is not None:
+                code = exit_code(status)
+                # An exit status that cannot be known is a failure.
+                self.returncode = 255 if code is None else code
         return self.returncode
 
 
