@@ -3078,11 +3078,9 @@ class ListenerServer(socketserver.TCPServer):
     def ready(self, mask):
         """The selector's callback: a connection to accept.  socketserver's
         _handle_request_noblock runs get_request, verify_request and
-        process_request, with errors to handle_error."""
-        try:
-            self._handle_request_noblock()
-        except Exception:  # never let one accept kill the loop
-            self.context.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+        process_request, with errors to handle_error (and what escapes
+        that to the loop's callback runner)."""
+        self._handle_request_noblock()
 
     def verify_request(self, request, client_address):
         """Connection limits and ``rejectnet``: over the limit a 450 (or,
@@ -8541,11 +8539,17 @@ class Runtime(object):
     def report_to(self, send):
         """In a forked session or a worker: what the master must count (AUTH
         failures, accepted messages, the status file's counters) goes to it
-        as lines through ``send``, which ``absorb_report`` reads there."""
-        self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
-        self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
-                                                      .encode("ascii"))
+        as lines through ``send``, which ``absorb_report`` reads there.  A
+        report that cannot be sent is logged."""
+        def report(line):
+            try:
+                send(line)
+            except OSError as e:
+                self.log.note("cannot report to the master (%s): %r" % (e, line[:60]))
+        self.auth_failures.report = lambda data: report(b"F " + data)
+        self.submissions.report = report
+        self.stats.report = lambda name, number: report(("C %s %d\n" % (name, number))
+                                                        .encode("ascii"))
 
     def absorb_report(self, line):
         """The master's side of report_to: one line."""
