@@ -2615,7 +2615,7 @@ class EventLoop(object):
             if self.timers:
                 self._run_timers()
             if self.soon:
-                self._run_soon()
+                self.run_soon()
             if self.hooks:
                 self._run_hooks()
 
@@ -2650,7 +2650,9 @@ class EventLoop(object):
         heapq.heapify(self.timers)
         self.cancelled = 0
 
-    def _run_soon(self):
+    def run_soon(self):
+        """What call_soon queued so far (the loop does it every turn; a
+        process that ends calls it once more for what threads queued)."""
         soon = self.soon
         for _ in range(len(soon)):
             callback, args = soon.popleft()
@@ -3597,7 +3599,10 @@ class SessionLoop(object):
 
     def run(self):
         self.core.every_turn(self.between_turns)
-        self.core.run()
+        try:
+            self.core.run()
+        finally:
+            self.core.run_soon()        # the last reports of sessions on threads
 
     def between_turns(self):
         """After each turn of the loop: the end of a worker told to leave,
