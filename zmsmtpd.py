@@ -1924,6 +1924,8 @@ REPLIES = {
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
+    # No worker can take a connection (every one is restarting or stuck).
+    "no_worker": (421, "4.3.2", "{host} Service not available, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
     # line level
     "line_too_long": (500, "5.5.2", "Line too long"),
@@ -3122,7 +3124,8 @@ class WorkerDispatchMixIn(object):
         if key is not None:
             self.context.session_started(self, client_address, key)
         else:
-            lines = format_reply("shutdown", self.group.enhancedstatus,
+            name = "shutdown" if self.context.stopping else "no_worker"
+            lines = format_reply(name, self.group.enhancedstatus,
                                  host=self.context.runtime.hostname)
             try:
                 request.sendall(reply_bytes(lines))

@@ -335,6 +335,34 @@ class WorkerPoolForkFailureTest(unittest.TestCase):
         self.assertEqual((master.config, Runtime.applied), ("old", ["old"]))
 
 
+class WorkerPoolBackPressureTest(unittest.TestCase):
+    """A worker that does not read its messages gets no connections."""
+
+    def test_a_stuck_worker_is_passed_over(self):
+        sup = FakeSupervisor(self)
+        pool = zmsmtpd.WorkerPool(sup, 2)
+        listener = object()
+        for pid in (201, 202):
+            mine, theirs = seqpacket_pair(self)
+            entry = zmsmtpd.WorkerEntry(pid, 0, [listener])
+            entry.peer = zmsmtpd.Peer(sup.loop, mine, lambda d, f: None, lambda why: None,
+                                      "worker %d" % pid)
+            pool.workers[pid] = entry
+        stuck = pool.workers[201]
+        while not stuck.peer.congested:
+            stuck.peer.send(b"F 192.0.2.1 0")
+        conn, other = socket.socketpair()
+        self.addCleanup(conn.close)
+        self.addCleanup(other.close)
+        keys = [pool.dispatch(listener, conn, ("127.0.0.1", n)) for n in range(3)]
+        self.assertEqual([k[0] for k in keys], [202, 202, 202])
+        self.assertEqual(len([l for l in sup.log.lines if "worker 201 does not read" in l]), 1)
+        busy = pool.workers[202]
+        while not busy.peer.congested:
+            busy.peer.send(b"F 192.0.2.1 0")
+        self.assertIsNone(pool.dispatch(listener, conn, ("127.0.0.1", 9)))
+
+
 class FakeSupervisor(object):
     """What a WorkerPool uses of the master."""
 
