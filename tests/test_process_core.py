@@ -103,6 +103,27 @@ class EventLoopCallSoonTest(unittest.TestCase):
         self.assertLess(time.time() - start, 5)
 
 
+class EventLoopSignalTest(unittest.TestCase):
+    """A caught signal runs its handler on the loop, waking it at once."""
+
+    def test_signal_handler_runs_on_the_loop(self):
+        loop = zmsmtpd.EventLoop(NoteLog())
+        self.addCleanup(loop.close)
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        self.addCleanup(signal.set_wakeup_fd, -1)
+        got = []
+        loop.catch_signals(lambda signum: got.append((signum, threading.get_ident())),
+                           [signal.SIGUSR1])
+        t = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1))
+        t.start()
+        self.addCleanup(t.join)
+        start = time.time()
+        loop.run(until=lambda: got, deadline=start + 10)
+        self.assertEqual(got, [(signal.SIGUSR1, threading.get_ident())])
+        self.assertLess(time.time() - start, 5)
+
+
 class PeerOutboxTest(unittest.TestCase):
     """A message the socket cannot take waits in the outbox, in order, and
     none is lost; a peer that does not read is logged once as stuck."""
