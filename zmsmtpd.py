@@ -2595,7 +2595,7 @@ class EventLoop(object):
         """Turn until ``stop()``, ``until()`` is true, or ``deadline``."""
         self.thread = threading.get_ident()
         self.stopped = False
-        run_callback = self.run_callback
+        select = self.selector.select
         while not self.stopped:
             if until is not None and until():
                 return
@@ -2612,9 +2612,14 @@ class EventLoop(object):
                 if deadline is not None:
                     left = deadline - now
                     timeout = left if timeout is None else min(timeout, left)
-            for key, mask in self.selector.select(timeout):
-                run_callback(key.data, mask)
-            if self.timers:
+            for key, mask in select(timeout):
+                # run_callback without its call: this is the busiest line.
+                try:
+                    key.data(mask)
+                except Exception:
+                    self.callback_failed(key.data)
+            timers = self.timers
+            if timers and timers[0][0] <= time.time():
                 self._run_timers()
             if self.soon:
                 self.run_soon()
@@ -2622,18 +2627,22 @@ class EventLoop(object):
                 self._run_hooks()
 
     def run_callback(self, callback, *args):
-        """The one place where the loop calls code: an exception there is
-        logged with its traceback and the loop goes on."""
+        """Call ``callback(*args)`` as the loop calls all code: an exception
+        there is logged with its traceback and the loop goes on."""
         try:
             callback(*args)
         except Exception:
-            text = "uncaught exception in %s (the loop goes on): %s" % (
-                getattr(callback, "__qualname__", None) or repr(callback),
-                traceback.format_exc().replace("\n", " | "))
-            if self.log is not None:
-                self.log.note(text)
-            else:
-                sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+            self.callback_failed(callback)
+
+    def callback_failed(self, callback):
+        """Log the exception being handled, with its traceback."""
+        text = "uncaught exception in %s (the loop goes on): %s" % (
+            getattr(callback, "__qualname__", None) or repr(callback),
+            traceback.format_exc().replace("\n", " | "))
+        if self.log is not None:
+            self.log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
 
     def _run_timers(self):
         now = time.time()
@@ -3658,7 +3667,7 @@ class SessionLoop(object):
         slot.deadline = when
         timer = slot.timer
         if timer is not None:
-            if timer.when <= when and timer.active:
+            if timer.when <= when and timer.callback is not None:
                 return
             timer.cancel()
         slot.timer = self.core.call_at(when, self.timer_fired, slot)
