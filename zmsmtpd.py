@@ -4391,6 +4391,8 @@ class Supervisor(object):
         where ``zmailer.sh reload`` waits for it."""
         runtime = self.runtime
         self.reload_requested = False
+        if self.stopping:
+            return          # a SIGTERM came first: no new workers now
         runtime.reload_count += 1
         runtime.log.reopen()
         if self.pool is not None:
