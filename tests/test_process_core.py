@@ -394,6 +394,7 @@ class FakeSupervisor(object):
         self.listeners = []
         self.lock = threading.Lock()
         self.sessions = {}
+        self.refusals = zmsmtpd.PendingRefusals()
         self.stop = False
         self.runtime = None
 
