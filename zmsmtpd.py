@@ -28,7 +28,9 @@ Map of this file, in the order data flows through it:
                             SessionLoop and ThreadHandover), Supervisor
                             (the master's selectors loop, reload, shutdown)
   8. Session .............. Channel and the WANT_* requests a conversation
-                            yields, StopFlag, drive_blocking, ESMTP parameter
+                            yields, StopFlag, drive_blocking, TLSEngine (TLS
+                            over ssl.MemoryBIO for every session model) and
+                            SocketChannel, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -296,3 +297,30 @@ class NonReadingTlsClientInThreadsTest(_NonReadingClientChecks, _EngineServerCas
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class IdleTlsSessionIsToldOfShutdownInEveryModelTest(unittest.TestCase):
+    """A TLS session waiting for its next command gets its 421 as soon as
+    the server stops, as a plain one does (its reader is woken up, the
+    421 goes out as a TLS record)."""
+
+    def assertTold421(self, model):
+        _td_need_openssl(self)
+        server = _TdDaemon()
+        self.addCleanup(server.cleanup)
+        server.start("PARAM BindSmtp [127.0.0.1] {smtp}\nPARAM session-model %s\n" % model)
+        tls, replies = test_tls_on_loop.open_tls_session(self, server.ports["smtp"])
+        start = time.time()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        code, lines = replies.reply()
+        self.assertEqual(code, 421, lines)
+        self.assertLess(time.time() - start, 2.0)
+
+    def test_in_a_thread(self):
+        self.assertTold421("thread")
+
+    def test_in_a_forked_process(self):
+        self.assertTold421("fork")
+
+    def test_on_the_worker_loop(self):
+        self.assertTold421("workers")
