@@ -4433,9 +4433,7 @@ class SocketChannel(Channel):
                 self.tls_pump(plain=data)
             except ssl.SSLError:
                 pass                # a broken connection: its reader finds out
-        data = b"".join(self.wire)
-        self.wire = []
-        return data
+        return self.take_wire()
 
     def close_tls(self):
         """Blocking: end an established TLS session properly, with our
@@ -4443,11 +4441,10 @@ class SocketChannel(Channel):
         sees the end of the session and not a truncation, RFC 8446 6.1),
         then our FIN.  A client that just closes costs nothing; any
         failure just ends it."""
-        engine, self.tls = self.tls, None
+        engine = self.tls
         if engine is None:
             return
         if engine.open:
-            self.tls = engine
             try:
                 self.tls_pump(close=True)
                 self._send_wire()
@@ -4459,7 +4456,7 @@ class SocketChannel(Channel):
                     self.tls_pump(data, close=True)
             except (ClientGone, ssl.SSLError, OSError, socket.error, ValueError):
                 pass
-            self.tls = None
+        self.tls = None
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except (OSError, socket.error, ValueError):
@@ -4470,17 +4467,23 @@ class SocketChannel(Channel):
         self.tls = None
 
     def _readable_until(self, deadline):
+        """Blocking: is the socket readable before ``deadline``?  (poll, not
+        select: a busy process has descriptors above select's 1024.)"""
         remaining = deadline - time.time()
         if remaining <= 0:
             return False
-        readable, _, _ = select.select([self.sock], [], [], remaining)
-        return bool(readable)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(remaining * 1000.0))
+
+    def take_wire(self):
+        data = b"".join(self.wire)
+        self.wire = []
+        return data
 
     def _send_wire(self):
         if self.wire:
-            data = b"".join(self.wire)
-            self.wire = []
-            self._send(data)
+            self._send(self.take_wire())
 
     # -- blocking I/O -----------------------------------------------------------------
 
