@@ -324,3 +324,36 @@ class IdleTlsSessionIsToldOfShutdownInEveryModelTest(unittest.TestCase):
 
     def test_on_the_worker_loop(self):
         self.assertTold421("workers")
+
+
+class ProxyHeaderAndTlsHelloInOneSegmentTest(_TdServerCase):
+    """Behind a load balancer on an implicit-TLS listener, the bytes that
+    follow the PROXY header in the same segment are the start of the TLS
+    handshake, and reach the TLS engine whole."""
+
+    listeners = ("PARAM BindSmtpS [127.0.0.1] {smtps}\n"
+                 "PARAM proxy-protocol-nets 127.0.0.1/32\n")
+
+    def test_the_client_hello_right_behind_the_header_completes_the_handshake(self):
+        sock = socket.create_connection(("127.0.0.1", self.server.ports["smtps"]), 15)
+        self.addCleanup(sock.close)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_tls_context().wrap_bio(incoming, outgoing)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        sock.sendall(b"PROXY TCP4 127.0.0.3 127.0.0.1 7000 465\r\n" + outgoing.read())
+        greeting = b""
+        while not greeting.endswith(b"\r\n"):
+            data = sock.recv(65536)
+            self.assertTrue(data, "closed during the handshake")
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+                greeting += tls.read(4096)
+            except ssl.SSLWantReadError:
+                pass
+            sock.sendall(outgoing.read())
+        self.assertTrue(greeting.startswith(b"220 "), greeting)
+        self.assertIn("via proxy [127.0.0.1]", self.server.log_text())
