@@ -362,7 +362,10 @@ class TestConfigGroupsAndBinds(unittest.TestCase):
         self.assertEqual(p("[ipv6:::1]"), [(socket.AF_INET6, "::1")])
         self.assertEqual(p("iface:v4:lo"), [(socket.AF_INET, "iface:lo")])
         self.assertEqual(len(p("iface:lo")), 2)
-        for bad in ("192.0.2.1", "mail.example.org", "[300.1.1.1]"):
+        # The bare forms mean the same as the bracketed ones.
+        self.assertEqual(p("192.0.2.1"), [(socket.AF_INET, "192.0.2.1")])
+        self.assertEqual(p("2001:db8::1"), [(socket.AF_INET6, "2001:db8::1")])
+        for bad in ("mail.example.org", "[300.1.1.1]", "300.1.1.1", "[IPv6.2001:zz::1]"):
             self.assertRaises(ValueError, p, bad)
 
     def test_bind_keywords_give_listener_kinds_and_default_ports(self):
@@ -375,7 +378,7 @@ class TestConfigGroupsAndBinds(unittest.TestCase):
     def test_bad_bind_address_is_reported_with_its_line(self):
         # A bad listener line is an error (a daemon does not start), kept
         # apart from the warnings.
-        c = read_config("* ve\nPARAM BindSmtp 10.0.0.1 25\n")
+        c = read_config("* ve\nPARAM BindSmtp mail.example.org 25\n")
         self.assertTrue(any(d[1] == 2 and "bind address" in d[2] for d in c.bind_errors))
 
     def test_seed_x_option_is_a_bindaddress_and_p_gives_its_port(self):
@@ -1184,7 +1187,8 @@ class TestDaemonLifecycle(ServerTestCase):
         layout = self.make_layout(["PARAM BindSmtp [127.0.0.1] %d" % port1] + BASIC_CONF)
         first = self.start_daemon(layout, port1)
         layout.write_conf(["PARAM BindSmtp [127.0.0.1] %d" % port2] + BASIC_CONF)
-        second = self.start_daemon(layout, port2)
+        # A -v run takes over only when asked to.
+        second = self.start_daemon(layout, port2, ["--replace"])
         first.proc.wait(15)
         self.assertEqual(first.proc.returncode, 0)
         with open(os.path.join(layout.postoffice, ".pid.smtpserver")) as f:

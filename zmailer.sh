@@ -45,7 +45,8 @@
 #      (zmailer.conf unreadable, server or interpreter not found);
 #      status: some but not all configured instances are running
 #   2  usage error, a verb this script does not handle, ZMailer is frozen
-#      ($POSTOFFICE/.freeze), or a configuration error
+#      ($POSTOFFICE/.freeze), or a configuration error: ours, or the
+#      server's (it exited 2; in multi-instance mode any instance did)
 #   3  status: no instance is running
 #   reload: 0 every running instance took the new configuration; 1 some
 #      refused it (the reason is shown), did not answer, or none runs
@@ -53,10 +54,12 @@
 # Each running server keeps a status file beside its pid file:
 # $POSTOFFICE/.pid.smtpserver.status, or $POSTOFFICE/.pid.smtpserver/.NAME.status
 # in multi-instance mode (lines KEY=VALUE: pid, started, listeners, sessions,
-# accepted, refused, reloads, reload_at_text, reload_result).  `status` shows
-# it; `reload` sends SIGHUP and waits until the server has written the result
-# of that reload there (the server keeps its old configuration when the new
-# one has an error).  `kill` removes status files and an empty
+# accepted, refused, reloads, reload_at_text, reload_result, and one
+# reload_warning line per warning about the configuration the last reload
+# took).  `status` shows it; `reload` sends SIGHUP, waits until the server
+# has written the result of that reload there (the server keeps its old
+# configuration when the new one has an error) and prints it with its
+# warnings.  `kill` removes status files and an empty
 # $POSTOFFICE/.pid.smtpserver directory, so a later single-file start works.
 #
 # Starting while an instance runs is allowed: the new server stops the one
@@ -362,6 +365,8 @@ show_status () {
     ss_reload=$(status_field "$ss_file" reload_result)
     if [ -n "$ss_reload" ]; then
         say "  last reload: $(status_field "$ss_file" reload_at_text), $ss_reload"
+        sed -n 's/^reload_warning=/    warning: /p' "$ss_file" 2>/dev/null |
+            while IFS= read -r ss_warning; do say "$ss_warning"; done
     else
         say "  last reload: none since start"
     fi
@@ -431,6 +436,12 @@ start_one () {
     fi
     "$python" "$server" -Z "$ZCONFIG" "$@"
     so_rc=$?
+    if [ $so_rc -eq 2 ]; then
+        # The server's own word for a configuration it refused: its
+        # message is above; the caller exits 2 as for our own such errors.
+        say "$so_label failed to start: configuration error (exit status 2)"
+        return 2
+    fi
     if [ $so_rc -ne 0 ]; then
         say "$so_label failed to start (exit status $so_rc)"
         return 1
@@ -461,7 +472,7 @@ do_start () {
         cd "$POSTOFFICE" || { warn "cannot cd to $POSTOFFICE"; exit 1; }
         set -f
         # shellcheck disable=SC2086
-        start_one smtpserver single "$PIDBASE" $SMTPOPTIONS || ds_fail=1
+        start_one smtpserver single "$PIDBASE" $SMTPOPTIONS || ds_fail=$?
         set +f
         return $ds_fail
     fi
@@ -503,7 +514,11 @@ do_start () {
         set -f
         # shellcheck disable=SC2086
         start_one "$ds_name" multi "$PIDBASE/$ds_name" \
-            $ds_opts -C "$confpath/$ds_name" -I ".pid.smtpserver/$ds_name" || ds_fail=1
+            $ds_opts -C "$confpath/$ds_name" -I ".pid.smtpserver/$ds_name" || {
+            # A configuration error (2) outweighs a failure of another kind.
+            ds_rc=$?
+            [ "$ds_rc" -gt "$ds_fail" ] && ds_fail=$ds_rc
+        }
         set +f
     done
     IFS=$ds_oldifs
@@ -676,7 +691,12 @@ do_reload () {
         fi
         case $dr_result in
             taken:*)
-                say "$dr_label (pid $dr_pid): ${dr_result#taken: }" ;;
+                say "$dr_label (pid $dr_pid): ${dr_result#taken: }"
+                # The new configuration's warnings (an unknown keyword is
+                # ignored, not refused): each on its own line.
+                sed -n 's/^reload_warning=/  warning: /p' "$dr_status" 2>/dev/null |
+                    while IFS= read -r dr_warning; do say "$dr_warning"; done
+                ;;
             *)
                 say "$dr_label (pid $dr_pid): reload refused, still running the previous" \
                     "configuration: ${dr_result#refused: }"

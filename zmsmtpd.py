@@ -19,6 +19,8 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4c. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
+                            does (HostsAccess), for PARAM use-tcp-wrapper
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
@@ -37,8 +39,10 @@ Map of this file, in the order data flows through it:
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker, AuthSpawner
-                            (the helper process that starts the programs)
+                            PipeAuthenticator, AuthFailureTracker, the
+                            built-in password check (PAM, shadow and crypt
+                            through ctypes), AuthSpawner (the helper process
+                            that starts the programs and the check)
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -55,8 +59,10 @@ import functools
 import gc
 import getopt
 import heapq
+import hmac
 import ipaddress
 import marshal
+import mmap
 import os
 import pwd
 import queue
@@ -71,10 +77,13 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque, namedtuple
 
 try:
@@ -117,9 +126,25 @@ HELP_VERBS_PER_LINE = 9
 BDAT_SIZE_DIGITS = 18
 #: Longest AUTH user name handed to the authentication program.
 AUTH_USER_MAX = 256
+#: Log lines of a session's opening held back at most (see SessionLog.hold):
+#: a health check needs a dozen; a session that talks on is logged whole.
+HELD_LOG_LINES_MAX = 200
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: A session thread idle this many seconds ends; at most this many wait
+#: for work at any time (SessionThreads).
+SESSION_THREAD_IDLE = 5.0
+SESSION_THREADS_IDLE_MAX = 16
+#: The submission rate limit's counts, shared by all processes: logins are
+#: spread over this many buckets of this many bytes (a bucket that fills
+#: forgets its quietest login; pages are allocated only when used).
+RATE_BUCKETS = 256
+RATE_BUCKET_BYTES = 65536
+#: Messages a login sends within this many seconds are one entry in the
+#: counts (dated by the last of them, so they expire no earlier than they
+#: should): a login's entries stay few whatever its limit.
+RATE_MERGE_SECONDS = 60.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -384,6 +409,16 @@ class ZEnv(object):
     def __contains__(self, name):
         return name in self.values
 
+    def origin(self, name):
+        """Where setting ``name`` comes from, in words for a message: this
+        file's line, or the built-in default because the file sets none
+        or does not exist."""
+        path = self.path or DEFAULT_ZCONFIG
+        if name in self.values:
+            return "%s in %s" % (name, path)
+        return "the built-in default for %s (%s %s)" % (
+            name, path, "sets none" if os.path.exists(path) else "does not exist")
+
 
 def find_zconfig(option_path):
     """``-Z file``, else ``$ZCONFIG``, else /etc/zmailer.conf."""
@@ -589,6 +624,7 @@ _PARAMS = [
     (("junk-command-limit",), "G", "int", "junk_command_limit", None),
     # -- submission policy beyond the original
     (("sender-login-match",), "Grp", "switch", "sender_login_match", None),
+    (("auth-msa-rewrite",), "Grp", "switch", "auth_msa_rewrite", None),
     (("sender-login-maps",), "G", "str", "sender_login_maps", None),
     (("submission-rate-limit",), "G", "ratelimit", "submission_rate_limit", None),
     (("proxy-protocol-nets",), "Grp", "nets", "proxy_protocol_nets", None),
@@ -605,7 +641,6 @@ RAW_KEYWORDS = ("help", "hdr220", "sasl-mechanisms", "contact-pointer-message")
 #: Settings that are read and kept but change nothing in zmsmtpd; reported
 #: once by --check and at start-up so an administrator is never surprised.
 UNIMPLEMENTED_PARAMS = {
-    "use-tcp-wrapper": "libwrap is not available to Python",
     "smtp-auth-sasl": "Cyrus SASL is not used; LOGIN and PLAIN go to the pipe program",
     "sasl-mechanisms": "no SASL library (a no-op in 3.0.1 too)",
     "tls-dcert-file": "DSA certificates are obsolete", "tls-dkey-file": "DSA keys are obsolete",
@@ -672,6 +707,7 @@ GROUP_DEFAULTS = dict(
     rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
     policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
     spf_whitelist=None, contact_pointer=None, sender_login_match=False,
+    auth_msa_rewrite=False,
     proxy_protocol_nets=())
 
 GLOBAL_DEFAULTS = dict(
@@ -828,34 +864,61 @@ def _glob_regex(pattern):
     return rx
 
 
-_BIND_V4 = re.compile(r"^\[(\d{1,3}(?:\.\d{1,3}){3})\]$")
-_BIND_V6 = re.compile(r"^\[ipv6[.: ]([0-9a-fA-F:.]+)\]$", re.I)
+_BRACKETED_ADDRESS = re.compile(r"^\[(ipv6[.:])?([^\]]*)\]$", re.I)
+#: The address forms of a Bind line that the original reads (besides any,
+#: any6 and iface:): [a.b.c.d] and [IPv6.x] (or [IPv6:x]).
+_ORIGINAL_BIND_FORM = re.compile(r"^(any6?|iface:.*|\[[0-9.]+\]|\[ipv6[.:][^\]]*\])$",
+                                 re.I)
+_LOOKS_IPV4 = re.compile(r"^[0-9.]+$")
+
+
+def parse_address(text):
+    """An IP address as any PARAM or option writes it: in brackets as the
+    Bind lines and the policy do (``[192.0.2.1]``, ``[IPv6.2001:db8::1]``,
+    ``[IPv6:2001:db8::1]``, ``[2001:db8::1]``) or bare (``192.0.2.1``,
+    ``2001:db8::1``).  Returns (family, address); raises ValueError."""
+    t = text.strip()
+    m = _BRACKETED_ADDRESS.match(t)
+    tagged_v6 = bool(m and m.group(1))
+    literal = m.group(2) if m else t
+    families = (socket.AF_INET6,) if tagged_v6 else (socket.AF_INET, socket.AF_INET6)
+    for family in families:
+        try:
+            socket.inet_pton(family, literal)
+        except (OSError, socket.error, ValueError):
+            continue
+        return family, literal
+    if tagged_v6 or ":" in literal:
+        raise ValueError("bad IPv6 address '%s'" % text)
+    if _LOOKS_IPV4.match(literal):
+        raise ValueError("bad IPv4 address '%s'" % text)
+    raise ValueError("'%s' is not an IP address" % text)
+
+
+def parse_network(text):
+    """A network as any PARAM writes it: an address in either form of
+    parse_address, with or without ``/prefix`` (``[10.0.0.0]/8``,
+    ``10.0.0.0/8``, ``[IPv6.2001:db8::]/32``).  Host bits may be set.
+    Returns an ipaddress network; raises ValueError."""
+    address, slash, prefix = text.strip().partition("/")
+    family, literal = parse_address(address)
+    if slash and not re.match(r"^[0-9]{1,3}$", prefix):
+        raise ValueError("bad prefix length '/%s'" % prefix)
+    return ipaddress.ip_network("%s/%s" % (literal, prefix) if slash else literal,
+                                strict=False)
 
 
 def parse_bind_address(text):
     """Bind address forms -> list of (family, address).  ``address`` is a
-    literal, ``""`` for a wildcard, or ``iface:NAME`` resolved at bind time.
-    A bare ``1.2.3.4`` or a host name is refused, as by the original."""
+    literal (either form of parse_address), ``""`` for a wildcard (``any``,
+    ``any6``), or ``iface:NAME`` resolved at bind time.  A host name is
+    refused: it could only become a wildcard listener nobody meant."""
     t = text.strip()
     low = t.lower()
     if low == "any":
         return [(socket.AF_INET, "")]
     if low == "any6":
         return [(socket.AF_INET6, "")]
-    m = _BIND_V4.match(t)
-    if m:
-        try:
-            socket.inet_pton(socket.AF_INET, m.group(1))
-        except (OSError, socket.error):
-            raise ValueError("bad IPv4 address '%s'" % text)
-        return [(socket.AF_INET, m.group(1))]
-    m = _BIND_V6.match(t)
-    if m:
-        try:
-            socket.inet_pton(socket.AF_INET6, m.group(1))
-        except (OSError, socket.error):
-            raise ValueError("bad IPv6 address '%s'" % text)
-        return [(socket.AF_INET6, m.group(1))]
     if low.startswith("iface:"):
         rest = t[6:]
         if rest.startswith("v4:"):
@@ -865,16 +928,13 @@ def parse_bind_address(text):
         if not rest:
             raise ValueError("iface: needs an interface name")
         return [(socket.AF_INET6, "iface:" + rest), (socket.AF_INET, "iface:" + rest)]
-    hint = ""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, t)
-        except (OSError, socket.error, ValueError):
-            continue
-        hint = "; write it as [%s]" % t if family == socket.AF_INET else \
-            "; write it as [IPv6.%s]" % t
-    raise ValueError("bad bind address '%s' (the forms are [1.2.3.4], [IPv6.x], any, "
-                     "any6, iface:NAME%s)" % (text, hint))
+    try:
+        return [parse_address(t)]
+    except ValueError as e:
+        if "is not an IP address" not in str(e):
+            raise
+    raise ValueError("bad bind address '%s' (the forms are [192.0.2.1] or 192.0.2.1, "
+                     "[IPv6.2001:db8::1] or 2001:db8::1, any, any6, iface:NAME)" % text)
 
 
 #: The port a Bind keyword listens on when its line names none.
@@ -908,13 +968,14 @@ class ConfigReader(object):
         self.diagnostics = []
         self.seen_bind = False
         self.seen_params = set()
-        self.file_read = False
         self.config_errors = []     # "file:line: text" of settings that cannot work
-        # Problems with listener lines and with numbers are kept apart:
-        # a daemon cannot start with a bad listener line, and --check
-        # counts a number it had to guess at as an error.
+        # Problems with listener lines, with numbers and lines that are
+        # ignored are kept apart: a daemon cannot start with a bad listener
+        # line, and --check counts as an error a number it had to guess at
+        # and a line that means nothing to it (see check_errors).
         self.bind_errors = []
         self.number_errors = []
+        self.ignored_lines = []
         self.lines = {}            # line number -> the line as written
         self.origins = {}          # (scope, attribute) -> line number
         self.effective = []        # (what it sets or None, line number)
@@ -922,6 +983,13 @@ class ConfigReader(object):
 
     def warn(self, lineno, message):
         self.diagnostics.append((self.path, lineno, message))
+
+    def ignore(self, lineno, message):
+        """A line that is skipped (an unknown keyword, missing arguments,
+        a lower-case 'param'): a warning at start and reload, an error
+        for --check, since what the administrator meant is not in effect."""
+        self.ignored_lines.append((self.path, lineno, message))
+        self.warn(lineno, message)
 
     def bind_error(self, lineno, message):
         """A listener line that cannot work.  The source is the -x option
@@ -963,20 +1031,15 @@ class ConfigReader(object):
             self.glob["maxsize"] = max(0, self.options["maxsize"])
         self.bind_source = "-x"
         if self.options.get("bindaddr"):
-            self._add_bind(0, "ADDR", "[%s]" % self.options["bindaddr"]
-                           if not self.options["bindaddr"].startswith("[")
-                           else self.options["bindaddr"], None)
+            self._add_bind(0, "ADDR", self.options["bindaddr"], None)
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except (IOError, OSError) as e:
-            if self.options.get("explicit"):
-                raise ConfigError("cannot read configuration file %s: %s"
-                                  % (self.path, e.strerror or e))
-            self.warn(0, "cannot read configuration file: %s" % (e.strerror or e))
-            data = b""
-        else:
-            self.file_read = True
+            # Without its file the server would answer every command with
+            # 400: a start, --check and a reload all stop here.
+            raise ConfigError("cannot read configuration file %s: %s"
+                              % (self.path, e.strerror or e))
         text = data.decode("utf-8", "surrogateescape")
         for lineno, line in enumerate(text.split("\n"), 1):
             line = line.rstrip("\r")
@@ -987,7 +1050,7 @@ class ConfigReader(object):
                 self._param_line(lineno, line)
             else:
                 self._pattern_line(lineno, line)
-        if not self.seen_bind and self.file_read and self.zenv.get("BINDADDR"):
+        if not self.seen_bind and self.zenv.get("BINDADDR"):
             # The original crashed here (NULL group); the intent was plain.
             self.bind_source = "%s: BINDADDR" % (self.zenv.path or "zmailer.conf")
             self._add_bind(-1, "ADDR", self.zenv.get("BINDADDR"), None)
@@ -1005,7 +1068,7 @@ class ConfigReader(object):
         spec = PARAM_TABLE.get(key)
         if spec is None:
             guess = difflib.get_close_matches(key, list(PARAM_TABLE), 1, 0.75)
-            self.warn(lineno, "bad PARAM keyword/missing parameters: '%s'%s" % (
+            self.ignore(lineno, "bad PARAM keyword/missing parameters: '%s'%s" % (
                 keyword, " (did you mean '%s'?)" % guess[0] if guess else ""))
             return
         canonical, scope, kind, attr, extra = spec
@@ -1013,7 +1076,9 @@ class ConfigReader(object):
         if key in RAW_KEYWORDS:
             args = [value]
         else:
-            args = c_tokens(dollar_expand(value, self.zenv))
+            # A list of networks (our own PARAM) has no three-word limit.
+            text = dollar_expand(value, self.zenv)
+            args = c_tokens(text, len(text) if kind == "nets" else 3)
         self.seen_params.add(canonical)
         target = self.glob if scope == "G" else self.cur
         handler = getattr(self, "_kind_" + kind)
@@ -1022,7 +1087,7 @@ class ConfigReader(object):
             self.bind_error(lineno, "%s: %s" % (self.lines.get(lineno, keyword), problem))
             return
         if problem:
-            self.warn(lineno, "%s: '%s'" % (problem, keyword))
+            self.ignore(lineno, "%s: '%s'" % (problem, keyword))
             return
         where = "G" if scope == "G" else len(self.groups) - 1
         self.origins[(where, attr or canonical)] = lineno
@@ -1148,6 +1213,13 @@ class ConfigReader(object):
                                     "'ip link' for the names)" % (
                                         self.lines.get(lineno, address), addr[6:]))
                     return None
+        if lineno > 0 and not _ORIGINAL_BIND_FORM.match(address.strip()):
+            # Either form works here; the original skipped such a line.
+            self.warn(lineno, "%s: listens on %s, but ZMailer's smtpserver ignores this "
+                      "line (its form is %s)" % (
+                          self.lines.get(lineno, address), pairs[0][1],
+                          "[%s]" % pairs[0][1] if pairs[0][0] == socket.AF_INET
+                          else "[IPv6.%s]" % pairs[0][1]))
         new = []
         for family, addr in pairs:
             spec = BindSpec(kind=kind, family=family, address=addr, port=port,
@@ -1183,10 +1255,11 @@ class ConfigReader(object):
             if word.startswith("#"):
                 break
             try:
-                nets.append(ipaddress.ip_network(word.strip("[]"), strict=False))
+                nets.append(parse_network(word))
             except ValueError:
                 self.fail(lineno, "PARAM %s: %r is not a network (use 10.0.0.0/8, "
-                          "192.0.2.7, 2001:db8::/32)" % (name, word))
+                          "[10.0.0.0]/8, 192.0.2.7, 2001:db8::/32, [IPv6.2001:db8::]/32)"
+                          % (name, word))
         if not nets:
             self.fail(lineno, "PARAM %s needs at least one network" % name)
         target[attr] = tuple(nets)
@@ -1229,7 +1302,7 @@ class ConfigReader(object):
     def _pattern_line(self, lineno, line):
         self.effective.append((None, lineno))
         if line.lower().startswith("param"):
-            self.warn(lineno, "line starts with lower-case 'param': read as a "
+            self.ignore(lineno, "line starts with lower-case 'param': read as a "
                       "HELO pattern, not a PARAM line (PARAM is case-sensitive)")
         tok = c_tokens(line, 1)
         pattern = tok[0].lower() if tok else ""
@@ -1272,31 +1345,58 @@ class ConfigReader(object):
                             diagnostics=tuple(self.diagnostics),
                             bind_errors=tuple(self.bind_errors),
                             number_errors=tuple(self.number_errors),
+                            check_errors=tuple(self.number_errors + self.ignored_lines),
                             origins=dict(self.origins), effective_lines=effective,
-                            unimplemented=unimplemented, file_read=self.file_read,
+                            unimplemented=unimplemented,
                             config_errors=tuple(self.config_errors),
                             **glob)
 
 
-def find_config_path(option_path, zenv, argv0):
-    """``-C file``; else ``$MAILSHARE/<name>.conf`` (3.0.1), else
-    ``$MAILVAR/<name>.conf`` (seed era).  ``<name>`` is the program's name;
-    for ``zmsmtpd.py`` (or ``zmsmtpd``) it is ``smtpserver``, so a copy of
-    this file reads the installed configuration unchanged, while a symlink
-    called ``smtpserver-submit`` still reads ``smtpserver-submit.conf``."""
-    if option_path:
-        return option_path
+def config_candidates(zenv, argv0):
+    """Where the configuration is looked for without ``-C``, in order:
+    (path, where that place comes from).  ``$MAILSHARE/<name>.conf``
+    (3.0.1), then ``$MAILVAR/<name>.conf`` (seed era), else a built-in
+    path.  ``<name>`` is the program's name; for ``zmsmtpd.py`` (or
+    ``zmsmtpd``) it is ``smtpserver``, so a copy of this file reads the
+    installed configuration unchanged, while a symlink called
+    ``smtpserver-submit`` still reads ``smtpserver-submit.conf``."""
     name = os.path.basename(argv0 or "smtpserver")
     if name.endswith(".py"):
         name = name[:-3]
     if name in ("zmsmtpd", "__main__", ""):
         name = "smtpserver"
-    candidates = [os.path.join(zenv.get(var), name + ".conf")
-                  for var in ("MAILSHARE", "MAILVAR") if zenv.get(var)]
-    for path in candidates:
+    candidates = []
+    for var in ("MAILSHARE", "MAILVAR"):
+        path = os.path.join(zenv.get(var), name + ".conf") if zenv.get(var) else None
+        if path and path not in [c[0] for c in candidates]:
+            candidates.append((path, zenv.origin(var)))
+    if not candidates:
+        zconfig = zenv.path or DEFAULT_ZCONFIG
+        candidates.append(("/etc/zmailer/%s.conf" % name, "the built-in place, as %s %s" % (
+            zconfig, "sets neither MAILSHARE nor MAILVAR" if os.path.exists(zconfig)
+            else "does not exist")))
+    return candidates
+
+
+def find_config_path(option_path, zenv, argv0):
+    """``-C file``, else the first of config_candidates that exists, else
+    the first of them."""
+    if option_path:
+        return option_path
+    candidates = config_candidates(zenv, argv0)
+    for path, _ in candidates:
         if os.path.exists(path):
             return path
-    return candidates[0] if candidates else "/etc/zmailer/%s.conf" % name
+    return candidates[0][0]
+
+
+def missing_config_text(zenv, argv0):
+    """The start-up error for a configuration file found nowhere."""
+    places = ["%s (%s)" % c for c in config_candidates(zenv, argv0)]
+    return ("no configuration file: %s. Fix: install one there (smtpserver.conf.sample "
+            "is a commented start), or name it with -C" % (
+                "%s does not exist" % places[0] if len(places) == 1
+                else "neither %s exists" % " nor ".join(places)))
 
 
 def diag_text(file_, line, message):
@@ -1877,6 +1977,397 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
+# 4c. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
+# ---------------------------------------------------------------------------
+
+#: The access files ``PARAM use-tcp-wrapper`` reads (module names, so that
+#: tests can point them elsewhere).
+HOSTS_ALLOW = "/etc/hosts.allow"
+HOSTS_DENY = "/etc/hosts.deny"
+#: The daemon name the rules are matched against: the original's libwrap
+#: call names this service, so existing rules for it keep working.
+TCP_WRAPPER_DAEMON = "smtp-receiver"
+#: libwrap's line buffer: a longer (joined) line is skipped with a warning.
+HOSTS_LINE_MAX = 8191
+#: What libwrap calls a host whose name or address is not known, and one
+#: whose reverse name does not lead back to its address.
+HOST_UNKNOWN = "unknown"
+HOST_PARANOID = "paranoid"
+
+_HOSTS_SEPARATORS = re.compile(r"[, \t\r\n]+")
+#: hosts_options(5) names libwrap knows; only allow, deny and twist change
+#: the verdict here, the others are ignored with a warning.
+_HOSTS_OPTIONS = frozenset(("allow", "deny", "twist", "spawn", "severity", "nice",
+                            "keepalive", "linger", "umask", "user", "group", "setenv",
+                            "rfc931", "banners"))
+
+
+def hosts_split_at(text, delimiter):
+    """(before, after) at the first ``delimiter`` outside ``[...]`` (an
+    IPv6 address holds colons); after is None when there is none."""
+    if "[" not in text:
+        before, found, after = text.partition(delimiter)
+        return (before, after) if found else (text, None)
+    depth = 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif depth == 0 and c == delimiter:
+            return text[:i], text[i + 1:]
+    return text, None
+
+
+def _hosts_glob(pattern, text):
+    # libwrap's * and ? compare characters exactly (no case folding).
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.match("(?s)" + regex + r"\Z", text) is not None
+
+
+def _dot_quad(text):
+    """An IPv4 address in four decimal parts as an int, else None."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+        return None
+    numbers = [int(p) for p in parts]
+    if any(n > 255 for n in numbers):
+        return None
+    return (numbers[0] << 24) | (numbers[1] << 16) | (numbers[2] << 8) | numbers[3]
+
+
+def _v4_mask(text):
+    """A mask written as a dotted quad or a prefix length, else None."""
+    mask = _dot_quad(text)
+    if mask is not None:
+        # libwrap reads the mask with inet_addr, whose error value this is.
+        return None if mask == 0xffffffff else mask
+    if text.isdigit() and 1 <= int(text) <= 32:   # libwrap takes no /0
+        return (0xffffffff << (32 - int(text))) & 0xffffffff
+    return None
+
+
+def hosts_string_match(token, text):
+    """A daemon, user or host token against one string, as libwrap's
+    string_match does it (wildcards, ``.suffix``, ``prefix.``, ALL, KNOWN,
+    ``[v6]``, else equal ignoring case)."""
+    text = unmapped_ip(text)
+    if "*" in token or "?" in token:
+        return _hosts_glob(token, text)
+    upper = token.upper()
+    if token.startswith("."):
+        return len(text) > len(token) and text.lower().endswith(token.lower())
+    if upper == "ALL":
+        return True
+    if upper == "KNOWN":
+        return text.lower() != HOST_UNKNOWN
+    if token.endswith("."):
+        return text.lower().startswith(token.lower())
+    if token.startswith("[") and token.endswith("]"):
+        try:
+            return ipaddress.IPv6Address(token[1:-1]) == ipaddress.IPv6Address(text)
+        except ValueError:
+            return False
+    return token.lower() == text.lower()
+
+
+def hosts_masked_match(net, mask, address):
+    """``net/mask``, ``net/len`` or ``[v6net]/len`` against an address."""
+    address = unmapped_ip(address)
+    value = _dot_quad(address)
+    if value is not None:
+        network, bits = _dot_quad(net), _v4_mask(mask)
+        if network is None or bits is None:
+            return False
+        # Host bits set in the net match nothing, as in libwrap.
+        return value & bits == network
+    if not (net.startswith("[") and net.endswith("]")) or not mask.isdigit() \
+            or int(mask) > 128:
+        return False
+    try:
+        network = int(ipaddress.IPv6Address(net[1:-1]))
+        value = int(ipaddress.IPv6Address(address))
+    except ValueError:
+        return False
+    shift = 128 - int(mask)
+    return value >> shift == network >> shift
+
+
+class HostsClient(object):
+    """What the rules may ask of a client: its address and its name
+    (HOST_UNKNOWN without one, HOST_PARANOID when the name's addresses do
+    not include it).  The user name is never looked up (no RFC 931), so
+    it is HOST_UNKNOWN."""
+
+    def __init__(self, address, name=HOST_UNKNOWN):
+        self.address = address or HOST_UNKNOWN
+        self.name = name or HOST_UNKNOWN
+        self.user = HOST_UNKNOWN
+
+    def name_known(self):
+        return self.name.lower() not in (HOST_UNKNOWN, HOST_PARANOID)
+
+
+def hosts_host_match(token, host):
+    """One host token against a HostsClient, as libwrap's host_match."""
+    if token.startswith("@"):
+        return False        # NIS netgroups: warned about when the file is read
+    if token.startswith("/"):
+        return hosts_file_match(token, host)
+    upper = token.upper()
+    if upper == "KNOWN":
+        return host.address != HOST_UNKNOWN and host.name_known()
+    if upper == "LOCAL":
+        return "." not in host.name and host.name_known()
+    net, mask = hosts_split_at(token, "/")
+    if mask is not None:
+        return hosts_masked_match(net, mask, host.address)
+    if hosts_string_match(token, host.address):
+        return True
+    # A token that could only be an address is not compared with the name.
+    return any(c not in "0123456789./" for c in token) and \
+        hosts_string_match(token, host.name)
+
+
+def hosts_file_match(path, host):
+    """``/path``: any host pattern listed in that file."""
+    try:
+        with open(path, "r", encoding="latin-1") as f:
+            tokens = f.read().split()
+    except (IOError, OSError):
+        return False
+    return any(hosts_host_match(t, host) for t in tokens)
+
+
+def hosts_list_match(tokens, matches):
+    """libwrap's list_match: the first matching token wins unless the
+    list after the next EXCEPT matches (``a EXCEPT b EXCEPT c`` is
+    ``a EXCEPT (b EXCEPT c)``)."""
+    for i, token in enumerate(tokens):
+        if token.upper() == "EXCEPT":
+            return False
+        if matches(token):
+            rest = tokens[i + 1:]
+            for j, later in enumerate(rest):
+                if later.upper() == "EXCEPT":
+                    return not hosts_list_match(rest[j + 1:], matches)
+            return True
+    return False
+
+
+class HostsRule(Frozen):
+    """One rule: its line, its daemon and client tokens, and the verdicts
+    its options give ("allow"/"deny", in order)."""
+
+
+class HostsTable(object):
+    """One access file, read into rules; ``problems`` lists (line, what)
+    for what is not supported here (the start-up warnings)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.rules = []
+        self.problems = []
+        self.missing = False
+        self.error = None
+        self.unterminated = 0   # the line without a newline that ends the file
+
+    @classmethod
+    def load(cls, path):
+        table = cls(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read().decode("latin-1")
+        except (IOError, OSError) as e:
+            if e.errno == errno.ENOENT:
+                table.missing = True     # no file: no rules, as in libwrap
+            else:
+                table.error = e.strerror or str(e)
+            return table
+        table.parse(data)
+        return table
+
+    def parse(self, data):
+        lineno = 0
+        pending, first = "", None
+        for raw in data.splitlines(True):
+            lineno += 1
+            if first is None:
+                first = lineno
+            if not raw.endswith("\n"):
+                # libwrap's reading fails there: in hosts.deny, a client no
+                # earlier line matched is refused.
+                self.unterminated = first
+                self.problems.append((first, "the last line has no newline: libwrap (and "
+                                      "zmsmtpd) stop there with an error, which refuses "
+                                      "in hosts.deny every client no earlier line "
+                                      "matched. Fix: end the line"))
+                break
+            if raw.endswith("\\\n"):
+                pending += raw[:-2]
+                continue
+            line, start = pending + raw, first
+            pending, first = "", None
+            self.take(start, line)
+
+    def take(self, lineno, line):
+        if len(line) > HOSTS_LINE_MAX:
+            self.problems.append((lineno, "line longer than %d characters, skipped"
+                                  % HOSTS_LINE_MAX))
+            return
+        if line.startswith("#") or not line.strip():
+            return
+        daemons, rest = hosts_split_at(line, ":")
+        if rest is None:
+            self.problems.append((lineno, 'missing ":" separator, line skipped'))
+            return
+        clients, options = hosts_split_at(rest, ":")
+        rule = HostsRule(lineno=lineno,
+                         daemons=[t for t in _HOSTS_SEPARATORS.split(daemons) if t],
+                         clients=[t for t in _HOSTS_SEPARATORS.split(clients) if t],
+                         options=self.parse_options(lineno, options))
+        for token in rule.clients:
+            if token.startswith("@"):
+                self.problems.append((lineno, "NIS netgroup %s is not supported; it never "
+                                      "matches" % token))
+            elif "@" in token[1:]:
+                self.problems.append((lineno, "%s: client user names are not looked up "
+                                      "(no RFC 931); the user is always unknown" % token))
+        self.rules.append(rule)
+
+    def parse_options(self, lineno, text):
+        """The third field, as hosts_options(5): ``allow`` and ``deny``
+        decide; ``twist`` refuses (no command is run in its place); other
+        options are ignored."""
+        if text is None or not text.strip():
+            return ()
+        verdicts = []
+        for option in re.split(r"(?<!\\):", text):
+            name = re.split(r"[\s=]", option.strip(), 1)[0].lower()
+            if not name:
+                continue
+            if name in ("allow", "deny"):
+                verdicts.append(name)
+            elif name == "twist":
+                verdicts.append("deny")
+                self.problems.append((lineno, "option twist: no command is run; the client "
+                                      "is refused"))
+            elif name in _HOSTS_OPTIONS:
+                self.problems.append((lineno, "option %s is not supported; ignored" % name))
+            else:
+                # libwrap refuses a client whose rule has an unknown option.
+                verdicts.append("deny")
+                self.problems.append((lineno, "unknown option %s (a shell command?): "
+                                      "libwrap refuses the client, and so does zmsmtpd"
+                                      % name))
+        return tuple(verdicts)
+
+    def match(self, daemon, server, client):
+        """The first rule that matches, or None."""
+        for rule in self.rules:
+            if hosts_list_match(rule.daemons, lambda t: hosts_server_match(t, daemon, server)) \
+                    and hosts_list_match(rule.clients, lambda t: hosts_client_match(t, client)):
+                return rule
+        return None
+
+
+def hosts_server_match(token, daemon, server):
+    """``daemon`` or ``daemon@host`` (host: the address connected to)."""
+    name, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_string_match(token, daemon)
+    return hosts_string_match(token[0] + name, daemon) and hosts_host_match(host, server)
+
+
+def hosts_client_match(token, client):
+    """``host`` or ``user@host``."""
+    user, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_host_match(token, client)
+    return hosts_host_match(host, client) and hosts_string_match(token[0] + user, client.user)
+
+
+class HostsAccess(object):
+    """hosts_access(5) for ``PARAM use-tcp-wrapper``: hosts.allow, then
+    hosts.deny, the first matching rule deciding; no match grants.  A
+    hosts.deny that exists but cannot be read refuses everyone (libwrap
+    does the same).  The files are read again when they change."""
+
+    def __init__(self, allow=None, deny=None, daemon=TCP_WRAPPER_DAEMON, log=None):
+        self.paths = (allow or HOSTS_ALLOW, deny or HOSTS_DENY)
+        self.daemon = daemon
+        self.log = log
+        self.lock = threading.Lock()
+        self.tables = {}        # path -> (stat signature, HostsTable)
+
+    def table(self, path):
+        try:
+            st = os.stat(path)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns if hasattr(st, "st_mtime_ns")
+                         else st.st_mtime)
+        except (IOError, OSError):
+            signature = None
+        with self.lock:
+            hit = self.tables.get(path)
+            if hit is not None and hit[0] == signature:
+                return hit[1]
+        table = HostsTable.load(path)
+        with self.lock:
+            self.tables[path] = (signature, table)
+        if hit is not None and self.log is not None:
+            # Changed since the start-up warnings: the log says what of it
+            # is not supported.
+            self.log.note("tcp wrapper: %s changed and was read again" % path)
+            for line, what in table.problems:
+                self.log.note("tcp wrapper: %s" % diag_text(path, line, what))
+        return table
+
+    def problems(self):
+        """(file, line, what) for the start-up warnings."""
+        out = []
+        for path in self.paths:
+            table = self.table(path)
+            if table.error:
+                out.append((path, 0, "cannot read it: %s%s" % (
+                    table.error, "; every client is refused" if path == self.paths[1] else "")))
+            out.extend((path, line, what) for line, what in table.problems)
+        return out
+
+    def verdict(self, client, server=None):
+        """(granted?, "file:line" of the deciding rule or None)."""
+        server = server or HostsClient(None)
+        allow, deny = self.paths
+        for path, granted in ((allow, True), (deny, False)):
+            table = self.table(path)
+            if table.error:
+                if path == deny:
+                    return False, "%s (unreadable: %s)" % (path, table.error)
+                continue
+            rule = table.match(self.daemon, server, client)
+            if rule is None and table.unterminated:
+                if path == deny:
+                    return False, "%s:%d (no newline at its end)" % (path, table.unterminated)
+                continue
+            if rule is not None:
+                if rule.options:
+                    # The first of them decides (libwrap acts on it at once).
+                    granted = rule.options[0] == "allow"
+                return granted, "%s:%d" % (path, rule.lineno)
+        return True, None
+
+
+def tcp_wrapper_warnings(config, access=None):
+    """What hosts.allow and hosts.deny hold that is not supported, each
+    with its file and line, when a group has ``PARAM use-tcp-wrapper``."""
+    if not any(g.use_tcp_wrapper for g in config.groups):
+        return []
+    access = access or HostsAccess()
+    return [diag_text(path, line, "tcp wrapper: " + what)
+            for path, line, what in access.problems()]
+
+
+
+# ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
 
@@ -1904,6 +2395,8 @@ REPLIES = {
     "proxy_header_bad": (421, "4.7.0", "{host} Missing or malformed PROXY protocol header, "
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
+    "tcp_wrapper_denied": (421, None, "{host} ZMailer Server {version} WILL NOT TALK TO YOU "
+                                      "at {date}"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
     # line level
@@ -2095,7 +2588,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
+UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last", "tcp_wrapper_denied"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -2130,6 +2623,30 @@ def format_reply(name, enhanced_ok=True, **fields):
 #: Where the syslog module sends its messages on Linux.  Without it (no
 #: syslog daemon, a bare container) every line for syslog is lost.
 SYSLOG_SOCKET = "/dev/log"
+
+
+#: What a client's bytes may not bring into a log, trace or syslog line raw:
+#: C0 controls but TAB (a CR or LF would start a forged line, ESC a
+#: terminal sequence), DEL, and C1 controls -- as characters and as the
+#: undecodable bytes 0x80-0x9f that surrogateescape keeps.
+_LOG_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udc9f]")
+
+
+def _log_escape(match):
+    code = ord(match.group(0))
+    if code >= 0xdc00:
+        code -= 0xdc00
+    return "\\x%02x" % code
+
+
+def log_safe(text):
+    """``text`` with every control character written as ``\\xHH``: the one
+    escaping of all log writers (TranscriptLog, so SessionLog and the
+    ``-v`` trace, and mail_syslog), so that no client input can end a log
+    line early or reach a terminal as a control sequence."""
+    if _LOG_UNSAFE.search(text) is None:
+        return text
+    return _LOG_UNSAFE.sub(_log_escape, text)
 
 
 class TranscriptLog(object):
@@ -2245,21 +2762,25 @@ class TranscriptLog(object):
             except OSError:
                 pass
 
-    def write(self, tag, dt, mark, text):
+    def write(self, tag, dt, mark, text, kept=True, traced=True):
+        """One line to the log files and syslog (``kept``) and to the -v
+        trace (``traced``)."""
         if not (self.fds or self.use_syslog or self.trace):
             return
+        text = log_safe(text)
         line = "%s%04d%s\t%s\n" % (tag, dt, mark, text)
-        data = line.encode("utf-8", "surrogateescape")
-        for fd in self.fds:
+        if kept:
+            data = line.encode("utf-8", "surrogateescape")
+            for fd in self.fds:
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    pass
+            if self.use_syslog:
+                syslog.syslog(syslog.LOG_DEBUG, "%s%04d %s %s" % (tag, dt, mark, text))
+        if self.trace and traced:
             try:
-                os.write(fd, data)
-            except OSError:
-                pass
-        if self.use_syslog:
-            syslog.syslog(syslog.LOG_DEBUG, "%s%04d %s %s" % (tag, dt, mark, text))
-        if self.trace:
-            try:
-                sys.stderr.write(line)
+                sys.stderr.write(trace_time() + line)
                 sys.stderr.flush()
             except (IOError, OSError, ValueError):
                 pass
@@ -2269,31 +2790,69 @@ class TranscriptLog(object):
         self.write("0000000", 0, "#", "000-" + text)
 
 
+def trace_time(now=None):
+    """The -v trace's prefix: the local time of day to the millisecond
+    (``HH:MM:SS.mmm ``), as a log line's own field is only the seconds
+    since its session began."""
+    now = time.time() if now is None else now
+    return "%s.%03d " % (time.strftime("%H:%M:%S", time.localtime(now)),
+                         int(now * 1000) % 1000)
+
+
 class SessionLog(object):
-    """One session's view of the transcript log: fixed tag, elapsed time."""
+    """One session's view of the transcript log: fixed tag, elapsed time.
+
+    The lines of a session's opening can be held back from the log files
+    (``hold``; the -v trace shows them at once): a connection that ends
+    before its first command -- a load balancer's or a monitor's check --
+    is then logged as one line (``collapse``) instead of a session block,
+    and a real session gets its lines in order once it sends a command
+    (``release``)."""
 
     def __init__(self, log, tag, start):
         self.log = log
         self.tag = tag
         self.start = start
+        self.held = None            # [(dt, mark, text)] while held back
 
     def _dt(self):
         return int(time.time() - self.start) if self.tag != "0000000" else 0
 
-    def received(self, text):
+    def _line(self, mark, text):
         log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "r", text)
+        if not (log.fds or log.use_syslog or log.trace):
+            return
+        dt = self._dt()
+        if self.held is not None and len(self.held) >= HELD_LOG_LINES_MAX:
+            self.release()
+        if self.held is not None:
+            self.held.append((dt, mark, text))
+            log.write(self.tag, dt, mark, text, kept=False)
+        else:
+            log.write(self.tag, dt, mark, text)
+
+    def received(self, text):
+        self._line("r", text)
 
     def sent(self, text):
-        log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "w", text)
+        self._line("w", text)
 
     def note(self, text):
-        log = self.log
-        if log.fds or log.use_syslog or log.trace:
-            log.write(self.tag, self._dt(), "#", "000-" + text)
+        self._line("#", "000-" + text)
+
+    def hold(self):
+        self.held = []
+
+    def release(self):
+        """The held lines go to the log files, as they came."""
+        held, self.held = self.held, None
+        for dt, mark, text in held or ():
+            self.log.write(self.tag, dt, mark, text, traced=False)
+
+    def collapse(self, text):
+        """The held lines are dropped; ``text`` is the session's one line."""
+        self.held = None
+        self.note(text)
 
     def recording(self):
         """Whether a line written now goes anywhere (an ``-l`` log or the
@@ -2327,7 +2886,7 @@ def syslog_wanted():
 def mail_syslog(priority, text):
     if syslog is not None and syslog_socket_present():
         try:
-            syslog.syslog(priority, text)
+            syslog.syslog(priority, log_safe(text))
         except (OSError, ValueError):  # pragma: no cover
             pass
 
@@ -2420,36 +2979,98 @@ def listener_specs(config, ipv6=True, origins=None):
     return specs
 
 
-class SessionThreads(object):
-    """Threads that serve sessions, kept for the next one: starting a thread
-    per connection costs a handful of system calls and a stack mapping."""
+class PendingRefusals(object):
+    """Refusals (reply lines) waiting for the session of a connection: on
+    an implicit-TLS listener the limits' 450 and rejectnet's 550 go out
+    inside TLS, after the handshake, so the session that does the handshake
+    sends them.  Kept under the connection's descriptor with the client's
+    (address, port): should a refusal be left behind (a session that failed
+    to start), a later connection on the same descriptor from elsewhere does
+    not get it."""
 
     def __init__(self):
-        self.jobs = queue.Queue()
         self.lock = threading.Lock()
-        self.idle = 0
-        self.busy = 0
+        self.lines = {}
+
+    def hold(self, sock, peer, lines):
+        with self.lock:
+            self.lines[sock.fileno()] = (tuple(peer[:2]), list(lines))
+
+    def take(self, sock, peer):
+        """The refusal held for ``sock`` from ``peer``, or None; what was
+        held under its descriptor is forgotten either way."""
+        with self.lock:
+            held = self.lines.pop(sock.fileno(), None)
+        if held is None or held[0] != tuple(peer[:2]):
+            return None
+        return held[1]
+
+    @staticmethod
+    def encode(lines):
+        """One word for a message to a worker."""
+        return base64.b64encode("\n".join(lines).encode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def decode(word):
+        return base64.b64decode(word).decode("utf-8", "surrogateescape").split("\n")
+
+
+class SessionThreads(object):
+    """Threads that serve sessions, kept for the next one: starting a thread
+    per connection costs a handful of system calls and a stack mapping.  A
+    thread idle for SESSION_THREAD_IDLE seconds ends, and at most
+    SESSION_THREADS_IDLE_MAX wait at any time, so a burst (a flood of
+    stalled handshakes, of new client addresses) does not leave its threads
+    behind."""
+
+    def __init__(self):
+        self.jobs = deque()
+        self.ready = threading.Condition(threading.Lock())
+        self.idle = 0       # threads waiting for a job
+        self.busy = 0       # jobs given and not yet finished
 
     def submit(self, func, *args):
-        with self.lock:
+        with self.ready:
             self.busy += 1
-            if self.idle:
+            self.jobs.append((func, args))
+            # Each waiting job needs a waiting thread of its own: one that
+            # was woken but has not yet taken its job still counts as idle.
+            if self.idle >= len(self.jobs):
+                self.ready.notify()
+                return
+        t = threading.Thread(target=self._loop, name="smtp-session")
+        t.daemon = True
+        t.start()
+
+    def _next_job(self):
+        """The next job, or None when this thread should end (idle too
+        long, or enough others idle)."""
+        with self.ready:
+            if not self.jobs and self.idle >= SESSION_THREADS_IDLE_MAX:
+                return None
+            self.idle += 1
+            try:
+                deadline = time.time() + SESSION_THREAD_IDLE
+                while not self.jobs:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        return None
+                    self.ready.wait(left)
+                return self.jobs.popleft()
+            finally:
                 self.idle -= 1
-            else:
-                t = threading.Thread(target=self._loop, name="smtp-session")
-                t.daemon = True
-                t.start()
-        self.jobs.put((func, args))
 
     def _loop(self):
         while True:
-            func, args = self.jobs.get()
+            job = self._next_job()
+            if job is None:
+                return
+            func, args = job
             try:
                 func(*args)
             finally:
-                with self.lock:
+                with self.ready:
                     self.busy -= 1
-                    self.idle += 1
 
 
 class ThreadPerSessionMixIn(object):
@@ -2476,6 +3097,7 @@ class ForkPerSessionMixIn(object):
         pid = os.fork()
         if pid:
             self.context.session_started(self, client_address, pid)
+            self.context.refusals.take(request, client_address)     # the child sends it
             self.close_request(request)
             return
         status = 0
@@ -2616,14 +3238,13 @@ class WorkerPool(object):
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
-    seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
+    seen by another worker), ``R`` (a reload:
     finish the running sessions, however long they take, and exit), ``Q``
     (stopping: the same, within ``shutdown-grace``).  A connection the
     worker's queue cannot take at once (the kernel queues few descriptors
     on a UNIX socket) waits in the worker's backlog here until it can.
     Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
+    ``C <accepted|refused> <number>``
     (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
     sessions are counted as ended."""
 
@@ -2659,6 +3280,7 @@ class WorkerPool(object):
 
     def dispatch(self, listener, request, client_address):
         """Send a connection to the least busy worker; its session key."""
+        refusal = self.supervisor.refusals.take(request, client_address)
         ready = [p for p, e in self.workers.items() if not e.retired]
         if not ready:
             return None
@@ -2668,6 +3290,10 @@ class WorkerPool(object):
         index = self.supervisor.listeners.index(listener)
         payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
                                       client_address[1])).encode("ascii")
+        if refusal is not None:
+            # A fifth word: the refusal the session sends after its TLS
+            # handshake (see Supervisor.admit).
+            payload += b" " + PendingRefusals.encode(refusal)
         if not entry.backlog:
             try:
                 self.hand_over(entry, payload, request)
@@ -2741,7 +3367,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
+            if kind == b"F":
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -2856,6 +3482,7 @@ class WorkerContext(object):
         for listener in self.listeners:
             listener.context = self
         self.threads = SessionThreads()
+        self.refusals = PendingRefusals()   # from the master's admit
         self.lock = threading.Lock()
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
@@ -3182,19 +3809,21 @@ class SessionLoop(object):
                 self.runtime.auth_failures.absorb(rest)
             elif kind == b"L":
                 self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
                 try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
+                    words = rest.decode("ascii").split(" ")
+                    seq, index, ip, port = words[:4]
                     listener = self.context.listeners[int(index)]
                     port = int(port)
-                except (ValueError, IndexError):
+                    refusal = PendingRefusals.decode(words[4]) if len(words) > 4 else None
+                except (ValueError, IndexError, binascii.Error):
                     os.close(fds[0])
                     continue
                 sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+                if refusal is not None:
+                    self.context.refusals.hold(sock, (ip, port), refusal)
                 self.begin(listener, sock, (ip, port), seq)
             else:
                 for fd in fds:
@@ -3561,6 +4190,8 @@ class StatusFile(object):
                                    if reload_at else ""),
             "reload_result=%s" % " ".join(reload_result.split()),
         ]
+        lines.extend("reload_warning=%s" % " ".join(text.split())
+                     for text in runtime.reload_warnings)
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
         tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
@@ -3612,6 +4243,7 @@ class Supervisor(object):
         self.sessions = {}
         self.per_kind = {}
         self.per_ip = {}
+        self.refusals = PendingRefusals()
         self.session_counter = 0
         self.reload_requested = False
         # Every selector key's data is the callback for its events.
@@ -3619,8 +4251,8 @@ class Supervisor(object):
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
-        # Forked sessions report failed AUTHs (auth-failrate), accepted
-        # messages (submission-rate-limit) and counts here.
+        # Forked sessions report failed AUTHs (auth-failrate) and counts
+        # here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
         self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
@@ -3703,6 +4335,15 @@ class Supervisor(object):
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
+        if listener.kind in IMPLICIT_TLS_KINDS:
+            # A client of an implicit-TLS listener reads nothing before its
+            # handshake: the session does the handshake (bounded by
+            # tls-handshake-timeout), sends the refusal inside TLS and ends.
+            try:
+                self.refusals.hold(request, request.getpeername(), lines)
+                return True
+            except (OSError, socket.error):
+                return False        # the client is gone already
         try:
             request.settimeout(5)
             request.sendall(reply_bytes(lines))
@@ -4008,6 +4649,25 @@ WAITING = object()
 #: Pipelined commands a session runs before it lets the others have the
 #: worker's loop (one recv can bring some 10 000 of them).
 TURN_COMMANDS = 16
+
+#: What a load balancer's health check says after a PROXY LOCAL (v2) or
+#: UNKNOWN (v1) header (HAProxy's ``option smtpchk``: HELO, QUIT): such a
+#: session is logged as one line.
+HEALTH_CHECK_VERBS = frozenset(("HELO", "EHLO", "NOOP", "RSET", "QUIT"))
+#: How a TLS handshake ends when the client just goes away (a TCP health
+#: check connects and closes or resets): not a TLS problem to report.
+CLIENT_GONE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                      ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def client_went_away(error):
+    """Whether a TLS handshake ended because the client closed or reset the
+    connection.  OpenSSL 3 reports a close as a plain SSLError ("unexpected
+    eof while reading") to a Python built before it knew that error, and a
+    connection reset before the TLS layer took it over is ENOTCONN."""
+    return isinstance(error, CLIENT_GONE_ERRORS) or (
+        isinstance(error, ssl.SSLError) and "unexpected eof" in str(error).lower()) or (
+        getattr(error, "errno", None) == errno.ENOTCONN)
 
 
 class Channel(object):
@@ -4665,6 +5325,11 @@ class DotDecoder(object):
         return b"".join(out).replace(b"\r\n", b"\n"), None
 
 
+#: A header field's name and its colon; WSP before the colon is RFC 5322's
+#: obsolete syntax (section 4.5), which readers still take as that field.
+_FIELD_NAME = re.compile(br"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
 class HeaderRewriter(object):
     """What zmsmtpd does to the message header on its way to the spool:
     a first ``From `` line is dropped, ``Precedence:`` is noted for the
@@ -4672,7 +5337,15 @@ class HeaderRewriter(object):
     the ``X-Comment:`` line (as 3.0.1 writes it) and the ``Sender:``
     rewrite (a ``Sender:`` naming the login, so the recipient sees who
     really sent) are applied.  Input is LF-terminated; the header is held until its end
-    (bounded by ``max-header-size``), then the rest streams through."""
+    (bounded by ``max-header-size``), then the rest streams through.
+
+    The header ends only at an empty line: a line of spaces or tabs is
+    folding to an RFC 5322 reader, so a field after it is still a header
+    field.  With the rewrite on, a bare CR inside the header becomes a
+    space, because some readers take it as a line break (and so a field
+    after it as a field of its own); and every field named ``Sender``,
+    however written (``Sender :``, folded), becomes ``Old-Sender:``.  So
+    the message leaves with exactly one ``Sender:``, the login's."""
 
     def __init__(self, sink, prefix_lines, rewrite_sender, sender_value, limit):
         self.sink = sink
@@ -4681,6 +5354,7 @@ class HeaderRewriter(object):
         self.sender_value = sender_value
         self.limit = limit
         self.head = b""
+        self.scanned = 0    # where the search for the empty line goes on
         self.in_header = True
         self.priority = 0
         self.too_big = False
@@ -4705,38 +5379,52 @@ class HeaderRewriter(object):
             self._emit_header(len(self.head))
 
     def _header_end(self):
-        """Offset just past the header section, or None if not yet seen."""
-        pos = 0
+        """Offset of the empty line that ends the header, or None if not
+        yet seen.  Lines already looked at are not looked at again."""
+        head, pos = self.head, self.scanned
         while True:
-            j = self.head.find(b"\n", pos)
+            j = head.find(b"\n", pos)
             if j < 0:
+                self.scanned = pos
                 return None
-            if not self.head[pos:j].strip(b" \t\r"):
+            if j == pos:
                 return pos
             pos = j + 1
+
+    @staticmethod
+    def field_name(line):
+        """The lower-case name of the field a header line starts, or None
+        for a continuation line or a line that is no field."""
+        m = _FIELD_NAME.match(line)
+        return m.group(1).lower() if m else None
 
     def _emit_header(self, end):
         head, rest = self.head[:end], self.head[end:]
         self.head = b""
         self.in_header = False
+        if self.rewrite_sender:
+            head = head.replace(b"\r", b" ")
         lines = head.split(b"\n")
         tail = lines.pop()  # text after the last LF (b"" normally)
         if lines and (lines[0].startswith(b"From ") or lines[0].startswith(b">From ")):
             lines.pop(0)
+        if self.prefix or self.rewrite_sender:
+            # Lines of white space first and no field before them: readers
+            # skip them, but after the lines put in front here they would
+            # continue those (the login's Sender: with the client's text).
+            while lines and lines[0][:1] in (b" ", b"\t"):
+                lines.pop(0)
         out = list(self.prefix)
-        in_sender = False
         for line in lines:
-            low = line[:12].lower()
             if line[:1] in (b" ", b"\t"):
                 out.append(line)
                 continue
-            in_sender = False
-            if low.startswith(b"precedence:"):
-                value = line[11:].strip().lower()
+            name = self.field_name(line)
+            if name == b"precedence":
+                value = line[line.index(b":") + 1:].strip().lower()
                 self.priority = {b"bulk": 1, b"junk": 9}.get(value, 0)
-            if self.rewrite_sender and low.startswith(b"sender:"):
-                line = b"Old-Sender:" + line[7:]
-                in_sender = True
+            elif name == b"sender" and self.rewrite_sender:
+                line = b"Old-Sender:" + line[line.index(b":") + 1:]
             out.append(line)
         if self.rewrite_sender:
             out.insert(len(self.prefix), b"Sender: " + self.sender_value)
@@ -5163,6 +5851,7 @@ class SessionStart(object):
         runtime = listener.context.runtime
         sock = self.request
         peer = self.client_address
+        refusal = listener.context.refusals.take(sock, peer)
         if local is None:
             local = sock.getsockname()
         channel = SocketChannel(sock, prepared_rcvtimeo=runtime.config.command_timeout)
@@ -5171,6 +5860,7 @@ class SessionStart(object):
                           number=(current_pid() if listener.model == "fork"
                                   else listener.context.next_session_number()),
                           mode="daemon", sock=sock)
+        self.refusal = refusal
 
     def finish(self):
         """End TLS properly (close_notify) before socketserver, or the
@@ -5207,7 +5897,12 @@ class SessionStart(object):
         self.proxy_expected = (mode == "daemon" and self.network
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
+        self.refusal = None               # reply lines to send after implicit TLS, then end
+        self.proxy_check = None           # a LOCAL/UNKNOWN header (the balancer's
+                                          # check): "PROXY v2 LOCAL from [ip]:port"
+        self.opening = "connection"       # the log's first line of the session
         self.local_port = local[1] if local else 0
+        self.local_ip = unmapped_ip(local[0]) if local else ""
         if not self.network or (mode == "interactive"):
             self.ip_literal = ""  # -T pretends a peer for policy only
         elif ":" in self.peer_ip:
@@ -5263,7 +5958,7 @@ class SessionStart(object):
         if level == RESET_TLS:
             return
         self.unknown_count = 0
-        self.sasl.leftover = 0
+        self.sasl.masking = False
         self.junk_count = 0
         self.tarpit_delay = self.group.tarpit[0]
         self.tarpit_due = 0          # seconds to pause before the next reply goes out
@@ -5313,8 +6008,8 @@ class SessionStart(object):
         if header.source is None:
             # LOCAL (v2) or UNKNOWN: the balancer's own health check, served
             # as a connection from the balancer.
-            self.log.note("PROXY v%d %s from %s: serving the proxy itself"
-                          % (header.version, header.command, proxy))
+            self.proxy_check = "PROXY v%d %s from %s" % (header.version, header.command, proxy)
+            self.log.note("%s: serving the proxy itself" % self.proxy_check)
             return True
         ip, port = header.source
         if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
@@ -5344,6 +6039,28 @@ class SessionStart(object):
         self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
             ip if self.runtime.fake_peer is None else None)
         self.reset(RESET_SESSION)
+
+    def tcp_wrapper_grants(self):
+        """``PARAM use-tcp-wrapper``: hosts.allow and hosts.deny decide
+        whether the client is served at all.  Checked here, in the
+        session, with the names it has already looked up (the master
+        never waits for DNS); a refused client gets the original's 421
+        and the close."""
+        if self.rhost_a != "OK":
+            name = HOST_UNKNOWN
+        elif self.rhost_b != "OK":
+            name = HOST_PARANOID
+        else:
+            name = self.rhostname
+        server = HostsClient(self.local_ip or None)
+        granted, rule = self.runtime.hosts_access.verdict(HostsClient(self.peer_ip, name),
+                                                         server)
+        if granted:
+            return True
+        self.log.note("refused by the tcp wrapper (%s): %s %s" % (rule, self.rhostname,
+                                                                 self.ip_literal))
+        self.reply("tcp_wrapper_denied", version=VERSION, date=rfc822_date())
+        return False
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -5399,7 +6116,12 @@ class SessionStart(object):
             return False
         problem = yield (WANT_TLS, (context, time.time() + self.cfg.tls_handshake_timeout))
         if problem is not None:
-            self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
+            if self.log.held is not None and client_went_away(problem):
+                # Connected and left without a word: a health check.
+                self.log.collapse("%s: closed during the TLS handshake, before any command"
+                                  % self.opening)
+            else:
+                self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
             return False
         tls = self.channel.tls
         self.tls_active = True
@@ -5461,9 +6183,6 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("mail_sender_not_owned", login=self.authuser)
             return
-        if not self.message_rate_permitted():
-            self.reply("mail_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and ok["size"] > limit:
             self.tarpit()
@@ -5473,13 +6192,20 @@ class MailTransactionVerbs(object):
         if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
             self.reply("mail_no_space")
             return
+        permitted, hold = self.reserve_message()
+        if not permitted:
+            self.reply("mail_rate_limit")
+            return
         try:
             spool = self.runtime.spool.create()
         except OSError as e:
             self.log.note("cannot create spool file: %s" % e)
+            if hold is not None:
+                self.runtime.submissions.release(*hold)
             self.reply("mail_spool_failed")
             return
         self.txn = Transaction(address, ok, spool)
+        self.txn.rate_hold = hold
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
         except OSError as e:
@@ -5596,18 +6322,19 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("rcpt_relay_denied", addr="<%s>" % address)
             return
-        if not self.recipient_rate_permitted(txn):
-            self.reply("rcpt_rate_limit")
-            return
         limit = self.cfg.maxsize
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
+            return
+        if not self.reserve_recipient(txn):
+            self.reply("rcpt_rate_limit")
             return
         try:
             txn.spool.write(rcpt_envelope(txn, address, dsn, self.group.force_notify_never)
                             .encode("utf-8", "surrogateescape"))
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
+            self.release_reservation(txn, recipients=1)
             self.reply("rcpt_no_space")
             return
         txn.recipients.append(address)
@@ -5643,36 +6370,53 @@ class MailTransactionVerbs(object):
         self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
         return False
 
-    def message_rate_permitted(self):
-        """``submission-rate-limit MSGS``: one more message this hour?"""
+    def reserve_message(self):
+        """``submission-rate-limit MSGS``: one more message this hour,
+        counting the ones other sessions have under way?  If so it is
+        reserved (see SubmissionRateTracker) under a token for the
+        transaction about to open, which the caller gives to it."""
         limit = self.cfg.submission_rate_limit
         if limit is None or self.authuser is None:
-            return True
-        messages, _ = self.runtime.submissions.counts(self.authuser)
-        if messages < limit[0]:
-            return True
+            return True, None
+        tracker = self.runtime.submissions
+        token = tracker.token()
+        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
+        if ok:
+            return True, (self.authuser, token)
         self.log.note("submission rate limit: login %s sent %d messages in the last hour "
                       "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
-        return False
+        return False, None
 
-    def recipient_rate_permitted(self, txn):
-        """``submission-rate-limit MSGS RCPTS``: one more recipient this hour,
-        counting the ones already given in this transaction?"""
+    def reserve_recipient(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this
+        hour, counting the ones reserved by this and other transactions?
+        If so it is reserved for ``txn``."""
         limit = self.cfg.submission_rate_limit
-        if limit is None or limit[1] is None or self.authuser is None:
+        if limit is None or limit[1] is None or txn.rate_hold is None:
             return True
-        _, recipients = self.runtime.submissions.counts(self.authuser)
-        if recipients + len(txn.recipients) < limit[1]:
+        login, token = txn.rate_hold
+        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
+                                                              recipients=1)
+        if ok:
             return True
         self.log.note("submission rate limit: login %s reached %d recipients in the last "
-                      "hour (limit %d); RCPT refused" % (qformat(self.authuser),
-                                                         recipients + len(txn.recipients),
-                                                         limit[1]))
+                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
         return False
 
+    def release_reservation(self, txn, recipients=None):
+        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            self.runtime.submissions.release(login, token, recipients)
+            if recipients is None:
+                txn.rate_hold = None
+
     def count_submission(self, txn):
-        if self.cfg.submission_rate_limit is not None and self.authuser is not None:
-            self.runtime.submissions.record(self.authuser, len(txn.recipients))
+        """The message was accepted: its reservation becomes a count."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            txn.rate_hold = None
+            self.runtime.submissions.commit(login, token, len(txn.recipients))
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -5692,7 +6436,11 @@ class MailTransactionVerbs(object):
         user = sanitize_header_value(self.authuser) if self.authuser else None
         prefix = []
         rewrite = False
-        if self.msa and user:
+        # An authenticated session outside MSA mode (port 25 after
+        # STARTTLS, BindSmtpS) gets the MSA's header rules only with
+        # ``auth-msa-rewrite``: unlike Postfix's login check, the original
+        # left such mail's header alone.
+        if user and (self.msa or self.group.auth_msa_rewrite):
             prefix.append(("X-Comment: RFC 2476 MSA function at %s logged sender identity "
                            "as: %s" % (self.myhostname, user)).encode("utf-8", "replace"))
             rewrite = not self.group.no_msa_sender_rewrite
@@ -5762,6 +6510,7 @@ class MailTransactionVerbs(object):
         if failure is not None:
             self.log.note("aborted (%d bytes): %s" % (wire_bytes, failure[1]))
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             txn.spool.abort()
             if failure[0] == "data_too_big":
                 self.reply(failure[0], limit=self.cfg.maxsize)
@@ -5775,6 +6524,7 @@ class MailTransactionVerbs(object):
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
+            self.release_reservation(txn)
             self.reply("data_spool_failed")
             return
         self.junk_count = 0
@@ -5903,6 +6653,7 @@ class MailTransactionVerbs(object):
         txn, self.txn = self.txn, None
         if txn is None:
             return
+        self.release_reservation(txn)
         keep = None
         if "D" in self.style and txn.data_started and why == "session terminated":
             keep = ".BDAT-EOF" if txn.bdat_started else ".DATA-EOF"
@@ -5967,7 +6718,8 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.log.note("timeout; closing")
                 self.reply("timeout")
             except ClientGone:
-                self.log.note("Session closed w/o QUIT")
+                if not self.settle_log(gone=True):
+                    self.log.note("Session closed w/o QUIT")
             except ShuttingDown:
                 self.log.note("server shutting down; closing")
                 self.reply("shutdown")
@@ -5980,20 +6732,53 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 pass
         finally:
             self.abort_transaction("session terminated")
+            self.settle_log()
+
+    def settle_log(self, gone=False):
+        """At the end of a session whose opening lines are still held back
+        (see SessionLog.hold): one line for a connection ``gone`` before
+        its first command, or for a balancer's health check that only
+        greeted and quit; else the held lines as they came.  True when the
+        one line was written."""
+        log = self.log
+        if log.held is None:
+            return False
+        commands = [text for _, mark, text in log.held if mark == "r"]
+        if self.proxy_check:
+            log.collapse("%s on port %d pid %d: the proxy's health check%s" % (
+                self.proxy_check, self.local_port, current_pid(),
+                ": " + ", ".join(commands) if commands else ""))
+        elif gone and not commands:
+            log.collapse("%s: closed before any command" % self.opening)
+        else:
+            log.release()
+            return False
+        return True
 
     def converse(self):
+        if self.network:
+            # Held until the first command: see settle_log.
+            self.log.hold()
         if self.proxy_expected:
             accepted = yield from self.read_proxy_header()
             if not accepted:
                 return
         if self.network:
-            self.log.note("connection from %s %s:%d on port %d pid %d%s" % (
+            self.opening = "connection from %s %s:%d on port %d pid %d%s" % (
                 self.rhostname, self.ip_literal, self.peer_port, self.local_port, current_pid(),
-                " via proxy %s" % self.proxy_via if self.proxy_via else ""))
+                " via proxy %s" % self.proxy_via if self.proxy_via else "")
+            self.log.note(self.opening)
         if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
             if not (yield from self.start_tls()):
                 return
+            if self.refusal is not None:
+                # The listener's limits or rejectnet (Supervisor.admit).
+                self.send_lines(self.refusal)
+                return
         if self.network:
+            if self.group.use_tcp_wrapper and self.mode != "interactive" \
+                    and not self.tcp_wrapper_grants():
+                return
             self.evaluate_policy()
         if self.policy_error is None and self.verdict.reject and (
                 self.mode != "daemon" or self.proxy_expected):
@@ -6054,6 +6839,8 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         word = _FIRST_WORD.match(line).group(0)
         verb = word.upper()
         shown = self.loggable(line, word)
+        if self.log.held is not None and not (self.proxy_check and verb in HEALTH_CHECK_VERBS):
+            self.log.release()
         self.log.received(shown)
         if verb not in ("HELO", "EHLO") or strict or b"\0" in line_b:
             problem = self.illegal_characters(line_b)
@@ -6076,13 +6863,29 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.closing = True
                 return
         if self.network and self.policy_error and not command.policy_open:
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.tarpit()
             self.reply("policy_problem", contact=self.contact(), why=self.policy_error)
             return
         if not command.msa_open and self.msa_gate_closed():
+            yield from self.skip_refused_chunk(command, line[len(word):])
             self.reply("msa_gate")
             return
         yield from getattr(self, command.handler)(line, line[len(word):])
+
+    def skip_refused_chunk(self, command, args):
+        """A BDAT refused before its handler runs still has its chunk read
+        and dropped (as smtp_BDAT does for its own refusals): read as
+        commands, the chunk's bytes would be an injection.  Without a valid
+        size the chunk's end is unknown, so the session ends after the
+        reply."""
+        if command.handler != "smtp_BDAT":
+            return
+        m = _BDAT_ARGS.match(args)
+        if m is None:
+            self.closing = True
+            return
+        yield from self.channel_skip(int(m.group(1)), time.time() + self.cfg.data_timeout)
 
     @staticmethod
     def illegal_characters(line):
@@ -6457,6 +7260,7 @@ class Transaction(object):
         self.writer = None
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
+        self.rate_hold = None       # (login, token): what submission-rate-limit reserved
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -6555,10 +7359,18 @@ _SASL_MECHANISMS = frozenset((
 #: that may hold credentials.
 MASKED_LINE = "***"
 
-#: After an AUTH that did not succeed (refused, cancelled, failed), this
-#: many following lines that are no command are masked: AUTH LOGIN's user
-#: name and password.
-AUTH_LEFTOVER_LINES = 2
+#: What the log and the trace show for AUTH LOGIN's answers to its 334
+#: prompts (the password's form is the original's): a password typed in the
+#: user name field must not reach a log either.
+MASKED_USER_LINE = "**base64-username**"
+MASKED_PASSWORD_LINE = "**base64-password**"
+
+
+def unverified_user(user):
+    """How a log or syslog line names the user of an AUTH that did not
+    succeed: by the length only, since a client may have typed its password
+    in the user name field.  The name itself is logged on success only."""
+    return "<unverified user name, %d characters>" % len(user)
 
 
 def mask_auth_line(line):
@@ -6588,26 +7400,26 @@ class SaslExchange(object):
 
     def __init__(self, session):
         self.session = session
-        # Lines after an AUTH that did not succeed that are still masked
-        # (see loggable).
-        self.leftover = 0
+        # After an AUTH that did not succeed, lines are masked until the
+        # next command (see loggable).
+        self.masking = False
 
     def loggable(self, line, word, is_command):
         """``line`` as the log, the trace and replies may show it.  AUTH
         lines lose their credentials.  After an AUTH that did not succeed
         the client may still send its base64 user name and password as if
-        it had got a 334; such lines (up to AUTH_LEFTOVER_LINES of them,
-        until a real command: ``is_command(word)``) are masked whole."""
+        it had got a 334, or type them as lines of their own; every such
+        line, however many, is masked whole until a real command
+        (``is_command(word)``)."""
         if word[:4].upper() == "AUTH":
             # Until an AUTH succeeds, the lines after it may be credentials
             # (whether it was refused, cancelled, failed or mistyped).
-            self.leftover = AUTH_LEFTOVER_LINES
+            self.masking = True
             return mask_auth_line(line)
-        if self.leftover:
+        if self.masking:
             if not is_command(word):
-                self.leftover -= 1
                 return MASKED_LINE
-            self.leftover = 0
+            self.masking = False
         return line
 
     def run(self, mech, initial, client):
@@ -6649,7 +7461,7 @@ class SaslExchange(object):
                 session.param_error("line_too_long")
                 return None
             text = raw.decode("latin-1").strip()
-            session.log.received("**base64-password**" if secret else text)
+            session.log.received(MASKED_PASSWORD_LINE if secret else MASKED_USER_LINE)
         else:
             text = "" if initial == "=" else initial
         if text == "*":
@@ -6667,7 +7479,8 @@ class SaslExchange(object):
         session = self.session
         problem = auth_input_problem(user, password)
         if problem:
-            session.log.note("AUTH refused before running the program: %s" % problem)
+            session.log.note("AUTH refused before running the program: %s (%s)"
+                             % (problem, unverified_user(user)))
             self.fail(client)
             return
         authenticator = session.runtime.authenticator(session.group)
@@ -6678,12 +7491,15 @@ class SaslExchange(object):
             result = yield from authenticator.verdict(user, password, session.log)
         if result == "ok":
             session.authuser = user
-            self.leftover = 0
+            self.masking = False
             session.log.note("AUTH user %s authenticated" % qformat(user))
             session.reply("auth_ok")
         elif result == "tempfail":
+            session.log.note("AUTH not checked (temporary failure) for %s"
+                             % unverified_user(user))
             session.reply("auth_tempfail")
         else:
+            session.log.note("AUTH failed for %s" % unverified_user(user))
             self.fail(client)
 
     def fail(self, client):
@@ -6742,71 +7558,179 @@ class AuthFailureTracker(object):
 
 class SubmissionRateTracker(object):
     """Messages and recipients each authenticated user submitted over a
-    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``).
+    sliding hour (``PARAM submission-rate-limit MSGS [RCPTS]``), and the
+    ones under way.
 
-    Every process keeps a copy.  A forked session or a worker reports each
-    accepted message to the master (``report``), which records it for the
-    sessions it forks later and passes it on to the other workers -- the
-    way auth-failrate counts.  Sessions running at the same moment in other
-    processes learn of each other's messages only through the master, so
-    they may overshoot by the messages in flight."""
+    A transaction reserves its message at MAIL and each recipient at RCPT
+    against the limit; the reservation is released when the transaction
+    ends without a message (RSET, a refusal, the session's end) and becomes
+    a count when the message is accepted.  So sessions running at the same
+    moment cannot together pass the limit.
+
+    The counts live in memory that every process of the server shares: an
+    anonymous shared mapping made before the master forks any worker or
+    session.  The logins are spread over RATE_BUCKETS buckets; a bucket is
+    changed only under an exclusive ``lockf`` lock on its byte of a
+    temporary file (between processes) and this object's lock (between
+    threads), so each decision is exact across workers, forked sessions and
+    threads without any message to the master.  A lock of a process that
+    dies is released by the kernel, and its reservations are dropped by the
+    next look at the bucket."""
 
     WINDOW = 3600.0
-    PREFIX = "U "       # marks these reports on the pipe they share
+    #: Bytes of one bucket: its length (4 bytes), then the marshalled dict
+    #: ``login -> [events, reservations]``.
+    HEADER = struct.Struct("=I")
 
-    def __init__(self):
+    def __init__(self, buckets=None, bucket_bytes=None):
+        self.buckets = buckets or RATE_BUCKETS
+        self.bucket_bytes = bucket_bytes or RATE_BUCKET_BYTES
+        self.memory = mmap.mmap(-1, self.buckets * self.bucket_bytes)
+        # The locks' file: unnamed at once, so nothing is left behind.
+        try:
+            fd, path = tempfile.mkstemp(prefix="zmsmtpd-rate-")
+            os.unlink(path)
+        except (OSError, IOError) as e:
+            raise ConfigError("cannot make the submission-rate-limit lock file in %s: %s"
+                              % (os.environ.get("TMPDIR") or "/tmp", e.strerror or e))
+        self.lockfile = fd
+        weakref.finalize(self, os.close, fd)
         self.lock = threading.Lock()
-        self.events = {}        # login -> deque of (time, recipients)
-        self.report = None
+        self.next_token = 0
 
-    def _recent(self, login, now):
-        events = self.events.get(login)
-        if events is None:
-            return ()
-        while events and now - events[0][0] >= self.WINDOW:
-            events.popleft()
-        if not events:
-            del self.events[login]
-        return events
+    def token(self):
+        """A name for one transaction's reservation, unique across processes."""
+        with self.lock:
+            self.next_token += 1
+            return "%d.%d" % (os.getpid(), self.next_token)
 
-    def counts(self, login, now=None):
-        """(messages, recipients) of ``login`` in the last hour."""
-        now = time.time() if now is None else now
+    # -- one bucket, locked --------------------------------------------------------
+
+    def _bucket(self, login):
+        return binascii.crc32(login.encode("utf-8", "surrogateescape")) % self.buckets
+
+    def _change(self, login, change):
+        """Run ``change(entry, now)`` on ``login``'s entry ([events,
+        reservations], made if missing) under the bucket's locks, store the
+        bucket, and return what ``change`` returned."""
         login = login.lower()       # one account, however its name is typed
+        index = self._bucket(login)
+        offset = index * self.bucket_bytes
+        now = time.time()
         with self.lock:
-            events = self._recent(login, now)
-            return len(events), sum(n for _, n in events)
-
-    def record(self, login, recipients, when=None, relay=True):
-        now = time.time() if when is None else when
-        login = login.lower()
-        with self.lock:
-            self._recent(login, now)
-            self.events.setdefault(login, deque()).append((now, recipients))
-            if len(self.events) > 100000:       # bound the memory a flood can take
-                self._expire_all(now)
-        if relay and self.report is not None:
+            fcntl.lockf(self.lockfile, fcntl.LOCK_EX, 1, index)
             try:
-                self.report(("%s%s %f %d\n" % (self.PREFIX, xtext_encode(login), now,
-                                               recipients)).encode("ascii", "replace"))
-            except OSError:
-                pass
+                table = self._load(offset)
+                self._expire(table, now)
+                entry = table.get(login)
+                if entry is None:
+                    entry = table[login] = [[], {}]
+                result = change(entry, now)
+                if not entry[0] and not entry[1]:
+                    del table[login]
+                self._store(offset, table)
+                return result
+            finally:
+                fcntl.lockf(self.lockfile, fcntl.LOCK_UN, 1, index)
 
-    def _expire_all(self, now):
-        for login in list(self.events):
-            self._recent(login, now)
+    def _load(self, offset):
+        size = self.HEADER.unpack_from(self.memory, offset)[0]
+        if not size or size > self.bucket_bytes - self.HEADER.size:
+            return {}
+        start = offset + self.HEADER.size
+        try:
+            return marshal.loads(self.memory[start:start + size])
+        except (ValueError, EOFError, TypeError):
+            return {}
 
-    def absorb(self, data):
-        """The receiving side: lines ``U <login> <time> <recipients>``."""
-        for line in data.decode("ascii", "replace").splitlines():
-            words = line.split(" ")
-            if len(words) != 4 or words[0] + " " != self.PREFIX:
-                continue
-            try:
-                self.record(xtext_decode(words[1]), int(words[3]), float(words[2]),
-                            relay=False)
-            except ValueError:
-                continue
+    def _store(self, offset, table):
+        room = self.bucket_bytes - self.HEADER.size
+        data = marshal.dumps(table)
+        while len(data) > room and table:
+            # A full bucket (a flood of logins) forgets the login that has
+            # been quiet longest: a bound on the memory, not a refusal.
+            del table[min(table, key=lambda name: self._last_seen(table[name]))]
+            data = marshal.dumps(table)
+        self.HEADER.pack_into(self.memory, offset, len(data))
+        start = offset + self.HEADER.size
+        self.memory[start:start + len(data)] = data
+
+    @staticmethod
+    def _last_seen(entry):
+        times = [e[0] for e in entry[0]] + [r[0] for r in entry[1].values()]
+        return max(times) if times else 0.0
+
+    def _expire(self, table, now):
+        """Drop counts older than the window, reservations of processes
+        that are gone, and logins with nothing left."""
+        me = os.getpid()
+        for login in list(table):
+            events, reserved = table[login]
+            while events and now - events[0][0] >= self.WINDOW:
+                events.pop(0)
+            for token in list(reserved):
+                held = reserved[token]
+                if now - held[0] >= self.WINDOW or (held[3] != me and
+                                                    not process_alive(held[3])):
+                    del reserved[token]
+            if not events and not reserved:
+                del table[login]
+
+    @staticmethod
+    def _used(entry):
+        """(messages, recipients): counted plus reserved."""
+        events, reserved = entry
+        return (sum(e[1] for e in events) + sum(r[1] for r in reserved.values()),
+                sum(e[2] for e in events) + sum(r[2] for r in reserved.values()))
+
+    # -- what sessions ask -----------------------------------------------------------
+
+    def counts(self, login):
+        """(messages, recipients) of ``login`` in the last hour, the ones
+        under way included."""
+        return self._change(login, lambda entry, now: self._used(entry))
+
+    def reserve(self, login, token, limit, messages=0, recipients=0):
+        """Reserve ``messages`` and ``recipients`` for transaction ``token``
+        if the limit ``(MSGS, RCPTS or None)`` allows them: (reserved?,
+        messages used, recipients used) -- the use before this request."""
+        def change(entry, now):
+            used = self._used(entry)
+            if messages and used[0] + messages > limit[0]:
+                return (False,) + used
+            if recipients and limit[1] is not None and used[1] + recipients > limit[1]:
+                return (False,) + used
+            held = entry[1].setdefault(token, [now, 0, 0, os.getpid()])
+            held[1] += messages
+            held[2] += recipients
+            return (True,) + used
+        return self._change(login, change)
+
+    def release(self, login, token, recipients=None):
+        """Give back transaction ``token``'s reservation (or, with
+        ``recipients``, that many of its recipients)."""
+        def change(entry, now):
+            held = entry[1].get(token)
+            if held is None:
+                return
+            if recipients is None:
+                del entry[1][token]
+            else:
+                held[2] = max(0, held[2] - recipients)
+        self._change(login, change)
+
+    def commit(self, login, token, recipients):
+        """Transaction ``token``'s message was accepted: its reservation
+        becomes one message with ``recipients`` in the hour's counts."""
+        def change(entry, now):
+            entry[1].pop(token, None)
+            events = entry[0]
+            if events and now - events[-1][0] < RATE_MERGE_SECONDS:
+                last = events.pop()
+                events.append((now, last[1] + 1, last[2] + recipients))
+            else:
+                events.append((now, 1, recipients))
+        self._change(login, change)
 
 
 class PipeAuthenticator(object):
@@ -6876,18 +7800,20 @@ class PipeAuthenticator(object):
             yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
         kind = outcome[0]
+        # Until the program said yes, the name may be a mistyped password.
+        who = unverified_user(user)
         if kind == "error":
-            self._syslog("%s: cannot run %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: cannot run %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("cannot run auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
         if kind == "timeout":
-            self._syslog("%s: %s timed out after %gs" % (user, self.path, self.timeout))
+            self._syslog("%s: %s timed out after %gs" % (who, self.path, self.timeout))
             if log:
                 log.note("auth program %s timed out after %gs; killed" % (self.path, self.timeout))
             return "tempfail"
         if kind == "lost":
-            self._syslog("%s: %s: %s" % (user, self.path, outcome[1]))
+            self._syslog("%s: %s: %s" % (who, self.path, outcome[1]))
             if log:
                 log.note("auth program %s: %s" % (self.path, outcome[1]))
             return "tempfail"
@@ -6897,10 +7823,22 @@ class PipeAuthenticator(object):
             # A program that echoes what it read must not put the
             # password into syslog or the log.
             first = first.replace(password, "<password>")
-        self._syslog("%s: %s" % (user, first))
+        if status == 0:
+            who, logged_who = user, qformat(user)
+        else:
+            logged_who = who
+            if user:
+                # Nor its argument, the user name, unless the program took it.
+                first = first.replace(user, "<user>")
+        self._syslog("%s: %s" % (who, first))
         if log:
             log.note("auth program for %s exited %s after %.3fs: %s" % (
-                qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+                logged_who, status, time.time() - start, qformat(first.rstrip("\r"))))
+        return self.status_verdict(status)
+
+    @staticmethod
+    def status_verdict(status):
+        """The program's exit status as a verdict."""
         return "ok" if status == 0 else "fail"
 
     def _run_here(self, user, data):
@@ -6964,6 +7902,266 @@ class PipeAuthenticator(object):
         mail_syslog(facility | syslog.LOG_INFO, text)
 
 
+# -- the built-in password check: PAM, else shadow and crypt -------------------
+
+#: The "program" a session asks the auth spawner for when a group has
+#: smtp-auth but neither smtp-auth-pipe nor PIPEAUTHPATH: no path to run
+#: (it does not start with "/"), but a check the spawner's own child makes
+#: as root.
+BUILTIN_PASSWORD_CHECK = "<built-in password check>"
+#: The PAM service the original's built-in check used.
+PAM_SERVICE = "smtpauth-login"
+#: The libraries tried, in order (module names, so tests can hide them).
+PAM_LIBRARIES = ("libpam.so.0", "pam")
+CRYPT_LIBRARIES = ("libcrypt.so.1", "libcrypt.so.2", "crypt")
+#: The check's exit statuses, as a program's: 0 accepted, 1 refused, and
+#: EX_TEMPFAIL when the system could not tell (answered 454, not 535).
+PASSWORD_CHECK_TEMPFAIL = 75
+#: Longest password the check reads from its stdin.
+PASSWORD_CHECK_INPUT_MAX = 4096
+
+# Linux-PAM's numbers (security/_pam_types.h).
+PAM_SUCCESS = 0
+PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
+PAM_BUF_ERR, PAM_CONV_ERR = 5, 19
+PAM_SILENT, PAM_DISALLOW_NULL_AUTHTOK = 0x8000, 0x0001
+#: Results that say the system could not decide (a broken stack, a missing
+#: module, no memory, an unreachable directory): tempfail, not a refusal.
+PAM_UNDECIDED = frozenset((
+    1, 2, 3, 4, 5,      # PAM_OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR
+    9, 19, 24,          # PAM_AUTHINFO_UNAVAIL, CONV_ERR, TRY_AGAIN
+    25, 26, 28))        # PAM_IGNORE, ABORT, MODULE_UNKNOWN
+
+
+def _load_library(names):
+    """The first of ``names`` ctypes can load (a file name, or a library
+    name find_library knows), or None."""
+    if ctypes is None:
+        return None
+    for name in names:
+        path = name if name.startswith("lib") else ctypes.util.find_library(name)
+        if not path:
+            continue
+        try:
+            return ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            continue
+    return None
+
+
+def password_check_backends():
+    """What the built-in check can use here, best first: "PAM" (libpam
+    loads) and "shadow" (libcrypt's crypt loads)."""
+    found = []
+    pam = _load_library(PAM_LIBRARIES)
+    if pam is not None and hasattr(pam, "pam_start"):
+        found.append("PAM")
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is not None and hasattr(crypt, "crypt"):
+        found.append("shadow")
+    return found
+
+
+if ctypes is not None:
+    class _PamMessage(ctypes.Structure):
+        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+    class _PamResponse(ctypes.Structure):
+        _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
+
+    _PAM_CONV_FUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int,
+                                      ctypes.POINTER(ctypes.POINTER(_PamMessage)),
+                                      ctypes.POINTER(ctypes.POINTER(_PamResponse)),
+                                      ctypes.c_void_p)
+
+    class _PamConv(ctypes.Structure):
+        _fields_ = [("conv", _PAM_CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
+
+
+def pam_password_check(user, password, service=PAM_SERVICE):
+    """("ok" | "fail" | "tempfail", what PAM said): pam_authenticate, then
+    pam_acct_mgmt (an expired or locked account is refused too)."""
+    pam = _load_library(PAM_LIBRARIES)
+    calloc, strdup, free = [_libc_function(n) for n in ("calloc", "strdup", "free")]
+    if pam is None or None in (calloc, strdup, free):
+        return "tempfail", "libpam cannot be loaded"
+    calloc.restype = strdup.restype = ctypes.c_void_p
+    calloc.argtypes = (ctypes.c_size_t, ctypes.c_size_t)
+    strdup.argtypes = (ctypes.c_char_p,)
+    free.argtypes = (ctypes.c_void_p,)
+    pam.pam_start.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_PamConv),
+                              ctypes.POINTER(ctypes.c_void_p))
+    pam.pam_authenticate.argtypes = pam.pam_acct_mgmt.argtypes = (ctypes.c_void_p,
+                                                                  ctypes.c_int)
+    pam.pam_end.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.restype = ctypes.c_char_p
+    answers = {PAM_PROMPT_ECHO_OFF: password.encode("utf-8", "surrogateescape"),
+               PAM_PROMPT_ECHO_ON: user.encode("utf-8", "surrogateescape")}
+
+    def converse(count, messages, responses, appdata):
+        # PAM frees what we return, so it must come from the C library's
+        # allocator: an array of responses and a strdup per answer.
+        if count <= 0:
+            return PAM_CONV_ERR
+        array_ = calloc(count, ctypes.sizeof(_PamResponse))
+        if not array_:
+            return PAM_BUF_ERR
+        replies = ctypes.cast(array_, ctypes.POINTER(_PamResponse))
+        for i in range(count):
+            style = messages[i].contents.msg_style
+            if style in answers:
+                replies[i].resp = strdup(answers[style])
+            elif style not in (PAM_ERROR_MSG, PAM_TEXT_INFO):
+                for j in range(i):
+                    free(replies[j].resp)
+                free(array_)
+                return PAM_CONV_ERR
+        responses[0] = replies
+        return PAM_SUCCESS
+
+    callback = _PAM_CONV_FUNC(converse)     # referenced until pam_end
+    conv = _PamConv(callback, None)
+    handle = ctypes.c_void_p()
+    status = pam.pam_start(service.encode("ascii"), answers[PAM_PROMPT_ECHO_ON],
+                           ctypes.byref(conv), ctypes.byref(handle))
+    if status != PAM_SUCCESS:
+        return "tempfail", "pam_start: error %d" % status
+    flags = PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
+    step = "pam_authenticate"
+    status = pam.pam_authenticate(handle, flags)
+    if status == PAM_SUCCESS:
+        step = "pam_acct_mgmt"
+        status = pam.pam_acct_mgmt(handle, flags)
+    said = (pam.pam_strerror(handle, status) or b"").decode("utf-8", "replace")
+    pam.pam_end(handle, status)
+    if status == PAM_SUCCESS:
+        return "ok", "PAM %s: %s" % (service, said)
+    verdict = "tempfail" if status in PAM_UNDECIDED else "fail"
+    return verdict, "PAM %s: %s: %s" % (service, step, said)
+
+
+if ctypes is not None:
+    class _Spwd(ctypes.Structure):
+        # Only the leading fields of struct spwd are read.
+        _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_char_p),
+                    ("sp_lstchg", ctypes.c_long), ("sp_min", ctypes.c_long),
+                    ("sp_max", ctypes.c_long), ("sp_warn", ctypes.c_long),
+                    ("sp_inact", ctypes.c_long), ("sp_expire", ctypes.c_long)]
+
+
+def shadow_password_check(user, password):
+    """("ok" | "fail" | "tempfail", why): the hash of /etc/shadow (else
+    the one in /etc/passwd), through libcrypt's crypt(3).  A locked
+    (``!``, ``*``), empty or expired entry is refused."""
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is None:
+        return "tempfail", "libcrypt cannot be loaded"
+    crypt.crypt.restype = ctypes.c_char_p
+    crypt.crypt.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+    try:
+        pw = pwd.getpwnam(user)
+    except (KeyError, UnicodeError, ValueError):
+        return "fail", "shadow: no such user"
+    stored, expire = pw.pw_passwd.encode("utf-8", "surrogateescape"), -1
+    getspnam = _libc_function("getspnam")
+    if getspnam is not None:
+        getspnam.restype = ctypes.POINTER(_Spwd)
+        getspnam.argtypes = (ctypes.c_char_p,)
+        entry = getspnam(user.encode("utf-8", "surrogateescape"))
+        if entry:
+            stored, expire = entry.contents.sp_pwdp or b"", entry.contents.sp_expire
+        elif stored in (b"x", b"*"):
+            return "tempfail", "shadow: the entry cannot be read (not root?)"
+    if not stored or stored[:1] in (b"!", b"*") or len(stored) < 13:
+        return "fail", "shadow: the account has no usable password"
+    if expire >= 0 and time.time() // 86400 >= expire:
+        return "fail", "shadow: the account has expired"
+    hashed = crypt.crypt(password.encode("utf-8", "surrogateescape"), stored)
+    if not hashed or hashed[:1] == b"*":
+        return "tempfail", "shadow: crypt cannot read this hash"
+    if hmac.compare_digest(hashed, stored):
+        return "ok", "shadow: ok"
+    return "fail", "shadow: wrong password"
+
+
+def system_password_check(user, password):
+    """The built-in check: PAM service smtpauth-login where libpam loads,
+    else the shadow file through crypt(3) -- the order the original's
+    build picked (PAM, shadow, passwd).  Needs root for other users."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        return pam_password_check(user, password)
+    if "shadow" in backends:
+        return shadow_password_check(user, password)
+    return "tempfail", "neither libpam nor libcrypt can be loaded"
+
+
+def start_password_check(argv):
+    """The auth spawner's way of "starting" BUILTIN_PASSWORD_CHECK: a
+    child that reads the password from its stdin as a program would,
+    checks it with system_password_check, writes what it found as its
+    one output line and exits 0, 1 or PASSWORD_CHECK_TEMPFAIL.  A child,
+    because PAM may take seconds (its delay after a failure) and the
+    spawner serves everyone on one thread."""
+    user = argv[1] if len(argv) > 1 else ""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = PASSWORD_CHECK_TEMPFAIL
+        try:
+            # The spawner's signal set-up is not this child's: a helper a
+            # PAM module runs must not make Python write to a closed
+            # wake-up pipe (and its complaint to the output line).
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)    # the first output line is the verdict's
+            # A PAM module may run helpers: they get 0-2 only.
+            close_descriptors_except([0, 1, 2])
+            data = b""
+            while b"\n" not in data and len(data) < PASSWORD_CHECK_INPUT_MAX:
+                chunk = os.read(0, PASSWORD_CHECK_INPUT_MAX)
+                if not chunk:
+                    break
+                data += chunk
+            password = data.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+            verdict, why = system_password_check(user, password)
+            os.write(1, why.encode("utf-8", "replace") + b"\n")
+            status = {"ok": 0, "fail": 1}.get(verdict, PASSWORD_CHECK_TEMPFAIL)
+        finally:
+            os._exit(status)
+    for fd in (in_r, out_w):
+        os.close(fd)
+    return SpawnedProgram(pid, os.fdopen(in_w, "wb", buffering=0),
+                          os.fdopen(out_r, "rb", buffering=0))
+
+
+class SystemPasswordAuthenticator(PipeAuthenticator):
+    """The built-in check for a group with smtp-auth and no program: the
+    session asks the auth spawner for BUILTIN_PASSWORD_CHECK, which a
+    child of the spawner (root) carries out.  It never runs in a session
+    process: without a spawner (inetd and -i modes, or one that stopped
+    for good) every AUTH is a temporary failure."""
+
+    def __init__(self, timeout, zenv, zconfig_path, log=None, spawner=None):
+        PipeAuthenticator.__init__(self, BUILTIN_PASSWORD_CHECK, timeout, zenv, zconfig_path,
+                                   log=log, spawner=spawner)
+
+    def _run_here(self, user, data):
+        return ("error", "the built-in password check runs only in a daemon's auth spawner")
+
+    def status_verdict(self, status):
+        if status == PASSWORD_CHECK_TEMPFAIL:
+            return "tempfail"
+        return PipeAuthenticator.status_verdict(status)
+
+
 #: How long a session waits for the auth spawner to take a request before
 #: it starts the auth program itself (the spawner is dead or stuck).
 AUTH_SPAWNER_TAKE_WAIT = 2.0
@@ -6982,9 +8180,9 @@ AUTH_SPAWNER_LINE_LIMIT = 1024
 
 
 def auth_spawner_wanted(config, zenv):
-    """Does any group run an auth program?"""
-    return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
-               for g in config.groups)
+    """Does any group check passwords (with a program or the built-in
+    check, which only the spawner runs)?"""
+    return any(g.smtp_auth for g in config.groups)
 
 
 class AuthSpawner(object):
@@ -7320,8 +8518,11 @@ class SpawnerLoop(object):
         except (ValueError, EOFError, TypeError):
             reply.close()
             return True
-        if self.identity is None and os.geteuid() == 0 and not spawner_has_ids(ids) \
-                and self.forward(data, reply, ids):
+        # The built-in check runs with the spawner's own ids (root: it
+        # reads /etc/shadow), whatever ids the session named.
+        builtin = argv[:1] == [BUILTIN_PASSWORD_CHECK]
+        if not builtin and self.identity is None and os.geteuid() == 0 \
+                and not spawner_has_ids(ids) and self.forward(data, reply, ids):
             return True
         try:
             reply.send(b"A", socket.MSG_DONTWAIT)
@@ -7330,7 +8531,8 @@ class SpawnerLoop(object):
             return True
         started = time.time()
         try:
-            proc = start_program(argv, env, cwd, ids)
+            proc = start_password_check(argv) if builtin else \
+                start_program(argv, env, cwd, ids)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             job = SpawnerJob(None, reply, b"", 0, started)
             job.answer(("error", str(e)))
@@ -8027,84 +9229,155 @@ class SpoolFile(object):
 # 11. Command line, run-time state, daemon
 # ---------------------------------------------------------------------------
 
-USAGE = """\
-Usage: zmsmtpd.py [-46aBghintvVw] [-C conffile] [-d level] [-I pidfile]
-                  [-l logfile|SYSLOG] [-L maxload] [-M maxsize] [-P postoffice]
-                  [-p port] [-R router] [-s strict|sloppy|flags] [-S local|remote]
-                  [-T '[ip]'] [-Z zmailer.conf] [-x address] [--check] [--demo DIR]
-"""
-OPTSTRING = "46aBC:d:ghil:np:tI:L:M:P:R:s:S:T:VvwZ:x:"
-LONG_OPTIONS = ["check", "demo=", "help"]
+def _fake_peer(value):
+    m = re.match(r"^\[(?:ipv6[.:])?([0-9A-Fa-f:.]+)\]$", value, re.I)
+    if not m:
+        raise getopt.GetoptError("-T needs [a.b.c.d] or [ipv6.addr]")
+    return m.group(1)
+
+
+#: The command line, one row per option: (option, its argument's name or
+#: None, the key parse_command_line keeps it under, what it keeps (for an
+#: option with an argument, a function of the text), what --help says).
+#: Both the parser and --help are made from this table.
+OPTION_GROUPS = (
+    ("Files", (
+        ("-Z", "file", "zconfig", str,
+         "zmailer.conf (default: $ZCONFIG, else /etc/zmailer.conf)"),
+        ("-C", "file", "config", str,
+         "smtpserver.conf (default: $MAILSHARE/smtpserver.conf, else "
+         "$MAILVAR/smtpserver.conf)"),
+        ("-P", "dir", "postoffice", str, "POSTOFFICE (default: zmailer.conf's)"),
+        ("-I", "pidfile", "pidfile", str,
+         "pid file; a relative name is under $POSTOFFICE (default "
+         "$POSTOFFICE/.pid.smtpserver); the status file is kept beside it"),
+    )),
+    ("Listeners", (
+        ("-p", "port", "bindport", lambda v: _c_int(v, 25),
+         "port of the default and BindAddress listeners (PARAM BindPort wins)"),
+        ("-x", "addr", "bindaddr", str,
+         "listen on this address only, as PARAM BindAddress [addr]"),
+        ("-4", None, "ipv6", False, "IPv4 only"),
+        ("-6", None, "ipv6", True, "IPv6 too (the default)"),
+        ("-t", None, "implicit_tls", True,
+         "implicit TLS before the greeting (with -n: inetd on port 465)"),
+    )),
+    ("How it runs", (
+        ("-v", None, "verbose", True,
+         "foreground; the session log also goes to stderr, each line after "
+         "the time of day (HH:MM:SS.mmm); refuses to replace a running server "
+         "unless --replace is given"),
+        ("-d", "level", "debug", lambda v: _c_int(v, 0),
+         "debug level; 2 or more keeps the daemon in the foreground (and, "
+         "like a detaching start, replaces a running server)"),
+        ("--replace", None, "replace", True,
+         "with -v: stop the server named by the pid file and take its place"),
+        ("-i", None, "interactive", True,
+         "one session on stdin/stdout, no listener (for debugging)"),
+        ("-n", None, "inetd", True, "inetd: one session on the socket on fd 0"),
+        ("-T", "'[ip]'", "fake_peer", _fake_peer,
+         "with -i: pretend to be that client (the policy checks run)"),
+        ("--check", None, "check", True,
+         "read and check the configuration as a start would (binding each "
+         "listener and letting go), print it like postconf -n; exit 0 when "
+         "usable, 2 on an error or a warning that a line is not in effect"),
+        ("--demo", "DIR", "demo", str,
+         "write a demo layout in DIR (kept if it exists) and serve it with -v"),
+    )),
+    ("Sessions", (
+        ("-s", "style", "style", str,
+         "strict, sloppy, or the default style flags (default ve)"),
+        ("-h", None, "checkhelo", True, "check HELO/EHLO syntax strictly (bad name: 501)"),
+        ("-g", None, "gullible", True, "gullible: no \"expected EHLO <name>\" remark"),
+        ("-B", None, "bsmtp", True, "mark sessions BSMTP (with BSMTP)"),
+        ("-M", "bytes", "maxsize", lambda v: max(0, _c_int(v, 0)),
+         "largest message (PARAM maxsize wins)"),
+    )),
+    ("Logs", (
+        ("-l", "file|SYSLOG", "logs", str,
+         "session log file, or SYSLOG (may be given twice)"),
+        ("-S", "local|remote", "logsuffix", str.lower, "log file suffix"),
+    )),
+    ("Accepted for compatibility, no effect", (
+        ("-a", None, "ident", True, "ident lookups (none are made)"),
+        ("-L", "maxload", "maxload", lambda v: _c_int(v, 10),
+         "load limit (not used, as in 3.0.1)"),
+        ("-R", "path", "router", str, "interactive router (there is none)"),
+        ("-w", None, "whoson", True, "whoson (not available)"),
+    )),
+    ("Information", (
+        ("-V", None, "version", True, "print the version and exit"),
+        ("--help", None, "help", True, "print this text and exit"),
+    )),
+)
+OPTION_ROWS = [row for _, rows in OPTION_GROUPS for row in rows]
+#: Options that may be given more than once; each value is kept.
+REPEATED_OPTIONS = ("logs",)
+OPTSTRING = "".join(flag[1] + (":" if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+                    if not flag.startswith("--"))
+LONG_OPTIONS = [flag[2:] + ("=" if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+                if flag.startswith("--")]
+
+
+def _usage():
+    """The usage lines: bare letters together, then each option with an
+    argument, wrapped as a man page's synopsis."""
+    letters = sorted((flag[1] for flag, arg, _, _, _ in OPTION_ROWS
+                      if not arg and not flag.startswith("--")),
+                     key=lambda c: (c.lower(), c.isupper()))
+    words = ["[-%s]" % "".join(letters)]
+    words += ["[%s %s]" % (flag, arg) for flag, arg, _, _, _ in OPTION_ROWS
+              if arg and not flag.startswith("--")]
+    words += ["[%s%s]" % (flag, " " + arg if arg else "") for flag, arg, _, _, _ in OPTION_ROWS
+              if flag.startswith("--")]
+    head = "Usage: zmsmtpd.py "
+    lines, line = [], head
+    for word in words:
+        if len(line) + len(word) > 78 and line.strip() != head.strip():
+            lines.append(line.rstrip())
+            line = " " * len(head)
+        line += word + " "
+    lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+USAGE = _usage()
+
+
+def help_text():
+    """--help: the usage, then every option by group with what it does."""
+    out = [USAGE, "\n"]
+    for heading, rows in OPTION_GROUPS:
+        out.append("%s:\n" % heading)
+        for flag, arg, _, _, text in rows:
+            name = "  %s%s" % (flag, " " + arg if arg else "")
+            body = textwrap.wrap(text, 78 - 22)
+            if len(name) > 20:
+                out.append(name + "\n")
+                name = ""
+            out.append("%-22s%s\n" % (name, body[0]))
+            out.extend("%-22s%s\n" % ("", more) for more in body[1:])
+        out.append("\n")
+    out.append("Without -v or -d 2 the server detaches once its listeners are open and "
+               "its pid\nfile is written.  SIGTERM stops it, SIGHUP re-reads the "
+               "configuration.\n")
+    return "".join(out)
 
 
 def parse_command_line(argv):
-    """The original's option letters and meanings; returns a dict."""
+    """The original's option letters and meanings (OPTION_GROUPS); a dict."""
     opts, rest = getopt.getopt(argv, OPTSTRING, LONG_OPTIONS)
     if rest:
         raise getopt.GetoptError("unexpected argument %r" % rest[0])
+    rows = dict((row[0], row) for row in OPTION_ROWS)
     o = {"logs": [], "style": "ve", "debug": 0}
     for flag, value in opts:
-        if flag == "-4":
-            o["ipv6"] = False
-        elif flag == "-6":
-            o["ipv6"] = True
-        elif flag == "-a":
-            o["ident"] = True
-        elif flag == "-B":
-            o["bsmtp"] = True
-        elif flag == "-C":
-            o["config"] = value
-        elif flag == "-d":
-            o["debug"] = _c_int(value, 0)
-        elif flag == "-g":
-            o["gullible"] = True
-        elif flag == "-h":
-            o["checkhelo"] = True
-        elif flag == "-i":
-            o["interactive"] = True
-        elif flag == "-l":
-            o["logs"].append(value)
-        elif flag == "-n":
-            o["inetd"] = True
-        elif flag == "-p":
-            o["bindport"] = _c_int(value, 25)
-        elif flag == "-t":
-            o["implicit_tls"] = True
-        elif flag == "-I":
-            o["pidfile"] = value
-        elif flag == "-L":
-            o["maxload"] = _c_int(value, 10)
-        elif flag == "-M":
-            o["maxsize"] = max(0, _c_int(value, 0))
-        elif flag == "-P":
-            o["postoffice"] = value
-        elif flag == "-R":
-            o["router"] = value
-        elif flag == "-s":
-            o["style"] = value
-        elif flag == "-S":
-            o["logsuffix"] = value.lower()
-        elif flag == "-T":
-            m = re.match(r"^\[(?:ipv6[.:])?([0-9A-Fa-f:.]+)\]$", value, re.I)
-            if not m:
-                raise getopt.GetoptError("-T needs [a.b.c.d] or [ipv6.addr]")
-            o["fake_peer"] = m.group(1)
-        elif flag == "-V":
-            o["version"] = True
-        elif flag == "-v":
-            o["verbose"] = True
-        elif flag == "-w":
-            o["whoson"] = True
-        elif flag == "-Z":
-            o["zconfig"] = value
-        elif flag == "-x":
-            o["bindaddr"] = value
-        elif flag == "--check":
-            o["check"] = True
-        elif flag == "--demo":
-            o["demo"] = value
-        elif flag == "--help":
-            o["help"] = True
+        _, arg, key, keep, _ = rows[flag]
+        value = keep(value) if arg else keep
+        if key in REPEATED_OPTIONS:
+            o[key].append(value)
+        else:
+            o[key] = value
     return o
 
 
@@ -8195,10 +9468,12 @@ class Runtime(object):
         self.started = time.time()
         self.reload_count = 0
         self.last_reload = None     # (time, taken?, what happened)
+        self.reload_warnings = ()   # the configuration warnings of the last reload
         self.submissions = SubmissionRateTracker()
         self._names = {}
         self._names_lock = threading.Lock()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
+        self.hosts_access = HostsAccess(log=log)
         self.apply_config(config)
 
     @property
@@ -8212,7 +9487,6 @@ class Runtime(object):
         failures, accepted messages, the status file's counters) goes to it
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -8221,8 +9495,6 @@ class Runtime(object):
         kind, _, rest = line.partition(b" ")
         if kind == b"F":
             self.auth_failures.absorb(rest)
-        elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
-            self.submissions.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()
@@ -8285,6 +9557,10 @@ class Runtime(object):
             auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
                                      self.zconfig_path, run_as=self.auth_identity(group),
                                      log=self.log, spawner=self.auth_spawner)
+        elif group.smtp_auth:
+            auth = SystemPasswordAuthenticator(group.auth_pipe_timeout, self.zenv,
+                                               self.zconfig_path, log=self.log,
+                                               spawner=self.auth_spawner)
         cache[id(group)] = (group, auth)
         return auth
 
@@ -8371,14 +9647,21 @@ class Runtime(object):
         """The new configuration is in place (``errors``: listeners of it
         that could not be opened)."""
         path = self.config.path
+        # load_configuration logged them; the status file shows them to
+        # whoever asked for the reload (zmailer.sh reload prints them).
+        warnings = config_warnings(self.config)
         self.log.note("configuration reloaded from %s" % path)
-        self.last_reload = (time.time(), True, "configuration reloaded from %s%s" % (
-            path, "; " + "; ".join(errors) if errors else ""))
+        self.reload_warnings = tuple(warnings)
+        self.last_reload = (time.time(), True, "configuration reloaded from %s%s%s" % (
+            path, "; " + "; ".join(errors) if errors else "",
+            " with %d warning%s" % (len(warnings), "" if len(warnings) == 1 else "s")
+            if warnings else ""))
 
     def reload_failed(self, error):
         self.log.note("reload failed, keeping the running configuration: %s" % error)
         mail_syslog(syslog.LOG_ERR if syslog else 0,
                     "reload failed, keeping the running configuration: %s" % error)
+        self.reload_warnings = ()
         self.last_reload = (time.time(), False, str(error))
 
 
@@ -8536,18 +9819,21 @@ def make_tls_context(group):
     return context
 
 
-def load_configuration(options, zenv, log=None, listeners=True, numbers=False):
+def load_configuration(options, zenv, log=None, listeners=True, check=False):
     """Read the configuration and report its warnings on stderr and in the
     log.  Bad listener lines are errors where listeners are opened
     (``listeners``; validate_config reports them), warnings elsewhere;
-    guessed numbers are errors with ``numbers`` (--check), not warnings."""
+    the configuration's check_errors (guessed numbers, ignored lines) are
+    errors with ``check`` (--check), not warnings."""
     path = find_config_path(options.get("config"), zenv, sys.argv[0])
+    if not options.get("config") and not os.path.exists(path):
+        raise ConfigError(missing_config_text(zenv, sys.argv[0]))
     reader = ConfigReader(path, zenv, {
         "bindport": options.get("bindport"), "maxsize": options.get("maxsize"),
         "bindaddr": options.get("bindaddr"), "explicit": bool(options.get("config"))})
     config = reader.read()
     warnings = [d for d in config.diagnostics
-                if not (numbers and d in config.number_errors)]
+                if not (check and d in config.check_errors)]
     if not listeners:
         warnings.extend(config.bind_errors)
         warnings.sort(key=lambda d: (d[0] != config.path, d[1]))
@@ -8570,8 +9856,7 @@ def describe_config(config, site, user=None):
     for lineno, line in config.effective_lines:
         out.append("%s:%d: %s" % (config.path, lineno, line))
     if not config.effective_lines:
-        out.append("# (none: %s)" % ("the file is empty" if config.file_read
-                                       else "the file could not be read"))
+        out.append("# (none: the file is empty)")
     out.append("")
     out.append("# listeners")
     for spec in listener_specs(config, site.options.get("ipv6", True)):
@@ -8598,11 +9883,18 @@ def describe_config(config, site, user=None):
         else:
             out.append("%spolicy: none (every network session would get 400 4.7.0)" % prefix)
         program = g.auth_pipe or site.zenv.get("PIPEAUTHPATH")
-        if g.smtp_auth:
+        if g.smtp_auth and program:
             ids = site.auth_identity(g)
             out.append("%sauth program: %s%s" % (
-                prefix, program or "none (AUTH would answer 454)",
-                " (runs as uid %d, gid %d)" % ids if program and ids else ""))
+                prefix, program, " (runs as uid %d, gid %d)" % ids if ids else ""))
+        elif g.smtp_auth:
+            out.append("%sauth program: none; %s" % (prefix, describe_password_check()))
+    wrapped = [str(i) for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if wrapped:
+        out.append("tcp wrapper: %s, then %s, daemon name %s (group%s %s); a refused client "
+                   "gets 421 before the greeting" % (
+                       HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
+                       "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
@@ -8611,7 +9903,7 @@ def describe_config(config, site, user=None):
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "contentfilter", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("contentfilter", "perl-hook", "enable-router",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
@@ -8627,6 +9919,12 @@ def unimplemented_warnings(config):
                                  "mail is accepted without it" % (
                                      name, UNIMPLEMENTED_PARAMS[name])))
     return out
+
+
+def config_warnings(config):
+    """Every warning about a configuration as text: what its reading met
+    (file:line) and the accepted-mail-changing PARAMs that do nothing."""
+    return [diag_text(*d) for d in config.diagnostics] + unimplemented_warnings(config)
 
 
 def check_policies(config, user=None):
@@ -8664,8 +9962,7 @@ def check_postoffice(site, user):
     """public/ and router/ must take new files from the session user;
     otherwise every MAIL would answer a misleading 452."""
     problems = []
-    source = "-P" if site.options.get("postoffice") else \
-        "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
+    source = "-P" if site.options.get("postoffice") else site.zenv.origin("POSTOFFICE")
     for sub in ("public", "router"):
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
@@ -8681,9 +9978,49 @@ def check_postoffice(site, user):
     return problems
 
 
+def check_tcp_wrapper_files(config, user):
+    """With use-tcp-wrapper, sessions read hosts.allow and hosts.deny as
+    the session user: a file they cannot read would refuse every client
+    (hosts.deny) or skip its grants (hosts.allow)."""
+    wrapped = [i for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if not wrapped:
+        return []
+    paths = [p for p in (HOSTS_ALLOW, HOSTS_DENY) if os.path.isfile(p)]
+    problems = []
+    for path, readable in zip(paths, access_as(user, [(p, os.R_OK) for p in paths])):
+        if not readable:
+            problems.append(
+                "%s: PARAM use-tcp-wrapper: %s cannot be read by %s, the user sessions run "
+                "as; %s. Fix: chmod 644 %s" % (
+                    config_where(config, wrapped[0], "use_tcp_wrapper"), path,
+                    user.describe() if user else "this user",
+                    "every client would be refused" if path == HOSTS_DENY
+                    else "its rules would be skipped", path))
+    return problems
+
+
+def describe_password_check():
+    """--check's words for the built-in check on this system."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        how = "PAM service %s (/etc/pam.d/%s%s)" % (
+            PAM_SERVICE, PAM_SERVICE, "" if os.path.exists("/etc/pam.d/" + PAM_SERVICE)
+            else " is missing: PAM uses its service 'other'")
+    elif backends:
+        how = "/etc/shadow through crypt(3) (no libpam)"
+    else:
+        return "the built-in password check cannot work here (no libpam, no libcrypt)"
+    if os.geteuid() != 0:
+        # Without root, PAM's pam_unix checks only the caller's own password.
+        return "the built-in password check: %s, by the auth spawner (not root: other " \
+            "users' passwords cannot be read)" % how
+    return "the built-in password check: %s, by the auth spawner as root" % how
+
+
 def check_auth_programs(config, site):
     """Each group with smtp-auth: its program exists and the user it runs
-    as may execute it, or every AUTH would fail."""
+    as may execute it, or every AUTH would fail; without a program, the
+    built-in check must have PAM or crypt(3) to work with."""
     problems = []
     done = set()
     for index, g in enumerate(config.groups):
@@ -8696,6 +10033,15 @@ def check_auth_programs(config, site):
             program = site.zenv.get("PIPEAUTHPATH")
             where = "%s: PIPEAUTHPATH=%s" % (site.zconfig_path, program)
         if not program:
+            if "builtin" not in done and not password_check_backends():
+                done.add("builtin")
+                problems.append(
+                    "%s: PARAM smtp-auth without smtp-auth-pipe or PIPEAUTHPATH: the "
+                    "built-in password check needs libpam (PAM service %s) or libcrypt "
+                    "(/etc/shadow), and neither can be loaded; every AUTH would fail. Fix: "
+                    "install libpam0g (Debian) and write /etc/pam.d/%s, or name a checking "
+                    "program with PARAM smtp-auth-pipe" % (
+                        config_where(config, index, "smtp_auth"), PAM_SERVICE, PAM_SERVICE))
             continue
         if g.auth_pipe_user and os.geteuid() == 0 and \
                 lookup_user(g.auth_pipe_user) is None:
@@ -8753,7 +10099,9 @@ def listener_problem(config, spec, origin, error):
     address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
     why = {errno.EADDRINUSE: " (another program listens there)",
            errno.EADDRNOTAVAIL: " (the address is not one of this host's)",
-           errno.EACCES: " (ports below 1024 need root)"}.get(getattr(error, "errno", None), "")
+           errno.EACCES: " (ports below 1024 need root)",
+           errno.EAFNOSUPPORT: " (this host has no IPv6: start with -4, or name IPv4 "
+                               "addresses in the Bind lines)"}.get(getattr(error, "errno", None), "")
     lineno, line = origin
     if lineno > 0:
         where = "%s:%d: %s" % (config.path, lineno, line)
@@ -8780,8 +10128,10 @@ def try_listeners(config, options, pidfile):
     running = running_server_pid(pidfile)
     for spec in listener_specs(config, ipv6):
         address = spec.address or ("::" if spec.family == socket.AF_INET6 else "0.0.0.0")
-        sock = socket.socket(spec.family, socket.SOCK_STREAM)
+        sock = None
         try:
+            # Creating the socket can fail as well (a host without IPv6).
+            sock = socket.socket(spec.family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if spec.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -8793,7 +10143,8 @@ def try_listeners(config, options, pidfile):
             else:
                 problems.append(listener_problem(config, spec, origins[_spec_key(spec)], e))
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
     return problems, notes
 
 
@@ -8808,6 +10159,7 @@ def startup_problems(config, site, log, daemon, user):
     problems.extend(check_policies(config, user))
     problems.extend(check_postoffice(site, user))
     problems.extend(check_auth_programs(config, site))
+    problems.extend(check_tcp_wrapper_files(config, user))
     return problems
 
 
@@ -9062,7 +10414,7 @@ def main(argv=None):
         sys.stderr.write("%s: %s\n%s" % (PROGRAM, e, USAGE))
         return 2
     if options.get("help"):
-        sys.stdout.write(USAGE)
+        sys.stdout.write(help_text())
         return 0
     if options.get("version"):
         print("zmsmtpd (ZMailer smtpserver compatible) %s" % VERSION)
@@ -9106,17 +10458,21 @@ def main(argv=None):
         for path, why in log.open_errors:
             sys.stderr.write("%s: cannot open log %s: %s\n" % (PROGRAM, path, why))
     try:
-        config = load_configuration(options, zenv, log, listeners=daemon, numbers=check)
+        config = load_configuration(options, zenv, log, listeners=daemon, check=check)
     except ConfigError as e:
         sys.stderr.write("%s: configuration error:\n  %s\n" % (PROGRAM, e))
         return 2
     problems = validate_config(config, daemon=daemon)
     if check:
-        # A start takes such a number as the original did; --check, the
-        # place to find out, counts it as an error.
-        problems.extend(diag_text(*e) for e in config.number_errors)
+        # A start takes such a number as the original did and skips such
+        # a line; --check, the gate before a deployment, counts each as an
+        # error.
+        problems.extend(diag_text(*e) for e in config.check_errors)
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
+    if not interactive:
+        for text in tcp_wrapper_warnings(config):
+            sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     runtime = None
     if user_problem:
         problems.append(user_problem)
@@ -9157,8 +10513,21 @@ def main(argv=None):
 
 
 def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
-    supervisor = Supervisor(runtime, config)
     pidfile = pidfile_path(options, runtime.postoffice)
+    if options.get("verbose") and not options.get("replace"):
+        # A -v run is someone watching or debugging by hand: stopping the
+        # live daemon would leave the host without a server after Ctrl-C.
+        running = running_server_pid(pidfile)
+        if running:
+            sys.stderr.write(
+                "%s: a server is running (pid %d, pid file %s); a -v run would stop it "
+                "and leave no server once it ends.\n  To watch a session beside it: -i "
+                "(one session on stdin), or another pid file and ports (-I FILE, and -C "
+                "with a copy of smtpserver.conf whose Bind lines name free ports).\n"
+                "  To stop it and take its place: add --replace.\n"
+                % (PROGRAM, running, pidfile))
+            return 2
+    supervisor = Supervisor(runtime, config)
     stop_previous(pidfile, log)
     supervisor.install_signal_handlers()
     if foreground:

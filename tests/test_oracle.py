@@ -1145,6 +1145,10 @@ def _orc_logged_form(line, prev_final):
     """What the -l log must show for a command line the client sent."""
     if prev_final.startswith("334 UGFzc3dvcmQ6"):
         return _ORC_PASSWORD_MASK           # as the original
+    if prev_final.startswith("334 VXNlcm5hbWU6"):
+        # Unlike the original: a password typed as the user name must not
+        # be logged, so the user name's line is masked too.
+        return "**base64-username**"
     words = line.split()
     if len(words) > 2 and words[0].upper() == "AUTH":
         # D4: an initial response may carry the password (PLAIN), and the

@@ -241,8 +241,8 @@ class BadBindLinesStopStartUpTest(unittest.TestCase):
     --check and a start both stop with exit 2 naming file:line."""
 
     CASES = [
-        ("PARAM BindSmtp 127.0.0.1 {port}", "bad bind address '127.0.0.1'",
-         "write it as [127.0.0.1]"),
+        ("PARAM BindSmtp localhost {port}", "bad bind address 'localhost'",
+         "the forms are [192.0.2.1] or 192.0.2.1"),
         ("PARAM BindSmtp [999.1.1.1] {port}", "bad IPv4 address '[999.1.1.1]'", ""),
         ("PARAM BindSmtp iface:nosuchif0 {port}", "no network interface named 'nosuchif0'", ""),
         ("PARAM BindSmtp [127.0.0.1] 99999", "port '99999' is not a port number (1-65535)", ""),
@@ -271,11 +271,11 @@ class BadBindLinesStopStartUpTest(unittest.TestCase):
 
     def test_a_bad_bind_line_stays_a_warning_in_interactive_mode(self):
         # -i opens no listener, so the line cannot hurt (the original's -i).
-        site = _Site(self, ["PARAM BindSmtp 127.0.0.1 2525", "*  ftveR"])
+        site = _Site(self, ["PARAM BindSmtp localhost 2525", "*  ftveR"])
         status, out, err = interactive(site, [b"QUIT"])
         self.assertEqual(status, 0)
         self.assertIn(b"221 ", out)
-        self.assertIn(("warning: %s:1: PARAM BindSmtp 127.0.0.1 2525: bad bind address"
+        self.assertIn(("warning: %s:1: PARAM BindSmtp localhost 2525: bad bind address"
                        % site.conf).encode(), err)
 
 

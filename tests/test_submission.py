@@ -212,19 +212,22 @@ class _SubServer(ForegroundServer):
                                          start_new_session=True)
         finally:
             err.close()
-        port = self.ports.get("smtp") or self.ports.get("submit") or self.ports.get("smtps")
+        # Every listener, not just the first: they are opened one by one.
+        waiting = sorted(self.ports.values())
         deadline = time.time() + 20
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("zmsmtpd exited with %s at start-up:\n%s"
                                    % (self.proc.returncode, self.stderr()))
             try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                return self
+                socket.create_connection(("127.0.0.1", waiting[0]), 0.5).close()
+                waiting.pop(0)
+                if not waiting:
+                    return self
             except (OSError, socket.error):
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("zmsmtpd did not listen on %d:\n%s" % (port, self.stderr()))
+        raise RuntimeError("zmsmtpd did not listen on %d:\n%s" % (waiting[0], self.stderr()))
 
     def calls(self):
         try:

@@ -2,8 +2,8 @@
 """Submission policy beyond the original: the sender/login binding
 (``PARAM sender-login-match``, ``PARAM sender-login-maps``, like Postfix's
 reject_sender_login_mismatch) and the per-user submission rate limit
-(``PARAM submission-rate-limit MSGS [RCPTS]``, counted by the master across
-worker processes and forked sessions).
+(``PARAM submission-rate-limit MSGS [RCPTS]``, reserved at MAIL and RCPT in
+counts that worker processes, forked sessions and threads share).
 
 Run from the repository root:  python -m unittest -v tests.test_submission_policy
 
@@ -14,10 +14,14 @@ layout and auth program: any user name with the right password logs in).
 from __future__ import print_function
 
 import os
+import signal
+import smtplib
 import subprocess
+import threading
 import time
 import unittest
 
+import zmsmtpd
 from tests import test_submission as sub
 from tests.harness import which
 
@@ -201,22 +205,27 @@ class SenderLoginMatchOffTest(unittest.TestCase):
         self.assertIn("accepted", text)
 
 
-class _RateLimitCases(object):
-    """The same checks under each session model (class attribute MODEL)."""
+class _RateLimitServer(object):
+    """A server with ``submission-rate-limit LIMIT`` in session model MODEL."""
 
     MODEL = "workers"
+    LIMIT = "3 5"
 
     @classmethod
     def setUpClass(cls):
         cls.srv = _start(cls, """
-PARAM submission-rate-limit 3 5
+PARAM submission-rate-limit %s
 PARAM session-model %s
 PARAM session-workers 2
-""" % cls.MODEL)
+""" % (cls.LIMIT, cls.MODEL))
 
     @classmethod
     def tearDownClass(cls):
         sub._sub_stop_servers(cls)
+
+
+class _RateLimitCases(_RateLimitServer):
+    """The same checks under each session model (class attribute MODEL)."""
 
     def send_one(self, user, rcpts=("friend@elsewhere.example",)):
         """A fresh connection (another worker or process, likely) per message."""
@@ -278,6 +287,179 @@ class RateLimitForkTest(_RateLimitCases, unittest.TestCase):
 
 class RateLimitThreadTest(_RateLimitCases, unittest.TestCase):
     MODEL = "thread"
+
+
+class _ParallelRateLimitCases(_RateLimitServer):
+    """20 sessions of one login that all pass MAIL and RCPT before any of
+    them sends DATA: the reservations keep them within 5 messages and 20
+    recipients together, whichever worker or process serves each."""
+
+    LIMIT = "5 20"
+    SESSIONS = 20
+    RCPTS = 4
+
+    def session(self, user, barrier, results, index):
+        """MAIL and RCPTs, wait for the others, then DATA if all passed."""
+        got = []
+        client = None
+        try:
+            client = smtplib.SMTP("127.0.0.1", self.srv.ports["submit"], timeout=30)
+            client.ehlo()
+            client.login(user, PASSWORD)
+            reply = client.mail("x@example.org")
+            got.append(("MAIL",) + reply)
+            if reply[0] == 250:
+                for n in range(self.RCPTS):
+                    reply = client.rcpt("r%d-%d@elsewhere.example" % (index, n))
+                    got.append(("RCPT",) + reply)
+                    if reply[0] != 250:
+                        break
+            barrier.wait(60)
+            if all(r[1] == 250 for r in got):
+                got.append(("DATA",) + client.data(sub._SUB_MESSAGE))
+            else:
+                client.rset()
+            client.quit()
+        except Exception as e:  # the assertion below shows it
+            got.append(("ERROR", 0, repr(e).encode()))
+            barrier.abort()
+            if client is not None:
+                client.close()
+        results[index] = got
+
+    def test_parallel_sessions_cannot_pass_the_limit_together(self):
+        user = "parallel-%s" % self.MODEL
+        barrier = threading.Barrier(self.SESSIONS)
+        results = [None] * self.SESSIONS
+        threads = [threading.Thread(target=self.session, args=(user, barrier, results, i))
+                   for i in range(self.SESSIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        accepted = [got for got in results if got and got[-1][0] == "DATA"
+                    and got[-1][1] == 250]
+        refused = [got for got in results if got not in accepted]
+        self.assertEqual(len(accepted), 5, results)
+        self.assertEqual(sum(len([r for r in got if r[0] == "RCPT"]) for got in accepted), 20)
+        limit_replies = (b"4.7.1 Message submission rate limit exceeded, try again later",
+                         b"4.7.1 Recipient submission rate limit exceeded, try again later")
+        for got in refused:
+            self.assertIn(got[-1][0], ("MAIL", "RCPT"), got)
+            self.assertEqual(got[-1][1:], (450, limit_replies[got[-1][0] == "RCPT"]), got)
+        spooled = os.listdir(os.path.join(self.srv.postoffice, "router"))
+        self.assertLessEqual(len(spooled), 5)
+        # Nothing is left reserved: the next session sees the full count.
+        client = _login(self, self.srv, user)
+        self.assertEqual(client.mail("x@example.org")[0], 450)
+
+
+class RateLimitParallelWorkersTest(_ParallelRateLimitCases, unittest.TestCase):
+    MODEL = "workers"
+
+
+class RateLimitParallelForkTest(_ParallelRateLimitCases, unittest.TestCase):
+    MODEL = "fork"
+
+
+class RateLimitParallelThreadTest(_ParallelRateLimitCases, unittest.TestCase):
+    MODEL = "thread"
+
+
+class RateLimitReservationReleasedTest(unittest.TestCase):
+    """A reservation ends with its transaction: RSET, a refused message, or
+    a session that ends without DATA give it back."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = _start(cls, "PARAM submission-rate-limit 1 2\nPARAM maxsize 2000\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        sub._sub_stop_servers(cls)
+
+    def test_rset_refusal_and_session_end_release_the_reservation(self):
+        user = "release"
+        client = _login(self, self.srv, user)
+        self.assertEqual(client.mail("x@example.org")[0], 250)
+        self.assertEqual(client.rcpt("a@elsewhere.example")[0], 250)
+        self.assertEqual(client.rcpt("b@elsewhere.example")[0], 250)
+        # A second session of the same login: the message is reserved.
+        other = _login(self, self.srv, user)
+        self.assertEqual(other.mail("x@example.org")[0], 450)
+        client.rset()
+        self.assertEqual(other.mail("x@example.org")[0], 250)
+        self.assertEqual(other.rcpt("a@elsewhere.example")[0], 250)
+        # A message refused at its end (too big) gives it back too.
+        self.assertEqual(other.data("Subject: big\n\n" + "x" * 5000)[0], 552)
+        self.assertEqual(client.mail("x@example.org")[0], 250)
+        # The session ends without DATA.
+        client.close()
+        self.assertTrue(_wait_for(lambda: self.mail_code(other) == 250))
+        self.assertEqual(other.rcpt("a@elsewhere.example")[0], 250)
+        self.assertEqual(other.data(sub._SUB_MESSAGE)[0], 250)
+        self.assertEqual(other.mail("x@example.org")[0], 450)
+
+    @staticmethod
+    def mail_code(client):
+        client.rset()
+        return client.mail("x@example.org")[0]
+
+
+class SubmissionRateTrackerTest(unittest.TestCase):
+    """The shared counts themselves: exact across processes, a dead
+    process's reservations dropped, a busy login's count kept whole."""
+
+    def test_processes_reserving_at_once_get_exactly_the_limit(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        children = []
+        for _ in range(6):
+            pid = os.fork()
+            if pid == 0:
+                got = sum(tracker.reserve("Carol", tracker.token(), (10, None),
+                                          messages=1)[0] for _ in range(5))
+                os.write(w, b"%d\n" % got)
+                # Stopped: alive, holding its reservations, until killed.
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os._exit(0)
+            children.append(pid)
+        os.close(w)
+        data = b""
+        while data.count(b"\n") < len(children):
+            chunk = os.read(r, 100)
+            if not chunk:
+                break
+            data += chunk
+        self.assertEqual(sum(int(n) for n in data.split()), 10)
+        self.assertEqual(tracker.counts("carol"), (10, 0))
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        # Their processes are gone, and so are their reservations.
+        self.assertEqual(tracker.counts("carol"), (0, 0))
+
+    def test_a_busy_login_keeps_its_whole_count(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        for _ in range(3000):
+            token = tracker.token()
+            self.assertTrue(tracker.reserve("bulk", token, (10000, 30000), messages=1)[0])
+            self.assertTrue(tracker.reserve("bulk", token, (10000, 30000), recipients=2)[0])
+            tracker.commit("bulk", token, 2)
+        self.assertEqual(tracker.counts("bulk"), (3000, 6000))
+
+    def test_release_gives_back_what_was_reserved(self):
+        tracker = zmsmtpd.SubmissionRateTracker()
+        token = tracker.token()
+        tracker.reserve("dave", token, (1, 2), messages=1)
+        tracker.reserve("dave", token, (1, 2), recipients=1)
+        self.assertEqual(tracker.reserve("dave", tracker.token(), (1, 2), messages=1),
+                         (False, 1, 1))
+        tracker.release("dave", token, recipients=1)
+        self.assertEqual(tracker.counts("dave"), (1, 0))
+        tracker.release("dave", token)
+        self.assertEqual(tracker.counts("dave"), (0, 0))
 
 
 class SubmissionPolicyConfigErrorTest(unittest.TestCase):
