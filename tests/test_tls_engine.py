@@ -37,7 +37,7 @@ from tests.test_tls_on_loop import wait_until
 HANDSHAKE_TIMEOUT = 1
 
 #: The write timeout the daemon of the non-reading client test runs with.
-SHORT_WRITE_TIMEOUT = 2.0
+SHORT_WRITE_TIMEOUT = 4.0
 
 
 def cpu_seconds(pid):
@@ -55,9 +55,16 @@ class _EngineServerCase(_TdServerCase):
                  "PARAM session-workers 1\nPARAM tls-handshake-timeout %d\n"
                  % HANDSHAKE_TIMEOUT)
 
+    #: SO_RCVBUF of the test's connections (None: the system's).
+    client_rcvbuf = None
+
     def connect(self, kind="smtp"):
-        sock = socket.create_connection(("127.0.0.1", self.server.ports[kind]), 20)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
+        if self.client_rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.client_rcvbuf)
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", self.server.ports[kind]))
         return sock
 
     def starttls_220(self):
@@ -247,12 +254,18 @@ class _ShortWriteTimeoutDaemon(_TdDaemon):
 class _NonReadingClientChecks(object):
     """The client pipelines NOOPs over TLS and never reads their replies."""
 
+    client_rcvbuf = 4096
+
     @classmethod
     def setUpClass(cls):
         _td_need_openssl(cls)
         cls.server = _ShortWriteTimeoutDaemon()
         try:
-            cls.server.start(cls.listeners + "PARAM session-model %s\n" % cls.model)
+            # NOOPs are the client's flood here, not junk to cut short; a
+            # small send buffer fills soon.
+            cls.server.start(cls.listeners + "PARAM session-model %s\n"
+                             "PARAM junk-command-limit 0\nPARAM TcpXmitBufferSize 16384\n"
+                             % cls.model)
         except Exception:
             cls.server.cleanup()
             raise
@@ -267,19 +280,14 @@ class _NonReadingClientChecks(object):
     def test_a_client_that_never_reads_costs_no_cpu_and_meets_the_write_timeout(self):
         pid = self.session_process()
         tls, replies = self.tls_session()
-        # A small receive buffer, so that the replies fill it soon.
-        tls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         tls.settimeout(1.0)
-        burst = b"NOOP\r\n" * 10000
-        sent = 0
         try:
-            while sent < 64 * len(burst):
-                tls.sendall(burst)
-                sent += len(burst)
+            tls.sendall(b"NOOP\r\n" * 20000)      # some 280 KB of replies
         except (socket.timeout, ssl.SSLError, OSError):
             pass            # the server stopped reading: its replies are stuck
+        time.sleep(1.0)     # the server answers until its buffers are full
         before, start = cpu_seconds(pid), time.time()
-        time.sleep(1.0)
+        time.sleep(1.5)
         used = cpu_seconds(pid) - before
         self.assertLess(used, 0.3 * (time.time() - start),
                         "the server spent %.2f s of CPU on a stuck client" % used)
@@ -356,4 +364,7 @@ class ProxyHeaderAndTlsHelloInOneSegmentTest(_TdServerCase):
                 pass
             sock.sendall(outgoing.read())
         self.assertTrue(greeting.startswith(b"220 "), greeting)
-        self.assertIn("via proxy [127.0.0.1]", self.server.log_text())
+        tls.write(b"QUIT\r\n")
+        sock.sendall(outgoing.read())
+        self.assertTrue(wait_until(lambda: "via proxy [127.0.0.1]" in self.server.log_text(),
+                                   10), self.server.log_text())
