@@ -10,6 +10,10 @@
 * A renegotiation (openssl s_client's ``R``) is refused in every model.
 * A client that comes back with its TLS session resumes it.
 * A 5 MB message over TLS arrives intact.
+* An idle TLS session gets its 421 at once when the server stops, in
+  every model.
+* On an implicit-TLS listener behind a balancer, a client hello in the
+  same segment as the PROXY header reaches the TLS engine whole.
 
 Run from the repository root:  python -m unittest -v tests.test_tls_engine
 """
