@@ -19,6 +19,9 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4b. DNS ................ a stub resolver (resolv.conf, hosts, UDP and
+                            TCP, a TTL cache) whose waits are WANT_READABLE
+                            requests: a worker's loop serves them
   4c. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
                             does (HostsAccess), for PARAM use-tcp-wrapper
   5. Replies .............. the one table of reply codes and texts
@@ -36,13 +39,16 @@ Map of this file, in the order data flows through it:
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
-                            SessionStart and MailTransactionVerbs), one
+                            SessionStart, MailTransactionVerbs and
+                            TransactionPolicy), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker, the
-                            built-in password check (PAM, shadow and crypt
-                            through ctypes), AuthSpawner (the helper process
-                            that starts the programs and the check)
+                            PipeAuthenticator, the opt-in verdict cache
+                            (AuthVerdictCache, CachingAuthenticator),
+                            AuthFailureTracker, the built-in password check
+                            (PAM, shadow and crypt through ctypes),
+                            AuthSpawner (the helper process that starts
+                            the programs and the check)
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -58,6 +64,7 @@ import fcntl
 import functools
 import gc
 import getopt
+import hashlib
 import heapq
 import hmac
 import ipaddress
@@ -84,7 +91,7 @@ import time
 import traceback
 import warnings
 import weakref
-from collections import deque, namedtuple
+from collections import OrderedDict, deque, namedtuple
 
 try:
     import syslog
@@ -145,11 +152,58 @@ RATE_BUCKET_BYTES = 65536
 #: counts (dated by the last of them, so they expire no earlier than they
 #: should): a login's entries stay few whatever its limit.
 RATE_MERGE_SECONDS = 60.0
+#: Name facts (reverse names, HELO confirmations) a process keeps before
+#: it starts afresh; each for Runtime.NAME_TTL seconds.
+NAME_CACHE_ENTRIES = 10000
+#: Verdicts ``PARAM smtp-auth-cache TTL`` keeps when no SIZE is given (a
+#: bound on memory: a few hundred bytes each).
+AUTH_CACHE_DEFAULT_SIZE = 1000
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
 #: taken only when a file of an earlier process with the same pid is left).
 SPOOL_NAME_ATTEMPTS = 27
+#: The resolver's configuration file (nameserver and options lines).
+RESOLV_CONF = "/etc/resolv.conf"
+#: The name servers' port (resolv.conf has no syntax for another).
+DNS_PORT = 53
+#: Name servers used from it, and the bounds on its ``options``; without
+#: options the C library's defaults (5 seconds, 2 attempts) apply.
+DNS_SERVERS_MAX = 3
+DNS_TIMEOUT_DEFAULT = 5
+DNS_ATTEMPTS_DEFAULT = 2
+DNS_TIMEOUT_MAX = 30
+DNS_ATTEMPTS_MAX = 5
+#: The host table consulted before DNS, as the C library's "files dns".
+HOSTS_FILE = "/etc/hosts"
+#: Seconds between two looks at those files' mtimes; bytes read of them.
+DNS_CONF_RECHECK = 1.0
+DNS_SYSTEM_FILE_MAX = 1048576
+#: Answers kept per process; records cached at most this long whatever
+#: their TTL, "no such name" / "no such record" at most DNS_NEGATIVE_TTL_MAX.
+DNS_CACHE_ENTRIES = 20000
+DNS_TTL_MAX = 86400
+DNS_NEGATIVE_TTL_MAX = 3600
+#: Largest UDP answer taken (RFC 1035 allows 512 without EDNS, which we do
+#: not send) and largest TCP answer (its two-byte length prefix's range).
+DNS_UDP_MAX = 512
+DNS_TCP_MAX = 65535
+#: Records read from one answer's answer and authority sections; more is a
+#: flood, not an answer to one question.
+DNS_RECORDS_MAX = 256
+#: Compression pointers followed within one name (each must also point
+#: before the one followed last, so that a loop ends).
+DNS_POINTERS_MAX = 32
+#: MX hosts of a domain whose addresses are looked at, best first.
+DNS_MX_HOSTS_MAX = 10
+#: CNAME links followed from the name asked for.
+DNS_CNAME_HOPS = 8
+#: Datagrams that are not the answer (wrong id, question or sender) taken
+#: while waiting for one; more is a flood and ends the wait.
+DNS_STRAY_MAX = 20
+#: Seconds between two looks at a TCP connection being set up (the loop's
+#: readiness wait is for reading only).
+DNS_TCP_CONNECT_POLL = 0.005
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -548,6 +602,7 @@ _PARAMS = [
     (("smtp-auth-pipe-timeout",), "Grp", "float", "auth_pipe_timeout", None),
     (("smtp-auth-pipe-user",), "Grp", "str", "auth_pipe_user", None),
     (("auth-failrate",), "Grp", "atoi", "auth_failrate", 3),
+    (("smtp-auth-cache",), "Grp", "authcache", "auth_cache", None),
     (("smtp-auth-sasl",), "Grp", "on", "auth_sasl", None),
     (("no-smtp-auth-sasl",), "Grp", "off", "auth_sasl", None),
     (("sasl-mechanisms",), "Grp", "raw", "sasl_mechanisms", None),
@@ -559,6 +614,8 @@ _PARAMS = [
     (("no-use-tls",), "Grp", "off", "use_tls", None),
     (("tls-cert-file",), "Grp", "str", "tls_cert", None),
     (("tls-key-file",), "Grp", "str", "tls_key", None),
+    (("tls-eccert-file",), "Grp", "str", "tls_eccert", None),
+    (("tls-eckey-file",), "Grp", "str", "tls_eckey", None),
     (("tls-dcert-file",), "Grp", "str", "tls_dcert", None),
     (("tls-dkey-file",), "Grp", "str", "tls_dkey", None),
     (("tls-dh1024",), "Grp", "str", "tls_dh1024", None),
@@ -697,8 +754,9 @@ GROUP_DEFAULTS = dict(
     vrfycmd=False, smtp_auth=False, auth_without_tls=False, no_auth_on_25=False,
     username_prompt="Username:", password_prompt="Password:", auth_pipe=None,
     auth_pipe_timeout=30.0, auth_pipe_user=None, auth_failrate=20, auth_sasl=False,
-    sasl_mechanisms=None, no_msa_sender_rewrite=False, use_tls=False,
-    tls_cert=None, tls_key=None, tls_dcert=None, tls_dkey=None, tls_dh1024=None,
+    sasl_mechanisms=None, auth_cache=None, no_msa_sender_rewrite=False, use_tls=False,
+    tls_cert=None, tls_key=None, tls_eccert=None, tls_eckey=None, tls_dcert=None,
+    tls_dkey=None, tls_dh1024=None,
     tls_dh512=None, tls_cafile=None, tls_capath=None, tls_ciphers=None,
     tls_min_version="TLSv1.2",
     tls_random_source=None, tls_loglevel=0, tls_ccert_vd=1, tls_ask_cert=0,
@@ -1147,7 +1205,8 @@ class ConfigReader(object):
             return "bad PARAM keyword/missing parameters"
         target[attr] = args[0]
         # Setting one of the certificate pair fills the other if unset.
-        pair = {"tls_cert": "tls_key", "tls_key": "tls_cert"}.get(attr)
+        pair = {"tls_cert": "tls_key", "tls_key": "tls_cert",
+                "tls_eccert": "tls_eckey", "tls_eckey": "tls_eccert"}.get(attr)
         if pair and not target.get(pair):
             target[pair] = args[0]
         if attr == "tls_cafile" and not args[0]:
@@ -1240,14 +1299,25 @@ class ConfigReader(object):
             self.fail(lineno, "PARAM %s takes on or off, not %r" % (name, args[0]))
         target[attr] = word in ("on", "yes", "true", "1")
 
-    def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
-        """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
+    def _one_or_two_counts(self, lineno, args, name, usage):
+        """One or two positive whole numbers; anything else stops the load."""
         words = [a for a in args if not a.startswith("#")][:3]
         if not words or len(words) > 2 or not all(re.match(r"^[0-9]{1,9}$", w) and int(w) > 0
                                                    for w in words):
-            self.fail(lineno, "PARAM %s needs MSGS [RCPTS], positive whole numbers per "
-                      "user and hour, not %r" % (name, " ".join(args)))
-        target[attr] = (int(words[0]), int(words[1]) if len(words) > 1 else None)
+            self.fail(lineno, "PARAM %s needs %s, not %r" % (name, usage, " ".join(args)))
+        return [int(w) for w in words] + [None]
+
+    def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
+        """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
+        target[attr] = tuple(self._one_or_two_counts(
+            lineno, args, name, "MSGS [RCPTS], positive whole numbers per user and hour")[:2])
+
+    def _kind_authcache(self, lineno, target, attr, extra, args, name):
+        """``TTL [SIZE]``: seconds a verdict is kept, and how many are."""
+        ttl, size = self._one_or_two_counts(
+            lineno, args, name, "TTL [SIZE], positive whole numbers (seconds a verdict is "
+            "kept, verdicts kept)")[:2]
+        target[attr] = (ttl, size or AUTH_CACHE_DEFAULT_SIZE)
 
     def _kind_nets(self, lineno, target, attr, extra, args, name):
         nets = []
@@ -1444,8 +1514,12 @@ def validate_config(config, daemon=True):
                 problems.append("%s: PARAM use-tls needs PARAM tls-cert-file"
                                 % config_where(config, index, "use_tls"))
             seen = set()
-            for attr, keyword in (("tls_cert", "tls-cert-file"), ("tls_key", "tls-key-file"),
-                                  ("tls_cafile", "tls-CAfile")):
+            # A key file defaults to its certificate's file (one PEM with both).
+            for attr, keyword, cert_attr in (
+                    ("tls_cert", "tls-cert-file", None), ("tls_key", "tls-key-file", "tls_cert"),
+                    ("tls_eccert", "tls-eccert-file", None),
+                    ("tls_eckey", "tls-eckey-file", "tls_eccert"),
+                    ("tls_cafile", "tls-CAfile", None)):
                 path = getattr(g, attr)
                 if not path or path in seen:
                     continue
@@ -1455,8 +1529,8 @@ def validate_config(config, daemon=True):
                         pass
                 except (IOError, OSError) as e:
                     where = config_where(config, index, attr)
-                    if where == config.path:  # the key file defaults to the cert
-                        where = config_where(config, index, "tls_cert")
+                    if where == config.path and cert_attr:
+                        where = config_where(config, index, cert_attr)
                     problems.append("%s: PARAM %s %s: cannot read it: %s" % (
                         where, keyword, path, e.strerror or e))
     return problems
@@ -1483,15 +1557,27 @@ POLICY_ATTRIBUTES = frozenset((
 POLICY_IMPLEMENTED = frozenset((
     "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
-    "maxsameipsource", "relaycustomer", "maxoutsize"))
+    "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
+    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
+    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
-              "fulltrustnet", "trustrecipients", "maxsameipsource")
-PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
+              "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
+              "rcpt-dns-rbl", "ratelimitmsgs")
+PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
+#: The sender's lookups at MAIL FROM: its whole address, then its domain
+#: (``.`` for the null sender).  What the address's entry sets, even to
+#: ``-``, is not asked of the domain.
+SENDER_USER_REQUEST = ("rejectsource", "freezesource")
+SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns")
+#: The recipient's lookups at RCPT TO: its whole address, then its domain.
+RCPT_USER_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "localdomain")
+RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "acceptifmx", "acceptifdns",
+                       "localdomain")
 
 
 def _policy_network(key):
@@ -1548,11 +1634,18 @@ class PolicyVerdict(object):
     """What the policy says about one connection (mutable per session)."""
 
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
-                 "trust_recipients", "freeze", "maxinsize", "maxsameip")
+                 "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
+                 "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit")
 
     def __init__(self):
         self.reject = False
         self.reject_message = None
+        self.rbl_zones = None       # test-dns-rbl: zones to look the client up in
+        self.rbl_message = None     # its ``message`` text
+        self.rcpt_rbl = None        # rcpt-dns-rbl: zones, or ``_text``
+        self.rcpt_rbl_text = None   # what refuses recipients that test-rcpt-dns-rbl
+        self.listed = False         # refused by an RBL (found by the session)
+        self.ratelimit = None       # ratelimitmsgs: messages an hour (negative: refuse hard)
         self.always_accept = False
         self.full_trust = False
         self.trust_recipients = False
@@ -1616,6 +1709,13 @@ class PolicyTable(object):
                 table.records.setdefault(key, []).extend(plist)
         table.unimplemented = tuple(sorted(seen_unimplemented))
         return table
+
+    def sets_any(self, names):
+        """Does any entry set one of the attributes ``names`` to ``+``?"""
+        for pairs in list(self.records.values()) + list(self.networks.values()):
+            if any(name in names and value == "+" for name, value in pairs):
+                return True
+        return False
 
     # -- resolution ----------------------------------------------------------
 
@@ -1890,6 +1990,12 @@ def connection_verdict(table, ip, rhostname=None):
         v.maxsameip = _c_int(found["maxsameipsource"][0], None)
         if v.maxsameip == 0:
             v.reject = True
+    if "test-dns-rbl" in found:
+        v.rbl_zones, v.rbl_message = found["test-dns-rbl"]
+    if "rcpt-dns-rbl" in found:
+        v.rcpt_rbl = found["rcpt-dns-rbl"][0]
+    if "ratelimitmsgs" in found:
+        v.ratelimit = _c_int(found["ratelimitmsgs"][0], None) or None
     if not v.reject and not v.full_trust and rhostname and not rhostname.startswith("["):
         named = table.lookup_domain(rhostname, PTR_REQUEST) or {}
         if policy_says(named, "rejectnet"):
@@ -1899,7 +2005,134 @@ def connection_verdict(table, ip, rhostname=None):
             v.freeze = True
         if not v.always_accept and policy_says(named, "relaycustnet"):
             v.always_accept = True
+        if v.rcpt_rbl is None and named.get("rcpt-dns-rbl", ("",))[0].startswith("_"):
+            v.rcpt_rbl = named["rcpt-dns-rbl"][0]
     return v
+
+
+class SenderVerdict(object):
+    """What the policy says about one MAIL FROM address: ``refuse`` (the
+    attribute's ``message`` text or None in ``message``), ``freeze`` (the
+    message goes to the freezer), ``norelay`` (every recipient needs us
+    as its MX), ``dns_mode`` (senderokwithdns: the first character of its
+    value, or None for no DNS check) and the domain to check."""
+
+    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain")
+
+    def __init__(self):
+        self.refuse = self.freeze = self.norelay = False
+        self.message = self.dns_mode = self.domain = None
+
+
+def sender_verdict(table, address):
+    """The sender attributes: the address's own entry first (``freezesource
+    +`` there freezes, ``rejectsource +`` refuses), then its domain's (where
+    ``freezesource +`` refuses too, as in the original).  An address
+    without a domain is judged by its own entry only."""
+    s = SenderVerdict()
+    if table is None:
+        return s
+    masked = ()
+    if address:
+        own = table.lookup_user(address, SENDER_USER_REQUEST)
+        if own is not None:
+            for name, effect in (("freezesource", "freeze"), ("rejectsource", "refuse")):
+                if policy_says(own, name):
+                    setattr(s, effect, True)
+                    s.message = own[name][1]
+                    return s
+            masked = tuple(n for n in SENDER_USER_REQUEST if n in own)
+        at = find_unquoted(address, "@", last=True)
+        if at < 0:
+            return s
+        domain = address[at + 1:]
+    else:
+        domain = "."
+    found = table.lookup_domain(domain, tuple(
+        n for n in SENDER_DOMAIN_REQUEST if n not in masked)) or {}
+    for name in ("rejectsource", "freezesource"):
+        if policy_says(found, name):
+            s.refuse = True
+            s.message = found[name][1]
+            return s
+    if address:
+        s.norelay = policy_says(found, "sendernorelay")
+        if "senderokwithdns" in found and not domain.startswith("["):
+            s.dns_mode = found["senderokwithdns"][0][:1]
+            s.domain = domain
+    return s
+
+
+class RecipientVerdict(object):
+    """What the policy says about one RCPT TO address, before any DNS:
+    ``outcome`` is "accept", "freeze", "refuse" (``relaytarget -``), "rbl"
+    (the recipient honours the client's rcpt-dns-rbl listing, whose text
+    is ``message``),
+    "relay" (a domain the policy does not let this client relay to) or
+    "dns" (``check`` says which: "mx" for acceptifmx or a sendernorelay
+    sender, "exists" for acceptifdns; ``mode``
+    the first character of the attribute's value); ``domain`` the domain
+    the DNS check is about, ``message`` the deciding attribute's text."""
+
+    __slots__ = ("outcome", "check", "mode", "domain", "message")
+
+    def __init__(self, outcome, check=None, mode="-", domain=None, message=None):
+        self.outcome = outcome
+        self.check = check
+        self.mode = mode
+        self.domain = domain
+        self.message = message
+
+
+def recipient_verdict(table, address, local_names, always_accept=False, norelay=False,
+                      rbl_text=None):
+    """The recipient side of the policy for a client that is not fully
+    trusted: its whole address's ``relaytarget``/``freeze`` decide first;
+    then its domain (with the source-route hops of recipient_allowed);
+    ``relaytarget -`` refuses, ``freeze +`` freezes, ``test-rcpt-dns-rbl
+    +`` refuses a client rcpt-dns-rbl listed (``rbl_text``), ``relaytarget +``
+    accepts; a relaycustnet client may send anywhere else; ``acceptifmx`` (or a sendernorelay sender) needs us as
+    the domain's MX, ``acceptifdns`` a domain that exists; a domain that
+    is ours or local is accepted, anything else is relaying."""
+    at = find_unquoted(address, "@", last=True)
+    domain = address[at + 1:] if at >= 0 else ""
+    if not domain or address.lower() == "postmaster":
+        return RecipientVerdict("accept")
+    if table is None:
+        return RecipientVerdict("accept" if always_accept or
+                                recipient_allowed(None, address, local_names) else "relay")
+    own = table.lookup_user(address, RCPT_USER_REQUEST) or {}
+    if "relaytarget" in own:
+        return RecipientVerdict("accept" if policy_says(own, "relaytarget") else "refuse",
+                                message=own["relaytarget"][1])
+    if policy_says(own, "freeze"):
+        return RecipientVerdict("freeze", message=own["freeze"][1])
+    if rbl_text is not None and policy_says(own, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
+    found = table.lookup_domain(domain, RCPT_DOMAIN_REQUEST) or {}
+    if "relaytarget" in found and not policy_says(found, "relaytarget"):
+        return RecipientVerdict("refuse", message=found["relaytarget"][1])
+    if policy_says(found, "freeze"):
+        return RecipientVerdict("freeze", message=found["freeze"][1])
+    if rbl_text is not None and policy_says(found, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
+    if policy_says(found, "relaytarget") or policy_says(found, "localdomain") or \
+            domain.lower() in local_names or policy_says(own, "localdomain"):
+        if always_accept or recipient_allowed(table, address, local_names):
+            return RecipientVerdict("accept")
+        return RecipientVerdict("relay")
+    if always_accept:
+        return RecipientVerdict("accept")
+    if domain.startswith("["):
+        return RecipientVerdict("relay")
+    if "acceptifmx" in found or norelay:
+        mode = found["acceptifmx"][0][:1] if "acceptifmx" in found else "."
+        return RecipientVerdict("dns", "mx", mode, domain,
+                                found["acceptifmx"][1] if "acceptifmx" in found else None)
+    if "acceptifdns" in found:
+        return RecipientVerdict("dns", "exists", found["acceptifdns"][0][:1], domain,
+                                found["acceptifdns"][1])
+    return RecipientVerdict("relay")
 
 
 #: How many rounds the relay test spends on a recipient's local part
@@ -1975,6 +2208,741 @@ def recipient_allowed(table, address, local_names):
             return False
     return False
 
+
+# ---------------------------------------------------------------------------
+# 4b. DNS: a stub resolver (RFC 1035) that waits on the session's loop
+# ---------------------------------------------------------------------------
+
+#: Record types asked for, and the classes of answer a lookup gives.
+DNS_A, DNS_NS, DNS_CNAME, DNS_SOA, DNS_PTR, DNS_MX, DNS_TXT, DNS_AAAA = \
+    1, 2, 5, 6, 12, 15, 16, 28
+DNS_TYPE_NAMES = {DNS_A: "A", DNS_CNAME: "CNAME", DNS_SOA: "SOA", DNS_PTR: "PTR",
+                  DNS_MX: "MX", DNS_TXT: "TXT", DNS_AAAA: "AAAA", DNS_NS: "NS"}
+DNS_OK, DNS_NXDOMAIN, DNS_NODATA, DNS_TEMPFAIL = "ok", "nxdomain", "nodata", "tempfail"
+
+_DNS_HEADER = struct.Struct("!HHHHHH")
+_DNS_RR = struct.Struct("!HHIH")
+_DNS_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+
+
+class DnsFormatError(Exception):
+    """A packet that is not a well-formed DNS message (or not one we take)."""
+
+
+class DnsAnswer(namedtuple("DnsAnswer", "status records ttl why")):
+    """A lookup's outcome: ``status`` one of DNS_OK (``records`` holds the
+    values: address strings, (preference, host) for MX, one string per TXT
+    record, host names for PTR and CNAME), DNS_NXDOMAIN, DNS_NODATA (both
+    answers, ``records`` empty) or DNS_TEMPFAIL (``why`` says what went
+    wrong); ``ttl`` is how long it may be cached."""
+
+    __slots__ = ()
+
+    @property
+    def temporary(self):
+        return self.status == DNS_TEMPFAIL
+
+
+def dns_tempfail(why):
+    return DnsAnswer(DNS_TEMPFAIL, (), 0, why)
+
+
+def dns_encode_name(name):
+    """A domain name in wire format; ValueError for one DNS cannot carry."""
+    name = name.rstrip(".")
+    out = []
+    if name:
+        for label in name.split("."):
+            raw = label.encode("ascii")     # UnicodeError is a ValueError
+            if not 0 < len(raw) < 64:
+                raise ValueError("bad label in %r" % name)
+            out.append(struct.pack("B", len(raw)) + raw)
+    out.append(b"\0")
+    wire = b"".join(out)
+    if len(wire) > 255:
+        raise ValueError("name too long")
+    return wire
+
+
+def dns_query(qid, name, qtype):
+    """A query packet: recursion desired, one question of class IN."""
+    return _DNS_HEADER.pack(qid, 0x0100, 1, 0, 0, 0) + dns_encode_name(name) + \
+        struct.pack("!HH", qtype, 1)
+
+
+def dns_read_name(packet, offset):
+    """(name, offset after it) of the name at ``offset``, compression
+    pointers followed; DnsFormatError for anything hostile: a pointer
+    loop or one pointing forwards, a cut packet, a name over 255 bytes."""
+    labels = []
+    length = 0
+    end = None
+    pointers = 0
+    lowest = offset
+    n = len(packet)
+    while True:
+        if offset >= n:
+            raise DnsFormatError("name runs past the end")
+        size = packet[offset]
+        if size & 0xC0 == 0xC0:
+            if offset + 1 >= n:
+                raise DnsFormatError("cut compression pointer")
+            target = ((size & 0x3F) << 8) | packet[offset + 1]
+            pointers += 1
+            if target >= lowest or pointers > DNS_POINTERS_MAX:
+                raise DnsFormatError("compression pointer loop")
+            if end is None:
+                end = offset + 2
+            offset = lowest = target
+            continue
+        if size & 0xC0:
+            raise DnsFormatError("unknown label type")
+        offset += 1
+        if size == 0:
+            break
+        if offset + size > n:
+            raise DnsFormatError("label runs past the end")
+        length += size + 1
+        if length > 255:
+            raise DnsFormatError("name longer than 255 bytes")
+        labels.append(packet[offset:offset + size].decode("latin-1"))
+        offset += size
+    return ".".join(labels), (end if end is not None else offset)
+
+
+def _dns_rdata(packet, rtype, start, size):
+    """A record's value as DnsAnswer keeps it (None for types not kept)."""
+    end = start + size
+    if rtype == DNS_A:
+        if size != 4:
+            raise DnsFormatError("A record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET, packet[start:end])
+    if rtype == DNS_AAAA:
+        if size != 16:
+            raise DnsFormatError("AAAA record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET6, packet[start:end])
+    if rtype in (DNS_CNAME, DNS_PTR, DNS_NS):
+        name, after = dns_read_name(packet, start)
+        if after != end:
+            raise DnsFormatError("name record of the wrong length")
+        return name
+    if rtype == DNS_MX:
+        if size < 3:
+            raise DnsFormatError("MX record too short")
+        name, after = dns_read_name(packet, start + 2)
+        if after != end:
+            raise DnsFormatError("MX record of the wrong length")
+        return (struct.unpack("!H", packet[start:start + 2])[0], name)
+    if rtype == DNS_TXT:
+        parts, i = [], start
+        while i < end:
+            j = i + 1 + packet[i]
+            if j > end:
+                raise DnsFormatError("TXT string runs past its record")
+            parts.append(packet[i + 1:j].decode("utf-8", "replace"))
+            i = j
+        return "".join(parts)
+    if rtype == DNS_SOA:
+        _, i = dns_read_name(packet, start)
+        _, i = dns_read_name(packet, i)
+        if i + 20 != end:
+            raise DnsFormatError("SOA record of the wrong length")
+        return struct.unpack("!5I", packet[i:end])[4]      # the minimum TTL
+    return None
+
+
+class DnsMessage(object):
+    """A parsed answer: header fields, the question, and the records of
+    its answer and authority sections as (owner, type, ttl, value)."""
+
+    __slots__ = ("qid", "rcode", "truncated", "question", "answers", "authority")
+
+    @classmethod
+    def parse(cls, packet):
+        if len(packet) < _DNS_HEADER.size:
+            raise DnsFormatError("shorter than a header")
+        qid, flags, qdcount, ancount, nscount, _ = _DNS_HEADER.unpack_from(packet)
+        m = cls()
+        m.qid = qid
+        m.rcode = flags & 0x000F
+        m.truncated = bool(flags & 0x0200)
+        if not flags & 0x8000:
+            raise DnsFormatError("not a response")
+        if qdcount != 1:
+            raise DnsFormatError("%d questions" % qdcount)
+        if ancount + nscount > DNS_RECORDS_MAX:
+            raise DnsFormatError("%d records" % (ancount + nscount))
+        name, offset = dns_read_name(packet, _DNS_HEADER.size)
+        if offset + 4 > len(packet):
+            raise DnsFormatError("cut question")
+        qtype, qclass = struct.unpack_from("!HH", packet, offset)
+        m.question = (name.lower(), qtype, qclass)
+        offset += 4
+        m.answers, m.authority = [], []
+        try:
+            m._records(packet, offset, ancount, nscount)
+        except DnsFormatError:
+            if not m.truncated:
+                raise
+            # A truncated answer may stop anywhere: the TCP one is asked for.
+        return m
+
+    def _records(self, packet, offset, ancount, nscount):
+        for section, count in ((self.answers, ancount), (self.authority, nscount)):
+            for _ in range(count):
+                owner, offset = dns_read_name(packet, offset)
+                if offset + _DNS_RR.size > len(packet):
+                    raise DnsFormatError("cut record header")
+                rtype, rclass, ttl, size = _DNS_RR.unpack_from(packet, offset)
+                offset += _DNS_RR.size
+                if offset + size > len(packet):
+                    raise DnsFormatError("record data runs past the end")
+                if rclass == 1:
+                    value = _dns_rdata(packet, rtype, offset, size)
+                    if value is not None:
+                        section.append((owner.lower(), rtype, min(ttl & 0x7FFFFFFF, DNS_TTL_MAX),
+                                        value))
+                offset += size
+
+    def outcome(self, name, qtype):
+        """The DnsAnswer for ``name`` from this message, CNAME links in it
+        followed; (answer, name the chain ends at) where the chain leaves
+        the message without an answer (ask again for that name)."""
+        name = name.lower().rstrip(".")
+        ttl = DNS_TTL_MAX
+        for _ in range(DNS_CNAME_HOPS + 1):
+            values = []
+            alias = None
+            for owner, rtype, rttl, value in self.answers:
+                if owner != name:
+                    continue
+                if rtype == qtype:
+                    values.append(value)
+                    ttl = min(ttl, rttl)
+                elif rtype == DNS_CNAME and alias is None:
+                    alias = value.lower()
+                    ttl = min(ttl, rttl)
+            if values:
+                return DnsAnswer(DNS_OK, tuple(values), ttl, None), None
+            if alias is None:
+                negative = self.negative_ttl()
+                status = DNS_NXDOMAIN if self.rcode == 3 else DNS_NODATA
+                return DnsAnswer(status, (), min(ttl, negative), None), None
+            name = alias
+            if not any(owner == name for owner, _, _, _ in self.answers):
+                return None, name
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS), None
+
+    def negative_ttl(self):
+        """RFC 2308: the SOA record's TTL or its minimum, the smaller;
+        without an SOA the answer is not cached."""
+        for _, rtype, ttl, minimum in self.authority:
+            if rtype == DNS_SOA:
+                return min(ttl, minimum, DNS_NEGATIVE_TTL_MAX)
+        return 0
+
+
+def canonical_ip(text):
+    """An address in the one spelling inet_ntop gives it, or None."""
+    try:
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, socket.error, ValueError):
+        return None
+
+
+class WatchedSystemFile(object):
+    """A system file (resolv.conf, hosts) parsed again when its inode, size
+    or mtime change, looked at at most once every DNS_CONF_RECHECK seconds;
+    a missing file reads as empty.  Subclasses: ``default_path()``,
+    ``parse(text)``."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.lock = threading.Lock()
+        self.signature = False
+        self.checked = 0.0
+        self.parse("")
+
+    def refresh(self):
+        """Called with the lock held."""
+        now = time.time()
+        if now - self.checked < DNS_CONF_RECHECK:
+            return
+        self.checked = now
+        path = self.path or self.default_path()
+        try:
+            st = os.stat(path)
+            signature = (path, st.st_ino, st.st_size, st.st_mtime)
+            if signature == self.signature:
+                return
+            with open(path, "rb") as f:
+                text = f.read(DNS_SYSTEM_FILE_MAX).decode("latin-1")
+        except (OSError, IOError):
+            signature, text = None, ""
+            if signature == self.signature:
+                return
+        self.signature = signature
+        self.parse(text)
+
+
+class HostsFile(WatchedSystemFile):
+    """/etc/hosts, asked before DNS as the C library's ``files dns`` does:
+    an address's first name, a name's addresses."""
+
+    @staticmethod
+    def default_path():
+        return HOSTS_FILE
+
+    def parse(self, text):
+        names, addresses = {}, {}
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            ip = canonical_ip(words[0]) if len(words) > 1 else None
+            if ip is None:
+                continue
+            names.setdefault(ip, words[1])
+            for name in words[1:]:
+                known = addresses.setdefault(name.lower().rstrip("."), [])
+                if ip not in known:
+                    known.append(ip)
+        self.names, self.addresses = names, addresses
+
+    def name_of(self, ip):
+        with self.lock:
+            self.refresh()
+            return self.names.get(canonical_ip(ip) or ip)
+
+    def addresses_of(self, name):
+        with self.lock:
+            self.refresh()
+            return tuple(self.addresses.get(name.lower().rstrip("."), ()))
+
+
+class ResolverConfig(WatchedSystemFile):
+    """The name servers and options of a resolv.conf.  Without a usable
+    nameserver line the local host is asked, as the C library does."""
+
+    def __init__(self, path=None):
+        self.next_first = 0
+        WatchedSystemFile.__init__(self, path)
+
+    @staticmethod
+    def default_path():
+        return RESOLV_CONF
+
+    def current(self):
+        """(servers in the order to ask them this time, timeout, attempts)."""
+        with self.lock:
+            self.refresh()
+            servers = self.servers
+            if self.rotate and len(servers) > 1:
+                first = self.next_first % len(servers)
+                self.next_first = first + 1
+                servers = servers[first:] + servers[:first]
+            return servers, self.timeout, self.attempts
+
+    def parse(self, text):
+        servers = []
+        timeout, attempts, rotate = DNS_TIMEOUT_DEFAULT, DNS_ATTEMPTS_DEFAULT, False
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0][0] in "#;":
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                # The spelling the kernel gives the answer's sender in.
+                address = canonical_ip(words[1].split("%")[0])
+                if address is None:
+                    continue
+                if len(servers) < DNS_SERVERS_MAX:
+                    servers.append(address)
+            elif words[0] == "options":
+                for option in words[1:]:
+                    name, _, value = option.partition(":")
+                    if name == "rotate":
+                        rotate = True
+                    elif name in ("timeout", "attempts") and value.isdigit():
+                        if name == "timeout":
+                            timeout = min(max(int(value), 1), DNS_TIMEOUT_MAX)
+                        else:
+                            attempts = min(max(int(value), 1), DNS_ATTEMPTS_MAX)
+        self.servers = tuple(servers) or ("127.0.0.1",)
+        self.timeout, self.attempts, self.rotate = timeout, attempts, rotate
+
+
+class DnsCache(object):
+    """Answers by (name, type) until their TTL runs out; at most
+    DNS_CACHE_ENTRIES (the expired ones go first, then the lot)."""
+
+    def __init__(self, size=DNS_CACHE_ENTRIES):
+        self.size = size
+        self.entries = {}
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def put(self, key, answer):
+        if answer.temporary or answer.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if len(self.entries) >= self.size:
+                for old in [k for k, v in self.entries.items() if v[0] <= now]:
+                    del self.entries[old]
+                if len(self.entries) >= self.size:
+                    self.entries.clear()
+            self.entries[key] = (now + answer.ttl, answer)
+
+
+class Resolver(object):
+    """A stub resolver whose waits are WANT_READABLE requests (and
+    WANT_SLEEP while a TCP connection is set up): a worker's SessionLoop
+    serves them among its other sessions, a blocking session model with
+    select (blocking_result, drive_blocking).
+
+    Each query goes out from a new UDP socket (the kernel picks a random
+    source port) with a random id; an answer counts only when it comes
+    from the server asked, with that id and question.  A truncated answer
+    is asked again over TCP.  Servers are tried in turn, ``attempts``
+    rounds, each waiting ``timeout`` seconds.  SERVFAIL, refusals,
+    timeouts and hostile packets are temporary failures, logged once."""
+
+    def __init__(self, log=None, conf_path=None, hosts_path=None, port=DNS_PORT):
+        self.log = log
+        self.port = port
+        self.conf = ResolverConfig(conf_path)
+        self.hosts = HostsFile(hosts_path)
+        self.cache = DnsCache()
+
+    def lookup(self, name, qtype):
+        """Generator: the DnsAnswer for ``name``'s records of ``qtype``."""
+        name = name.rstrip(".").lower()
+        try:
+            dns_encode_name(name)
+        except ValueError:
+            return DnsAnswer(DNS_NXDOMAIN, (), 0, "not a domain name")
+        for _ in range(DNS_CNAME_HOPS):
+            key = (name, qtype)
+            answer = self.cache.get(key)
+            if answer is not None:
+                return answer
+            message = yield from self.ask(name, qtype)
+            if not isinstance(message, DnsMessage):
+                return message
+            answer, further = message.outcome(name, qtype)
+            if answer is not None:
+                self.cache.put(key, answer)
+                return answer
+            name = further
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS)
+
+    def ask(self, name, qtype):
+        """Generator: the DnsMessage answering the question, or a
+        DnsAnswer of a temporary failure."""
+        servers, timeout, attempts = self.conf.current()
+        problem = "no answer"
+        for _ in range(attempts):
+            for server in servers:
+                message, why = yield from self._udp(server, name, qtype, timeout)
+                if message is not None and message.truncated:
+                    message, why = yield from self._tcp(server, name, qtype, timeout)
+                if message is not None:
+                    if message.rcode in (0, 3):
+                        return message
+                    why = "rcode %d" % message.rcode
+                problem = why
+                if why.startswith("hostile") or why.startswith("rcode"):
+                    self.note("DNS %s %s from %s: %s" % (
+                        DNS_TYPE_NAMES.get(qtype, qtype), name, server, why))
+        return dns_tempfail(problem)
+
+    def note(self, text):
+        if self.log is not None:
+            self.log.note(text)
+
+    @staticmethod
+    def _matches(message, qid, name, qtype):
+        return message.qid == qid and message.question == (name, qtype, 1)
+
+    def _udp(self, server, name, qtype, timeout):
+        """Generator: (DnsMessage or None, why not) from one server."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        deadline = time.time() + timeout
+        strays = 0
+        try:
+            sock.setblocking(False)
+            try:
+                # Connected: the kernel drops datagrams from anyone else.
+                sock.connect((server, self.port))
+                sock.send(dns_query(qid, name, qtype))
+            except (OSError, socket.error) as e:
+                return None, "send: %s" % e
+            while True:
+                if time.time() >= deadline:
+                    return None, "timed out" if not strays else \
+                        "hostile: timed out after %d stray answers" % strays
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                while True:
+                    try:
+                        packet, peer = sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except (OSError, socket.error) as e:
+                        return None, "receive: %s" % e   # e.g. port unreachable
+                    if len(packet) > DNS_UDP_MAX:
+                        return None, "hostile: oversized answer (%d bytes)" % len(packet)
+                    try:
+                        message = DnsMessage.parse(packet)
+                    except DnsFormatError as e:
+                        return None, "hostile: %s" % e
+                    if peer[0] == server and self._matches(message, qid, name, qtype):
+                        return message, None
+                    strays += 1
+                    if strays > DNS_STRAY_MAX:
+                        return None, "hostile: flood of %d answers that do not match" % strays
+        finally:
+            sock.close()
+
+    def _tcp(self, server, name, qtype, timeout):
+        """Generator: the same question over TCP (after a truncated answer)."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        deadline = time.time() + timeout
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        try:
+            sock.setblocking(False)
+            error = sock.connect_ex((server, self.port))
+            if error not in (0, errno.EINPROGRESS):
+                return None, "TCP connect: %s" % os.strerror(error)
+            while True:
+                _, writable, _ = select.select([], [sock], [], 0)
+                if writable:
+                    break
+                if time.time() >= deadline:
+                    return None, "TCP connect timed out"
+                yield (WANT_SLEEP, DNS_TCP_CONNECT_POLL)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                return None, "TCP connect: %s" % os.strerror(error)
+            query = dns_query(qid, name, qtype)
+            try:
+                sock.send(struct.pack("!H", len(query)) + query)
+            except (OSError, socket.error) as e:
+                return None, "TCP send: %s" % e
+            data = b""
+            want = None
+            while want is None or len(data) < want:
+                if time.time() >= deadline:
+                    return None, "TCP answer timed out"
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                try:
+                    chunk = sock.recv(DNS_TCP_MAX + 2)
+                except BlockingIOError:
+                    continue
+                except (OSError, socket.error) as e:
+                    return None, "TCP receive: %s" % e
+                if not chunk:
+                    return None, "hostile: TCP answer cut short"
+                data += chunk
+                if want is None and len(data) >= 2:
+                    want = 2 + struct.unpack("!H", data[:2])[0]
+                if len(data) > DNS_TCP_MAX + 2 or (want is not None and len(data) > want):
+                    return None, "hostile: TCP answer longer than announced"
+            try:
+                message = DnsMessage.parse(data[2:])
+            except DnsFormatError as e:
+                return None, "hostile: %s" % e
+            if not self._matches(message, qid, name, qtype):
+                return None, "hostile: TCP answer to another question"
+            if message.truncated:
+                return None, "hostile: truncated TCP answer"
+            return message, None
+        finally:
+            sock.close()
+
+    # -- what the server asks --------------------------------------------------
+
+    def addresses(self, name):
+        """Generator: (status, the name's IPv4 and IPv6 addresses); the
+        status of the A lookup unless only AAAA found something.  The hosts
+        file first."""
+        listed = self.hosts.addresses_of(name)
+        if listed:
+            return DNS_OK, listed
+        v4 = yield from self.lookup(name, DNS_A)
+        if v4.temporary:
+            return v4.status, ()
+        v6 = yield from self.lookup(name, DNS_AAAA)
+        found = v4.records + (v6.records if v6.status == DNS_OK else ())
+        if found:
+            return DNS_OK, found
+        if v6.temporary:
+            return v6.status, ()
+        return v4.status, ()
+
+    def reverse_name(self, ip):
+        """Generator: the PTR name of an address (the first that is a
+        valid host name, as the C library takes), None when there is none,
+        DNS_TEMPFAIL when DNS could not say.  The hosts file first."""
+        listed = self.hosts.name_of(ip)
+        if listed:
+            return listed
+        try:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+        except (OSError, socket.error, ValueError):
+            return None
+        answer = yield from self.lookup(
+            reversed_address(packed) + (".in-addr.arpa" if len(packed) == 4 else ".ip6.arpa"),
+            DNS_PTR)
+        if answer.temporary:
+            return DNS_TEMPFAIL
+        for name in answer.records:
+            if _DNS_HOSTNAME_RE.match(name) and len(name) <= 253:
+                return name
+        return None
+
+    def resolves_to(self, name, ip):
+        """Generator: is ``ip`` among ``name``'s addresses?"""
+        ip = canonical_ip(ip)
+        if ip is None:
+            return False
+        _, found = yield from self.addresses(name)
+        return any(canonical_ip(address) == ip for address in found)
+
+
+def reversed_address(packed):
+    """An address's labels as reverse DNS and the RBLs spell them: the
+    bytes (IPv4) or nibbles (IPv6) last first."""
+    if len(packed) == 4:
+        return ".".join(str(b) for b in reversed(bytearray(packed)))
+    return ".".join(reversed(binascii.hexlify(packed).decode("ascii")))
+
+
+def rbl_listing(resolver, ip, zones):
+    """Generator: the text of the first of the ``:``-separated DNS block
+    lists that lists ``ip`` (an A record in 127.0.0.0/24; its TXT record's
+    text, or "" without one), None when none does or DNS cannot say.  A
+    zone ``+`` (the original's removed shorthand for a long-gone list) and
+    ``-`` are skipped."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, socket.error, ValueError):
+        return None
+    for zone in zones.split(":"):
+        zone = zone.strip().strip(".")
+        if zone in ("", "+", "-"):
+            continue
+        name = "%s.%s" % (reversed_address(packed), zone)
+        listed = yield from resolver.lookup(name, DNS_A)
+        if not any(a.startswith("127.0.0.") for a in listed.records):
+            continue
+        text = yield from resolver.lookup(name, DNS_TXT)
+        return "".join(c if " " <= c < "\x7f" or c > "\x9f" else " "
+                       for c in (text.records[0] if text.records else ""))
+    return None
+
+
+class LocalAddresses(object):
+    """This host's own addresses (the kernel's local IPv4 routes and the
+    IPv6 interface addresses), read again every DNS_CONF_RECHECK seconds:
+    a domain whose MX or address is one of them is served here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.checked = 0.0
+        self.addresses = frozenset()
+
+    def current(self):
+        now = time.time()
+        with self.lock:
+            if now - self.checked >= DNS_CONF_RECHECK:
+                self.checked = now
+                self.addresses = self.read()
+            return self.addresses
+
+    @staticmethod
+    def read():
+        found = set()
+        try:
+            with open("/proc/net/fib_trie") as f:
+                last = None
+                for line in f:
+                    words = line.split()
+                    if len(words) == 2 and words[0] == "|--":
+                        last = words[1]
+                    elif last and "/32 host LOCAL" in line:
+                        found.add(last)
+        except (IOError, OSError):
+            pass
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    h = line.split()[0]
+                    found.add(canonical_ip(":".join(h[i:i + 4] for i in range(0, 32, 4))))
+        except (IOError, OSError, IndexError):
+            pass
+        found.discard(None)
+        return frozenset(found)
+
+
+#: What domain_check finds: the domain is served here (or exists, when
+#: that is all that was asked), exists but is served elsewhere, does not
+#: exist (nor has an address), or DNS could not say.
+DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING, DOMAIN_TEMPFAIL = "ok", "elsewhere", "missing", \
+    "tempfail"
+
+
+def address_is_loopback(ip):
+    return ip.startswith("127.") or ip == "::1"
+
+
+def domain_check(resolver, domain, ours, need_us):
+    """Generator: DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING or
+    DOMAIN_TEMPFAIL for a mail domain: its MX hosts' addresses, else its
+    own.  ``need_us``: only an address in ``ours`` (this host's) is OK.
+    A domain whose MX or address is on loopback is a temporary failure:
+    mail for it could go nowhere, and the zone is broken or hostile."""
+    mx = yield from resolver.lookup(domain, DNS_MX)
+    if mx.temporary:
+        return DOMAIN_TEMPFAIL
+    if mx.status == DNS_NXDOMAIN:
+        return DOMAIN_MISSING
+    if mx.records:
+        targets = [host for _, host in sorted(mx.records)][:DNS_MX_HOSTS_MAX]
+        if targets == [""]:
+            return DOMAIN_MISSING       # RFC 7505's null MX: no mail at all
+    else:
+        targets = [domain]
+    unresolved = True
+    for host in targets:
+        status, found = yield from resolver.addresses(host)
+        if status == DNS_TEMPFAIL and not mx.records:
+            return DOMAIN_TEMPFAIL
+        for ip in found:
+            unresolved = False
+            if address_is_loopback(ip):
+                return DOMAIN_TEMPFAIL
+            if ip in ours:
+                return DOMAIN_OK
+    if unresolved and not mx.records:
+        return DOMAIN_MISSING
+    return DOMAIN_ELSEWHERE if need_us else DOMAIN_OK
 
 # ---------------------------------------------------------------------------
 # 4c. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
@@ -2366,7 +3334,6 @@ def tcp_wrapper_warnings(config, access=None):
             for path, line, what in access.problems()]
 
 
-
 # ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
@@ -2385,6 +3352,9 @@ REPLIES = {
     "too_many_same_ip": (450, "4.7.1", ("Come again later", "{contact}",
                                         "Too many simultaneous connections from same IP "
                                         "address ({count} max {limit})")),
+    "too_many_same_ip_policy": (450, None, "{host} - Come again later, too many simultaneous "
+                                           "connections from this IP address /ms({count} of "
+                                           "{limit})"),
     "too_many_parallel": (450, "4.7.1", ("{contact}", "Come again later",
                                          "Too many simultaneous connections to this server "
                                          "({count} max {limit})")),
@@ -2448,7 +3418,24 @@ REPLIES = {
     "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
+    "mail_client_rate": (451, "4.7.1", "Hello {ip}, for your MAIL FROM address {addr} policy "
+                                       "analysis reported: You are sending too much "
+                                       "mail/rcpts per time interval.  Try again later."),
+    "mail_client_rate_hard": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                            "policy analysis reported: You are sending too "
+                                            "much mail/rcpts per time interval.  Try again "
+                                            "later."),
     "mail_sender_not_owned": (553, "5.7.1", "Sender address rejected: not owned by user {login}"),
+    "mail_source_reject": (553, "5.7.1", "Hello {ip}, for MAIL FROM address {addr} access is "
+                                         "denied by the policy analysis functions."),
+    "mail_source_reject_text": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                              "policy analysis reported: {msg}"),
+    "mail_source_dns_error": (553, "5.4.3", "Hello {ip}, for MAIL FROM address {addr} the policy "
+                                            "analysis reports DNS error with your source "
+                                            "domain."),
+    "mail_source_dns_tempfail": (451, "4.4.3", "Hello {ip}, for your input: {addr} policy "
+                                               "analysis reports temporary DNS error with your "
+                                               "source domain."),
     "mail_rate_limit": (450, "4.7.1", "Message submission rate limit exceeded, try again later"),
     # RCPT
     "rcpt_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO command"),
@@ -2474,6 +3461,15 @@ REPLIES = {
     "rcpt_no_space": (452, "4.3.1", "insufficient storage space, try again later"),
     "rcpt_relay_denied": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
                                         "address {addr} via our server"),
+    "rcpt_policy_reject": (550, "5.7.1", "Hello {ip}, Policy rejection on the target address: "
+                                         "{addr}"),
+    "rcpt_rbl": (550, "5.7.1", "Hello {ip}, Policy analysis reported: {msg} rcpt={addr}"),
+    "rcpt_mx_rule": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
+                                   "address {addr} via our server; MX rule"),
+    "rcpt_dns_error": (550, "5.4.3", "Hello {ip}, Policy analysis found DNS error on the target "
+                                     "domain: {addr}"),
+    "rcpt_dns_tempfail": (451, "4.4.3", "Hello {ip}, policy analysis reports temporary DNS error "
+                                        "with the target domain: {addr}"),
     "rcpt_earlier_reject": (550, "5.7.1", "Hello {ip}, access denied by the policy analysis "
                                           "functions by earlier rejection"),
     "rcpt_ok_size": (250, "2.1.5", "Ok; can accomodate {size} byte message{note} for {addr}"),
@@ -2485,6 +3481,8 @@ REPLIES = {
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
     "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data_ok": (250, "2.0.0", "accepted; {id}"),
+    "data_ok_frozen": (250, "2.7.1", "Content-Policy accept-into-freezer-2 msg: accepted into "
+                                     "freezer, no explanations; {id}"),
     "data_too_big": (552, "5.3.4", "Size of this message exceeds the fixed maximum size of  {limit}  "
                                    "chars for received email "),
     "data_header_too_big": (552, "5.3.4", "Message header section exceeds {limit} bytes"),
@@ -2588,7 +3586,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last", "tcp_wrapper_denied"))
+UNKEPT_REPLIES = frozenset(("data_ok", "data_ok_frozen", "bdat_last", "tcp_wrapper_denied"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -3555,9 +4553,8 @@ class ThreadHandover(object):
     """The one place where a worker's conversation leaves its SessionLoop
     for a thread and comes back.
 
-    A conversation that asks for WANT_THREAD (a DNS lookup not in the
-    cache, an auth program started without the spawner) continues on a
-    thread with blocking I/O
+    A conversation that asks for WANT_THREAD (an auth program started
+    without the spawner) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
     ``take`` puts it back on the loop to wait for that input there, plain
@@ -3838,10 +4835,6 @@ class SessionLoop(object):
             slot.local = sock.getsockname()
         except (OSError, socket.error):
             self.end(slot)
-            return
-        ip = unmapped_ip(client_address[0])
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
-            self.threads.send(slot, None)     # set-up asks DNS for names
             return
         try:
             session.setup(slot.local)
@@ -4316,22 +5309,29 @@ class Supervisor(object):
         group = listener.group
         contact = group.contact_pointer or DEFAULT_CONTACT
         lines = None
-        if same > cfg.max_same_ip and same > 1:
-            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
-                                 count=same, limit=cfg.max_same_ip)
-        elif total > cfg.max_parallel:
-            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
-                                 count=total, limit=cfg.max_parallel)
-        elif not proxied:
+        verdict = None
+        if not proxied:
             policy = self.runtime.policy_for(group)
             table = policy.current() if policy else None
             if table is not None:
                 verdict = connection_verdict(table, ip)
-                if verdict.reject:
-                    msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
-                        host=self.runtime.hostname)
-                    lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
-                                         contact=contact, msg=msg)
+        if verdict is not None and verdict.maxsameip and verdict.maxsameip > 0:
+            # The client's own limit from the policy, in the original's words.
+            if same > verdict.maxsameip:
+                lines = format_reply("too_many_same_ip_policy", group.enhancedstatus,
+                                     host=self.runtime.hostname, count=same,
+                                     limit=verdict.maxsameip)
+        elif same > cfg.max_same_ip and same > 1:
+            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
+                                 count=same, limit=cfg.max_same_ip)
+        if lines is None and total > cfg.max_parallel:
+            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
+                                 count=total, limit=cfg.max_parallel)
+        elif lines is None and verdict is not None and verdict.reject:
+            msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                host=self.runtime.hostname)
+            lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
+                                 contact=contact, msg=msg)
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
@@ -4626,15 +5626,15 @@ class StopFlag(object):
 #: ``(WANT_INPUT, deadline)`` more bytes in the channel's buffer, or its
 #: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
 #: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
-#: pause; ``(WANT_THREAD, None)`` the next step blocks (an uncached DNS
-#: lookup, an auth program started without the spawner), so it must run on
-#: a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
+#: pause; ``(WANT_THREAD, None)`` the next step blocks (an auth program
+#: started without the spawner), so it must run on a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
 #: buffered, and others may go first (every TURN_COMMANDS commands);
 #: ``(WANT_TLS, (context, deadline))`` the queued replies out in clear
 #: text, then the TLS handshake as the server (sends back None, or the
 #: exception that ended the handshake); ``(WANT_READABLE, (sock,
-#: deadline))`` wait until another socket (the auth spawner's answer) is
-#: readable (sends back True), or the deadline passes (False).
+#: deadline))`` wait until another socket (the auth spawner's answer, a
+#: DNS server's) is readable (sends back True), or the deadline passes
+#: (False).
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
@@ -5608,7 +6608,7 @@ def _always(group):
 #: command); ``msa_open`` still allowed before AUTH on a submission session;
 #: ``policy_open`` still answered when the policy database is broken;
 #: ``junk`` moves no mail, so it counts towards PARAM junk-command-limit;
-#: ``blocks`` the step may need a thread of its own (DNS, an auth program
+#: ``blocks`` the step may need a thread of its own (an auth program
 #: started without the spawner), which its handler asks for with
 #: WANT_THREAD; ``help`` the text of
 #: ``HELP VERB``; ``listed`` in the HELP overview: "always", "enabled"
@@ -5630,10 +6630,10 @@ Alias = namedtuple("Alias", "verb of")
 
 #: In the order of the HELP overview, which is the original's.
 COMMANDS = (
-    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True, blocks=True,
+    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True,
             help=("EHLO <hostname>", "    Extended hello: greet the server and list its "
                                      "extensions.")),
-    command("HELO", msa_open=True, blocks=True,
+    command("HELO", msa_open=True,
             help=("HELO <hostname>", "    Greet the server.")),
     command("MAIL", help=("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
                           "    Specify the originator address for the next message.",
@@ -5911,13 +6911,8 @@ class SessionStart(object):
             self.ip_literal = "[%s]" % self.peer_ip
         tag = "0000000" if mode == "interactive" else session_tag(self.start, number)
         self.log = SessionLog(runtime.log, tag, self.start)
-        self.myhostname = runtime.local_name(local[0] if local else None)
-        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
-            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
-        if runtime.fake_peer is not None and mode == "interactive":
-            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
-        elif not self.network:
-            self.rhostname = "stdin"
+        self.local_ip = local[0] if local else None
+        self.take_names()
         self.policy = runtime.policy_for(group) if self.network else None
         self.verdict = PolicyVerdict()
         self.policy_error = None
@@ -5933,12 +6928,33 @@ class SessionStart(object):
         self.sasl = SaslExchange(self)
         self.reset(RESET_SESSION)
 
+    def take_names(self):
+        """Both ends' names as far as the runtime knows them (from its
+        cache at set-up; from DNS once learn_names has asked)."""
+        runtime = self.runtime
+        self.myhostname = runtime.local_name(self.local_ip)
+        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
+            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        if runtime.fake_peer is not None and self.mode == "interactive":
+            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
+        elif not self.network:
+            self.rhostname = "stdin"
+
+    def learn_names(self):
+        """Generator: the reverse names of both ends and the forward
+        confirmation of the client's, from DNS when not cached."""
+        runtime = self.runtime
+        yield from runtime.find_names(
+            self.local_ip, self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        self.take_names()
+
     def reset(self, level, why=None):
         """Forget what the session has learnt, as far as ``level`` says (see
         RESET_TRANSACTION): RSET, HELO/EHLO, STARTTLS and the session's start
         (again after a PROXY header) all come here.  ``why`` is logged when
         an open transaction's message data is dropped."""
         self.abort_transaction(why)
+        self.sender_refused = False     # the policy refused the last MAIL FROM
         if level == RESET_TRANSACTION:
             if self.state != "HELO":
                 self.state = "MAIL"
@@ -6012,9 +7028,8 @@ class SessionStart(object):
             self.log.note("%s: serving the proxy itself" % self.proxy_check)
             return True
         ip, port = header.source
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
-            yield (WANT_THREAD, None)       # the client's name from DNS
         self.become_client(ip, port)
+        yield from self.learn_names()
         return True
 
     def channel_proxy_header(self, deadline):
@@ -6036,8 +7051,7 @@ class SessionStart(object):
         AUTH failure counts, the log and the envelope."""
         self.peer_ip, self.peer_port = ip, port
         self.ip_literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
-        self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
-            ip if self.runtime.fake_peer is None else None)
+        self.take_names()
         self.reset(RESET_SESSION)
 
     def tcp_wrapper_grants(self):
@@ -6072,6 +7086,31 @@ class SessionStart(object):
         ip = self.runtime.fake_peer or self.peer_ip
         self.verdict = connection_verdict(table, ip, self.rhostname
                                           if self.rhost_a == "OK" else None)
+
+    def check_block_lists(self):
+        """Generator: the client in the DNS block lists of its policy entry
+        (not a client the policy trusts, nor one of our own addresses):
+        ``test-dns-rbl`` refuses the connection with the list's text;
+        ``rcpt-dns-rbl`` (zones, or ``_text`` without DNS) keeps the text
+        for the recipients that ask for it (``test-rcpt-dns-rbl +``)."""
+        v = self.verdict
+        if v.reject or v.always_accept or v.full_trust or not (v.rbl_zones or v.rcpt_rbl):
+            return
+        ip = self.runtime.fake_peer or self.peer_ip
+        if address_is_loopback(ip) or ip in self.runtime.local_addresses.current():
+            return
+        resolver = self.runtime.resolver
+        if v.rbl_zones:
+            text = yield from rbl_listing(resolver, ip, v.rbl_zones)
+            if text is not None:
+                self.log.note("client %s is in the block list: %s" % (ip, text or v.rbl_zones))
+                v.reject = v.listed = True
+                v.reject_message = text or v.rbl_message
+                return
+        if v.rcpt_rbl and v.rcpt_rbl.startswith("_"):
+            v.rcpt_rbl_text = v.rcpt_rbl[1:] if v.rcpt_rbl[1:2] != "+" else None
+        elif v.rcpt_rbl:
+            v.rcpt_rbl_text = yield from rbl_listing(resolver, ip, v.rcpt_rbl)
 
     def greeting(self):
         lines = self.cfg.hdr220 or (REPLIES["greeting_default"][2],)
@@ -6136,6 +7175,165 @@ class SessionStart(object):
         return True
 
 
+class TransactionPolicy(object):
+    """The decisions MAIL and RCPT ask for, one small function each: the
+    policy's sender and recipient attributes, the client's message rate
+    (``ratelimitmsgs``), the sender a login may use and the reservations
+    of submission-rate-limit.  Part of SMTPSession, beside
+    MailTransactionVerbs, whose verbs call them."""
+
+    def sender_policy(self, address):
+        """Generator: the sender's SenderVerdict for a network client that
+        is neither fully trusted nor authenticated (AUTH overrides the
+        policy, as it does for relaying), or None once its refusal is sent
+        (the RCPTs that follow hear of it)."""
+        table = self.policy.table if self.policy else None
+        if not self.network or self.verdict.full_trust or table is None or \
+                self.authuser is not None:
+            return SenderVerdict()
+        sender = sender_verdict(table, address)
+        refusal, fields = None, {}
+        if sender.refuse:
+            refusal = "mail_source_reject"
+            if sender.message:
+                refusal, fields = "mail_source_reject_text", {"msg": sender.message}
+        elif sender.dns_mode is not None:
+            found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
+            refusal = {DOMAIN_MISSING: "mail_source_dns_error",
+                       DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
+        if refusal is None:
+            return sender
+        self.tarpit()
+        self.sender_refused = True
+        self.reply(refusal, addr="<%s>" % address, **fields)
+        return None
+
+    def recipient_policy(self, address):
+        """Generator: relay control and the recipient attributes for
+        network clients without AUTH: None when the recipient may be
+        accepted (a ``freeze`` sends the whole message to the freezer),
+        else the refusal's reply name and fields."""
+        if not self.network or self.authuser is not None:
+            return None
+        v, txn = self.verdict, self.txn
+        if v.reject:
+            return "rcpt_relay_denied", {}
+        if v.full_trust or v.trust_recipients or txn.freeze:
+            return None
+        table = self.policy.table if self.policy else None
+        found = recipient_verdict(table, address, self.runtime.local_names,
+                                  always_accept=v.always_accept, norelay=txn.norelay,
+                                  rbl_text=v.rcpt_rbl_text)
+        if found.outcome == "freeze":
+            txn.freeze = True
+        if found.outcome in ("accept", "freeze"):
+            return None
+        if found.outcome == "rbl":
+            return "rcpt_rbl", {"msg": found.message}
+        if found.outcome != "dns":
+            return ("rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"), {}
+        runtime = self.runtime
+        answer = yield from domain_check(runtime.resolver, found.domain,
+                                         runtime.local_addresses.current(), found.check == "mx")
+        refusal = {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
+                   DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+        return None if refusal is None else (refusal, {})
+
+    def client_rate_permitted(self, address):
+        """``ratelimitmsgs N`` on a relaycustnet client's entry: fewer than N
+        messages from its address in the last hour (10 N once it has
+        authenticated), counted across the server's processes; a negative
+        N refuses hard.  Not in -i sessions, which have no one to count
+        with (nor had the original)."""
+        v = self.verdict
+        if not v.ratelimit or not v.always_accept or self.mode == "interactive":
+            return True
+        limit = abs(v.ratelimit) * (10 if self.authuser is not None else 1)
+        messages, _ = self.runtime.client_messages.counts(self.runtime.fake_peer or self.peer_ip)
+        if messages < limit:
+            return True
+        self.log.note("ratelimitmsgs: %d messages from %s in the last hour (limit %d); MAIL "
+                      "refused" % (messages, self.peer_ip, limit))
+        self.sender_refused = True
+        self.reply("mail_client_rate" if v.ratelimit > 0 else "mail_client_rate_hard",
+                   addr="<%s>" % address)
+        return False
+
+    def count_client_message(self, txn):
+        if self.verdict.ratelimit and self.mode != "interactive":
+            self.runtime.client_messages.record(self.runtime.fake_peer or self.peer_ip,
+                                                len(txn.recipients))
+
+    def note_refused_recipient(self, txn, address):
+        """The envelope keeps the recipients the policy refused, as comments."""
+        try:
+            txn.spool.write(("comment policytest() rejected rcptaddr: <%s>\n" % address)
+                            .encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass                    # the file's next write meets it again
+
+    # -- submission policy: sender ownership and rate limits ----------------------
+
+    def sender_login_permitted(self, address):
+        """``sender-login-match``: an authenticated user sends only as
+        addresses its login owns.  Clients without AUTH are not affected."""
+        if not self.group.sender_login_match or self.authuser is None:
+            return True
+        maps = self.runtime.sender_maps
+        if sender_owned_by_login(address, self.authuser, maps.current() if maps else None):
+            return True
+        self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
+        return False
+
+    def reserve_message(self):
+        """``submission-rate-limit MSGS``: one more message this hour,
+        counting the ones other sessions have under way?  If so it is
+        reserved (see SubmissionRateTracker) under a token for the
+        transaction about to open, which the caller gives to it."""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or self.authuser is None:
+            return True, None
+        tracker = self.runtime.submissions
+        token = tracker.token()
+        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
+        if ok:
+            return True, (self.authuser, token)
+        self.log.note("submission rate limit: login %s sent %d messages in the last hour "
+                      "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
+        return False, None
+
+    def reserve_recipient(self, txn):
+        """``submission-rate-limit MSGS RCPTS``: one more recipient this
+        hour, counting the ones reserved by this and other transactions?
+        If so it is reserved for ``txn``."""
+        limit = self.cfg.submission_rate_limit
+        if limit is None or limit[1] is None or txn.rate_hold is None:
+            return True
+        login, token = txn.rate_hold
+        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
+                                                              recipients=1)
+        if ok:
+            return True
+        self.log.note("submission rate limit: login %s reached %d recipients in the last "
+                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
+        return False
+
+    def release_reservation(self, txn, recipients=None):
+        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            self.runtime.submissions.release(login, token, recipients)
+            if recipients is None:
+                txn.rate_hold = None
+
+    def count_submission(self, txn):
+        """The message was accepted: its reservation becomes a count."""
+        if txn.rate_hold is not None:
+            login, token = txn.rate_hold
+            txn.rate_hold = None
+            self.runtime.submissions.commit(login, token, len(txn.recipients))
+
+
 class MailTransactionVerbs(object):
     """MAIL, RCPT, DATA and BDAT: one transaction from its sender to the
     committed spool file, with the submission checks (sender ownership,
@@ -6154,6 +7352,7 @@ class MailTransactionVerbs(object):
         the sender's ownership by the login, the submission rate, size and
         free space."""
         yield from NEVER_WAITS
+        self.sender_refused = False
         if self.state != "MAIL":
             self.tarpit()
             self.reply({"HELO": "mail_wait_helo", "RCPT": "mail_wait_rcpt"}.get(
@@ -6178,6 +7377,9 @@ class MailTransactionVerbs(object):
         if self.verdict.reject and self.network and self.authuser is None:
             self.tarpit()
             self.reply("mail_policy_reject", addr="<%s>" % address)
+            return
+        sender = yield from self.sender_policy(address)
+        if sender is None or not self.client_rate_permitted(address):
             return
         if not self.sender_login_permitted(address):
             self.tarpit()
@@ -6206,8 +7408,12 @@ class MailTransactionVerbs(object):
             return
         self.txn = Transaction(address, ok, spool)
         self.txn.rate_hold = hold
+        self.txn.freeze = sender.freeze or self.verdict.freeze
+        self.txn.norelay = sender.norelay
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
+            if sender.freeze:
+                spool.write(FREEZE_SENDER_COMMENT)
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
             self.abort_transaction("spool write failed")
@@ -6287,6 +7493,10 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("msa_mail")
             return
+        if self.sender_refused and self.txn is None:
+            self.tarpit()
+            self.reply("rcpt_earlier_reject")
+            return
         if self.state not in ("RCPT", "DATA") or self.txn is None or self.txn.bdat_started:
             self.tarpit()
             self.reply({"HELO": "rcpt_wait_helo"}.get(self.state, "rcpt_in_bdat"
@@ -6318,9 +7528,11 @@ class MailTransactionVerbs(object):
         if txn.sender == "" and len(txn.recipients) >= g.max_error_recipients:
             self.reply("rcpt_spam_trap")
             return
-        if not self.recipient_permitted(address):
+        refusal = yield from self.recipient_policy(address)
+        if refusal is not None:
             self.tarpit()
-            self.reply("rcpt_relay_denied", addr="<%s>" % address)
+            self.reply(refusal[0], addr="<%s>" % address, **refusal[1])
+            self.note_refused_recipient(txn, address)
             return
         limit = self.cfg.maxsize
         if limit and txn.params["size"] > limit:
@@ -6337,6 +7549,11 @@ class MailTransactionVerbs(object):
             self.release_reservation(txn, recipients=1)
             self.reply("rcpt_no_space")
             return
+        if txn.freeze:
+            try:
+                txn.spool.write(FREEZE_RCPT_COMMENT)
+            except OSError:
+                pass                # the file's next write meets it again
         txn.recipients.append(address)
         self.state = "DATA"
         note = ", source route ignored" if routed else ""
@@ -6344,79 +7561,6 @@ class MailTransactionVerbs(object):
             self.reply("rcpt_ok_size", size=txn.params["size"], note=note, addr="<%s>" % address)
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
-
-    def recipient_permitted(self, address):
-        """Relay control for network clients without AUTH or trust."""
-        if not self.network or self.authuser is not None:
-            return True
-        v = self.verdict
-        if v.full_trust or v.always_accept or v.trust_recipients:
-            return not v.reject
-        if v.reject:
-            return False
-        table = self.policy.table if self.policy else None
-        return recipient_allowed(table, address, self.runtime.local_names)
-
-    # -- submission policy: sender ownership and rate limits ----------------------
-
-    def sender_login_permitted(self, address):
-        """``sender-login-match``: an authenticated user sends only as
-        addresses its login owns.  Clients without AUTH are not affected."""
-        if not self.group.sender_login_match or self.authuser is None:
-            return True
-        maps = self.runtime.sender_maps
-        if sender_owned_by_login(address, self.authuser, maps.current() if maps else None):
-            return True
-        self.log.note("sender <%s> not owned by login %s" % (address, qformat(self.authuser)))
-        return False
-
-    def reserve_message(self):
-        """``submission-rate-limit MSGS``: one more message this hour,
-        counting the ones other sessions have under way?  If so it is
-        reserved (see SubmissionRateTracker) under a token for the
-        transaction about to open, which the caller gives to it."""
-        limit = self.cfg.submission_rate_limit
-        if limit is None or self.authuser is None:
-            return True, None
-        tracker = self.runtime.submissions
-        token = tracker.token()
-        ok, messages, _ = tracker.reserve(self.authuser, token, limit, messages=1)
-        if ok:
-            return True, (self.authuser, token)
-        self.log.note("submission rate limit: login %s sent %d messages in the last hour "
-                      "(limit %d); MAIL refused" % (qformat(self.authuser), messages, limit[0]))
-        return False, None
-
-    def reserve_recipient(self, txn):
-        """``submission-rate-limit MSGS RCPTS``: one more recipient this
-        hour, counting the ones reserved by this and other transactions?
-        If so it is reserved for ``txn``."""
-        limit = self.cfg.submission_rate_limit
-        if limit is None or limit[1] is None or txn.rate_hold is None:
-            return True
-        login, token = txn.rate_hold
-        ok, _, recipients = self.runtime.submissions.reserve(login, token, limit,
-                                                              recipients=1)
-        if ok:
-            return True
-        self.log.note("submission rate limit: login %s reached %d recipients in the last "
-                      "hour (limit %d); RCPT refused" % (qformat(login), recipients, limit[1]))
-        return False
-
-    def release_reservation(self, txn, recipients=None):
-        """Give back what ``txn`` reserved (or only ``recipients`` of it)."""
-        if txn.rate_hold is not None:
-            login, token = txn.rate_hold
-            self.runtime.submissions.release(login, token, recipients)
-            if recipients is None:
-                txn.rate_hold = None
-
-    def count_submission(self, txn):
-        """The message was accepted: its reservation becomes a count."""
-        if txn.rate_hold is not None:
-            login, token = txn.rate_hold
-            txn.rate_hold = None
-            self.runtime.submissions.commit(login, token, len(txn.recipients))
 
     # -- DATA and BDAT -----------------------------------------------------------
 
@@ -6520,7 +7664,7 @@ class MailTransactionVerbs(object):
                 self.reply(failure[0])
             return
         try:
-            sid, size = txn.spool.commit(writer.priority)
+            sid, size = txn.spool.commit(writer.priority, freezer=txn.freeze)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -6529,8 +7673,9 @@ class MailTransactionVerbs(object):
             return
         self.junk_count = 0
         self.count_submission(txn)
+        self.count_client_message(txn)
         if bdat_chunk is None:
-            self.reply("data_ok", id=sid)
+            self.reply("data_ok_frozen" if txn.freeze else "data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
         recording = self.log.recording()
@@ -6662,7 +7807,8 @@ class MailTransactionVerbs(object):
             self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
 
 
-class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequestHandler):
+class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
+                  socketserver.StreamRequestHandler):
     """One SMTP conversation.  ``converse`` reads command lines and
     ``dispatch`` runs each through the command table (COMMANDS) to its
     ``smtp_VERB`` generator, as http.server dispatches to ``do_GET``.  The
@@ -6759,6 +7905,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         if self.network:
             # Held until the first command: see settle_log.
             self.log.hold()
+        yield from self.learn_names()
         if self.proxy_expected:
             accepted = yield from self.read_proxy_header()
             if not accepted:
@@ -6780,8 +7927,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                     and not self.tcp_wrapper_grants():
                 return
             self.evaluate_policy()
+            yield from self.check_block_lists()
         if self.policy_error is None and self.verdict.reject and (
-                self.mode != "daemon" or self.proxy_expected):
+                self.mode != "daemon" or self.proxy_expected or self.verdict.listed):
             msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
@@ -6977,9 +8125,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         self.state = "MAIL"
         self.helo_addr_ok = False
         if self.network and problem is None:
-            if not self.runtime.helo_name_cached(arg, self.peer_ip):
-                yield (WANT_THREAD, None)   # a DNS query may take seconds
-            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
+            self.helo_addr_ok = yield from self.runtime.helo_resolves_to(arg, self.peer_ip)
         if self.network and self.policy and self.policy.table and not arg.startswith("["):
             found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
             if policy_says(found, "rejectnet"):
@@ -7261,6 +8407,8 @@ class Transaction(object):
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
         self.rate_hold = None       # (login, token): what submission-rate-limit reserved
+        self.freeze = False         # the policy sends the message to the freezer
+        self.norelay = False        # sendernorelay: recipients need us as their MX
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -7509,6 +8657,97 @@ class SaslExchange(object):
         session.reply("auth_failed")
 
 
+class AuthVerdictCache(object):
+    """Successful (user, password) checks for ``ttl`` seconds, at most
+    ``size`` of them, oldest dropped first; ``PARAM smtp-auth-cache``.
+
+    Entries are HMAC-SHA256 digests of user and password under a random
+    key made in, and known only to, the process that checks: nothing that
+    could be replayed or tested offline leaves it.  A deliberately slow hash
+    (PBKDF2) would buy nothing here: whoever can read this memory can read
+    the passwords as they arrive, and the cache exists to save the CPU a
+    check costs.  A process that inherits a cache (a fork) starts it
+    afresh with its own key."""
+
+    def __init__(self, ttl, size):
+        self.ttl = ttl
+        self.size = size
+        self.lock = threading.Lock()
+        self.pid = None
+        self.key = None
+        self.entries = OrderedDict()     # digest -> expiry time
+
+    def _digest(self, user, password):
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.key = os.urandom(32)
+            self.entries.clear()
+        text = (user + "\0" + password).encode("utf-8", "surrogateescape")
+        return hmac.new(self.key, text, hashlib.sha256).digest()
+
+    def hit(self, user, password, now):
+        with self.lock:
+            digest = self._digest(user, password)
+            expiry = self.entries.get(digest)
+            if expiry is None:
+                return False
+            if expiry <= now:
+                del self.entries[digest]
+                return False
+            return True
+
+    def remember(self, user, password, now):
+        with self.lock:
+            digest = self._digest(user, password)
+            self.entries.pop(digest, None)
+            self.entries[digest] = now + self.ttl
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+
+class CachingAuthenticator(object):
+    """A PipeAuthenticator whose successes are remembered (AuthVerdictCache):
+    a client that authenticates on every connection costs one program run
+    per TTL.  Failures always go to the program.  The cache belongs to one
+    configuration (a reload builds a new one) and to one version of the
+    program: when the file at ``path`` changes it starts empty."""
+
+    def __init__(self, inner, path, ttl, size):
+        self.inner = inner
+        self.path = path
+        self.cache = AuthVerdictCache(ttl, size)
+        self.program = self._program_identity()
+
+    def _program_identity(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+
+    def check(self, user, password, log=None):
+        return blocking_result(self.verdict(user, password, log))
+
+    def verdict(self, user, password, log=None):
+        """Generator: as PipeAuthenticator.verdict."""
+        program = self._program_identity()
+        if program != self.program:
+            self.cache.clear()
+            self.program = program
+        if self.cache.hit(user, password, time.time()):
+            if log:
+                log.note("AUTH verdict for %s from the auth cache" % qformat(user))
+            return "ok"
+        result = yield from self.inner.verdict(user, password, log)
+        if result == "ok":
+            self.cache.remember(user, password, time.time())
+        return result
+
+
 class AuthFailureTracker(object):
     """Failed AUTH attempts per client address over a sliding hour
     (``PARAM auth-failrate N``, default 20, minimum 3) -- what 3.0.1
@@ -7731,6 +8970,16 @@ class SubmissionRateTracker(object):
             else:
                 events.append((now, 1, recipients))
         self._change(login, change)
+
+
+class ClientMessageTracker(SubmissionRateTracker):
+    """Messages accepted from each client address over a sliding hour, for
+    the policy's ``ratelimitmsgs``: counts keyed by the address, in the
+    same memory every process shares as SubmissionRateTracker's."""
+
+    def record(self, address, recipients):
+        """One message from ``address`` was accepted."""
+        self.commit(address, self.token(), recipients)
 
 
 class PipeAuthenticator(object):
@@ -8842,6 +10091,12 @@ def mail_envelope(session, txn):
     return "\n".join(lines) + "\n"
 
 
+#: Envelope comments of a frozen message, as the original writes them:
+#: after the sender (frozen by ``freezesource``), after each recipient.
+FREEZE_SENDER_COMMENT = b"comment policytest() reported freeze state\n"
+FREEZE_RCPT_COMMENT = b"comment policytest() reported freeze state 1\n"
+
+
 def rcpt_envelope(txn, address, dsn, notify_never):
     """One recipient's ``todsn`` and ``to`` lines.  The DSN options are
     always written out in full (the defaults filled in, NOTIFY forced to
@@ -9119,6 +10374,15 @@ class SpoolWriter(object):
         self.notify_router(dirname, name)
         return dirname, name
 
+    def freeze(self, path, inode):
+        """Rename a finished file to ``freezer/<inode>policy-2``, the name
+        the original gives a message its policy froze; the router does not
+        look there, an administrator releases it."""
+        final = os.path.join(self.postoffice, "freezer", "%dpolicy-2" % inode)
+        os.rename(path, final)
+        if self.dir_fsync:
+            self.directory_sync(os.path.dirname(final)).sync()
+
     def target_dir(self, priority):
         """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
         chosen = "router"
@@ -9180,9 +10444,10 @@ class SpoolFile(object):
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def commit(self, priority=0):
+    def commit(self, priority=0, freezer=False):
         """Mark finished (mode 0600), fsync, rename into the router's
-        directory.  Returns (spool id, size).  On error the file is removed
+        directory (the freezer's, for a message the policy freezes).
+        Returns (spool id, size).  On error the file is removed
         and OSError raised: nothing acknowledged is ever half there."""
         try:
             self._flush()
@@ -9191,7 +10456,10 @@ class SpoolFile(object):
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            self.writer.publish(self.path, st.st_ino, priority)
+            if freezer:
+                self.writer.freeze(self.path, st.st_ino)
+            else:
+                self.writer.publish(self.path, st.st_ino, priority)
         except OSError:
             self.abort()
             raise
@@ -9470,8 +10738,11 @@ class Runtime(object):
         self.last_reload = None     # (time, taken?, what happened)
         self.reload_warnings = ()   # the configuration warnings of the last reload
         self.submissions = SubmissionRateTracker()
+        self.client_messages = ClientMessageTracker()
         self._names = {}
         self._names_lock = threading.Lock()
+        self.resolver = Resolver(log=log)
+        self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.hosts_access = HostsAccess(log=log)
         self.apply_config(config)
@@ -9484,7 +10755,7 @@ class Runtime(object):
 
     def report_to(self, send):
         """In a forked session or a worker: what the master must count (AUTH
-        failures, accepted messages, the status file's counters) goes to it
+        failures, the status file's counters) goes to it
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
@@ -9509,7 +10780,8 @@ class Runtime(object):
             try:
                 tls[index] = make_tls_context(g) if g.use_tls else None
             except ConfigError as e:
-                raise ConfigError("%s: %s" % (config_where(config, index, "tls_cert"), e))
+                raise ConfigError("%s: %s" % (
+                    config_where(config, index, getattr(e, "attr", "tls_cert")), e))
         policies = {}
         for g in config.groups:
             if g.policydb and g.policydb not in policies:
@@ -9557,6 +10829,8 @@ class Runtime(object):
             auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
                                      self.zconfig_path, run_as=self.auth_identity(group),
                                      log=self.log, spawner=self.auth_spawner)
+            if group.auth_cache:
+                auth = CachingAuthenticator(auth, path, *group.auth_cache)
         elif group.smtp_auth:
             auth = SystemPasswordAuthenticator(group.auth_pipe_timeout, self.zenv,
                                                self.zconfig_path, log=self.log,
@@ -9569,69 +10843,60 @@ class Runtime(object):
 
     # -- name lookups, cached briefly -------------------------------------------
 
-    def _cached(self, key, compute):
-        now = time.time()
+    def _recall(self, key):
+        hit = self._names.get(key)
+        if hit is not None and time.time() - hit[0] < self.NAME_TTL:
+            return hit[1]
+        return None
+
+    def _remember(self, key, value):
         with self._names_lock:
-            hit = self._names.get(key)
-            if hit and now - hit[0] < self.NAME_TTL:
-                return hit[1]
-        value = compute()
-        with self._names_lock:
-            if len(self._names) > 10000:
+            if len(self._names) > NAME_CACHE_ENTRIES:
                 self._names.clear()
-            self._names[key] = (now, value)
-        return value
+            self._names[key] = (time.time(), value)
 
     def local_name(self, local_ip):
         """Our name as this connection sees it: the reverse name of the
-        local address, else the system host name."""
+        local address (once find_names learnt it), else the host name."""
         if not local_ip:
             return self.hostname
-
-        def compute():
-            try:
-                return socket.gethostbyaddr(local_ip)[0]
-            except (OSError, socket.error):
-                return self.hostname
-        return self._cached(("local", local_ip), compute)
+        return self._recall(("local", local_ip)) or self.hostname
 
     def peer_name(self, ip):
-        """(name, reverse-lookup flag, forward-confirmation flag)."""
+        """(name, reverse-lookup flag, forward-confirmation flag), as far as
+        find_names learnt them."""
         if not ip:
             return "stdin", "??", "FAIL"
+        return self._recall(("peer", ip)) or ("[%s]" % ip, "FAIL", "FAIL")
 
-        def compute():
-            try:
-                name = socket.gethostbyaddr(ip)[0]
-            except (OSError, socket.error):
-                return "[%s]" % ip, "FAIL", "FAIL"
-            return name, "OK", "OK" if self._resolves_to(name, ip) else "FAIL"
-        return self._cached(("peer", ip), compute)
+    def find_names(self, local_ip, peer_ip):
+        """Generator (its waits are the resolver's): the reverse names of
+        both ends, and whether the client's name leads back to its address,
+        looked up unless cached.  A temporary DNS failure is not kept."""
+        resolver = self.resolver
+        if local_ip and self._recall(("local", local_ip)) is None:
+            name = yield from resolver.reverse_name(local_ip)
+            if name != DNS_TEMPFAIL:
+                self._remember(("local", local_ip), name or self.hostname)
+        if peer_ip and self._recall(("peer", peer_ip)) is None:
+            name = yield from resolver.reverse_name(peer_ip)
+            if name is None:
+                self._remember(("peer", peer_ip), ("[%s]" % peer_ip, "FAIL", "FAIL"))
+            elif name != DNS_TEMPFAIL:
+                confirmed = yield from resolver.resolves_to(name, peer_ip)
+                self._remember(("peer", peer_ip), (name, "OK", "OK" if confirmed else "FAIL"))
 
     def helo_resolves_to(self, name, ip):
+        """Generator: does the HELO name (or address literal) lead to the
+        client's address?"""
         if not ip or name.startswith("["):
             return bool(ip) and name.strip("[]").split(":")[-1] == ip
-        return self._cached(("helo", name.lower(), ip), lambda: self._resolves_to(name, ip))
-
-    def helo_name_cached(self, name, ip):
-        """Can helo_resolves_to answer without asking DNS?"""
-        return not ip or name.startswith("[") or self._known(("helo", name.lower(), ip))
-
-    def names_cached(self, local_ip, peer_ip):
-        """Can a session's set-up find both names without asking DNS?"""
-        return ((not local_ip or self._known(("local", local_ip)))
-                and (not peer_ip or self._known(("peer", peer_ip))))
-
-    def _known(self, key):
-        hit = self._names.get(key)
-        return hit is not None and time.time() - hit[0] < self.NAME_TTL
-
-    @staticmethod
-    def _resolves_to(name, ip):
-        try:
-            return any(info[4][0] == ip for info in socket.getaddrinfo(name, None))
-        except (OSError, socket.error, UnicodeError):
-            return False
+        key = ("helo", name.lower(), ip)
+        known = self._recall(key)
+        if known is None:
+            known = yield from self.resolver.resolves_to(name, ip)
+            self._remember(key, known)
+        return known
 
     # -- reload (the Supervisor's SIGHUP) ---------------------------------------
 
@@ -9795,7 +11060,13 @@ def access_as(user, checks):
 
 def make_tls_context(group):
     """An ssl context for a group with ``use-tls``; a certificate that is
-    missing or unreadable stops start-up (never a silent downgrade)."""
+    missing or unreadable stops start-up (never a silent downgrade).
+
+    The context is made in the master before it forks the workers, so the
+    session ticket keys OpenSSL draws for it are the same in every worker
+    and a returning client resumes on whichever worker takes it.  A reload
+    makes new contexts (new keys) and new workers: older tickets then get a
+    full handshake.  OpenSSL lets a ticket live two hours at most."""
     if not group.tls_cert:
         raise ConfigError("use-tls needs PARAM tls-cert-file")
     try:
@@ -9816,7 +11087,47 @@ def make_tls_context(group):
     except (ssl.SSLError, OSError, IOError, ValueError) as e:
         raise ConfigError("TLS setup failed (cert %s, key %s): %s" % (
             group.tls_cert, group.tls_key, e))
+    if group.tls_eccert:
+        load_ec_certificate(context, group.tls_eccert, group.tls_eckey or group.tls_eccert)
     return context
+
+
+#: DER of the object identifier id-ecPublicKey (1.2.840.10045.2.1), the
+#: algorithm of an ECDSA certificate's subject public key.
+EC_PUBLIC_KEY_OID = b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"
+
+
+def load_ec_certificate(context, cert, key):
+    """Add an ECDSA certificate and key to a context that holds the RSA
+    one: OpenSSL keeps one certificate per key type and picks the one the
+    client's signature algorithms allow, so ECDSA-capable clients get the
+    cheaper handshake.  An RSA certificate here would silently replace the
+    RSA one, so the certificate's key type is checked first.  A ConfigError
+    names the PARAM at fault in its ``attr``."""
+    try:
+        with open(cert, "r") as f:
+            # The first certificate of the file (a key may come before it).
+            block = re.search(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----",
+                              f.read())
+        if not block:
+            raise ValueError("no BEGIN CERTIFICATE block")
+        der = ssl.PEM_cert_to_DER_cert(block.group(0))
+    except (IOError, OSError, ValueError, binascii.Error) as e:
+        error = ConfigError("PARAM tls-eccert-file %s: cannot read a PEM certificate: %s"
+                            % (cert, getattr(e, "strerror", None) or e))
+        error.attr = "tls_eccert"
+        raise error
+    if EC_PUBLIC_KEY_OID not in der:
+        error = ConfigError("PARAM tls-eccert-file %s: not an ECDSA certificate "
+                            "(the RSA one belongs in tls-cert-file)" % cert)
+        error.attr = "tls_eccert"
+        raise error
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, IOError, ValueError) as e:
+        error = ConfigError("TLS setup failed (ECDSA cert %s, key %s): %s" % (cert, key, e))
+        error.attr = "tls_eckey" if key != cert else "tls_eccert"
+        raise error
 
 
 def load_configuration(options, zenv, log=None, listeners=True, check=False):
@@ -9958,12 +11269,29 @@ def check_policies(config, user=None):
     return problems
 
 
-def check_postoffice(site, user):
-    """public/ and router/ must take new files from the session user;
-    otherwise every MAIL would answer a misleading 452."""
+#: Policy attributes that send messages to $POSTOFFICE/freezer/.
+FREEZING_ATTRIBUTES = ("freeze", "freezesource", "freezenet")
+
+
+def policies_freeze(config):
+    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+    for g in config.groups:
+        if g.policydb:
+            try:
+                if PolicyTable.load(g.policydb[1] + ".dat").sets_any(FREEZING_ATTRIBUTES):
+                    return True
+            except (PolicyError, IOError, OSError):
+                pass                # check_policies says why
+    return False
+
+
+def check_postoffice(site, user, freezing=False):
+    """public/ and router/ (and freezer/ when the policy freezes messages)
+    must take new files from the session user; otherwise every MAIL (or
+    every frozen message) would answer a misleading 452."""
     problems = []
     source = "-P" if site.options.get("postoffice") else site.zenv.origin("POSTOFFICE")
-    for sub in ("public", "router"):
+    for sub in ("public", "router") + (("freezer",) if freezing else ()):
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
             problems.append("%s: $POSTOFFICE/%s (%s) is not a directory. Fix: create it "
@@ -10157,7 +11485,7 @@ def startup_problems(config, site, log, daemon, user):
             problems.append("-l %s: cannot open the log file: %s. Fix: create its "
                             "directory, or name a file root can write" % (path, why))
     problems.extend(check_policies(config, user))
-    problems.extend(check_postoffice(site, user))
+    problems.extend(check_postoffice(site, user, policies_freeze(config)))
     problems.extend(check_auth_programs(config, site))
     problems.extend(check_tcp_wrapper_files(config, user))
     return problems

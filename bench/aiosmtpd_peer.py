@@ -14,7 +14,8 @@ SPOOL/new/ -- the same create + write + fsync + rename that a durable MTA does.
                 parallel sessions overlap)
 
 With --tls-cert the listener on --port offers STARTTLS with that
-certificate, and --smtps-port adds a second listener on which TLS starts
+certificate (and --tls-eccert an ECDSA one beside it, in the same
+context), and --smtps-port adds a second listener on which TLS starts
 with the first byte (implicit TLS).  --auth adds AUTH PLAIN/LOGIN with an
 in-process authenticator that accepts every user at once (so the server,
 not a password check, is what is measured); AUTH is allowed without TLS
@@ -79,6 +80,9 @@ def main():
     ap.add_argument("--mode", choices=("inline", "executor"), default="inline")
     ap.add_argument("--tls-cert", default=None)
     ap.add_argument("--tls-key", default=None)
+    ap.add_argument("--tls-eccert", default=None,
+                    help="an ECDSA certificate beside the --tls-cert one")
+    ap.add_argument("--tls-eckey", default=None)
     ap.add_argument("--smtps-port", type=int, default=None)
     ap.add_argument("--auth", action="store_true")
     a = ap.parse_args()
@@ -92,6 +96,8 @@ def main():
     if a.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(a.tls_cert, a.tls_key or a.tls_cert)
+        if a.tls_eccert:
+            context.load_cert_chain(a.tls_eccert, a.tls_eckey or a.tls_eccert)
         kw["tls_context"] = context
     if a.auth:
         kw["authenticator"] = accept_all

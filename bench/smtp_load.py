@@ -13,6 +13,10 @@ connection of its own:
 --mode starttls  STARTTLS after the first EHLO (submission port)
 --mode smtps     TLS from the first byte (implicit TLS, port 465 style)
 
+--resume         each client process offers the TLS session of its last
+                 connection (a ticket, TLS 1.2 or 1.3), as a returning MUA
+                 or relay does; the JSON line counts the resumed handshakes
+
 Every reply code is checked; a wrong one counts as a failed message and
 ends that client process (like smtp-source, which stops at the first
 reply that is not 2xx).  The client is deliberately plain: a socket, one
@@ -76,19 +80,22 @@ class Conn(object):
         return self.reply(want, what or line.split(b" ")[0].strip().decode())
 
 
-def one_message(a, ctx, n, body):
+def one_message(a, ctx, n, body, tls):
+    """One connection, one message.  ``tls`` holds the session to offer
+    (with --resume) and counts the resumed handshakes."""
     raw = socket.create_connection((a.host, a.port), timeout=a.timeout)
     sock = raw
+    session = tls.get("session") if a.resume else None
     try:
         if a.mode == "smtps":
-            sock = ctx.wrap_socket(raw)
+            sock = ctx.wrap_socket(raw, session=session)
         c = Conn(sock)
         c.reply("220", "banner")
         ehlo = ("EHLO %s\r\n" % a.helo).encode()
         c.cmd(ehlo, "250")
         if a.mode == "starttls":
             c.cmd(b"STARTTLS\r\n", "220")
-            sock = ctx.wrap_socket(raw)
+            sock = ctx.wrap_socket(raw, session=session)
             c = Conn(sock)
             c.cmd(ehlo, "250")
         if a.auth:
@@ -99,6 +106,9 @@ def one_message(a, ctx, n, body):
         c.cmd(b"Subject: bench %d\r\nMessage-Id: <bench.%d.%d@example.com>\r\n\r\n"
               % (n, os.getpid(), n) + body + b".\r\n", "250", "end of data")
         c.cmd(b"QUIT\r\n", "221")
+        if sock is not raw:
+            tls["resumed"] = tls.get("resumed", 0) + sock.session_reused
+            tls["session"] = sock.session   # taken after replies: TLS 1.3 tickets come late
     finally:
         sock.close()
 
@@ -109,6 +119,7 @@ def client(a, ctx, counter, lock, go_r, results):
     os.read(go_r, 1)
     sent = failed = 0
     error = None
+    tls = {}
     while True:
         with lock:
             n = counter.value
@@ -116,13 +127,13 @@ def client(a, ctx, counter, lock, go_r, results):
                 break
             counter.value = n + 1
         try:
-            one_message(a, ctx, n, body)
+            one_message(a, ctx, n, body, tls)
             sent += 1
         except (Failed, OSError, ssl.SSLError) as e:
             failed += 1
             error = "message %d: %s" % (n, e)
             break
-    results.put((sent, failed, error))
+    results.put((sent, failed, error, tls.get("resumed", 0)))
 
 
 def main():
@@ -137,6 +148,8 @@ def main():
     ap.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     ap.add_argument("--helo", default="localhost")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--resume", action="store_true",
+                    help="offer the last TLS session again (session resumption)")
     a = ap.parse_args()
     if a.auth:
         user, _, pw = a.auth.partition(":")
@@ -158,10 +171,11 @@ def main():
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     os.write(go_w, b"g" * a.clients)
-    sent = failed = 0
+    sent = failed = resumed = 0
     error = None
     for _ in procs:
-        s, f, e = results.get()
+        s, f, e, r = results.get()
+        resumed += r
         sent += s
         failed += f
         error = error or e
@@ -170,7 +184,7 @@ def main():
         p.join()
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"elapsed": elapsed, "sent": sent, "failed": failed, "error": error,
-                      "unsent": a.msgs - sent - failed,
+                      "unsent": a.msgs - sent - failed, "resumed": resumed,
                       "client_user": r1.ru_utime - r0.ru_utime,
                       "client_sys": r1.ru_stime - r0.ru_stime}))
     sys.exit(0 if sent == a.msgs else 1)
