@@ -38,7 +38,9 @@ Map of this file, in the order data flows through it:
                             SessionLoop and ThreadHandover), Supervisor
                             (the master: reload, restarts, shutdown)
   9. Session .............. Channel and the WANT_* requests a conversation
-                            yields, StopFlag, drive_blocking, ESMTP parameter
+                            yields, StopFlag, drive_blocking, TLSEngine (TLS
+                            over ssl.MemoryBIO for every session model) and
+                            SocketChannel, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
@@ -763,6 +765,9 @@ DEFAULT_TLS_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 #: Seconds to wait for the client's close_notify after ours at the end of a
 #: TLS session; a client that just closes the connection costs nothing.
 TLS_SHUTDOWN_TIMEOUT = 2.0
+#: Bytes asked of the TLS layer per read: more than one record holds
+#: (16 KiB), so each read gives a whole record's plaintext.
+TLS_READ_SIZE = 65536
 
 GROUP_DEFAULTS = dict(
     listen_queue_size=20000, tcp_rcvbuf=0, tcp_sndbuf=0, use_tcp_wrapper=False,
@@ -5084,8 +5089,7 @@ class LoopSlot(object):
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
                  "local", "outbuf", "want", "ending", "deadline", "timer",
-                 "input_deadline", "events", "resume", "tls_context", "other",
-                 "tls_closing")
+                 "input_deadline", "events", "resume", "other", "tls_closing")
 
     def __init__(self, loop, listener, sock, seq):
         self.loop = loop
@@ -5104,7 +5108,6 @@ class LoopSlot(object):
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
-        self.tls_context = None  # WANT_TLS: the context to wrap the socket with
         self.other = None       # WANT_READABLE: the other socket waited on
         self.tls_closing = False  # ending: close_notify sent, the client's awaited
 
@@ -5123,8 +5126,7 @@ class ThreadHandover(object):
     for a thread and comes back.
 
     A conversation that asks for WANT_THREAD (an auth program started
-    without the spawner, the PROXY header
-    of an implicit-TLS listener) continues on a thread with blocking I/O
+    without the spawner) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
     ``take`` puts it back on the loop to wait for that input there, plain
@@ -5199,8 +5201,6 @@ class ThreadHandover(object):
                 slot = self.returning.popleft()
             request, slot.resume = slot.resume, None
             slot.session.channel.driven_by_loop(True)
-            # A handshake on the thread replaced the socket with TLS's.
-            slot.sock = slot.session.sock or slot.sock
             slot.sock.setblocking(False)
             self.loop.slots[slot.fd] = slot
             self.loop.wait_for_input(slot, request[1])
@@ -5349,17 +5349,6 @@ class SessionLoop(object):
         if stopping and self.grace_end is None:
             self.grace_end = time.time() + self.context.config.shutdown_grace
             self.runtime.stop.set()
-            self.interrupt_idle_tls()
-
-    def interrupt_idle_tls(self):
-        """The stop flag woke the idle plain sessions by shutting their
-        read side; a TLS session cannot be woken that way (its TLS layer
-        would take it for a broken connection, and the 421 could not go
-        out), so its wait for a command ends here."""
-        for slot in list(self.slots.values()):
-            if slot.want == WANT_INPUT and isinstance(slot.sock, ssl.SSLSocket) and \
-                    slot.session.channel.interrupted:
-                self.guarded(self.advance, slot, None, ShuttingDown())
 
     def begin(self, listener, sock, client_address, seq):
         slot = LoopSlot(self, listener, sock, seq)
@@ -5426,13 +5415,12 @@ class SessionLoop(object):
                 return
             elif want == WANT_TLS:
                 slot.want = WANT_TLS
-                slot.tls_context, deadline = arg
+                context, deadline = arg
                 error = self.send_output(slot)      # the 220 goes out in clear text
                 if error is None:
+                    # The handshake's one deadline, from here until it is over.
                     self.set_timer(slot, deadline)
-                    if slot.outbuf:
-                        return                      # ready() goes on once it is out
-                    value = self.handshake(slot)
+                    value = self.handshake(slot, context=context)
                     if value is WAITING:
                         return
             elif want == WANT_READABLE:
@@ -5442,27 +5430,27 @@ class SessionLoop(object):
                 self.to_thread(slot, request)
                 return
 
-    def handshake(self, slot):
-        """WANT_TLS, once the clear-text replies are out: one step of the
-        handshake without blocking.  WAITING while it needs the socket
-        again; else what goes back to the conversation (None: TLS is up)."""
-        if slot.tls_context is not None:
-            context, slot.tls_context = slot.tls_context, None
-            try:
-                slot.sock = slot.session.channel.wrap_tls(context)
-            except (ssl.SSLError, OSError, socket.error, ValueError) as e:
-                return e
+    def handshake(self, slot, data=b"", context=None):
+        """WANT_TLS: one turn of the handshake (the first one with the
+        ``context`` makes the engine), with what the socket brought (None:
+        the client closed).  What the engine answers goes out; while some
+        of it is left the loop waits until the socket is writable, else
+        until it is readable, under the handshake's deadline all along.
+        WAITING while it goes on; else what goes back to the conversation
+        (None: TLS is up; or the exception that ended the handshake)."""
+        channel = slot.session.channel
         try:
-            slot.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.watch(slot, selectors.EVENT_READ)
-            return WAITING
-        except ssl.SSLWantWriteError:
-            self.watch(slot, selectors.EVENT_WRITE)
-            return WAITING
-        except (ssl.SSLError, OSError, socket.error, ValueError) as e:
+            if context is not None:
+                channel.begin_tls(context)
+                done = channel.tls.established
+            else:
+                done = channel.handshake_input(data)
+        except (ssl.SSLError, ValueError) as e:
             return e
-        return None
+        error = self.send_output(slot)
+        if error is not None:
+            return error
+        return None if done else WAITING
 
     def wait_for_other(self, slot, sock, deadline):
         """WANT_READABLE: the session sleeps until ``sock`` is readable or
@@ -5498,8 +5486,7 @@ class SessionLoop(object):
         if data:
             try:
                 sent = slot.sock.send(data)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                # TLS wants the same data again once the socket takes it.
+            except BlockingIOError:
                 sent = 0
             except (OSError, socket.error):
                 slot.outbuf = b""
@@ -5507,7 +5494,10 @@ class SessionLoop(object):
             data = data[sent:]
         slot.outbuf = data
         if data:
-            self.set_timer(slot, time.time() + WRITE_TIMEOUT)
+            # The handshake and the close_notify exchange keep their own
+            # deadlines.
+            if slot.want != WANT_TLS and not slot.tls_closing:
+                self.set_timer(slot, time.time() + WRITE_TIMEOUT)
             self.watch(slot, selectors.EVENT_WRITE)
         elif slot.want == WANT_INPUT:
             self.set_timer(slot, slot.input_deadline)
@@ -5515,16 +5505,19 @@ class SessionLoop(object):
         elif slot.want == WANT_TURN:
             self.watch(slot, 0)
             self.core.call_soon(self.take_turn, slot)
+        elif slot.want == WANT_TLS:
+            self.watch(slot, selectors.EVENT_READ)     # the client's next flight
         return None
 
     def ready(self, slot, mask):
         if not slot.waiting or slot.fd not in self.slots:
             return
         if slot.tls_closing:
-            self.finish_tls_close(slot)
+            if self.tls_goodbye(slot, self.read_socket(slot, mask)):
+                self.close(slot)
             return
-        if slot.want == WANT_TLS and not slot.outbuf:
-            value = self.handshake(slot)
+        if slot.want == WANT_TLS:
+            value = self.handshake(slot, self.read_socket(slot, mask))
             if value is not WAITING:
                 self.advance(slot, value, None)
             return
@@ -5535,8 +5528,6 @@ class SessionLoop(object):
                     self.close(slot)
             elif error is not None:
                 self.advance(slot, None, error)
-            elif slot.want == WANT_TLS and not slot.outbuf:
-                self.ready(slot, 0)
             return
         channel = slot.session.channel
         if slot.want == WANT_PENDING:
@@ -5544,29 +5535,42 @@ class SessionLoop(object):
             return
         if slot.want != WANT_INPUT:
             return
-        sock = slot.sock
         try:
-            data = sock.recv(Channel.RECV_SIZE)
-            if data and isinstance(sock, ssl.SSLSocket):
-                # One TLS read gives at most one record; what the TLS
-                # layer already holds makes the socket no more readable.
-                while sock.pending():
-                    data += sock.recv(Channel.RECV_SIZE)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            # Not a whole TLS record yet (or the TLS layer must write
-            # first, which it does at the next read).
+            data = slot.sock.recv(Channel.RECV_SIZE)
+        except BlockingIOError:
             return
         except (OSError, socket.error):
             self.advance(slot, None, channel.lost())
             return
-        self.advance(slot, None, channel.feed(data))
+        result = channel.received(data)
+        if result is WAITING:
+            # TLS: no whole record yet, or one for the TLS layer alone,
+            # which may have an answer to send (a refused renegotiation).
+            result = self.send_output(slot)
+            if result is None:
+                return
+        self.advance(slot, None, result)
+
+    @staticmethod
+    def read_socket(slot, mask):
+        """For the TLS engine: what the socket has when ``mask`` says it is
+        readable (None: the client closed, or the connection failed), b""
+        when it is not or has nothing yet."""
+        if not mask & selectors.EVENT_READ:
+            return b""
+        try:
+            return slot.sock.recv(Channel.RECV_SIZE) or None
+        except BlockingIOError:
+            return b""
+        except (OSError, socket.error):
+            return None
 
     def expired(self, slot):
         want = slot.want
         if slot.ending:
             self.close(slot)
         elif want == WANT_TLS:
-            self.advance(slot, socket.timeout("the handshake timed out"), None)
+            self.advance(slot, TLSHandshakeTimeout(), None)
         elif want == WANT_READABLE:
             self.forget_other(slot)
             self.advance(slot, False, None)
@@ -5589,10 +5593,11 @@ class SessionLoop(object):
 
     def close(self, slot):
         self.forget_other(slot)
-        if isinstance(slot.sock, ssl.SSLSocket) and slot.sock.fileno() >= 0:
-            if not slot.tls_closing and self.start_tls_close(slot):
+        tls = slot.session.channel.tls
+        if tls is not None:
+            if not slot.tls_closing and tls.open and self.start_tls_close(slot):
                 return          # the client's close_notify is awaited
-            self.drop_tls(slot)
+            slot.session.channel.forget_tls()   # session.finish() has nothing left to do
         slot.want = None
         slot.ending = slot.tls_closing = False
         if slot.events:
@@ -5607,48 +5612,38 @@ class SessionLoop(object):
     def start_tls_close(self, slot):
         """End TLS properly without blocking the loop: send close_notify,
         then give the client TLS_SHUTDOWN_TIMEOUT to answer with its own
-        (as close_tls does for a blocking socket).  True while waiting."""
+        (as SocketChannel.close_tls does blocking).  True while waiting."""
         slot.tls_closing = True
         slot.want = None
         slot.ending = True
-        if self.tls_goodbye(slot):
-            return False
         self.set_timer(slot, time.time() + TLS_SHUTDOWN_TIMEOUT)
-        self.watch(slot, selectors.EVENT_READ)
-        return True
+        return not self.tls_goodbye(slot, b"")
 
-    @staticmethod
-    def tls_goodbye(slot):
-        """One try at the close_notify exchange: True when it is over (done,
-        or failed: the client is gone)."""
+    def tls_goodbye(self, slot, data):
+        """One turn of the close_notify exchange with what the socket
+        brought (None: the client closed): True when it is over (done, or
+        failed: the client is gone); else the loop waits to send the rest
+        of ours, or for theirs."""
+        if data is None:
+            return True
+        channel = slot.session.channel
         try:
-            slot.sock.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            channel.tls_pump(data, close=True)
+        except ssl.SSLError:
+            return True
+        if self.send_output(slot) is not None:
+            return True
+        if slot.outbuf:
             return False
-        except (OSError, socket.error, ssl.SSLError, ValueError):
-            pass
-        return True
-
-    def finish_tls_close(self, slot):
-        """The client's close_notify (or its end) may have come."""
-        if self.tls_goodbye(slot):
-            self.close(slot)
-
-    def drop_tls(self, slot):
-        """The TLS connection's end: our FIN, and the descriptor closed
-        (out of the selector first); session.finish() finds it closed."""
-        try:
-            slot.sock.shutdown(socket.SHUT_WR)
-        except (OSError, socket.error, ValueError):
-            pass
-        if slot.events:
-            self.watch(slot, 0)
-        slot.sock.close()
+        if channel.tls.closed:
+            return True
+        self.watch(slot, selectors.EVENT_READ)
+        return False
 
     def end(self, slot):
         try:
             if slot.session is not None:
-                slot.session.finish()       # closes a TLS socket
+                slot.session.finish()
             slot.listener.shutdown_request(slot.sock)
         finally:
             self.context.ended(slot.seq)
@@ -6179,7 +6174,8 @@ WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN, WANT_TLS, WANT_REA
     "input", "pending", "sleep", "thread", "turn", "tls", "readable"
 
 #: What SessionLoop.handshake gives back while the handshake needs the
-#: socket again.
+#: socket again, and Channel.received while the input held nothing for
+#: the session yet.
 WAITING = object()
 
 #: Pipelined commands a session runs before it lets the others have the
@@ -6226,8 +6222,9 @@ class Channel(object):
         self.deferred = False
         self.interrupted = False    # its wait for a command ended by a stop
 
-    # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(data),
-    # _input_ready() -> bool (without blocking), _wake_reader()
+    # subclasses: _recv(deadline) -> bytes (b"" on EOF), _send(what
+    # take_output gave), _input_ready() -> bool (without blocking),
+    # _wake_reader(), close_tls()
 
     def pending(self, wait=0):
         """Is client input waiting (pipelined), or does it arrive within
@@ -6252,6 +6249,13 @@ class Channel(object):
         self.eof = True
         return None
 
+    def received(self, data):
+        """Bytes a SessionLoop read from the socket (b"": its end): what
+        ``feed`` returns, or WAITING while they brought the session no
+        input yet (a part of a TLS record, or one for the TLS layer
+        itself)."""
+        return self.feed(data)
+
     def lost(self):
         """The exception for a receive that failed."""
         return ShuttingDown() if self.interrupted else ClientGone()
@@ -6262,6 +6266,9 @@ class Channel(object):
         self._wake_reader()
 
     def _wake_reader(self):
+        pass
+
+    def close_tls(self):
         pass
 
     def read_command(self, deadline, limit, stop):
@@ -6405,10 +6412,6 @@ def drive_blocking(channel, conversation, request=None, back_to_loop=None):
 #: Seconds a reply write may take before the session is given up.
 WRITE_TIMEOUT = 300.0
 
-#: Seconds between two looks at the stop flag of a TLS session waiting
-#: for input (see SocketChannel._recv_tls).
-STOP_CHECK_SECONDS = 1.0
-
 
 def kernel_timeval(seconds):
     """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO."""
@@ -6416,20 +6419,154 @@ def kernel_timeval(seconds):
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
-class SocketChannel(Channel):
-    """A TCP (or TLS-wrapped) connection.
+# -- TLS: one engine for every session model ------------------------------------
 
-    A plain socket stays in blocking mode with the kernel's SO_RCVTIMEO and
+class TLSHandshakeTimeout(SessionTimeout):
+    """The client did not finish the TLS handshake within
+    ``tls-handshake-timeout``."""
+
+    def __str__(self):
+        return "the handshake timed out"
+
+
+class TLSEngine(object):
+    """The server's side of one TLS connection, kept apart from the socket:
+    ciphertext from the socket goes in, plaintext for the session and
+    ciphertext for the socket come out of ``pump``, through two
+    ssl.MemoryBIOs.  The socket stays a plain socket with one owner (a
+    worker's SessionLoop, or a SocketChannel that blocks), which reads,
+    writes and waits; so the direction to wait in follows from what the
+    engine gives back: ciphertext to send means waiting until the socket
+    is writable, nothing at all means waiting until it is readable.
+
+    The handshake, the data records, the refusal of a renegotiation (the
+    context has OP_NO_RENEGOTIATION: the library answers the client's
+    hello with an alert, which comes out as ciphertext to send) and the
+    close_notify exchange all go through ``pump``.  An ssl.SSLError out of
+    it means the connection cannot go on; the engine then gives nothing
+    more in either direction."""
+
+    __slots__ = ("tls", "incoming", "outgoing", "established", "closing", "closed",
+                 "peer_closed", "broken")
+
+    def __init__(self, context):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.established = False    # the handshake is over
+        self.closing = False        # our close_notify is on its way
+        self.closed = False         # the close_notify exchange is over
+        self.peer_closed = False    # the client's close_notify came
+        self.broken = False         # an error ended the connection
+
+    def pump(self, data=b"", plain=b"", close=False):
+        """One turn: ``data`` (ciphertext from the socket; None: the socket
+        reached its end) goes in, ``plain`` is encrypted once the handshake
+        is over, and with ``close`` our close_notify goes out and the
+        client's is looked for.  Returns (plaintext received, ciphertext to
+        send)."""
+        if self.broken:
+            return b"", b""
+        tls = self.tls
+        try:
+            if data:
+                self.incoming.write(data)
+            elif data is None:
+                self.incoming.write_eof()
+            received = b""
+            read = bool(data)
+            if not self.established:
+                try:
+                    tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    return b"", self.outgoing.read()
+                # Records may have come right behind the handshake's end.
+                self.established = read = True
+            if read and not self.peer_closed:
+                received = self._read()
+            if plain and not self.closing:
+                view = memoryview(plain)
+                while view:
+                    view = view[tls.write(view):]
+            if close or self.closing:
+                self._close()
+        except ssl.SSLError:
+            self.broken = True
+            raise
+        return received, self.outgoing.read()
+
+    def _read(self):
+        """Every whole record's plaintext the incoming side holds."""
+        tls, incoming = self.tls, self.incoming
+        chunks = []
+        while True:
+            try:
+                chunk = tls.read(TLS_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:
+                self.peer_closed = True
+                break
+            chunks.append(chunk)
+            if not incoming.pending and not tls.pending():
+                break
+        return b"".join(chunks)
+
+    def _close(self):
+        """Our close_notify (once), and whether the client's came."""
+        self.closing = True
+        if self.closed:
+            return
+        if not self.established:
+            self.closed = True      # no TLS session to end
+            return
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLError:
+            pass                    # the client went without its close_notify
+        self.closed = True
+
+    @property
+    def open(self):
+        """An established session whose close_notify exchange is still due."""
+        return self.established and not (self.closed or self.broken)
+
+    def cipher(self):
+        return self.tls.cipher()
+
+    def version(self):
+        return self.tls.version()
+
+    def peer_certificate(self):
+        return self.tls.getpeercert()
+
+
+class SocketChannel(Channel):
+    """A TCP connection, with TLS (a TLSEngine) once the session started it.
+
+    The socket stays in blocking mode with the kernel's SO_RCVTIMEO and
     SO_SNDTIMEO doing the timing: Python's own socket timeouts cost a
     poll() and an ioctl() around every read and write, and each of those
     system calls is one more hand-over of the GIL between sessions.  The
     receive timeout is only reset when the deadline comes over a second
-    sooner than it.  TLS sockets use Python's timeouts (the ssl module needs them
-    to give its handshake one deadline)."""
+    sooner than it.  TLS changes nothing here: the socket stays plain, the
+    engine only turns what it reads and writes into records.
+
+    A worker's SessionLoop drives the channel without blocking: it reads
+    the socket and hands the bytes to ``received``, and sends what
+    ``take_output`` gives (replies, encrypted under TLS, after what the
+    engine itself had to send)."""
 
     def __init__(self, sock, write_timeout=None, prepared_rcvtimeo=None):
         Channel.__init__(self)
         self.sock = sock
+        self.tls = None             # the TLSEngine, from STARTTLS or implicit TLS on
+        self.wire = []              # ciphertext the engine made, still to send
         self.write_timeout = write_timeout or WRITE_TIMEOUT
         # ListenerServer.get_request already set blocking mode and both
         # timeouts; an inetd socket gets them here.
@@ -6442,13 +6579,144 @@ class SocketChannel(Channel):
     def _set_kernel_timeout(self, option, seconds):
         self.sock.setsockopt(socket.SOL_SOCKET, option, kernel_timeval(seconds))
 
+    # -- the TLS engine's side ------------------------------------------------------
+
+    def tls_pump(self, data=b"", plain=b"", close=False):
+        """One turn of the engine: its ciphertext is queued for the socket,
+        the plaintext received is given back."""
+        received, out = self.tls.pump(data, plain, close)
+        if out:
+            self.wire.append(out)
+        return received
+
+    def begin_tls(self, context):
+        """The connection is TLS from here on.  What the session buffered
+        beyond a PROXY header is the start of the client's handshake."""
+        self.tls = TLSEngine(context)
+        data, self.buf = self.buf, b""
+        self.buf = self.tls_pump(data)
+
+    def handshake_input(self, data):
+        """Ciphertext for the handshake (None: the client closed); True
+        once it is over.  Records that came with its end are buffered."""
+        self.buf += self.tls_pump(data)
+        return self.tls.established
+
+    def received(self, data):
+        if self.tls is None or not data:
+            return self.feed(data)
+        try:
+            plain = self.tls_pump(data)
+        except ssl.SSLError:
+            return self.lost()
+        if self.tls.peer_closed:
+            self.buf += plain
+            return self.feed(b"")
+        if not plain:
+            return WAITING
+        return self.feed(plain)
+
+    def take_output(self):
+        data = Channel.take_output(self)
+        if self.tls is None:
+            return data
+        if data:
+            try:
+                self.tls_pump(plain=data)
+            except ssl.SSLError:
+                pass                # a broken connection: its reader finds out
+        return self.take_wire()
+
+    def close_tls(self):
+        """Blocking: end an established TLS session properly, with our
+        close_notify and up to TLS_SHUTDOWN_TIMEOUT for the client's (so it
+        sees the end of the session and not a truncation, RFC 8446 6.1),
+        then our FIN.  A client that just closes costs nothing; any
+        failure just ends it."""
+        engine = self.tls
+        if engine is None:
+            return
+        if engine.open:
+            try:
+                self.tls_pump(close=True)
+                self._send_wire()
+                deadline = time.time() + TLS_SHUTDOWN_TIMEOUT
+                while not engine.closed and self._readable_until(deadline):
+                    data = self.sock.recv(self.RECV_SIZE)
+                    if not data:
+                        break
+                    self.tls_pump(data, close=True)
+            except (ClientGone, ssl.SSLError, OSError, socket.error, ValueError):
+                pass
+        self.tls = None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, socket.error, ValueError):
+            pass
+
+    def forget_tls(self):
+        """Whoever drove the close_notify exchange is done with it."""
+        self.tls = None
+
+    def _readable_until(self, deadline):
+        """Blocking: is the socket readable before ``deadline``?  (poll, not
+        select: a busy process has descriptors above select's 1024.)"""
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(remaining * 1000.0))
+
+    def take_wire(self):
+        data = b"".join(self.wire)
+        self.wire = []
+        return data
+
+    def _send_wire(self):
+        if self.wire:
+            self._send(self.take_wire())
+
+    # -- blocking I/O -----------------------------------------------------------------
+
+    def tls_handshake(self, context, deadline):
+        """Blocking: the server's side of the handshake, within ``deadline``
+        from the first byte to the last; None, or the exception that ended
+        it."""
+        try:
+            self.begin_tls(context)
+            while True:
+                self._send_wire()
+                if self.tls.established:
+                    return None
+                if not self._readable_until(deadline):
+                    return TLSHandshakeTimeout()
+                self.handshake_input(self.sock.recv(self.RECV_SIZE) or None)
+        except (ssl.SSLError, ClientGone, OSError, socket.error, ValueError) as e:
+            return e
+
     def _recv(self, deadline):
+        """The next plaintext (b"": the end of input)."""
+        tls = self.tls
+        while True:
+            if tls is not None and tls.peer_closed:
+                return b""
+            data = self._recv_raw(deadline)
+            if tls is None or not data:
+                return data
+            try:
+                plain = self.tls_pump(data)
+                self._send_wire()   # what the engine answers (an alert, a key update)
+            except ssl.SSLError:
+                raise self.lost()
+            if plain or tls.peer_closed:
+                return plain
+
+    def _recv_raw(self, deadline):
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
                 raise SessionTimeout()
-            if isinstance(self.sock, ssl.SSLSocket):
-                return self._recv_tls(deadline)
             # Only ever shortened: a kernel timeout shorter than the
             # deadline just wakes this loop, which checks the deadline.
             if self.rcvtimeo is None or remaining < self.rcvtimeo - 1.0:
@@ -6461,72 +6729,25 @@ class SocketChannel(Channel):
             except (OSError, socket.error):
                 raise self.lost()
 
-    def _recv_tls(self, deadline):
-        """One TLS read.  The wait is cut into slices of STOP_CHECK_SECONDS
-        to look at ``interrupted`` in between: a TLS connection cannot be
-        woken by shutting down its read side as a plain one is (the TLS
-        layer takes that for a broken connection and the 421 could not be
-        sent)."""
-        while True:
-            if self.interrupted:
-                raise ShuttingDown()
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise SessionTimeout()
-            self.sock.settimeout(min(remaining, STOP_CHECK_SECONDS))
-            try:
-                return self.sock.recv(self.RECV_SIZE)
-            except socket.timeout:
-                pass
-            except ssl.SSLError as e:
-                if "timed out" not in str(e):
-                    raise self.lost()
-            except (OSError, socket.error):
-                raise self.lost()
-
-    def wrap_tls(self, context):
-        """The connection is TLS from now on (its handshake still to do):
-        the TLS socket, which takes over the descriptor."""
-        self.sock = context.wrap_socket(self.sock, server_side=True,
-                                        do_handshake_on_connect=False)
-        return self.sock
-
-    def tls_handshake(self, context, deadline):
-        """Blocking: the server's side of the handshake; None, or the
-        exception that ended it."""
-        try:
-            tls = self.wrap_tls(context)
-            tls.settimeout(max(0.001, deadline - time.time()))
-            tls.do_handshake()
-        except (ssl.SSLError, OSError, socket.error, ValueError) as e:
-            return e
-        return None
-
     def _wake_reader(self):
         """A reader blocked in recv (a thread, or a forked session) or a
         SessionLoop waiting for the socket wakes up to an end of input;
-        the write side stays open for the 421.  (A TLS reader looks at
-        ``interrupted`` itself: see _recv_tls.)"""
-        if isinstance(self.sock, ssl.SSLSocket):
-            return
+        the write side stays open for the 421 (a TLS record under TLS:
+        the socket is plain, the engine writes the record)."""
         try:
             self.sock.shutdown(socket.SHUT_RD)
         except (OSError, socket.error):
             pass
 
     def _send(self, data):
-        if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(self.write_timeout)
+        """Blocking: what take_output gave (ciphertext under TLS)."""
         try:
             self.sock.sendall(data)
-        except (OSError, socket.error, ssl.SSLError):
+        except (OSError, socket.error):
             raise ClientGone()
 
     def _input_ready(self, wait=0):
-        if isinstance(self.sock, ssl.SSLSocket):
-            if self.sock.pending():
-                return True
-        elif not wait:
+        if not wait and self.tls is None:
             # One system call: data waiting (True), closed (b"": a probe
             # that connects and leaves is not a client talking), or nothing.
             try:
@@ -6537,7 +6758,7 @@ class SocketChannel(Channel):
             r, _, _ = select.select([self.sock], [], [], wait)
         except (OSError, ValueError):
             return False
-        if not r or isinstance(self.sock, ssl.SSLSocket):
+        if not r or self.tls is not None:
             return bool(r)
         try:
             # Readable may only mean "closed": a probe that connects and
@@ -7174,11 +7395,11 @@ class SessionStart(object):
         self.refusal = refusal
 
     def finish(self):
-        """Close a TLS connection here: the plain socket socketserver
-        closes next was taken over (detached) by the TLS layer."""
-        sock = getattr(self, "sock", None)
-        if isinstance(sock, ssl.SSLSocket):
-            close_tls(sock)
+        """End TLS properly (close_notify) before socketserver, or the
+        SessionLoop, closes the socket."""
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close_tls()
 
     def handle(self):
         self.run()
@@ -7318,11 +7539,7 @@ class SessionStart(object):
         deadline = self.start + self.cfg.command_timeout
         proxy = "%s:%d" % (self.ip_literal, self.peer_port)
         try:
-            if self.kind in IMPLICIT_TLS_KINDS or self.runtime.options.get("implicit_tls"):
-                yield (WANT_THREAD, None)
-                header = self.receive_proxy_header_exactly(deadline)
-            else:
-                header = yield from self.channel_proxy_header(deadline)
+            header = yield from self.channel_proxy_header(deadline)
         except ProxyHeaderError as e:
             self.log.note("PROXY protocol: %s from %s; closing" % (e, proxy))
             self.reply("proxy_header_bad")
@@ -7349,7 +7566,8 @@ class SessionStart(object):
 
     def channel_proxy_header(self, deadline):
         """Generator: the header from the session's input buffer; what the
-        client sent after it stays there."""
+        client sent after it stays there (on an implicit-TLS listener, the
+        start of its TLS handshake, which the TLS engine takes from there)."""
         channel = self.channel
         while True:
             header, used = parse_proxy_header(channel.buf)
@@ -7359,30 +7577,6 @@ class SessionStart(object):
             if channel.eof:
                 raise ClientGone()
             yield (WANT_INPUT, deadline)
-
-    def receive_proxy_header_exactly(self, deadline):
-        """Blocking: the header from the socket, never a byte more (the TLS
-        handshake that follows must reach the TLS layer whole)."""
-        sock, buf = self.sock, b""
-        while True:
-            header, more = parse_proxy_header(buf)
-            if header is not None:
-                return header
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise SessionTimeout()
-            try:
-                readable, _, _ = select.select([sock], [], [], remaining)
-                if not readable:
-                    raise SessionTimeout()
-                data = sock.recv(more)
-            except BlockingIOError:
-                continue
-            except (OSError, socket.error, ValueError):
-                raise ClientGone()
-            if not data:
-                raise ClientGone()
-            buf += data
 
     def become_client(self, ip, port):
         """The client the PROXY header names is the client, for the policy,
@@ -7492,9 +7686,6 @@ class SessionStart(object):
             self.log.note("TLS requested but not configured for this listener")
             return False
         problem = yield (WANT_TLS, (context, time.time() + self.cfg.tls_handshake_timeout))
-        # The TLS socket took over the connection even when the handshake
-        # failed; closing the session closes it.
-        tls = self.sock = self.channel.sock
         if problem is not None:
             if self.log.held is not None and client_went_away(problem):
                 # Connected and left without a word: a health check.
@@ -7503,11 +7694,12 @@ class SessionStart(object):
             else:
                 self.log.note("TLS handshake failed: %s" % (problem or "timed out"))
             return False
+        tls = self.channel.tls
         self.tls_active = True
         name, version, bits = tls.cipher()
         self.tls_version = version
         self.tls_cipher = "%s keybits %s/%s version %s" % (name, bits, bits, version)
-        cert = tls.getpeercert()
+        cert = tls.peer_certificate()
         if cert:
             self.tls_peer = "/".join("%s=%s" % kv for rdn in cert.get("subject", ())
                                      for kv in rdn)
@@ -11305,26 +11497,6 @@ def set_tls_min_version(context, version):
         refused.append("OP_NO_TLSv1_2")
     for name in refused:
         context.options |= getattr(ssl, name, 0)
-
-
-def close_tls(sock):
-    """End a TLS session properly: send close_notify and give the client a
-    moment to answer with its own before the socket is closed, so it sees
-    the end of the session and not a truncation (RFC 8446 6.1).  Any
-    failure here (client gone, no answer) just closes the socket.  (A
-    worker's SessionLoop does the same without blocking, and closes it.)"""
-    if sock.fileno() < 0:
-        return
-    try:
-        sock.settimeout(TLS_SHUTDOWN_TIMEOUT)
-        sock.unwrap()
-    except (OSError, socket.error, ssl.SSLError, ValueError):
-        pass
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except (OSError, socket.error, ValueError):
-        pass
-    sock.close()
 
 
 def auth_identity(group, zenv):
