@@ -21,27 +21,33 @@ Map of this file, in the order data flows through it:
                             prefix and domain lookups, connection verdicts
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
-  7. Listeners ............ Bind parsing to sockets, ListenerServer (a
+  7. Process core ......... EventLoop (one selector, a timer heap,
+                            call_soon, signals through one wake-up pipe),
+                            Peer (framed messages with descriptors between
+                            processes, an outbox that never drops), the
+                            SCM_RIGHTS helpers, reaping only our own children
+  8. Listeners ............ Bind parsing to sockets, ListenerServer (a
                             socketserver.TCPServer per socket), the session
                             models (thread / fork / workers mixins, the
                             WorkerPool; a worker's WorkerContext, its
                             SessionLoop and ThreadHandover), Supervisor
-                            (the master's selectors loop, the transactional
-                            reload, shutdown), the thread model's FileKeeper
-  8. Session .............. Channel and the WANT_* requests a conversation
+                            (the master: the transactional reload,
+                            restarts, shutdown), the thread model's
+                            FileKeeper
+  9. Session .............. Channel and the WANT_* requests a conversation
                             yields, StopFlag, drive_blocking, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
-  9. Authentication ....... SaslExchange (the AUTH dialogue),
+ 10. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
                             (the helper process that starts the programs of
                             its table, AuthProgram) and its SpawnerLoop
- 10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
+ 11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
- 11. Command line ......... option parsing, Runtime (prepare, install),
+ 12. Command line ......... option parsing, Runtime (prepare, install),
                             daemon, pid file, signals, privileges
                             (give_up_root), demo
 """
@@ -122,6 +128,25 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: Messages a process-core peer may hold in its outbox (sent when the
+#: socket has room) before it counts as stuck: logged once, and the
+#: master hands a stuck worker no more connections until it catches up.
+PEER_OUTBOX_LIMIT = 1024
+#: Descriptors one framed message may carry (a log reopen passes one per
+#: ``-l`` file; a connection hand-over passes one).
+PEER_MESSAGE_FDS = 16
+#: The largest framed message between the master and its processes.
+PEER_MESSAGE_MAX = 65536
+#: Seconds a process that ends waits to get its outbox out to the master.
+PEER_FLUSH_AT_EXIT = 5.0
+#: A worker that ends is restarted after WORKER_RESTART_DELAY seconds,
+#: doubled at each end in a row up to WORKER_RESTART_DELAY_MAX; a worker
+#: that ran WORKER_STABLE_RUN seconds starts the series again.  A worker
+#: that dies at once (a broken library, no memory) is so never forked in
+#: a tight loop.
+WORKER_RESTART_DELAY = 0.5
+WORKER_RESTART_DELAY_MAX = 30.0
+WORKER_STABLE_RUN = 10.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -1904,6 +1929,8 @@ REPLIES = {
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
+    # No worker can take a connection (every one is restarting or stuck).
+    "no_worker": (421, "4.3.2", "{host} Service not available, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
     # line level
     "line_too_long": (500, "5.5.2", "Line too long"),
@@ -2332,7 +2359,528 @@ def mail_syslog(priority, text):
 
 
 # ---------------------------------------------------------------------------
-# 7. Listeners: sockets, the session models, the selectors loop
+# 7. Process core: one event loop per process, framed messages between them
+# ---------------------------------------------------------------------------
+#
+# Every long-lived process of the server (the master, a worker) runs one
+# EventLoop; processes talk through a Peer each over a SOCK_SEQPACKET
+# socketpair.  How to use them:
+#
+#   loop = EventLoop(log)
+#   loop.watch(sock, selectors.EVENT_READ, callback)  # callback(mask); 0 = forget
+#   timer = loop.call_at(when, callback, *args)       # time.time() based
+#   timer.cancel()
+#   loop.call_soon(callback, *args)                   # from any thread
+#   loop.catch_signals(handler, [signal.SIGHUP])      # handler(signum) on the loop
+#   loop.every_turn(hook)       # hook() after each turn; returns the most
+#                               # seconds until it must run again, or None
+#   loop.run(until=None, deadline=None)   # until loop.stop(), until(), deadline
+#
+#   peer = Peer(loop, sock, on_message, on_end, "worker 1234")
+#   peer.send(b"S 1 0 ...", fds=[conn.fileno()])  # never dropped, any thread
+#   on_message(data, fds)       # the receiver owns fds (non-inheritable)
+#   on_end(why)                 # end of file or an error; peer closed by then
+#   peer.congested              # the outbox is over PEER_OUTBOX_LIMIT
+#
+# send_message/receive_message are the one way to pass descriptors
+# (SCM_RIGHTS) between processes, for code that has no Peer (a request's
+# own reply socket).  An exception that escapes a callback is logged with
+# its traceback by the loop (run_callback) and the loop goes on.
+
+#: What child_exit gives for a child whose exit status cannot be known
+#: (ECHILD: it was reaped elsewhere).  Never a success.
+EXIT_STATUS_UNKNOWN = -1
+
+
+def send_message(sock, message, fds=(), flags=0):
+    """Send one framed message on a SOCK_SEQPACKET socket with the
+    descriptors ``fds`` attached (SCM_RIGHTS); the sender keeps its own.
+    Raises what sendmsg raises (BlockingIOError: the queue is full)."""
+    ancillary = []
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", fds).tobytes())]
+    sock.sendmsg([message], ancillary, flags)
+
+
+def receive_message(sock, size=PEER_MESSAGE_MAX, max_fds=PEER_MESSAGE_FDS, flags=0):
+    """Receive one framed message: ``(data, fds, cut)``.  Every descriptor
+    that came is close-on-exec from the start (and checked so), since a
+    program another thread starts meanwhile must not inherit it.  ``cut``:
+    the message or its descriptors did not fit (the descriptors that came
+    are still returned, for the caller to close).  ``(b"", [], False)`` is
+    end of file; BlockingIOError when nothing waits."""
+    itemsize = array.array("i").itemsize
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(max_fds * itemsize),
+        flags | getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % itemsize])
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return data, list(fds), bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def child_exit(pid):
+    """Reap child ``pid`` if it has ended, without waiting: None while it
+    runs, else its wait status, or EXIT_STATUS_UNKNOWN when it is not (or
+    no longer) a child to wait for.  Only ever a pid this process started:
+    waiting for any child would take the status of a program that a
+    session thread started, and that thread would see a success."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return EXIT_STATUS_UNKNOWN
+    return status if done else None
+
+
+def wait_for_exit(pid, timeout):
+    """Wait up to ``timeout`` seconds for child ``pid``: its wait status,
+    EXIT_STATUS_UNKNOWN, or None if it still runs."""
+    deadline = time.time() + timeout
+    delay = 0.0005
+    while True:
+        status = child_exit(pid)
+        if status is not None:
+            return status
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return None
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def exit_code(status):
+    """A wait status as Popen's returncode (a signal's death negative);
+    None for EXIT_STATUS_UNKNOWN."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return None
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def describe_exit(status):
+    """A wait status in words, for the log."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return "ended with an exit status that cannot be known"
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+class Timer(object):
+    """A callback due at ``when`` (time.time()) on an EventLoop."""
+
+    __slots__ = ("loop", "when", "callback", "args")
+
+    def __init__(self, loop, when, callback, args):
+        self.loop = loop
+        self.when = when
+        self.callback = callback
+        self.args = args
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def cancel(self):
+        """It will not run; what it refers to is let go at once."""
+        if self.callback is not None:
+            self.callback = self.args = None
+            self.loop.cancelled += 1
+
+
+class EventLoop(object):
+    """One process's loop: a selector whose keys' data are the callbacks
+    for their events (``callback(mask)``), a heap of timers, callbacks
+    queued from other threads and from signal handlers, and one wake-up
+    pipe for both (it is also the signal module's wake-up descriptor where
+    the process catches signals, so a signal never waits for a timeout).
+
+    Everything runs on the thread that calls ``run`` except ``call_soon``
+    and Peer.send, which any thread may call."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.timers = []            # heap of (when, n, Timer)
+        self.timer_n = 0
+        self.cancelled = 0          # cancelled timers still in the heap
+        self.soon = deque()         # (callback, args); deque appends are atomic
+        self.hooks = []
+        self.hook_wait = None
+        self.stopped = False
+        self.thread = None          # the thread running the loop
+        self.signal_handler = None
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._drain)
+
+    # -- what to wait for ---------------------------------------------------------
+
+    def watch(self, fileobj, events, callback=None):
+        """Call ``callback(mask)`` when ``fileobj`` has ``events``; no
+        events: no longer watched."""
+        selector = self.selector
+        if not events:
+            try:
+                selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+            return
+        try:
+            selector.get_key(fileobj)
+        except KeyError:
+            selector.register(fileobj, events, callback)
+        else:
+            selector.modify(fileobj, events, callback)
+
+    def call_at(self, when, callback, *args):
+        """A Timer: ``callback(*args)`` on the loop once time.time() >= when."""
+        timer = Timer(self, when, callback, args)
+        self.timer_n += 1
+        heapq.heappush(self.timers, (when, self.timer_n, timer))
+        if self.cancelled > 64 and self.cancelled * 2 > len(self.timers):
+            self._compact_timers()
+        return timer
+
+    def call_later(self, delay, callback, *args):
+        return self.call_at(time.time() + delay, callback, *args)
+
+    def call_soon(self, callback, *args):
+        """``callback(*args)`` at the loop's next turn; from any thread, or
+        a signal handler."""
+        self.soon.append((callback, args))
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass            # full: a wake-up is pending anyway
+
+    def catch_signals(self, handler, signums):
+        """Signals ``signums`` of this process call ``handler(signum)`` on
+        the loop (call from the main thread)."""
+        self.signal_handler = handler
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in signums:
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum, frame):
+        self.soon.append((self.signal_handler, (signum,)))
+
+    def every_turn(self, hook):
+        """``hook()`` after each turn of the loop; it returns the most
+        seconds the loop may sleep before it must run again (or None)."""
+        self.hooks.append(hook)
+
+    def stop(self):
+        """``run`` returns at the end of this turn."""
+        self.stopped = True
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, until=None, deadline=None):
+        """Turn until ``stop()``, ``until()`` is true, or ``deadline``."""
+        self.thread = threading.get_ident()
+        self.stopped = False
+        select = self.selector.select
+        while not self.stopped:
+            if until is not None and until():
+                return
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                return
+            if self.soon:
+                timeout = 0
+            else:
+                timeout = self.hook_wait
+                if self.timers:
+                    first = max(0.0, self.timers[0][0] - now)
+                    timeout = first if timeout is None else min(timeout, first)
+                if deadline is not None:
+                    left = deadline - now
+                    timeout = left if timeout is None else min(timeout, left)
+            for key, mask in select(timeout):
+                # run_callback without its call: this is the busiest line.
+                try:
+                    key.data(mask)
+                except Exception:
+                    self.callback_failed(key.data)
+            timers = self.timers
+            if timers and timers[0][0] <= time.time():
+                self._run_timers()
+            if self.soon:
+                self.run_soon()
+            if self.hooks:
+                self._run_hooks()
+
+    def run_callback(self, callback, *args):
+        """Call ``callback(*args)`` as the loop calls all code: an exception
+        there is logged with its traceback and the loop goes on."""
+        try:
+            callback(*args)
+        except Exception:
+            self.callback_failed(callback)
+
+    def callback_failed(self, callback):
+        """Log the exception being handled, with its traceback."""
+        text = "uncaught exception in %s (the loop goes on): %s" % (
+            getattr(callback, "__qualname__", None) or repr(callback),
+            traceback.format_exc().replace("\n", " | "))
+        if self.log is not None:
+            self.log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+    def _run_timers(self):
+        now = time.time()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            callback, args = timer.callback, timer.args
+            if callback is None:
+                self.cancelled -= 1
+                continue
+            timer.callback = timer.args = None
+            self.run_callback(callback, *args)
+
+    def _compact_timers(self):
+        self.timers = [entry for entry in self.timers if entry[2].callback is not None]
+        heapq.heapify(self.timers)
+        self.cancelled = 0
+
+    def run_soon(self):
+        """What call_soon queued so far (the loop does it every turn; a
+        process that ends calls it once more for what threads queued)."""
+        soon = self.soon
+        for _ in range(len(soon)):
+            callback, args = soon.popleft()
+            self.run_callback(callback, *args)
+
+    def _run_hooks(self):
+        wait = None
+        for hook in self.hooks:
+            try:
+                seconds = hook()
+            except Exception:
+                self.run_callback(functools.partial(_reraise, sys.exc_info()[1]))
+                continue
+            if seconds is not None:
+                wait = seconds if wait is None else min(wait, seconds)
+        self.hook_wait = wait
+
+    def _drain(self, mask=None):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    # -- the end ------------------------------------------------------------------
+
+    def close_in_child(self):
+        """In a process just forked from this loop's: let the copy go
+        without a system call on what the parent still uses (an epoll
+        instance is shared across fork: unregistering here would
+        unregister in the parent)."""
+        if self.signal_handler is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            self.signal_handler = None
+        self.selector.close()
+        close_fds((self.wake_r, self.wake_w))
+        self.timers = []
+        self.soon.clear()
+        self.hooks = []
+
+    def close(self):
+        self.close_in_child()
+
+
+def _reraise(error):
+    raise error
+
+
+class Peer(object):
+    """The other process at the far end of a SOCK_SEQPACKET socketpair, as
+    one process's EventLoop sees it: framed messages with descriptors.
+
+    ``send`` never drops a message: what the socket cannot take now waits
+    in the outbox, in order, and goes when it is writable.  A peer whose
+    outbox holds PEER_OUTBOX_LIMIT messages is stuck (``congested``): that
+    is logged once, and the owner applies back-pressure (the master hands
+    a stuck worker no connections).  Received descriptors are
+    non-inheritable.  End of file and errors reach the owner's ``on_end``
+    once (errors logged here), the peer closed by then."""
+
+    def __init__(self, loop, sock, on_message, on_end, name):
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.on_end = on_end
+        self.name = name
+        self.outbox = deque()       # (message, fds this peer owns)
+        self.stuck = False
+        self.closed = False
+        sock.setblocking(False)
+        loop.watch(sock, selectors.EVENT_READ, self.ready)
+
+    @property
+    def congested(self):
+        return len(self.outbox) >= PEER_OUTBOX_LIMIT
+
+    def send(self, message, fds=()):
+        """Send ``message`` (bytes) with the descriptors ``fds`` (the caller
+        keeps its own), now or as soon as the socket takes it.  Any thread;
+        False when the peer is gone (logged)."""
+        loop = self.loop
+        if loop.thread is not None and threading.get_ident() != loop.thread:
+            loop.call_soon(self._send_owned, message, [os.dup(fd) for fd in fds])
+            return not self.closed
+        return self._send(message, fds, owned=False)
+
+    def _send_owned(self, message, fds):
+        try:
+            self._send(message, fds, owned=True)
+        finally:
+            if not self.outbox or self.outbox[-1][1] is not fds:
+                close_fds(fds)
+
+    def _send(self, message, fds, owned):
+        if self.closed:
+            self._log("message %r not sent: the channel is closed" % message[:40])
+            return False
+        if not self.outbox:
+            try:
+                send_message(self.sock, message, fds)
+                return True
+            except BlockingIOError:
+                pass
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return False
+        self.outbox.append((message, fds if owned else [os.dup(fd) for fd in fds]))
+        if len(self.outbox) == 1:
+            self.loop.watch(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.ready)
+        elif len(self.outbox) >= PEER_OUTBOX_LIMIT and not self.stuck:
+            self.stuck = True
+            self._log("%s does not read: %d messages wait for it" % (self.name,
+                                                                     len(self.outbox)))
+        return True
+
+    def flush(self):
+        outbox = self.outbox
+        while outbox:
+            message, fds = outbox[0]
+            try:
+                send_message(self.sock, message, fds)
+            except BlockingIOError:
+                return
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return
+            outbox.popleft()
+            close_fds(fds)
+        if self.stuck:
+            self.stuck = False
+            self._log("%s reads again" % self.name)
+        self.loop.watch(self.sock, selectors.EVENT_READ, self.ready)
+
+    def ready(self, mask):
+        """The selector's callback."""
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+        if mask & selectors.EVENT_READ:
+            while not self.closed:
+                try:
+                    data, fds, cut = receive_message(self.sock)
+                except BlockingIOError:
+                    return
+                except (OSError, socket.error) as e:
+                    self.broken("cannot receive", e)
+                    return
+                if not data and not fds:
+                    self.end("end of file")
+                    return
+                if cut:
+                    close_fds(fds)
+                    self._log("a message from %s did not fit and was dropped: %r"
+                              % (self.name, data[:40]))
+                    continue
+                self.on_message(data, fds)
+
+    def drain(self, timeout=PEER_FLUSH_AT_EXIT):
+        """Before the process exits: the outbox out, waiting up to
+        ``timeout`` seconds for room."""
+        if self.closed or not self.outbox:
+            return
+        deadline = time.time() + timeout
+        try:
+            while self.outbox:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise socket.timeout()
+                select.select([], [self.sock], [], remaining)
+                self.flush()
+        except socket.timeout:
+            self._log("%d messages to %s not sent: it did not read for %gs" % (
+                len(self.outbox), self.name, timeout))
+
+    def broken(self, what, error):
+        self._log("%s %s: %s" % (what, self.name, error))
+        self.end(str(error))
+
+    def end(self, why):
+        if self.closed:
+            return
+        self.close()
+        self.on_end(why)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.watch(self.sock, 0)
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def close_in_child(self):
+        """In a process forked from the owner: only the descriptors."""
+        self.closed = True
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def _log(self, text):
+        log = self.loop.log
+        if log is not None:
+            log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+
+# ---------------------------------------------------------------------------
+# 8. Listeners: sockets, the session models, the selectors loop
 # ---------------------------------------------------------------------------
 
 def interface_address(name, family):
@@ -2548,11 +3096,9 @@ class ListenerServer(socketserver.TCPServer):
     def ready(self, mask):
         """The selector's callback: a connection to accept.  socketserver's
         _handle_request_noblock runs get_request, verify_request and
-        process_request, with errors to handle_error."""
-        try:
-            self._handle_request_noblock()
-        except Exception:  # never let one accept kill the loop
-            self.context.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+        process_request, with errors to handle_error (and what escapes
+        that to the loop's callback runner)."""
+        self._handle_request_noblock()
 
     def verify_request(self, request, client_address):
         """Connection limits and ``rejectnet``: over the limit a 450 (or,
@@ -2592,7 +3138,8 @@ class WorkerDispatchMixIn(object):
         if key is not None:
             self.context.session_started(self, client_address, key)
         else:
-            lines = format_reply("shutdown", self.group.enhancedstatus,
+            name = "shutdown" if self.context.stopping else "no_worker"
+            lines = format_reply(name, self.group.enhancedstatus,
                                  host=self.context.runtime.hostname)
             try:
                 request.sendall(reply_bytes(lines))
@@ -2611,233 +3158,254 @@ def make_listener_class(model):
 
 
 class WorkerPool(object):
-    """The worker processes of ``session-model workers``.
+    """The worker processes of ``session-model workers``, each a Peer on
+    the master's loop.
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
     seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
-    finish the running sessions, however long they take, and exit), ``Q``
-    (stopping: the same, within ``shutdown-grace``).  A connection the
-    worker's queue cannot take at once (the kernel queues few descriptors
-    on a UNIX socket) waits in the worker's backlog here until it can.
-    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
-    (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
-    sessions are counted as ended."""
+    another worker accepted, for submission-rate-limit), ``L`` with the
+    reopened log files' descriptors, ``R`` (a reload: finish the running
+    sessions, however long they take, and exit), ``Q`` (stopping: the
+    same, within ``shutdown-grace``).  Worker -> master: ``E <seq>``
+    (session ended), ``F <ip> <time>``, ``U <login> <time> <recipients>``,
+    ``C <accepted|refused> <number>`` (for the status file, held up to
+    REPORT_INTERVAL).  No message is dropped: what a socket cannot take
+    waits in its Peer's outbox, and a worker whose outbox is full gets no
+    connections until it reads again.
+
+    A worker that dies is logged with its exit status or signal, its
+    sessions are counted as ended, and another is started after a delay
+    that grows while workers keep dying young (WORKER_RESTART_DELAY)."""
 
     def __init__(self, supervisor, count):
         self.supervisor = supervisor
         self.count = max(1, count)
         self.workers = {}      # pid -> WorkerEntry
         self.seq = 0
+        self.delays = {}       # index -> the delay of its last restart
+        self.restarts = {}     # index -> the Timer of a pending restart
 
-    def start(self):
+    def start(self, strict=False):
+        """A worker for each index.  One that cannot be forked is tried
+        again later, or (``strict``) raises OSError after the ones this
+        call started are retired again."""
+        started = []
         for index in range(self.count):
-            self.spawn(index)
+            try:
+                started.append(self.spawn(index))
+            except OSError as e:
+                if strict:
+                    for pid in started:
+                        self.retire_one(self.workers[pid], b"R")
+                    raise
+                self.supervisor.log.note("cannot start worker %d: %s" % (index, e))
+                self.restart_later(index)
+        return started
 
     def spawn(self, index):
         sup = self.supervisor
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
+        try:
+            pid = os.fork()
+        except OSError:
             parent.close()
-            for other in self.workers.values():
-                other.channel.close()
+            child.close()
+            raise
+        if pid == 0:
             status = 0
             try:
+                parent.close()
+                for other in self.workers.values():
+                    other.peer.close_in_child()
                 WorkerContext(sup, index, child).run()
             except Exception:
                 status = 1
+                sup.log.note("worker %d failed: %s" % (os.getpid(), traceback.format_exc()
+                                                       .replace("\n", " | ")))
             os._exit(status)
         child.close()
-        parent.setblocking(False)
-        entry = self.workers[pid] = WorkerEntry(parent, index)
-        entry.ready = functools.partial(self.worker_event, pid)
-        sup.selector.register(parent, selectors.EVENT_READ, entry.ready)
+        entry = WorkerEntry(pid, index, list(sup.listeners))
+        entry.peer = Peer(sup.loop, parent, functools.partial(self.message, entry),
+                          functools.partial(self.channel_ended, entry), "worker %d" % pid)
+        self.workers[pid] = entry
+        return pid
 
     def dispatch(self, listener, request, client_address):
-        """Send a connection to the least busy worker; its session key."""
-        ready = [p for p, e in self.workers.items() if not e.retired]
+        """Hand a connection to the least busy worker that reads its
+        messages; its session key, or None when no worker can take it."""
+        ready = [e for e in self.workers.values()
+                 if not e.retired and not e.peer.closed and not e.peer.congested
+                 and listener in e.listeners]
         if not ready:
             return None
-        pid = min(ready, key=lambda p: self.workers[p].active)
-        entry = self.workers[pid]
+        entry = min(ready, key=lambda e: e.active)
         self.seq += 1
-        index = self.supervisor.listeners.index(listener)
-        payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
-                                      client_address[1])).encode("ascii")
-        if not entry.backlog:
-            try:
-                self.hand_over(entry, payload, request)
-            except BlockingIOError:
-                pass
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                return None
-            else:
-                entry.active += 1
-                return (pid, self.seq)
-        # The worker's queue is full: keep a copy of the connection until
-        # it has room (the caller closes its own).
-        if not entry.backlog:
-            self.supervisor.selector.modify(entry.channel,
-                                            selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                            entry.ready)
-        entry.backlog.append((payload, request.dup()))
+        payload = ("S %d %d %s %d" % (self.seq, entry.listeners.index(listener),
+                                      client_address[0], client_address[1])).encode("ascii")
+        if not self.hand_over(entry, payload, request):
+            return None
         entry.active += 1
-        return (pid, self.seq)
+        return (entry.pid, self.seq)
 
     @staticmethod
     def hand_over(entry, payload, request):
-        fds = array.array("i", [request.fileno()])
-        entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           fds.tobytes())])
+        return entry.peer.send(payload, [request.fileno()])
 
-    def writable(self, pid):
-        """Room in worker ``pid``'s queue: hand over its backlog."""
-        entry = self.workers.get(pid)
-        if entry is None:
+    def message(self, entry, data, fds):
+        """A message from a worker."""
+        close_fds(fds)          # workers send none
+        kind, _, rest = data.partition(b" ")
+        sup = self.supervisor
+        if kind == b"E":
+            entry.active -= 1
+            sup.session_ended((entry.pid, int(rest)))
             return
-        while entry.backlog:
-            payload, conn = entry.backlog[0]
-            try:
-                self.hand_over(entry, payload, conn)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(payload.split()[1])))
-            entry.backlog.popleft()
-            conn.close()
-        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, entry.ready)
-
-    def worker_event(self, pid, mask):
-        if mask & selectors.EVENT_WRITE:
-            self.writable(pid)
-        if mask & selectors.EVENT_READ:
-            self.readable(pid)
-
-    def readable(self, pid):
-        """Messages from worker ``pid``; EOF means it is gone."""
-        entry = self.workers.get(pid)
-        if entry is None:
-            return
-        while True:
-            try:
-                msg = entry.channel.recv(4096)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error):
-                msg = b""
-            if not msg:
-                self.lost(pid)
-                return
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"E":
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(rest)))
-                continue
-            self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
-                # The other workers count them too.
-                self.broadcast(msg, but=pid)
+        sup.runtime.absorb_report(data)
+        if kind in (b"F", b"U"):
+            # The other workers count them too.
+            self.broadcast(data, but=entry.pid)
 
     def send_log(self, fds):
         """After the master reopened the log files (rotation): every
         worker, the retiring ones too, gets the new descriptors (``L``).
         A worker runs as the session user and could not open them."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      array.array("i", fds).tobytes())] if fds else []
-        for pid, entry in list(self.workers.items()):
-            try:
-                # The queue may be full of connections: wait a little.
-                entry.channel.settimeout(2.0)
-                entry.channel.sendmsg([b"L"], ancillary)
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot pass the reopened log to worker %d: %s"
-                                         % (pid, e))
-            finally:
-                entry.channel.setblocking(False)
+        for entry in list(self.workers.values()):
+            entry.peer.send(b"L", fds)
 
     def broadcast(self, msg, but=None):
         for pid, entry in list(self.workers.items()):
-            if pid != but:
-                try:
-                    entry.channel.send(msg)
-                except (OSError, socket.error):
-                    pass
+            if pid != but and not entry.peer.closed:
+                entry.peer.send(msg)
 
-    def lost(self, pid):
-        entry = self.workers.pop(pid)
+    def channel_ended(self, entry, why):
+        """The worker's channel reached its end (the worker exits) or
+        broke: it gets no more connections; its sessions end with it."""
         sup = self.supervisor
-        try:
-            sup.selector.unregister(entry.channel)
-        except (KeyError, ValueError):
-            pass
-        entry.channel.close()
-        for _, conn in entry.backlog:
-            conn.close()
-        entry.backlog.clear()
         with sup.lock:
-            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
+            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == entry.pid]
         for key in gone:
             sup.session_ended(key)
+        entry.active = 0
+        self.reap_one(entry)
+
+    def reap(self):
+        for entry in list(self.workers.values()):
+            self.reap_one(entry)
+
+    def reap_one(self, entry):
+        if entry.status is None:
+            entry.status = child_exit(entry.pid)
+            if entry.status is None:
+                return
+        if not entry.peer.closed:
+            # What it sent before it ended still counts; the end of its
+            # channel comes back here (channel_ended).
+            entry.peer.ready(selectors.EVENT_READ)
+            entry.peer.end("the worker ended")
+            return
+        if self.workers.pop(entry.pid, None) is not None:
+            self.ended(entry, entry.status)
+
+    def ended(self, entry, status):
+        """Worker ``entry`` ended with wait status ``status``."""
+        sup = self.supervisor
+        what = describe_exit(status)
+        if sup.stopping or entry.retired:
+            if status != 0:
+                sup.log.note("worker %d (retiring) %s" % (entry.pid, what))
+            return
+        if time.time() - entry.started >= WORKER_STABLE_RUN:
+            self.delays.pop(entry.index, None)
+        delay = self.restart_later(entry.index)
+        sup.log.note("worker %d %s; starting another in %g s" % (entry.pid, what, delay))
+
+    def restart_later(self, index):
+        """Start worker ``index`` again after the next delay; the delay."""
+        last = self.delays.get(index)
+        delay = WORKER_RESTART_DELAY if last is None else min(last * 2, WORKER_RESTART_DELAY_MAX)
+        self.delays[index] = delay
+        old = self.restarts.pop(index, None)
+        if old is not None:
+            old.cancel()
+        self.restarts[index] = self.supervisor.loop.call_later(delay, self.respawn, index)
+        return delay
+
+    def respawn(self, index):
+        self.restarts.pop(index, None)
+        if self.supervisor.stopping or index >= self.count:
+            return
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except OSError:
-            pass
-        if not sup.stopping and not entry.retired:
-            sup.log.note("worker %d ended; starting another" % pid)
-            self.spawn(entry.index)
+            self.spawn(index)
+        except OSError as e:
+            delay = self.restart_later(index)
+            self.supervisor.log.note("cannot start worker %d: %s; trying again in %g s"
+                                     % (index, e, delay))
+
+    def cancel_restarts(self):
+        for timer in self.restarts.values():
+            timer.cancel()
+        self.restarts.clear()
+
+    def retire_one(self, entry, message):
+        entry.retired = True
+        entry.peer.send(message)
 
     def retire(self, message=b"Q"):
         """Ask every worker to finish its sessions and exit (no respawn)."""
-        for entry in self.workers.values():
-            entry.retired = True
-        self.broadcast(message)
+        self.cancel_restarts()
+        for entry in list(self.workers.values()):
+            self.retire_one(entry, message)
 
     def restart(self, count):
-        """After a reload: the old workers finish their sessions, however
-        long they take; ``count`` new ones take over at once."""
-        self.retire(b"R")
-        self.count = max(1, count)
-        self.start()
+        """After a reload: ``count`` new workers take over at once, and the
+        old ones finish their sessions, however long they take.  If a new
+        one cannot be forked, the old ones keep serving (OSError)."""
+        old = [e for e in self.workers.values() if not e.retired]
+        old_count, self.count = self.count, max(1, count)
+        try:
+            self.start(strict=True)
+        except OSError:
+            self.count = old_count
+            raise
+        self.cancel_restarts()
+        for entry in old:
+            self.retire_one(entry, b"R")
 
     def wait(self, deadline):
         """Until the workers are gone or the deadline; then SIGKILL."""
-        while self.workers and time.time() < deadline:
-            for key, mask in self.supervisor.selector.select(timeout=0.1):
-                key.data(mask)
-        for pid in list(self.workers):
+        self.supervisor.loop.run(until=lambda: not self.workers, deadline=deadline)
+        for pid, entry in list(self.workers.items()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.lost(pid)
+            wait_for_exit(pid, 5.0)
+            self.reap_one(entry)
 
 
 class WorkerEntry(object):
     """The master's view of one worker."""
 
-    def __init__(self, channel, index):
-        self.channel = channel
+    def __init__(self, pid, index, listeners):
+        self.pid = pid
         self.index = index
+        self.listeners = listeners  # the master's, when it was forked
+        self.peer = None
         self.active = 0
         self.retired = False
-        self.backlog = deque()      # (message, connection) waiting for room
-        self.ready = None           # the selector's callback for its channel
+        self.started = time.time()
+        self.status = None          # its wait status, once reaped
 
 
 class WorkerContext(object):
     """What a worker process of ``session-model workers`` runs its sessions
     with, built in the worker right after the fork.  The worker shares the
     master's runtime (configuration, spool, policies), but its reports (AUTH
-    failures, accepted messages, counts) go to the master over ``channel``;
-    its listeners only name where a connection came in (the master alone
-    accepts); it numbers its own sessions and has its own threads for the
-    ones that block."""
+    failures, accepted messages, counts) go to the master over ``channel``
+    (a Peer once the SessionLoop runs); its listeners only name where a
+    connection came in (the master alone accepts); it numbers its own
+    sessions and has its own threads for the ones that block."""
 
     def __init__(self, supervisor, index, channel):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -2851,7 +3419,9 @@ class WorkerContext(object):
         self.config = supervisor.config
         self.log = self.runtime.log
         self.index = index
+        self.loop = EventLoop(self.log)
         self.channel = channel
+        self.master = None          # the Peer for ``channel``, made by the SessionLoop
         self.listeners = supervisor.listeners
         for listener in self.listeners:
             listener.context = self
@@ -2860,7 +3430,7 @@ class WorkerContext(object):
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
         self.session_counter = (index + 1) << 13
-        self.runtime.report_to(channel.send)
+        self.runtime.report_to(self.tell_master)
         set_process_name("worker")
 
     def run(self):
@@ -2873,25 +3443,28 @@ class WorkerContext(object):
             # worker exits.
             stats.holding_thread = None
             stats.flush()
+            master = getattr(self, "master", None)
+            if master is not None:
+                master.drain()
 
     def next_session_number(self):
         with self.lock:
             self.session_counter += 1
             return self.session_counter
 
+    def tell_master(self, message):
+        self.master.send(message)
+
     def ended(self, seq):
         """Tell the master that session ``seq`` is over."""
-        try:
-            self.channel.send(("E %s" % seq).encode("ascii"))
-        except (OSError, socket.error):
-            pass
+        self.master.send(("E %s" % seq).encode("ascii"))
 
 
 class LoopSlot(object):
     """One session of a SessionLoop, and what it waits for."""
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
-                 "local", "outbuf", "want", "ending", "deadline", "heap_at",
+                 "local", "outbuf", "want", "ending", "deadline", "timer",
                  "input_deadline", "events", "resume", "tls_context", "other",
                  "tls_closing")
 
@@ -2908,7 +3481,7 @@ class LoopSlot(object):
         self.want = None
         self.ending = False     # the conversation ended: last replies out, then close
         self.deadline = 0.0     # when the present wait ends
-        self.heap_at = None     # the time of this slot's entry in the loop's timer heap
+        self.timer = None       # the slot's one Timer on the loop, due at or before deadline
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
@@ -2943,9 +3516,6 @@ class ThreadHandover(object):
         self.lock = threading.Lock()
         self.on_threads = 0
         self.returning = deque()    # slots handed back by threads
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
 
     def busy(self):
         with self.lock:
@@ -2984,10 +3554,7 @@ class ThreadHandover(object):
             if finished:
                 self.loop.end(slot)
             else:
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:
-                    pass
+                self.loop.core.call_soon(self.take)
 
     def may_return(self, slot, channel, request):
         """drive_blocking's question at every request: may the conversation
@@ -3003,13 +3570,9 @@ class ThreadHandover(object):
         slot.resume = request
         return True
 
-    def take(self, mask=None):
-        """Thread -> loop (the wake-up pipe's callback): the parked
-        conversations wait on the loop for what they asked."""
-        try:
-            os.read(self.wake_r, 4096)
-        except OSError:
-            pass
+    def take(self):
+        """Thread -> loop (through call_soon): the parked conversations
+        wait on the loop for what they asked."""
         while True:
             with self.lock:
                 if not self.returning:
@@ -3025,12 +3588,12 @@ class ThreadHandover(object):
 
 
 class SessionLoop(object):
-    """The event loop of a worker process.
+    """The sessions of a worker process, on its EventLoop.
 
     A plain TCP session runs here as its conversation generator: the loop
     receives when the socket is readable, sends queued replies without
-    blocking, keeps every deadline in one heap and resumes the generator
-    with what it asked for.  A conversation that must block goes to a
+    blocking, keeps every deadline as a timer of the loop and resumes the
+    generator with what it asked for.  A conversation that must block goes to a
     thread and comes back (ThreadHandover).  With one thread per worker the
     interpreter lock is never handed over at a system call; with a thread
     per session that hand-over cost more kernel time than the spool's fsync."""
@@ -3041,55 +3604,47 @@ class SessionLoop(object):
     def __init__(self, context):
         self.context = context
         self.runtime = context.runtime
-        self.master = context.channel
-        self.selector = selectors.DefaultSelector()
-        self.timers = []            # heap of (when, n, slot): at most one live entry a slot
-        self.timer_n = 0
+        self.core = context.loop
+        self.master = context.master = Peer(self.core, context.channel, self.from_master,
+                                            self.master_gone, "the master")
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
-        self.runnable = deque()     # slots to resume at the next turn of the loop
         self.leaving = False        # told to finish (R, Q or the master gone)
         self.grace_end = None       # after Q: when to stop waiting for sessions
         self.threads = ThreadHandover(self)
-        self.selector.register(self.threads.wake_r, selectors.EVENT_READ, self.threads.take)
-        self.master.setblocking(False)
-        self.selector.register(self.master, selectors.EVENT_READ, self.read_master)
-        # Room for the descriptors of an ``L`` message (one per -l file).
-        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 16)
         self.runtime.spool.make_inodes_ahead(context.config.spool_spare_inodes)
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        stats = self.runtime.stats
-        while True:
-            if self.leaving:
-                busy = len(self.slots) + self.threads.busy()
-                if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
-                    return
-            timeout = None
-            if self.runnable:
-                timeout = 0
-            elif self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.time())
-            if self.leaving:
-                timeout = min(timeout if timeout is not None else 1.0, 1.0)
-            if stats.held:
-                # The held counts of accepted and refused messages are due.
-                due = max(0.0, stats.report_due - time.monotonic())
-                timeout = due if timeout is None else min(timeout, due)
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)
-            self.fire_timers()
-            self.run_turns()
-            if stats.held and time.monotonic() >= stats.report_due:
-                stats.flush()
+        self.core.every_turn(self.between_turns)
+        try:
+            self.core.run()
+        finally:
+            self.core.run_soon()        # the last reports of sessions on threads
 
-    def run_turns(self):
-        """Sessions that gave up their turn with input still buffered."""
-        for _ in range(len(self.runnable)):
-            slot = self.runnable.popleft()
-            if slot.want == WANT_TURN and slot.fd in self.slots:
-                self.guarded(self.advance, slot, None, None)
+    def between_turns(self):
+        """After each turn of the loop: the end of a worker told to leave,
+        and the held counts of accepted and refused messages when due."""
+        wait = None
+        if self.leaving:
+            busy = len(self.slots) + self.threads.busy()
+            if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
+                self.core.stop()
+                return None
+            wait = 1.0
+        stats = self.runtime.stats
+        if stats.held:
+            due = stats.report_due - time.monotonic()
+            if due <= 0:
+                stats.flush()
+            else:
+                wait = due if wait is None else min(wait, due)
+        return wait
+
+    def take_turn(self, slot):
+        """A session that gave up its turn with input still buffered."""
+        if slot.want == WANT_TURN and slot.fd in self.slots:
+            self.guarded(self.advance, slot, None, None)
 
     def guarded(self, step, slot, *args):
         """A fault in one session's step ends that session, not the worker
@@ -3101,109 +3656,79 @@ class SessionLoop(object):
             if slot.fd in self.slots:
                 self.close(slot)
 
-    def fire_timers(self):
-        now = time.time()
-        while self.timers and self.timers[0][0] <= now:
-            when, _, slot = heapq.heappop(self.timers)
-            if slot.heap_at != when:
-                continue            # superseded by an earlier entry
-            slot.heap_at = None
-            if not slot.waiting:
-                continue            # closed, or on a thread
-            if slot.deadline > now:
-                self.set_timer(slot, slot.deadline)     # the wait was extended
-            else:
-                self.guarded(self.expired, slot)
+    def timer_fired(self, slot):
+        slot.timer = None
+        if not slot.waiting:
+            return                  # closed, or on a thread
+        if slot.deadline > time.time():
+            self.set_timer(slot, slot.deadline)     # the wait was extended
+        else:
+            self.guarded(self.expired, slot)
 
     def set_timer(self, slot, when):
         """The present wait of ``slot`` ends at ``when``.  A slot keeps one
-        entry in the heap, pushed again when it fires early: a session
-        makes a new wait for every command, and an entry per wait would
-        keep thousands of finished sessions alive for the whole command
-        timeout."""
+        timer, set again when it fires early: a session makes a new wait
+        for every command, and a timer per wait would keep thousands of
+        finished waits in the heap for the whole command timeout."""
         slot.deadline = when
-        if slot.heap_at is not None and slot.heap_at <= when:
-            return
-        slot.heap_at = when
-        self.timer_n += 1
-        heapq.heappush(self.timers, (when, self.timer_n, slot))
-        if len(self.timers) > 2 * len(self.slots) + 64:
-            self.compact_timers()
-
-    def compact_timers(self):
-        live = []
-        for entry in self.timers:
-            slot = entry[2]
-            if slot.heap_at != entry[0]:
-                continue
-            if not slot.waiting:
-                slot.heap_at = None
-                continue
-            live.append(entry)
-        heapq.heapify(live)
-        self.timers = live
+        timer = slot.timer
+        if timer is not None:
+            if timer.when <= when and timer.callback is not None:
+                return
+            timer.cancel()
+        slot.timer = self.core.call_at(when, self.timer_fired, slot)
 
     def watch(self, slot, events):
         if events == slot.events:
             return
-        if not events:
-            self.selector.unregister(slot.fd)
-        elif not slot.events:
-            self.selector.register(slot.fd, events, slot)
-        else:
-            self.selector.modify(slot.fd, events, slot)
+        self.core.watch(slot.fd, events, slot)
         slot.events = events
 
-    # -- connections from the master ----------------------------------------------
+    # -- connections and messages from the master ------------------------------------
 
-    def read_master(self, mask=None):
-        while True:
+    def from_master(self, msg, fds):
+        """A message of the master (see WorkerPool)."""
+        if msg in (b"Q", b"R"):
+            close_fds(fds)
+            self.leave(stopping=msg == b"Q")
+            return
+        kind, _, rest = msg.partition(b" ")
+        if kind == b"F":
+            self.runtime.auth_failures.absorb(rest)
+        elif kind == b"L":
+            self.runtime.log.adopt(fds)
+        elif kind == b"U":
+            self.runtime.submissions.absorb(msg)
+        elif kind == b"S" and fds:
+            close_fds(fds[1:])
             try:
-                msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
-            except BlockingIOError:
+                seq, index, ip, port = rest.decode("ascii").split(" ")
+                listener = self.context.listeners[int(index)]
+                port = int(port)
+            except (ValueError, IndexError):
+                os.close(fds[0])
+                self.context.log.note("a bad connection message from the master: %r"
+                                      % msg[:80])
                 return
-            except (OSError, socket.error):
-                msg, ancdata = b"", []
-            fds = array.array("i")
-            for level, ctype, data in ancdata:
-                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if not msg or msg in (b"Q", b"R"):
-                for fd in fds:
-                    os.close(fd)
-                self.leaving = True
-                if msg != b"R" and self.grace_end is None:
-                    # Stopping (or the master is gone): idle sessions are
-                    # told at once, the others get the grace.
-                    self.grace_end = time.time() + self.context.config.shutdown_grace
-                    self.runtime.stop.set()
-                    self.interrupt_idle_tls()
-                if not msg:
-                    self.selector.unregister(self.master)
-                    return
-                continue
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"F":
-                self.runtime.auth_failures.absorb(rest)
-            elif kind == b"L":
-                self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
-            elif kind == b"S" and fds:
-                for fd in fds[1:]:
-                    os.close(fd)
-                try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
-                    listener = self.context.listeners[int(index)]
-                    port = int(port)
-                except (ValueError, IndexError):
-                    os.close(fds[0])
-                    continue
-                sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
-                self.begin(listener, sock, (ip, port), seq)
-            else:
-                for fd in fds:
-                    os.close(fd)
+            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+            self.begin(listener, sock, (ip, port), seq)
+        else:
+            close_fds(fds)
+
+    def master_gone(self, why):
+        self.context.log.note("worker %d: the master's channel ended (%s); finishing"
+                              % (os.getpid(), why))
+        self.leave(stopping=True)
+
+    def leave(self, stopping):
+        """Finish the running sessions and exit; ``stopping`` (or the
+        master gone): idle sessions are told at once, the others get the
+        grace."""
+        self.leaving = True
+        if stopping and self.grace_end is None:
+            self.grace_end = time.time() + self.context.config.shutdown_grace
+            self.runtime.stop.set()
+            self.interrupt_idle_tls()
 
     def interrupt_idle_tls(self):
         """The stop flag woke the idle plain sessions by shutting their
@@ -3328,8 +3853,8 @@ class SessionLoop(object):
         slot.want = WANT_READABLE
         slot.other = sock
         self.watch(slot, 0)
-        self.selector.register(sock, selectors.EVENT_READ,
-                               functools.partial(self.guarded, self.other_ready, slot))
+        self.core.watch(sock, selectors.EVENT_READ,
+                        functools.partial(self.guarded, self.other_ready, slot))
         self.set_timer(slot, deadline)
 
     def other_ready(self, slot, mask=None):
@@ -3338,7 +3863,7 @@ class SessionLoop(object):
 
     def forget_other(self, slot):
         if slot.other is not None:
-            self.selector.unregister(slot.other)
+            self.core.watch(slot.other, 0)
             slot.other = None
 
     def wait_for_input(self, slot, deadline):
@@ -3372,7 +3897,7 @@ class SessionLoop(object):
             self.watch(slot, selectors.EVENT_READ)
         elif slot.want == WANT_TURN:
             self.watch(slot, 0)
-            self.runnable.append(slot)
+            self.core.call_soon(self.take_turn, slot)
         return None
 
     def ready(self, slot, mask):
@@ -3456,8 +3981,11 @@ class SessionLoop(object):
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
         self.end(slot)
-        slot.session = slot.conversation = None    # a timer entry may outlive the slot
+        slot.session = slot.conversation = None
 
     def start_tls_close(self, slot):
         """End TLS properly without blocking the loop: send close_notify,
@@ -3685,9 +4213,10 @@ class FileKeeper(object):
 
 class Supervisor(object):
     """The master: owns the listeners and the counts of running sessions,
-    runs the selectors loop (each key's data is its callback), and handles
-    SIGHUP and SIGTERM through a self-pipe, so a signal never interrupts a
-    half-done operation of its own: at SIGHUP it asks the runtime to load
+    runs its EventLoop, and handles SIGHUP, SIGTERM and SIGCHLD on that
+    loop, so a signal never interrupts a half-done operation of its own:
+    it reaps only the children it started (workers, forked sessions; the
+    auth spawner reaps its own).  At SIGHUP it asks the runtime to load
     and apply the configuration, then follows with listeners and workers;
     at SIGTERM it raises the runtime's StopFlag (idle sessions are told
     421), closes the listeners and gives the others ``shutdown-grace``."""
@@ -3698,7 +4227,7 @@ class Supervisor(object):
         self.user = user            # the SessionUser session processes become
         self.log = runtime.log
         self.listeners = []
-        self.selector = selectors.DefaultSelector()
+        self.loop = EventLoop(self.log)
         self.lock = threading.Lock()
         # key -> (kind, ip); the key is an object (thread model), a pid
         # (fork model) or (worker pid, seq) (workers model).
@@ -3706,17 +4235,14 @@ class Supervisor(object):
         self.per_kind = {}
         self.per_ip = {}
         self.session_counter = 0
+        self.reaped = 0.0           # when the children were last looked at
         self.reload_requested = False
-        # Every selector key's data is the callback for its events.
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
         # Forked sessions report failed AUTHs (auth-failrate), accepted
         # messages (submission-rate-limit) and counts here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
-        self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.watch(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.every_turn(self.between_turns)
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
         self.status = None          # the daemon's StatusFile
@@ -3751,11 +4277,11 @@ class Supervisor(object):
     def install_listeners(self, listeners):
         for l in self.listeners:
             if l not in listeners:
-                self.selector.unregister(l.socket)
+                self.loop.watch(l.socket, 0)
                 l.server_close()
         for l in listeners:
             if l not in self.listeners:
-                self.selector.register(l.socket, selectors.EVENT_READ, l.ready)
+                self.loop.watch(l.socket, selectors.EVENT_READ, l.ready)
         self.listeners = listeners
 
     # -- admission (called from ListenerServer.verify_request) ------------------
@@ -3822,6 +4348,9 @@ class Supervisor(object):
                 self.per_ip[(kind, ip)] = n
             else:
                 del self.per_ip[(kind, ip)]
+            last = not self.sessions
+        if last and self.stopping:
+            self.loop.wake()        # shutdown waits for the last session
 
     def next_session_number(self):
         with self.lock:
@@ -3831,11 +4360,10 @@ class Supervisor(object):
     def close_in_child(self):
         """In a process just forked from the master (a session or a
         worker): close what only the master uses."""
-        self.selector.close()
+        self.loop.close_in_child()
         for l in self.listeners:
             l.socket.close()
-        for fd in (self.wake_r, self.wake_w, self.fail_r):
-            os.close(fd)
+        os.close(self.fail_r)
         if self.runtime.auth_spawner is not None:
             self.runtime.auth_spawner.close_in_child()
 
@@ -3881,16 +4409,18 @@ class Supervisor(object):
             self.status.write(self, force)
 
     def reap_children(self):
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except OSError:
-                return
-            if not pid:
-                return
-            self.session_ended(pid)
+        """Reap the children this process started and that ended: workers
+        and forked sessions, each by its pid.  Never any child: a session
+        thread's program must keep its exit status for that thread."""
+        self.reaped = time.time()
+        if self.pool is not None:
+            self.pool.reap()
+        if self.config.session_model == "fork":
+            with self.lock:
+                pids = [key for key in self.sessions if isinstance(key, int)]
+            for pid in pids:
+                if child_exit(pid) is not None:
+                    self.session_ended(pid)
 
     # -- signals and the loop ------------------------------------------------
 
@@ -3898,55 +4428,49 @@ class Supervisor(object):
     def stopping(self):
         return self.runtime.stop.stopping
 
-    def wake(self, signum=None, frame=None):
+    def on_signal(self, signum):
+        """The loop's handler of this process's signals."""
         if signum == signal.SIGTERM or signum == signal.SIGINT:
             # Idle thread-model sessions get their 421 at once.
             self.runtime.stop.set()
         elif signum == signal.SIGHUP:
-            self.reload_requested = True
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+            # Several SIGHUPs in a row ask for one reload.
+            if not self.reload_requested:
+                self.reload_requested = True
+                self.loop.call_soon(self.reload)
+        elif signum == signal.SIGCHLD:
+            self.reap_children()
 
     def start_auth_spawner(self):
-        self.runtime.auth_spawner.start(self.selector, on_end=self.auth_spawner_ready)
+        self.runtime.auth_spawner.start(self.loop, on_end=self.auth_spawner_ready)
 
     def auth_spawner_ready(self, mask=None):
         """The selector's callback for the spawner's control socket."""
         self.runtime.auth_spawner.control_ready(restart=not self.stopping)
 
-    def drain_wake(self, mask=None):
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except OSError:
-            pass
-
     def install_signal_handlers(self):
         """Called before the pid file says we are there: a SIGTERM that
         arrives between start-up and the loop must still lead to a clean
         stop (pid file removed), not the default sudden death."""
-        signal.signal(signal.SIGTERM, self.wake)
-        signal.signal(signal.SIGINT, self.wake)
-        signal.signal(signal.SIGHUP, self.wake)
+        signums = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         if self.config.session_model in ("fork", "workers"):
-            signal.signal(signal.SIGCHLD, self.wake)
+            signums.append(signal.SIGCHLD)
+        self.loop.catch_signals(self.on_signal, signums)
+
+    def between_turns(self):
+        """After each turn of the loop: the status file, and (should a
+        SIGCHLD have gone astray) the children now and then."""
+        if self.config.session_model in ("fork", "workers") and \
+                time.time() - self.reaped >= STATUS_INTERVAL:
+            self.reap_children()
+        self.write_status()
+        return STATUS_INTERVAL if self.status is not None else 5.0
 
     def serve_forever(self):
         if self.pool is not None:
             self.pool.start()
-        while not self.stopping:
-            events = self.selector.select(
-                timeout=STATUS_INTERVAL if self.status is not None else 5.0)
-            for key, mask in events:
-                key.data(mask)
-            if self.config.session_model in ("fork", "workers"):
-                self.reap_children()
-            if self.reload_requested:
-                self.reload_requested = False
-                self.reload()
-            self.write_status()
+        self.reap_children()
+        self.loop.run(until=lambda: self.stopping)
         self.shutdown()
 
     def reload(self):
@@ -3960,11 +4484,14 @@ class Supervisor(object):
         what it was (the original ignored SIGHUP).  The result goes to the
         status file, where ``zmailer.sh reload`` waits for it."""
         runtime = self.runtime
+        self.reload_requested = False
+        if self.stopping:
+            return          # a SIGTERM came first: no new workers now
         runtime.reload_count += 1
         runtime.log.reopen()
         if self.pool is not None:
             self.pool.send_log(runtime.log.fds)
-        opened = []
+        opened, old = [], None
         try:
             config = runtime.load()
             needs = self.restart_needed(config)
@@ -3976,7 +4503,22 @@ class Supervisor(object):
             opened = [l for l in listeners if l not in self.listeners]
             if errors or not listeners:
                 raise ConfigError("; ".join(errors) or "no listener is configured")
+            # The swap: from here on nothing reads a file or opens a
+            # socket; only new workers may fail to start, and then all of
+            # it is put back.
+            old = (runtime.prepared, self.config, self.listeners)
+            runtime.install(prepared)
+            self.config = config
+            if self.pool is not None:
+                self.listeners = listeners      # what the new workers serve
+                try:
+                    self.restart_workers(config)
+                finally:
+                    self.listeners = old[2]
         except (ConfigError, OSError, IOError, ValueError) as e:
+            if old is not None:
+                runtime.install(old[0])
+                self.config = old[1]
             for l in opened:
                 l.server_close()
             if runtime.root and not holds_root() and "ermission denied" in str(e):
@@ -3987,15 +4529,20 @@ class Supervisor(object):
             runtime.reload_failed(e)
             self.write_status(force=True)
             return
-        # The swap: from here on nothing reads a file or opens a socket.
-        runtime.install(prepared)
-        self.config = config
         self.install_listeners(listeners)
         self.configure_auth_spawner()
-        if self.pool is not None:
-            self.pool.restart(config.session_workers or os.cpu_count() or 2)
         runtime.reloaded()
         self.write_status(force=True)
+
+    def restart_workers(self, config):
+        """New workers for the new configuration; if they cannot be
+        started, the running ones keep serving, and the reload is refused
+        (ConfigError)."""
+        try:
+            self.pool.restart(config.session_workers or os.cpu_count() or 2)
+        except OSError as e:
+            raise ConfigError("cannot start the workers of the new configuration (%s); "
+                              "the running workers go on serving" % e)
 
     def restart_needed(self, config):
         """What ``config`` changes that a reload cannot: the session model
@@ -4031,10 +4578,7 @@ class Supervisor(object):
 
     def shutdown(self):
         for l in self.listeners:
-            try:
-                self.selector.unregister(l.socket)
-            except (KeyError, ValueError):
-                pass
+            self.loop.watch(l.socket, 0)
             l.server_close()
         self.listeners = []
         self.runtime.stop.set()
@@ -4047,13 +4591,8 @@ class Supervisor(object):
             # Each session child answers 421 if idle, else finishes its
             # command first: SIGTERM tells it (see become_session_child).
             self.signal_session_children(signal.SIGTERM)
-        while time.time() < deadline:
-            if forked:
-                self.reap_children()
-            with self.lock:
-                if not self.sessions:
-                    break
-            time.sleep(0.05)
+        self.reap_children()
+        self.loop.run(until=lambda: not self.sessions, deadline=deadline)
         if forked:
             # The grace is over: no session outlives the master.
             for pid in self.signal_session_children(signal.SIGKILL):
@@ -4075,7 +4614,7 @@ class Supervisor(object):
 
 
 # ---------------------------------------------------------------------------
-# 8. The SMTP session
+# 9. The SMTP session
 # ---------------------------------------------------------------------------
 
 class SessionTimeout(Exception):
@@ -6484,7 +7023,7 @@ def auth_input_problem(user, password):
 
 
 # ---------------------------------------------------------------------------
-# 9. Authentication: the external pipeauth program
+# 10. Authentication: the external pipeauth program
 # ---------------------------------------------------------------------------
 
 #: Mechanism names kept when an AUTH line is masked; any other word in that
@@ -6829,7 +7368,8 @@ class PipeAuthenticator(object):
 
     def _run_here(self, user, data):
         """Start the program from this process: ``("done", status, first
-        output line)``, ``("timeout",)`` or ``("error", why)``."""
+        output line)``, ``("timeout",)``, ``("error", why)`` or ``("lost",
+        why)`` when its exit status cannot be known (never a success)."""
         start = time.time()
         try:
             proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
@@ -6840,6 +7380,7 @@ class PipeAuthenticator(object):
             return ("error", str(e))
         output = bytearray()
         deadline = start + self.timeout
+        status = None
         try:
             try:
                 proc.stdin.write(data)
@@ -6847,32 +7388,36 @@ class PipeAuthenticator(object):
             except (OSError, IOError):
                 pass  # it may not read stdin at all; its exit status decides
             fd = proc.stdout.fileno()
-            status = None
-            watched = [fd]      # until its end of file
-            while status is None:
+            while True:
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     raise subprocess.TimeoutExpired(self.path, self.timeout)
-                r, _, _ = select.select(watched, [], [], min(remaining, 0.05))
-                if r:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        watched = []
-                    elif len(output) < self.OUTPUT_LIMIT:
-                        output.extend(chunk[:self.OUTPUT_LIMIT - len(output)])
+                r, _, _ = select.select([fd], [], [], min(remaining, 0.05))
+                if not r:
+                    status = child_exit(proc.pid)
+                    if status is not None:
+                        break  # exited; a leftover child may hold the pipe
                     continue
-                # Nothing to read: has it exited?  (A leftover child of
-                # it may hold the pipe open.)
-                status = child_exit_status(proc.pid)
-            # Known now: Popen must not ask again (it would take a lost
-            # status for a success).
-            proc.returncode = status
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if len(output) < self.OUTPUT_LIMIT:
+                    output.extend(chunk[:self.OUTPUT_LIMIT - len(output)])
+            if status is None:
+                # Popen's wait would take an unknown status (ECHILD) for 0.
+                status = wait_for_exit(proc.pid, max(0.1, deadline - time.time()))
+                if status is None:
+                    raise subprocess.TimeoutExpired(self.path, self.timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
             return ("timeout",)
         finally:
             proc.stdout.close()
-        return ("done", status, bytes(output).split(b"\n", 1)[0])
+        code = exit_code(status)
+        proc.returncode = code if code is not None else 255     # reaped: Popen may not wait
+        if code is None:
+            return ("lost", "its exit status cannot be known (reaped elsewhere)")
+        return ("done", code, bytes(output).split(b"\n", 1)[0])
 
     @staticmethod
     def _kill(proc):
@@ -7009,8 +7554,8 @@ class AuthSpawner(object):
         self.server = None      # the spawner's end, kept for a restart
         self.control = None     # the master's end of the control socket
         self.pid = None
-        self.selector = None
-        self.on_end = None      # the selector's callback for ``control``
+        self.loop = None        # the master's EventLoop
+        self.on_end = None      # the loop's callback for ``control``
         self.restarts = deque()
         self.given_up = False
         self.programs = {}      # key -> AuthProgram: what the spawner may run
@@ -7042,12 +7587,12 @@ class AuthSpawner(object):
         # marshal takes plain tuples, not namedtuples.
         return dict((key, tuple(p)) for key, p in self.programs.items())
 
-    def start(self, selector=None, on_end=None):
+    def start(self, loop=None, on_end=None):
         """Fork the spawner (the master, at start-up or when one ended);
-        ``on_end`` is called by ``selector`` when the control socket has
+        ``on_end`` is called by ``loop`` when the control socket has
         something: a note of the spawner, or end of file (it ended)."""
-        if selector is not None:
-            self.selector, self.on_end = selector, on_end
+        if loop is not None:
+            self.loop, self.on_end = loop, on_end
         if self.client is None:
             self.client, self.server = socket.socketpair(socket.AF_UNIX,
                                                          socket.SOCK_SEQPACKET)
@@ -7069,8 +7614,8 @@ class AuthSpawner(object):
         theirs.close()
         control.setblocking(False)
         self.control, self.pid = control, pid
-        if self.selector is not None:
-            self.selector.register(control, selectors.EVENT_READ, self.on_end)
+        if self.loop is not None:
+            self.loop.watch(control, selectors.EVENT_READ, self.on_end)
         return pid
 
     @property
@@ -7108,11 +7653,8 @@ class AuthSpawner(object):
         """The master: the spawner's control socket reached end of file."""
         if self.control is None:
             return
-        if self.selector is not None:
-            try:
-                self.selector.unregister(self.control)
-            except (KeyError, ValueError):
-                pass
+        if self.loop is not None:
+            self.loop.watch(self.control, 0)
         self.control.close()
         self.control = None
         pid, self.pid = self.pid, None
@@ -7167,9 +7709,7 @@ class AuthSpawner(object):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                self.client.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", [theirs.fileno()]))],
-                                   socket.MSG_DONTWAIT)
+                send_message(self.client, request, [theirs.fileno()], socket.MSG_DONTWAIT)
             except (OSError, socket.error):
                 return None     # no spawner to take it, or its queue is full
             finally:
@@ -7217,11 +7757,6 @@ class AuthSpawner(object):
                     return b""
 
 
-#: recvmsg's flags for a message or its descriptors cut short (a plain int:
-#: the flag enums cost a call per use).
-MESSAGE_CUT_FLAGS = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
-#: recvmsg's flag for descriptors that arrive close-on-exec (Linux).
-RECEIVE_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 
 
 class SpawnerJob(object):
@@ -7264,7 +7799,7 @@ class SpawnerLoop(object):
     """The auth spawner process: takes requests, runs the programs,
     answers each on its own socket.  Single-threaded; the programs'
     output pipes, stdin pipes, timeouts and exits are all served by one
-    selector loop, so a hanging program holds up nobody else.  It ends
+    EventLoop, so a hanging program holds up nobody else.  It ends
     when no process is left to send it requests.
 
     The spawner itself (``programs``: the table it runs from, replaced by
@@ -7291,8 +7826,7 @@ class SpawnerLoop(object):
         self.jobs = []
         self.helpers = {}           # ids -> (pid, socket)
         self.retired = []           # helpers that ended or were let go, to reap
-        self.selector = None
-        self.wake = ()
+        self.loop = None            # its EventLoop, made in run()
         self.listening = False      # while some process may still send requests
 
     def run(self):
@@ -7313,31 +7847,30 @@ class SpawnerLoop(object):
         set_process_name("auth-spawner")
         # Programs start in "/" (see start_program); so does this process.
         os.chdir("/")
-        wake_r, wake_w = self.wake = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        loop = self.loop = EventLoop()
+        # A program's exit wakes the loop; between_turns reaps it.
+        loop.catch_signals(lambda signum: None, [signal.SIGCHLD])
         self.sock.setblocking(False)
-        sel = self.selector = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, self.on_request)
+        loop.watch(self.sock, selectors.EVENT_READ, self.on_request)
         if self.control is not None:
             self.control.setblocking(False)
-            sel.register(self.control, selectors.EVENT_READ, self.on_control)
-        sel.register(wake_r, selectors.EVENT_READ, self.on_wake)
+            loop.watch(self.control, selectors.EVENT_READ, self.on_control)
+        loop.every_turn(self.between_turns)
         self.listening = True
-        while self.listening or self.jobs:
-            deadlines = [j.deadline for j in self.jobs if not j.killed]
-            timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-            for key, mask in sel.select(timeout):
-                key.data(mask)
-            self.tend()
-            if self.helpers or self.retired:
-                self.reap_helpers()
+        loop.run(until=lambda: not (self.listening or self.jobs))
+
+    def between_turns(self):
+        """After each turn: answer the jobs that ended or ran out of time,
+        reap helpers; the seconds until the next job's deadline."""
+        self.tend()
+        if self.helpers or self.retired:
+            self.reap_helpers()
+        deadlines = [j.deadline for j in self.jobs if not j.killed]
+        return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
     def on_request(self, mask):
         if not self.take():
-            self.selector.unregister(self.sock)
+            self.loop.watch(self.sock, 0)
             self.listening = False
             if self.helper:
                 self.abandon()      # the spawner is gone
@@ -7348,7 +7881,7 @@ class SpawnerLoop(object):
         if msg is None:
             return
         if not msg:
-            self.selector.unregister(self.control)
+            self.loop.watch(self.control, 0)
             self.control.close()
             self.control = None
             return
@@ -7367,34 +7900,19 @@ class SpawnerLoop(object):
             except (OSError, socket.error):
                 pass
 
-    def on_wake(self, mask):
-        try:
-            while os.read(self.wake[0], 512):
-                pass
-        except OSError:
-            pass
-
     def receive(self):
         """One message and its descriptor: (data, socket), (None, None)
         when there is none yet or it is malformed, (b"", None) when every
         sender is gone.  Received descriptors are close-on-exec at once
-        (MSG_CMSG_CLOEXEC), so no program ever inherits another
-        session's socket."""
+        (receive_message), so no program ever inherits another session's
+        socket."""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                AUTH_SPAWNER_MAX_REQUEST, socket.CMSG_SPACE(4 * array.array("i").itemsize),
-                RECEIVE_CLOEXEC)
+            data, fds, cut = receive_message(self.sock, AUTH_SPAWNER_MAX_REQUEST, 4)
         except (BlockingIOError, InterruptedError):
             return None, None
-        fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        for fd in fds:
-            os.set_inheritable(fd, False)   # where the flag is not known
         if not data and not fds:
             return b"", None
-        if len(fds) != 1 or flags & MESSAGE_CUT_FLAGS:
+        if len(fds) != 1 or cut:
             for fd in fds:
                 os.close(fd)
             return None, None
@@ -7464,13 +7982,13 @@ class SpawnerLoop(object):
         job = SpawnerJob(proc, reply, stdin, started + timeout, started)
         self.jobs.append(job)
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ,
-                               lambda mask, job=job: self.read_output(job))
+        self.loop.watch(proc.stdout, selectors.EVENT_READ,
+                        lambda mask, job=job: self.read_output(job))
         os.set_blocking(proc.stdin.fileno(), False)
         self.write_input(job)
         if job.pending:
-            self.selector.register(proc.stdin, selectors.EVENT_WRITE,
-                                   lambda mask, job=job: self.write_input(job))
+            self.loop.watch(proc.stdin, selectors.EVENT_WRITE,
+                            lambda mask, job=job: self.write_input(job))
 
     def forward(self, data, reply, ids):
         """Pass a job on to the helper for ``ids``; False to run it here."""
@@ -7479,9 +7997,7 @@ class SpawnerLoop(object):
             if helper is None:
                 return False
             try:
-                helper[1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                            array.array("i", [reply.fileno()]))],
-                                  socket.MSG_DONTWAIT)
+                send_message(helper[1], data, [reply.fileno()], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return False    # its queue is full: no waiting here
             except (OSError, socket.error):
@@ -7502,7 +8018,7 @@ class SpawnerLoop(object):
         if pid == 0:  # pragma: no cover - runs in the helper
             status = 1
             try:
-                signal.set_wakeup_fd(-1)
+                self.loop.close_in_child()
                 if ids is not None:
                     # No PR_SET_NO_NEW_PRIVS: a program may rely on a
                     # set-user-id helper (a password checker, say).
@@ -7580,10 +8096,7 @@ class SpawnerLoop(object):
     def _drop(self, pipe):
         if pipe is None or pipe.closed:
             return              # dropped already (at its end of file)
-        try:
-            self.selector.unregister(pipe)
-        except (KeyError, ValueError):
-            pass
+        self.loop.watch(pipe, 0)
         try:
             pipe.close()
         except OSError:
@@ -7627,26 +8140,12 @@ class SpawnedProgram(object):
 
     def poll(self):
         if self.returncode is None:
-            self.returncode = child_exit_status(self.pid)
+            status = child_exit(self.pid)
+            if status is not None:
+                code = exit_code(status)
+                # An exit status that cannot be known is a failure.
+                self.returncode = 255 if code is None else code
         return self.returncode
-
-
-#: The exit status given to a program whose real one is lost (another
-#: waitpid reaped it): a failure, never a success.
-EXIT_STATUS_UNKNOWN = 255
-
-
-def child_exit_status(pid):
-    """Popen's ``returncode`` of child ``pid`` without waiting: None while
-    it runs, a signal's death as its negative number, EXIT_STATUS_UNKNOWN
-    when the status cannot be had (ECHILD), where Popen would say 0."""
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return EXIT_STATUS_UNKNOWN
-    if not done:
-        return None
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def start_program(argv, env, cwd, ids):
@@ -7726,7 +8225,7 @@ def close_descriptors_except(keep):
                 pass
 
 # ---------------------------------------------------------------------------
-# 10. The spool: handing messages to the router
+# 11. The spool: handing messages to the router
 # ---------------------------------------------------------------------------
 
 def mail_envelope(session, txn):
@@ -8158,7 +8657,7 @@ class SpoolFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 11. Command line, run-time state, daemon
+# 12. Command line, run-time state, daemon
 # ---------------------------------------------------------------------------
 
 USAGE = """\
@@ -8347,11 +8846,17 @@ class Runtime(object):
     def report_to(self, send):
         """In a forked session or a worker: what the master must count (AUTH
         failures, accepted messages, the status file's counters) goes to it
-        as lines through ``send``, which ``absorb_report`` reads there."""
-        self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
-        self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
-                                                      .encode("ascii"))
+        as lines through ``send``, which ``absorb_report`` reads there.  A
+        report that cannot be sent is logged."""
+        def report(line):
+            try:
+                send(line)
+            except OSError as e:
+                self.log.note("cannot report to the master (%s): %r" % (e, line[:60]))
+        self.auth_failures.report = lambda data: report(b"F " + data)
+        self.submissions.report = report
+        self.stats.report = lambda name, number: report(("C %s %d\n" % (name, number))
+                                                        .encode("ascii"))
 
     def absorb_report(self, line):
         """The master's side of report_to: one line."""
@@ -8403,6 +8908,7 @@ class Runtime(object):
     def install(self, prepared):
         """Put a prepared configuration in place: nothing here can fail."""
         config = prepared.config
+        self.prepared = prepared
         self.config = config
         self.sender_maps = prepared.sender_maps
         self.spool.dir_fsync = config.spool_dir_fsync
