@@ -26,11 +26,12 @@ import time
 import unittest
 
 from tests import test_auth_spawner as spawner_tests
-from tests.harness import child_pids, kill_quietly, process_alive, which
-from tests.test_admin_ops import need_root_and_daemon
+from tests import test_admin_ops as admin_tests
+from tests.harness import child_pids, free_port, kill_quietly, process_alive, which
 
 import zmsmtpd
 
+need_root_and_daemon = admin_tests.need_root_and_daemon
 Daemon = spawner_tests.Daemon
 wait_for = spawner_tests.wait_for
 PASSWORD = spawner_tests.PASSWORD
@@ -335,6 +336,45 @@ class ReloadRootOnlyKeyTest(unittest.TestCase):
         got = wait_for(lambda: served_certificate(d.port) == expected and True)
         self.assertTrue(got)
         self.assertNotEqual(first, expected)
+
+
+class ZmailerShReloadTest(unittest.TestCase):
+    """`zmailer.sh reload` on a server started as root whose TLS key is
+    root's alone: exit status 0 when a renewed certificate is taken, 1
+    with the reason when a change needs a restart."""
+
+    def test_reload_exit_status_with_root_only_key_and_with_a_model_change(self):
+        need_root_and_daemon(self)
+        if not which("openssl") or not admin_tests.SHELLS:
+            self.skipTest("needs openssl and dash or bash")
+        shell = admin_tests.SHELLS[0]
+        lay = admin_tests.Layout(self)
+        cert, key = make_certificate(lay.root, "live", "first.example")
+        new_cert, new_key = make_certificate(lay.root, "next", "second.example")
+        for k in (key, new_key):
+            os.chmod(k, 0o600)
+        port = free_port()
+        conf = ("PARAM BindSmtp [127.0.0.1] %d\nPARAM policydb btree {db}\n"
+                "PARAM use-tls\nPARAM tls-cert-file %s\nPARAM tls-key-file %s\n"
+                "*  ftveR\n" % (port, cert, key))
+        lay.write_conf(conf)
+        rc, err = lay.start()
+        self.assertEqual(rc, 0, err)
+        pid = lay.pid()
+        self.addCleanup(kill_quietly, pid)
+        os.rename(new_cert, cert)
+        os.rename(new_key, key)
+        rc, out = lay.run_script(shell, "reload")
+        self.assertEqual(rc, 0, out)
+        self.assertIn("configuration reloaded", out)
+        with open(cert) as f:
+            self.assertEqual(served_certificate(port), ssl.PEM_cert_to_DER_cert(f.read()))
+        lay.write_conf(conf + "PARAM session-model fork\n")
+        rc, out = lay.run_script(shell, "reload")
+        self.assertEqual(rc, 1, out)
+        self.assertIn("reload refused", out)
+        self.assertIn("PARAM session-model (from workers to fork)", out)
+        self.assertEqual(lay.pid(), pid)
 
 
 if __name__ == "__main__":
