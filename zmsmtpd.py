@@ -19,6 +19,8 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4c. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
+                            does (HostsAccess), for PARAM use-tcp-wrapper
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Process core ......... EventLoop (one selector, a timer heap,
@@ -42,9 +44,11 @@ Map of this file, in the order data flows through it:
                             SessionStart and MailTransactionVerbs), one
                             ``smtp_VERB`` generator per verb
  10. Authentication ....... SaslExchange (the AUTH dialogue),
-                            PipeAuthenticator, AuthFailureTracker, AuthSpawner
-                            (the helper process that starts the programs of
-                            its table, AuthProgram) and its SpawnerLoop
+                            PipeAuthenticator, AuthFailureTracker, the
+                            built-in password check (PAM, shadow and crypt
+                            through ctypes), AuthSpawner (the helper process
+                            that starts the programs of its table,
+                            AuthProgram, and the check) and its SpawnerLoop
  11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  12. Command line ......... option parsing, Runtime (prepare, install),
@@ -63,6 +67,7 @@ import functools
 import gc
 import getopt
 import heapq
+import hmac
 import ipaddress
 import marshal
 import os
@@ -632,7 +637,6 @@ RAW_KEYWORDS = ("help", "hdr220", "sasl-mechanisms", "contact-pointer-message")
 #: Settings that are read and kept but change nothing in zmsmtpd; reported
 #: once by --check and at start-up so an administrator is never surprised.
 UNIMPLEMENTED_PARAMS = {
-    "use-tcp-wrapper": "libwrap is not available to Python",
     "smtp-auth-sasl": "Cyrus SASL is not used; LOGIN and PLAIN go to the pipe program",
     "sasl-mechanisms": "no SASL library (a no-op in 3.0.1 too)",
     "tls-dcert-file": "DSA certificates are obsolete", "tls-dkey-file": "DSA keys are obsolete",
@@ -1901,6 +1905,397 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
+# 4c. TCP wrappers: /etc/hosts.allow and /etc/hosts.deny (hosts_access(5))
+# ---------------------------------------------------------------------------
+
+#: The access files ``PARAM use-tcp-wrapper`` reads (module names, so that
+#: tests can point them elsewhere).
+HOSTS_ALLOW = "/etc/hosts.allow"
+HOSTS_DENY = "/etc/hosts.deny"
+#: The daemon name the rules are matched against: the original's libwrap
+#: call names this service, so existing rules for it keep working.
+TCP_WRAPPER_DAEMON = "smtp-receiver"
+#: libwrap's line buffer: a longer (joined) line is skipped with a warning.
+HOSTS_LINE_MAX = 8191
+#: What libwrap calls a host whose name or address is not known, and one
+#: whose reverse name does not lead back to its address.
+HOST_UNKNOWN = "unknown"
+HOST_PARANOID = "paranoid"
+
+_HOSTS_SEPARATORS = re.compile(r"[, \t\r\n]+")
+#: hosts_options(5) names libwrap knows; only allow, deny and twist change
+#: the verdict here, the others are ignored with a warning.
+_HOSTS_OPTIONS = frozenset(("allow", "deny", "twist", "spawn", "severity", "nice",
+                            "keepalive", "linger", "umask", "user", "group", "setenv",
+                            "rfc931", "banners"))
+
+
+def hosts_split_at(text, delimiter):
+    """(before, after) at the first ``delimiter`` outside ``[...]`` (an
+    IPv6 address holds colons); after is None when there is none."""
+    if "[" not in text:
+        before, found, after = text.partition(delimiter)
+        return (before, after) if found else (text, None)
+    depth = 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif depth == 0 and c == delimiter:
+            return text[:i], text[i + 1:]
+    return text, None
+
+
+def _hosts_glob(pattern, text):
+    # libwrap's * and ? compare characters exactly (no case folding).
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.match("(?s)" + regex + r"\Z", text) is not None
+
+
+def _dot_quad(text):
+    """An IPv4 address in four decimal parts as an int, else None."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+        return None
+    numbers = [int(p) for p in parts]
+    if any(n > 255 for n in numbers):
+        return None
+    return (numbers[0] << 24) | (numbers[1] << 16) | (numbers[2] << 8) | numbers[3]
+
+
+def _v4_mask(text):
+    """A mask written as a dotted quad or a prefix length, else None."""
+    mask = _dot_quad(text)
+    if mask is not None:
+        # libwrap reads the mask with inet_addr, whose error value this is.
+        return None if mask == 0xffffffff else mask
+    if text.isdigit() and 1 <= int(text) <= 32:   # libwrap takes no /0
+        return (0xffffffff << (32 - int(text))) & 0xffffffff
+    return None
+
+
+def hosts_string_match(token, text):
+    """A daemon, user or host token against one string, as libwrap's
+    string_match does it (wildcards, ``.suffix``, ``prefix.``, ALL, KNOWN,
+    ``[v6]``, else equal ignoring case)."""
+    text = unmapped_ip(text)
+    if "*" in token or "?" in token:
+        return _hosts_glob(token, text)
+    upper = token.upper()
+    if token.startswith("."):
+        return len(text) > len(token) and text.lower().endswith(token.lower())
+    if upper == "ALL":
+        return True
+    if upper == "KNOWN":
+        return text.lower() != HOST_UNKNOWN
+    if token.endswith("."):
+        return text.lower().startswith(token.lower())
+    if token.startswith("[") and token.endswith("]"):
+        try:
+            return ipaddress.IPv6Address(token[1:-1]) == ipaddress.IPv6Address(text)
+        except ValueError:
+            return False
+    return token.lower() == text.lower()
+
+
+def hosts_masked_match(net, mask, address):
+    """``net/mask``, ``net/len`` or ``[v6net]/len`` against an address."""
+    address = unmapped_ip(address)
+    value = _dot_quad(address)
+    if value is not None:
+        network, bits = _dot_quad(net), _v4_mask(mask)
+        if network is None or bits is None:
+            return False
+        # Host bits set in the net match nothing, as in libwrap.
+        return value & bits == network
+    if not (net.startswith("[") and net.endswith("]")) or not mask.isdigit() \
+            or int(mask) > 128:
+        return False
+    try:
+        network = int(ipaddress.IPv6Address(net[1:-1]))
+        value = int(ipaddress.IPv6Address(address))
+    except ValueError:
+        return False
+    shift = 128 - int(mask)
+    return value >> shift == network >> shift
+
+
+class HostsClient(object):
+    """What the rules may ask of a client: its address and its name
+    (HOST_UNKNOWN without one, HOST_PARANOID when the name's addresses do
+    not include it).  The user name is never looked up (no RFC 931), so
+    it is HOST_UNKNOWN."""
+
+    def __init__(self, address, name=HOST_UNKNOWN):
+        self.address = address or HOST_UNKNOWN
+        self.name = name or HOST_UNKNOWN
+        self.user = HOST_UNKNOWN
+
+    def name_known(self):
+        return self.name.lower() not in (HOST_UNKNOWN, HOST_PARANOID)
+
+
+def hosts_host_match(token, host):
+    """One host token against a HostsClient, as libwrap's host_match."""
+    if token.startswith("@"):
+        return False        # NIS netgroups: warned about when the file is read
+    if token.startswith("/"):
+        return hosts_file_match(token, host)
+    upper = token.upper()
+    if upper == "KNOWN":
+        return host.address != HOST_UNKNOWN and host.name_known()
+    if upper == "LOCAL":
+        return "." not in host.name and host.name_known()
+    net, mask = hosts_split_at(token, "/")
+    if mask is not None:
+        return hosts_masked_match(net, mask, host.address)
+    if hosts_string_match(token, host.address):
+        return True
+    # A token that could only be an address is not compared with the name.
+    return any(c not in "0123456789./" for c in token) and \
+        hosts_string_match(token, host.name)
+
+
+def hosts_file_match(path, host):
+    """``/path``: any host pattern listed in that file."""
+    try:
+        with open(path, "r", encoding="latin-1") as f:
+            tokens = f.read().split()
+    except (IOError, OSError):
+        return False
+    return any(hosts_host_match(t, host) for t in tokens)
+
+
+def hosts_list_match(tokens, matches):
+    """libwrap's list_match: the first matching token wins unless the
+    list after the next EXCEPT matches (``a EXCEPT b EXCEPT c`` is
+    ``a EXCEPT (b EXCEPT c)``)."""
+    for i, token in enumerate(tokens):
+        if token.upper() == "EXCEPT":
+            return False
+        if matches(token):
+            rest = tokens[i + 1:]
+            for j, later in enumerate(rest):
+                if later.upper() == "EXCEPT":
+                    return not hosts_list_match(rest[j + 1:], matches)
+            return True
+    return False
+
+
+class HostsRule(Frozen):
+    """One rule: its line, its daemon and client tokens, and the verdicts
+    its options give ("allow"/"deny", in order)."""
+
+
+class HostsTable(object):
+    """One access file, read into rules; ``problems`` lists (line, what)
+    for what is not supported here (the start-up warnings)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.rules = []
+        self.problems = []
+        self.missing = False
+        self.error = None
+        self.unterminated = 0   # the line without a newline that ends the file
+
+    @classmethod
+    def load(cls, path):
+        table = cls(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read().decode("latin-1")
+        except (IOError, OSError) as e:
+            if e.errno == errno.ENOENT:
+                table.missing = True     # no file: no rules, as in libwrap
+            else:
+                table.error = e.strerror or str(e)
+            return table
+        table.parse(data)
+        return table
+
+    def parse(self, data):
+        lineno = 0
+        pending, first = "", None
+        for raw in data.splitlines(True):
+            lineno += 1
+            if first is None:
+                first = lineno
+            if not raw.endswith("\n"):
+                # libwrap's reading fails there: in hosts.deny, a client no
+                # earlier line matched is refused.
+                self.unterminated = first
+                self.problems.append((first, "the last line has no newline: libwrap (and "
+                                      "zmsmtpd) stop there with an error, which refuses "
+                                      "in hosts.deny every client no earlier line "
+                                      "matched. Fix: end the line"))
+                break
+            if raw.endswith("\\\n"):
+                pending += raw[:-2]
+                continue
+            line, start = pending + raw, first
+            pending, first = "", None
+            self.take(start, line)
+
+    def take(self, lineno, line):
+        if len(line) > HOSTS_LINE_MAX:
+            self.problems.append((lineno, "line longer than %d characters, skipped"
+                                  % HOSTS_LINE_MAX))
+            return
+        if line.startswith("#") or not line.strip():
+            return
+        daemons, rest = hosts_split_at(line, ":")
+        if rest is None:
+            self.problems.append((lineno, 'missing ":" separator, line skipped'))
+            return
+        clients, options = hosts_split_at(rest, ":")
+        rule = HostsRule(lineno=lineno,
+                         daemons=[t for t in _HOSTS_SEPARATORS.split(daemons) if t],
+                         clients=[t for t in _HOSTS_SEPARATORS.split(clients) if t],
+                         options=self.parse_options(lineno, options))
+        for token in rule.clients:
+            if token.startswith("@"):
+                self.problems.append((lineno, "NIS netgroup %s is not supported; it never "
+                                      "matches" % token))
+            elif "@" in token[1:]:
+                self.problems.append((lineno, "%s: client user names are not looked up "
+                                      "(no RFC 931); the user is always unknown" % token))
+        self.rules.append(rule)
+
+    def parse_options(self, lineno, text):
+        """The third field, as hosts_options(5): ``allow`` and ``deny``
+        decide; ``twist`` refuses (no command is run in its place); other
+        options are ignored."""
+        if text is None or not text.strip():
+            return ()
+        verdicts = []
+        for option in re.split(r"(?<!\\):", text):
+            name = re.split(r"[\s=]", option.strip(), 1)[0].lower()
+            if not name:
+                continue
+            if name in ("allow", "deny"):
+                verdicts.append(name)
+            elif name == "twist":
+                verdicts.append("deny")
+                self.problems.append((lineno, "option twist: no command is run; the client "
+                                      "is refused"))
+            elif name in _HOSTS_OPTIONS:
+                self.problems.append((lineno, "option %s is not supported; ignored" % name))
+            else:
+                # libwrap refuses a client whose rule has an unknown option.
+                verdicts.append("deny")
+                self.problems.append((lineno, "unknown option %s (a shell command?): "
+                                      "libwrap refuses the client, and so does zmsmtpd"
+                                      % name))
+        return tuple(verdicts)
+
+    def match(self, daemon, server, client):
+        """The first rule that matches, or None."""
+        for rule in self.rules:
+            if hosts_list_match(rule.daemons, lambda t: hosts_server_match(t, daemon, server)) \
+                    and hosts_list_match(rule.clients, lambda t: hosts_client_match(t, client)):
+                return rule
+        return None
+
+
+def hosts_server_match(token, daemon, server):
+    """``daemon`` or ``daemon@host`` (host: the address connected to)."""
+    name, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_string_match(token, daemon)
+    return hosts_string_match(token[0] + name, daemon) and hosts_host_match(host, server)
+
+
+def hosts_client_match(token, client):
+    """``host`` or ``user@host``."""
+    user, host = hosts_split_at(token[1:], "@")
+    if host is None:
+        return hosts_host_match(token, client)
+    return hosts_host_match(host, client) and hosts_string_match(token[0] + user, client.user)
+
+
+class HostsAccess(object):
+    """hosts_access(5) for ``PARAM use-tcp-wrapper``: hosts.allow, then
+    hosts.deny, the first matching rule deciding; no match grants.  A
+    hosts.deny that exists but cannot be read refuses everyone (libwrap
+    does the same).  The files are read again when they change."""
+
+    def __init__(self, allow=None, deny=None, daemon=TCP_WRAPPER_DAEMON, log=None):
+        self.paths = (allow or HOSTS_ALLOW, deny or HOSTS_DENY)
+        self.daemon = daemon
+        self.log = log
+        self.lock = threading.Lock()
+        self.tables = {}        # path -> (stat signature, HostsTable)
+
+    def table(self, path):
+        try:
+            st = os.stat(path)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns if hasattr(st, "st_mtime_ns")
+                         else st.st_mtime)
+        except (IOError, OSError):
+            signature = None
+        with self.lock:
+            hit = self.tables.get(path)
+            if hit is not None and hit[0] == signature:
+                return hit[1]
+        table = HostsTable.load(path)
+        with self.lock:
+            self.tables[path] = (signature, table)
+        if hit is not None and self.log is not None:
+            # Changed since the start-up warnings: the log says what of it
+            # is not supported.
+            self.log.note("tcp wrapper: %s changed and was read again" % path)
+            for line, what in table.problems:
+                self.log.note("tcp wrapper: %s" % diag_text(path, line, what))
+        return table
+
+    def problems(self):
+        """(file, line, what) for the start-up warnings."""
+        out = []
+        for path in self.paths:
+            table = self.table(path)
+            if table.error:
+                out.append((path, 0, "cannot read it: %s%s" % (
+                    table.error, "; every client is refused" if path == self.paths[1] else "")))
+            out.extend((path, line, what) for line, what in table.problems)
+        return out
+
+    def verdict(self, client, server=None):
+        """(granted?, "file:line" of the deciding rule or None)."""
+        server = server or HostsClient(None)
+        allow, deny = self.paths
+        for path, granted in ((allow, True), (deny, False)):
+            table = self.table(path)
+            if table.error:
+                if path == deny:
+                    return False, "%s (unreadable: %s)" % (path, table.error)
+                continue
+            rule = table.match(self.daemon, server, client)
+            if rule is None and table.unterminated:
+                if path == deny:
+                    return False, "%s:%d (no newline at its end)" % (path, table.unterminated)
+                continue
+            if rule is not None:
+                if rule.options:
+                    # The first of them decides (libwrap acts on it at once).
+                    granted = rule.options[0] == "allow"
+                return granted, "%s:%d" % (path, rule.lineno)
+        return True, None
+
+
+def tcp_wrapper_warnings(config, access=None):
+    """What hosts.allow and hosts.deny hold that is not supported, each
+    with its file and line, when a group has ``PARAM use-tcp-wrapper``."""
+    if not any(g.use_tcp_wrapper for g in config.groups):
+        return []
+    access = access or HostsAccess()
+    return [diag_text(path, line, "tcp wrapper: " + what)
+            for path, line, what in access.problems()]
+
+
+
+# ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
 
@@ -1928,6 +2323,8 @@ REPLIES = {
     "proxy_header_bad": (421, "4.7.0", "{host} Missing or malformed PROXY protocol header, "
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
+    "tcp_wrapper_denied": (421, None, "{host} ZMailer Server {version} WILL NOT TALK TO YOU "
+                                      "at {date}"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
     # No worker can take a connection (every one is restarting or stuck).
     "no_worker": (421, "4.3.2", "{host} Service not available, closing connection"),
@@ -2121,7 +2518,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
+UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last", "tcp_wrapper_denied"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -5661,6 +6058,7 @@ class SessionStart(object):
                                and in_networks(self.peer_ip, group.proxy_protocol_nets))
         self.proxy_via = None             # "[ip]:port" of the balancer, once read
         self.local_port = local[1] if local else 0
+        self.local_ip = unmapped_ip(local[0]) if local else ""
         if not self.network or (mode == "interactive"):
             self.ip_literal = ""  # -T pretends a peer for policy only
         elif ":" in self.peer_ip:
@@ -5824,6 +6222,28 @@ class SessionStart(object):
         self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
             ip if self.runtime.fake_peer is None else None)
         self.reset(RESET_SESSION)
+
+    def tcp_wrapper_grants(self):
+        """``PARAM use-tcp-wrapper``: hosts.allow and hosts.deny decide
+        whether the client is served at all.  Checked here, in the
+        session, with the names it has already looked up (the master
+        never waits for DNS); a refused client gets the original's 421
+        and the close."""
+        if self.rhost_a != "OK":
+            name = HOST_UNKNOWN
+        elif self.rhost_b != "OK":
+            name = HOST_PARANOID
+        else:
+            name = self.rhostname
+        server = HostsClient(self.local_ip or None)
+        granted, rule = self.runtime.hosts_access.verdict(HostsClient(self.peer_ip, name),
+                                                         server)
+        if granted:
+            return True
+        self.log.note("refused by the tcp wrapper (%s): %s %s" % (rule, self.rhostname,
+                                                                 self.ip_literal))
+        self.reply("tcp_wrapper_denied", version=VERSION, date=rfc822_date())
+        return False
 
     def evaluate_policy(self):
         if self.policy is None:
@@ -6476,6 +6896,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             if not (yield from self.start_tls()):
                 return
         if self.network:
+            if self.group.use_tcp_wrapper and self.mode != "interactive" \
+                    and not self.tcp_wrapper_grants():
+                return
             self.evaluate_policy()
         if self.policy_error is None and self.verdict.reject and (
                 self.mode != "daemon" or self.proxy_expected):
@@ -7364,6 +7787,11 @@ class PipeAuthenticator(object):
         if log:
             log.note("auth program for %s exited %s after %.3fs: %s" % (
                 qformat(user), status, time.time() - start, qformat(first.rstrip("\r"))))
+        return self.status_verdict(status)
+
+    @staticmethod
+    def status_verdict(status):
+        """The program's exit status as a verdict."""
         return "ok" if status == 0 else "fail"
 
     def _run_here(self, user, data):
@@ -7438,6 +7866,262 @@ class PipeAuthenticator(object):
         mail_syslog(facility | syslog.LOG_INFO, text)
 
 
+# -- the built-in password check: PAM, else shadow and crypt -------------------
+
+#: The "program" a session asks the auth spawner for when a group has
+#: smtp-auth but neither smtp-auth-pipe nor PIPEAUTHPATH: no path to run
+#: (it does not start with "/"), but a check the spawner's own child makes
+#: as root.
+BUILTIN_PASSWORD_CHECK = "<built-in password check>"
+#: The PAM service the original's built-in check used.
+PAM_SERVICE = "smtpauth-login"
+#: The libraries tried, in order (module names, so tests can hide them).
+PAM_LIBRARIES = ("libpam.so.0", "pam")
+CRYPT_LIBRARIES = ("libcrypt.so.1", "libcrypt.so.2", "crypt")
+#: The check's exit statuses, as a program's: 0 accepted, 1 refused, and
+#: EX_TEMPFAIL when the system could not tell (answered 454, not 535).
+PASSWORD_CHECK_TEMPFAIL = 75
+#: Longest password the check reads from its stdin.
+PASSWORD_CHECK_INPUT_MAX = 4096
+
+# Linux-PAM's numbers (security/_pam_types.h).
+PAM_SUCCESS = 0
+PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
+PAM_BUF_ERR, PAM_CONV_ERR = 5, 19
+PAM_SILENT, PAM_DISALLOW_NULL_AUTHTOK = 0x8000, 0x0001
+#: Results that say the system could not decide (a broken stack, a missing
+#: module, no memory, an unreachable directory): tempfail, not a refusal.
+PAM_UNDECIDED = frozenset((
+    1, 2, 3, 4, 5,      # PAM_OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR
+    9, 19, 24,          # PAM_AUTHINFO_UNAVAIL, CONV_ERR, TRY_AGAIN
+    25, 26, 28))        # PAM_IGNORE, ABORT, MODULE_UNKNOWN
+
+
+def _load_library(names):
+    """The first of ``names`` ctypes can load (a file name, or a library
+    name find_library knows), or None."""
+    if ctypes is None:
+        return None
+    for name in names:
+        path = name if name.startswith("lib") else ctypes.util.find_library(name)
+        if not path:
+            continue
+        try:
+            return ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            continue
+    return None
+
+
+def password_check_backends():
+    """What the built-in check can use here, best first: "PAM" (libpam
+    loads) and "shadow" (libcrypt's crypt loads)."""
+    found = []
+    pam = _load_library(PAM_LIBRARIES)
+    if pam is not None and hasattr(pam, "pam_start"):
+        found.append("PAM")
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is not None and hasattr(crypt, "crypt"):
+        found.append("shadow")
+    return found
+
+
+if ctypes is not None:
+    class _PamMessage(ctypes.Structure):
+        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+    class _PamResponse(ctypes.Structure):
+        _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
+
+    _PAM_CONV_FUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int,
+                                      ctypes.POINTER(ctypes.POINTER(_PamMessage)),
+                                      ctypes.POINTER(ctypes.POINTER(_PamResponse)),
+                                      ctypes.c_void_p)
+
+    class _PamConv(ctypes.Structure):
+        _fields_ = [("conv", _PAM_CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
+
+
+def pam_password_check(user, password, service=PAM_SERVICE):
+    """("ok" | "fail" | "tempfail", what PAM said): pam_authenticate, then
+    pam_acct_mgmt (an expired or locked account is refused too)."""
+    pam = _load_library(PAM_LIBRARIES)
+    calloc, strdup, free = [_libc_function(n) for n in ("calloc", "strdup", "free")]
+    if pam is None or None in (calloc, strdup, free):
+        return "tempfail", "libpam cannot be loaded"
+    calloc.restype = strdup.restype = ctypes.c_void_p
+    calloc.argtypes = (ctypes.c_size_t, ctypes.c_size_t)
+    strdup.argtypes = (ctypes.c_char_p,)
+    free.argtypes = (ctypes.c_void_p,)
+    pam.pam_start.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_PamConv),
+                              ctypes.POINTER(ctypes.c_void_p))
+    pam.pam_authenticate.argtypes = pam.pam_acct_mgmt.argtypes = (ctypes.c_void_p,
+                                                                  ctypes.c_int)
+    pam.pam_end.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_strerror.restype = ctypes.c_char_p
+    answers = {PAM_PROMPT_ECHO_OFF: password.encode("utf-8", "surrogateescape"),
+               PAM_PROMPT_ECHO_ON: user.encode("utf-8", "surrogateescape")}
+
+    def converse(count, messages, responses, appdata):
+        # PAM frees what we return, so it must come from the C library's
+        # allocator: an array of responses and a strdup per answer.
+        if count <= 0:
+            return PAM_CONV_ERR
+        array_ = calloc(count, ctypes.sizeof(_PamResponse))
+        if not array_:
+            return PAM_BUF_ERR
+        replies = ctypes.cast(array_, ctypes.POINTER(_PamResponse))
+        for i in range(count):
+            style = messages[i].contents.msg_style
+            if style in answers:
+                replies[i].resp = strdup(answers[style])
+            elif style not in (PAM_ERROR_MSG, PAM_TEXT_INFO):
+                for j in range(i):
+                    free(replies[j].resp)
+                free(array_)
+                return PAM_CONV_ERR
+        responses[0] = replies
+        return PAM_SUCCESS
+
+    callback = _PAM_CONV_FUNC(converse)     # referenced until pam_end
+    conv = _PamConv(callback, None)
+    handle = ctypes.c_void_p()
+    status = pam.pam_start(service.encode("ascii"), answers[PAM_PROMPT_ECHO_ON],
+                           ctypes.byref(conv), ctypes.byref(handle))
+    if status != PAM_SUCCESS:
+        return "tempfail", "pam_start: error %d" % status
+    flags = PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
+    step = "pam_authenticate"
+    status = pam.pam_authenticate(handle, flags)
+    if status == PAM_SUCCESS:
+        step = "pam_acct_mgmt"
+        status = pam.pam_acct_mgmt(handle, flags)
+    said = (pam.pam_strerror(handle, status) or b"").decode("utf-8", "replace")
+    pam.pam_end(handle, status)
+    if status == PAM_SUCCESS:
+        return "ok", "PAM %s: %s" % (service, said)
+    verdict = "tempfail" if status in PAM_UNDECIDED else "fail"
+    return verdict, "PAM %s: %s: %s" % (service, step, said)
+
+
+if ctypes is not None:
+    class _Spwd(ctypes.Structure):
+        # Only the leading fields of struct spwd are read.
+        _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_char_p),
+                    ("sp_lstchg", ctypes.c_long), ("sp_min", ctypes.c_long),
+                    ("sp_max", ctypes.c_long), ("sp_warn", ctypes.c_long),
+                    ("sp_inact", ctypes.c_long), ("sp_expire", ctypes.c_long)]
+
+
+def shadow_password_check(user, password):
+    """("ok" | "fail" | "tempfail", why): the hash of /etc/shadow (else
+    the one in /etc/passwd), through libcrypt's crypt(3).  A locked
+    (``!``, ``*``), empty or expired entry is refused."""
+    crypt = _load_library(CRYPT_LIBRARIES)
+    if crypt is None:
+        return "tempfail", "libcrypt cannot be loaded"
+    crypt.crypt.restype = ctypes.c_char_p
+    crypt.crypt.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+    try:
+        pw = pwd.getpwnam(user)
+    except (KeyError, UnicodeError, ValueError):
+        return "fail", "shadow: no such user"
+    stored, expire = pw.pw_passwd.encode("utf-8", "surrogateescape"), -1
+    getspnam = _libc_function("getspnam")
+    if getspnam is not None:
+        getspnam.restype = ctypes.POINTER(_Spwd)
+        getspnam.argtypes = (ctypes.c_char_p,)
+        entry = getspnam(user.encode("utf-8", "surrogateescape"))
+        if entry:
+            stored, expire = entry.contents.sp_pwdp or b"", entry.contents.sp_expire
+        elif stored in (b"x", b"*"):
+            return "tempfail", "shadow: the entry cannot be read (not root?)"
+    if not stored or stored[:1] in (b"!", b"*") or len(stored) < 13:
+        return "fail", "shadow: the account has no usable password"
+    if expire >= 0 and time.time() // 86400 >= expire:
+        return "fail", "shadow: the account has expired"
+    hashed = crypt.crypt(password.encode("utf-8", "surrogateescape"), stored)
+    if not hashed or hashed[:1] == b"*":
+        return "tempfail", "shadow: crypt cannot read this hash"
+    if hmac.compare_digest(hashed, stored):
+        return "ok", "shadow: ok"
+    return "fail", "shadow: wrong password"
+
+
+def system_password_check(user, password):
+    """The built-in check: PAM service smtpauth-login where libpam loads,
+    else the shadow file through crypt(3) -- the order the original's
+    build picked (PAM, shadow, passwd).  Needs root for other users."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        return pam_password_check(user, password)
+    if "shadow" in backends:
+        return shadow_password_check(user, password)
+    return "tempfail", "neither libpam nor libcrypt can be loaded"
+
+
+def start_password_check(argv):
+    """The auth spawner's way of "starting" BUILTIN_PASSWORD_CHECK: a
+    child that reads the password from its stdin as a program would,
+    checks it with system_password_check, writes what it found as its
+    one output line and exits 0, 1 or PASSWORD_CHECK_TEMPFAIL.  A child,
+    because PAM may take seconds (its delay after a failure) and the
+    spawner serves everyone on one thread."""
+    user = argv[1] if len(argv) > 1 else ""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = PASSWORD_CHECK_TEMPFAIL
+        try:
+            # The spawner's signal set-up is not this child's: a helper a
+            # PAM module runs must not make Python write to a closed
+            # wake-up pipe (and its complaint to the output line).
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)    # the first output line is the verdict's
+            # A PAM module may run helpers: they get 0-2 only.
+            close_descriptors_except([0, 1, 2])
+            data = b""
+            while b"\n" not in data and len(data) < PASSWORD_CHECK_INPUT_MAX:
+                chunk = os.read(0, PASSWORD_CHECK_INPUT_MAX)
+                if not chunk:
+                    break
+                data += chunk
+            password = data.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+            verdict, why = system_password_check(user, password)
+            os.write(1, why.encode("utf-8", "replace") + b"\n")
+            status = {"ok": 0, "fail": 1}.get(verdict, PASSWORD_CHECK_TEMPFAIL)
+        finally:
+            os._exit(status)
+    for fd in (in_r, out_w):
+        os.close(fd)
+    return SpawnedProgram(pid, os.fdopen(in_w, "wb", buffering=0),
+                          os.fdopen(out_r, "rb", buffering=0))
+
+
+class SystemPasswordAuthenticator(PipeAuthenticator):
+    """The built-in check for a group with smtp-auth and no program: the
+    session asks the auth spawner for BUILTIN_PASSWORD_CHECK, which a
+    child of the spawner (root) carries out.  It never runs in a session
+    process: without a spawner (inetd and -i modes, or one that stopped
+    for good) every AUTH is a temporary failure."""
+
+    def _run_here(self, user, data):
+        return ("error", "the built-in password check runs only in a daemon's auth spawner")
+
+    def status_verdict(self, status):
+        if status == PASSWORD_CHECK_TEMPFAIL:
+            return "tempfail"
+        return PipeAuthenticator.status_verdict(status)
+
+
 #: How long a session waits for the auth spawner to take a request before
 #: it starts the auth program itself (the spawner is dead or stuck).
 AUTH_SPAWNER_TAKE_WAIT = 2.0
@@ -7467,9 +8151,9 @@ AuthProgram = namedtuple("AuthProgram", "path env ids timeout")
 
 
 def auth_spawner_wanted(config, zenv):
-    """Does any group run an auth program?"""
-    return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
-               for g in config.groups)
+    """Does any group check passwords (with a program or the built-in
+    check, which only the spawner runs)?"""
+    return any(g.smtp_auth for g in config.groups)
 
 
 def auth_program_env(zenv, zconfig_path):
@@ -7484,10 +8168,14 @@ def auth_program_env(zenv, zconfig_path):
 
 def auth_program_key(group, zenv):
     """Which program a group's AUTH runs, as a session names it to the
-    spawner: (path, smtp-auth-pipe-user, timeout); None without one."""
+    spawner: (path, smtp-auth-pipe-user, timeout); BUILTIN_PASSWORD_CHECK
+    for the path of a group with smtp-auth and no program; None when the
+    group checks no password."""
     path = group.auth_pipe or zenv.get("PIPEAUTHPATH")
     if not path:
-        return None
+        if not group.smtp_auth:
+            return None
+        path = BUILTIN_PASSWORD_CHECK
     return (path, group.auth_pipe_user or "", float(group.auth_pipe_timeout))
 
 
@@ -7939,7 +8627,10 @@ class SpawnerLoop(object):
                         pass
                     SpawnerJob(None, reply, b"", 0, 0).answer(("error", ids))
                     return True
-                if self.forward(marshal.dumps(job), reply, ids):
+                # The built-in check runs with the spawner's own ids (root:
+                # it reads /etc/shadow); a program from its user's helper.
+                if job[0][0] != BUILTIN_PASSWORD_CHECK and \
+                        self.forward(marshal.dumps(job), reply, ids):
                     return True
                 argv, env, timeout, stdin = job
         except (ValueError, EOFError, TypeError):
@@ -7974,7 +8665,8 @@ class SpawnerLoop(object):
             return
         started = time.time()
         try:
-            proc = start_program(argv, env, "/", ids)
+            proc = start_password_check(argv) if argv[0] == BUILTIN_PASSWORD_CHECK else \
+                start_program(argv, env, "/", ids)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             job = SpawnerJob(None, reply, b"", 0, started)
             job.answer(("error", str(e)))
@@ -8835,6 +9527,7 @@ class Runtime(object):
         # Started as root: auth programs run as their configured users
         # (by the spawner), whatever this process gives up later.
         self.root = holds_root()
+        self.hosts_access = HostsAccess(log=log)
         self.apply_config(config)
 
     @property
@@ -8944,8 +9637,10 @@ class Runtime(object):
         key = auth_program_key(group, self.zenv)
         auth = None
         if key is not None:
-            auth = PipeAuthenticator(key, self.auth_programs[key], log=self.log,
-                                     spawner=self.auth_spawner)
+            # The built-in check (no program named) only the spawner runs.
+            kind = SystemPasswordAuthenticator if key[0] == BUILTIN_PASSWORD_CHECK \
+                else PipeAuthenticator
+            auth = kind(key, self.auth_programs[key], log=self.log, spawner=self.auth_spawner)
         cache[id(group)] = (group, auth)
         return auth
 
@@ -9281,11 +9976,18 @@ def describe_config(config, site, user=None):
         else:
             out.append("%spolicy: none (every network session would get 400 4.7.0)" % prefix)
         program = g.auth_pipe or site.zenv.get("PIPEAUTHPATH")
-        if g.smtp_auth:
+        if g.smtp_auth and program:
             ids = site.auth_identity(g)
             out.append("%sauth program: %s%s" % (
-                prefix, program or "none (AUTH would answer 454)",
-                " (runs as uid %d, gid %d)" % ids if program and ids else ""))
+                prefix, program, " (runs as uid %d, gid %d)" % ids if ids else ""))
+        elif g.smtp_auth:
+            out.append("%sauth program: none; %s" % (prefix, describe_password_check()))
+    wrapped = [str(i) for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if wrapped:
+        out.append("tcp wrapper: %s, then %s, daemon name %s (group%s %s); a refused client "
+                   "gets 421 before the greeting" % (
+                       HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
+                       "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
@@ -9294,7 +9996,7 @@ def describe_config(config, site, user=None):
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "contentfilter", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("contentfilter", "perl-hook", "enable-router",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
@@ -9364,9 +10066,49 @@ def check_postoffice(site, user):
     return problems
 
 
+def check_tcp_wrapper_files(config, user):
+    """With use-tcp-wrapper, sessions read hosts.allow and hosts.deny as
+    the session user: a file they cannot read would refuse every client
+    (hosts.deny) or skip its grants (hosts.allow)."""
+    wrapped = [i for i, g in enumerate(config.groups) if g.use_tcp_wrapper]
+    if not wrapped:
+        return []
+    paths = [p for p in (HOSTS_ALLOW, HOSTS_DENY) if os.path.isfile(p)]
+    problems = []
+    for path, readable in zip(paths, access_as(user, [(p, os.R_OK) for p in paths])):
+        if not readable:
+            problems.append(
+                "%s: PARAM use-tcp-wrapper: %s cannot be read by %s, the user sessions run "
+                "as; %s. Fix: chmod 644 %s" % (
+                    config_where(config, wrapped[0], "use_tcp_wrapper"), path,
+                    user.describe() if user else "this user",
+                    "every client would be refused" if path == HOSTS_DENY
+                    else "its rules would be skipped", path))
+    return problems
+
+
+def describe_password_check():
+    """--check's words for the built-in check on this system."""
+    backends = password_check_backends()
+    if "PAM" in backends:
+        how = "PAM service %s (/etc/pam.d/%s%s)" % (
+            PAM_SERVICE, PAM_SERVICE, "" if os.path.exists("/etc/pam.d/" + PAM_SERVICE)
+            else " is missing: PAM uses its service 'other'")
+    elif backends:
+        how = "/etc/shadow through crypt(3) (no libpam)"
+    else:
+        return "the built-in password check cannot work here (no libpam, no libcrypt)"
+    if os.geteuid() != 0:
+        # Without root, PAM's pam_unix checks only the caller's own password.
+        return "the built-in password check: %s, by the auth spawner (not root: other " \
+            "users' passwords cannot be read)" % how
+    return "the built-in password check: %s, by the auth spawner as root" % how
+
+
 def check_auth_programs(config, site):
     """Each group with smtp-auth: its program exists and the user it runs
-    as may execute it, or every AUTH would fail."""
+    as may execute it, or every AUTH would fail; without a program, the
+    built-in check must have PAM or crypt(3) to work with."""
     problems = []
     done = set()
     for index, g in enumerate(config.groups):
@@ -9379,6 +10121,15 @@ def check_auth_programs(config, site):
             program = site.zenv.get("PIPEAUTHPATH")
             where = "%s: PIPEAUTHPATH=%s" % (site.zconfig_path, program)
         if not program:
+            if "builtin" not in done and not password_check_backends():
+                done.add("builtin")
+                problems.append(
+                    "%s: PARAM smtp-auth without smtp-auth-pipe or PIPEAUTHPATH: the "
+                    "built-in password check needs libpam (PAM service %s) or libcrypt "
+                    "(/etc/shadow), and neither can be loaded; every AUTH would fail. Fix: "
+                    "install libpam0g (Debian) and write /etc/pam.d/%s, or name a checking "
+                    "program with PARAM smtp-auth-pipe" % (
+                        config_where(config, index, "smtp_auth"), PAM_SERVICE, PAM_SERVICE))
             continue
         if g.auth_pipe_user and os.geteuid() == 0 and \
                 lookup_user(g.auth_pipe_user) is None:
@@ -9491,6 +10242,7 @@ def startup_problems(config, site, log, daemon, user):
     problems.extend(check_policies(config, user))
     problems.extend(check_postoffice(site, user))
     problems.extend(check_auth_programs(config, site))
+    problems.extend(check_tcp_wrapper_files(config, user))
     return problems
 
 
@@ -9853,6 +10605,9 @@ def main(argv=None):
         problems.extend(diag_text(*e) for e in config.number_errors)
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
+    if not interactive:
+        for text in tcp_wrapper_warnings(config):
+            sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     runtime = None
     if user_problem:
         problems.append(user_problem)

@@ -214,6 +214,74 @@ class ForegroundServer(object):
     def log_text(self):
         return read_text(self.logfile)
 
+    def await_listener(self, port, timeout=20.0):
+        """Poll until ``proc`` accepts on loopback ``port``; raise with its
+        stderr when it exits or does not listen within ``timeout``."""
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("zmsmtpd exited at start-up:\n%s" % self.stderr())
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return
+            except (OSError, socket.error):
+                if time.time() > deadline:
+                    raise RuntimeError("zmsmtpd did not listen:\n%s" % self.stderr())
+                time.sleep(0.05)
+
+
+#: Runs zmsmtpd's main after ``setup``, Python code that may change the
+#: module's names (file paths, library names) and reads its own arguments
+#: as ``args``; argv: the code, the count of those arguments, them, then
+#: zmsmtpd's options.
+_BOOT = ("import sys; sys.path.insert(0, %r); import zmsmtpd; n = int(sys.argv[1]); "
+         "args = sys.argv[2:2 + n]; exec(args[0]); sys.exit(zmsmtpd.main(sys.argv[2 + n:]))"
+         % HERE)
+
+
+class BootedDaemon(ForegroundServer):
+    """A zmsmtpd.py daemon in the foreground in a private layout (a spool
+    open to sessions, a policy that trusts 127.0.0.0/8) on one loopback
+    SMTP port, its module names first changed by ``setup`` (see _BOOT)
+    with ``setup_args``.  ``conf`` lines follow the BindSmtp and policy
+    lines.  With ``check`` it only runs --check, into ``self.check``."""
+
+    def __init__(self, testcase, conf, setup="pass", setup_args=(), check=False):
+        self.dir = tempfile.mkdtemp(prefix="zmboot-")
+        testcase.addCleanup(self.cleanup)
+        os.chmod(self.dir, 0o755)
+        for sub in ("postoffice/public", "postoffice/router", "db", "log"):
+            os.makedirs(os.path.join(self.dir, sub))
+        open_to_sessions(self.dir, os.path.join(self.dir, "postoffice", "public"),
+                         os.path.join(self.dir, "postoffice", "router"))
+        self.zconf = os.path.join(self.dir, "zmailer.conf")
+        with open(self.zconf, "w") as f:
+            f.write("POSTOFFICE=%(d)s/postoffice\nLOGDIR=%(d)s/log\nMAILVAR=%(d)s\n"
+                    % {"d": self.dir})
+        with open(os.path.join(self.dir, "db", "smtp-policy.dat"), "w") as f:
+            f.write("[127.0.0.0]/8  relaycustnet +\n")
+        self.port = free_port()
+        self.conf = os.path.join(self.dir, "smtpserver.conf")
+        with open(self.conf, "w") as f:
+            f.write("PARAM BindSmtp [127.0.0.1] %d\nPARAM policydb btree %s/db/smtp-policy\n"
+                    "PARAM shutdown-grace 1\n%s" % (self.port, self.dir, conf))
+        self.logfile = os.path.join(self.dir, "log", "smtpserver.log")
+        self.errfile = os.path.join(self.dir, "log", "stderr")
+        env = dict(os.environ, TZ="UTC")
+        env.pop("ZCONFIG", None)
+        args = [sys.executable, "-c", _BOOT, str(1 + len(setup_args)), setup] + \
+            list(setup_args) + ["-v", "-Z", self.zconf, "-C", self.conf, "-l", self.logfile]
+        if check:
+            self.check = subprocess.run(args + ["--check"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, universal_newlines=True,
+                                        env=env, cwd=self.dir, timeout=60)
+            return
+        with open(self.errfile, "ab") as err:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err,
+                                         stderr=err, env=env, cwd=self.dir,
+                                         start_new_session=True)
+        self.await_listener(self.port)
+
 
 class SMTPReplies(object):
     """SMTP over a connected (plain or TLS) socket, line by line: a

@@ -191,17 +191,7 @@ class Daemon(ForegroundServer):
                                           "-C", self.conf, "-l", self.logfile],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          env=env, cwd=self.dir, start_new_session=True)
-        deadline = time.time() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("zmsmtpd exited at start-up:\n%s" % self.stderr())
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except (OSError, socket.error):
-                if time.time() > deadline:
-                    raise RuntimeError("zmsmtpd did not listen:\n%s" % self.stderr())
-                time.sleep(0.05)
+        self.await_listener(self.port)
 
     def stop(self):
         proc, self.proc = self.proc, None
