@@ -278,6 +278,29 @@ class ReloadRefusesModelChangeTest(unittest.TestCase):
         self.change_model("fork", "thread")
 
 
+class ReloadAllOrNothingTest(unittest.TestCase):
+    """A reload whose new state cannot be built whole (here: a listener
+    that cannot be opened) changes nothing: the auth program, like the
+    listeners, stays the running one."""
+
+    def test_refused_reload_keeps_the_running_program_and_listeners(self):
+        d = Daemon(self)
+        wait_for(d.spawner)
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        d.edit_conf("smtp-auth-pipe %s" % d.program, "smtp-auth-pipe /bin/true\n"
+                    "PARAM BindSubmit [127.0.0.1] %d" % busy.getsockname()[1])
+        d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "reload failed" in d.log_text()), d.log_text())
+        self.assertIn("cannot listen on [127.0.0.1]:%d" % busy.getsockname()[1],
+                      d.log_text())
+        self.assertEqual(d.auth("kept", password="wrong")[0], 535)   # not /bin/true
+        self.assertEqual(d.calls(), ["kept"])
+        self.assertEqual(d.auth("kept2")[0], 235)
+
+
 def make_certificate(directory, name, cn):
     openssl = which("openssl")
     cert = os.path.join(directory, name + ".pem")
