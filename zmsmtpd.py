@@ -4812,12 +4812,12 @@ class Supervisor(object):
         self.reaped = time.time()
         if self.pool is not None:
             self.pool.reap()
-        if self.config.session_model == "fork":
-            with self.lock:
-                pids = [key for key in self.sessions if isinstance(key, int)]
-            for pid in pids:
-                if child_exit(pid) is not None:
-                    self.session_ended(pid)
+        # Forked sessions' keys are their pids (whatever the model is now).
+        with self.lock:
+            pids = [key for key in self.sessions if isinstance(key, int)]
+        for pid in pids:
+            if child_exit(pid) is not None:
+                self.session_ended(pid)
 
     # -- signals and the loop ------------------------------------------------
 
@@ -4857,8 +4857,7 @@ class Supervisor(object):
     def between_turns(self):
         """After each turn of the loop: the status file, and (should a
         SIGCHLD have gone astray) the children now and then."""
-        if self.config.session_model in ("fork", "workers") and \
-                time.time() - self.reaped >= STATUS_INTERVAL:
+        if time.time() - self.reaped >= STATUS_INTERVAL:
             self.reap_children()
         self.write_status()
         return STATUS_INTERVAL if self.status is not None else 5.0
