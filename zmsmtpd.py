@@ -36,7 +36,9 @@ Map of this file, in the order data flows through it:
                             models (thread / fork / workers mixins, the
                             WorkerPool; a worker's WorkerContext, its
                             SessionLoop and ThreadHandover), Supervisor
-                            (the master: reload, restarts, shutdown)
+                            (the master: the transactional reload,
+                            restarts, shutdown), the thread model's
+                            FileKeeper
   9. Session .............. Channel and the WANT_* requests a conversation
                             yields, StopFlag, drive_blocking, TLSEngine (TLS
                             over ssl.MemoryBIO for every session model) and
@@ -53,10 +55,13 @@ Map of this file, in the order data flows through it:
                             AuthFailureTracker, the built-in password check
                             (PAM, shadow and crypt through ctypes),
                             AuthSpawner (the helper process that starts
-                            the programs and the check)
+                            the programs of its table, AuthProgram, and the
+                            check) and its SpawnerLoop
  11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
- 12. Command line ......... option parsing, daemon, pid file, signals, demo
+ 12. Command line ......... option parsing, Runtime (prepare, install),
+                            daemon, pid file, signals, privileges
+                            (give_up_root), demo
 """
 
 import array
@@ -5038,6 +5043,7 @@ class WorkerContext(object):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         supervisor.close_in_child()
         os.close(supervisor.fail_w)     # a worker reports over ``channel``
+        drop_session_privileges(supervisor.user)
         self.runtime = supervisor.runtime
         self.config = supervisor.config
         self.log = self.runtime.log
@@ -5667,6 +5673,7 @@ class StatusFile(object):
     def __init__(self, path, log):
         self.path = path
         self.log = log
+        self.keeper = None          # a FileKeeper writes it for a master without root
         self.state = None           # what the file last said
         self.written = 0.0
         self.error = None           # the last failure, logged once
@@ -5713,15 +5720,12 @@ class StatusFile(object):
         lines.extend("reload_warning=%s" % " ".join(text.split())
                      for text in runtime.reload_warnings)
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
-        tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            with root_file_access():
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, path)
+            if self.keeper is not None:
+                self.keeper.write(data)
+            else:
+                with root_file_access():
+                    replace_file(path, data)
         except OSError as e:
             if self.error is None:
                 self.log.note("cannot write status file %s: %s" % (path, e.strerror or e))
@@ -5733,13 +5737,98 @@ class StatusFile(object):
 
     def remove(self):
         """At the end: the file, if it is still this process's."""
-        try:
-            with open(self.path) as f:
-                if ("pid=%d\n" % os.getpid()) not in f.read():
+        remove_pidfile(self.path)
+
+
+def replace_file(path, data):
+    """``path`` now holds ``data``: a new file renamed over the old one, so
+    a reader never sees half of one."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+#: The largest status file a FileKeeper writes.
+STATUS_FILE_MAX = 65536
+#: What a FileKeeper writes: the status file's lines, nothing else.
+STATUS_LINE = re.compile(br"(#[^\n]*|[a-z_]+=[^\n]*)\Z")
+
+
+class FileKeeper(object):
+    """The thread model's root helper.  Its sessions are threads of the
+    master, which therefore gives up root for good after start-up; the
+    pid file and the status file stay in root's directory ($POSTOFFICE).
+    A small child forked before that keeps root for them alone: it writes
+    the status file the master sends it (only lines of a status file),
+    and once the master has ended (end of file on their socket) removes
+    both files when they still name the master.  It holds no listener and
+    reads nothing from the network."""
+
+    def __init__(self, pidfile, status_path):
+        self.pidfile = pidfile
+        self.status_path = status_path
+        self.sock = None
+        self.pid = None
+
+    def start(self):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            status = 1
+            try:
+                mine.close()
+                self.serve(theirs, master)
+                status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.sock, self.pid = mine, pid
+        return self
+
+    def serve(self, sock, master):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)   # it ends with the master
+        gc.collect()
+        close_descriptors_except([0, 1, 2, sock.fileno()])
+        set_process_name("keeper")
+        os.chdir("/")
+        while True:
+            try:
+                data = sock.recv(STATUS_FILE_MAX)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if all(STATUS_LINE.match(line) for line in data.splitlines()):
+                try:
+                    replace_file(self.status_path, data)
+                except OSError:
+                    pass
+        for path in (self.pidfile, self.status_path):
+            remove_pidfile(path, master)
+
+    def write(self, data):
+        self.sock.settimeout(2.0)
+        self.sock.send(data)
+
+    def close(self):
+        """The master, at its end: the keeper removes the files; wait for it."""
+        self.sock.close()
+        deadline = time.time() + 5.0
+        while time.time() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
                     return
-            os.unlink(self.path)
-        except (IOError, OSError):
-            pass
+            except OSError:
+                return
+            time.sleep(0.02)
 
 
 class Supervisor(object):
@@ -5752,15 +5841,13 @@ class Supervisor(object):
     at SIGTERM it raises the runtime's StopFlag (idle sessions are told
     421), closes the listeners and gives the others ``shutdown-grace``."""
 
-    def __init__(self, runtime, config):
+    def __init__(self, runtime, config, user=None):
         self.runtime = runtime
         self.config = config
+        self.user = user            # the SessionUser session processes become
         self.log = runtime.log
         self.listeners = []
         self.loop = EventLoop(self.log)
-        # The auth spawner's liveness pipe is watched here; each key's data
-        # is the callback for its events.
-        self.selector = self.loop.selector
         self.lock = threading.Lock()
         # key -> (kind, ip); the key is an object (thread model), a pid
         # (fork model) or (worker pid, seq) (workers model).
@@ -5914,6 +6001,8 @@ class Supervisor(object):
         for l in self.listeners:
             l.socket.close()
         os.close(self.fail_r)
+        if self.runtime.auth_spawner is not None:
+            self.runtime.auth_spawner.close_in_child()
 
     def become_session_child(self, request):
         """In a forked session (fork model): the master's SIGTERM stops the
@@ -5924,6 +6013,7 @@ class Supervisor(object):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.close_in_child()
+        drop_session_privileges(self.user)
         fail_w = self.fail_w
         self.runtime.report_to(lambda line: os.write(fail_w, line))
         set_process_name("session")
@@ -5989,11 +6079,11 @@ class Supervisor(object):
             self.reap_children()
 
     def start_auth_spawner(self):
-        self.runtime.auth_spawner.start(self.selector, on_end=self.auth_spawner_ended)
+        self.runtime.auth_spawner.start(self.loop, on_end=self.auth_spawner_ready)
 
-    def auth_spawner_ended(self, mask=None):
-        """The selector's callback for the spawner's liveness pipe."""
-        self.runtime.auth_spawner.ended(restart=not self.stopping)
+    def auth_spawner_ready(self, mask=None):
+        """The selector's callback for the spawner's control socket."""
+        self.runtime.auth_spawner.control_ready(restart=not self.stopping)
 
     def install_signal_handlers(self):
         """Called before the pid file says we are there: a SIGTERM that
@@ -6020,11 +6110,15 @@ class Supervisor(object):
         self.shutdown()
 
     def reload(self):
-        """SIGHUP: the runtime reopens the logs and reads and applies the
-        configuration again; then the listeners and the workers follow it.
-        A broken configuration is logged and the running one kept (the
-        original ignored SIGHUP).  The result goes to the status file,
-        where ``zmailer.sh reload`` waits for it."""
+        """SIGHUP: the logs are reopened; then the whole new state is built
+        and checked first -- configuration, TLS contexts (read as root
+        where the master keeps it), policies, sender maps, the auth
+        programs, every listener to open -- and only then put in place,
+        the listeners, the auth spawner and the workers following it.
+        Anything that fails, or a change only a restart can make
+        (restart_needed), leaves everything as it was and is reported with
+        what it was (the original ignored SIGHUP).  The result goes to the
+        status file, where ``zmailer.sh reload`` waits for it."""
         runtime = self.runtime
         self.reload_requested = False
         if self.stopping:
@@ -6033,42 +6127,90 @@ class Supervisor(object):
         runtime.log.reopen()
         if self.pool is not None:
             self.pool.send_log(runtime.log.fds)
-        old = runtime.config
+        opened, old = [], None
         try:
             config = runtime.load()
-            runtime.apply_config(config)
-            self.config = config
-            spawner = runtime.auth_spawner
-            if spawner is not None and not spawner.running and not spawner.given_up \
-                    and auth_spawner_wanted(config, runtime.zenv):
-                self.start_auth_spawner()
+            needs = self.restart_needed(config)
+            if needs:
+                raise ConfigError("a restart is needed to change %s" % "; ".join(needs))
+            prepared = runtime.prepare(config)
             specs = listener_specs(config, runtime.options.get("ipv6", True))
             listeners, errors = self.open_listeners(specs, keep=self.listeners)
-            for e in errors:
-                self.log.note("reload: " + e)
-            if not listeners:
-                runtime.apply_config(old)
-                self.config = old
-                raise ConfigError("no listener could be opened")
-            self.install_listeners(listeners)
+            opened = [l for l in listeners if l not in self.listeners]
+            if errors or not listeners:
+                raise ConfigError("; ".join(errors) or "no listener is configured")
+            # The swap: from here on nothing reads a file or opens a
+            # socket; only new workers may fail to start, and then all of
+            # it is put back.
+            old = (runtime.prepared, self.config, self.listeners)
+            runtime.install(prepared)
+            self.config = config
             if self.pool is not None:
-                self.restart_workers(config, old)
-            runtime.reloaded(errors)
+                self.listeners = listeners      # what the new workers serve
+                try:
+                    self.restart_workers(config)
+                finally:
+                    self.listeners = old[2]
         except (ConfigError, OSError, IOError, ValueError) as e:
+            if old is not None:
+                runtime.install(old[0])
+                self.config = old[1]
+            for l in opened:
+                l.server_close()
+            if runtime.root and not holds_root() and "ermission denied" in str(e):
+                e = "%s (a restart is needed: this master serves its sessions on its own " \
+                    "threads (PARAM session-model thread) and gave up root after start-up, " \
+                    "so a reload cannot read files only root may read or bind ports " \
+                    "below 1024)" % e
             runtime.reload_failed(e)
+            self.write_status(force=True)
+            return
+        self.install_listeners(listeners)
+        self.configure_auth_spawner()
+        runtime.reloaded()
         self.write_status(force=True)
 
-    def restart_workers(self, config, old):
+    def restart_workers(self, config):
         """New workers for the new configuration; if they cannot be
-        started, the running ones keep serving, and so the master goes
-        back to the configuration they run with (ConfigError)."""
+        started, the running ones keep serving, and the reload is refused
+        (ConfigError)."""
         try:
             self.pool.restart(config.session_workers or os.cpu_count() or 2)
         except OSError as e:
-            self.runtime.apply_config(old)
-            self.config = old
             raise ConfigError("cannot start the workers of the new configuration (%s); "
                               "the running workers go on serving" % e)
+
+    def restart_needed(self, config):
+        """What ``config`` changes that a reload cannot: the session model
+        (running sessions are threads, children or workers of the model
+        they started in, and the master reaps and counts them that way)
+        and the session user (the owner of the logs, the spool files and
+        the session processes)."""
+        needs = []
+        if config.session_model != self.config.session_model:
+            needs.append("PARAM session-model (from %s to %s)" % (
+                self.config.session_model, config.session_model))
+        if self.user is not None and holds_root():
+            try:
+                user = session_user(ZEnv.load(self.runtime.zconfig_path))
+            except (IOError, OSError, ConfigError):
+                user = self.user    # not readable now: start-up's stays
+            if (user.uid, user.gid) != (self.user.uid, self.user.gid):
+                needs.append("the session user, TRUSTEDUSER in %s (from %s to %s)" % (
+                    self.runtime.zconfig_path, self.user.name, user.name))
+        return needs
+
+    def configure_auth_spawner(self):
+        """The auth spawner runs the programs of the configuration in force:
+        it gets their table, and is started when the configuration wants
+        one and none runs."""
+        spawner = self.runtime.auth_spawner
+        if spawner is None:
+            return
+        spawner.configure(self.runtime.auth_programs)
+        if not spawner.running and not spawner.given_up \
+                and auth_spawner_wanted(self.config, self.runtime.zenv):
+            self.start_auth_spawner()
 
     def shutdown(self):
         for l in self.listeners:
@@ -9527,40 +9669,22 @@ class PipeAuthenticator(object):
     the unprivileged user given (TRUSTEDUSER, default ``daemon``).
 
     With a ``spawner`` (an AuthSpawner, in a daemon) the program is started
-    by that small helper process; when it cannot take the request, the
-    program is started here, as before."""
+    by that small helper process, which is told only ``key`` (which of the
+    programs of its configuration), the user name and the password; when
+    it cannot take the request, the program is started here, which works
+    only when this process already has the program's ids (a session
+    process holds no root to change them)."""
 
     OUTPUT_LIMIT = 65536
 
-    def __init__(self, path, timeout, zenv, zconfig_path, run_as=None, log=None, spawner=None):
-        self.path = path
-        self.timeout = timeout
-        self.run_as = run_as
+    def __init__(self, key, program, log=None, spawner=None):
+        self.key = key
+        self.path = program.path
+        self.timeout = program.timeout
+        self.run_as = program.ids
+        self.env = program.env
         self.log = log
         self.spawner = spawner
-        env = {"SHELL": "/bin/sh", "IFS": " \t\n",
-               "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
-               "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
-        if os.environ.get("TZ"):
-            env["TZ"] = os.environ["TZ"]
-        self.env = env
-
-    def _spawn_options(self):
-        # A new session, so a timeout can kill everything it started;
-        # a privilege drop only when there is one to do.
-        if self.run_as is None:
-            return {"start_new_session": True}
-        return {"preexec_fn": self._demote}
-
-    def _demote(self):
-        os.setsid()
-        if self.run_as is not None:
-            uid, gid = self.run_as
-            if os.getuid() == 0 and os.geteuid() != 0:
-                os.seteuid(0)  # regain root only to drop it for good
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
 
     def check(self, user, password, log=None):
         """'ok', 'fail' or 'tempfail', waiting for it here."""
@@ -9575,8 +9699,7 @@ class PipeAuthenticator(object):
         data = password.encode("utf-8", "surrogateescape") + b"\n"
         outcome = None
         if self.spawner is not None:
-            outcome = yield from self.spawner.run([self.path, user], self.env, "/", self.run_as,
-                                                  self.timeout, data)
+            outcome = yield from self.spawner.run(self.key, user, self.timeout, data)
         if outcome is None:
             yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
@@ -9631,7 +9754,7 @@ class PipeAuthenticator(object):
             proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=self.env, close_fds=True, cwd="/",
-                                    **self._spawn_options())
+                                    **spawner_id_options(self.run_as))
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return ("error", str(e))
         output = bytearray()
@@ -9941,10 +10064,6 @@ class SystemPasswordAuthenticator(PipeAuthenticator):
     process: without a spawner (inetd and -i modes, or one that stopped
     for good) every AUTH is a temporary failure."""
 
-    def __init__(self, timeout, zenv, zconfig_path, log=None, spawner=None):
-        PipeAuthenticator.__init__(self, BUILTIN_PASSWORD_CHECK, timeout, zenv, zconfig_path,
-                                   log=log, spawner=spawner)
-
     def _run_here(self, user, data):
         return ("error", "the built-in password check runs only in a daemon's auth spawner")
 
@@ -9965,10 +10084,21 @@ AUTH_SPAWNER_GRACE = 5.0
 #: program themselves.
 AUTH_SPAWNER_RESTARTS = 5
 AUTH_SPAWNER_RESTART_WINDOW = 60.0
-#: The largest request (argv, environment, password) a session sends.
+#: The largest request (which program, user name, password) a session
+#: sends, and the largest job the spawner hands to a helper.
 AUTH_SPAWNER_MAX_REQUEST = 65536
+#: The largest message on the master's control socket (the table of
+#: programs; a note from the spawner).
+AUTH_SPAWNER_MAX_CONTROL = 1 << 20
 #: How much of the program's first output line the spawner returns.
 AUTH_SPAWNER_LINE_LIMIT = 1024
+#: The version of a session's request; another one is ignored.
+AUTH_SPAWNER_PROTOCOL = 2
+
+#: One auth program as the configuration names it: the path, its
+#: environment, the (uid, gid) it runs as (None: as whoever starts it)
+#: and its timeout.  The spawner runs nothing else.
+AuthProgram = namedtuple("AuthProgram", "path env ids timeout")
 
 
 def auth_spawner_wanted(config, zenv):
@@ -9977,25 +10107,79 @@ def auth_spawner_wanted(config, zenv):
     return any(g.smtp_auth for g in config.groups)
 
 
+def auth_program_env(zenv, zconfig_path):
+    """The whole environment of an auth program (nothing of ours leaks)."""
+    env = {"SHELL": "/bin/sh", "IFS": " \t\n",
+           "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
+           "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
+    if os.environ.get("TZ"):
+        env["TZ"] = os.environ["TZ"]
+    return env
+
+
+def auth_program_key(group, zenv):
+    """Which program a group's AUTH runs, as a session names it to the
+    spawner: (path, smtp-auth-pipe-user, timeout); BUILTIN_PASSWORD_CHECK
+    for the path of a group with smtp-auth and no program; None when the
+    group checks no password."""
+    path = group.auth_pipe or zenv.get("PIPEAUTHPATH")
+    if not path:
+        if not group.smtp_auth:
+            return None
+        path = BUILTIN_PASSWORD_CHECK
+    return (path, group.auth_pipe_user or "", float(group.auth_pipe_timeout))
+
+
+def auth_programs(config, zenv, zconfig_path, root):
+    """key -> AuthProgram for every group's program; ``root``: a server
+    started as root, whose programs run as their configured user."""
+    env = auth_program_env(zenv, zconfig_path)
+    table = {}
+    for g in config.groups:
+        key = auth_program_key(g, zenv)
+        if key is not None and key not in table:
+            table[key] = AuthProgram(key[0], env, auth_identity(g, zenv, root), key[2])
+    return table
+
+
+def control_message(sock):
+    """One message from the master's and the spawner's control socket
+    (non-blocking): None when there is none yet, b"" at its end."""
+    try:
+        return sock.recv(AUTH_SPAWNER_MAX_CONTROL)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except (OSError, socket.error):
+        return b""
+
+
 class AuthSpawner(object):
     """Starts the pipeauth programs from a small helper process.
 
     Starting a program from a worker means copying that worker: when the
     program must run as another user, CPython cannot use vfork, and a
     full fork of a process with many threads, TLS contexts and buffers
-    costs milliseconds per AUTH.  The spawner is forked by the master
-    before it serves anything and stays small and single-threaded, so its
-    forks are cheap.
+    costs milliseconds per AUTH.  And a session process holds no root, so
+    it could not start the program as another user at all.  The spawner
+    is forked by the master before it serves anything and stays small and
+    single-threaded, so its forks are cheap.
+
+    It runs only the programs of the table the master gives it
+    (``configure``: at its start, and again at every reload, over the
+    control socket only the master holds): a session names one by its key
+    (auth_program_key) and gives the user name and the password; argv,
+    environment and ids come from the table.  A request for a program the
+    table does not name is refused, and the master logs it.
 
     The master makes one SOCK_SEQPACKET socketpair: the spawner reads
     requests from one end, and every session process (the master's
     threads, workers, forked sessions) inherits the other.  A request is
-    one message -- argv, environment, working directory, the ids to run
-    as, the timeout and the bytes for stdin -- with one end of a fresh
-    socketpair attached, on which the spawner answers: ``A`` when it has
-    taken the request, then the outcome (exit status and first output
-    line, a timeout, or why the program could not start).  So any number
-    of sessions can ask at once and each answer reaches its asker.
+    one message with one end of a fresh socketpair attached, on which the
+    spawner answers: ``A`` when it has taken the request, then the outcome
+    (exit status and first output line, a timeout, or why the program
+    could not start).  So any number of sessions can ask at once and each
+    answer reaches its asker; and as no other process keeps that end, a
+    session sees end of file at once when the spawner dies.
 
     The master keeps the spawner's end too: when the spawner dies it
     starts another on the same socket, and requests sent meanwhile wait
@@ -10007,24 +10191,52 @@ class AuthSpawner(object):
         self.log = log
         self.client = None      # where sessions send requests
         self.server = None      # the spawner's end, kept for a restart
-        self.alive_r = None     # the master's: end of file when the spawner ended
+        self.control = None     # the master's end of the control socket
         self.pid = None
-        self.selector = None
-        self.on_end = None      # the selector's callback for ``alive_r``
+        self.loop = None        # the master's EventLoop
+        self.on_end = None      # the loop's callback for ``control``
         self.restarts = deque()
         self.given_up = False
+        self.programs = {}      # key -> AuthProgram: what the spawner may run
 
     # -- the master ----------------------------------------------------------
 
-    def start(self, selector=None, on_end=None):
+    def configure(self, programs):
+        """The programs the spawner may run (auth_programs of the
+        configuration in force); a running spawner gets them at once.
+        False when it could not be told (it is then restarted)."""
+        self.programs = dict(programs)
+        if self.control is None:
+            return True
+        try:
+            self.control.settimeout(2.0)
+            self.control.send(b"T" + marshal.dumps(self._table()))
+            return True
+        except (OSError, socket.error, ValueError) as e:
+            if self.log:
+                self.log.note("cannot pass the auth programs to the auth spawner (pid %s): "
+                              "%s; restarting it" % (self.pid, e))
+            self.stop()
+            return False
+        finally:
+            if self.control is not None:
+                self.control.setblocking(False)
+
+    def _table(self):
+        # marshal takes plain tuples, not namedtuples.
+        return dict((key, tuple(p)) for key, p in self.programs.items())
+
+    def start(self, loop=None, on_end=None):
         """Fork the spawner (the master, at start-up or when one ended);
-        ``on_end`` is called by ``selector`` when the spawner has ended."""
-        if selector is not None:
-            self.selector, self.on_end = selector, on_end
+        ``on_end`` is called by ``loop`` when the control socket has
+        something: a note of the spawner, or end of file (it ended)."""
+        if loop is not None:
+            self.loop, self.on_end = loop, on_end
         if self.client is None:
             self.client, self.server = socket.socketpair(socket.AF_UNIX,
                                                          socket.SOCK_SEQPACKET)
-        alive_r, alive_w = os.pipe()
+        control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        table = self._table()
         with warnings.catch_warnings():
             # 3.12+ warns about fork in a process with threads; the child
             # runs only code that takes no lock another thread may hold.
@@ -10033,32 +10245,57 @@ class AuthSpawner(object):
         if pid == 0:  # pragma: no cover - runs in the child
             status = 1
             try:
-                os.close(alive_r)
-                SpawnerLoop(self.server, alive_w).run()
+                control.close()
+                SpawnerLoop(self.server, control=theirs, programs=table).run()
                 status = 0
             finally:
                 os._exit(status)
-        os.close(alive_w)
-        self.alive_r, self.pid = alive_r, pid
-        if self.selector is not None:
-            self.selector.register(alive_r, selectors.EVENT_READ, self.on_end)
+        theirs.close()
+        control.setblocking(False)
+        self.control, self.pid = control, pid
+        if self.loop is not None:
+            self.loop.watch(control, selectors.EVENT_READ, self.on_end)
         return pid
 
     @property
     def running(self):
-        return self.alive_r is not None
+        return self.control is not None
+
+    def close_in_child(self):
+        """In a process forked from the master: only the master may
+        configure the spawner."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def control_ready(self, restart=True):
+        """The master: the spawner's notes, or its end (end of file)."""
+        while self.control is not None:
+            msg = control_message(self.control)
+            if msg is None:
+                return
+            if not msg:
+                self.ended(restart)
+                return
+            if msg[:1] == b"N" and self.log:
+                self.log.note("auth spawner: " + msg[1:].decode("utf-8", "replace"))
+
+    def stop(self):
+        """End the running spawner; the master restarts it (control_ready)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
 
     def ended(self, restart=True):
-        """The master: the spawner's liveness pipe reached end of file."""
-        if self.alive_r is None:
+        """The master: the spawner's control socket reached end of file."""
+        if self.control is None:
             return
-        if self.selector is not None:
-            try:
-                self.selector.unregister(self.alive_r)
-            except (KeyError, ValueError):
-                pass
-        os.close(self.alive_r)
-        self.alive_r = None
+        if self.loop is not None:
+            self.loop.watch(self.control, 0)
+        self.control.close()
+        self.control = None
         pid, self.pid = self.pid, None
         try:
             os.waitpid(pid, 0)
@@ -10097,29 +10334,21 @@ class AuthSpawner(object):
 
     # -- a session -------------------------------------------------------------
 
-    def run(self, argv, env, cwd, run_as, timeout, data):
-        """Generator (its waits are WANT_READABLE): have the spawner run a
-        program: ``("done", status, first output line)``, ``("timeout",)``,
+    def run(self, key, user, timeout, data):
+        """Generator (its waits are WANT_READABLE): have the spawner run
+        the program ``key`` for ``user`` with ``data`` on its stdin:
+        ``("done", status, first output line)``, ``("timeout",)``,
         ``("error", why)``, ``("lost", why)``, or None when the caller
         should start the program itself."""
         if self.client is None or self.given_up:
             return None
-        if run_as is not None:
-            ids = ("drop", run_as[0], run_as[1])
-        else:
-            # Today's identity of this process, real and effective, as a
-            # program started from here would have it.
-            ids = ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
-                   tuple(os.getgroups()))
-        request = marshal.dumps((1, list(argv), dict(env), cwd, ids, float(timeout), data))
+        request = marshal.dumps((AUTH_SPAWNER_PROTOCOL, key, user, data))
         if len(request) > AUTH_SPAWNER_MAX_REQUEST:
             return None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                self.client.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", [theirs.fileno()]))],
-                                   socket.MSG_DONTWAIT)
+                send_message(self.client, request, [theirs.fileno()], socket.MSG_DONTWAIT)
             except (OSError, socket.error):
                 return None     # no spawner to take it, or its queue is full
             finally:
@@ -10167,9 +10396,6 @@ class AuthSpawner(object):
                     return b""
 
 
-#: recvmsg's flags for a message or its descriptors cut short (a plain int:
-#: the flag enums cost a call per use).
-MESSAGE_CUT_FLAGS = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class SpawnerJob(object):
@@ -10212,28 +10438,34 @@ class SpawnerLoop(object):
     """The auth spawner process: takes requests, runs the programs,
     answers each on its own socket.  Single-threaded; the programs'
     output pipes, stdin pipes, timeouts and exits are all served by one
-    selector loop, so a hanging program holds up nobody else.  It ends
+    EventLoop, so a hanging program holds up nobody else.  It ends
     when no process is left to send it requests.
 
-    A program that must run with other ids than the spawner's is handed
-    to a helper: a child of the spawner that has taken on those ids for
-    good and runs the same loop.  Starting a program needs no id change
-    there, so CPython (3.10+) can use vfork instead of copying the
-    process, and the helper may still kill the program's group at the
-    timeout.  Without a helper (too many different ids, or it cannot be
-    started) the spawner starts the program itself."""
+    The spawner itself (``programs``: the table it runs from, replaced by
+    the master over ``control``) checks each request against its table and
+    hands the job to a helper: a child of the spawner that has taken on
+    the program's ids for good (give_up_root) and runs the same loop.
+    Starting a program needs no id change there, so CPython (3.10+) can
+    use vfork instead of copying the process, and the helper may still
+    kill the program's group at the timeout.  When the spawner dies, a
+    helper's socket to it reaches end of file: it kills its programs'
+    groups and closes their sessions' sockets (they answer 454), so no
+    program outlives a spawner unwatched.  Without a helper (too many
+    different ids, or it cannot be started) the spawner starts the
+    program itself."""
 
     MAX_HELPERS = 8
 
-    def __init__(self, sock, alive_w=None, identity=None):
+    def __init__(self, sock, control=None, programs=None, helper=False, ids=None):
         self.sock = sock
-        self.alive_w = alive_w
-        self.identity = identity    # a helper: the ids it took on
+        self.control = control      # the spawner: to and from the master
+        self.programs = programs or {}
+        self.helper = helper        # a helper: runs jobs of its spawner as ``ids``
+        self.ids = ids
         self.jobs = []
         self.helpers = {}           # ids -> (pid, socket)
         self.retired = []           # helpers that ended or were let go, to reap
-        self.selector = None
-        self.wake = ()
+        self.loop = None            # its EventLoop, made in run()
         self.listening = False      # while some process may still send requests
 
     def run(self):
@@ -10245,112 +10477,170 @@ class SpawnerLoop(object):
         # here, so no late finaliser closes a number reused meanwhile.
         gc.collect()
         keep = [0, 1, 2, self.sock.fileno()]
-        if self.alive_w is not None:
-            keep.append(self.alive_w)
+        if self.control is not None:
+            keep.append(self.control.fileno())
         close_descriptors_except(keep)
-        if self.identity is None and os.getuid() == 0 and os.geteuid() != 0:
-            os.seteuid(0)       # a restart, forked by a master that dropped root
+        if not self.helper and os.getuid() == 0 and os.geteuid() != 0:
+            os.seteuid(0)       # a restart, forked by a master that kept root as real uid
             os.setegid(0)
         set_process_name("auth-spawner")
         # Programs start in "/" (see start_program); so does this process.
         os.chdir("/")
-        wake_r, wake_w = self.wake = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        loop = self.loop = EventLoop()
+        # A program's exit wakes the loop; between_turns reaps it.
+        loop.catch_signals(lambda signum: None, [signal.SIGCHLD])
         self.sock.setblocking(False)
-        sel = self.selector = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, self.on_request)
-        sel.register(wake_r, selectors.EVENT_READ, self.on_wake)
+        loop.watch(self.sock, selectors.EVENT_READ, self.on_request)
+        if self.control is not None:
+            self.control.setblocking(False)
+            loop.watch(self.control, selectors.EVENT_READ, self.on_control)
+        loop.every_turn(self.between_turns)
         self.listening = True
-        while self.listening or self.jobs:
-            deadlines = [j.deadline for j in self.jobs if not j.killed]
-            timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-            for key, mask in sel.select(timeout):
-                key.data(mask)
-            self.tend()
-            if self.helpers or self.retired:
-                self.reap_helpers()
+        loop.run(until=lambda: not (self.listening or self.jobs))
+
+    def between_turns(self):
+        """After each turn: answer the jobs that ended or ran out of time,
+        reap helpers; the seconds until the next job's deadline."""
+        self.tend()
+        if self.helpers or self.retired:
+            self.reap_helpers()
+        deadlines = [j.deadline for j in self.jobs if not j.killed]
+        return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
     def on_request(self, mask):
         if not self.take():
-            self.selector.unregister(self.sock)
+            self.loop.watch(self.sock, 0)
             self.listening = False
+            if self.helper:
+                self.abandon()      # the spawner is gone
 
-    def on_wake(self, mask):
-        try:
-            while os.read(self.wake[0], 512):
+    def on_control(self, mask):
+        """The master: a new table of programs (``T``), or its end."""
+        msg = control_message(self.control)
+        if msg is None:
+            return
+        if not msg:
+            self.loop.watch(self.control, 0)
+            self.control.close()
+            self.control = None
+            return
+        if msg[:1] == b"T":
+            try:
+                self.programs = marshal.loads(msg[1:])
+            except (ValueError, EOFError, TypeError):
+                self.note("the master sent a garbled table of programs; keeping the "
+                          "previous one")
+
+    def note(self, text):
+        """A line for the master's log."""
+        if self.control is not None:
+            try:
+                self.control.send(b"N" + text.encode("utf-8", "replace"), socket.MSG_DONTWAIT)
+            except (OSError, socket.error):
                 pass
-        except OSError:
-            pass
+
+    def receive(self):
+        """One message and its descriptor: (data, socket), (None, None)
+        when there is none yet or it is malformed, (b"", None) when every
+        sender is gone.  Received descriptors are close-on-exec at once
+        (receive_message), so no program ever inherits another session's
+        socket."""
+        try:
+            data, fds, cut = receive_message(self.sock, AUTH_SPAWNER_MAX_REQUEST, 4)
+        except (BlockingIOError, InterruptedError):
+            return None, None
+        if not data and not fds:
+            return b"", None
+        if len(fds) != 1 or cut:
+            for fd in fds:
+                os.close(fd)
+            return None, None
+        return data, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
 
     def take(self):
         """Take one request; False when every sender is gone."""
+        data, reply = self.receive()
+        if reply is None:
+            return data != b""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                AUTH_SPAWNER_MAX_REQUEST, socket.CMSG_SPACE(4 * array.array("i").itemsize))
-        except (BlockingIOError, InterruptedError):
-            return True
-        fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        if not data and not fds:
-            return False
-        if len(fds) != 1 or flags & MESSAGE_CUT_FLAGS:
-            for fd in fds:
-                os.close(fd)
-            return True
-        reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
-        try:
-            version, argv, env, cwd, ids, timeout, stdin = marshal.loads(data)
-            if version != 1:
-                raise ValueError(version)
+            job = marshal.loads(data)
+            if self.helper:
+                argv, env, timeout, stdin = job
+                ids = self.ids
+            else:
+                job, ids = self.resolve(job)
+                if job is None:
+                    # Taken, then answered: the session must not start
+                    # the program itself instead.
+                    try:
+                        reply.send(b"A", socket.MSG_DONTWAIT)
+                    except (OSError, socket.error):
+                        pass
+                    SpawnerJob(None, reply, b"", 0, 0).answer(("error", ids))
+                    return True
+                # The built-in check runs with the spawner's own ids (root:
+                # it reads /etc/shadow); a program from its user's helper.
+                if job[0][0] != BUILTIN_PASSWORD_CHECK and \
+                        self.forward(marshal.dumps(job), reply, ids):
+                    return True
+                argv, env, timeout, stdin = job
         except (ValueError, EOFError, TypeError):
             reply.close()
             return True
-        # The built-in check runs with the spawner's own ids (root: it
-        # reads /etc/shadow), whatever ids the session named.
-        builtin = argv[:1] == [BUILTIN_PASSWORD_CHECK]
-        if not builtin and self.identity is None and os.geteuid() == 0 \
-                and not spawner_has_ids(ids) and self.forward(data, reply, ids):
-            return True
+        self.start(reply, argv, env, ids, timeout, stdin)
+        return True
+
+    def resolve(self, request):
+        """A session's request -> ((argv, env, timeout, stdin), ids) from
+        the table, or (None, why) for one this spawner does not run."""
+        version, key, user, stdin = request
+        if version != AUTH_SPAWNER_PROTOCOL:
+            raise ValueError(version)
+        program = self.programs.get(tuple(key)) if isinstance(key, (tuple, list)) else None
+        if program is None:
+            self.note("refused a request for a program its configuration does not name: %s"
+                      % qformat(repr(key)[:LOGGED_COMMAND_MAX]))
+            return None, "not a program of the auth spawner's configuration"
+        if not isinstance(user, str) or not isinstance(stdin, bytes) \
+                or auth_input_problem(user, ""):
+            self.note("refused a request with a malformed user name for %s" % program[0])
+            return None, "malformed request"
+        path, env, ids, timeout = program
+        return ([path, user], env, timeout, stdin), ids
+
+    def start(self, reply, argv, env, ids, timeout, stdin):
         try:
             reply.send(b"A", socket.MSG_DONTWAIT)
         except (OSError, socket.error):
             reply.close()       # withdrawn: the session starts it itself
-            return True
+            return
         started = time.time()
         try:
-            proc = start_password_check(argv) if builtin else \
-                start_program(argv, env, cwd, ids)
+            proc = start_password_check(argv) if argv[0] == BUILTIN_PASSWORD_CHECK else \
+                start_program(argv, env, "/", ids)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             job = SpawnerJob(None, reply, b"", 0, started)
             job.answer(("error", str(e)))
-            return True
+            return
         job = SpawnerJob(proc, reply, stdin, started + timeout, started)
         self.jobs.append(job)
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ,
-                               lambda mask, job=job: self.read_output(job))
+        self.loop.watch(proc.stdout, selectors.EVENT_READ,
+                        lambda mask, job=job: self.read_output(job))
         os.set_blocking(proc.stdin.fileno(), False)
         self.write_input(job)
         if job.pending:
-            self.selector.register(proc.stdin, selectors.EVENT_WRITE,
-                                   lambda mask, job=job: self.write_input(job))
-        return True
+            self.loop.watch(proc.stdin, selectors.EVENT_WRITE,
+                            lambda mask, job=job: self.write_input(job))
 
     def forward(self, data, reply, ids):
-        """Pass a request on to the helper for ``ids``; False to run it here."""
+        """Pass a job on to the helper for ``ids``; False to run it here."""
         for _ in range(2):
             helper = self.helpers.get(ids) or self.start_helper(ids)
             if helper is None:
                 return False
             try:
-                helper[1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                            array.array("i", [reply.fileno()]))],
-                                  socket.MSG_DONTWAIT)
+                send_message(helper[1], data, [reply.fileno()], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return False    # its queue is full: no waiting here
             except (OSError, socket.error):
@@ -10371,17 +10661,12 @@ class SpawnerLoop(object):
         if pid == 0:  # pragma: no cover - runs in the helper
             status = 1
             try:
-                signal.set_wakeup_fd(-1)
-                if ids[0] == "drop":
-                    os.setgroups([])
-                    os.setgid(ids[2])
-                    os.setuid(ids[1])
-                else:
-                    ruid, euid, rgid, egid, groups = ids[1:]
-                    os.setgroups(list(groups))
-                    os.setresgid(rgid, egid, egid)
-                    os.setresuid(ruid, euid, euid)
-                SpawnerLoop(child, identity=ids).run()
+                self.loop.close_in_child()
+                if ids is not None:
+                    # No PR_SET_NO_NEW_PRIVS: a program may rely on a
+                    # set-user-id helper (a password checker, say).
+                    give_up_root(ids[0], ids[1], (), no_new_privs=False)
+                SpawnerLoop(child, helper=True, ids=ids).run()
                 status = 0
             finally:
                 os._exit(status)
@@ -10407,6 +10692,19 @@ class SpawnerLoop(object):
             return os.waitpid(pid, os.WNOHANG)[0] != 0
         except OSError:
             return True
+
+    def abandon(self):
+        """A helper whose spawner died: no one is left to answer for its
+        programs, so they end now (their whole groups) and their sessions
+        see end of file on their sockets."""
+        for job in self.jobs:
+            if not job.killed:
+                job.killed = True
+                try:
+                    os.killpg(job.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            job.answer(("lost", "the auth spawner ended; the program was killed"))
 
     def write_input(self, job):
         stdin = job.proc.stdin
@@ -10441,10 +10739,7 @@ class SpawnerLoop(object):
     def _drop(self, pipe):
         if pipe is None or pipe.closed:
             return              # dropped already (at its end of file)
-        try:
-            self.selector.unregister(pipe)
-        except (KeyError, ValueError):
-            pass
+        self.loop.watch(pipe, 0)
         try:
             pipe.close()
         except OSError:
@@ -10531,42 +10826,32 @@ def start_program(argv, env, cwd, ids):
 
 
 def spawner_id_options(ids):
-    """Popen arguments that give a program the ids a request asks for,
-    always in a new session (a timeout kills its whole group)."""
+    """Popen arguments that give a program ``ids`` ((uid, gid), or None to
+    keep this process's), always in a new session (a timeout kills its
+    whole group).  Without root to change them, the start fails."""
     if spawner_has_ids(ids):
         return {"start_new_session": True}
-    if ids[0] == "drop":
-        uid, gid = ids[1], ids[2]
-        if sys.version_info >= (3, 9):
-            # Done in C, without running Python in the child.
-            return {"start_new_session": True, "user": uid, "group": gid,
-                    "extra_groups": []}
+    uid, gid = ids
+    if sys.version_info >= (3, 9):
+        # Done in C, without running Python in the child.
+        return {"start_new_session": True, "user": uid, "group": gid, "extra_groups": []}
 
-        def drop():
-            os.setsid()
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        return {"preexec_fn": drop}
-    ruid, euid, rgid, egid, groups = ids[1:]
-
-    def same():
+    def drop():
         os.setsid()
-        os.setgroups(list(groups))
-        os.setresgid(rgid, egid, egid)
-        os.setresuid(ruid, euid, euid)
-    return {"preexec_fn": same}
+        # No PR_SET_NO_NEW_PRIVS for a program (see start_helper).
+        give_up_root(uid, gid, (), no_new_privs=False)
+    return {"preexec_fn": drop}
 
 
 def spawner_has_ids(ids):
-    """Does this process already have the ids a request asks for?"""
-    if ids[0] == "drop":
-        uid, gid = ids[1], ids[2]
-        return os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) \
-            and not os.getgroups()
-    ruid, euid, rgid, egid, groups = ids[1:]
-    return (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (ruid, euid, rgid, egid) \
-        and sorted(os.getgroups()) == sorted(groups)
+    """Does this process already have ``ids`` (None: whatever it has)?
+    Supplementary groups count only where they could be changed (root);
+    elsewhere they are the user's own."""
+    if ids is None:
+        return True
+    uid, gid = ids
+    return os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) \
+        and not (holds_root() and os.getgroups())
 
 
 def close_descriptors_except(keep):
@@ -11284,6 +11569,9 @@ class Runtime(object):
         self.resolver = Resolver(log=log)
         self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
+        # Started as root: auth programs run as their configured users
+        # (by the spawner), whatever this process gives up later.
+        self.root = holds_root()
         self.hosts_access = HostsAccess(log=log)
         self.apply_config(config)
 
@@ -11319,34 +11607,54 @@ class Runtime(object):
             if fields and number.isdigit():
                 self.stats.absorb(fields[0].decode("ascii", "replace"), int(number))
 
+    def prepare(self, config):
+        """Build what depends on the configuration, without touching what
+        runs: a PreparedConfig for install(); raises ConfigError.  Files
+        are read with root's access where this process keeps it (its real
+        uid), as at start-up: a key only root may read loads at a reload
+        too."""
+        with root_file_access():
+            tls = {}
+            for index, g in enumerate(config.groups):
+                try:
+                    tls[index] = make_tls_context(g) if g.use_tls else None
+                except ConfigError as e:
+                    raise ConfigError("%s: %s" % (
+                        config_where(config, index, getattr(e, "attr", "tls_cert")), e))
+            policies = {}
+            for g in config.groups:
+                if g.policydb and g.policydb not in policies:
+                    policies[g.policydb] = PolicySource(g.policydb, self.log)
+            sender_maps = None
+            if config.sender_login_maps:
+                try:
+                    sender_maps = SenderLoginMap(config.sender_login_maps, self.log)
+                except SenderLoginMapError as e:
+                    raise ConfigError("PARAM sender-login-maps: %s" % e)
+        return PreparedConfig(config=config, tls=tls, policies=policies,
+                              sender_maps=sender_maps,
+                              auth_programs=auth_programs(config, self.zenv,
+                                                          self.zconfig_path, self.root))
+
     def apply_config(self, config):
-        """Build what depends on the configuration; raises ConfigError."""
-        tls = {}
-        for index, g in enumerate(config.groups):
-            try:
-                tls[index] = make_tls_context(g) if g.use_tls else None
-            except ConfigError as e:
-                raise ConfigError("%s: %s" % (
-                    config_where(config, index, getattr(e, "attr", "tls_cert")), e))
-        policies = {}
-        for g in config.groups:
-            if g.policydb and g.policydb not in policies:
-                policies[g.policydb] = PolicySource(g.policydb, self.log)
-        sender_maps = None
-        if config.sender_login_maps:
-            try:
-                sender_maps = SenderLoginMap(config.sender_login_maps, self.log)
-            except SenderLoginMapError as e:
-                raise ConfigError("PARAM sender-login-maps: %s" % e)
+        """Build what depends on the configuration and put it in place;
+        raises ConfigError (and then changes nothing)."""
+        self.install(self.prepare(config))
+
+    def install(self, prepared):
+        """Put a prepared configuration in place: nothing here can fail."""
+        config = prepared.config
+        self.prepared = prepared
         self.config = config
-        self.sender_maps = sender_maps
+        self.sender_maps = prepared.sender_maps
         self.spool.dir_fsync = config.spool_dir_fsync
-        self.tls = tls
+        self.tls = prepared.tls
+        self.auth_programs = prepared.auth_programs
         self._authenticators = {}   # id(group) -> (group, PipeAuthenticator or None)
         # What an EHLO lists depends on a few facts of the session only
         # (SMTPSession.extensions); made once per configuration.
         self.ehlo_keywords = {}
-        self.policies = policies
+        self.policies = prepared.policies
         self.local_names = frozenset(n.lower() for n in (self.hostname, socket.getfqdn(),
                                                          "localhost") if n)
 
@@ -11369,23 +11677,17 @@ class Runtime(object):
         hit = cache.get(id(group))
         if hit is not None and hit[0] is group:
             return hit[1]
-        path = group.auth_pipe or self.zenv.get("PIPEAUTHPATH")
+        key = auth_program_key(group, self.zenv)
         auth = None
-        if path:
-            auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
-                                     self.zconfig_path, run_as=self.auth_identity(group),
-                                     log=self.log, spawner=self.auth_spawner)
-            if group.auth_cache:
-                auth = CachingAuthenticator(auth, path, *group.auth_cache)
-        elif group.smtp_auth:
-            auth = SystemPasswordAuthenticator(group.auth_pipe_timeout, self.zenv,
-                                               self.zconfig_path, log=self.log,
-                                               spawner=self.auth_spawner)
+        if key is not None:
+            # The built-in check (no program named) only the spawner runs.
+            kind = SystemPasswordAuthenticator if key[0] == BUILTIN_PASSWORD_CHECK \
+                else PipeAuthenticator
+            auth = kind(key, self.auth_programs[key], log=self.log, spawner=self.auth_spawner)
+            if group.auth_cache and kind is PipeAuthenticator:
+                auth = CachingAuthenticator(auth, key[0], *group.auth_cache)
         cache[id(group)] = (group, auth)
         return auth
-
-    def auth_identity(self, group):
-        return auth_identity(group, self.zenv)
 
     # -- name lookups, cached briefly -------------------------------------------
 
@@ -11448,8 +11750,9 @@ class Runtime(object):
 
     def load(self):
         """The configuration read again and checked; raises ConfigError."""
-        config = load_configuration(self.options, self.zenv, self.log)
-        problems = validate_config(config)
+        with root_file_access():
+            config = load_configuration(self.options, self.zenv, self.log)
+            problems = validate_config(config)
         if problems:
             raise ConfigError("; ".join(problems))
         return config
@@ -11476,6 +11779,12 @@ class Runtime(object):
         self.last_reload = (time.time(), False, str(error))
 
 
+class PreparedConfig(Frozen):
+    """A configuration and what was built from it (Runtime.prepare):
+    ``config``, ``tls`` contexts by group index, ``policies``,
+    ``sender_maps``, ``auth_programs``."""
+
+
 def lookup_user(name):
     try:
         pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
@@ -11499,14 +11808,14 @@ def set_tls_min_version(context, version):
         context.options |= getattr(ssl, name, 0)
 
 
-def auth_identity(group, zenv):
-    """(uid, gid) for the auth program when we are root; None to keep ours."""
-    if os.getuid() != 0:
+def auth_identity(group, zenv, root=None):
+    """(uid, gid) the group's auth program runs as in a server started as
+    root (``root``; by default: is this process root?); None to keep the
+    ids of whoever starts it.  ``smtp-auth-pipe-user root`` runs it as
+    root, from the auth spawner."""
+    if not (holds_root() if root is None else root):
         return None
-    name = group.auth_pipe_user or zenv.get("TRUSTEDUSER") or "daemon"
-    if name == "root":
-        return None
-    return lookup_user(name)
+    return lookup_user(group.auth_pipe_user or zenv.get("TRUSTEDUSER") or "daemon")
 
 
 class Site(Frozen):
@@ -11583,9 +11892,7 @@ def access_as(user, checks):
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(r)
-            os.setgroups(list(user.groups))
-            os.setgid(user.gid)
-            os.setuid(user.uid)
+            give_up_root(user.uid, user.gid, user.groups, no_new_privs=False)
             answer = "".join("1" if os.access(path, mode) else "0" for path, mode in checks)
             os.write(w, answer.encode("ascii"))
         finally:
@@ -12102,11 +12409,15 @@ def write_pidfile(path):
     os.rename(tmp, path)
 
 
-def remove_pidfile(path):
+def remove_pidfile(path, pid=None):
+    """Remove a pid file (or a status file: its ``pid=`` line) that names
+    ``pid`` (by default this process)."""
+    pid = os.getpid() if pid is None else pid
     try:
         with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return
+            text = f.read()
+        if ("pid=%d\n" % pid) not in text and text.strip() != str(pid):
+            return
         os.unlink(path)
     except (IOError, OSError, ValueError):
         pass
@@ -12134,17 +12445,65 @@ def detach(ready_fd_holder):
     os.close(devnull)
 
 
-def drop_privileges(user, log):
+def drop_privileges(user, log, for_good=False):
     """After binding: when root, run as the session user (see session_user)
-    with that user's groups (effective ids; the real id stays root so the
-    pid file can be removed at exit, as the original master did)."""
+    with that user's groups.  A master whose sessions are other processes
+    changes its effective ids only: its real uid stays root for what needs
+    it (a reload, reopening the logs, the pid file at exit).  ``for_good``
+    (a process that serves sessions itself: the thread model's master,
+    ``-n``): real, effective and saved ids, and no new privileges ever."""
     if os.geteuid() != 0 or user is None or user.uid == 0:
         return
     log.hand_to(user.uid, user.gid)
-    os.setgroups(list(user.groups))
-    os.setegid(user.gid)
-    os.seteuid(user.uid)
-    log.note("sessions run as %s, %s" % (user.describe(), user.source))
+    if for_good:
+        drop_session_privileges(user)
+    else:
+        os.setgroups(list(user.groups))
+        os.setegid(user.gid)
+        os.seteuid(user.uid)
+    log.note("sessions run as %s, %s%s" % (user.describe(), user.source,
+                                           "; so does this process, for good" if for_good
+                                           else ""))
+
+
+#: prctl(2) option: neither this process nor anything it executes may gain
+#: privileges again (set-user-id programs run with the caller's ids).
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def holds_root():
+    """Is uid 0 among this process's real, effective or saved user ids?"""
+    return 0 in os.getresuid()
+
+
+def give_up_root(uid, gid, groups=(), no_new_privs=True):
+    """Become ``uid``/``gid`` with supplementary ``groups`` for good: real,
+    effective and saved ids all change, so no ``setuid(0)`` can bring root
+    back.  With ``no_new_privs`` also PR_SET_NO_NEW_PRIVS, so no
+    set-user-id program run later gains privileges either.  The one
+    privilege drop of the program: session processes, the spawner's
+    helpers, start-up's access checks.  Raises OSError when it cannot."""
+    if holds_root():
+        if os.geteuid() != 0:
+            os.seteuid(0)       # setgroups needs root's effective uid
+        os.setgroups(list(groups))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    elif os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(errno.EPERM, "cannot become uid %d, gid %d without root" % (uid, gid))
+    if no_new_privs:
+        prctl = _libc_function("prctl")
+        if prctl is not None and prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def drop_session_privileges(user):
+    """In a process that reads client input (a worker, a fork-model
+    session, an inetd session): no root in any form from here on."""
+    if user is None:
+        give_up_root(os.getuid(), os.getgid(), os.getgroups())
+    else:
+        give_up_root(user.uid, user.gid, user.groups)
 
 
 _libc = None
@@ -12199,7 +12558,8 @@ class root_file_access(object):
 #: command line (/proc/PID/cmdline) stays as it was, since zmailer.sh and
 #: a restarting server recognise the daemon by it.
 PROCESS_NAMES = {"master": b"zmsmtpd: master", "worker": b"zmsmtpd: worker",
-                 "session": b"zmsmtpd: child", "auth-spawner": b"zmsmtpd: auth"}
+                 "session": b"zmsmtpd: child", "auth-spawner": b"zmsmtpd: auth",
+                 "keeper": b"zmsmtpd: keeper"}
 PR_SET_NAME = 15
 
 
@@ -12381,7 +12741,7 @@ def main(argv=None):
         sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     if interactive or inetd:
         if inetd:
-            drop_privileges(user, log)
+            drop_privileges(user, log, for_good=True)
         return run_interactive(runtime, config, inetd=inetd)
     return run_daemon(runtime, config, options, zenv, log, foreground, user)
 
@@ -12401,7 +12761,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
                 "  To stop it and take its place: add --replace.\n"
                 % (PROGRAM, running, pidfile))
             return 2
-    supervisor = Supervisor(runtime, config)
+    supervisor = Supervisor(runtime, config, user)
     stop_previous(pidfile, log)
     supervisor.install_signal_handlers()
     if foreground:
@@ -12451,9 +12811,15 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     # detaching) and can restart it; no worker, thread or session exists
     # yet, and it closes the listeners and the log it inherits.
     runtime.auth_spawner = AuthSpawner(log)
-    if auth_spawner_wanted(config, zenv):
-        supervisor.start_auth_spawner()
-    drop_privileges(user, log)
+    supervisor.configure_auth_spawner()
+    # The thread model's sessions are this process's threads: it gives up
+    # root for good, and a FileKeeper forked before keeps root for the
+    # pid file and the status file.
+    shared = config.session_model == "thread"
+    keeper = None
+    if shared and holds_root() and user is not None and user.uid != 0:
+        keeper = supervisor.status.keeper = FileKeeper(pidfile, supervisor.status.path).start()
+    drop_privileges(user, log, for_good=shared)
     if ready:
         os.write(ready[0], b"1")
         os.close(ready[0])
@@ -12468,6 +12834,8 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
                 pass
         remove_pidfile(pidfile)
         supervisor.status.remove()
+        if keeper is not None:
+            keeper.close()
         log.note("killed server pid %d at %s" % (os.getpid(), rfc822_date()))
         mail_syslog(syslog.LOG_INFO if syslog else 0, "killed server.")
     return 0

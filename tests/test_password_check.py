@@ -41,6 +41,13 @@ def pam_unix_present():
     return False
 
 
+
+def builtin_check(timeout=5.0):
+    """The authenticator of a group with smtp-auth and no program."""
+    key = (zmsmtpd.BUILTIN_PASSWORD_CHECK, "", timeout)
+    return zmsmtpd.SystemPasswordAuthenticator(
+        key, zmsmtpd.AuthProgram(zmsmtpd.BUILTIN_PASSWORD_CHECK, {}, None, timeout))
+
 class SystemUser(object):
     """A throw-away local user with a password, removed by the cleanup."""
 
@@ -130,8 +137,7 @@ class PamCheckTest(unittest.TestCase):
         status, line = self.run_check_child(self.user.name, "wrong")
         self.assertEqual((status, line.count("\n")), (1, 1), line)
         self.assertNotIn("wrong", line)
-        authenticator = zmsmtpd.SystemPasswordAuthenticator(5, zmsmtpd.ZEnv("/dev/null"),
-                                                            None)
+        authenticator = builtin_check()
         self.assertEqual(authenticator.status_verdict(zmsmtpd.PASSWORD_CHECK_TEMPFAIL),
                          "tempfail")
         self.assertEqual(authenticator.status_verdict(1), "fail")
@@ -216,8 +222,7 @@ class NoSpawnerTest(unittest.TestCase):
     check never runs in the session process: AUTH is a temporary failure."""
 
     def test_without_spawner_the_answer_is_tempfail(self):
-        authenticator = zmsmtpd.SystemPasswordAuthenticator(5, zmsmtpd.ZEnv("/dev/null"),
-                                                            None)
+        authenticator = builtin_check()
         self.assertEqual(authenticator.check("root", "anything"), "tempfail")
 
 
