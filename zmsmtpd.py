@@ -36,7 +36,9 @@ Map of this file, in the order data flows through it:
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
-                            (the helper process that starts the programs)
+                            (the helper process that starts the programs),
+                            ProgramPool (the content filter's processes,
+                            kept by that helper) and FilterVerdict
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -123,6 +125,16 @@ SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
 #: taken only when a file of an earlier process with the same pid is left).
 SPOOL_NAME_ATTEMPTS = 27
+#: Filter or router processes one pool may run at once, whatever
+#: ``contentfilter-maxpar`` / ``enable-router-maxpar`` ask (the original's cap).
+PROGRAM_POOL_MAXPAR_MAX = 20
+#: Seconds the interactive router has to answer one request; after that the
+#: client gets a 450 and the router is replaced.
+ROUTER_ANSWER_TIMEOUT = 60.0
+#: Lines of one answer a pool program may give, and bytes of each line,
+#: kept; the rest is dropped (a runaway program cannot fill memory).
+POOL_ANSWER_LINES = 200
+POOL_LINE_MAX = 4096
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -559,6 +571,7 @@ _PARAMS = [
     (("contentfilter",), "G", "str", "contentfilter", None),
     (("contentfilter-maxpar",), "G", "atoi", "contentfilter_maxpar", 1),
     (("debug-contentfilter",), "G", "on", "debug_contentfilter", None),
+    (("contentfilter-timeout",), "G", "float", "contentfilter_timeout", None),
     (("perl-hook",), "G", "str", "perl_hook", None),
     (("enable-router",), "G", "on", "enable_router", None),
     (("enable-router-maxpar",), "G", "atoi", "enable_router_maxpar", 1),
@@ -614,8 +627,7 @@ UNIMPLEMENTED_PARAMS = {
     "outlook-tls-bug": "a no-op in 3.0.1 too", "report-auth-file": "Z-REPORT is dead in 3.0.1 too",
     "lmtp-mode": "LMTP is not offered", "rcvd-ident": "ident lookups are not done",
     "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
-    "contentfilter": "no content filter hand-off", "contentfilter-maxpar": "no content filter",
-    "debug-contentfilter": "no content filter", "perl-hook": "no embedded Perl",
+    "perl-hook": "no embedded Perl",
     "enable-router": "no interactive router", "enable-router-maxpar": "no interactive router",
     "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
     "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
@@ -675,7 +687,7 @@ GLOBAL_DEFAULTS = dict(
     sum_sizeoption=False,
     allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
     lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
-    debug_contentfilter=False, perl_hook=None, enable_router=False,
+    debug_contentfilter=False, contentfilter_timeout=120.0, perl_hook=None, enable_router=False,
     enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
     help=(), session_model="workers", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
@@ -1383,7 +1395,7 @@ POLICY_IMPLEMENTED = frozenset((
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
-              "fulltrustnet", "trustrecipients", "maxsameipsource")
+              "fulltrustnet", "trustrecipients", "maxsameipsource", "filtering")
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
@@ -1443,7 +1455,7 @@ class PolicyVerdict(object):
     """What the policy says about one connection (mutable per session)."""
 
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
-                 "trust_recipients", "freeze", "maxinsize", "maxsameip")
+                 "trust_recipients", "freeze", "maxinsize", "maxsameip", "filtering")
 
     def __init__(self):
         self.reject = False
@@ -1454,10 +1466,21 @@ class PolicyVerdict(object):
         self.freeze = False
         self.maxinsize = None
         self.maxsameip = None
+        self.filtering = None   # the client address's "filtering": True, False, or unset
 
     @property
     def trusted(self):
         return self.always_accept or self.full_trust
+
+    @property
+    def content_filter_due(self):
+        """Is the message passed to the content filter?  The client
+        address's own ``filtering`` decides; without it every client
+        except an always-accepted one (relaycustnet, by address or name)
+        is filtered.  Sender and recipient entries do not count."""
+        if self.filtering is not None:
+            return self.filtering
+        return not self.always_accept
 
 
 class PolicyTable(object):
@@ -1781,6 +1804,8 @@ def connection_verdict(table, ip, rhostname=None):
         v.always_accept = policy_says(found, "relaycustnet")
     if "maxinsize" in found:
         v.maxinsize = _c_int(found["maxinsize"][0], None)
+    if "filtering" in found:
+        v.filtering = policy_says(found, "filtering")
     if "maxsameipsource" in found:
         v.maxsameip = _c_int(found["maxsameipsource"][0], None)
         if v.maxsameip == 0:
@@ -1987,6 +2012,11 @@ REPLIES = {
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
     "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data_ok": (250, "2.0.0", "accepted; {id}"),
+    # the content filter's verdicts (the code and status may be the filter's own)
+    "filter_accept": (250, "2.0.0", "{text}; {id}"),
+    "filter_reject": (552, "5.7.1", "Content-Policy reject msg: {text}; {id}"),
+    "filter_freeze": (250, "2.7.1", "Content-Policy accept-into-freezer-{n} msg: {text}; {id}"),
+    "filter_freeze_no_text": (None, None, "accepted into freezer, no explanations"),
     "data_too_big": (552, "5.3.4", "Size of this message exceeds the fixed maximum size of  {limit}  "
                                    "chars for received email "),
     "data_header_too_big": (552, "5.3.4", "Message header section exceeds {limit} bytes"),
@@ -3874,6 +3904,13 @@ class Supervisor(object):
             runtime.apply_config(config)
             self.config = config
             spawner = runtime.auth_spawner
+            if spawner is not None:
+                pools = program_pools(config, runtime.zenv, runtime.zconfig_path)
+                if pools != spawner.pools:
+                    # The spawner keeps the pools it was started with; one
+                    # for the new configuration replaces it.
+                    spawner.pools = pools
+                    spawner.replace()
             if spawner is not None and not spawner.running and not spawner.given_up \
                     and auth_spawner_wanted(config, runtime.zenv):
                 self.start_auth_spawner()
@@ -5553,10 +5590,11 @@ class MailTransactionVerbs(object):
             if rest is not None:
                 self.channel.unread(rest)
                 break
-        self.finish_message(txn, writer, failure, txn.wire_bytes, None)
+        yield from self.finish_message(txn, writer, failure, txn.wire_bytes, None)
 
     def finish_message(self, txn, writer, failure, wire_bytes, bdat_chunk):
-        """Close the header, commit the spool file, and reply."""
+        """Generator: close the header, pass the message to the content
+        filter when one is due, commit the spool file, and reply."""
         if failure is None:
             try:
                 writer.close()
@@ -5577,8 +5615,22 @@ class MailTransactionVerbs(object):
             else:
                 self.reply(failure[0])
             return
+        verdict = None
+        if self.cfg.contentfilter and self.verdict.content_filter_due:
+            verdict = yield from self.content_filter(txn.spool)
+            if verdict.kind == "reject":
+                self.log.note("content filter refused the message: %d %s" % (
+                    verdict.code, verdict.text))
+                self.runtime.stats.count("refused")
+                try:
+                    sid = txn.spool.spool_id()
+                except OSError:
+                    sid = "-"
+                txn.spool.abort()
+                self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
+                return
         try:
-            sid, size = txn.spool.commit(writer.priority)
+            sid, size = txn.spool.commit(writer.priority, verdict.freezer if verdict else None)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -5586,7 +5638,9 @@ class MailTransactionVerbs(object):
             return
         self.junk_count = 0
         self.count_submission(txn)
-        if bdat_chunk is None:
+        if verdict is not None and verdict.text:
+            self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
+        elif bdat_chunk is None:
             self.reply("data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
@@ -5602,6 +5656,41 @@ class MailTransactionVerbs(object):
         if "S" in self.runtime.syslogflg:
             mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
                 sid, size, self.rhostname, self.peer_port))
+
+    def content_filter(self, spool):
+        """Generator: the content filter's FilterVerdict on the message
+        written so far.  The filter reads the file by its path; every way
+        the filter can fail (not started, crashed, silent, late, a line it
+        should not have written) accepts the message, as the original did."""
+        cfg = self.cfg
+        try:
+            path = spool.open_for_reading()
+        except OSError as e:
+            self.log.note("content filter skipped: cannot prepare the message file: %s" % e)
+            return FilterVerdict.accepting()
+        spawner = self.runtime.auth_spawner
+        outcome = None
+        if spawner is not None:
+            outcome = yield from spawner.ask("contentfilter", os.fsencode(path),
+                                             cfg.contentfilter_timeout)
+        if outcome is None:
+            outcome = ("error", "no spawner process runs the filter (only a daemon has one)")
+        kind = outcome[0]
+        lines = [l.decode("utf-8", "replace") for l in outcome[1]] \
+            if kind in ("done", "crashed", "timeout") else []
+        if cfg.debug_contentfilter:
+            self.log.note("content filter: %s -> %s %s" % (
+                path, kind, " | ".join(qformat(l) for l in lines) or "(no answer line)"))
+        if kind == "done":
+            return FilterVerdict.parse(lines[-1] if lines else "")
+        if kind == "timeout":
+            why = "no answer within %gs; the filter process was ended" % cfg.contentfilter_timeout
+        elif kind == "crashed":
+            why = "the filter ended without an answer"
+        else:
+            why = outcome[1]
+        self.log.note("content filter %s: %s; message accepted" % (cfg.contentfilter, why))
+        return FilterVerdict.accepting()
 
     def message_summary(self, txn, sid, size):
         """One line per accepted message, Postfix-like ``key=value``
@@ -5694,7 +5783,8 @@ class MailTransactionVerbs(object):
                 txn.writer.feed(b"\r")
             except OSError as e:
                 txn.bdat_failed = ("data_spool_failed", str(e))
-        self.finish_message(txn, txn.writer, txn.bdat_failed or None, txn.wire_bytes, size)
+        yield from self.finish_message(txn, txn.writer, txn.bdat_failed or None,
+                                       txn.wire_bytes, size)
 
     def channel_skip(self, size, deadline):
         while size:
@@ -6786,12 +6876,16 @@ AUTH_SPAWNER_RESTART_WINDOW = 60.0
 AUTH_SPAWNER_MAX_REQUEST = 65536
 #: How much of the program's first output line the spawner returns.
 AUTH_SPAWNER_LINE_LIMIT = 1024
+#: The first field of a request for a pool's program (an auth program's
+#: request has 1 there).
+POOL_REQUEST_VERSION = 2
 
 
 def auth_spawner_wanted(config, zenv):
-    """Does any group run an auth program?"""
+    """Does any group run an auth program, or the configuration a content
+    filter or an interactive router (whose pools live in the spawner)?"""
     return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
-               for g in config.groups)
+               for g in config.groups) or bool(config.contentfilter)
 
 
 class AuthSpawner(object):
@@ -6830,6 +6924,7 @@ class AuthSpawner(object):
         self.on_end = None      # the selector's callback for ``alive_r``
         self.restarts = deque()
         self.given_up = False
+        self.pools = {}         # name -> PoolSpec, for the spawner forked next
 
     # -- the master ----------------------------------------------------------
 
@@ -6851,7 +6946,7 @@ class AuthSpawner(object):
             status = 1
             try:
                 os.close(alive_r)
-                SpawnerLoop(self.server, alive_w).run()
+                SpawnerLoop(self.server, alive_w, pools=self.pools).run()
                 status = 0
             finally:
                 os._exit(status)
@@ -6864,6 +6959,15 @@ class AuthSpawner(object):
     @property
     def running(self):
         return self.alive_r is not None
+
+    def replace(self):
+        """Have the running spawner end; the master starts another (see
+        ended), which builds its pools from ``pools``."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
 
     def ended(self, restart=True):
         """The master: the spawner's liveness pipe reached end of file."""
@@ -6929,6 +7033,24 @@ class AuthSpawner(object):
             ids = ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
                    tuple(os.getgroups()))
         request = marshal.dumps((1, list(argv), dict(env), cwd, ids, float(timeout), data))
+        outcome = yield from self.exchange(request, timeout)
+        return outcome
+
+    def ask(self, pool, argument, timeout):
+        """Generator (its waits are WANT_READABLE): one line to a pool's
+        program, and its answer: ``("done", lines)``, ``("crashed",
+        lines)`` (it ended before ``#hungry``), ``("timeout", lines)``,
+        ``("error", why)``, ``("lost", why)``, or None when there is no
+        spawner to ask."""
+        if self.client is None or self.given_up:
+            return None
+        request = marshal.dumps((POOL_REQUEST_VERSION, pool, bytes(argument)))
+        outcome = yield from self.exchange(request, timeout)
+        return outcome
+
+    def exchange(self, request, timeout):
+        """Generator: send one request, wait for it to be taken and then
+        for the outcome (within ``timeout`` and a grace)."""
         if len(request) > AUTH_SPAWNER_MAX_REQUEST:
             return None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -6989,7 +7111,24 @@ class AuthSpawner(object):
 MESSAGE_CUT_FLAGS = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
-class SpawnerJob(object):
+class SpawnerReply(object):
+    """The socket a session waits on for one outcome, answered once."""
+
+    reply = None
+    answered = False
+
+    def answer(self, outcome):
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            self.reply.send(marshal.dumps(outcome), socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            pass        # the session gave up on it
+        self.reply.close()
+
+
+class SpawnerJob(SpawnerReply):
     """One program the spawner runs, and the session waiting for it."""
 
     def __init__(self, proc, reply, data, deadline, started):
@@ -7014,16 +7153,6 @@ class SpawnerJob(object):
         if len(self.line) >= AUTH_SPAWNER_LINE_LIMIT:
             self.line_done = True
 
-    def answer(self, outcome):
-        if self.answered:
-            return
-        self.answered = True
-        try:
-            self.reply.send(marshal.dumps(outcome), socket.MSG_DONTWAIT)
-        except (OSError, socket.error):
-            pass        # the session gave up on it
-        self.reply.close()
-
 
 class SpawnerLoop(object):
     """The auth spawner process: takes requests, runs the programs,
@@ -7042,10 +7171,12 @@ class SpawnerLoop(object):
 
     MAX_HELPERS = 8
 
-    def __init__(self, sock, alive_w=None, identity=None):
+    def __init__(self, sock, alive_w=None, identity=None, pools=None):
         self.sock = sock
         self.alive_w = alive_w
         self.identity = identity    # a helper: the ids it took on
+        self.pool_specs = pools or {}
+        self.pools = {}             # name -> ProgramPool, made in run()
         self.jobs = []
         self.helpers = {}           # ids -> (pid, socket)
         self.retired = []           # helpers that ended or were let go, to reap
@@ -7054,7 +7185,7 @@ class SpawnerLoop(object):
         self.listening = False      # while some process may still send requests
 
     def run(self):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self.on_term if self.pool_specs else signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # The master's objects stay in this copy of its memory; what was
@@ -7080,15 +7211,29 @@ class SpawnerLoop(object):
         sel = self.selector = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, self.on_request)
         sel.register(wake_r, selectors.EVENT_READ, self.on_wake)
+        self.pools = dict((name, ProgramPool(spec, sel))
+                          for name, spec in self.pool_specs.items())
         self.listening = True
-        while self.listening or self.jobs:
-            deadlines = [j.deadline for j in self.jobs if not j.killed]
-            timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-            for key, mask in sel.select(timeout):
-                key.data(mask)
-            self.tend()
-            if self.helpers or self.retired:
-                self.reap_helpers()
+        try:
+            while self.listening or self.jobs:
+                deadlines = [j.deadline for j in self.jobs if not j.killed]
+                for pool in self.pools.values():
+                    deadlines.extend(pool.deadlines())
+                timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
+                for key, mask in sel.select(timeout):
+                    key.data(mask)
+                self.tend()
+                if self.helpers or self.retired:
+                    self.reap_helpers()
+        finally:
+            # The pools' programs run in sessions of their own: they are
+            # ended here, not left behind.
+            for pool in self.pools.values():
+                pool.close()
+
+    @staticmethod
+    def on_term(signum, frame):
+        raise SystemExit(0)
 
     def on_request(self, mask):
         if not self.take():
@@ -7121,10 +7266,14 @@ class SpawnerLoop(object):
             return True
         reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
         try:
-            version, argv, env, cwd, ids, timeout, stdin = marshal.loads(data)
+            request = marshal.loads(data)
+            if request[0] == POOL_REQUEST_VERSION:
+                self.take_pool_request(request, reply)
+                return True
+            version, argv, env, cwd, ids, timeout, stdin = request
             if version != 1:
                 raise ValueError(version)
-        except (ValueError, EOFError, TypeError):
+        except (ValueError, EOFError, TypeError, IndexError, KeyError):
             reply.close()
             return True
         if self.identity is None and os.geteuid() == 0 and not spawner_has_ids(ids) \
@@ -7153,6 +7302,22 @@ class SpawnerLoop(object):
             self.selector.register(proc.stdin, selectors.EVENT_WRITE,
                                    lambda mask, job=job: self.write_input(job))
         return True
+
+    def take_pool_request(self, request, reply):
+        """``(POOL_REQUEST_VERSION, pool name, argument line)``: the pool
+        runs the program its configuration names; a session chooses only
+        which pool and the line it gets."""
+        _, name, argument = request
+        pool = self.pools.get(name)
+        try:
+            reply.send(b"A", socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            reply.close()
+            return
+        if pool is None or not isinstance(argument, bytes):
+            PoolRequest(reply, b"", 0).answer(("error", "no %s is configured" % name))
+            return
+        pool.submit(reply, argument)
 
     def forward(self, data, reply, ids):
         """Pass a request on to the helper for ``ids``; False to run it here."""
@@ -7266,6 +7431,8 @@ class SpawnerLoop(object):
     def tend(self):
         """Answer the jobs whose program exited or ran out of time."""
         now = time.time()
+        for pool in self.pools.values():
+            pool.tend(now)
         for job in list(self.jobs):
             status = job.proc.poll()
             if status is not None:
@@ -7397,6 +7564,297 @@ def close_descriptors_except(keep):
                 os.close(fd)
             except OSError:
                 pass
+
+# -- program pools: the content filter and the interactive router ------------
+
+class PoolSpec(Frozen):
+    """One long-running program the spawner keeps a pool of: ``name``
+    (what sessions ask for), ``argv``, ``env``, the ``ids`` it runs with
+    (as an auth request's), ``maxpar`` processes at most, ``timeout``
+    seconds for one answer, and ``merge_stderr`` (its error output read
+    as answer lines, as the router's is)."""
+
+    def __eq__(self, other):
+        return isinstance(other, PoolSpec) and self.__dict__ == other.__dict__
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+
+def pool_ids(zenv):
+    """The ids a pool program runs with: under root the user sessions run
+    as (a filter or router reads what clients sent, so it holds no root);
+    else ours."""
+    if os.getuid() == 0:
+        user = session_user(zenv)
+        return ("drop", user.uid, user.gid)
+    return ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
+            tuple(os.getgroups()))
+
+
+def pool_environment(zenv):
+    env = {"PATH": zenv.get("PATH") or "/usr/bin:/bin", "SMTPSERVER": "y"}
+    if os.environ.get("TZ"):
+        env["TZ"] = os.environ["TZ"]
+    return env
+
+
+def router_program(zenv):
+    return os.path.join(zenv.get("MAILBIN") or "/usr/lib/zmailer", "router")
+
+
+def program_pools(config, zenv, zconfig_path):
+    """name -> PoolSpec of the pools the configuration asks for: built by
+    the master from the configuration it loaded, and handed to the spawner
+    when it is forked; sessions only name a pool."""
+    pools = {}
+    zconf = zconfig_path or zenv.get("ZCONFIG") or DEFAULT_ZCONFIG
+    if config.contentfilter:
+        pools["contentfilter"] = PoolSpec(
+            name="contentfilter", argv=(config.contentfilter, "-Z", zconf),
+            env=pool_environment(zenv), ids=pool_ids(zenv),
+            maxpar=max(1, min(config.contentfilter_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
+            timeout=config.contentfilter_timeout, merge_stderr=False)
+    return pools
+
+
+class FilterVerdict(object):
+    """What the content filter said about one message: ``kind`` (accept,
+    reject or freeze), the reply's ``code``, enhanced status ``enh`` and
+    ``text``, and for a freeze the freezer file's suffix ``freezer`` and
+    the verdict number ``n``.
+
+    The filter's line is ``VERDICT [NNN] [x.y.z] text``: a negative
+    verdict refuses (552 5.7.1 unless the line gives a 4xx or 5xx code),
+    1 and 2 put the message into the freezer (250 2.7.1 unless given),
+    0 accepts; anything else accepts as if the filter had said nothing."""
+
+    _LINE = re.compile(r"^\s*([-+]?\d+)(?:\s+(.*))?$")
+    _REST = re.compile(r"^(?:([2-5]\d\d)(?:\s+|$))?(?:([245]\.\d{1,3}\.\d{1,3})(?:\s+|$))?(.*)$")
+
+    def __init__(self, kind, code=250, enh="2.0.0", text="", freezer=None, n=0):
+        self.kind = kind
+        self.code = code
+        self.enh = enh
+        self.text = text
+        self.freezer = freezer
+        self.n = n
+
+    @classmethod
+    def accepting(cls):
+        return cls("accept")
+
+    @classmethod
+    def parse(cls, line):
+        m = cls._LINE.match(line)
+        if not m:
+            return cls.accepting()
+        verdict = int(m.group(1))
+        code, enh, text = cls._REST.match((m.group(2) or "").strip()).groups()
+        text = re.sub(r"[\x00-\x1f\x7f]", " ", text).strip()
+        if verdict < 0:
+            code = int(code) if code and code[0] in "45" else 552
+            if not enh or enh[0] != str(code)[0]:
+                enh = "%s.7.1" % str(code)[0]
+            return cls("reject", code, enh, text)
+        if verdict in (1, 2):
+            code = int(code) if code else 250
+            if not enh or enh[0] != str(code)[0]:
+                enh = "%s.7.1" % str(code)[0]
+            return cls("freeze", code, enh, text, "policy-%d" % verdict, verdict)
+        if verdict == 0:
+            return cls("accept", 250, "2.0.0", text)
+        return cls.accepting()
+
+    def reply(self, sid, enhanced=True):
+        """The wire lines of the reply that tells the client."""
+        if self.kind == "reject":
+            texts = reply_texts("filter_reject", text=self.text, id=sid)
+        elif self.kind == "freeze":
+            texts = reply_texts("filter_freeze", n=self.n, id=sid,
+                                text=self.text or REPLIES["filter_freeze_no_text"][2])
+        else:
+            texts = reply_texts("filter_accept", text=self.text, id=sid)
+        return reply_lines(self.code, texts, self.enh if enhanced else None)
+
+
+class PoolRequest(SpawnerReply):
+    """A session's question to a pool, waiting in the spawner."""
+
+    def __init__(self, reply, argument, deadline):
+        self.reply = reply
+        self.argument = argument
+        self.deadline = deadline
+
+
+class PoolProcess(object):
+    """One running program of a pool.  It is ready for a request after it
+    wrote ``#hungry``; what it writes before its first ``#hungry`` (a
+    banner) is dropped, and the lines it writes for a request up to the
+    next ``#hungry`` are that request's answer."""
+
+    def __init__(self, proc, request):
+        self.proc = proc
+        self.request = request      # the one it answers (or will, once hungry)
+        self.hungry = False
+        self.ever_hungry = False
+        self.partial = bytearray()
+        self.lines = []
+        self.sent = False
+        self.deadline = None
+
+    def take(self, request):
+        self.request, self.sent, self.lines, self.deadline = request, False, [], None
+
+
+class ProgramPool(object):
+    """Up to ``spec.maxpar`` processes of one program, shared by every
+    session: requests wait in order for a hungry process; a new one is
+    started when none is free and the limit allows.  A process that ends
+    or misses its deadline answers its request at once ("crashed",
+    "timeout") and is replaced when the next request comes."""
+
+    def __init__(self, spec, selector):
+        self.spec = spec
+        self.selector = selector
+        self.queue = deque()
+        self.procs = []
+
+    def submit(self, reply, argument):
+        self.queue.append(PoolRequest(reply, argument, time.time() + self.spec.timeout))
+        self.dispatch()
+
+    def dispatch(self):
+        while self.queue:
+            idle = [p for p in self.procs if p.hungry and p.request is None]
+            if idle:
+                self.send(idle[0], self.queue.popleft())
+                continue
+            if len(self.procs) >= self.spec.maxpar:
+                return
+            request = self.queue.popleft()
+            try:
+                self.procs.append(self.start(request))
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
+                request.answer(("error", "cannot start %s: %s" % (self.spec.argv[0], e)))
+
+    def start(self, request):
+        spec = self.spec
+        proc = subprocess.Popen(
+            list(spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if spec.merge_stderr else None,
+            env=dict(spec.env), close_fds=True, cwd="/", **spawner_id_options(spec.ids))
+        member = PoolProcess(proc, request)
+        member.deadline = request.deadline
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.selector.register(proc.stdout, selectors.EVENT_READ,
+                               lambda mask, member=member: self.read(member))
+        return member
+
+    def send(self, member, request):
+        member.take(request)
+        member.hungry = False
+        member.deadline = request.deadline
+        line = request.argument.replace(b"\n", b" ") + b"\n"
+        try:
+            os.set_blocking(member.proc.stdin.fileno(), False)
+            written = os.write(member.proc.stdin.fileno(), line)
+        except OSError:
+            written = -1
+        member.sent = True
+        if written != len(line):
+            self.end(member, "crashed")
+
+    def read(self, member):
+        try:
+            chunk = os.read(member.proc.stdout.fileno(), 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.end(member, "crashed")
+            return
+        member.partial.extend(chunk)
+        while True:
+            cut = member.partial.find(b"\n")
+            if cut < 0:
+                if len(member.partial) > POOL_LINE_MAX:
+                    del member.partial[POOL_LINE_MAX:]
+                break
+            line = bytes(member.partial[:cut]).rstrip(b"\r")
+            del member.partial[:cut + 1]
+            if line == b"#hungry":
+                self.hungry(member)
+            elif member.sent and len(member.lines) < POOL_ANSWER_LINES:
+                member.lines.append(line[:POOL_LINE_MAX])
+        self.dispatch()
+
+    def hungry(self, member):
+        if member.sent and member.request is not None:
+            member.request.answer(("done", member.lines))
+            member.request = None
+        member.hungry = member.ever_hungry = True
+        member.lines = []
+        member.deadline = None
+        if member.request is not None and not member.sent:
+            self.send(member, member.request)
+
+    def end(self, member, why):
+        """The process ended (or is killed): its request is answered now."""
+        if member not in self.procs:
+            return
+        self.procs.remove(member)
+        try:
+            self.selector.unregister(member.proc.stdout)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.killpg(member.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for pipe in (member.proc.stdin, member.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            member.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if member.request is not None:
+            if why == "crashed" and not member.ever_hungry:
+                # It never became ready: report it like a failed start,
+                # rather than start it again and again for this request.
+                member.request.answer(("error", "%s ended before it was ready"
+                                       % self.spec.argv[0]))
+            else:
+                member.request.answer((why, member.lines))
+
+    def tend(self, now):
+        for member in list(self.procs):
+            if member.deadline is not None and now >= member.deadline:
+                self.end(member, "timeout")
+            elif member.proc.poll() is not None and member.request is None:
+                self.end(member, "crashed")
+        while self.queue and now >= self.queue[0].deadline:
+            self.queue.popleft().answer(("timeout", []))
+        self.dispatch()
+
+    def deadlines(self):
+        out = [m.deadline for m in self.procs if m.deadline is not None]
+        if self.queue:
+            out.append(self.queue[0].deadline)
+        return out
+
+    def close(self):
+        for member in list(self.procs):
+            self.end(member, "timeout")
+        while self.queue:
+            self.queue.popleft().answer(("error", "the spawner is stopping"))
+
 
 # ---------------------------------------------------------------------------
 # 10. The spool: handing messages to the router
@@ -7605,6 +8063,7 @@ class SpoolWriter(object):
     directory, and (ROUTERNOTIFY) a ``NEW <dir> <name>`` datagram."""
 
     UNFINISHED = 0o200
+    READABLE = 0o400        # unfinished, while the content filter reads it
     FINISHED = 0o600
 
     def __init__(self, postoffice, zenv, hostname):
@@ -7709,19 +8168,26 @@ class SpoolWriter(object):
                 pass
         return recovered, removed
 
-    def publish(self, path, inode, priority=0):
+    def publish(self, path, inode, priority=0, freeze=None):
         """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
         tell the router; with ``spool-dir-fsync`` also fsync that directory
-        (group-committed).  Returns (directory name, file name)."""
-        dirname = self.target_dir(priority) if priority else "router"
-        name = str(inode)
-        if self.hash:
-            name = "%s/%s" % (chr(ord("A") + inode % 26), name)
+        (group-committed).  A message the content filter holds (``freeze``:
+        the reason's suffix) goes to ``freezer/<inode><freeze>`` instead,
+        where the router does not look.  Returns (directory name, file
+        name)."""
+        if freeze:
+            dirname, name = "freezer", "%d%s" % (inode, freeze)
+        else:
+            dirname = self.target_dir(priority) if priority else "router"
+            name = str(inode)
+            if self.hash:
+                name = "%s/%s" % (chr(ord("A") + inode % 26), name)
         final = os.path.join(self.postoffice, dirname, name)
         os.rename(path, final)
         if self.dir_fsync:
             self.directory_sync(os.path.dirname(final)).sync()
-        self.notify_router(dirname, name)
+        if not freeze:
+            self.notify_router(dirname, name)
         return dirname, name
 
     def target_dir(self, priority):
@@ -7785,10 +8251,26 @@ class SpoolFile(object):
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def commit(self, priority=0):
+    def open_for_reading(self):
+        """Write out what is buffered and let the owner read the file (mode
+        0400, still "unfinished" for recover_stale): the content filter
+        runs as the user sessions run as and reads it by its absolute path,
+        which is returned."""
+        self._flush()
+        os.fchmod(self.fd, self.writer.READABLE)
+        return os.path.abspath(self.path)
+
+    def spool_id(self):
+        """The id the file would be committed under (for a reply that
+        names a message refused after it was written)."""
+        st = os.fstat(self.fd)
+        return spool_id(st.st_ino, getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9)))
+
+    def commit(self, priority=0, freeze=None):
         """Mark finished (mode 0600), fsync, rename into the router's
-        directory.  Returns (spool id, size).  On error the file is removed
-        and OSError raised: nothing acknowledged is ever half there."""
+        directory (or the freezer: see SpoolWriter.publish).  Returns
+        (spool id, size).  On error the file is removed and OSError
+        raised: nothing acknowledged is ever half there."""
         try:
             self._flush()
             os.fchmod(self.fd, self.writer.FINISHED)
@@ -7796,7 +8278,7 @@ class SpoolFile(object):
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            self.writer.publish(self.path, st.st_ino, priority)
+            self.writer.publish(self.path, st.st_ino, priority, freeze)
         except OSError:
             self.abort()
             raise
@@ -8430,15 +8912,31 @@ def describe_config(config, site, user=None):
             out.append("%sauth program: %s%s" % (
                 prefix, program or "none (AUTH would answer 454)",
                 " (runs as uid %d, gid %d)" % ids if program and ids else ""))
+    out.extend(describe_pools(config, site))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
 
 
+def describe_pools(config, site):
+    """--check's lines for the content filter and the interactive router."""
+    out = []
+    pools = program_pools(config, site.zenv, site.zconfig_path)
+    spec = pools.get("contentfilter")
+    if spec is not None:
+        ids = spec.ids
+        who = "uid %d, gid %d" % (ids[1], ids[2]) if ids[0] == "drop" else "our own ids"
+        out.append("content filter: %s (up to %d processes shared by all sessions, run as %s; "
+                   "an answer within %gs or the message is accepted; for clients whose "
+                   "address has no 'filtering -' and is not relaycustnet without "
+                   "'filtering +')" % (" ".join(spec.argv), spec.maxpar, who, spec.timeout))
+    return out
+
+
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "contentfilter", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "perl-hook", "enable-router",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
@@ -8487,13 +8985,17 @@ def check_policies(config, user=None):
     return problems
 
 
-def check_postoffice(site, user):
-    """public/ and router/ must take new files from the session user;
-    otherwise every MAIL would answer a misleading 452."""
+def check_postoffice(site, user, config=None):
+    """public/ and router/ (and freezer/, where the content filter may put
+    messages) must take new files from the session user; otherwise every
+    MAIL would answer a misleading 452."""
     problems = []
     source = "-P" if site.options.get("postoffice") else \
         "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
-    for sub in ("public", "router"):
+    subs = ("public", "router")
+    if config is not None and config.contentfilter:
+        subs += ("freezer",)
+    for sub in subs:
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
             problems.append("%s: $POSTOFFICE/%s (%s) is not a directory. Fix: create it "
@@ -8505,6 +9007,24 @@ def check_postoffice(site, user):
                             "3777 %s (ZMailer's mode) or chown %s it, and let that user "
                             "reach it" % (source, sub, path, user.describe(), user.source,
                                           path, user.name))
+    return problems
+
+
+def check_pool_programs(config, site, user):
+    """The content filter must be a program the user it runs as may
+    execute (the original silently ignored one that was not), and a
+    daemon is needed to run it."""
+    problems = []
+    if config.contentfilter:
+        where = "%s: PARAM contentfilter %s" % (config_where(config, None, "contentfilter"),
+                                                config.contentfilter)
+        path = config.contentfilter
+        if not os.path.isabs(path):
+            problems.append("%s: the program must be named by its absolute path" % where)
+        elif not os.path.isfile(path) or not access_as(user, [(path, os.X_OK)])[0]:
+            problems.append("%s: not an executable file for %s, the user it runs as; every "
+                            "message would be accepted unfiltered. Fix: correct the path or "
+                            "make it executable" % (where, user.describe() if user else "us"))
     return problems
 
 
@@ -8633,8 +9153,9 @@ def startup_problems(config, site, log, daemon, user):
             problems.append("-l %s: cannot open the log file: %s. Fix: create its "
                             "directory, or name a file root can write" % (path, why))
     problems.extend(check_policies(config, user))
-    problems.extend(check_postoffice(site, user))
+    problems.extend(check_postoffice(site, user, config))
     problems.extend(check_auth_programs(config, site))
+    problems.extend(check_pool_programs(config, site, user))
     return problems
 
 
@@ -9035,6 +9556,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     # detaching) and can restart it; no worker, thread or session exists
     # yet, and it closes the listeners and the log it inherits.
     runtime.auth_spawner = AuthSpawner(log)
+    runtime.auth_spawner.pools = program_pools(config, zenv, runtime.zconfig_path)
     if auth_spawner_wanted(config, zenv):
         supervisor.start_auth_spawner()
     drop_privileges(user, log)
