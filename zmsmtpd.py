@@ -37,8 +37,9 @@ Map of this file, in the order data flows through it:
   9. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
                             (the helper process that starts the programs),
-                            ProgramPool (the content filter's processes,
-                            kept by that helper) and FilterVerdict
+                            ProgramPool (the content filter's and the
+                            interactive router's processes, kept by that
+                            helper), FilterVerdict, router_reply
  10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  11. Command line ......... option parsing, daemon, pid file, signals, demo
@@ -628,7 +629,6 @@ UNIMPLEMENTED_PARAMS = {
     "lmtp-mode": "LMTP is not offered", "rcvd-ident": "ident lookups are not done",
     "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
     "perl-hook": "no embedded Perl",
-    "enable-router": "no interactive router", "enable-router-maxpar": "no interactive router",
     "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
     "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
     "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
@@ -2012,6 +2012,11 @@ REPLIES = {
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
     "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data_ok": (250, "2.0.0", "accepted; {id}"),
+    # the interactive router (its own answers pass through as it gives them)
+    "router_failed_init": (440, "4.4.0", "Failed to init interactive router subsystem"),
+    "router_timeout": (450, "4.5.0", "Interactive router timed out!"),
+    "router_eof": (450, "4.5.0", "Interactive router EOFed!"),
+    "router_silent": (250, "2.7.1", "Interactive policy router failed, letting this thru..."),
     # the content filter's verdicts (the code and status may be the filter's own)
     "filter_accept": (250, "2.0.0", "{text}; {id}"),
     "filter_reject": (552, "5.7.1", "Content-Policy reject msg: {text}; {id}"),
@@ -5317,6 +5322,10 @@ class MailTransactionVerbs(object):
         if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
             self.reply("mail_no_space")
             return
+        router_answer = yield from self.router_verdict(
+            self.cfg.enable_router and "f" in self.style, "from", address)
+        if router_answer is None:
+            return
         try:
             spool = self.runtime.spool.create()
         except OSError as e:
@@ -5332,7 +5341,10 @@ class MailTransactionVerbs(object):
             self.reply("mail_spool_failed")
             return
         self.state = "RCPT"
-        self.reply("mail_ok", note=", source route ignored" if routed else "")
+        if router_answer:
+            self.send_router_lines(router_answer, "; Ok")
+        else:
+            self.reply("mail_ok", note=", source route ignored" if routed else "")
 
     def esmtp_params(self, parse, params):
         """The parameters parsed by ``parse`` (mail_params, rcpt_params), or
@@ -5447,6 +5459,10 @@ class MailTransactionVerbs(object):
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
             return
+        router_answer = yield from self.router_verdict(
+            self.cfg.enable_router and "t" in self.style, "to", address)
+        if router_answer is None:
+            return
         try:
             txn.spool.write(rcpt_envelope(txn, address, dsn, self.group.force_notify_never)
                             .encode("utf-8", "surrogateescape"))
@@ -5457,7 +5473,9 @@ class MailTransactionVerbs(object):
         txn.recipients.append(address)
         self.state = "DATA"
         note = ", source route ignored" if routed else ""
-        if txn.params["size"]:
+        if router_answer:
+            self.send_router_lines(router_answer)
+        elif txn.params["size"]:
             self.reply("rcpt_ok_size", size=txn.params["size"], note=note, addr="<%s>" % address)
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
@@ -6061,9 +6079,15 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 self.reply("helo_reject_default")
             self.pattern = pattern
             return
+        style = pattern.flags if pattern is not None else self.runtime.style
+        hello = yield from self.router_verdict(self.cfg.enable_router and "h" in style,
+                                               "hello", "%s %s" % (self.ip_literal,
+                                                                   self.rhostname))
+        if hello is None:
+            return
         self.reset(RESET_GREETING, "HELO/EHLO")
         self.pattern = pattern
-        self.style = pattern.flags if pattern is not None else self.runtime.style
+        self.style = style
         self.helo_line = line[:HELO_LINE_KEPT]
         self.helo_name = arg
         self.helo_syntax_ok = problem is None
@@ -6088,6 +6112,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             # enhancedstatuscodes says.
             texts = ["Invalid `%s' parameter!" % line,
                      "5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)]
+        texts[:0] = [text for code, enh, text in hello]
         texts.extend(reply_texts(first[0], host=self.myhostname, **first[1]))
         if ehlo:
             texts.extend(self.extensions())
@@ -6186,18 +6211,71 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         self.closing = True
 
     def smtp_VRFY(self, line, args):
-        yield from NEVER_WAITS
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            self.reply("vrfy")
+        yield from self.router_query(args, "v", "verify", "vrfy")
 
     def smtp_EXPN(self, line, args):
-        yield from NEVER_WAITS
+        yield from self.router_query(args, "e", "expand", "expn")
+
+    def router_query(self, args, flag, function, otherwise):
+        """VRFY and EXPN: the router's answer when the style asks for it
+        (``v``, ``e``) and the router is enabled, else the fixed reply."""
         if self.state == "HELO":
             self.reply("vrfy_wait_helo")
         else:
-            self.reply("expn")
+            answer = []
+            if self.cfg.enable_router and flag in self.style:
+                answer = yield from self.ask_router(function, self.verb_args(args))
+            if answer:
+                self.send_router_lines(answer)
+            elif answer is not None:
+                self.reply(otherwise)
+
+    def router_verdict(self, wanted, function, argument):
+        """Generator, for MAIL (style f), RCPT (t) and HELO/EHLO (h): the
+        router's accepting answer, to be sent in place of the usual reply
+        ([] when not ``wanted`` or there is none), or None when it refused
+        the command or could not answer (the reply is sent)."""
+        if not wanted:
+            return []
+        answer = yield from self.ask_router(function, argument)
+        if answer and answer[-1][0] // 100 != 2:
+            self.tarpit()
+            self.send_router_lines(answer)
+            return None
+        return answer
+
+    def ask_router(self, function, argument):
+        """Generator: the interactive router's answer to ``function<TAB>
+        argument`` as router_reply entries; None when there is none, the
+        440 or 450 reply already sent; [] outside a daemon, where no
+        spawner keeps routers (the command goes on as without one, as in
+        the original)."""
+        spawner = self.runtime.auth_spawner
+        if spawner is None:
+            return []
+        request = ("%s\t%s" % (function, argument)).encode("utf-8", "surrogateescape")
+        outcome = yield from spawner.ask("router", request, ROUTER_ANSWER_TIMEOUT)
+        kind = outcome[0] if outcome else "error"
+        if kind == "done":
+            lines = [l.decode("utf-8", "replace") for l in outcome[1]]
+            if lines:
+                return router_reply(lines, self.ip_literal)
+            code, enh, text = REPLIES["router_silent"]
+            return [(code, enh, text)]
+        self.log.note("interactive router, %s %s: %s" % (
+            function, qformat(argument),
+            outcome[1] if kind == "error" and outcome else kind))
+        self.reply({"timeout": "router_timeout", "crashed": "router_eof"}.get(
+            kind, "router_failed_init"))
+        return None
+
+    def send_router_lines(self, entries, suffix=""):
+        """A reply made of the router's answer; ``suffix`` ends its last line."""
+        enhanced = self.group.enhancedstatus
+        last = len(entries) - 1
+        self.send_lines([reply_line(code, text + (suffix if i == last else ""),
+                                    enh if enhanced else None, i != last)
+                         for i, (code, enh, text) in enumerate(entries)])
 
     def smtp_TURN(self, line, args):
         yield from NEVER_WAITS
@@ -6885,7 +6963,7 @@ def auth_spawner_wanted(config, zenv):
     """Does any group run an auth program, or the configuration a content
     filter or an interactive router (whose pools live in the spawner)?"""
     return any(g.smtp_auth and (g.auth_pipe or zenv.get("PIPEAUTHPATH"))
-               for g in config.groups) or bool(config.contentfilter)
+               for g in config.groups) or bool(config.contentfilter or config.enable_router)
 
 
 class AuthSpawner(object):
@@ -7617,7 +7695,32 @@ def program_pools(config, zenv, zconfig_path):
             env=pool_environment(zenv), ids=pool_ids(zenv),
             maxpar=max(1, min(config.contentfilter_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
             timeout=config.contentfilter_timeout, merge_stderr=False)
+    if config.enable_router:
+        pools["router"] = PoolSpec(
+            name="router", argv=(router_program(zenv), "-Z", zconf, "-io-i", "-Ismtpserver"),
+            env=pool_environment(zenv), ids=pool_ids(zenv),
+            maxpar=max(1, min(config.enable_router_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
+            timeout=ROUTER_ANSWER_TIMEOUT, merge_stderr=True)
     return pools
+
+
+def router_reply(lines, client):
+    """The interactive router's answer lines as (code, enhanced status,
+    text) of an SMTP reply: a line ``NNN [x.y.z] text`` keeps its code and
+    status, and a refusal (not 2xx) greets the client by address (``Hi
+    [ip], text``); a line without a code (the router's own complaints) is a
+    250 line of its own."""
+    out = []
+    for line in lines:
+        m = re.match(r"^([0-9]{3})[ -](?:([0-9]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$))?(.*)$", line)
+        if not m:
+            out.append((250, None, line))
+            continue
+        code, enh, text = int(m.group(1)), m.group(2), m.group(3)
+        if code // 100 != 2:
+            text = "Hi %s, %s" % (client, text)
+        out.append((code, enh, text))
+    return out
 
 
 class FilterVerdict(object):
@@ -8930,13 +9033,23 @@ def describe_pools(config, site):
                    "an answer within %gs or the message is accepted; for clients whose "
                    "address has no 'filtering -' and is not relaycustnet without "
                    "'filtering +')" % (" ".join(spec.argv), spec.maxpar, who, spec.timeout))
+    spec = pools.get("router")
+    if spec is not None:
+        ids = spec.ids
+        who = "uid %d, gid %d" % (ids[1], ids[2]) if ids[0] == "drop" else "our own ids"
+        usable = os.path.isfile(spec.argv[0]) and os.access(spec.argv[0], os.X_OK)
+        out.append("interactive router: %s (up to %d processes shared by all sessions, run as "
+                   "%s; asked at MAIL with style f, RCPT with t, VRFY with v and vrfycmd, EXPN "
+                   "with e and expncmd, HELO/EHLO with h)%s" % (
+                       " ".join(spec.argv), spec.maxpar, who,
+                       "" if usable else "; NOT EXECUTABLE: those commands would get 440"))
     return out
 
 
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("use-tcp-wrapper", "perl-hook",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")

@@ -30,19 +30,22 @@ import time
 import unittest
 
 from tests.harness import (ForegroundServer, SMTPReplies, free_port, kill_quietly,
-                           open_to_sessions, process_alive)
+                           open_to_sessions, process_alive, start_listening)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(REPO, "zmsmtpd.py")
 
-FILTER_PROGRAM = r'''#!%(python)s
+#: The start of each test program: what it records (JSON lines in its log)
+#: and the descriptors it holds; %(python)s, %(rec)s and %(log)s are filled in
+#: by PoolDaemon.
+PROGRAM_PRELUDE = r'''#!%(python)s
 import json, os, re, sys, time
-REC = %(rec)r
+LOG = os.path.join(%(rec)r, %(log)r)
 
 def record(**fields):
     fields["pid"] = os.getpid()
     fields["time"] = time.time()
-    with open(os.path.join(REC, "filter.log"), "a") as f:
+    with open(LOG, "a") as f:
         f.write(json.dumps(fields) + "\n")
 
 def descriptors():
@@ -56,7 +59,9 @@ def descriptors():
             out.append(int(name))
     return sorted(out)
 
-record(event="start", uid=os.getuid(), euid=os.geteuid(), gid=os.getgid(), argv=sys.argv,
+'''
+
+FILTER_PROGRAM = PROGRAM_PRELUDE + r'''record(event="start", uid=os.getuid(), euid=os.geteuid(), gid=os.getgid(), argv=sys.argv,
        cwd=os.getcwd(), smtpserver=os.environ.get("SMTPSERVER"), fds=descriptors())
 ANSWERS = {
     "accept": ["0 2.0.0 Filter accepted it"],
@@ -141,12 +146,17 @@ def wait_for(condition, timeout=10.0):
     return condition()
 
 
-class FilterDaemon(ForegroundServer):
-    """A zmsmtpd.py daemon in the foreground with PARAM contentfilter on one
-    SMTP port, its policy given as .dat text."""
+class PoolDaemon(ForegroundServer):
+    """A zmsmtpd.py daemon in the foreground on one SMTP port of a private
+    layout, with a test program (``program_text``, its interpreter and
+    record directory filled in) at ``$MAILBIN/<program_name>`` that logs
+    JSON lines to ``rec/<program_name>.log``; ``conf`` is the
+    smtpserver.conf text after the Bind and policydb lines, ``policy`` the
+    .dat text after the ``localhost`` line."""
 
-    def __init__(self, testcase, policy="", extra="", model="workers", python=None):
-        self.dir = tempfile.mkdtemp(prefix="zmcf-")
+    def __init__(self, testcase, program_name, program_text, conf, policy="", python=None,
+                 launcher=("-v",)):
+        self.dir = tempfile.mkdtemp(prefix="zm%s-" % program_name)
         if testcase is not None:
             testcase.addCleanup(self.cleanup)
         os.chmod(self.dir, 0o755)
@@ -158,10 +168,11 @@ class FilterDaemon(ForegroundServer):
         self.postoffice = os.path.join(self.dir, "postoffice")
         open_to_sessions(self.dir, *[os.path.join(self.postoffice, d)
                                      for d in ("public", "router", "freezer")])
-        self.program = os.path.join(self.dir, "bin", "filter")
+        self.program_log = os.path.join(self.rec, program_name + ".log")
+        self.program = os.path.join(self.dir, "bin", program_name)
         with open(self.program, "w") as f:
-            f.write(FILTER_PROGRAM % {"python": python or filter_python(testcase),
-                                      "rec": self.rec})
+            f.write(program_text % {"python": python or filter_python(testcase),
+                                    "rec": self.rec, "log": program_name + ".log"})
         os.chmod(self.program, 0o755)
         self.zconf = os.path.join(self.dir, "zmailer.conf")
         with open(self.zconf, "w") as f:
@@ -173,54 +184,43 @@ class FilterDaemon(ForegroundServer):
         self.conf = os.path.join(self.dir, "smtpserver.conf")
         with open(self.conf, "w") as f:
             f.write("PARAM shutdown-grace 1\nPARAM BindSmtp [127.0.0.1] %d\n"
-                    "PARAM policydb btree %s/db/smtp-policy\nPARAM session-model %s\n"
-                    "PARAM contentfilter %s\nPARAM debug-contentfilter\n%s*   ftveR\n"
-                    % (self.port, self.dir, model, self.program, extra))
+                    "PARAM policydb btree %s/db/smtp-policy\n%s"
+                    % (self.port, self.dir, conf.replace("$PROGRAM", self.program)))
         self.logfile = os.path.join(self.dir, "log", "smtpserver.log")
         self.errfile = os.path.join(self.dir, "log", "stderr")
-        self.start()
-
-    def start(self):
-        env = dict(os.environ)
-        env.pop("ZCONFIG", None)
-        env["TZ"] = "UTC"
-        with open(self.errfile, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, SERVER, "-v", "-Z", self.zconf,
-                                          "-C", self.conf, "-l", self.logfile],
-                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         env=env, cwd=self.dir, start_new_session=True)
-        deadline = time.time() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("zmsmtpd exited at start-up:\n%s" % self.stderr())
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except (OSError, socket.error):
-                if time.time() > deadline:
-                    raise RuntimeError("zmsmtpd did not listen:\n%s" % self.stderr())
-                time.sleep(0.05)
+        self.proc = start_listening([sys.executable] + list(launcher) +
+                                    ["-Z", self.zconf, "-C", self.conf, "-l", self.logfile],
+                                    self.errfile, self.port, self.dir)
 
     def cleanup(self):
         self.stop()
-        # A filter left sleeping (the hang case) ends with its test.
-        for pid in self.filter_pids():
+        # A program left sleeping (a hang case) ends with its test.
+        for pid in self.program_pids():
             kill_quietly(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def records(self, event=None):
         try:
-            with open(os.path.join(self.rec, "filter.log")) as f:
+            with open(self.program_log) as f:
                 out = [json.loads(line) for line in f if line.strip()]
         except (IOError, OSError):
             return []
         return [r for r in out if event is None or r["event"] == event]
 
-    def filter_pids(self):
+    def program_pids(self):
         return sorted(set(r["pid"] for r in self.records("start")))
 
-    def live_filters(self):
-        return [p for p in self.filter_pids() if process_alive(p)]
+    def live_programs(self):
+        return [p for p in self.program_pids() if process_alive(p)]
+
+
+class FilterDaemon(PoolDaemon):
+    """The daemon with PARAM contentfilter, its policy given as .dat text."""
+
+    def __init__(self, testcase, policy="", extra="", python=None):
+        PoolDaemon.__init__(self, testcase, "filter", FILTER_PROGRAM,
+                            "PARAM contentfilter $PROGRAM\nPARAM debug-contentfilter\n%s"
+                            "*   ftveR\n" % extra, policy, python, (SERVER, "-v"))
 
     def spooled(self, sub):
         return sorted(os.listdir(os.path.join(self.postoffice, sub)))
@@ -341,7 +341,7 @@ class ContentFilterVerdictTest(unittest.TestCase):
     def test_one_filter_process_serves_successive_messages(self):
         self.d.send("CF:accept")
         self.d.send("CF:accept")
-        self.assertEqual(len(self.d.live_filters()), 1)
+        self.assertEqual(len(self.d.live_programs()), 1)
 
 
 class _OwnDaemonCase(unittest.TestCase):
@@ -367,7 +367,7 @@ class ContentFilterFailureTest(_OwnDaemonCase):
         self.assertEqual(len(self.d.spooled("router")), 1)
         line = self.d.send("no marker")
         self.assertEqual(without_id(line), "250 2.0.0 default: no marker; <id>")
-        self.assertEqual(len(self.d.filter_pids()), 2)
+        self.assertEqual(len(self.d.program_pids()), 2)
 
     def test_c13_c14_hang_bounded_by_contentfilter_timeout(self):
         started = time.time()
@@ -376,7 +376,7 @@ class ContentFilterFailureTest(_OwnDaemonCase):
         self.assertEqual(without_id(line), "250 2.0.0 accepted; <id>")
         self.assertGreaterEqual(took, 1.5)
         self.assertLess(took, 10)
-        hung = self.d.filter_pids()[0]
+        hung = self.d.program_pids()[0]
         self.assertTrue(wait_for(lambda: not process_alive(hung)), "the hung filter was ended")
         line = self.d.send("no marker")
         self.assertEqual(without_id(line), "250 2.0.0 default: no marker; <id>")
@@ -385,25 +385,25 @@ class ContentFilterFailureTest(_OwnDaemonCase):
     def test_kill_9_of_the_filter_between_messages(self):
         self.assertEqual(without_id(self.d.send("CF:accept")),
                          "250 2.0.0 Filter accepted it; <id>")
-        first = self.d.filter_pids()[0]
+        first = self.d.program_pids()[0]
         os.kill(first, signal.SIGKILL)
         self.assertTrue(wait_for(lambda: not process_alive(first)))
         self.assertEqual(without_id(self.d.send("CF:reject")),
                          "552 5.7.1 Content-Policy reject msg: Filter rejected: looks like "
                          "spam; <id>")
-        self.assertEqual(len(self.d.live_filters()), 1)
+        self.assertEqual(len(self.d.live_programs()), 1)
 
     def test_sighup_leaves_the_pool_working(self):
         self.assertEqual(without_id(self.d.send("CF:accept")),
                          "250 2.0.0 Filter accepted it; <id>")
-        first = self.d.filter_pids()
+        first = self.d.program_pids()
         self.d.proc.send_signal(signal.SIGHUP)
         self.assertTrue(wait_for(lambda: "reload" in self.d.log_text().lower()))
         self.assertEqual(without_id(self.d.send("CF:freeze1")),
                          "250 2.7.1 Content-Policy accept-into-freezer-1 msg: Filter froze "
                          "it (1); <id>")
         # The same configuration: the same filter process went on.
-        self.assertEqual(self.d.filter_pids(), first)
+        self.assertEqual(self.d.program_pids(), first)
 
 
 class ContentFilterMaxparTest(_OwnDaemonCase):
@@ -429,7 +429,7 @@ class ContentFilterMaxparTest(_OwnDaemonCase):
         replies, times = self.sessions(3)
         for r in replies:
             self.assertTrue(r.startswith("250 2.0.0 slow accept by pid "), r)
-        self.assertEqual(len(self.d.filter_pids()), 1)
+        self.assertEqual(len(self.d.program_pids()), 1)
         self.assertGreaterEqual(max(times), 4.0)
 
 
@@ -443,7 +443,7 @@ class ContentFilterMaxpar3Test(ContentFilterMaxparTest):
         replies, times = self.sessions(3)
         pids = set(r.split("pid ")[1].split(";")[0] for r in replies)
         self.assertEqual(len(pids), 3, replies)
-        self.assertEqual(len(self.d.filter_pids()), 3)
+        self.assertEqual(len(self.d.program_pids()), 3)
         self.assertLess(max(times), 4.0)
 
 
