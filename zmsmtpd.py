@@ -7889,6 +7889,8 @@ class ProgramPool(object):
                 break
             line = bytes(member.partial[:cut]).rstrip(b"\r")
             del member.partial[:cut + 1]
+            if member not in self.procs:
+                break           # ended while answering (its next line could not be sent)
             if line == b"#hungry":
                 self.hungry(member)
             elif member.sent and len(member.lines) < POOL_ANSWER_LINES:

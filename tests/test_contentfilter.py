@@ -338,6 +338,23 @@ class ContentFilterVerdictTest(unittest.TestCase):
         for start in self.d.records("start"):
             self.assertEqual(start["fds"], [0, 1, 2])
 
+    def test_bdat_last_chunk_gets_the_verdict_too(self):
+        s = socket.create_connection(("127.0.0.1", self.d.port), 20)
+        try:
+            c = SMTPReplies(s)
+            c.reply()
+            c.cmd("EHLO client.example")
+            c.cmd("MAIL FROM:<tester@client.example>")
+            c.cmd("RCPT TO:<root@localhost>")
+            body = b"Subject: CF:reject553\r\n\r\nbody\r\n"
+            c.send(b"BDAT %d LAST\r\n" % len(body) + body)
+            code, lines = c.reply()
+            self.assertEqual(without_id(lines[-1]), "553 5.7.1 Content-Policy reject msg: "
+                             "Filter rejected with an SMTP code; <id>")
+            c.cmd("QUIT")
+        finally:
+            s.close()
+
     def test_one_filter_process_serves_successive_messages(self):
         self.d.send("CF:accept")
         self.d.send("CF:accept")
@@ -393,6 +410,21 @@ class ContentFilterFailureTest(_OwnDaemonCase):
                          "spam; <id>")
         self.assertEqual(len(self.d.live_programs()), 1)
 
+    def test_kill_9_of_the_filter_while_it_reads_a_message(self):
+        result = []
+        t = threading.Thread(target=lambda: result.append(self.d.send("CF:hang")))
+        t.start()
+        request = wait_for(lambda: self.d.records("request"))
+        self.assertTrue(request)
+        started = time.time()
+        os.kill(request[0]["pid"], signal.SIGKILL)
+        t.join(20)
+        self.assertLess(time.time() - started, 5)
+        self.assertEqual(without_id(result[0]), "250 2.0.0 accepted; <id>")
+        self.assertEqual(without_id(self.d.send("CF:freeze2")),
+                         "250 2.7.1 Content-Policy accept-into-freezer-2 msg: Filter froze "
+                         "it (2); <id>")
+
     def test_sighup_leaves_the_pool_working(self):
         self.assertEqual(without_id(self.d.send("CF:accept")),
                          "250 2.0.0 Filter accepted it; <id>")
@@ -404,6 +436,41 @@ class ContentFilterFailureTest(_OwnDaemonCase):
                          "it (1); <id>")
         # The same configuration: the same filter process went on.
         self.assertEqual(self.d.program_pids(), first)
+
+
+class ContentFilterReloadTest(_OwnDaemonCase):
+    """A reload that changes the filter's PARAMs starts a new set of
+    filter processes; the old ones end."""
+
+    def test_changed_configuration_replaces_the_filters(self):
+        self.assertEqual(without_id(self.d.send("CF:accept")),
+                         "250 2.0.0 Filter accepted it; <id>")
+        first = self.d.program_pids()
+        with open(self.d.conf) as f:
+            text = f.read()
+        with open(self.d.conf, "w") as f:
+            f.write(text.replace("PARAM debug-contentfilter", "PARAM contentfilter-maxpar 2"))
+        self.d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "reload" in self.d.log_text().lower()))
+        self.assertTrue(wait_for(lambda: not any(process_alive(p) for p in first)))
+        self.assertEqual(without_id(self.d.send("CF:reject")),
+                         "552 5.7.1 Content-Policy reject msg: Filter rejected: looks like "
+                         "spam; <id>")
+        self.assertEqual(len(self.d.live_programs()), 1)
+        self.assertNotIn(self.d.live_programs()[0], first)
+
+
+class ContentFilterSessionModelsTest(unittest.TestCase):
+    """The thread and fork session models wait for the filter as workers do."""
+
+    def test_thread_and_fork_models(self):
+        for model in ("thread", "fork"):
+            d = FilterDaemon(self, extra="PARAM session-model %s\n" % model)
+            self.assertEqual(without_id(d.send("CF:reject")), "552 5.7.1 Content-Policy "
+                             "reject msg: Filter rejected: looks like spam; <id>", model)
+            self.assertEqual(without_id(d.send("CF:freeze1")), "250 2.7.1 Content-Policy "
+                             "accept-into-freezer-1 msg: Filter froze it (1); <id>", model)
+            d.cleanup()
 
 
 class ContentFilterMaxparTest(_OwnDaemonCase):
@@ -491,14 +558,13 @@ class FilteringAttributeTest(unittest.TestCase):
 class ContentFilterCheckTest(unittest.TestCase):
     """--check describes the filter and refuses one that cannot run."""
 
-    def run_check(self, program):
+    def run_check(self, program, spool=("public", "router", "freezer")):
         d = tempfile.mkdtemp(prefix="zmcf-check-")
         self.addCleanup(shutil.rmtree, d, True)
         os.chmod(d, 0o755)
-        for sub in ("postoffice/public", "postoffice/router", "postoffice/freezer"):
-            os.makedirs(os.path.join(d, sub))
-        open_to_sessions(d, *[os.path.join(d, "postoffice", s)
-                              for s in ("public", "router", "freezer")])
+        for sub in spool:
+            os.makedirs(os.path.join(d, "postoffice", sub))
+        open_to_sessions(d, *[os.path.join(d, "postoffice", s) for s in spool])
         zconf = os.path.join(d, "zmailer.conf")
         with open(zconf, "w") as f:
             f.write("POSTOFFICE=%s/postoffice\n" % d)
@@ -520,6 +586,11 @@ class ContentFilterCheckTest(unittest.TestCase):
         self.assertIn("up to 4 processes", out)
         self.assertNotIn("contentfilter is not implemented", out)
         self.assertNotIn("parsed but not implemented: contentfilter", out)
+
+    def test_check_refuses_without_a_freezer(self):
+        status, out = self.run_check("/bin/cat", spool=("public", "router"))
+        self.assertEqual(status, 2, out)
+        self.assertIn("$POSTOFFICE/freezer", out)
 
     def test_check_refuses_a_filter_that_is_not_executable(self):
         status, out = self.run_check("/nonexistent/filter")

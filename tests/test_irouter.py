@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -287,6 +288,17 @@ class RouterFailureTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: not process_alive(first)))
         self.assertEqual(self.mail("root@localhost"), ["250 2.0.0 Ok (routing verified); Ok"])
         self.assertEqual(len(self.d.program_pids()), 2)
+
+    def test_kill_9_of_the_router_while_it_answers(self):
+        result = []
+        t = threading.Thread(target=lambda: result.append(self.mail("hang@example.org")))
+        t.start()
+        request = wait_for(lambda: self.d.records("request"))
+        self.assertTrue(request)
+        os.kill(request[0]["pid"], signal.SIGKILL)
+        t.join(20)
+        self.assertEqual(result[0], ["450 4.5.0 Interactive router EOFed!"])
+        self.assertEqual(self.mail("root@localhost"), ["250 2.0.0 Ok (routing verified); Ok"])
 
     def test_router_that_ends_gives_450_then_works_again(self):
         self.assertEqual(self.mail("crash@example.org"),
