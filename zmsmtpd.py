@@ -19,6 +19,9 @@ Map of this file, in the order data flows through it:
                             HELO patterns (strmatch), frozen ServerConfig
   4. Policy ............... PolicyTable: the policy-builder ``.dat`` text,
                             prefix and domain lookups, connection verdicts
+  4b. DNS ................ a stub resolver (resolv.conf, hosts, UDP and
+                            TCP, a TTL cache) whose waits are WANT_READABLE
+                            requests: a worker's loop serves them
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Listeners ............ Bind parsing to sockets, ListenerServer (a
@@ -32,7 +35,8 @@ Map of this file, in the order data flows through it:
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
-                            SessionStart and MailTransactionVerbs), one
+                            SessionStart, MailTransactionVerbs,
+                            MessageDataVerbs and RouterQueries), one
                             ``smtp_VERB`` generator per verb
   9. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
@@ -121,6 +125,9 @@ AUTH_USER_MAX = 256
 #: Cached policy lookups by address before the cache starts afresh (a
 #: bound on memory against a scan from many addresses).
 POLICY_CACHE_ENTRIES = 50000
+#: Name facts (reverse names, HELO confirmations) a process keeps before
+#: it starts afresh; each for Runtime.NAME_TTL seconds.
+NAME_CACHE_ENTRIES = 10000
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -136,6 +143,47 @@ ROUTER_ANSWER_TIMEOUT = 60.0
 #: kept; the rest is dropped (a runaway program cannot fill memory).
 POOL_ANSWER_LINES = 200
 POOL_LINE_MAX = 4096
+#: The resolver's configuration file (nameserver and options lines).
+RESOLV_CONF = "/etc/resolv.conf"
+#: The name servers' port (resolv.conf has no syntax for another).
+DNS_PORT = 53
+#: Name servers used from it, and the bounds on its ``options``; without
+#: options the C library's defaults (5 seconds, 2 attempts) apply.
+DNS_SERVERS_MAX = 3
+DNS_TIMEOUT_DEFAULT = 5
+DNS_ATTEMPTS_DEFAULT = 2
+DNS_TIMEOUT_MAX = 30
+DNS_ATTEMPTS_MAX = 5
+#: The host table consulted before DNS, as the C library's "files dns".
+HOSTS_FILE = "/etc/hosts"
+#: Seconds between two looks at those files' mtimes; bytes read of them.
+DNS_CONF_RECHECK = 1.0
+DNS_SYSTEM_FILE_MAX = 1048576
+#: Answers kept per process; records cached at most this long whatever
+#: their TTL, "no such name" / "no such record" at most DNS_NEGATIVE_TTL_MAX.
+DNS_CACHE_ENTRIES = 20000
+DNS_TTL_MAX = 86400
+DNS_NEGATIVE_TTL_MAX = 3600
+#: Largest UDP answer taken (RFC 1035 allows 512 without EDNS, which we do
+#: not send) and largest TCP answer (its two-byte length prefix's range).
+DNS_UDP_MAX = 512
+DNS_TCP_MAX = 65535
+#: Records read from one answer's answer and authority sections; more is a
+#: flood, not an answer to one question.
+DNS_RECORDS_MAX = 256
+#: Compression pointers followed within one name (each must also point
+#: before the one followed last, so that a loop ends).
+DNS_POINTERS_MAX = 32
+#: MX hosts of a domain whose addresses are looked at, best first.
+DNS_MX_HOSTS_MAX = 10
+#: CNAME links followed from the name asked for.
+DNS_CNAME_HOPS = 8
+#: Datagrams that are not the answer (wrong id, question or sender) taken
+#: while waiting for one; more is a flood and ends the wait.
+DNS_STRAY_MAX = 20
+#: Seconds between two looks at a TCP connection being set up (the loop's
+#: readiness wait is for reading only).
+DNS_TCP_CONNECT_POLL = 0.005
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -1390,15 +1438,27 @@ POLICY_ATTRIBUTES = frozenset((
 POLICY_IMPLEMENTED = frozenset((
     "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
-    "maxsameipsource", "relaycustomer", "maxoutsize"))
+    "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
+    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
+    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs", "filtering"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
-              "fulltrustnet", "trustrecipients", "maxsameipsource", "filtering")
-PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize")
+              "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
+              "rcpt-dns-rbl", "ratelimitmsgs", "filtering")
+PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
+#: The sender's lookups at MAIL FROM: its whole address, then its domain
+#: (``.`` for the null sender).  What the address's entry sets, even to
+#: ``-``, is not asked of the domain.
+SENDER_USER_REQUEST = ("rejectsource", "freezesource")
+SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns")
+#: The recipient's lookups at RCPT TO: its whole address, then its domain.
+RCPT_USER_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "localdomain")
+RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "acceptifmx", "acceptifdns",
+                       "localdomain")
 
 
 def _policy_network(key):
@@ -1455,11 +1515,19 @@ class PolicyVerdict(object):
     """What the policy says about one connection (mutable per session)."""
 
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
-                 "trust_recipients", "freeze", "maxinsize", "maxsameip", "filtering")
+                 "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
+                 "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit",
+                 "filtering")
 
     def __init__(self):
         self.reject = False
         self.reject_message = None
+        self.rbl_zones = None       # test-dns-rbl: zones to look the client up in
+        self.rbl_message = None     # its ``message`` text
+        self.rcpt_rbl = None        # rcpt-dns-rbl: zones, or ``_text``
+        self.rcpt_rbl_text = None   # what refuses recipients that test-rcpt-dns-rbl
+        self.listed = False         # refused by an RBL (found by the session)
+        self.ratelimit = None       # ratelimitmsgs: messages an hour (negative: refuse hard)
         self.always_accept = False
         self.full_trust = False
         self.trust_recipients = False
@@ -1534,6 +1602,13 @@ class PolicyTable(object):
                 table.records.setdefault(key, []).extend(plist)
         table.unimplemented = tuple(sorted(seen_unimplemented))
         return table
+
+    def sets_any(self, names):
+        """Does any entry set one of the attributes ``names`` to ``+``?"""
+        for pairs in list(self.records.values()) + list(self.networks.values()):
+            if any(name in names and value == "+" for name, value in pairs):
+                return True
+        return False
 
     # -- resolution ----------------------------------------------------------
 
@@ -1810,6 +1885,12 @@ def connection_verdict(table, ip, rhostname=None):
         v.maxsameip = _c_int(found["maxsameipsource"][0], None)
         if v.maxsameip == 0:
             v.reject = True
+    if "test-dns-rbl" in found:
+        v.rbl_zones, v.rbl_message = found["test-dns-rbl"]
+    if "rcpt-dns-rbl" in found:
+        v.rcpt_rbl = found["rcpt-dns-rbl"][0]
+    if "ratelimitmsgs" in found:
+        v.ratelimit = _c_int(found["ratelimitmsgs"][0], None) or None
     if not v.reject and not v.full_trust and rhostname and not rhostname.startswith("["):
         named = table.lookup_domain(rhostname, PTR_REQUEST) or {}
         if policy_says(named, "rejectnet"):
@@ -1819,7 +1900,134 @@ def connection_verdict(table, ip, rhostname=None):
             v.freeze = True
         if not v.always_accept and policy_says(named, "relaycustnet"):
             v.always_accept = True
+        if v.rcpt_rbl is None and named.get("rcpt-dns-rbl", ("",))[0].startswith("_"):
+            v.rcpt_rbl = named["rcpt-dns-rbl"][0]
     return v
+
+
+class SenderVerdict(object):
+    """What the policy says about one MAIL FROM address: ``refuse`` (the
+    attribute's ``message`` text or None in ``message``), ``freeze`` (the
+    message goes to the freezer), ``norelay`` (every recipient needs us
+    as its MX), ``dns_mode`` (senderokwithdns: the first character of its
+    value, or None for no DNS check) and the domain to check."""
+
+    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain")
+
+    def __init__(self):
+        self.refuse = self.freeze = self.norelay = False
+        self.message = self.dns_mode = self.domain = None
+
+
+def sender_verdict(table, address):
+    """The sender attributes: the address's own entry first (``freezesource
+    +`` there freezes, ``rejectsource +`` refuses), then its domain's (where
+    ``freezesource +`` refuses too, as in the original).  An address
+    without a domain is judged by its own entry only."""
+    s = SenderVerdict()
+    if table is None:
+        return s
+    masked = ()
+    if address:
+        own = table.lookup_user(address, SENDER_USER_REQUEST)
+        if own is not None:
+            for name, effect in (("freezesource", "freeze"), ("rejectsource", "refuse")):
+                if policy_says(own, name):
+                    setattr(s, effect, True)
+                    s.message = own[name][1]
+                    return s
+            masked = tuple(n for n in SENDER_USER_REQUEST if n in own)
+        at = find_unquoted(address, "@", last=True)
+        if at < 0:
+            return s
+        domain = address[at + 1:]
+    else:
+        domain = "."
+    found = table.lookup_domain(domain, tuple(
+        n for n in SENDER_DOMAIN_REQUEST if n not in masked)) or {}
+    for name in ("rejectsource", "freezesource"):
+        if policy_says(found, name):
+            s.refuse = True
+            s.message = found[name][1]
+            return s
+    if address:
+        s.norelay = policy_says(found, "sendernorelay")
+        if "senderokwithdns" in found and not domain.startswith("["):
+            s.dns_mode = found["senderokwithdns"][0][:1]
+            s.domain = domain
+    return s
+
+
+class RecipientVerdict(object):
+    """What the policy says about one RCPT TO address, before any DNS:
+    ``outcome`` is "accept", "freeze", "refuse" (``relaytarget -``), "rbl"
+    (the recipient honours the client's rcpt-dns-rbl listing, whose text
+    is ``message``),
+    "relay" (a domain the policy does not let this client relay to) or
+    "dns" (``check`` says which: "mx" for acceptifmx or a sendernorelay
+    sender, "exists" for acceptifdns; ``mode``
+    the first character of the attribute's value); ``domain`` the domain
+    the DNS check is about, ``message`` the deciding attribute's text."""
+
+    __slots__ = ("outcome", "check", "mode", "domain", "message")
+
+    def __init__(self, outcome, check=None, mode="-", domain=None, message=None):
+        self.outcome = outcome
+        self.check = check
+        self.mode = mode
+        self.domain = domain
+        self.message = message
+
+
+def recipient_verdict(table, address, local_names, always_accept=False, norelay=False,
+                      rbl_text=None):
+    """The recipient side of the policy for a client that is not fully
+    trusted: its whole address's ``relaytarget``/``freeze`` decide first;
+    then its domain (with the source-route hops of recipient_allowed);
+    ``relaytarget -`` refuses, ``freeze +`` freezes, ``test-rcpt-dns-rbl
+    +`` refuses a client rcpt-dns-rbl listed (``rbl_text``), ``relaytarget +``
+    accepts; a relaycustnet client may send anywhere else; ``acceptifmx`` (or a sendernorelay sender) needs us as
+    the domain's MX, ``acceptifdns`` a domain that exists; a domain that
+    is ours or local is accepted, anything else is relaying."""
+    at = find_unquoted(address, "@", last=True)
+    domain = address[at + 1:] if at >= 0 else ""
+    if not domain or address.lower() == "postmaster":
+        return RecipientVerdict("accept")
+    if table is None:
+        return RecipientVerdict("accept" if always_accept or
+                                recipient_allowed(None, address, local_names) else "relay")
+    own = table.lookup_user(address, RCPT_USER_REQUEST) or {}
+    if "relaytarget" in own:
+        return RecipientVerdict("accept" if policy_says(own, "relaytarget") else "refuse",
+                                message=own["relaytarget"][1])
+    if policy_says(own, "freeze"):
+        return RecipientVerdict("freeze", message=own["freeze"][1])
+    if rbl_text is not None and policy_says(own, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
+    found = table.lookup_domain(domain, RCPT_DOMAIN_REQUEST) or {}
+    if "relaytarget" in found and not policy_says(found, "relaytarget"):
+        return RecipientVerdict("refuse", message=found["relaytarget"][1])
+    if policy_says(found, "freeze"):
+        return RecipientVerdict("freeze", message=found["freeze"][1])
+    if rbl_text is not None and policy_says(found, "test-rcpt-dns-rbl"):
+        return RecipientVerdict("rbl", message=rbl_text)
+    if policy_says(found, "relaytarget") or policy_says(found, "localdomain") or \
+            domain.lower() in local_names or policy_says(own, "localdomain"):
+        if always_accept or recipient_allowed(table, address, local_names):
+            return RecipientVerdict("accept")
+        return RecipientVerdict("relay")
+    if always_accept:
+        return RecipientVerdict("accept")
+    if domain.startswith("["):
+        return RecipientVerdict("relay")
+    if "acceptifmx" in found or norelay:
+        mode = found["acceptifmx"][0][:1] if "acceptifmx" in found else "."
+        return RecipientVerdict("dns", "mx", mode, domain,
+                                found["acceptifmx"][1] if "acceptifmx" in found else None)
+    if "acceptifdns" in found:
+        return RecipientVerdict("dns", "exists", found["acceptifdns"][0][:1], domain,
+                                found["acceptifdns"][1])
+    return RecipientVerdict("relay")
 
 
 #: How many rounds the relay test spends on a recipient's local part
@@ -1897,6 +2105,742 @@ def recipient_allowed(table, address, local_names):
 
 
 # ---------------------------------------------------------------------------
+# 4b. DNS: a stub resolver (RFC 1035) that waits on the session's loop
+# ---------------------------------------------------------------------------
+
+#: Record types asked for, and the classes of answer a lookup gives.
+DNS_A, DNS_NS, DNS_CNAME, DNS_SOA, DNS_PTR, DNS_MX, DNS_TXT, DNS_AAAA = \
+    1, 2, 5, 6, 12, 15, 16, 28
+DNS_TYPE_NAMES = {DNS_A: "A", DNS_CNAME: "CNAME", DNS_SOA: "SOA", DNS_PTR: "PTR",
+                  DNS_MX: "MX", DNS_TXT: "TXT", DNS_AAAA: "AAAA", DNS_NS: "NS"}
+DNS_OK, DNS_NXDOMAIN, DNS_NODATA, DNS_TEMPFAIL = "ok", "nxdomain", "nodata", "tempfail"
+
+_DNS_HEADER = struct.Struct("!HHHHHH")
+_DNS_RR = struct.Struct("!HHIH")
+_DNS_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+
+
+class DnsFormatError(Exception):
+    """A packet that is not a well-formed DNS message (or not one we take)."""
+
+
+class DnsAnswer(namedtuple("DnsAnswer", "status records ttl why")):
+    """A lookup's outcome: ``status`` one of DNS_OK (``records`` holds the
+    values: address strings, (preference, host) for MX, one string per TXT
+    record, host names for PTR and CNAME), DNS_NXDOMAIN, DNS_NODATA (both
+    answers, ``records`` empty) or DNS_TEMPFAIL (``why`` says what went
+    wrong); ``ttl`` is how long it may be cached."""
+
+    __slots__ = ()
+
+    @property
+    def temporary(self):
+        return self.status == DNS_TEMPFAIL
+
+
+def dns_tempfail(why):
+    return DnsAnswer(DNS_TEMPFAIL, (), 0, why)
+
+
+def dns_encode_name(name):
+    """A domain name in wire format; ValueError for one DNS cannot carry."""
+    name = name.rstrip(".")
+    out = []
+    if name:
+        for label in name.split("."):
+            raw = label.encode("ascii")     # UnicodeError is a ValueError
+            if not 0 < len(raw) < 64:
+                raise ValueError("bad label in %r" % name)
+            out.append(struct.pack("B", len(raw)) + raw)
+    out.append(b"\0")
+    wire = b"".join(out)
+    if len(wire) > 255:
+        raise ValueError("name too long")
+    return wire
+
+
+def dns_query(qid, name, qtype):
+    """A query packet: recursion desired, one question of class IN."""
+    return _DNS_HEADER.pack(qid, 0x0100, 1, 0, 0, 0) + dns_encode_name(name) + \
+        struct.pack("!HH", qtype, 1)
+
+
+def dns_read_name(packet, offset):
+    """(name, offset after it) of the name at ``offset``, compression
+    pointers followed; DnsFormatError for anything hostile: a pointer
+    loop or one pointing forwards, a cut packet, a name over 255 bytes."""
+    labels = []
+    length = 0
+    end = None
+    pointers = 0
+    lowest = offset
+    n = len(packet)
+    while True:
+        if offset >= n:
+            raise DnsFormatError("name runs past the end")
+        size = packet[offset]
+        if size & 0xC0 == 0xC0:
+            if offset + 1 >= n:
+                raise DnsFormatError("cut compression pointer")
+            target = ((size & 0x3F) << 8) | packet[offset + 1]
+            pointers += 1
+            if target >= lowest or pointers > DNS_POINTERS_MAX:
+                raise DnsFormatError("compression pointer loop")
+            if end is None:
+                end = offset + 2
+            offset = lowest = target
+            continue
+        if size & 0xC0:
+            raise DnsFormatError("unknown label type")
+        offset += 1
+        if size == 0:
+            break
+        if offset + size > n:
+            raise DnsFormatError("label runs past the end")
+        length += size + 1
+        if length > 255:
+            raise DnsFormatError("name longer than 255 bytes")
+        labels.append(packet[offset:offset + size].decode("latin-1"))
+        offset += size
+    return ".".join(labels), (end if end is not None else offset)
+
+
+def _dns_rdata(packet, rtype, start, size):
+    """A record's value as DnsAnswer keeps it (None for types not kept)."""
+    end = start + size
+    if rtype == DNS_A:
+        if size != 4:
+            raise DnsFormatError("A record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET, packet[start:end])
+    if rtype == DNS_AAAA:
+        if size != 16:
+            raise DnsFormatError("AAAA record of %d bytes" % size)
+        return socket.inet_ntop(socket.AF_INET6, packet[start:end])
+    if rtype in (DNS_CNAME, DNS_PTR, DNS_NS):
+        name, after = dns_read_name(packet, start)
+        if after != end:
+            raise DnsFormatError("name record of the wrong length")
+        return name
+    if rtype == DNS_MX:
+        if size < 3:
+            raise DnsFormatError("MX record too short")
+        name, after = dns_read_name(packet, start + 2)
+        if after != end:
+            raise DnsFormatError("MX record of the wrong length")
+        return (struct.unpack("!H", packet[start:start + 2])[0], name)
+    if rtype == DNS_TXT:
+        parts, i = [], start
+        while i < end:
+            j = i + 1 + packet[i]
+            if j > end:
+                raise DnsFormatError("TXT string runs past its record")
+            parts.append(packet[i + 1:j].decode("utf-8", "replace"))
+            i = j
+        return "".join(parts)
+    if rtype == DNS_SOA:
+        _, i = dns_read_name(packet, start)
+        _, i = dns_read_name(packet, i)
+        if i + 20 != end:
+            raise DnsFormatError("SOA record of the wrong length")
+        return struct.unpack("!5I", packet[i:end])[4]      # the minimum TTL
+    return None
+
+
+class DnsMessage(object):
+    """A parsed answer: header fields, the question, and the records of
+    its answer and authority sections as (owner, type, ttl, value)."""
+
+    __slots__ = ("qid", "rcode", "truncated", "question", "answers", "authority")
+
+    @classmethod
+    def parse(cls, packet):
+        if len(packet) < _DNS_HEADER.size:
+            raise DnsFormatError("shorter than a header")
+        qid, flags, qdcount, ancount, nscount, _ = _DNS_HEADER.unpack_from(packet)
+        m = cls()
+        m.qid = qid
+        m.rcode = flags & 0x000F
+        m.truncated = bool(flags & 0x0200)
+        if not flags & 0x8000:
+            raise DnsFormatError("not a response")
+        if qdcount != 1:
+            raise DnsFormatError("%d questions" % qdcount)
+        if ancount + nscount > DNS_RECORDS_MAX:
+            raise DnsFormatError("%d records" % (ancount + nscount))
+        name, offset = dns_read_name(packet, _DNS_HEADER.size)
+        if offset + 4 > len(packet):
+            raise DnsFormatError("cut question")
+        qtype, qclass = struct.unpack_from("!HH", packet, offset)
+        m.question = (name.lower(), qtype, qclass)
+        offset += 4
+        m.answers, m.authority = [], []
+        try:
+            m._records(packet, offset, ancount, nscount)
+        except DnsFormatError:
+            if not m.truncated:
+                raise
+            # A truncated answer may stop anywhere: the TCP one is asked for.
+        return m
+
+    def _records(self, packet, offset, ancount, nscount):
+        for section, count in ((self.answers, ancount), (self.authority, nscount)):
+            for _ in range(count):
+                owner, offset = dns_read_name(packet, offset)
+                if offset + _DNS_RR.size > len(packet):
+                    raise DnsFormatError("cut record header")
+                rtype, rclass, ttl, size = _DNS_RR.unpack_from(packet, offset)
+                offset += _DNS_RR.size
+                if offset + size > len(packet):
+                    raise DnsFormatError("record data runs past the end")
+                if rclass == 1:
+                    value = _dns_rdata(packet, rtype, offset, size)
+                    if value is not None:
+                        section.append((owner.lower(), rtype, min(ttl & 0x7FFFFFFF, DNS_TTL_MAX),
+                                        value))
+                offset += size
+
+    def outcome(self, name, qtype):
+        """The DnsAnswer for ``name`` from this message, CNAME links in it
+        followed; (answer, name the chain ends at) where the chain leaves
+        the message without an answer (ask again for that name)."""
+        name = name.lower().rstrip(".")
+        ttl = DNS_TTL_MAX
+        for _ in range(DNS_CNAME_HOPS + 1):
+            values = []
+            alias = None
+            for owner, rtype, rttl, value in self.answers:
+                if owner != name:
+                    continue
+                if rtype == qtype:
+                    values.append(value)
+                    ttl = min(ttl, rttl)
+                elif rtype == DNS_CNAME and alias is None:
+                    alias = value.lower()
+                    ttl = min(ttl, rttl)
+            if values:
+                return DnsAnswer(DNS_OK, tuple(values), ttl, None), None
+            if alias is None:
+                negative = self.negative_ttl()
+                status = DNS_NXDOMAIN if self.rcode == 3 else DNS_NODATA
+                return DnsAnswer(status, (), min(ttl, negative), None), None
+            name = alias
+            if not any(owner == name for owner, _, _, _ in self.answers):
+                return None, name
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS), None
+
+    def negative_ttl(self):
+        """RFC 2308: the SOA record's TTL or its minimum, the smaller;
+        without an SOA the answer is not cached."""
+        for _, rtype, ttl, minimum in self.authority:
+            if rtype == DNS_SOA:
+                return min(ttl, minimum, DNS_NEGATIVE_TTL_MAX)
+        return 0
+
+
+def canonical_ip(text):
+    """An address in the one spelling inet_ntop gives it, or None."""
+    try:
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, socket.error, ValueError):
+        return None
+
+
+class WatchedSystemFile(object):
+    """A system file (resolv.conf, hosts) parsed again when its inode, size
+    or mtime change, looked at at most once every DNS_CONF_RECHECK seconds;
+    a missing file reads as empty.  Subclasses: ``default_path()``,
+    ``parse(text)``."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.lock = threading.Lock()
+        self.signature = False
+        self.checked = 0.0
+        self.parse("")
+
+    def refresh(self):
+        """Called with the lock held."""
+        now = time.time()
+        if now - self.checked < DNS_CONF_RECHECK:
+            return
+        self.checked = now
+        path = self.path or self.default_path()
+        try:
+            st = os.stat(path)
+            signature = (path, st.st_ino, st.st_size, st.st_mtime)
+            if signature == self.signature:
+                return
+            with open(path, "rb") as f:
+                text = f.read(DNS_SYSTEM_FILE_MAX).decode("latin-1")
+        except (OSError, IOError):
+            signature, text = None, ""
+            if signature == self.signature:
+                return
+        self.signature = signature
+        self.parse(text)
+
+
+class HostsFile(WatchedSystemFile):
+    """/etc/hosts, asked before DNS as the C library's ``files dns`` does:
+    an address's first name, a name's addresses."""
+
+    @staticmethod
+    def default_path():
+        return HOSTS_FILE
+
+    def parse(self, text):
+        names, addresses = {}, {}
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            ip = canonical_ip(words[0]) if len(words) > 1 else None
+            if ip is None:
+                continue
+            names.setdefault(ip, words[1])
+            for name in words[1:]:
+                known = addresses.setdefault(name.lower().rstrip("."), [])
+                if ip not in known:
+                    known.append(ip)
+        self.names, self.addresses = names, addresses
+
+    def name_of(self, ip):
+        with self.lock:
+            self.refresh()
+            return self.names.get(canonical_ip(ip) or ip)
+
+    def addresses_of(self, name):
+        with self.lock:
+            self.refresh()
+            return tuple(self.addresses.get(name.lower().rstrip("."), ()))
+
+
+class ResolverConfig(WatchedSystemFile):
+    """The name servers and options of a resolv.conf.  Without a usable
+    nameserver line the local host is asked, as the C library does."""
+
+    def __init__(self, path=None):
+        self.next_first = 0
+        WatchedSystemFile.__init__(self, path)
+
+    @staticmethod
+    def default_path():
+        return RESOLV_CONF
+
+    def current(self):
+        """(servers in the order to ask them this time, timeout, attempts)."""
+        with self.lock:
+            self.refresh()
+            servers = self.servers
+            if self.rotate and len(servers) > 1:
+                first = self.next_first % len(servers)
+                self.next_first = first + 1
+                servers = servers[first:] + servers[:first]
+            return servers, self.timeout, self.attempts
+
+    def parse(self, text):
+        servers = []
+        timeout, attempts, rotate = DNS_TIMEOUT_DEFAULT, DNS_ATTEMPTS_DEFAULT, False
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0][0] in "#;":
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                # The spelling the kernel gives the answer's sender in.
+                address = canonical_ip(words[1].split("%")[0])
+                if address is None:
+                    continue
+                if len(servers) < DNS_SERVERS_MAX:
+                    servers.append(address)
+            elif words[0] == "options":
+                for option in words[1:]:
+                    name, _, value = option.partition(":")
+                    if name == "rotate":
+                        rotate = True
+                    elif name in ("timeout", "attempts") and value.isdigit():
+                        if name == "timeout":
+                            timeout = min(max(int(value), 1), DNS_TIMEOUT_MAX)
+                        else:
+                            attempts = min(max(int(value), 1), DNS_ATTEMPTS_MAX)
+        self.servers = tuple(servers) or ("127.0.0.1",)
+        self.timeout, self.attempts, self.rotate = timeout, attempts, rotate
+
+
+class DnsCache(object):
+    """Answers by (name, type) until their TTL runs out; at most
+    DNS_CACHE_ENTRIES (the expired ones go first, then the lot)."""
+
+    def __init__(self, size=DNS_CACHE_ENTRIES):
+        self.size = size
+        self.entries = {}
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def put(self, key, answer):
+        if answer.temporary or answer.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if len(self.entries) >= self.size:
+                for old in [k for k, v in self.entries.items() if v[0] <= now]:
+                    del self.entries[old]
+                if len(self.entries) >= self.size:
+                    self.entries.clear()
+            self.entries[key] = (now + answer.ttl, answer)
+
+
+class Resolver(object):
+    """A stub resolver whose waits are WANT_READABLE requests (and
+    WANT_SLEEP while a TCP connection is set up): a worker's SessionLoop
+    serves them among its other sessions, a blocking session model with
+    select (blocking_result, drive_blocking).
+
+    Each query goes out from a new UDP socket (the kernel picks a random
+    source port) with a random id; an answer counts only when it comes
+    from the server asked, with that id and question.  A truncated answer
+    is asked again over TCP.  Servers are tried in turn, ``attempts``
+    rounds, each waiting ``timeout`` seconds.  SERVFAIL, refusals,
+    timeouts and hostile packets are temporary failures, logged once."""
+
+    def __init__(self, log=None, conf_path=None, hosts_path=None, port=DNS_PORT):
+        self.log = log
+        self.port = port
+        self.conf = ResolverConfig(conf_path)
+        self.hosts = HostsFile(hosts_path)
+        self.cache = DnsCache()
+
+    def lookup(self, name, qtype):
+        """Generator: the DnsAnswer for ``name``'s records of ``qtype``."""
+        name = name.rstrip(".").lower()
+        try:
+            dns_encode_name(name)
+        except ValueError:
+            return DnsAnswer(DNS_NXDOMAIN, (), 0, "not a domain name")
+        for _ in range(DNS_CNAME_HOPS):
+            key = (name, qtype)
+            answer = self.cache.get(key)
+            if answer is not None:
+                return answer
+            message = yield from self.ask(name, qtype)
+            if not isinstance(message, DnsMessage):
+                return message
+            answer, further = message.outcome(name, qtype)
+            if answer is not None:
+                self.cache.put(key, answer)
+                return answer
+            name = further
+        return dns_tempfail("CNAME chain longer than %d" % DNS_CNAME_HOPS)
+
+    def ask(self, name, qtype):
+        """Generator: the DnsMessage answering the question, or a
+        DnsAnswer of a temporary failure."""
+        servers, timeout, attempts = self.conf.current()
+        problem = "no answer"
+        for _ in range(attempts):
+            for server in servers:
+                message, why = yield from self._udp(server, name, qtype, timeout)
+                if message is not None and message.truncated:
+                    message, why = yield from self._tcp(server, name, qtype, timeout)
+                if message is not None:
+                    if message.rcode in (0, 3):
+                        return message
+                    why = "rcode %d" % message.rcode
+                problem = why
+                if why.startswith("hostile") or why.startswith("rcode"):
+                    self.note("DNS %s %s from %s: %s" % (
+                        DNS_TYPE_NAMES.get(qtype, qtype), name, server, why))
+        return dns_tempfail(problem)
+
+    def note(self, text):
+        if self.log is not None:
+            self.log.note(text)
+
+    @staticmethod
+    def _matches(message, qid, name, qtype):
+        return message.qid == qid and message.question == (name, qtype, 1)
+
+    def _udp(self, server, name, qtype, timeout):
+        """Generator: (DnsMessage or None, why not) from one server."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        deadline = time.time() + timeout
+        strays = 0
+        try:
+            sock.setblocking(False)
+            try:
+                # Connected: the kernel drops datagrams from anyone else.
+                sock.connect((server, self.port))
+                sock.send(dns_query(qid, name, qtype))
+            except (OSError, socket.error) as e:
+                return None, "send: %s" % e
+            while True:
+                if time.time() >= deadline:
+                    return None, "timed out" if not strays else \
+                        "hostile: timed out after %d stray answers" % strays
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                while True:
+                    try:
+                        packet, peer = sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except (OSError, socket.error) as e:
+                        return None, "receive: %s" % e   # e.g. port unreachable
+                    if len(packet) > DNS_UDP_MAX:
+                        return None, "hostile: oversized answer (%d bytes)" % len(packet)
+                    try:
+                        message = DnsMessage.parse(packet)
+                    except DnsFormatError as e:
+                        return None, "hostile: %s" % e
+                    if peer[0] == server and self._matches(message, qid, name, qtype):
+                        return message, None
+                    strays += 1
+                    if strays > DNS_STRAY_MAX:
+                        return None, "hostile: flood of %d answers that do not match" % strays
+        finally:
+            sock.close()
+
+    def _tcp(self, server, name, qtype, timeout):
+        """Generator: the same question over TCP (after a truncated answer)."""
+        qid = struct.unpack("!H", os.urandom(2))[0]
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        deadline = time.time() + timeout
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except (OSError, socket.error) as e:
+            return None, "socket: %s" % e
+        try:
+            sock.setblocking(False)
+            error = sock.connect_ex((server, self.port))
+            if error not in (0, errno.EINPROGRESS):
+                return None, "TCP connect: %s" % os.strerror(error)
+            while True:
+                _, writable, _ = select.select([], [sock], [], 0)
+                if writable:
+                    break
+                if time.time() >= deadline:
+                    return None, "TCP connect timed out"
+                yield (WANT_SLEEP, DNS_TCP_CONNECT_POLL)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                return None, "TCP connect: %s" % os.strerror(error)
+            query = dns_query(qid, name, qtype)
+            try:
+                sock.send(struct.pack("!H", len(query)) + query)
+            except (OSError, socket.error) as e:
+                return None, "TCP send: %s" % e
+            data = b""
+            want = None
+            while want is None or len(data) < want:
+                if time.time() >= deadline:
+                    return None, "TCP answer timed out"
+                readable = yield (WANT_READABLE, (sock, deadline))
+                if not readable:
+                    continue
+                try:
+                    chunk = sock.recv(DNS_TCP_MAX + 2)
+                except BlockingIOError:
+                    continue
+                except (OSError, socket.error) as e:
+                    return None, "TCP receive: %s" % e
+                if not chunk:
+                    return None, "hostile: TCP answer cut short"
+                data += chunk
+                if want is None and len(data) >= 2:
+                    want = 2 + struct.unpack("!H", data[:2])[0]
+                if len(data) > DNS_TCP_MAX + 2 or (want is not None and len(data) > want):
+                    return None, "hostile: TCP answer longer than announced"
+            try:
+                message = DnsMessage.parse(data[2:])
+            except DnsFormatError as e:
+                return None, "hostile: %s" % e
+            if not self._matches(message, qid, name, qtype):
+                return None, "hostile: TCP answer to another question"
+            if message.truncated:
+                return None, "hostile: truncated TCP answer"
+            return message, None
+        finally:
+            sock.close()
+
+    # -- what the server asks --------------------------------------------------
+
+    def addresses(self, name):
+        """Generator: (status, the name's IPv4 and IPv6 addresses); the
+        status of the A lookup unless only AAAA found something.  The hosts
+        file first."""
+        listed = self.hosts.addresses_of(name)
+        if listed:
+            return DNS_OK, listed
+        v4 = yield from self.lookup(name, DNS_A)
+        if v4.temporary:
+            return v4.status, ()
+        v6 = yield from self.lookup(name, DNS_AAAA)
+        found = v4.records + (v6.records if v6.status == DNS_OK else ())
+        if found:
+            return DNS_OK, found
+        if v6.temporary:
+            return v6.status, ()
+        return v4.status, ()
+
+    def reverse_name(self, ip):
+        """Generator: the PTR name of an address (the first that is a
+        valid host name, as the C library takes), None when there is none,
+        DNS_TEMPFAIL when DNS could not say.  The hosts file first."""
+        listed = self.hosts.name_of(ip)
+        if listed:
+            return listed
+        try:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+        except (OSError, socket.error, ValueError):
+            return None
+        answer = yield from self.lookup(
+            reversed_address(packed) + (".in-addr.arpa" if len(packed) == 4 else ".ip6.arpa"),
+            DNS_PTR)
+        if answer.temporary:
+            return DNS_TEMPFAIL
+        for name in answer.records:
+            if _DNS_HOSTNAME_RE.match(name) and len(name) <= 253:
+                return name
+        return None
+
+    def resolves_to(self, name, ip):
+        """Generator: is ``ip`` among ``name``'s addresses?"""
+        ip = canonical_ip(ip)
+        if ip is None:
+            return False
+        _, found = yield from self.addresses(name)
+        return any(canonical_ip(address) == ip for address in found)
+
+
+def reversed_address(packed):
+    """An address's labels as reverse DNS and the RBLs spell them: the
+    bytes (IPv4) or nibbles (IPv6) last first."""
+    if len(packed) == 4:
+        return ".".join(str(b) for b in reversed(bytearray(packed)))
+    return ".".join(reversed(binascii.hexlify(packed).decode("ascii")))
+
+
+def rbl_listing(resolver, ip, zones):
+    """Generator: the text of the first of the ``:``-separated DNS block
+    lists that lists ``ip`` (an A record in 127.0.0.0/24; its TXT record's
+    text, or "" without one), None when none does or DNS cannot say.  A
+    zone ``+`` (the original's removed shorthand for a long-gone list) and
+    ``-`` are skipped."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, socket.error, ValueError):
+        return None
+    for zone in zones.split(":"):
+        zone = zone.strip().strip(".")
+        if zone in ("", "+", "-"):
+            continue
+        name = "%s.%s" % (reversed_address(packed), zone)
+        listed = yield from resolver.lookup(name, DNS_A)
+        if not any(a.startswith("127.0.0.") for a in listed.records):
+            continue
+        text = yield from resolver.lookup(name, DNS_TXT)
+        return "".join(c if " " <= c < "\x7f" or c > "\x9f" else " "
+                       for c in (text.records[0] if text.records else ""))
+    return None
+
+
+class LocalAddresses(object):
+    """This host's own addresses (the kernel's local IPv4 routes and the
+    IPv6 interface addresses), read again every DNS_CONF_RECHECK seconds:
+    a domain whose MX or address is one of them is served here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.checked = 0.0
+        self.addresses = frozenset()
+
+    def current(self):
+        now = time.time()
+        with self.lock:
+            if now - self.checked >= DNS_CONF_RECHECK:
+                self.checked = now
+                self.addresses = self.read()
+            return self.addresses
+
+    @staticmethod
+    def read():
+        found = set()
+        try:
+            with open("/proc/net/fib_trie") as f:
+                last = None
+                for line in f:
+                    words = line.split()
+                    if len(words) == 2 and words[0] == "|--":
+                        last = words[1]
+                    elif last and "/32 host LOCAL" in line:
+                        found.add(last)
+        except (IOError, OSError):
+            pass
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    h = line.split()[0]
+                    found.add(canonical_ip(":".join(h[i:i + 4] for i in range(0, 32, 4))))
+        except (IOError, OSError, IndexError):
+            pass
+        found.discard(None)
+        return frozenset(found)
+
+
+#: What domain_check finds: the domain is served here (or exists, when
+#: that is all that was asked), exists but is served elsewhere, does not
+#: exist (nor has an address), or DNS could not say.
+DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING, DOMAIN_TEMPFAIL = "ok", "elsewhere", "missing", \
+    "tempfail"
+
+
+def address_is_loopback(ip):
+    return ip.startswith("127.") or ip == "::1"
+
+
+def domain_check(resolver, domain, ours, need_us):
+    """Generator: DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING or
+    DOMAIN_TEMPFAIL for a mail domain: its MX hosts' addresses, else its
+    own.  ``need_us``: only an address in ``ours`` (this host's) is OK.
+    A domain whose MX or address is on loopback is a temporary failure:
+    mail for it could go nowhere, and the zone is broken or hostile."""
+    mx = yield from resolver.lookup(domain, DNS_MX)
+    if mx.temporary:
+        return DOMAIN_TEMPFAIL
+    if mx.status == DNS_NXDOMAIN:
+        return DOMAIN_MISSING
+    if mx.records:
+        targets = [host for _, host in sorted(mx.records)][:DNS_MX_HOSTS_MAX]
+        if targets == [""]:
+            return DOMAIN_MISSING       # RFC 7505's null MX: no mail at all
+    else:
+        targets = [domain]
+    unresolved = True
+    for host in targets:
+        status, found = yield from resolver.addresses(host)
+        if status == DNS_TEMPFAIL and not mx.records:
+            return DOMAIN_TEMPFAIL
+        for ip in found:
+            unresolved = False
+            if address_is_loopback(ip):
+                return DOMAIN_TEMPFAIL
+            if ip in ours:
+                return DOMAIN_OK
+    if unresolved and not mx.records:
+        return DOMAIN_MISSING
+    return DOMAIN_ELSEWHERE if need_us else DOMAIN_OK
+
+
+# ---------------------------------------------------------------------------
 # 5. Replies: every code and text the server sends, in one table
 # ---------------------------------------------------------------------------
 
@@ -1914,6 +2858,9 @@ REPLIES = {
     "too_many_same_ip": (450, "4.7.1", ("Come again later", "{contact}",
                                         "Too many simultaneous connections from same IP "
                                         "address ({count} max {limit})")),
+    "too_many_same_ip_policy": (450, None, "{host} - Come again later, too many simultaneous "
+                                           "connections from this IP address /ms({count} of "
+                                           "{limit})"),
     "too_many_parallel": (450, "4.7.1", ("{contact}", "Come again later",
                                          "Too many simultaneous connections to this server "
                                          "({count} max {limit})")),
@@ -1975,7 +2922,24 @@ REPLIES = {
     "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
+    "mail_client_rate": (451, "4.7.1", "Hello {ip}, for your MAIL FROM address {addr} policy "
+                                       "analysis reported: You are sending too much "
+                                       "mail/rcpts per time interval.  Try again later."),
+    "mail_client_rate_hard": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                            "policy analysis reported: You are sending too "
+                                            "much mail/rcpts per time interval.  Try again "
+                                            "later."),
     "mail_sender_not_owned": (553, "5.7.1", "Sender address rejected: not owned by user {login}"),
+    "mail_source_reject": (553, "5.7.1", "Hello {ip}, for MAIL FROM address {addr} access is "
+                                         "denied by the policy analysis functions."),
+    "mail_source_reject_text": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
+                                              "policy analysis reported: {msg}"),
+    "mail_source_dns_error": (553, "5.4.3", "Hello {ip}, for MAIL FROM address {addr} the policy "
+                                            "analysis reports DNS error with your source "
+                                            "domain."),
+    "mail_source_dns_tempfail": (451, "4.4.3", "Hello {ip}, for your input: {addr} policy "
+                                               "analysis reports temporary DNS error with your "
+                                               "source domain."),
     "mail_rate_limit": (450, "4.7.1", "Message submission rate limit exceeded, try again later"),
     # RCPT
     "rcpt_wait_helo": (503, "5.5.1", "Hello {ip}, Waiting for HELO command"),
@@ -2001,6 +2965,15 @@ REPLIES = {
     "rcpt_no_space": (452, "4.3.1", "insufficient storage space, try again later"),
     "rcpt_relay_denied": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
                                         "address {addr} via our server"),
+    "rcpt_policy_reject": (550, "5.7.1", "Hello {ip}, Policy rejection on the target address: "
+                                         "{addr}"),
+    "rcpt_rbl": (550, "5.7.1", "Hello {ip}, Policy analysis reported: {msg} rcpt={addr}"),
+    "rcpt_mx_rule": (550, "5.7.1", "Your IP address {ip} is not allowed to relay to email "
+                                   "address {addr} via our server; MX rule"),
+    "rcpt_dns_error": (550, "5.4.3", "Hello {ip}, Policy analysis found DNS error on the target "
+                                     "domain: {addr}"),
+    "rcpt_dns_tempfail": (451, "4.4.3", "Hello {ip}, policy analysis reports temporary DNS error "
+                                        "with the target domain: {addr}"),
     "rcpt_earlier_reject": (550, "5.7.1", "Hello {ip}, access denied by the policy analysis "
                                           "functions by earlier rejection"),
     "rcpt_ok_size": (250, "2.1.5", "Ok; can accomodate {size} byte message{note} for {addr}"),
@@ -2012,6 +2985,8 @@ REPLIES = {
     "data_wait": (503, "5.5.2", "Hi {ip}, {why}"),
     "data_go": (354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data_ok": (250, "2.0.0", "accepted; {id}"),
+    "data_ok_frozen": (250, "2.7.1", "Content-Policy accept-into-freezer-2 msg: accepted into "
+                                     "freezer, no explanations; {id}"),
     # the interactive router (its own answers pass through as it gives them)
     "router_failed_init": (440, "4.4.0", "Failed to init interactive router subsystem"),
     "router_timeout": (450, "4.5.0", "Interactive router timed out!"),
@@ -2125,7 +3100,7 @@ MADE_REPLY_FIELD_MAX = 200
 #: Replies that name the message's spool id, different every time: kept,
 #: they would only fill the cache and have it emptied every few hundred
 #: messages.
-UNKEPT_REPLIES = frozenset(("data_ok", "bdat_last"))
+UNKEPT_REPLIES = frozenset(("data_ok", "data_ok_frozen", "bdat_last"))
 
 
 def format_reply(name, enhanced_ok=True, **fields):
@@ -2771,7 +3746,7 @@ class WorkerPool(object):
                 self.supervisor.session_ended((pid, int(rest)))
                 continue
             self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U"):
+            if kind in (b"F", b"U", b"M"):
                 # The other workers count them too.
                 self.broadcast(msg, but=pid)
 
@@ -2960,8 +3935,8 @@ class ThreadHandover(object):
     """The one place where a worker's conversation leaves its SessionLoop
     for a thread and comes back.
 
-    A conversation that asks for WANT_THREAD (a DNS lookup not in the
-    cache, an auth program started without the spawner, the PROXY header
+    A conversation that asks for WANT_THREAD (an auth program started
+    without the spawner, the PROXY header
     of an implicit-TLS listener) continues on a thread with blocking I/O
     (``send``).  Whenever it next waits for input the thread asks
     ``may_return``; if so the conversation is parked, the loop woken up, and
@@ -3219,6 +4194,8 @@ class SessionLoop(object):
                 self.runtime.log.adopt(fds)
             elif kind == b"U":
                 self.runtime.submissions.absorb(msg)
+            elif kind == b"M":
+                self.runtime.client_messages.absorb(msg)
             elif kind == b"S" and fds:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -3254,10 +4231,6 @@ class SessionLoop(object):
             slot.local = sock.getsockname()
         except (OSError, socket.error):
             self.end(slot)
-            return
-        ip = unmapped_ip(client_address[0])
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(slot.local[0], ip):
-            self.threads.send(slot, None)     # set-up asks DNS for names
             return
         try:
             session.setup(slot.local)
@@ -3723,22 +4696,29 @@ class Supervisor(object):
         group = listener.group
         contact = group.contact_pointer or DEFAULT_CONTACT
         lines = None
-        if same > cfg.max_same_ip and same > 1:
-            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
-                                 count=same, limit=cfg.max_same_ip)
-        elif total > cfg.max_parallel:
-            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
-                                 count=total, limit=cfg.max_parallel)
-        elif not proxied:
+        verdict = None
+        if not proxied:
             policy = self.runtime.policy_for(group)
             table = policy.current() if policy else None
             if table is not None:
                 verdict = connection_verdict(table, ip)
-                if verdict.reject:
-                    msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
-                        host=self.runtime.hostname)
-                    lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
-                                         contact=contact, msg=msg)
+        if verdict is not None and verdict.maxsameip and verdict.maxsameip > 0:
+            # The client's own limit from the policy, in the original's words.
+            if same > verdict.maxsameip:
+                lines = format_reply("too_many_same_ip_policy", group.enhancedstatus,
+                                     host=self.runtime.hostname, count=same,
+                                     limit=verdict.maxsameip)
+        elif same > cfg.max_same_ip and same > 1:
+            lines = format_reply("too_many_same_ip", group.enhancedstatus, contact=contact,
+                                 count=same, limit=cfg.max_same_ip)
+        if lines is None and total > cfg.max_parallel:
+            lines = format_reply("too_many_parallel", group.enhancedstatus, contact=contact,
+                                 count=total, limit=cfg.max_parallel)
+        elif lines is None and verdict is not None and verdict.reject:
+            msg = verdict.reject_message or REPLIES["reject_ip_default"][2].format(
+                host=self.runtime.hostname)
+            lines = format_reply("reject_ip", group.enhancedstatus, ip="[%s]" % ip,
+                                 contact=contact, msg=msg)
         if lines is None:
             return True
         self.log.note("refused %s on %s: %s" % (ip, listener.kind, lines[-1]))
@@ -4031,15 +5011,15 @@ class StopFlag(object):
 #: ``(WANT_INPUT, deadline)`` more bytes in the channel's buffer, or its
 #: EOF flag set; ``(WANT_PENDING, seconds)`` send back whether input is
 #: there or arrives within that time; ``(WANT_SLEEP, seconds)`` a tarpit
-#: pause; ``(WANT_THREAD, None)`` the next step blocks (an uncached DNS
-#: lookup, an auth program started without the spawner), so it must run on
-#: a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
+#: pause; ``(WANT_THREAD, None)`` the next step blocks (an auth program
+#: started without the spawner), so it must run on a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
 #: buffered, and others may go first (every TURN_COMMANDS commands);
 #: ``(WANT_TLS, (context, deadline))`` the queued replies out in clear
 #: text, then the TLS handshake as the server (sends back None, or the
 #: exception that ended the handshake); ``(WANT_READABLE, (sock,
-#: deadline))`` wait until another socket (the auth spawner's answer) is
-#: readable (sends back True), or the deadline passes (False).
+#: deadline))`` wait until another socket (the auth spawner's answer, a
+#: DNS server's) is readable (sends back True), or the deadline passes
+#: (False).
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
@@ -4740,7 +5720,7 @@ def _always(group):
 #: command); ``msa_open`` still allowed before AUTH on a submission session;
 #: ``policy_open`` still answered when the policy database is broken;
 #: ``junk`` moves no mail, so it counts towards PARAM junk-command-limit;
-#: ``blocks`` the step may need a thread of its own (DNS, an auth program
+#: ``blocks`` the step may need a thread of its own (an auth program
 #: started without the spawner), which its handler asks for with
 #: WANT_THREAD; ``help`` the text of
 #: ``HELP VERB``; ``listed`` in the HELP overview: "always", "enabled"
@@ -4762,10 +5742,10 @@ Alias = namedtuple("Alias", "verb of")
 
 #: In the order of the HELP overview, which is the original's.
 COMMANDS = (
-    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True, blocks=True,
+    command("EHLO", enabled=lambda g: g.ehlo, msa_open=True,
             help=("EHLO <hostname>", "    Extended hello: greet the server and list its "
                                      "extensions.")),
-    command("HELO", msa_open=True, blocks=True,
+    command("HELO", msa_open=True,
             help=("HELO <hostname>", "    Greet the server.")),
     command("MAIL", help=("MAIL FROM:<sender> (ESMTP parameters)", "EMAL FROM:<sender>",
                           "    Specify the originator address for the next message.",
@@ -5036,13 +6016,8 @@ class SessionStart(object):
             self.ip_literal = "[%s]" % self.peer_ip
         tag = "0000000" if mode == "interactive" else session_tag(self.start, number)
         self.log = SessionLog(runtime.log, tag, self.start)
-        self.myhostname = runtime.local_name(local[0] if local else None)
-        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
-            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
-        if runtime.fake_peer is not None and mode == "interactive":
-            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
-        elif not self.network:
-            self.rhostname = "stdin"
+        self.local_ip = local[0] if local else None
+        self.take_names()
         self.policy = runtime.policy_for(group) if self.network else None
         self.verdict = PolicyVerdict()
         self.policy_error = None
@@ -5058,12 +6033,33 @@ class SessionStart(object):
         self.sasl = SaslExchange(self)
         self.reset(RESET_SESSION)
 
+    def take_names(self):
+        """Both ends' names as far as the runtime knows them (from its
+        cache at set-up; from DNS once learn_names has asked)."""
+        runtime = self.runtime
+        self.myhostname = runtime.local_name(self.local_ip)
+        self.rhostname, self.rhost_a, self.rhost_b = runtime.peer_name(
+            self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        if runtime.fake_peer is not None and self.mode == "interactive":
+            self.rhostname, self.rhost_a, self.rhost_b = "stdin", "??", "FAIL"
+        elif not self.network:
+            self.rhostname = "stdin"
+
+    def learn_names(self):
+        """Generator: the reverse names of both ends and the forward
+        confirmation of the client's, from DNS when not cached."""
+        runtime = self.runtime
+        yield from runtime.find_names(
+            self.local_ip, self.peer_ip if (self.network and runtime.fake_peer is None) else None)
+        self.take_names()
+
     def reset(self, level, why=None):
         """Forget what the session has learnt, as far as ``level`` says (see
         RESET_TRANSACTION): RSET, HELO/EHLO, STARTTLS and the session's start
         (again after a PROXY header) all come here.  ``why`` is logged when
         an open transaction's message data is dropped."""
         self.abort_transaction(why)
+        self.sender_refused = False     # the policy refused the last MAIL FROM
         if level == RESET_TRANSACTION:
             if self.state != "HELO":
                 self.state = "MAIL"
@@ -5141,9 +6137,8 @@ class SessionStart(object):
                           % (header.version, header.command, proxy))
             return True
         ip, port = header.source
-        if self.runtime.fake_peer is None and not self.runtime.names_cached(None, ip):
-            yield (WANT_THREAD, None)       # the client's name from DNS
         self.become_client(ip, port)
+        yield from self.learn_names()
         return True
 
     def channel_proxy_header(self, deadline):
@@ -5188,8 +6183,7 @@ class SessionStart(object):
         AUTH failure counts, the log and the envelope."""
         self.peer_ip, self.peer_port = ip, port
         self.ip_literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
-        self.rhostname, self.rhost_a, self.rhost_b = self.runtime.peer_name(
-            ip if self.runtime.fake_peer is None else None)
+        self.take_names()
         self.reset(RESET_SESSION)
 
     def evaluate_policy(self):
@@ -5202,6 +6196,31 @@ class SessionStart(object):
         ip = self.runtime.fake_peer or self.peer_ip
         self.verdict = connection_verdict(table, ip, self.rhostname
                                           if self.rhost_a == "OK" else None)
+
+    def check_block_lists(self):
+        """Generator: the client in the DNS block lists of its policy entry
+        (not a client the policy trusts, nor one of our own addresses):
+        ``test-dns-rbl`` refuses the connection with the list's text;
+        ``rcpt-dns-rbl`` (zones, or ``_text`` without DNS) keeps the text
+        for the recipients that ask for it (``test-rcpt-dns-rbl +``)."""
+        v = self.verdict
+        if v.reject or v.always_accept or v.full_trust or not (v.rbl_zones or v.rcpt_rbl):
+            return
+        ip = self.runtime.fake_peer or self.peer_ip
+        if address_is_loopback(ip) or ip in self.runtime.local_addresses.current():
+            return
+        resolver = self.runtime.resolver
+        if v.rbl_zones:
+            text = yield from rbl_listing(resolver, ip, v.rbl_zones)
+            if text is not None:
+                self.log.note("client %s is in the block list: %s" % (ip, text or v.rbl_zones))
+                v.reject = v.listed = True
+                v.reject_message = text or v.rbl_message
+                return
+        if v.rcpt_rbl and v.rcpt_rbl.startswith("_"):
+            v.rcpt_rbl_text = v.rcpt_rbl[1:] if v.rcpt_rbl[1:2] != "+" else None
+        elif v.rcpt_rbl:
+            v.rcpt_rbl_text = yield from rbl_listing(resolver, ip, v.rcpt_rbl)
 
     def greeting(self):
         lines = self.cfg.hdr220 or (REPLIES["greeting_default"][2],)
@@ -5264,10 +6283,11 @@ class SessionStart(object):
 
 
 class MailTransactionVerbs(object):
-    """MAIL, RCPT, DATA and BDAT: one transaction from its sender to the
-    committed spool file, with the submission checks (sender ownership,
-    rate limits) and relay control on the way.  Part of SMTPSession; it
-    uses the session's replies, tarpit, channel and state."""
+    """MAIL and RCPT: one transaction's sender and recipients, with the
+    submission checks (sender ownership, rate limits) and relay control on
+    the way; MessageDataVerbs takes it from there to the committed spool
+    file.  Part of SMTPSession; it uses the session's replies, tarpit,
+    channel and state."""
 
     def sloppy(self):
         return self.runtime.sloppy or ("S" in self.style)
@@ -5281,6 +6301,7 @@ class MailTransactionVerbs(object):
         the sender's ownership by the login, the submission rate, size and
         free space."""
         yield from NEVER_WAITS
+        self.sender_refused = False
         if self.state != "MAIL":
             self.tarpit()
             self.reply({"HELO": "mail_wait_helo", "RCPT": "mail_wait_rcpt"}.get(
@@ -5305,6 +6326,9 @@ class MailTransactionVerbs(object):
         if self.verdict.reject and self.network and self.authuser is None:
             self.tarpit()
             self.reply("mail_policy_reject", addr="<%s>" % address)
+            return
+        sender = yield from self.sender_policy(address)
+        if sender is None or not self.client_rate_permitted(address):
             return
         if not self.sender_login_permitted(address):
             self.tarpit()
@@ -5333,8 +6357,12 @@ class MailTransactionVerbs(object):
             self.reply("mail_spool_failed")
             return
         self.txn = Transaction(address, ok, spool)
+        self.txn.freeze = sender.freeze or self.verdict.freeze
+        self.txn.norelay = sender.norelay
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
+            if sender.freeze:
+                spool.write(FREEZE_SENDER_COMMENT)
         except OSError as e:
             self.log.note("spool write failed: %s" % e)
             self.abort_transaction("spool write failed")
@@ -5417,6 +6445,10 @@ class MailTransactionVerbs(object):
             self.tarpit()
             self.reply("msa_mail")
             return
+        if self.sender_refused and self.txn is None:
+            self.tarpit()
+            self.reply("rcpt_earlier_reject")
+            return
         if self.state not in ("RCPT", "DATA") or self.txn is None or self.txn.bdat_started:
             self.tarpit()
             self.reply({"HELO": "rcpt_wait_helo"}.get(self.state, "rcpt_in_bdat"
@@ -5448,9 +6480,11 @@ class MailTransactionVerbs(object):
         if txn.sender == "" and len(txn.recipients) >= g.max_error_recipients:
             self.reply("rcpt_spam_trap")
             return
-        if not self.recipient_permitted(address):
+        refusal = yield from self.recipient_policy(address)
+        if refusal is not None:
             self.tarpit()
-            self.reply("rcpt_relay_denied", addr="<%s>" % address)
+            self.reply(refusal[0], addr="<%s>" % address, **refusal[1])
+            self.note_refused_recipient(txn, address)
             return
         if not self.recipient_rate_permitted(txn):
             self.reply("rcpt_rate_limit")
@@ -5470,6 +6504,11 @@ class MailTransactionVerbs(object):
             self.log.note("spool write failed: %s" % e)
             self.reply("rcpt_no_space")
             return
+        if txn.freeze:
+            try:
+                txn.spool.write(FREEZE_RCPT_COMMENT)
+            except OSError:
+                pass                # the file's next write meets it again
         txn.recipients.append(address)
         self.state = "DATA"
         note = ", source route ignored" if routed else ""
@@ -5480,17 +6519,95 @@ class MailTransactionVerbs(object):
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
 
-    def recipient_permitted(self, address):
-        """Relay control for network clients without AUTH or trust."""
-        if not self.network or self.authuser is not None:
-            return True
-        v = self.verdict
-        if v.full_trust or v.always_accept or v.trust_recipients:
-            return not v.reject
-        if v.reject:
-            return False
+    def sender_policy(self, address):
+        """Generator: the sender's SenderVerdict for a network client that
+        is neither fully trusted nor authenticated (AUTH overrides the
+        policy, as it does for relaying), or None once its refusal is sent
+        (the RCPTs that follow hear of it)."""
         table = self.policy.table if self.policy else None
-        return recipient_allowed(table, address, self.runtime.local_names)
+        if not self.network or self.verdict.full_trust or table is None or \
+                self.authuser is not None:
+            return SenderVerdict()
+        sender = sender_verdict(table, address)
+        refusal, fields = None, {}
+        if sender.refuse:
+            refusal = "mail_source_reject"
+            if sender.message:
+                refusal, fields = "mail_source_reject_text", {"msg": sender.message}
+        elif sender.dns_mode is not None:
+            found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
+            refusal = {DOMAIN_MISSING: "mail_source_dns_error",
+                       DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
+        if refusal is None:
+            return sender
+        self.tarpit()
+        self.sender_refused = True
+        self.reply(refusal, addr="<%s>" % address, **fields)
+        return None
+
+    def recipient_policy(self, address):
+        """Generator: relay control and the recipient attributes for
+        network clients without AUTH: None when the recipient may be
+        accepted (a ``freeze`` sends the whole message to the freezer),
+        else the refusal's reply name and fields."""
+        if not self.network or self.authuser is not None:
+            return None
+        v, txn = self.verdict, self.txn
+        if v.reject:
+            return "rcpt_relay_denied", {}
+        if v.full_trust or v.trust_recipients or txn.freeze:
+            return None
+        table = self.policy.table if self.policy else None
+        found = recipient_verdict(table, address, self.runtime.local_names,
+                                  always_accept=v.always_accept, norelay=txn.norelay,
+                                  rbl_text=v.rcpt_rbl_text)
+        if found.outcome == "freeze":
+            txn.freeze = True
+        if found.outcome in ("accept", "freeze"):
+            return None
+        if found.outcome == "rbl":
+            return "rcpt_rbl", {"msg": found.message}
+        if found.outcome != "dns":
+            return ("rcpt_policy_reject" if found.outcome == "refuse" else "rcpt_relay_denied"), {}
+        runtime = self.runtime
+        answer = yield from domain_check(runtime.resolver, found.domain,
+                                         runtime.local_addresses.current(), found.check == "mx")
+        refusal = {DOMAIN_ELSEWHERE: "rcpt_mx_rule", DOMAIN_MISSING: "rcpt_dns_error",
+                   DOMAIN_TEMPFAIL: "rcpt_dns_tempfail"}.get(answer)
+        return None if refusal is None else (refusal, {})
+
+    def client_rate_permitted(self, address):
+        """``ratelimitmsgs N`` on a relaycustnet client's entry: fewer than N
+        messages from its address in the last hour (10 N once it has
+        authenticated), counted across the server's processes; a negative
+        N refuses hard.  Not in -i sessions, which have no one to count
+        with (nor had the original)."""
+        v = self.verdict
+        if not v.ratelimit or not v.always_accept or self.mode == "interactive":
+            return True
+        limit = abs(v.ratelimit) * (10 if self.authuser is not None else 1)
+        messages, _ = self.runtime.client_messages.counts(self.runtime.fake_peer or self.peer_ip)
+        if messages < limit:
+            return True
+        self.log.note("ratelimitmsgs: %d messages from %s in the last hour (limit %d); MAIL "
+                      "refused" % (messages, self.peer_ip, limit))
+        self.sender_refused = True
+        self.reply("mail_client_rate" if v.ratelimit > 0 else "mail_client_rate_hard",
+                   addr="<%s>" % address)
+        return False
+
+    def count_client_message(self, txn):
+        if self.verdict.ratelimit and self.mode != "interactive":
+            self.runtime.client_messages.record(self.runtime.fake_peer or self.peer_ip,
+                                                len(txn.recipients))
+
+    def note_refused_recipient(self, txn, address):
+        """The envelope keeps the recipients the policy refused, as comments."""
+        try:
+            txn.spool.write(("comment policytest() rejected rcptaddr: <%s>\n" % address)
+                            .encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass                    # the file's next write meets it again
 
     # -- submission policy: sender ownership and rate limits ----------------------
 
@@ -5536,7 +6653,11 @@ class MailTransactionVerbs(object):
         if self.cfg.submission_rate_limit is not None and self.authuser is not None:
             self.runtime.submissions.record(self.authuser, len(txn.recipients))
 
-    # -- DATA and BDAT -----------------------------------------------------------
+
+class MessageDataVerbs(object):
+    """DATA and BDAT: the message from the 354 (or the first chunk) to
+    the committed spool file, the content filter's verdict on the way.
+    Part of SMTPSession, like MailTransactionVerbs."""
 
     def data_state_problem(self, bdat):
         if self.state == "HELO":
@@ -5634,7 +6755,8 @@ class MailTransactionVerbs(object):
                 self.reply(failure[0])
             return
         verdict = None
-        if self.cfg.contentfilter and self.verdict.content_filter_due:
+        # A message the policy freezes goes to the freezer unfiltered.
+        if self.cfg.contentfilter and self.verdict.content_filter_due and not txn.freeze:
             verdict = yield from self.content_filter(txn.spool)
             if verdict.kind == "reject":
                 self.log.note("content filter refused the message: %d %s" % (
@@ -5647,8 +6769,9 @@ class MailTransactionVerbs(object):
                 txn.spool.abort()
                 self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
                 return
+        freezer = "policy-2" if txn.freeze else verdict.freezer if verdict else None
         try:
-            sid, size = txn.spool.commit(writer.priority, verdict.freezer if verdict else None)
+            sid, size = txn.spool.commit(writer.priority, freezer)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -5656,7 +6779,10 @@ class MailTransactionVerbs(object):
             return
         self.junk_count = 0
         self.count_submission(txn)
-        if verdict is not None and verdict.text:
+        self.count_client_message(txn)
+        if txn.freeze:
+            self.reply("data_ok_frozen", id=sid)
+        elif verdict is not None and (verdict.text or verdict.kind == "freeze"):
             self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
         elif bdat_chunk is None:
             self.reply("data_ok", id=sid)
@@ -5826,13 +6952,82 @@ class MailTransactionVerbs(object):
             self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
 
 
-class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequestHandler):
+class RouterQueries(object):
+    """The interactive router's part in a session (PARAM enable-router):
+    VRFY and EXPN answered by it, and its verdict on MAIL, RCPT and
+    HELO/EHLO.  Part of SMTPSession."""
+
+    def router_query(self, args, flag, function, otherwise):
+        """VRFY and EXPN: the router's answer when the style asks for it
+        (``v``, ``e``) and the router is enabled, else the fixed reply."""
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            answer = []
+            if self.cfg.enable_router and flag in self.style:
+                answer = yield from self.ask_router(function, self.verb_args(args))
+            if answer:
+                self.send_router_lines(answer)
+            elif answer is not None:
+                self.reply(otherwise)
+
+    def router_verdict(self, wanted, function, argument):
+        """Generator, for MAIL (style f), RCPT (t) and HELO/EHLO (h): the
+        router's accepting answer, to be sent in place of the usual reply
+        ([] when not ``wanted`` or there is none), or None when it refused
+        the command or could not answer (the reply is sent)."""
+        if not wanted:
+            return []
+        answer = yield from self.ask_router(function, argument)
+        if answer and answer[-1][0] // 100 != 2:
+            self.tarpit()
+            self.send_router_lines(answer)
+            return None
+        return answer
+
+    def ask_router(self, function, argument):
+        """Generator: the interactive router's answer to ``function<TAB>
+        argument`` as router_reply entries; None when there is none, the
+        440 or 450 reply already sent; [] outside a daemon, where no
+        spawner keeps routers (the command goes on as without one, as in
+        the original)."""
+        spawner = self.runtime.auth_spawner
+        if spawner is None:
+            return []
+        request = ("%s\t%s" % (function, argument)).encode("utf-8", "surrogateescape")
+        outcome = yield from spawner.ask("router", request, ROUTER_ANSWER_TIMEOUT)
+        kind = outcome[0] if outcome else "error"
+        if kind == "done":
+            lines = [l.decode("utf-8", "replace") for l in outcome[1]]
+            if lines:
+                return router_reply(lines, self.ip_literal)
+            code, enh, text = REPLIES["router_silent"]
+            return [(code, enh, text)]
+        self.log.note("interactive router, %s %s: %s" % (
+            function, qformat(argument),
+            outcome[1] if kind == "error" and outcome else kind))
+        self.reply({"timeout": "router_timeout", "crashed": "router_eof"}.get(
+            kind, "router_failed_init"))
+        return None
+
+    def send_router_lines(self, entries, suffix=""):
+        """A reply made of the router's answer; ``suffix`` ends its last line."""
+        enhanced = self.group.enhancedstatus
+        last = len(entries) - 1
+        self.send_lines([reply_line(code, text + (suffix if i == last else ""),
+                                    enh if enhanced else None, i != last)
+                         for i, (code, enh, text) in enumerate(entries)])
+
+
+class SMTPSession(SessionStart, MailTransactionVerbs, MessageDataVerbs, RouterQueries,
+                  socketserver.StreamRequestHandler):
     """One SMTP conversation.  ``converse`` reads command lines and
     ``dispatch`` runs each through the command table (COMMANDS) to its
     ``smtp_VERB`` generator, as http.server dispatches to ``do_GET``.  The
     same class serves a TCP connection, an inetd socket (-n) and standard
     input (-i).  The connection's start is SessionStart's, the mail
-    transaction MailTransactionVerbs', the AUTH dialogue SaslExchange's."""
+    transaction MailTransactionVerbs' and MessageDataVerbs', the router's
+    answers RouterQueries', the AUTH dialogue SaslExchange's."""
 
     # -- replies -------------------------------------------------------------
 
@@ -5897,6 +7092,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
             self.abort_transaction("session terminated")
 
     def converse(self):
+        yield from self.learn_names()
         if self.proxy_expected:
             accepted = yield from self.read_proxy_header()
             if not accepted:
@@ -5910,8 +7106,9 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
                 return
         if self.network:
             self.evaluate_policy()
+            yield from self.check_block_lists()
         if self.policy_error is None and self.verdict.reject and (
-                self.mode != "daemon" or self.proxy_expected):
+                self.mode != "daemon" or self.proxy_expected or self.verdict.listed):
             msg = self.verdict.reject_message or REPLIES["reject_ip_default"][2].format(
                 host=self.myhostname)
             self.reply("reject_ip", contact=self.contact(), msg=msg)
@@ -6095,9 +7292,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
         self.state = "MAIL"
         self.helo_addr_ok = False
         if self.network and problem is None:
-            if not self.runtime.helo_name_cached(arg, self.peer_ip):
-                yield (WANT_THREAD, None)   # a DNS query may take seconds
-            self.helo_addr_ok = self.runtime.helo_resolves_to(arg, self.peer_ip)
+            self.helo_addr_ok = yield from self.runtime.helo_resolves_to(arg, self.peer_ip)
         if self.network and self.policy and self.policy.table and not arg.startswith("["):
             found = self.policy.table.lookup_domain(arg, HELO_REQUEST) or {}
             if policy_says(found, "rejectnet"):
@@ -6215,67 +7410,6 @@ class SMTPSession(SessionStart, MailTransactionVerbs, socketserver.StreamRequest
 
     def smtp_EXPN(self, line, args):
         yield from self.router_query(args, "e", "expand", "expn")
-
-    def router_query(self, args, flag, function, otherwise):
-        """VRFY and EXPN: the router's answer when the style asks for it
-        (``v``, ``e``) and the router is enabled, else the fixed reply."""
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            answer = []
-            if self.cfg.enable_router and flag in self.style:
-                answer = yield from self.ask_router(function, self.verb_args(args))
-            if answer:
-                self.send_router_lines(answer)
-            elif answer is not None:
-                self.reply(otherwise)
-
-    def router_verdict(self, wanted, function, argument):
-        """Generator, for MAIL (style f), RCPT (t) and HELO/EHLO (h): the
-        router's accepting answer, to be sent in place of the usual reply
-        ([] when not ``wanted`` or there is none), or None when it refused
-        the command or could not answer (the reply is sent)."""
-        if not wanted:
-            return []
-        answer = yield from self.ask_router(function, argument)
-        if answer and answer[-1][0] // 100 != 2:
-            self.tarpit()
-            self.send_router_lines(answer)
-            return None
-        return answer
-
-    def ask_router(self, function, argument):
-        """Generator: the interactive router's answer to ``function<TAB>
-        argument`` as router_reply entries; None when there is none, the
-        440 or 450 reply already sent; [] outside a daemon, where no
-        spawner keeps routers (the command goes on as without one, as in
-        the original)."""
-        spawner = self.runtime.auth_spawner
-        if spawner is None:
-            return []
-        request = ("%s\t%s" % (function, argument)).encode("utf-8", "surrogateescape")
-        outcome = yield from spawner.ask("router", request, ROUTER_ANSWER_TIMEOUT)
-        kind = outcome[0] if outcome else "error"
-        if kind == "done":
-            lines = [l.decode("utf-8", "replace") for l in outcome[1]]
-            if lines:
-                return router_reply(lines, self.ip_literal)
-            code, enh, text = REPLIES["router_silent"]
-            return [(code, enh, text)]
-        self.log.note("interactive router, %s %s: %s" % (
-            function, qformat(argument),
-            outcome[1] if kind == "error" and outcome else kind))
-        self.reply({"timeout": "router_timeout", "crashed": "router_eof"}.get(
-            kind, "router_failed_init"))
-        return None
-
-    def send_router_lines(self, entries, suffix=""):
-        """A reply made of the router's answer; ``suffix`` ends its last line."""
-        enhanced = self.group.enhancedstatus
-        last = len(entries) - 1
-        self.send_lines([reply_line(code, text + (suffix if i == last else ""),
-                                    enh if enhanced else None, i != last)
-                         for i, (code, enh, text) in enumerate(entries)])
 
     def smtp_TURN(self, line, args):
         yield from NEVER_WAITS
@@ -6432,6 +7566,8 @@ class Transaction(object):
         self.writer = None
         self.wire_bytes = 0
         self.sender_xtext = None    # the sender's INFROM text, made at the first RCPT
+        self.freeze = False         # the policy sends the message to the freezer
+        self.norelay = False        # sendernorelay: recipients need us as their MX
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -6784,6 +7920,14 @@ class SubmissionRateTracker(object):
                 continue
 
 
+class ClientMessageTracker(SubmissionRateTracker):
+    """Messages accepted from each client address over a sliding hour, for
+    the policy's ``ratelimitmsgs``; counted, reported to the master and
+    passed on to the other workers as SubmissionRateTracker's are."""
+
+    PREFIX = "M "
+
+
 class PipeAuthenticator(object):
     """Runs the pipeauth program: ``argv = [path, user]``, the password and
     a newline on stdin, exit status 0 = success, the first output line to
@@ -7003,6 +8147,7 @@ class AuthSpawner(object):
         self.restarts = deque()
         self.given_up = False
         self.pools = {}         # name -> PoolSpec, for the spawner forked next
+        self.replacing = False  # the running one was told to end (replace)
 
     # -- the master ----------------------------------------------------------
 
@@ -7044,6 +8189,7 @@ class AuthSpawner(object):
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGTERM)
+                self.replacing = True
             except OSError:
                 pass
 
@@ -7068,7 +8214,9 @@ class AuthSpawner(object):
         now = time.time()
         while self.restarts and now - self.restarts[0] > AUTH_SPAWNER_RESTART_WINDOW:
             self.restarts.popleft()
-        if len(self.restarts) >= AUTH_SPAWNER_RESTARTS:
+        # One that was asked to end (see replace) is no failure to count.
+        replaced, self.replacing = self.replacing, False
+        if not replaced and len(self.restarts) >= AUTH_SPAWNER_RESTARTS:
             # Shutting the socket down (for every process that has it)
             # makes sessions' requests fail at once, so they start the
             # program themselves instead of waiting for an answer.
@@ -7083,7 +8231,8 @@ class AuthSpawner(object):
                                   pid, len(self.restarts) + 1,
                                   AUTH_SPAWNER_RESTART_WINDOW))
             return
-        self.restarts.append(now)
+        if not replaced:
+            self.restarts.append(now)
         try:
             new = self.start()
         except OSError as e:
@@ -8010,6 +9159,12 @@ def mail_envelope(session, txn):
     return "\n".join(lines) + "\n"
 
 
+#: Envelope comments of a frozen message, as the original writes them:
+#: after the sender (frozen by ``freezesource``), after each recipient.
+FREEZE_SENDER_COMMENT = b"comment policytest() reported freeze state\n"
+FREEZE_RCPT_COMMENT = b"comment policytest() reported freeze state 1\n"
+
+
 def rcpt_envelope(txn, address, dsn, notify_never):
     """One recipient's ``todsn`` and ``to`` lines.  The DSN options are
     always written out in full (the defaults filled in, NOTIFY forced to
@@ -8371,11 +9526,12 @@ class SpoolFile(object):
         st = os.fstat(self.fd)
         return spool_id(st.st_ino, getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9)))
 
-    def commit(self, priority=0, freeze=None):
+    def commit(self, priority=0, freezer=None):
         """Mark finished (mode 0600), fsync, rename into the router's
-        directory (or the freezer: see SpoolWriter.publish).  Returns
-        (spool id, size).  On error the file is removed and OSError
-        raised: nothing acknowledged is ever half there."""
+        directory, or into the freezer with the reason's suffix
+        ``freezer`` (see SpoolWriter.publish).  Returns (spool id, size).
+        On error the file is removed and OSError raised: nothing
+        acknowledged is ever half there."""
         try:
             self._flush()
             os.fchmod(self.fd, self.writer.FINISHED)
@@ -8383,7 +9539,7 @@ class SpoolFile(object):
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            self.writer.publish(self.path, st.st_ino, priority, freeze)
+            self.writer.publish(self.path, st.st_ino, priority, freezer)
         except OSError:
             self.abort()
             raise
@@ -8590,8 +9746,11 @@ class Runtime(object):
         self.reload_count = 0
         self.last_reload = None     # (time, taken?, what happened)
         self.submissions = SubmissionRateTracker()
+        self.client_messages = ClientMessageTracker()
         self._names = {}
         self._names_lock = threading.Lock()
+        self.resolver = Resolver(log=log)
+        self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         self.apply_config(config)
 
@@ -8607,6 +9766,7 @@ class Runtime(object):
         as lines through ``send``, which ``absorb_report`` reads there."""
         self.auth_failures.report = lambda data: send(b"F " + data)
         self.submissions.report = send
+        self.client_messages.report = send
         self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
                                                       .encode("ascii"))
 
@@ -8617,6 +9777,8 @@ class Runtime(object):
             self.auth_failures.absorb(rest)
         elif kind + b" " == SubmissionRateTracker.PREFIX.encode("ascii"):
             self.submissions.absorb(line)
+        elif kind + b" " == ClientMessageTracker.PREFIX.encode("ascii"):
+            self.client_messages.absorb(line)
         elif kind == b"C":
             # ``C name number`` (without a number: one).
             fields = rest.split()
@@ -8687,69 +9849,60 @@ class Runtime(object):
 
     # -- name lookups, cached briefly -------------------------------------------
 
-    def _cached(self, key, compute):
-        now = time.time()
+    def _recall(self, key):
+        hit = self._names.get(key)
+        if hit is not None and time.time() - hit[0] < self.NAME_TTL:
+            return hit[1]
+        return None
+
+    def _remember(self, key, value):
         with self._names_lock:
-            hit = self._names.get(key)
-            if hit and now - hit[0] < self.NAME_TTL:
-                return hit[1]
-        value = compute()
-        with self._names_lock:
-            if len(self._names) > 10000:
+            if len(self._names) > NAME_CACHE_ENTRIES:
                 self._names.clear()
-            self._names[key] = (now, value)
-        return value
+            self._names[key] = (time.time(), value)
 
     def local_name(self, local_ip):
         """Our name as this connection sees it: the reverse name of the
-        local address, else the system host name."""
+        local address (once find_names learnt it), else the host name."""
         if not local_ip:
             return self.hostname
-
-        def compute():
-            try:
-                return socket.gethostbyaddr(local_ip)[0]
-            except (OSError, socket.error):
-                return self.hostname
-        return self._cached(("local", local_ip), compute)
+        return self._recall(("local", local_ip)) or self.hostname
 
     def peer_name(self, ip):
-        """(name, reverse-lookup flag, forward-confirmation flag)."""
+        """(name, reverse-lookup flag, forward-confirmation flag), as far as
+        find_names learnt them."""
         if not ip:
             return "stdin", "??", "FAIL"
+        return self._recall(("peer", ip)) or ("[%s]" % ip, "FAIL", "FAIL")
 
-        def compute():
-            try:
-                name = socket.gethostbyaddr(ip)[0]
-            except (OSError, socket.error):
-                return "[%s]" % ip, "FAIL", "FAIL"
-            return name, "OK", "OK" if self._resolves_to(name, ip) else "FAIL"
-        return self._cached(("peer", ip), compute)
+    def find_names(self, local_ip, peer_ip):
+        """Generator (its waits are the resolver's): the reverse names of
+        both ends, and whether the client's name leads back to its address,
+        looked up unless cached.  A temporary DNS failure is not kept."""
+        resolver = self.resolver
+        if local_ip and self._recall(("local", local_ip)) is None:
+            name = yield from resolver.reverse_name(local_ip)
+            if name != DNS_TEMPFAIL:
+                self._remember(("local", local_ip), name or self.hostname)
+        if peer_ip and self._recall(("peer", peer_ip)) is None:
+            name = yield from resolver.reverse_name(peer_ip)
+            if name is None:
+                self._remember(("peer", peer_ip), ("[%s]" % peer_ip, "FAIL", "FAIL"))
+            elif name != DNS_TEMPFAIL:
+                confirmed = yield from resolver.resolves_to(name, peer_ip)
+                self._remember(("peer", peer_ip), (name, "OK", "OK" if confirmed else "FAIL"))
 
     def helo_resolves_to(self, name, ip):
+        """Generator: does the HELO name (or address literal) lead to the
+        client's address?"""
         if not ip or name.startswith("["):
             return bool(ip) and name.strip("[]").split(":")[-1] == ip
-        return self._cached(("helo", name.lower(), ip), lambda: self._resolves_to(name, ip))
-
-    def helo_name_cached(self, name, ip):
-        """Can helo_resolves_to answer without asking DNS?"""
-        return not ip or name.startswith("[") or self._known(("helo", name.lower(), ip))
-
-    def names_cached(self, local_ip, peer_ip):
-        """Can a session's set-up find both names without asking DNS?"""
-        return ((not local_ip or self._known(("local", local_ip)))
-                and (not peer_ip or self._known(("peer", peer_ip))))
-
-    def _known(self, key):
-        hit = self._names.get(key)
-        return hit is not None and time.time() - hit[0] < self.NAME_TTL
-
-    @staticmethod
-    def _resolves_to(name, ip):
-        try:
-            return any(info[4][0] == ip for info in socket.getaddrinfo(name, None))
-        except (OSError, socket.error, UnicodeError):
-            return False
+        key = ("helo", name.lower(), ip)
+        known = self._recall(key)
+        if known is None:
+            known = yield from self.resolver.resolves_to(name, ip)
+            self._remember(key, known)
+        return known
 
     # -- reload (the Supervisor's SIGHUP) ---------------------------------------
 
@@ -9100,17 +10253,31 @@ def check_policies(config, user=None):
     return problems
 
 
-def check_postoffice(site, user, config=None):
-    """public/ and router/ (and freezer/, where the content filter may put
-    messages) must take new files from the session user; otherwise every
-    MAIL would answer a misleading 452."""
+#: Policy attributes that send messages to $POSTOFFICE/freezer/.
+FREEZING_ATTRIBUTES = ("freeze", "freezesource", "freezenet")
+
+
+def policies_freeze(config):
+    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+    for g in config.groups:
+        if g.policydb:
+            try:
+                if PolicyTable.load(g.policydb[1] + ".dat").sets_any(FREEZING_ATTRIBUTES):
+                    return True
+            except (PolicyError, IOError, OSError):
+                pass                # check_policies says why
+    return False
+
+
+def check_postoffice(site, user, freezing=False):
+    """public/ and router/ (and freezer/ when the policy or the content
+    filter may freeze messages) must take new files from the session
+    user; otherwise every MAIL (or every frozen message) would answer a
+    misleading 452."""
     problems = []
     source = "-P" if site.options.get("postoffice") else \
         "POSTOFFICE in %s" % (site.zconfig_path or "zmailer.conf")
-    subs = ("public", "router")
-    if config is not None and config.contentfilter:
-        subs += ("freezer",)
-    for sub in subs:
+    for sub in ("public", "router") + (("freezer",) if freezing else ()):
         path = os.path.join(site.postoffice, sub)
         if not os.path.isdir(path):
             problems.append("%s: $POSTOFFICE/%s (%s) is not a directory. Fix: create it "
@@ -9268,7 +10435,8 @@ def startup_problems(config, site, log, daemon, user):
             problems.append("-l %s: cannot open the log file: %s. Fix: create its "
                             "directory, or name a file root can write" % (path, why))
     problems.extend(check_policies(config, user))
-    problems.extend(check_postoffice(site, user, config))
+    problems.extend(check_postoffice(site, user, policies_freeze(config) or
+                                     bool(config.contentfilter)))
     problems.extend(check_auth_programs(config, site))
     problems.extend(check_pool_programs(config, site, user))
     return problems

@@ -551,6 +551,16 @@ class FilteringAttributeTest(unittest.TestCase):
     def test_p8_fulltrustnet_client_is_filtered(self):
         self.assertTrue(filtered(self, "[127.0.0.1]/32 fulltrustnet +\n"))
 
+    def test_p9_a_message_the_policy_freezes_is_not_filtered(self):
+        d = FilterDaemon(self, policy="frz@spam.test freezesource +\n")
+        line = d.send("CF:reject", sender="frz@spam.test")
+        self.assertEqual(without_id(line), "250 2.7.1 Content-Policy accept-into-freezer-2 "
+                         "msg: accepted into freezer, no explanations; <id>")
+        self.assertEqual(d.records("request"), [])
+        frozen = d.spooled("freezer")
+        self.assertEqual(len(frozen), 1)
+        self.assertTrue(frozen[0].endswith("policy-2"), frozen)
+
     def test_p11_filtering_minus_on_the_default_network(self):
         self.assertFalse(filtered(self, "[0.0.0.0]/0 filtering -\n"))
 

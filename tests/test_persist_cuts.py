@@ -107,6 +107,7 @@ class WorkerCountBatchingTest(unittest.TestCase):
         runtime = zmsmtpd.Runtime.__new__(zmsmtpd.Runtime)
         runtime.auth_failures = zmsmtpd.AuthFailureTracker()
         runtime.submissions = zmsmtpd.SubmissionRateTracker()
+        runtime.client_messages = zmsmtpd.ClientMessageTracker()
         runtime.stats = zmsmtpd.ServerStats()
         lines = []
         runtime.report_to(lines.append)
