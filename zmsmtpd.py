@@ -24,13 +24,20 @@ Map of this file, in the order data flows through it:
                             requests: a worker's loop serves them
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
-  7. Listeners ............ Bind parsing to sockets, ListenerServer (a
+  7. Process core ......... EventLoop (one selector, a timer heap,
+                            call_soon, signals through one wake-up pipe),
+                            Peer (framed messages with descriptors between
+                            processes, an outbox that never drops), the
+                            SCM_RIGHTS helpers, reaping only our own children
+  8. Listeners ............ Bind parsing to sockets, ListenerServer (a
                             socketserver.TCPServer per socket), the session
                             models (thread / fork / workers mixins, the
                             WorkerPool; a worker's WorkerContext, its
                             SessionLoop and ThreadHandover), Supervisor
-                            (the master's selectors loop, reload, shutdown)
-  8. Session .............. Channel and the WANT_* requests a conversation
+                            (the master: the transactional reload,
+                            restarts, shutdown), the thread model's
+                            FileKeeper
+  9. Session .............. Channel and the WANT_* requests a conversation
                             yields, StopFlag, drive_blocking, ESMTP parameter
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
@@ -38,15 +45,18 @@ Map of this file, in the order data flows through it:
                             SessionStart, MailTransactionVerbs,
                             MessageDataVerbs and RouterQueries), one
                             ``smtp_VERB`` generator per verb
-  9. Authentication ....... SaslExchange (the AUTH dialogue),
+ 10. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, AuthFailureTracker, AuthSpawner
-                            (the helper process that starts the programs),
+                            (the helper process that starts the programs of
+                            its table, AuthProgram) and its SpawnerLoop,
                             ProgramPool (the content filter's and the
                             interactive router's processes, kept by that
                             helper), FilterVerdict, router_reply
- 10. Spool ................ the envelope (mail_envelope, rcpt_envelope),
+ 11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
- 11. Command line ......... option parsing, daemon, pid file, signals, demo
+ 12. Command line ......... option parsing, Runtime (prepare, install),
+                            daemon, pid file, signals, privileges
+                            (give_up_root), demo
 """
 
 import array
@@ -128,6 +138,25 @@ POLICY_CACHE_ENTRIES = 50000
 #: Name facts (reverse names, HELO confirmations) a process keeps before
 #: it starts afresh; each for Runtime.NAME_TTL seconds.
 NAME_CACHE_ENTRIES = 10000
+#: Messages a process-core peer may hold in its outbox (sent when the
+#: socket has room) before it counts as stuck: logged once, and the
+#: master hands a stuck worker no more connections until it catches up.
+PEER_OUTBOX_LIMIT = 1024
+#: Descriptors one framed message may carry (a log reopen passes one per
+#: ``-l`` file; a connection hand-over passes one).
+PEER_MESSAGE_FDS = 16
+#: The largest framed message between the master and its processes.
+PEER_MESSAGE_MAX = 65536
+#: Seconds a process that ends waits to get its outbox out to the master.
+PEER_FLUSH_AT_EXIT = 5.0
+#: A worker that ends is restarted after WORKER_RESTART_DELAY seconds,
+#: doubled at each end in a row up to WORKER_RESTART_DELAY_MAX; a worker
+#: that ran WORKER_STABLE_RUN seconds starts the series again.  A worker
+#: that dies at once (a broken library, no memory) is so never forked in
+#: a tight loop.
+WORKER_RESTART_DELAY = 0.5
+WORKER_RESTART_DELAY_MAX = 30.0
+WORKER_STABLE_RUN = 10.0
 #: Bytes of a message buffered before they are written to the spool file.
 SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
@@ -2872,6 +2901,8 @@ REPLIES = {
                                        "closing connection"),
     "shutdown": (421, "4.3.2", "{host} Service shutting down, closing connection"),
     "internal_error": (421, "4.3.0", "{host} Internal error, closing connection"),
+    # No worker can take a connection (every one is restarting or stuck).
+    "no_worker": (421, "4.3.2", "{host} Service not available, closing connection"),
     "quit": (221, "2.0.0", "{host} Out"),
     # line level
     "line_too_long": (500, "5.5.2", "Line too long"),
@@ -3338,7 +3369,528 @@ def mail_syslog(priority, text):
 
 
 # ---------------------------------------------------------------------------
-# 7. Listeners: sockets, the session models, the selectors loop
+# 7. Process core: one event loop per process, framed messages between them
+# ---------------------------------------------------------------------------
+#
+# Every long-lived process of the server (the master, a worker) runs one
+# EventLoop; processes talk through a Peer each over a SOCK_SEQPACKET
+# socketpair.  How to use them:
+#
+#   loop = EventLoop(log)
+#   loop.watch(sock, selectors.EVENT_READ, callback)  # callback(mask); 0 = forget
+#   timer = loop.call_at(when, callback, *args)       # time.time() based
+#   timer.cancel()
+#   loop.call_soon(callback, *args)                   # from any thread
+#   loop.catch_signals(handler, [signal.SIGHUP])      # handler(signum) on the loop
+#   loop.every_turn(hook)       # hook() after each turn; returns the most
+#                               # seconds until it must run again, or None
+#   loop.run(until=None, deadline=None)   # until loop.stop(), until(), deadline
+#
+#   peer = Peer(loop, sock, on_message, on_end, "worker 1234")
+#   peer.send(b"S 1 0 ...", fds=[conn.fileno()])  # never dropped, any thread
+#   on_message(data, fds)       # the receiver owns fds (non-inheritable)
+#   on_end(why)                 # end of file or an error; peer closed by then
+#   peer.congested              # the outbox is over PEER_OUTBOX_LIMIT
+#
+# send_message/receive_message are the one way to pass descriptors
+# (SCM_RIGHTS) between processes, for code that has no Peer (a request's
+# own reply socket).  An exception that escapes a callback is logged with
+# its traceback by the loop (run_callback) and the loop goes on.
+
+#: What child_exit gives for a child whose exit status cannot be known
+#: (ECHILD: it was reaped elsewhere).  Never a success.
+EXIT_STATUS_UNKNOWN = -1
+
+
+def send_message(sock, message, fds=(), flags=0):
+    """Send one framed message on a SOCK_SEQPACKET socket with the
+    descriptors ``fds`` attached (SCM_RIGHTS); the sender keeps its own.
+    Raises what sendmsg raises (BlockingIOError: the queue is full)."""
+    ancillary = []
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", fds).tobytes())]
+    sock.sendmsg([message], ancillary, flags)
+
+
+def receive_message(sock, size=PEER_MESSAGE_MAX, max_fds=PEER_MESSAGE_FDS, flags=0):
+    """Receive one framed message: ``(data, fds, cut)``.  Every descriptor
+    that came is close-on-exec from the start (and checked so), since a
+    program another thread starts meanwhile must not inherit it.  ``cut``:
+    the message or its descriptors did not fit (the descriptors that came
+    are still returned, for the caller to close).  ``(b"", [], False)`` is
+    end of file; BlockingIOError when nothing waits."""
+    itemsize = array.array("i").itemsize
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(max_fds * itemsize),
+        flags | getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % itemsize])
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return data, list(fds), bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def child_exit(pid):
+    """Reap child ``pid`` if it has ended, without waiting: None while it
+    runs, else its wait status, or EXIT_STATUS_UNKNOWN when it is not (or
+    no longer) a child to wait for.  Only ever a pid this process started:
+    waiting for any child would take the status of a program that a
+    session thread started, and that thread would see a success."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return EXIT_STATUS_UNKNOWN
+    return status if done else None
+
+
+def wait_for_exit(pid, timeout):
+    """Wait up to ``timeout`` seconds for child ``pid``: its wait status,
+    EXIT_STATUS_UNKNOWN, or None if it still runs."""
+    deadline = time.time() + timeout
+    delay = 0.0005
+    while True:
+        status = child_exit(pid)
+        if status is not None:
+            return status
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return None
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def exit_code(status):
+    """A wait status as Popen's returncode (a signal's death negative);
+    None for EXIT_STATUS_UNKNOWN."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return None
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def describe_exit(status):
+    """A wait status in words, for the log."""
+    if status == EXIT_STATUS_UNKNOWN:
+        return "ended with an exit status that cannot be known"
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+class Timer(object):
+    """A callback due at ``when`` (time.time()) on an EventLoop."""
+
+    __slots__ = ("loop", "when", "callback", "args")
+
+    def __init__(self, loop, when, callback, args):
+        self.loop = loop
+        self.when = when
+        self.callback = callback
+        self.args = args
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def cancel(self):
+        """It will not run; what it refers to is let go at once."""
+        if self.callback is not None:
+            self.callback = self.args = None
+            self.loop.cancelled += 1
+
+
+class EventLoop(object):
+    """One process's loop: a selector whose keys' data are the callbacks
+    for their events (``callback(mask)``), a heap of timers, callbacks
+    queued from other threads and from signal handlers, and one wake-up
+    pipe for both (it is also the signal module's wake-up descriptor where
+    the process catches signals, so a signal never waits for a timeout).
+
+    Everything runs on the thread that calls ``run`` except ``call_soon``
+    and Peer.send, which any thread may call."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.timers = []            # heap of (when, n, Timer)
+        self.timer_n = 0
+        self.cancelled = 0          # cancelled timers still in the heap
+        self.soon = deque()         # (callback, args); deque appends are atomic
+        self.hooks = []
+        self.hook_wait = None
+        self.stopped = False
+        self.thread = None          # the thread running the loop
+        self.signal_handler = None
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._drain)
+
+    # -- what to wait for ---------------------------------------------------------
+
+    def watch(self, fileobj, events, callback=None):
+        """Call ``callback(mask)`` when ``fileobj`` has ``events``; no
+        events: no longer watched."""
+        selector = self.selector
+        if not events:
+            try:
+                selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+            return
+        try:
+            selector.get_key(fileobj)
+        except KeyError:
+            selector.register(fileobj, events, callback)
+        else:
+            selector.modify(fileobj, events, callback)
+
+    def call_at(self, when, callback, *args):
+        """A Timer: ``callback(*args)`` on the loop once time.time() >= when."""
+        timer = Timer(self, when, callback, args)
+        self.timer_n += 1
+        heapq.heappush(self.timers, (when, self.timer_n, timer))
+        if self.cancelled > 64 and self.cancelled * 2 > len(self.timers):
+            self._compact_timers()
+        return timer
+
+    def call_later(self, delay, callback, *args):
+        return self.call_at(time.time() + delay, callback, *args)
+
+    def call_soon(self, callback, *args):
+        """``callback(*args)`` at the loop's next turn; from any thread, or
+        a signal handler."""
+        self.soon.append((callback, args))
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass            # full: a wake-up is pending anyway
+
+    def catch_signals(self, handler, signums):
+        """Signals ``signums`` of this process call ``handler(signum)`` on
+        the loop (call from the main thread)."""
+        self.signal_handler = handler
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in signums:
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum, frame):
+        self.soon.append((self.signal_handler, (signum,)))
+
+    def every_turn(self, hook):
+        """``hook()`` after each turn of the loop; it returns the most
+        seconds the loop may sleep before it must run again (or None)."""
+        self.hooks.append(hook)
+
+    def stop(self):
+        """``run`` returns at the end of this turn."""
+        self.stopped = True
+        if self.thread is not None and threading.get_ident() != self.thread:
+            self.wake()
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, until=None, deadline=None):
+        """Turn until ``stop()``, ``until()`` is true, or ``deadline``."""
+        self.thread = threading.get_ident()
+        self.stopped = False
+        select = self.selector.select
+        while not self.stopped:
+            if until is not None and until():
+                return
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                return
+            if self.soon:
+                timeout = 0
+            else:
+                timeout = self.hook_wait
+                if self.timers:
+                    first = max(0.0, self.timers[0][0] - now)
+                    timeout = first if timeout is None else min(timeout, first)
+                if deadline is not None:
+                    left = deadline - now
+                    timeout = left if timeout is None else min(timeout, left)
+            for key, mask in select(timeout):
+                # run_callback without its call: this is the busiest line.
+                try:
+                    key.data(mask)
+                except Exception:
+                    self.callback_failed(key.data)
+            timers = self.timers
+            if timers and timers[0][0] <= time.time():
+                self._run_timers()
+            if self.soon:
+                self.run_soon()
+            if self.hooks:
+                self._run_hooks()
+
+    def run_callback(self, callback, *args):
+        """Call ``callback(*args)`` as the loop calls all code: an exception
+        there is logged with its traceback and the loop goes on."""
+        try:
+            callback(*args)
+        except Exception:
+            self.callback_failed(callback)
+
+    def callback_failed(self, callback):
+        """Log the exception being handled, with its traceback."""
+        text = "uncaught exception in %s (the loop goes on): %s" % (
+            getattr(callback, "__qualname__", None) or repr(callback),
+            traceback.format_exc().replace("\n", " | "))
+        if self.log is not None:
+            self.log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+    def _run_timers(self):
+        now = time.time()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            callback, args = timer.callback, timer.args
+            if callback is None:
+                self.cancelled -= 1
+                continue
+            timer.callback = timer.args = None
+            self.run_callback(callback, *args)
+
+    def _compact_timers(self):
+        self.timers = [entry for entry in self.timers if entry[2].callback is not None]
+        heapq.heapify(self.timers)
+        self.cancelled = 0
+
+    def run_soon(self):
+        """What call_soon queued so far (the loop does it every turn; a
+        process that ends calls it once more for what threads queued)."""
+        soon = self.soon
+        for _ in range(len(soon)):
+            callback, args = soon.popleft()
+            self.run_callback(callback, *args)
+
+    def _run_hooks(self):
+        wait = None
+        for hook in self.hooks:
+            try:
+                seconds = hook()
+            except Exception:
+                self.run_callback(functools.partial(_reraise, sys.exc_info()[1]))
+                continue
+            if seconds is not None:
+                wait = seconds if wait is None else min(wait, seconds)
+        self.hook_wait = wait
+
+    def _drain(self, mask=None):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    # -- the end ------------------------------------------------------------------
+
+    def close_in_child(self):
+        """In a process just forked from this loop's: let the copy go
+        without a system call on what the parent still uses (an epoll
+        instance is shared across fork: unregistering here would
+        unregister in the parent)."""
+        if self.signal_handler is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            self.signal_handler = None
+        self.selector.close()
+        close_fds((self.wake_r, self.wake_w))
+        self.timers = []
+        self.soon.clear()
+        self.hooks = []
+
+    def close(self):
+        self.close_in_child()
+
+
+def _reraise(error):
+    raise error
+
+
+class Peer(object):
+    """The other process at the far end of a SOCK_SEQPACKET socketpair, as
+    one process's EventLoop sees it: framed messages with descriptors.
+
+    ``send`` never drops a message: what the socket cannot take now waits
+    in the outbox, in order, and goes when it is writable.  A peer whose
+    outbox holds PEER_OUTBOX_LIMIT messages is stuck (``congested``): that
+    is logged once, and the owner applies back-pressure (the master hands
+    a stuck worker no connections).  Received descriptors are
+    non-inheritable.  End of file and errors reach the owner's ``on_end``
+    once (errors logged here), the peer closed by then."""
+
+    def __init__(self, loop, sock, on_message, on_end, name):
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.on_end = on_end
+        self.name = name
+        self.outbox = deque()       # (message, fds this peer owns)
+        self.stuck = False
+        self.closed = False
+        sock.setblocking(False)
+        loop.watch(sock, selectors.EVENT_READ, self.ready)
+
+    @property
+    def congested(self):
+        return len(self.outbox) >= PEER_OUTBOX_LIMIT
+
+    def send(self, message, fds=()):
+        """Send ``message`` (bytes) with the descriptors ``fds`` (the caller
+        keeps its own), now or as soon as the socket takes it.  Any thread;
+        False when the peer is gone (logged)."""
+        loop = self.loop
+        if loop.thread is not None and threading.get_ident() != loop.thread:
+            loop.call_soon(self._send_owned, message, [os.dup(fd) for fd in fds])
+            return not self.closed
+        return self._send(message, fds, owned=False)
+
+    def _send_owned(self, message, fds):
+        try:
+            self._send(message, fds, owned=True)
+        finally:
+            if not self.outbox or self.outbox[-1][1] is not fds:
+                close_fds(fds)
+
+    def _send(self, message, fds, owned):
+        if self.closed:
+            self._log("message %r not sent: the channel is closed" % message[:40])
+            return False
+        if not self.outbox:
+            try:
+                send_message(self.sock, message, fds)
+                return True
+            except BlockingIOError:
+                pass
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return False
+        self.outbox.append((message, fds if owned else [os.dup(fd) for fd in fds]))
+        if len(self.outbox) == 1:
+            self.loop.watch(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.ready)
+        elif len(self.outbox) >= PEER_OUTBOX_LIMIT and not self.stuck:
+            self.stuck = True
+            self._log("%s does not read: %d messages wait for it" % (self.name,
+                                                                     len(self.outbox)))
+        return True
+
+    def flush(self):
+        outbox = self.outbox
+        while outbox:
+            message, fds = outbox[0]
+            try:
+                send_message(self.sock, message, fds)
+            except BlockingIOError:
+                return
+            except (OSError, socket.error) as e:
+                self.broken("cannot send", e)
+                return
+            outbox.popleft()
+            close_fds(fds)
+        if self.stuck:
+            self.stuck = False
+            self._log("%s reads again" % self.name)
+        self.loop.watch(self.sock, selectors.EVENT_READ, self.ready)
+
+    def ready(self, mask):
+        """The selector's callback."""
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+        if mask & selectors.EVENT_READ:
+            while not self.closed:
+                try:
+                    data, fds, cut = receive_message(self.sock)
+                except BlockingIOError:
+                    return
+                except (OSError, socket.error) as e:
+                    self.broken("cannot receive", e)
+                    return
+                if not data and not fds:
+                    self.end("end of file")
+                    return
+                if cut:
+                    close_fds(fds)
+                    self._log("a message from %s did not fit and was dropped: %r"
+                              % (self.name, data[:40]))
+                    continue
+                self.on_message(data, fds)
+
+    def drain(self, timeout=PEER_FLUSH_AT_EXIT):
+        """Before the process exits: the outbox out, waiting up to
+        ``timeout`` seconds for room."""
+        if self.closed or not self.outbox:
+            return
+        deadline = time.time() + timeout
+        try:
+            while self.outbox:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise socket.timeout()
+                select.select([], [self.sock], [], remaining)
+                self.flush()
+        except socket.timeout:
+            self._log("%d messages to %s not sent: it did not read for %gs" % (
+                len(self.outbox), self.name, timeout))
+
+    def broken(self, what, error):
+        self._log("%s %s: %s" % (what, self.name, error))
+        self.end(str(error))
+
+    def end(self, why):
+        if self.closed:
+            return
+        self.close()
+        self.on_end(why)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.watch(self.sock, 0)
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def close_in_child(self):
+        """In a process forked from the owner: only the descriptors."""
+        self.closed = True
+        self.sock.close()
+        while self.outbox:
+            close_fds(self.outbox.popleft()[1])
+
+    def _log(self, text):
+        log = self.loop.log
+        if log is not None:
+            log.note(text)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROGRAM, text))
+
+
+# ---------------------------------------------------------------------------
+# 8. Listeners: sockets, the session models, the selectors loop
 # ---------------------------------------------------------------------------
 
 def interface_address(name, family):
@@ -3554,11 +4106,9 @@ class ListenerServer(socketserver.TCPServer):
     def ready(self, mask):
         """The selector's callback: a connection to accept.  socketserver's
         _handle_request_noblock runs get_request, verify_request and
-        process_request, with errors to handle_error."""
-        try:
-            self._handle_request_noblock()
-        except Exception:  # never let one accept kill the loop
-            self.context.log.note("accept loop error: %s" % (sys.exc_info()[1],))
+        process_request, with errors to handle_error (and what escapes
+        that to the loop's callback runner)."""
+        self._handle_request_noblock()
 
     def verify_request(self, request, client_address):
         """Connection limits and ``rejectnet``: over the limit a 450 (or,
@@ -3598,7 +4148,8 @@ class WorkerDispatchMixIn(object):
         if key is not None:
             self.context.session_started(self, client_address, key)
         else:
-            lines = format_reply("shutdown", self.group.enhancedstatus,
+            name = "shutdown" if self.context.stopping else "no_worker"
+            lines = format_reply(name, self.group.enhancedstatus,
                                  host=self.context.runtime.hostname)
             try:
                 request.sendall(reply_bytes(lines))
@@ -3617,233 +4168,254 @@ def make_listener_class(model):
 
 
 class WorkerPool(object):
-    """The worker processes of ``session-model workers``.
+    """The worker processes of ``session-model workers``, each a Peer on
+    the master's loop.
 
     Master -> worker messages: ``S <seq> <listener> <ip> <port>`` with the
     connection's descriptor attached, ``F <ip> <time>`` (an AUTH failure
     seen by another worker), ``U <login> <time> <recipients>`` (a message
-    another worker accepted, for submission-rate-limit), ``R`` (a reload:
-    finish the running sessions, however long they take, and exit), ``Q``
-    (stopping: the same, within ``shutdown-grace``).  A connection the
-    worker's queue cannot take at once (the kernel queues few descriptors
-    on a UNIX socket) waits in the worker's backlog here until it can.
-    Worker -> master: ``E <seq>`` (session ended), ``F <ip> <time>``,
-    ``U <login> <time> <recipients>``, ``C <accepted|refused> <number>``
-    (for the status file, held up to REPORT_INTERVAL).  A worker that dies is replaced; its
-    sessions are counted as ended."""
+    another worker accepted, for submission-rate-limit), ``L`` with the
+    reopened log files' descriptors, ``R`` (a reload: finish the running
+    sessions, however long they take, and exit), ``Q`` (stopping: the
+    same, within ``shutdown-grace``).  Worker -> master: ``E <seq>``
+    (session ended), ``F <ip> <time>``, ``U <login> <time> <recipients>``,
+    ``C <accepted|refused> <number>`` (for the status file, held up to
+    REPORT_INTERVAL).  No message is dropped: what a socket cannot take
+    waits in its Peer's outbox, and a worker whose outbox is full gets no
+    connections until it reads again.
+
+    A worker that dies is logged with its exit status or signal, its
+    sessions are counted as ended, and another is started after a delay
+    that grows while workers keep dying young (WORKER_RESTART_DELAY)."""
 
     def __init__(self, supervisor, count):
         self.supervisor = supervisor
         self.count = max(1, count)
         self.workers = {}      # pid -> WorkerEntry
         self.seq = 0
+        self.delays = {}       # index -> the delay of its last restart
+        self.restarts = {}     # index -> the Timer of a pending restart
 
-    def start(self):
+    def start(self, strict=False):
+        """A worker for each index.  One that cannot be forked is tried
+        again later, or (``strict``) raises OSError after the ones this
+        call started are retired again."""
+        started = []
         for index in range(self.count):
-            self.spawn(index)
+            try:
+                started.append(self.spawn(index))
+            except OSError as e:
+                if strict:
+                    for pid in started:
+                        self.retire_one(self.workers[pid], b"R")
+                    raise
+                self.supervisor.log.note("cannot start worker %d: %s" % (index, e))
+                self.restart_later(index)
+        return started
 
     def spawn(self, index):
         sup = self.supervisor
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
+        try:
+            pid = os.fork()
+        except OSError:
             parent.close()
-            for other in self.workers.values():
-                other.channel.close()
+            child.close()
+            raise
+        if pid == 0:
             status = 0
             try:
+                parent.close()
+                for other in self.workers.values():
+                    other.peer.close_in_child()
                 WorkerContext(sup, index, child).run()
             except Exception:
                 status = 1
+                sup.log.note("worker %d failed: %s" % (os.getpid(), traceback.format_exc()
+                                                       .replace("\n", " | ")))
             os._exit(status)
         child.close()
-        parent.setblocking(False)
-        entry = self.workers[pid] = WorkerEntry(parent, index)
-        entry.ready = functools.partial(self.worker_event, pid)
-        sup.selector.register(parent, selectors.EVENT_READ, entry.ready)
+        entry = WorkerEntry(pid, index, list(sup.listeners))
+        entry.peer = Peer(sup.loop, parent, functools.partial(self.message, entry),
+                          functools.partial(self.channel_ended, entry), "worker %d" % pid)
+        self.workers[pid] = entry
+        return pid
 
     def dispatch(self, listener, request, client_address):
-        """Send a connection to the least busy worker; its session key."""
-        ready = [p for p, e in self.workers.items() if not e.retired]
+        """Hand a connection to the least busy worker that reads its
+        messages; its session key, or None when no worker can take it."""
+        ready = [e for e in self.workers.values()
+                 if not e.retired and not e.peer.closed and not e.peer.congested
+                 and listener in e.listeners]
         if not ready:
             return None
-        pid = min(ready, key=lambda p: self.workers[p].active)
-        entry = self.workers[pid]
+        entry = min(ready, key=lambda e: e.active)
         self.seq += 1
-        index = self.supervisor.listeners.index(listener)
-        payload = ("S %d %d %s %d" % (self.seq, index, client_address[0],
-                                      client_address[1])).encode("ascii")
-        if not entry.backlog:
-            try:
-                self.hand_over(entry, payload, request)
-            except BlockingIOError:
-                pass
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                return None
-            else:
-                entry.active += 1
-                return (pid, self.seq)
-        # The worker's queue is full: keep a copy of the connection until
-        # it has room (the caller closes its own).
-        if not entry.backlog:
-            self.supervisor.selector.modify(entry.channel,
-                                            selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                            entry.ready)
-        entry.backlog.append((payload, request.dup()))
+        payload = ("S %d %d %s %d" % (self.seq, entry.listeners.index(listener),
+                                      client_address[0], client_address[1])).encode("ascii")
+        if not self.hand_over(entry, payload, request):
+            return None
         entry.active += 1
-        return (pid, self.seq)
+        return (entry.pid, self.seq)
 
     @staticmethod
     def hand_over(entry, payload, request):
-        fds = array.array("i", [request.fileno()])
-        entry.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           fds.tobytes())])
+        return entry.peer.send(payload, [request.fileno()])
 
-    def writable(self, pid):
-        """Room in worker ``pid``'s queue: hand over its backlog."""
-        entry = self.workers.get(pid)
-        if entry is None:
+    def message(self, entry, data, fds):
+        """A message from a worker."""
+        close_fds(fds)          # workers send none
+        kind, _, rest = data.partition(b" ")
+        sup = self.supervisor
+        if kind == b"E":
+            entry.active -= 1
+            sup.session_ended((entry.pid, int(rest)))
             return
-        while entry.backlog:
-            payload, conn = entry.backlog[0]
-            try:
-                self.hand_over(entry, payload, conn)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot hand a connection to worker %d: %s" % (pid, e))
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(payload.split()[1])))
-            entry.backlog.popleft()
-            conn.close()
-        self.supervisor.selector.modify(entry.channel, selectors.EVENT_READ, entry.ready)
-
-    def worker_event(self, pid, mask):
-        if mask & selectors.EVENT_WRITE:
-            self.writable(pid)
-        if mask & selectors.EVENT_READ:
-            self.readable(pid)
-
-    def readable(self, pid):
-        """Messages from worker ``pid``; EOF means it is gone."""
-        entry = self.workers.get(pid)
-        if entry is None:
-            return
-        while True:
-            try:
-                msg = entry.channel.recv(4096)
-            except BlockingIOError:
-                return
-            except (OSError, socket.error):
-                msg = b""
-            if not msg:
-                self.lost(pid)
-                return
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"E":
-                entry.active -= 1
-                self.supervisor.session_ended((pid, int(rest)))
-                continue
-            self.supervisor.runtime.absorb_report(msg)
-            if kind in (b"F", b"U", b"M"):
-                # The other workers count them too.
-                self.broadcast(msg, but=pid)
+        sup.runtime.absorb_report(data)
+        if kind in (b"F", b"U", b"M"):
+            # The other workers count them too.
+            self.broadcast(data, but=entry.pid)
 
     def send_log(self, fds):
         """After the master reopened the log files (rotation): every
         worker, the retiring ones too, gets the new descriptors (``L``).
         A worker runs as the session user and could not open them."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      array.array("i", fds).tobytes())] if fds else []
-        for pid, entry in list(self.workers.items()):
-            try:
-                # The queue may be full of connections: wait a little.
-                entry.channel.settimeout(2.0)
-                entry.channel.sendmsg([b"L"], ancillary)
-            except (OSError, socket.error) as e:
-                self.supervisor.log.note("cannot pass the reopened log to worker %d: %s"
-                                         % (pid, e))
-            finally:
-                entry.channel.setblocking(False)
+        for entry in list(self.workers.values()):
+            entry.peer.send(b"L", fds)
 
     def broadcast(self, msg, but=None):
         for pid, entry in list(self.workers.items()):
-            if pid != but:
-                try:
-                    entry.channel.send(msg)
-                except (OSError, socket.error):
-                    pass
+            if pid != but and not entry.peer.closed:
+                entry.peer.send(msg)
 
-    def lost(self, pid):
-        entry = self.workers.pop(pid)
+    def channel_ended(self, entry, why):
+        """The worker's channel reached its end (the worker exits) or
+        broke: it gets no more connections; its sessions end with it."""
         sup = self.supervisor
-        try:
-            sup.selector.unregister(entry.channel)
-        except (KeyError, ValueError):
-            pass
-        entry.channel.close()
-        for _, conn in entry.backlog:
-            conn.close()
-        entry.backlog.clear()
         with sup.lock:
-            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == pid]
+            gone = [k for k in sup.sessions if isinstance(k, tuple) and k[0] == entry.pid]
         for key in gone:
             sup.session_ended(key)
+        entry.active = 0
+        self.reap_one(entry)
+
+    def reap(self):
+        for entry in list(self.workers.values()):
+            self.reap_one(entry)
+
+    def reap_one(self, entry):
+        if entry.status is None:
+            entry.status = child_exit(entry.pid)
+            if entry.status is None:
+                return
+        if not entry.peer.closed:
+            # What it sent before it ended still counts; the end of its
+            # channel comes back here (channel_ended).
+            entry.peer.ready(selectors.EVENT_READ)
+            entry.peer.end("the worker ended")
+            return
+        if self.workers.pop(entry.pid, None) is not None:
+            self.ended(entry, entry.status)
+
+    def ended(self, entry, status):
+        """Worker ``entry`` ended with wait status ``status``."""
+        sup = self.supervisor
+        what = describe_exit(status)
+        if sup.stopping or entry.retired:
+            if status != 0:
+                sup.log.note("worker %d (retiring) %s" % (entry.pid, what))
+            return
+        if time.time() - entry.started >= WORKER_STABLE_RUN:
+            self.delays.pop(entry.index, None)
+        delay = self.restart_later(entry.index)
+        sup.log.note("worker %d %s; starting another in %g s" % (entry.pid, what, delay))
+
+    def restart_later(self, index):
+        """Start worker ``index`` again after the next delay; the delay."""
+        last = self.delays.get(index)
+        delay = WORKER_RESTART_DELAY if last is None else min(last * 2, WORKER_RESTART_DELAY_MAX)
+        self.delays[index] = delay
+        old = self.restarts.pop(index, None)
+        if old is not None:
+            old.cancel()
+        self.restarts[index] = self.supervisor.loop.call_later(delay, self.respawn, index)
+        return delay
+
+    def respawn(self, index):
+        self.restarts.pop(index, None)
+        if self.supervisor.stopping or index >= self.count:
+            return
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except OSError:
-            pass
-        if not sup.stopping and not entry.retired:
-            sup.log.note("worker %d ended; starting another" % pid)
-            self.spawn(entry.index)
+            self.spawn(index)
+        except OSError as e:
+            delay = self.restart_later(index)
+            self.supervisor.log.note("cannot start worker %d: %s; trying again in %g s"
+                                     % (index, e, delay))
+
+    def cancel_restarts(self):
+        for timer in self.restarts.values():
+            timer.cancel()
+        self.restarts.clear()
+
+    def retire_one(self, entry, message):
+        entry.retired = True
+        entry.peer.send(message)
 
     def retire(self, message=b"Q"):
         """Ask every worker to finish its sessions and exit (no respawn)."""
-        for entry in self.workers.values():
-            entry.retired = True
-        self.broadcast(message)
+        self.cancel_restarts()
+        for entry in list(self.workers.values()):
+            self.retire_one(entry, message)
 
     def restart(self, count):
-        """After a reload: the old workers finish their sessions, however
-        long they take; ``count`` new ones take over at once."""
-        self.retire(b"R")
-        self.count = max(1, count)
-        self.start()
+        """After a reload: ``count`` new workers take over at once, and the
+        old ones finish their sessions, however long they take.  If a new
+        one cannot be forked, the old ones keep serving (OSError)."""
+        old = [e for e in self.workers.values() if not e.retired]
+        old_count, self.count = self.count, max(1, count)
+        try:
+            self.start(strict=True)
+        except OSError:
+            self.count = old_count
+            raise
+        self.cancel_restarts()
+        for entry in old:
+            self.retire_one(entry, b"R")
 
     def wait(self, deadline):
         """Until the workers are gone or the deadline; then SIGKILL."""
-        while self.workers and time.time() < deadline:
-            for key, mask in self.supervisor.selector.select(timeout=0.1):
-                key.data(mask)
-        for pid in list(self.workers):
+        self.supervisor.loop.run(until=lambda: not self.workers, deadline=deadline)
+        for pid, entry in list(self.workers.items()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.lost(pid)
+            wait_for_exit(pid, 5.0)
+            self.reap_one(entry)
 
 
 class WorkerEntry(object):
     """The master's view of one worker."""
 
-    def __init__(self, channel, index):
-        self.channel = channel
+    def __init__(self, pid, index, listeners):
+        self.pid = pid
         self.index = index
+        self.listeners = listeners  # the master's, when it was forked
+        self.peer = None
         self.active = 0
         self.retired = False
-        self.backlog = deque()      # (message, connection) waiting for room
-        self.ready = None           # the selector's callback for its channel
+        self.started = time.time()
+        self.status = None          # its wait status, once reaped
 
 
 class WorkerContext(object):
     """What a worker process of ``session-model workers`` runs its sessions
     with, built in the worker right after the fork.  The worker shares the
     master's runtime (configuration, spool, policies), but its reports (AUTH
-    failures, accepted messages, counts) go to the master over ``channel``;
-    its listeners only name where a connection came in (the master alone
-    accepts); it numbers its own sessions and has its own threads for the
-    ones that block."""
+    failures, accepted messages, counts) go to the master over ``channel``
+    (a Peer once the SessionLoop runs); its listeners only name where a
+    connection came in (the master alone accepts); it numbers its own
+    sessions and has its own threads for the ones that block."""
 
     def __init__(self, supervisor, index, channel):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -3852,11 +4424,14 @@ class WorkerContext(object):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         supervisor.close_in_child()
         os.close(supervisor.fail_w)     # a worker reports over ``channel``
+        drop_session_privileges(supervisor.user)
         self.runtime = supervisor.runtime
         self.config = supervisor.config
         self.log = self.runtime.log
         self.index = index
+        self.loop = EventLoop(self.log)
         self.channel = channel
+        self.master = None          # the Peer for ``channel``, made by the SessionLoop
         self.listeners = supervisor.listeners
         for listener in self.listeners:
             listener.context = self
@@ -3865,7 +4440,7 @@ class WorkerContext(object):
         # Session numbers (in the log's session tags) of different workers
         # must not meet: each worker counts in a range of its own.
         self.session_counter = (index + 1) << 13
-        self.runtime.report_to(channel.send)
+        self.runtime.report_to(self.tell_master)
         set_process_name("worker")
 
     def run(self):
@@ -3878,25 +4453,28 @@ class WorkerContext(object):
             # worker exits.
             stats.holding_thread = None
             stats.flush()
+            master = getattr(self, "master", None)
+            if master is not None:
+                master.drain()
 
     def next_session_number(self):
         with self.lock:
             self.session_counter += 1
             return self.session_counter
 
+    def tell_master(self, message):
+        self.master.send(message)
+
     def ended(self, seq):
         """Tell the master that session ``seq`` is over."""
-        try:
-            self.channel.send(("E %s" % seq).encode("ascii"))
-        except (OSError, socket.error):
-            pass
+        self.master.send(("E %s" % seq).encode("ascii"))
 
 
 class LoopSlot(object):
     """One session of a SessionLoop, and what it waits for."""
 
     __slots__ = ("loop", "session", "conversation", "sock", "fd", "listener", "seq",
-                 "local", "outbuf", "want", "ending", "deadline", "heap_at",
+                 "local", "outbuf", "want", "ending", "deadline", "timer",
                  "input_deadline", "events", "resume", "tls_context", "other",
                  "tls_closing")
 
@@ -3913,7 +4491,7 @@ class LoopSlot(object):
         self.want = None
         self.ending = False     # the conversation ended: last replies out, then close
         self.deadline = 0.0     # when the present wait ends
-        self.heap_at = None     # the time of this slot's entry in the loop's timer heap
+        self.timer = None       # the slot's one Timer on the loop, due at or before deadline
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
@@ -3948,9 +4526,6 @@ class ThreadHandover(object):
         self.lock = threading.Lock()
         self.on_threads = 0
         self.returning = deque()    # slots handed back by threads
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
 
     def busy(self):
         with self.lock:
@@ -3989,10 +4564,7 @@ class ThreadHandover(object):
             if finished:
                 self.loop.end(slot)
             else:
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:
-                    pass
+                self.loop.core.call_soon(self.take)
 
     def may_return(self, slot, channel, request):
         """drive_blocking's question at every request: may the conversation
@@ -4008,13 +4580,9 @@ class ThreadHandover(object):
         slot.resume = request
         return True
 
-    def take(self, mask=None):
-        """Thread -> loop (the wake-up pipe's callback): the parked
-        conversations wait on the loop for what they asked."""
-        try:
-            os.read(self.wake_r, 4096)
-        except OSError:
-            pass
+    def take(self):
+        """Thread -> loop (through call_soon): the parked conversations
+        wait on the loop for what they asked."""
         while True:
             with self.lock:
                 if not self.returning:
@@ -4030,12 +4598,12 @@ class ThreadHandover(object):
 
 
 class SessionLoop(object):
-    """The event loop of a worker process.
+    """The sessions of a worker process, on its EventLoop.
 
     A plain TCP session runs here as its conversation generator: the loop
     receives when the socket is readable, sends queued replies without
-    blocking, keeps every deadline in one heap and resumes the generator
-    with what it asked for.  A conversation that must block goes to a
+    blocking, keeps every deadline as a timer of the loop and resumes the
+    generator with what it asked for.  A conversation that must block goes to a
     thread and comes back (ThreadHandover).  With one thread per worker the
     interpreter lock is never handed over at a system call; with a thread
     per session that hand-over cost more kernel time than the spool's fsync."""
@@ -4046,55 +4614,47 @@ class SessionLoop(object):
     def __init__(self, context):
         self.context = context
         self.runtime = context.runtime
-        self.master = context.channel
-        self.selector = selectors.DefaultSelector()
-        self.timers = []            # heap of (when, n, slot): at most one live entry a slot
-        self.timer_n = 0
+        self.core = context.loop
+        self.master = context.master = Peer(self.core, context.channel, self.from_master,
+                                            self.master_gone, "the master")
         self.slots = {}             # fd -> LoopSlot, sessions on the loop
-        self.runnable = deque()     # slots to resume at the next turn of the loop
         self.leaving = False        # told to finish (R, Q or the master gone)
         self.grace_end = None       # after Q: when to stop waiting for sessions
         self.threads = ThreadHandover(self)
-        self.selector.register(self.threads.wake_r, selectors.EVENT_READ, self.threads.take)
-        self.master.setblocking(False)
-        self.selector.register(self.master, selectors.EVENT_READ, self.read_master)
-        # Room for the descriptors of an ``L`` message (one per -l file).
-        self.cmsg_size = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 16)
         self.runtime.spool.make_inodes_ahead(context.config.spool_spare_inodes)
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        stats = self.runtime.stats
-        while True:
-            if self.leaving:
-                busy = len(self.slots) + self.threads.busy()
-                if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
-                    return
-            timeout = None
-            if self.runnable:
-                timeout = 0
-            elif self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.time())
-            if self.leaving:
-                timeout = min(timeout if timeout is not None else 1.0, 1.0)
-            if stats.held:
-                # The held counts of accepted and refused messages are due.
-                due = max(0.0, stats.report_due - time.monotonic())
-                timeout = due if timeout is None else min(timeout, due)
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)
-            self.fire_timers()
-            self.run_turns()
-            if stats.held and time.monotonic() >= stats.report_due:
-                stats.flush()
+        self.core.every_turn(self.between_turns)
+        try:
+            self.core.run()
+        finally:
+            self.core.run_soon()        # the last reports of sessions on threads
 
-    def run_turns(self):
-        """Sessions that gave up their turn with input still buffered."""
-        for _ in range(len(self.runnable)):
-            slot = self.runnable.popleft()
-            if slot.want == WANT_TURN and slot.fd in self.slots:
-                self.guarded(self.advance, slot, None, None)
+    def between_turns(self):
+        """After each turn of the loop: the end of a worker told to leave,
+        and the held counts of accepted and refused messages when due."""
+        wait = None
+        if self.leaving:
+            busy = len(self.slots) + self.threads.busy()
+            if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
+                self.core.stop()
+                return None
+            wait = 1.0
+        stats = self.runtime.stats
+        if stats.held:
+            due = stats.report_due - time.monotonic()
+            if due <= 0:
+                stats.flush()
+            else:
+                wait = due if wait is None else min(wait, due)
+        return wait
+
+    def take_turn(self, slot):
+        """A session that gave up its turn with input still buffered."""
+        if slot.want == WANT_TURN and slot.fd in self.slots:
+            self.guarded(self.advance, slot, None, None)
 
     def guarded(self, step, slot, *args):
         """A fault in one session's step ends that session, not the worker
@@ -4106,111 +4666,81 @@ class SessionLoop(object):
             if slot.fd in self.slots:
                 self.close(slot)
 
-    def fire_timers(self):
-        now = time.time()
-        while self.timers and self.timers[0][0] <= now:
-            when, _, slot = heapq.heappop(self.timers)
-            if slot.heap_at != when:
-                continue            # superseded by an earlier entry
-            slot.heap_at = None
-            if not slot.waiting:
-                continue            # closed, or on a thread
-            if slot.deadline > now:
-                self.set_timer(slot, slot.deadline)     # the wait was extended
-            else:
-                self.guarded(self.expired, slot)
+    def timer_fired(self, slot):
+        slot.timer = None
+        if not slot.waiting:
+            return                  # closed, or on a thread
+        if slot.deadline > time.time():
+            self.set_timer(slot, slot.deadline)     # the wait was extended
+        else:
+            self.guarded(self.expired, slot)
 
     def set_timer(self, slot, when):
         """The present wait of ``slot`` ends at ``when``.  A slot keeps one
-        entry in the heap, pushed again when it fires early: a session
-        makes a new wait for every command, and an entry per wait would
-        keep thousands of finished sessions alive for the whole command
-        timeout."""
+        timer, set again when it fires early: a session makes a new wait
+        for every command, and a timer per wait would keep thousands of
+        finished waits in the heap for the whole command timeout."""
         slot.deadline = when
-        if slot.heap_at is not None and slot.heap_at <= when:
-            return
-        slot.heap_at = when
-        self.timer_n += 1
-        heapq.heappush(self.timers, (when, self.timer_n, slot))
-        if len(self.timers) > 2 * len(self.slots) + 64:
-            self.compact_timers()
-
-    def compact_timers(self):
-        live = []
-        for entry in self.timers:
-            slot = entry[2]
-            if slot.heap_at != entry[0]:
-                continue
-            if not slot.waiting:
-                slot.heap_at = None
-                continue
-            live.append(entry)
-        heapq.heapify(live)
-        self.timers = live
+        timer = slot.timer
+        if timer is not None:
+            if timer.when <= when and timer.callback is not None:
+                return
+            timer.cancel()
+        slot.timer = self.core.call_at(when, self.timer_fired, slot)
 
     def watch(self, slot, events):
         if events == slot.events:
             return
-        if not events:
-            self.selector.unregister(slot.fd)
-        elif not slot.events:
-            self.selector.register(slot.fd, events, slot)
-        else:
-            self.selector.modify(slot.fd, events, slot)
+        self.core.watch(slot.fd, events, slot)
         slot.events = events
 
-    # -- connections from the master ----------------------------------------------
+    # -- connections and messages from the master ------------------------------------
 
-    def read_master(self, mask=None):
-        while True:
+    def from_master(self, msg, fds):
+        """A message of the master (see WorkerPool)."""
+        if msg in (b"Q", b"R"):
+            close_fds(fds)
+            self.leave(stopping=msg == b"Q")
+            return
+        kind, _, rest = msg.partition(b" ")
+        if kind == b"F":
+            self.runtime.auth_failures.absorb(rest)
+        elif kind == b"L":
+            self.runtime.log.adopt(fds)
+        elif kind == b"U":
+            self.runtime.submissions.absorb(msg)
+        elif kind == b"M":
+            self.runtime.client_messages.absorb(msg)
+        elif kind == b"S" and fds:
+            close_fds(fds[1:])
             try:
-                msg, ancdata, _, _ = self.master.recvmsg(1024, self.cmsg_size)
-            except BlockingIOError:
+                seq, index, ip, port = rest.decode("ascii").split(" ")
+                listener = self.context.listeners[int(index)]
+                port = int(port)
+            except (ValueError, IndexError):
+                os.close(fds[0])
+                self.context.log.note("a bad connection message from the master: %r"
+                                      % msg[:80])
                 return
-            except (OSError, socket.error):
-                msg, ancdata = b"", []
-            fds = array.array("i")
-            for level, ctype, data in ancdata:
-                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if not msg or msg in (b"Q", b"R"):
-                for fd in fds:
-                    os.close(fd)
-                self.leaving = True
-                if msg != b"R" and self.grace_end is None:
-                    # Stopping (or the master is gone): idle sessions are
-                    # told at once, the others get the grace.
-                    self.grace_end = time.time() + self.context.config.shutdown_grace
-                    self.runtime.stop.set()
-                    self.interrupt_idle_tls()
-                if not msg:
-                    self.selector.unregister(self.master)
-                    return
-                continue
-            kind, _, rest = msg.partition(b" ")
-            if kind == b"F":
-                self.runtime.auth_failures.absorb(rest)
-            elif kind == b"L":
-                self.runtime.log.adopt(fds)
-            elif kind == b"U":
-                self.runtime.submissions.absorb(msg)
-            elif kind == b"M":
-                self.runtime.client_messages.absorb(msg)
-            elif kind == b"S" and fds:
-                for fd in fds[1:]:
-                    os.close(fd)
-                try:
-                    seq, index, ip, port = rest.decode("ascii").split(" ")
-                    listener = self.context.listeners[int(index)]
-                    port = int(port)
-                except (ValueError, IndexError):
-                    os.close(fds[0])
-                    continue
-                sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
-                self.begin(listener, sock, (ip, port), seq)
-            else:
-                for fd in fds:
-                    os.close(fd)
+            sock = socket.socket(listener.address_family, socket.SOCK_STREAM, 0, fds[0])
+            self.begin(listener, sock, (ip, port), seq)
+        else:
+            close_fds(fds)
+
+    def master_gone(self, why):
+        self.context.log.note("worker %d: the master's channel ended (%s); finishing"
+                              % (os.getpid(), why))
+        self.leave(stopping=True)
+
+    def leave(self, stopping):
+        """Finish the running sessions and exit; ``stopping`` (or the
+        master gone): idle sessions are told at once, the others get the
+        grace."""
+        self.leaving = True
+        if stopping and self.grace_end is None:
+            self.grace_end = time.time() + self.context.config.shutdown_grace
+            self.runtime.stop.set()
+            self.interrupt_idle_tls()
 
     def interrupt_idle_tls(self):
         """The stop flag woke the idle plain sessions by shutting their
@@ -4331,8 +4861,8 @@ class SessionLoop(object):
         slot.want = WANT_READABLE
         slot.other = sock
         self.watch(slot, 0)
-        self.selector.register(sock, selectors.EVENT_READ,
-                               functools.partial(self.guarded, self.other_ready, slot))
+        self.core.watch(sock, selectors.EVENT_READ,
+                        functools.partial(self.guarded, self.other_ready, slot))
         self.set_timer(slot, deadline)
 
     def other_ready(self, slot, mask=None):
@@ -4341,7 +4871,7 @@ class SessionLoop(object):
 
     def forget_other(self, slot):
         if slot.other is not None:
-            self.selector.unregister(slot.other)
+            self.core.watch(slot.other, 0)
             slot.other = None
 
     def wait_for_input(self, slot, deadline):
@@ -4375,7 +4905,7 @@ class SessionLoop(object):
             self.watch(slot, selectors.EVENT_READ)
         elif slot.want == WANT_TURN:
             self.watch(slot, 0)
-            self.runnable.append(slot)
+            self.core.call_soon(self.take_turn, slot)
         return None
 
     def ready(self, slot, mask):
@@ -4459,8 +4989,11 @@ class SessionLoop(object):
         if slot.events:
             self.watch(slot, 0)
         self.slots.pop(slot.fd, None)
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
         self.end(slot)
-        slot.session = slot.conversation = None    # a timer entry may outlive the slot
+        slot.session = slot.conversation = None
 
     def start_tls_close(self, slot):
         """End TLS properly without blocking the loop: send close_notify,
@@ -4530,6 +5063,7 @@ class StatusFile(object):
     def __init__(self, path, log):
         self.path = path
         self.log = log
+        self.keeper = None          # a FileKeeper writes it for a master without root
         self.state = None           # what the file last said
         self.written = 0.0
         self.error = None           # the last failure, logged once
@@ -4574,15 +5108,12 @@ class StatusFile(object):
             "reload_result=%s" % " ".join(reload_result.split()),
         ]
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
-        tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            with root_file_access():
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, path)
+            if self.keeper is not None:
+                self.keeper.write(data)
+            else:
+                with root_file_access():
+                    replace_file(path, data)
         except OSError as e:
             if self.error is None:
                 self.log.note("cannot write status file %s: %s" % (path, e.strerror or e))
@@ -4594,30 +5125,117 @@ class StatusFile(object):
 
     def remove(self):
         """At the end: the file, if it is still this process's."""
-        try:
-            with open(self.path) as f:
-                if ("pid=%d\n" % os.getpid()) not in f.read():
+        remove_pidfile(self.path)
+
+
+def replace_file(path, data):
+    """``path`` now holds ``data``: a new file renamed over the old one, so
+    a reader never sees half of one."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+#: The largest status file a FileKeeper writes.
+STATUS_FILE_MAX = 65536
+#: What a FileKeeper writes: the status file's lines, nothing else.
+STATUS_LINE = re.compile(br"(#[^\n]*|[a-z_]+=[^\n]*)\Z")
+
+
+class FileKeeper(object):
+    """The thread model's root helper.  Its sessions are threads of the
+    master, which therefore gives up root for good after start-up; the
+    pid file and the status file stay in root's directory ($POSTOFFICE).
+    A small child forked before that keeps root for them alone: it writes
+    the status file the master sends it (only lines of a status file),
+    and once the master has ended (end of file on their socket) removes
+    both files when they still name the master.  It holds no listener and
+    reads nothing from the network."""
+
+    def __init__(self, pidfile, status_path):
+        self.pidfile = pidfile
+        self.status_path = status_path
+        self.sock = None
+        self.pid = None
+
+    def start(self):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            status = 1
+            try:
+                mine.close()
+                self.serve(theirs, master)
+                status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.sock, self.pid = mine, pid
+        return self
+
+    def serve(self, sock, master):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)   # it ends with the master
+        gc.collect()
+        close_descriptors_except([0, 1, 2, sock.fileno()])
+        set_process_name("keeper")
+        os.chdir("/")
+        while True:
+            try:
+                data = sock.recv(STATUS_FILE_MAX)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if all(STATUS_LINE.match(line) for line in data.splitlines()):
+                try:
+                    replace_file(self.status_path, data)
+                except OSError:
+                    pass
+        for path in (self.pidfile, self.status_path):
+            remove_pidfile(path, master)
+
+    def write(self, data):
+        self.sock.settimeout(2.0)
+        self.sock.send(data)
+
+    def close(self):
+        """The master, at its end: the keeper removes the files; wait for it."""
+        self.sock.close()
+        deadline = time.time() + 5.0
+        while time.time() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
                     return
-            os.unlink(self.path)
-        except (IOError, OSError):
-            pass
+            except OSError:
+                return
+            time.sleep(0.02)
 
 
 class Supervisor(object):
     """The master: owns the listeners and the counts of running sessions,
-    runs the selectors loop (each key's data is its callback), and handles
-    SIGHUP and SIGTERM through a self-pipe, so a signal never interrupts a
-    half-done operation of its own: at SIGHUP it asks the runtime to load
+    runs its EventLoop, and handles SIGHUP, SIGTERM and SIGCHLD on that
+    loop, so a signal never interrupts a half-done operation of its own:
+    it reaps only the children it started (workers, forked sessions; the
+    auth spawner reaps its own).  At SIGHUP it asks the runtime to load
     and apply the configuration, then follows with listeners and workers;
     at SIGTERM it raises the runtime's StopFlag (idle sessions are told
     421), closes the listeners and gives the others ``shutdown-grace``."""
 
-    def __init__(self, runtime, config):
+    def __init__(self, runtime, config, user=None):
         self.runtime = runtime
         self.config = config
+        self.user = user            # the SessionUser session processes become
         self.log = runtime.log
         self.listeners = []
-        self.selector = selectors.DefaultSelector()
+        self.loop = EventLoop(self.log)
         self.lock = threading.Lock()
         # key -> (kind, ip); the key is an object (thread model), a pid
         # (fork model) or (worker pid, seq) (workers model).
@@ -4625,17 +5243,14 @@ class Supervisor(object):
         self.per_kind = {}
         self.per_ip = {}
         self.session_counter = 0
+        self.reaped = 0.0           # when the children were last looked at
         self.reload_requested = False
-        # Every selector key's data is the callback for its events.
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, self.drain_wake)
         # Forked sessions report failed AUTHs (auth-failrate), accepted
         # messages (submission-rate-limit) and counts here.
         self.fail_r, self.fail_w = os.pipe()
         os.set_blocking(self.fail_r, False)
-        self.selector.register(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.watch(self.fail_r, selectors.EVENT_READ, self.read_child_reports)
+        self.loop.every_turn(self.between_turns)
         self.listener_class = make_listener_class(config.session_model)
         self.threads = SessionThreads()
         self.status = None          # the daemon's StatusFile
@@ -4670,11 +5285,11 @@ class Supervisor(object):
     def install_listeners(self, listeners):
         for l in self.listeners:
             if l not in listeners:
-                self.selector.unregister(l.socket)
+                self.loop.watch(l.socket, 0)
                 l.server_close()
         for l in listeners:
             if l not in self.listeners:
-                self.selector.register(l.socket, selectors.EVENT_READ, l.ready)
+                self.loop.watch(l.socket, selectors.EVENT_READ, l.ready)
         self.listeners = listeners
 
     # -- admission (called from ListenerServer.verify_request) ------------------
@@ -4748,6 +5363,9 @@ class Supervisor(object):
                 self.per_ip[(kind, ip)] = n
             else:
                 del self.per_ip[(kind, ip)]
+            last = not self.sessions
+        if last and self.stopping:
+            self.loop.wake()        # shutdown waits for the last session
 
     def next_session_number(self):
         with self.lock:
@@ -4757,11 +5375,12 @@ class Supervisor(object):
     def close_in_child(self):
         """In a process just forked from the master (a session or a
         worker): close what only the master uses."""
-        self.selector.close()
+        self.loop.close_in_child()
         for l in self.listeners:
             l.socket.close()
-        for fd in (self.wake_r, self.wake_w, self.fail_r):
-            os.close(fd)
+        os.close(self.fail_r)
+        if self.runtime.auth_spawner is not None:
+            self.runtime.auth_spawner.close_in_child()
 
     def become_session_child(self, request):
         """In a forked session (fork model): the master's SIGTERM stops the
@@ -4772,6 +5391,7 @@ class Supervisor(object):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.close_in_child()
+        drop_session_privileges(self.user)
         fail_w = self.fail_w
         self.runtime.report_to(lambda line: os.write(fail_w, line))
         set_process_name("session")
@@ -4804,16 +5424,18 @@ class Supervisor(object):
             self.status.write(self, force)
 
     def reap_children(self):
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except OSError:
-                return
-            if not pid:
-                return
-            self.session_ended(pid)
+        """Reap the children this process started and that ended: workers
+        and forked sessions, each by its pid.  Never any child: a session
+        thread's program must keep its exit status for that thread."""
+        self.reaped = time.time()
+        if self.pool is not None:
+            self.pool.reap()
+        if self.config.session_model == "fork":
+            with self.lock:
+                pids = [key for key in self.sessions if isinstance(key, int)]
+            for pid in pids:
+                if child_exit(pid) is not None:
+                    self.session_ended(pid)
 
     # -- signals and the loop ------------------------------------------------
 
@@ -4821,106 +5443,158 @@ class Supervisor(object):
     def stopping(self):
         return self.runtime.stop.stopping
 
-    def wake(self, signum=None, frame=None):
+    def on_signal(self, signum):
+        """The loop's handler of this process's signals."""
         if signum == signal.SIGTERM or signum == signal.SIGINT:
             # Idle thread-model sessions get their 421 at once.
             self.runtime.stop.set()
         elif signum == signal.SIGHUP:
-            self.reload_requested = True
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+            # Several SIGHUPs in a row ask for one reload.
+            if not self.reload_requested:
+                self.reload_requested = True
+                self.loop.call_soon(self.reload)
+        elif signum == signal.SIGCHLD:
+            self.reap_children()
 
     def start_auth_spawner(self):
-        self.runtime.auth_spawner.start(self.selector, on_end=self.auth_spawner_ended)
+        self.runtime.auth_spawner.start(self.loop, on_end=self.auth_spawner_ready)
 
-    def auth_spawner_ended(self, mask=None):
-        """The selector's callback for the spawner's liveness pipe."""
-        self.runtime.auth_spawner.ended(restart=not self.stopping)
-
-    def drain_wake(self, mask=None):
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except OSError:
-            pass
+    def auth_spawner_ready(self, mask=None):
+        """The selector's callback for the spawner's control socket."""
+        self.runtime.auth_spawner.control_ready(restart=not self.stopping)
 
     def install_signal_handlers(self):
         """Called before the pid file says we are there: a SIGTERM that
         arrives between start-up and the loop must still lead to a clean
         stop (pid file removed), not the default sudden death."""
-        signal.signal(signal.SIGTERM, self.wake)
-        signal.signal(signal.SIGINT, self.wake)
-        signal.signal(signal.SIGHUP, self.wake)
+        signums = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         if self.config.session_model in ("fork", "workers"):
-            signal.signal(signal.SIGCHLD, self.wake)
+            signums.append(signal.SIGCHLD)
+        self.loop.catch_signals(self.on_signal, signums)
+
+    def between_turns(self):
+        """After each turn of the loop: the status file, and (should a
+        SIGCHLD have gone astray) the children now and then."""
+        if self.config.session_model in ("fork", "workers") and \
+                time.time() - self.reaped >= STATUS_INTERVAL:
+            self.reap_children()
+        self.write_status()
+        return STATUS_INTERVAL if self.status is not None else 5.0
 
     def serve_forever(self):
         if self.pool is not None:
             self.pool.start()
-        while not self.stopping:
-            events = self.selector.select(
-                timeout=STATUS_INTERVAL if self.status is not None else 5.0)
-            for key, mask in events:
-                key.data(mask)
-            if self.config.session_model in ("fork", "workers"):
-                self.reap_children()
-            if self.reload_requested:
-                self.reload_requested = False
-                self.reload()
-            self.write_status()
+        self.reap_children()
+        self.loop.run(until=lambda: self.stopping)
         self.shutdown()
 
     def reload(self):
-        """SIGHUP: the runtime reopens the logs and reads and applies the
-        configuration again; then the listeners and the workers follow it.
-        A broken configuration is logged and the running one kept (the
-        original ignored SIGHUP).  The result goes to the status file,
-        where ``zmailer.sh reload`` waits for it."""
+        """SIGHUP: the logs are reopened; then the whole new state is built
+        and checked first -- configuration, TLS contexts (read as root
+        where the master keeps it), policies, sender maps, the auth
+        programs, every listener to open -- and only then put in place,
+        the listeners, the auth spawner and the workers following it.
+        Anything that fails, or a change only a restart can make
+        (restart_needed), leaves everything as it was and is reported with
+        what it was (the original ignored SIGHUP).  The result goes to the
+        status file, where ``zmailer.sh reload`` waits for it."""
         runtime = self.runtime
+        self.reload_requested = False
+        if self.stopping:
+            return          # a SIGTERM came first: no new workers now
         runtime.reload_count += 1
         runtime.log.reopen()
         if self.pool is not None:
             self.pool.send_log(runtime.log.fds)
-        old = runtime.config
+        opened, old = [], None
         try:
             config = runtime.load()
-            runtime.apply_config(config)
-            self.config = config
-            spawner = runtime.auth_spawner
-            if spawner is not None:
-                pools = program_pools(config, runtime.zenv, runtime.zconfig_path)
-                if pools != spawner.pools:
-                    # The spawner keeps the pools it was started with; one
-                    # for the new configuration replaces it.
-                    spawner.pools = pools
-                    spawner.replace()
-            if spawner is not None and not spawner.running and not spawner.given_up \
-                    and auth_spawner_wanted(config, runtime.zenv):
-                self.start_auth_spawner()
+            needs = self.restart_needed(config)
+            if needs:
+                raise ConfigError("a restart is needed to change %s" % "; ".join(needs))
+            prepared = runtime.prepare(config)
             specs = listener_specs(config, runtime.options.get("ipv6", True))
             listeners, errors = self.open_listeners(specs, keep=self.listeners)
-            for e in errors:
-                self.log.note("reload: " + e)
-            if not listeners:
-                runtime.apply_config(old)
-                self.config = old
-                raise ConfigError("no listener could be opened")
-            self.install_listeners(listeners)
+            opened = [l for l in listeners if l not in self.listeners]
+            if errors or not listeners:
+                raise ConfigError("; ".join(errors) or "no listener is configured")
+            # The swap: from here on nothing reads a file or opens a
+            # socket; only new workers may fail to start, and then all of
+            # it is put back.
+            old = (runtime.prepared, self.config, self.listeners)
+            runtime.install(prepared)
+            self.config = config
             if self.pool is not None:
-                self.pool.restart(config.session_workers or os.cpu_count() or 2)
-            runtime.reloaded(errors)
+                self.listeners = listeners      # what the new workers serve
+                try:
+                    self.restart_workers(config)
+                finally:
+                    self.listeners = old[2]
         except (ConfigError, OSError, IOError, ValueError) as e:
+            if old is not None:
+                runtime.install(old[0])
+                self.config = old[1]
+            for l in opened:
+                l.server_close()
+            if runtime.root and not holds_root() and "ermission denied" in str(e):
+                e = "%s (a restart is needed: this master serves its sessions on its own " \
+                    "threads (PARAM session-model thread) and gave up root after start-up, " \
+                    "so a reload cannot read files only root may read or bind ports " \
+                    "below 1024)" % e
             runtime.reload_failed(e)
+            self.write_status(force=True)
+            return
+        self.install_listeners(listeners)
+        self.configure_auth_spawner()
+        runtime.reloaded()
         self.write_status(force=True)
+
+    def restart_workers(self, config):
+        """New workers for the new configuration; if they cannot be
+        started, the running ones keep serving, and the reload is refused
+        (ConfigError)."""
+        try:
+            self.pool.restart(config.session_workers or os.cpu_count() or 2)
+        except OSError as e:
+            raise ConfigError("cannot start the workers of the new configuration (%s); "
+                              "the running workers go on serving" % e)
+
+    def restart_needed(self, config):
+        """What ``config`` changes that a reload cannot: the session model
+        (running sessions are threads, children or workers of the model
+        they started in, and the master reaps and counts them that way)
+        and the session user (the owner of the logs, the spool files and
+        the session processes)."""
+        needs = []
+        if config.session_model != self.config.session_model:
+            needs.append("PARAM session-model (from %s to %s)" % (
+                self.config.session_model, config.session_model))
+        if self.user is not None and holds_root():
+            try:
+                user = session_user(ZEnv.load(self.runtime.zconfig_path))
+            except (IOError, OSError, ConfigError):
+                user = self.user    # not readable now: start-up's stays
+            if (user.uid, user.gid) != (self.user.uid, self.user.gid):
+                needs.append("the session user, TRUSTEDUSER in %s (from %s to %s)" % (
+                    self.runtime.zconfig_path, self.user.name, user.name))
+        return needs
+
+    def configure_auth_spawner(self):
+        """The auth spawner runs the programs of the configuration in force:
+        it gets their table, and is started when the configuration wants
+        one and none runs."""
+        spawner = self.runtime.auth_spawner
+        if spawner is None:
+            return
+        spawner.configure(self.runtime.auth_programs,
+                          program_pools(self.config, self.runtime.zenv, self.runtime.zconfig_path))
+        if not spawner.running and not spawner.given_up \
+                and auth_spawner_wanted(self.config, self.runtime.zenv):
+            self.start_auth_spawner()
 
     def shutdown(self):
         for l in self.listeners:
-            try:
-                self.selector.unregister(l.socket)
-            except (KeyError, ValueError):
-                pass
+            self.loop.watch(l.socket, 0)
             l.server_close()
         self.listeners = []
         self.runtime.stop.set()
@@ -4933,13 +5607,8 @@ class Supervisor(object):
             # Each session child answers 421 if idle, else finishes its
             # command first: SIGTERM tells it (see become_session_child).
             self.signal_session_children(signal.SIGTERM)
-        while time.time() < deadline:
-            if forked:
-                self.reap_children()
-            with self.lock:
-                if not self.sessions:
-                    break
-            time.sleep(0.05)
+        self.reap_children()
+        self.loop.run(until=lambda: not self.sessions, deadline=deadline)
         if forked:
             # The grace is over: no session outlives the master.
             for pid in self.signal_session_children(signal.SIGKILL):
@@ -4961,7 +5630,7 @@ class Supervisor(object):
 
 
 # ---------------------------------------------------------------------------
-# 8. The SMTP session
+# 9. The SMTP session
 # ---------------------------------------------------------------------------
 
 class SessionTimeout(Exception):
@@ -7652,7 +8321,7 @@ def auth_input_problem(user, password):
 
 
 # ---------------------------------------------------------------------------
-# 9. Authentication: the external pipeauth program
+# 10. Authentication: the external pipeauth program
 # ---------------------------------------------------------------------------
 
 #: Mechanism names kept when an AUTH line is masked; any other word in that
@@ -7941,40 +8610,22 @@ class PipeAuthenticator(object):
     the unprivileged user given (TRUSTEDUSER, default ``daemon``).
 
     With a ``spawner`` (an AuthSpawner, in a daemon) the program is started
-    by that small helper process; when it cannot take the request, the
-    program is started here, as before."""
+    by that small helper process, which is told only ``key`` (which of the
+    programs of its configuration), the user name and the password; when
+    it cannot take the request, the program is started here, which works
+    only when this process already has the program's ids (a session
+    process holds no root to change them)."""
 
     OUTPUT_LIMIT = 65536
 
-    def __init__(self, path, timeout, zenv, zconfig_path, run_as=None, log=None, spawner=None):
-        self.path = path
-        self.timeout = timeout
-        self.run_as = run_as
+    def __init__(self, key, program, log=None, spawner=None):
+        self.key = key
+        self.path = program.path
+        self.timeout = program.timeout
+        self.run_as = program.ids
+        self.env = program.env
         self.log = log
         self.spawner = spawner
-        env = {"SHELL": "/bin/sh", "IFS": " \t\n",
-               "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
-               "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
-        if os.environ.get("TZ"):
-            env["TZ"] = os.environ["TZ"]
-        self.env = env
-
-    def _spawn_options(self):
-        # A new session, so a timeout can kill everything it started;
-        # a privilege drop only when there is one to do.
-        if self.run_as is None:
-            return {"start_new_session": True}
-        return {"preexec_fn": self._demote}
-
-    def _demote(self):
-        os.setsid()
-        if self.run_as is not None:
-            uid, gid = self.run_as
-            if os.getuid() == 0 and os.geteuid() != 0:
-                os.seteuid(0)  # regain root only to drop it for good
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
 
     def check(self, user, password, log=None):
         """'ok', 'fail' or 'tempfail', waiting for it here."""
@@ -7989,8 +8640,7 @@ class PipeAuthenticator(object):
         data = password.encode("utf-8", "surrogateescape") + b"\n"
         outcome = None
         if self.spawner is not None:
-            outcome = yield from self.spawner.run([self.path, user], self.env, "/", self.run_as,
-                                                  self.timeout, data)
+            outcome = yield from self.spawner.run(self.key, user, self.timeout, data)
         if outcome is None:
             yield (WANT_THREAD, None)       # the program may take seconds
             outcome = self._run_here(user, data)
@@ -8024,17 +8674,19 @@ class PipeAuthenticator(object):
 
     def _run_here(self, user, data):
         """Start the program from this process: ``("done", status, first
-        output line)``, ``("timeout",)`` or ``("error", why)``."""
+        output line)``, ``("timeout",)``, ``("error", why)`` or ``("lost",
+        why)`` when its exit status cannot be known (never a success)."""
         start = time.time()
         try:
             proc = subprocess.Popen([self.path, user], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=self.env, close_fds=True, cwd="/",
-                                    **self._spawn_options())
+                                    **spawner_id_options(self.run_as))
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return ("error", str(e))
         output = bytearray()
         deadline = start + self.timeout
+        status = None
         try:
             try:
                 proc.stdin.write(data)
@@ -8048,7 +8700,8 @@ class PipeAuthenticator(object):
                     raise subprocess.TimeoutExpired(self.path, self.timeout)
                 r, _, _ = select.select([fd], [], [], min(remaining, 0.05))
                 if not r:
-                    if proc.poll() is not None:
+                    status = child_exit(proc.pid)
+                    if status is not None:
                         break  # exited; a leftover child may hold the pipe
                     continue
                 chunk = os.read(fd, 65536)
@@ -8056,13 +8709,21 @@ class PipeAuthenticator(object):
                     break
                 if len(output) < self.OUTPUT_LIMIT:
                     output.extend(chunk[:self.OUTPUT_LIMIT - len(output)])
-            status = proc.wait(timeout=max(0.1, deadline - time.time()))
+            if status is None:
+                # Popen's wait would take an unknown status (ECHILD) for 0.
+                status = wait_for_exit(proc.pid, max(0.1, deadline - time.time()))
+                if status is None:
+                    raise subprocess.TimeoutExpired(self.path, self.timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
             return ("timeout",)
         finally:
             proc.stdout.close()
-        return ("done", status, bytes(output).split(b"\n", 1)[0])
+        code = exit_code(status)
+        proc.returncode = code if code is not None else 255     # reaped: Popen may not wait
+        if code is None:
+            return ("lost", "its exit status cannot be known (reaped elsewhere)")
+        return ("done", code, bytes(output).split(b"\n", 1)[0])
 
     @staticmethod
     def _kill(proc):
@@ -8094,13 +8755,25 @@ AUTH_SPAWNER_GRACE = 5.0
 #: program themselves.
 AUTH_SPAWNER_RESTARTS = 5
 AUTH_SPAWNER_RESTART_WINDOW = 60.0
-#: The largest request (argv, environment, password) a session sends.
+#: The largest request (which program, user name, password) a session
+#: sends, and the largest job the spawner hands to a helper.
 AUTH_SPAWNER_MAX_REQUEST = 65536
+#: The largest message on the master's control socket (the table of
+#: programs; a note from the spawner).
+AUTH_SPAWNER_MAX_CONTROL = 1 << 20
 #: How much of the program's first output line the spawner returns.
 AUTH_SPAWNER_LINE_LIMIT = 1024
-#: The first field of a request for a pool's program (an auth program's
-#: request has 1 there).
-POOL_REQUEST_VERSION = 2
+#: The version of a session's request; another one is ignored.
+AUTH_SPAWNER_PROTOCOL = 2
+
+#: One auth program as the configuration names it: the path, its
+#: environment, the (uid, gid) it runs as (None: as whoever starts it)
+#: and its timeout.  The spawner runs nothing else.
+AuthProgram = namedtuple("AuthProgram", "path env ids timeout")
+#: The first field of a request for a pool's program (the content filter,
+#: the interactive router), where an auth program's has
+#: AUTH_SPAWNER_PROTOCOL.
+POOL_REQUEST_VERSION = 3
 
 
 def auth_spawner_wanted(config, zenv):
@@ -8110,25 +8783,75 @@ def auth_spawner_wanted(config, zenv):
                for g in config.groups) or bool(config.contentfilter or config.enable_router)
 
 
+def auth_program_env(zenv, zconfig_path):
+    """The whole environment of an auth program (nothing of ours leaks)."""
+    env = {"SHELL": "/bin/sh", "IFS": " \t\n",
+           "PATH": zenv.get("PATH") or "/usr/bin:/bin:/usr/ucb",
+           "ZCONFIG": zenv.get("ZCONFIG") or zconfig_path or DEFAULT_ZCONFIG}
+    if os.environ.get("TZ"):
+        env["TZ"] = os.environ["TZ"]
+    return env
+
+
+def auth_program_key(group, zenv):
+    """Which program a group's AUTH runs, as a session names it to the
+    spawner: (path, smtp-auth-pipe-user, timeout); None without one."""
+    path = group.auth_pipe or zenv.get("PIPEAUTHPATH")
+    if not path:
+        return None
+    return (path, group.auth_pipe_user or "", float(group.auth_pipe_timeout))
+
+
+def auth_programs(config, zenv, zconfig_path, root):
+    """key -> AuthProgram for every group's program; ``root``: a server
+    started as root, whose programs run as their configured user."""
+    env = auth_program_env(zenv, zconfig_path)
+    table = {}
+    for g in config.groups:
+        key = auth_program_key(g, zenv)
+        if key is not None and key not in table:
+            table[key] = AuthProgram(key[0], env, auth_identity(g, zenv, root), key[2])
+    return table
+
+
+def control_message(sock):
+    """One message from the master's and the spawner's control socket
+    (non-blocking): None when there is none yet, b"" at its end."""
+    try:
+        return sock.recv(AUTH_SPAWNER_MAX_CONTROL)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except (OSError, socket.error):
+        return b""
+
+
 class AuthSpawner(object):
     """Starts the pipeauth programs from a small helper process.
 
     Starting a program from a worker means copying that worker: when the
     program must run as another user, CPython cannot use vfork, and a
     full fork of a process with many threads, TLS contexts and buffers
-    costs milliseconds per AUTH.  The spawner is forked by the master
-    before it serves anything and stays small and single-threaded, so its
-    forks are cheap.
+    costs milliseconds per AUTH.  And a session process holds no root, so
+    it could not start the program as another user at all.  The spawner
+    is forked by the master before it serves anything and stays small and
+    single-threaded, so its forks are cheap.
+
+    It runs only the programs of the table the master gives it
+    (``configure``: at its start, and again at every reload, over the
+    control socket only the master holds): a session names one by its key
+    (auth_program_key) and gives the user name and the password; argv,
+    environment and ids come from the table.  A request for a program the
+    table does not name is refused, and the master logs it.
 
     The master makes one SOCK_SEQPACKET socketpair: the spawner reads
     requests from one end, and every session process (the master's
     threads, workers, forked sessions) inherits the other.  A request is
-    one message -- argv, environment, working directory, the ids to run
-    as, the timeout and the bytes for stdin -- with one end of a fresh
-    socketpair attached, on which the spawner answers: ``A`` when it has
-    taken the request, then the outcome (exit status and first output
-    line, a timeout, or why the program could not start).  So any number
-    of sessions can ask at once and each answer reaches its asker.
+    one message with one end of a fresh socketpair attached, on which the
+    spawner answers: ``A`` when it has taken the request, then the outcome
+    (exit status and first output line, a timeout, or why the program
+    could not start).  So any number of sessions can ask at once and each
+    answer reaches its asker; and as no other process keeps that end, a
+    session sees end of file at once when the spawner dies.
 
     The master keeps the spawner's end too: when the spawner dies it
     starts another on the same socket, and requests sent meanwhile wait
@@ -8140,26 +8863,60 @@ class AuthSpawner(object):
         self.log = log
         self.client = None      # where sessions send requests
         self.server = None      # the spawner's end, kept for a restart
-        self.alive_r = None     # the master's: end of file when the spawner ended
+        self.control = None     # the master's end of the control socket
         self.pid = None
-        self.selector = None
-        self.on_end = None      # the selector's callback for ``alive_r``
+        self.loop = None        # the master's EventLoop
+        self.on_end = None      # the loop's callback for ``control``
         self.restarts = deque()
         self.given_up = False
-        self.pools = {}         # name -> PoolSpec, for the spawner forked next
-        self.replacing = False  # the running one was told to end (replace)
+        self.programs = {}      # key -> AuthProgram: what the spawner may run
+        self.pools = {}         # name -> PoolSpec: the pools the spawner keeps
 
     # -- the master ----------------------------------------------------------
 
-    def start(self, selector=None, on_end=None):
+    def configure(self, programs, pools=None):
+        """The programs the spawner may run (auth_programs of the
+        configuration in force) and the pools it keeps (program_pools); a
+        running spawner gets them at once.  False when it could not be
+        told (it is then restarted)."""
+        self.programs = dict(programs)
+        self.pools = dict(pools or {})
+        if self.control is None:
+            return True
+        try:
+            self.control.settimeout(2.0)
+            self.control.send(b"T" + marshal.dumps(self._table()))
+            self.control.send(b"P" + marshal.dumps(self.pool_table()))
+            return True
+        except (OSError, socket.error, ValueError) as e:
+            if self.log:
+                self.log.note("cannot pass the auth programs to the auth spawner (pid %s): "
+                              "%s; restarting it" % (self.pid, e))
+            self.stop()
+            return False
+        finally:
+            if self.control is not None:
+                self.control.setblocking(False)
+
+    def _table(self):
+        # marshal takes plain tuples, not namedtuples.
+        return dict((key, tuple(p)) for key, p in self.programs.items())
+
+    def pool_table(self):
+        """name -> the PoolSpec's fields, as marshal takes them."""
+        return dict((name, dict(spec.__dict__)) for name, spec in self.pools.items())
+
+    def start(self, loop=None, on_end=None):
         """Fork the spawner (the master, at start-up or when one ended);
-        ``on_end`` is called by ``selector`` when the spawner has ended."""
-        if selector is not None:
-            self.selector, self.on_end = selector, on_end
+        ``on_end`` is called by ``loop`` when the control socket has
+        something: a note of the spawner, or end of file (it ended)."""
+        if loop is not None:
+            self.loop, self.on_end = loop, on_end
         if self.client is None:
             self.client, self.server = socket.socketpair(socket.AF_UNIX,
                                                          socket.SOCK_SEQPACKET)
-        alive_r, alive_w = os.pipe()
+        control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        table, pools = self._table(), self.pool_table()
         with warnings.catch_warnings():
             # 3.12+ warns about fork in a process with threads; the child
             # runs only code that takes no lock another thread may hold.
@@ -8168,42 +8925,57 @@ class AuthSpawner(object):
         if pid == 0:  # pragma: no cover - runs in the child
             status = 1
             try:
-                os.close(alive_r)
-                SpawnerLoop(self.server, alive_w, pools=self.pools).run()
+                control.close()
+                SpawnerLoop(self.server, control=theirs, programs=table, pools=pools).run()
                 status = 0
             finally:
                 os._exit(status)
-        os.close(alive_w)
-        self.alive_r, self.pid = alive_r, pid
-        if self.selector is not None:
-            self.selector.register(alive_r, selectors.EVENT_READ, self.on_end)
+        theirs.close()
+        control.setblocking(False)
+        self.control, self.pid = control, pid
+        if self.loop is not None:
+            self.loop.watch(control, selectors.EVENT_READ, self.on_end)
         return pid
 
     @property
     def running(self):
-        return self.alive_r is not None
+        return self.control is not None
 
-    def replace(self):
-        """Have the running spawner end; the master starts another (see
-        ended), which builds its pools from ``pools``."""
+    def close_in_child(self):
+        """In a process forked from the master: only the master may
+        configure the spawner."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def control_ready(self, restart=True):
+        """The master: the spawner's notes, or its end (end of file)."""
+        while self.control is not None:
+            msg = control_message(self.control)
+            if msg is None:
+                return
+            if not msg:
+                self.ended(restart)
+                return
+            if msg[:1] == b"N" and self.log:
+                self.log.note("auth spawner: " + msg[1:].decode("utf-8", "replace"))
+
+    def stop(self):
+        """End the running spawner; the master restarts it (control_ready)."""
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGTERM)
-                self.replacing = True
             except OSError:
                 pass
 
     def ended(self, restart=True):
-        """The master: the spawner's liveness pipe reached end of file."""
-        if self.alive_r is None:
+        """The master: the spawner's control socket reached end of file."""
+        if self.control is None:
             return
-        if self.selector is not None:
-            try:
-                self.selector.unregister(self.alive_r)
-            except (KeyError, ValueError):
-                pass
-        os.close(self.alive_r)
-        self.alive_r = None
+        if self.loop is not None:
+            self.loop.watch(self.control, 0)
+        self.control.close()
+        self.control = None
         pid, self.pid = self.pid, None
         try:
             os.waitpid(pid, 0)
@@ -8214,9 +8986,7 @@ class AuthSpawner(object):
         now = time.time()
         while self.restarts and now - self.restarts[0] > AUTH_SPAWNER_RESTART_WINDOW:
             self.restarts.popleft()
-        # One that was asked to end (see replace) is no failure to count.
-        replaced, self.replacing = self.replacing, False
-        if not replaced and len(self.restarts) >= AUTH_SPAWNER_RESTARTS:
+        if len(self.restarts) >= AUTH_SPAWNER_RESTARTS:
             # Shutting the socket down (for every process that has it)
             # makes sessions' requests fail at once, so they start the
             # program themselves instead of waiting for an answer.
@@ -8231,8 +9001,7 @@ class AuthSpawner(object):
                                   pid, len(self.restarts) + 1,
                                   AUTH_SPAWNER_RESTART_WINDOW))
             return
-        if not replaced:
-            self.restarts.append(now)
+        self.restarts.append(now)
         try:
             new = self.start()
         except OSError as e:
@@ -8245,21 +9014,15 @@ class AuthSpawner(object):
 
     # -- a session -------------------------------------------------------------
 
-    def run(self, argv, env, cwd, run_as, timeout, data):
-        """Generator (its waits are WANT_READABLE): have the spawner run a
-        program: ``("done", status, first output line)``, ``("timeout",)``,
+    def run(self, key, user, timeout, data):
+        """Generator (its waits are WANT_READABLE): have the spawner run
+        the program ``key`` for ``user`` with ``data`` on its stdin:
+        ``("done", status, first output line)``, ``("timeout",)``,
         ``("error", why)``, ``("lost", why)``, or None when the caller
         should start the program itself."""
         if self.client is None or self.given_up:
             return None
-        if run_as is not None:
-            ids = ("drop", run_as[0], run_as[1])
-        else:
-            # Today's identity of this process, real and effective, as a
-            # program started from here would have it.
-            ids = ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
-                   tuple(os.getgroups()))
-        request = marshal.dumps((1, list(argv), dict(env), cwd, ids, float(timeout), data))
+        request = marshal.dumps((AUTH_SPAWNER_PROTOCOL, key, user, data))
         outcome = yield from self.exchange(request, timeout)
         return outcome
 
@@ -8283,9 +9046,7 @@ class AuthSpawner(object):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                self.client.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", [theirs.fileno()]))],
-                                   socket.MSG_DONTWAIT)
+                send_message(self.client, request, [theirs.fileno()], socket.MSG_DONTWAIT)
             except (OSError, socket.error):
                 return None     # no spawner to take it, or its queue is full
             finally:
@@ -8333,9 +9094,6 @@ class AuthSpawner(object):
                     return b""
 
 
-#: recvmsg's flags for a message or its descriptors cut short (a plain int:
-#: the flag enums cost a call per use).
-MESSAGE_CUT_FLAGS = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class SpawnerReply(object):
@@ -8385,34 +9143,42 @@ class SpawnerLoop(object):
     """The auth spawner process: takes requests, runs the programs,
     answers each on its own socket.  Single-threaded; the programs'
     output pipes, stdin pipes, timeouts and exits are all served by one
-    selector loop, so a hanging program holds up nobody else.  It ends
+    EventLoop, so a hanging program holds up nobody else.  It ends
     when no process is left to send it requests.
 
-    A program that must run with other ids than the spawner's is handed
-    to a helper: a child of the spawner that has taken on those ids for
-    good and runs the same loop.  Starting a program needs no id change
-    there, so CPython (3.10+) can use vfork instead of copying the
-    process, and the helper may still kill the program's group at the
-    timeout.  Without a helper (too many different ids, or it cannot be
-    started) the spawner starts the program itself."""
+    The spawner itself (``programs``: the table it runs from, replaced by
+    the master over ``control``) checks each request against its table and
+    hands the job to a helper: a child of the spawner that has taken on
+    the program's ids for good (give_up_root) and runs the same loop.
+    Starting a program needs no id change there, so CPython (3.10+) can
+    use vfork instead of copying the process, and the helper may still
+    kill the program's group at the timeout.  When the spawner dies, a
+    helper's socket to it reaches end of file: it kills its programs'
+    groups and closes their sessions' sockets (they answer 454), so no
+    program outlives a spawner unwatched.  Without a helper (too many
+    different ids, or it cannot be started) the spawner starts the
+    program itself."""
 
     MAX_HELPERS = 8
 
-    def __init__(self, sock, alive_w=None, identity=None, pools=None):
+    def __init__(self, sock, control=None, programs=None, helper=False, ids=None,
+                 pools=None):
         self.sock = sock
-        self.alive_w = alive_w
-        self.identity = identity    # a helper: the ids it took on
-        self.pool_specs = pools or {}
+        self.control = control      # the spawner: to and from the master
+        self.programs = programs or {}
+        self.helper = helper        # a helper: runs jobs of its spawner as ``ids``
+        self.ids = ids
+        self.pool_specs = pools or {}   # name -> PoolSpec fields (pool_table)
         self.pools = {}             # name -> ProgramPool, made in run()
         self.jobs = []
         self.helpers = {}           # ids -> (pid, socket)
         self.retired = []           # helpers that ended or were let go, to reap
-        self.selector = None
-        self.wake = ()
+        self.loop = None            # its EventLoop, made in run()
         self.listening = False      # while some process may still send requests
 
     def run(self):
-        signal.signal(signal.SIGTERM, self.on_term if self.pool_specs else signal.SIG_DFL)
+        # The spawner ends its pools' programs before it goes (see run's end).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.helper else self.on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # The master's objects stay in this copy of its memory; what was
@@ -8420,115 +9186,188 @@ class SpawnerLoop(object):
         # here, so no late finaliser closes a number reused meanwhile.
         gc.collect()
         keep = [0, 1, 2, self.sock.fileno()]
-        if self.alive_w is not None:
-            keep.append(self.alive_w)
+        if self.control is not None:
+            keep.append(self.control.fileno())
         close_descriptors_except(keep)
-        if self.identity is None and os.getuid() == 0 and os.geteuid() != 0:
-            os.seteuid(0)       # a restart, forked by a master that dropped root
+        if not self.helper and os.getuid() == 0 and os.geteuid() != 0:
+            os.seteuid(0)       # a restart, forked by a master that kept root as real uid
             os.setegid(0)
         set_process_name("auth-spawner")
         # Programs start in "/" (see start_program); so does this process.
         os.chdir("/")
-        wake_r, wake_w = self.wake = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        loop = self.loop = EventLoop()
+        # A program's exit wakes the loop; between_turns reaps it.
+        loop.catch_signals(lambda signum: None, [signal.SIGCHLD])
         self.sock.setblocking(False)
-        sel = self.selector = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, self.on_request)
-        sel.register(wake_r, selectors.EVENT_READ, self.on_wake)
-        self.pools = dict((name, ProgramPool(spec, sel))
-                          for name, spec in self.pool_specs.items())
+        loop.watch(self.sock, selectors.EVENT_READ, self.on_request)
+        if self.control is not None:
+            self.control.setblocking(False)
+            loop.watch(self.control, selectors.EVENT_READ, self.on_control)
+        loop.every_turn(self.between_turns)
+        self.set_pools(self.pool_specs)
         self.listening = True
         try:
-            while self.listening or self.jobs:
-                deadlines = [j.deadline for j in self.jobs if not j.killed]
-                for pool in self.pools.values():
-                    deadlines.extend(pool.deadlines())
-                timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-                for key, mask in sel.select(timeout):
-                    key.data(mask)
-                self.tend()
-                if self.helpers or self.retired:
-                    self.reap_helpers()
+            loop.run(until=lambda: not (self.listening or self.jobs))
         finally:
             # The pools' programs run in sessions of their own: they are
             # ended here, not left behind.
-            for pool in self.pools.values():
-                pool.close()
+            self.set_pools({})
 
     @staticmethod
     def on_term(signum, frame):
         raise SystemExit(0)
 
+    def set_pools(self, table):
+        """The pools the master's configuration asks for (pool_table): a
+        pool whose spec changed ends its processes and starts afresh."""
+        for name in list(self.pools):
+            if self.pools[name].spec.__dict__ != table.get(name):
+                self.pools.pop(name).close()
+        for name, fields in table.items():
+            if name not in self.pools:
+                self.pools[name] = ProgramPool(PoolSpec(**fields), self.loop)
+
+    def between_turns(self):
+        """After each turn: answer the jobs that ended or ran out of time,
+        reap helpers; the seconds until the next job's deadline."""
+        self.tend()
+        if self.helpers or self.retired:
+            self.reap_helpers()
+        deadlines = [j.deadline for j in self.jobs if not j.killed]
+        for pool in self.pools.values():
+            deadlines.extend(pool.deadlines())
+        return max(0.0, min(deadlines) - time.time()) if deadlines else None
+
     def on_request(self, mask):
         if not self.take():
-            self.selector.unregister(self.sock)
+            self.loop.watch(self.sock, 0)
             self.listening = False
+            if self.helper:
+                self.abandon()      # the spawner is gone
 
-    def on_wake(self, mask):
-        try:
-            while os.read(self.wake[0], 512):
+    def on_control(self, mask):
+        """The master: a new table of programs (``T``), or its end."""
+        msg = control_message(self.control)
+        if msg is None:
+            return
+        if not msg:
+            self.loop.watch(self.control, 0)
+            self.control.close()
+            self.control = None
+            return
+        if msg[:1] == b"T":
+            try:
+                self.programs = marshal.loads(msg[1:])
+            except (ValueError, EOFError, TypeError):
+                self.note("the master sent a garbled table of programs; keeping the "
+                          "previous one")
+        elif msg[:1] == b"P":
+            try:
+                self.set_pools(marshal.loads(msg[1:]))
+            except (ValueError, EOFError, TypeError):
+                self.note("the master sent a garbled table of pools; keeping the "
+                          "previous one")
+
+    def note(self, text):
+        """A line for the master's log."""
+        if self.control is not None:
+            try:
+                self.control.send(b"N" + text.encode("utf-8", "replace"), socket.MSG_DONTWAIT)
+            except (OSError, socket.error):
                 pass
-        except OSError:
-            pass
+
+    def receive(self):
+        """One message and its descriptor: (data, socket), (None, None)
+        when there is none yet or it is malformed, (b"", None) when every
+        sender is gone.  Received descriptors are close-on-exec at once
+        (receive_message), so no program ever inherits another session's
+        socket."""
+        try:
+            data, fds, cut = receive_message(self.sock, AUTH_SPAWNER_MAX_REQUEST, 4)
+        except (BlockingIOError, InterruptedError):
+            return None, None
+        if not data and not fds:
+            return b"", None
+        if len(fds) != 1 or cut:
+            for fd in fds:
+                os.close(fd)
+            return None, None
+        return data, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
 
     def take(self):
         """Take one request; False when every sender is gone."""
+        data, reply = self.receive()
+        if reply is None:
+            return data != b""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                AUTH_SPAWNER_MAX_REQUEST, socket.CMSG_SPACE(4 * array.array("i").itemsize))
-        except (BlockingIOError, InterruptedError):
-            return True
-        fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        if not data and not fds:
-            return False
-        if len(fds) != 1 or flags & MESSAGE_CUT_FLAGS:
-            for fd in fds:
-                os.close(fd)
-            return True
-        reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
-        try:
-            request = marshal.loads(data)
-            if request[0] == POOL_REQUEST_VERSION:
-                self.take_pool_request(request, reply)
+            job = marshal.loads(data)
+            if not self.helper and isinstance(job, tuple) and job[:1] == (POOL_REQUEST_VERSION,):
+                self.take_pool_request(job, reply)
                 return True
-            version, argv, env, cwd, ids, timeout, stdin = request
-            if version != 1:
-                raise ValueError(version)
-        except (ValueError, EOFError, TypeError, IndexError, KeyError):
+            if self.helper:
+                argv, env, timeout, stdin = job
+                ids = self.ids
+            else:
+                job, ids = self.resolve(job)
+                if job is None:
+                    # Taken, then answered: the session must not start
+                    # the program itself instead.
+                    try:
+                        reply.send(b"A", socket.MSG_DONTWAIT)
+                    except (OSError, socket.error):
+                        pass
+                    SpawnerJob(None, reply, b"", 0, 0).answer(("error", ids))
+                    return True
+                if self.forward(marshal.dumps(job), reply, ids):
+                    return True
+                argv, env, timeout, stdin = job
+        except (ValueError, EOFError, TypeError):
             reply.close()
             return True
-        if self.identity is None and os.geteuid() == 0 and not spawner_has_ids(ids) \
-                and self.forward(data, reply, ids):
-            return True
+        self.start(reply, argv, env, ids, timeout, stdin)
+        return True
+
+    def resolve(self, request):
+        """A session's request -> ((argv, env, timeout, stdin), ids) from
+        the table, or (None, why) for one this spawner does not run."""
+        version, key, user, stdin = request
+        if version != AUTH_SPAWNER_PROTOCOL:
+            raise ValueError(version)
+        program = self.programs.get(tuple(key)) if isinstance(key, (tuple, list)) else None
+        if program is None:
+            self.note("refused a request for a program its configuration does not name: %s"
+                      % qformat(repr(key)[:LOGGED_COMMAND_MAX]))
+            return None, "not a program of the auth spawner's configuration"
+        if not isinstance(user, str) or not isinstance(stdin, bytes) \
+                or auth_input_problem(user, ""):
+            self.note("refused a request with a malformed user name for %s" % program[0])
+            return None, "malformed request"
+        path, env, ids, timeout = program
+        return ([path, user], env, timeout, stdin), ids
+
+    def start(self, reply, argv, env, ids, timeout, stdin):
         try:
             reply.send(b"A", socket.MSG_DONTWAIT)
         except (OSError, socket.error):
             reply.close()       # withdrawn: the session starts it itself
-            return True
+            return
         started = time.time()
         try:
-            proc = start_program(argv, env, cwd, ids)
+            proc = start_program(argv, env, "/", ids)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             job = SpawnerJob(None, reply, b"", 0, started)
             job.answer(("error", str(e)))
-            return True
+            return
         job = SpawnerJob(proc, reply, stdin, started + timeout, started)
         self.jobs.append(job)
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ,
-                               lambda mask, job=job: self.read_output(job))
+        self.loop.watch(proc.stdout, selectors.EVENT_READ,
+                        lambda mask, job=job: self.read_output(job))
         os.set_blocking(proc.stdin.fileno(), False)
         self.write_input(job)
         if job.pending:
-            self.selector.register(proc.stdin, selectors.EVENT_WRITE,
-                                   lambda mask, job=job: self.write_input(job))
-        return True
+            self.loop.watch(proc.stdin, selectors.EVENT_WRITE,
+                            lambda mask, job=job: self.write_input(job))
 
     def take_pool_request(self, request, reply):
         """``(POOL_REQUEST_VERSION, pool name, argument line)``: the pool
@@ -8542,20 +9381,18 @@ class SpawnerLoop(object):
             reply.close()
             return
         if pool is None or not isinstance(argument, bytes):
-            PoolRequest(reply, b"", 0).answer(("error", "no %s is configured" % name))
+            PoolRequest(reply, b"", 0).answer(("error", "no pool %r is configured" % (name,)))
             return
         pool.submit(reply, argument)
 
     def forward(self, data, reply, ids):
-        """Pass a request on to the helper for ``ids``; False to run it here."""
+        """Pass a job on to the helper for ``ids``; False to run it here."""
         for _ in range(2):
             helper = self.helpers.get(ids) or self.start_helper(ids)
             if helper is None:
                 return False
             try:
-                helper[1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                            array.array("i", [reply.fileno()]))],
-                                  socket.MSG_DONTWAIT)
+                send_message(helper[1], data, [reply.fileno()], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return False    # its queue is full: no waiting here
             except (OSError, socket.error):
@@ -8576,17 +9413,12 @@ class SpawnerLoop(object):
         if pid == 0:  # pragma: no cover - runs in the helper
             status = 1
             try:
-                signal.set_wakeup_fd(-1)
-                if ids[0] == "drop":
-                    os.setgroups([])
-                    os.setgid(ids[2])
-                    os.setuid(ids[1])
-                else:
-                    ruid, euid, rgid, egid, groups = ids[1:]
-                    os.setgroups(list(groups))
-                    os.setresgid(rgid, egid, egid)
-                    os.setresuid(ruid, euid, euid)
-                SpawnerLoop(child, identity=ids).run()
+                self.loop.close_in_child()
+                if ids is not None:
+                    # No PR_SET_NO_NEW_PRIVS: a program may rely on a
+                    # set-user-id helper (a password checker, say).
+                    give_up_root(ids[0], ids[1], (), no_new_privs=False)
+                SpawnerLoop(child, helper=True, ids=ids).run()
                 status = 0
             finally:
                 os._exit(status)
@@ -8612,6 +9444,19 @@ class SpawnerLoop(object):
             return os.waitpid(pid, os.WNOHANG)[0] != 0
         except OSError:
             return True
+
+    def abandon(self):
+        """A helper whose spawner died: no one is left to answer for its
+        programs, so they end now (their whole groups) and their sessions
+        see end of file on their sockets."""
+        for job in self.jobs:
+            if not job.killed:
+                job.killed = True
+                try:
+                    os.killpg(job.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            job.answer(("lost", "the auth spawner ended; the program was killed"))
 
     def write_input(self, job):
         stdin = job.proc.stdin
@@ -8646,10 +9491,7 @@ class SpawnerLoop(object):
     def _drop(self, pipe):
         if pipe is None or pipe.closed:
             return              # dropped already (at its end of file)
-        try:
-            self.selector.unregister(pipe)
-        except (KeyError, ValueError):
-            pass
+        self.loop.watch(pipe, 0)
         try:
             pipe.close()
         except OSError:
@@ -8695,14 +9537,11 @@ class SpawnedProgram(object):
 
     def poll(self):
         if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.pid, 255 << 8
-            if pid:
-                # Popen's convention: a signal's death as its negative number.
-                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
-                    else os.WEXITSTATUS(status)
+            status = child_exit(self.pid)
+            if status is not None:
+                code = exit_code(status)
+                # An exit status that cannot be known is a failure.
+                self.returncode = 255 if code is None else code
         return self.returncode
 
 
@@ -8741,42 +9580,32 @@ def start_program(argv, env, cwd, ids):
 
 
 def spawner_id_options(ids):
-    """Popen arguments that give a program the ids a request asks for,
-    always in a new session (a timeout kills its whole group)."""
+    """Popen arguments that give a program ``ids`` ((uid, gid), or None to
+    keep this process's), always in a new session (a timeout kills its
+    whole group).  Without root to change them, the start fails."""
     if spawner_has_ids(ids):
         return {"start_new_session": True}
-    if ids[0] == "drop":
-        uid, gid = ids[1], ids[2]
-        if sys.version_info >= (3, 9):
-            # Done in C, without running Python in the child.
-            return {"start_new_session": True, "user": uid, "group": gid,
-                    "extra_groups": []}
+    uid, gid = ids
+    if sys.version_info >= (3, 9):
+        # Done in C, without running Python in the child.
+        return {"start_new_session": True, "user": uid, "group": gid, "extra_groups": []}
 
-        def drop():
-            os.setsid()
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        return {"preexec_fn": drop}
-    ruid, euid, rgid, egid, groups = ids[1:]
-
-    def same():
+    def drop():
         os.setsid()
-        os.setgroups(list(groups))
-        os.setresgid(rgid, egid, egid)
-        os.setresuid(ruid, euid, euid)
-    return {"preexec_fn": same}
+        # No PR_SET_NO_NEW_PRIVS for a program (see start_helper).
+        give_up_root(uid, gid, (), no_new_privs=False)
+    return {"preexec_fn": drop}
 
 
 def spawner_has_ids(ids):
-    """Does this process already have the ids a request asks for?"""
-    if ids[0] == "drop":
-        uid, gid = ids[1], ids[2]
-        return os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) \
-            and not os.getgroups()
-    ruid, euid, rgid, egid, groups = ids[1:]
-    return (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (ruid, euid, rgid, egid) \
-        and sorted(os.getgroups()) == sorted(groups)
+    """Does this process already have ``ids`` (None: whatever it has)?
+    Supplementary groups count only where they could be changed (root);
+    elsewhere they are the user's own."""
+    if ids is None:
+        return True
+    uid, gid = ids
+    return os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) \
+        and not (holds_root() and os.getgroups())
 
 
 def close_descriptors_except(keep):
@@ -8811,14 +9640,13 @@ class PoolSpec(Frozen):
 
 
 def pool_ids(zenv):
-    """The ids a pool program runs with: under root the user sessions run
-    as (a filter or router reads what clients sent, so it holds no root);
-    else ours."""
-    if os.getuid() == 0:
+    """The (uid, gid) a pool program runs with: under root the user
+    sessions run as (a filter or router reads what clients sent, so it
+    holds no root); else None, ours."""
+    if holds_root():
         user = session_user(zenv)
-        return ("drop", user.uid, user.gid)
-    return ("same", os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
-            tuple(os.getgroups()))
+        return (user.uid, user.gid)
+    return None
 
 
 def pool_environment(zenv):
@@ -8968,9 +9796,9 @@ class ProgramPool(object):
     or misses its deadline answers its request at once ("crashed",
     "timeout") and is replaced when the next request comes."""
 
-    def __init__(self, spec, selector):
+    def __init__(self, spec, loop):
         self.spec = spec
-        self.selector = selector
+        self.loop = loop
         self.queue = deque()
         self.procs = []
 
@@ -9001,8 +9829,8 @@ class ProgramPool(object):
         member = PoolProcess(proc, request)
         member.deadline = request.deadline
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ,
-                               lambda mask, member=member: self.read(member))
+        self.loop.watch(proc.stdout, selectors.EVENT_READ,
+                        lambda mask, member=member: self.read(member))
         return member
 
     def send(self, member, request):
@@ -9061,10 +9889,7 @@ class ProgramPool(object):
         if member not in self.procs:
             return
         self.procs.remove(member)
-        try:
-            self.selector.unregister(member.proc.stdout)
-        except (KeyError, ValueError):
-            pass
+        self.loop.watch(member.proc.stdout, 0)
         try:
             os.killpg(member.proc.pid, signal.SIGKILL)
         except OSError:
@@ -9111,7 +9936,7 @@ class ProgramPool(object):
 
 
 # ---------------------------------------------------------------------------
-# 10. The spool: handing messages to the router
+# 11. The spool: handing messages to the router
 # ---------------------------------------------------------------------------
 
 def mail_envelope(session, txn):
@@ -9574,7 +10399,7 @@ class SpoolFile(object):
 
 
 # ---------------------------------------------------------------------------
-# 11. Command line, run-time state, daemon
+# 12. Command line, run-time state, daemon
 # ---------------------------------------------------------------------------
 
 USAGE = """\
@@ -9752,6 +10577,9 @@ class Runtime(object):
         self.resolver = Resolver(log=log)
         self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
+        # Started as root: auth programs run as their configured users
+        # (by the spawner), whatever this process gives up later.
+        self.root = holds_root()
         self.apply_config(config)
 
     @property
@@ -9763,12 +10591,18 @@ class Runtime(object):
     def report_to(self, send):
         """In a forked session or a worker: what the master must count (AUTH
         failures, accepted messages, the status file's counters) goes to it
-        as lines through ``send``, which ``absorb_report`` reads there."""
-        self.auth_failures.report = lambda data: send(b"F " + data)
-        self.submissions.report = send
-        self.client_messages.report = send
-        self.stats.report = lambda name, number: send(("C %s %d\n" % (name, number))
-                                                      .encode("ascii"))
+        as lines through ``send``, which ``absorb_report`` reads there.  A
+        report that cannot be sent is logged."""
+        def report(line):
+            try:
+                send(line)
+            except OSError as e:
+                self.log.note("cannot report to the master (%s): %r" % (e, line[:60]))
+        self.auth_failures.report = lambda data: report(b"F " + data)
+        self.submissions.report = report
+        self.client_messages.report = report
+        self.stats.report = lambda name, number: report(("C %s %d\n" % (name, number))
+                                                        .encode("ascii"))
 
     def absorb_report(self, line):
         """The master's side of report_to: one line."""
@@ -9786,33 +10620,53 @@ class Runtime(object):
             if fields and number.isdigit():
                 self.stats.absorb(fields[0].decode("ascii", "replace"), int(number))
 
+    def prepare(self, config):
+        """Build what depends on the configuration, without touching what
+        runs: a PreparedConfig for install(); raises ConfigError.  Files
+        are read with root's access where this process keeps it (its real
+        uid), as at start-up: a key only root may read loads at a reload
+        too."""
+        with root_file_access():
+            tls = {}
+            for index, g in enumerate(config.groups):
+                try:
+                    tls[index] = make_tls_context(g) if g.use_tls else None
+                except ConfigError as e:
+                    raise ConfigError("%s: %s" % (config_where(config, index, "tls_cert"), e))
+            policies = {}
+            for g in config.groups:
+                if g.policydb and g.policydb not in policies:
+                    policies[g.policydb] = PolicySource(g.policydb, self.log)
+            sender_maps = None
+            if config.sender_login_maps:
+                try:
+                    sender_maps = SenderLoginMap(config.sender_login_maps, self.log)
+                except SenderLoginMapError as e:
+                    raise ConfigError("PARAM sender-login-maps: %s" % e)
+        return PreparedConfig(config=config, tls=tls, policies=policies,
+                              sender_maps=sender_maps,
+                              auth_programs=auth_programs(config, self.zenv,
+                                                          self.zconfig_path, self.root))
+
     def apply_config(self, config):
-        """Build what depends on the configuration; raises ConfigError."""
-        tls = {}
-        for index, g in enumerate(config.groups):
-            try:
-                tls[index] = make_tls_context(g) if g.use_tls else None
-            except ConfigError as e:
-                raise ConfigError("%s: %s" % (config_where(config, index, "tls_cert"), e))
-        policies = {}
-        for g in config.groups:
-            if g.policydb and g.policydb not in policies:
-                policies[g.policydb] = PolicySource(g.policydb, self.log)
-        sender_maps = None
-        if config.sender_login_maps:
-            try:
-                sender_maps = SenderLoginMap(config.sender_login_maps, self.log)
-            except SenderLoginMapError as e:
-                raise ConfigError("PARAM sender-login-maps: %s" % e)
+        """Build what depends on the configuration and put it in place;
+        raises ConfigError (and then changes nothing)."""
+        self.install(self.prepare(config))
+
+    def install(self, prepared):
+        """Put a prepared configuration in place: nothing here can fail."""
+        config = prepared.config
+        self.prepared = prepared
         self.config = config
-        self.sender_maps = sender_maps
+        self.sender_maps = prepared.sender_maps
         self.spool.dir_fsync = config.spool_dir_fsync
-        self.tls = tls
+        self.tls = prepared.tls
+        self.auth_programs = prepared.auth_programs
         self._authenticators = {}   # id(group) -> (group, PipeAuthenticator or None)
         # What an EHLO lists depends on a few facts of the session only
         # (SMTPSession.extensions); made once per configuration.
         self.ehlo_keywords = {}
-        self.policies = policies
+        self.policies = prepared.policies
         self.local_names = frozenset(n.lower() for n in (self.hostname, socket.getfqdn(),
                                                          "localhost") if n)
 
@@ -9835,17 +10689,13 @@ class Runtime(object):
         hit = cache.get(id(group))
         if hit is not None and hit[0] is group:
             return hit[1]
-        path = group.auth_pipe or self.zenv.get("PIPEAUTHPATH")
+        key = auth_program_key(group, self.zenv)
         auth = None
-        if path:
-            auth = PipeAuthenticator(path, group.auth_pipe_timeout, self.zenv,
-                                     self.zconfig_path, run_as=self.auth_identity(group),
-                                     log=self.log, spawner=self.auth_spawner)
+        if key is not None:
+            auth = PipeAuthenticator(key, self.auth_programs[key], log=self.log,
+                                     spawner=self.auth_spawner)
         cache[id(group)] = (group, auth)
         return auth
-
-    def auth_identity(self, group):
-        return auth_identity(group, self.zenv)
 
     # -- name lookups, cached briefly -------------------------------------------
 
@@ -9908,8 +10758,9 @@ class Runtime(object):
 
     def load(self):
         """The configuration read again and checked; raises ConfigError."""
-        config = load_configuration(self.options, self.zenv, self.log)
-        problems = validate_config(config)
+        with root_file_access():
+            config = load_configuration(self.options, self.zenv, self.log)
+            problems = validate_config(config)
         if problems:
             raise ConfigError("; ".join(problems))
         return config
@@ -9927,6 +10778,12 @@ class Runtime(object):
         mail_syslog(syslog.LOG_ERR if syslog else 0,
                     "reload failed, keeping the running configuration: %s" % error)
         self.last_reload = (time.time(), False, str(error))
+
+
+class PreparedConfig(Frozen):
+    """A configuration and what was built from it (Runtime.prepare):
+    ``config``, ``tls`` contexts by group index, ``policies``,
+    ``sender_maps``, ``auth_programs``."""
 
 
 def lookup_user(name):
@@ -9972,14 +10829,14 @@ def close_tls(sock):
     sock.close()
 
 
-def auth_identity(group, zenv):
-    """(uid, gid) for the auth program when we are root; None to keep ours."""
-    if os.getuid() != 0:
+def auth_identity(group, zenv, root=None):
+    """(uid, gid) the group's auth program runs as in a server started as
+    root (``root``; by default: is this process root?); None to keep the
+    ids of whoever starts it.  ``smtp-auth-pipe-user root`` runs it as
+    root, from the auth spawner."""
+    if not (holds_root() if root is None else root):
         return None
-    name = group.auth_pipe_user or zenv.get("TRUSTEDUSER") or "daemon"
-    if name == "root":
-        return None
-    return lookup_user(name)
+    return lookup_user(group.auth_pipe_user or zenv.get("TRUSTEDUSER") or "daemon")
 
 
 class Site(Frozen):
@@ -10056,9 +10913,7 @@ def access_as(user, checks):
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(r)
-            os.setgroups(list(user.groups))
-            os.setgid(user.gid)
-            os.setuid(user.uid)
+            give_up_root(user.uid, user.gid, user.groups, no_new_privs=False)
             answer = "".join("1" if os.access(path, mode) else "0" for path, mode in checks)
             os.write(w, answer.encode("ascii"))
         finally:
@@ -10183,7 +11038,7 @@ def describe_pools(config, site):
     spec = pools.get("contentfilter")
     if spec is not None:
         ids = spec.ids
-        who = "uid %d, gid %d" % (ids[1], ids[2]) if ids[0] == "drop" else "our own ids"
+        who = "uid %d, gid %d" % ids if ids else "our own ids"
         out.append("content filter: %s (up to %d processes shared by all sessions, run as %s; "
                    "an answer within %gs or the message is accepted; for clients whose "
                    "address has no 'filtering -' and is not relaycustnet without "
@@ -10191,7 +11046,7 @@ def describe_pools(config, site):
     spec = pools.get("router")
     if spec is not None:
         ids = spec.ids
-        who = "uid %d, gid %d" % (ids[1], ids[2]) if ids[0] == "drop" else "our own ids"
+        who = "uid %d, gid %d" % ids if ids else "our own ids"
         usable = os.path.isfile(spec.argv[0]) and os.access(spec.argv[0], os.X_OK)
         out.append("interactive router: %s (up to %d processes shared by all sessions, run as "
                    "%s; asked at MAIL with style f, RCPT with t, VRFY with v and vrfycmd, EXPN "
@@ -10507,11 +11362,15 @@ def write_pidfile(path):
     os.rename(tmp, path)
 
 
-def remove_pidfile(path):
+def remove_pidfile(path, pid=None):
+    """Remove a pid file (or a status file: its ``pid=`` line) that names
+    ``pid`` (by default this process)."""
+    pid = os.getpid() if pid is None else pid
     try:
         with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return
+            text = f.read()
+        if ("pid=%d\n" % pid) not in text and text.strip() != str(pid):
+            return
         os.unlink(path)
     except (IOError, OSError, ValueError):
         pass
@@ -10539,17 +11398,65 @@ def detach(ready_fd_holder):
     os.close(devnull)
 
 
-def drop_privileges(user, log):
+def drop_privileges(user, log, for_good=False):
     """After binding: when root, run as the session user (see session_user)
-    with that user's groups (effective ids; the real id stays root so the
-    pid file can be removed at exit, as the original master did)."""
+    with that user's groups.  A master whose sessions are other processes
+    changes its effective ids only: its real uid stays root for what needs
+    it (a reload, reopening the logs, the pid file at exit).  ``for_good``
+    (a process that serves sessions itself: the thread model's master,
+    ``-n``): real, effective and saved ids, and no new privileges ever."""
     if os.geteuid() != 0 or user is None or user.uid == 0:
         return
     log.hand_to(user.uid, user.gid)
-    os.setgroups(list(user.groups))
-    os.setegid(user.gid)
-    os.seteuid(user.uid)
-    log.note("sessions run as %s, %s" % (user.describe(), user.source))
+    if for_good:
+        drop_session_privileges(user)
+    else:
+        os.setgroups(list(user.groups))
+        os.setegid(user.gid)
+        os.seteuid(user.uid)
+    log.note("sessions run as %s, %s%s" % (user.describe(), user.source,
+                                           "; so does this process, for good" if for_good
+                                           else ""))
+
+
+#: prctl(2) option: neither this process nor anything it executes may gain
+#: privileges again (set-user-id programs run with the caller's ids).
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def holds_root():
+    """Is uid 0 among this process's real, effective or saved user ids?"""
+    return 0 in os.getresuid()
+
+
+def give_up_root(uid, gid, groups=(), no_new_privs=True):
+    """Become ``uid``/``gid`` with supplementary ``groups`` for good: real,
+    effective and saved ids all change, so no ``setuid(0)`` can bring root
+    back.  With ``no_new_privs`` also PR_SET_NO_NEW_PRIVS, so no
+    set-user-id program run later gains privileges either.  The one
+    privilege drop of the program: session processes, the spawner's
+    helpers, start-up's access checks.  Raises OSError when it cannot."""
+    if holds_root():
+        if os.geteuid() != 0:
+            os.seteuid(0)       # setgroups needs root's effective uid
+        os.setgroups(list(groups))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    elif os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(errno.EPERM, "cannot become uid %d, gid %d without root" % (uid, gid))
+    if no_new_privs:
+        prctl = _libc_function("prctl")
+        if prctl is not None and prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def drop_session_privileges(user):
+    """In a process that reads client input (a worker, a fork-model
+    session, an inetd session): no root in any form from here on."""
+    if user is None:
+        give_up_root(os.getuid(), os.getgid(), os.getgroups())
+    else:
+        give_up_root(user.uid, user.gid, user.groups)
 
 
 _libc = None
@@ -10604,7 +11511,8 @@ class root_file_access(object):
 #: command line (/proc/PID/cmdline) stays as it was, since zmailer.sh and
 #: a restarting server recognise the daemon by it.
 PROCESS_NAMES = {"master": b"zmsmtpd: master", "worker": b"zmsmtpd: worker",
-                 "session": b"zmsmtpd: child", "auth-spawner": b"zmsmtpd: auth"}
+                 "session": b"zmsmtpd: child", "auth-spawner": b"zmsmtpd: auth",
+                 "keeper": b"zmsmtpd: keeper"}
 PR_SET_NAME = 15
 
 
@@ -10782,13 +11690,13 @@ def main(argv=None):
         sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     if interactive or inetd:
         if inetd:
-            drop_privileges(user, log)
+            drop_privileges(user, log, for_good=True)
         return run_interactive(runtime, config, inetd=inetd)
     return run_daemon(runtime, config, options, zenv, log, foreground, user)
 
 
 def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
-    supervisor = Supervisor(runtime, config)
+    supervisor = Supervisor(runtime, config, user)
     pidfile = pidfile_path(options, runtime.postoffice)
     stop_previous(pidfile, log)
     supervisor.install_signal_handlers()
@@ -10839,10 +11747,15 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
     # detaching) and can restart it; no worker, thread or session exists
     # yet, and it closes the listeners and the log it inherits.
     runtime.auth_spawner = AuthSpawner(log)
-    runtime.auth_spawner.pools = program_pools(config, zenv, runtime.zconfig_path)
-    if auth_spawner_wanted(config, zenv):
-        supervisor.start_auth_spawner()
-    drop_privileges(user, log)
+    supervisor.configure_auth_spawner()
+    # The thread model's sessions are this process's threads: it gives up
+    # root for good, and a FileKeeper forked before keeps root for the
+    # pid file and the status file.
+    shared = config.session_model == "thread"
+    keeper = None
+    if shared and holds_root() and user is not None and user.uid != 0:
+        keeper = supervisor.status.keeper = FileKeeper(pidfile, supervisor.status.path).start()
+    drop_privileges(user, log, for_good=shared)
     if ready:
         os.write(ready[0], b"1")
         os.close(ready[0])
@@ -10857,6 +11770,8 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
                 pass
         remove_pidfile(pidfile)
         supervisor.status.remove()
+        if keeper is not None:
+            keeper.close()
         log.note("killed server pid %d at %s" % (os.getpid(), rfc822_date()))
         mail_syslog(syslog.LOG_INFO if syslog else 0, "killed server.")
     return 0

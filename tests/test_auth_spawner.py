@@ -220,6 +220,13 @@ class Daemon(ForegroundServer):
             if pid:
                 kill_quietly(int(pid), signal.SIGKILL)
 
+    def edit_conf(self, old, new):
+        """Replace ``old`` by ``new`` in smtpserver.conf (then SIGHUP)."""
+        with open(self.conf) as f:
+            text = f.read()
+        with open(self.conf, "w") as f:
+            f.write(text.replace(old, new))
+
     def recorded(self, name):
         try:
             with open(os.path.join(self.rec, name), "rb") as f:
@@ -308,10 +315,9 @@ class AuthThroughSpawnerTest(unittest.TestCase):
         self.assertTrue(d.started_by_spawner("carol", spawner))
         self.assertEqual(d.recorded("carol.uid"), str(program_user()[0]))
 
-    def test_pipe_user_root_keeps_the_session_processes_ids(self):
-        # With smtp-auth-pipe-user root the program keeps the ids a session
-        # process has (as when it was started there): real uid root,
-        # effective uid the session user.
+    def test_pipe_user_root_runs_the_program_as_root_from_the_spawner(self):
+        # smtp-auth-pipe-user root: the spawner (root) runs it as root; a
+        # session process, which holds no root, could not.
         if os.geteuid() != 0:
             self.skipTest("needs root")
         prog = os.path.join(tempfile.mkdtemp(prefix="zmspawn-ids-"), "ids")
@@ -322,14 +328,11 @@ class AuthThroughSpawnerTest(unittest.TestCase):
                     "(os.getuid(), os.geteuid()))\n" % os.path.join(d.rec, "ids"))
         os.chmod(os.path.dirname(prog), 0o755)
         os.chmod(prog, 0o755)
-        with open(d.conf) as f:
-            text = f.read().replace("smtp-auth-pipe %s" % d.program, "smtp-auth-pipe " + prog)
-        with open(d.conf, "w") as f:
-            f.write(text)
+        d.edit_conf("smtp-auth-pipe %s" % d.program, "smtp-auth-pipe " + prog)
         d.proc.send_signal(signal.SIGHUP)
         self.assertTrue(wait_for(lambda: "configuration reloaded" in d.log_text()))
         self.assertEqual(d.auth("dave")[0], 235)
-        self.assertEqual(d.recorded("ids"), "0 %d" % pwd.getpwnam("daemon").pw_uid)
+        self.assertEqual(d.recorded("ids"), "0 0")
 
 
 class SpawnerTimeoutTest(unittest.TestCase):
@@ -447,6 +450,8 @@ class AuthenticatorCacheTest(unittest.TestCase):
         return zmsmtpd.Runtime(options, zenv, zconf, config, log), options, zenv, log
 
     def test_authenticator_is_built_once_per_group_until_reload(self):
+        # The program's user is looked up when a configuration is
+        # applied, never per AUTH.
         runtime, options, zenv, log = self.runtime()
         looked_up = []
         real = zmsmtpd.lookup_user
@@ -461,11 +466,14 @@ class AuthenticatorCacheTest(unittest.TestCase):
         self.assertIsInstance(first, zmsmtpd.PipeAuthenticator)
         self.assertIs(runtime.authenticator(group), first)
         self.assertIs(runtime.authenticator(group), first)
-        self.assertEqual(len(looked_up), 1 if os.getuid() == 0 else 0)
+        self.assertEqual(looked_up, [])
         runtime.apply_config(zmsmtpd.load_configuration(options, zenv, log, listeners=False))
+        per_config = len(looked_up)
+        self.assertEqual(per_config, 1 if os.getuid() == 0 else 0)
         second = runtime.authenticator(runtime.config.groups[-1])
         self.assertIsNot(second, first)
-        self.assertEqual(len(looked_up), 2 if os.getuid() == 0 else 0)
+        self.assertIs(runtime.authenticator(runtime.config.groups[-1]), second)
+        self.assertEqual(len(looked_up), per_config)
 
 
 if __name__ == "__main__":

@@ -1858,7 +1858,7 @@ class TestHardeningFuzz(_HardHealthMixin, unittest.TestCase):
         log = srv.log_text()
         # Server notes are "<tag><dt>#\t000-<text>"; client text is "r\t...".
         internal = [l for l in log.splitlines()
-                    if re.search(r"#\t000-(internal error|session error|accept loop error)", l)]
+                    if re.search(r"#\t000-(internal error|session error|accept loop error|uncaught exception)", l)]
         stderr_bad = [l for l in srv.stderr_text().splitlines()
                       if l.startswith(("Traceback", "Exception in thread", "Exception ignored"))]
         _hard_report("fuzz [%s model]: seed %d, %d threads, %.0fs: %d dialogues "

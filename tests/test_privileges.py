@@ -1,0 +1,341 @@
+# -*- coding: utf-8 -*-
+"""Privileges and the transactional reload: every process that reads client
+input holds no root in any form; the auth spawner runs only what its own
+configuration names, gives a program descriptors 0-2 only, and when it dies
+mid-request the session answers 454 and the program is killed; a reload
+builds the whole new state first, refuses what needs a restart and names
+it, and reads a root-only TLS key as root.
+
+Run from the repository root:  python -m unittest -v tests.test_privileges
+
+Each TestCase starts its own zmsmtpd.py daemon in the foreground (the auth
+spawner tests' Daemon: AUTH on one SMTP port, a recording auth program).
+Most tests need root and the ``daemon`` user, as CI has.
+"""
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from tests import test_auth_spawner as spawner_tests
+from tests.harness import child_pids, kill_quietly, process_alive, which
+from tests.test_admin_ops import need_root_and_daemon
+
+import zmsmtpd
+
+Daemon = spawner_tests.Daemon
+wait_for = spawner_tests.wait_for
+PASSWORD = spawner_tests.PASSWORD
+PYTHON = "/usr/bin/python3"
+
+# Writes the descriptors it has open (fstat opens none) to REC/<user>.fds;
+# a user named slow* takes its time first, to be in flight meanwhile.
+FD_LISTER = r"""#!%(python)s
+import os, sys, time
+user = sys.argv[1]
+if user.startswith("slow"):
+    time.sleep(1.5)
+fds = []
+for fd in range(1024):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
+with open(os.path.join(%(rec)r, user + ".fds"), "w") as f:
+    f.write(" ".join(str(fd) for fd in fds))
+sys.exit(0 if sys.stdin.readline().rstrip("\n") == %(password)r else 1)
+"""
+
+
+def proc_status(pid):
+    """The Uid, Gid, Groups and NoNewPrivs lines of /proc/PID/status."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("Uid", "Gid", "Groups", "NoNewPrivs"):
+                out[name] = value.split()
+    return out
+
+
+def status_file(d):
+    return os.path.join(d.postoffice, ".pid.smtpserver.status")
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (IOError, OSError):
+        return ""
+
+
+class SessionProcessIdsTest(unittest.TestCase):
+    """Workers and fork-model session children give up root for good
+    (real, effective and saved ids, groups) before their first
+    connection, and may never gain privileges again."""
+
+    def assert_no_root(self, pid):
+        st = proc_status(pid)
+        daemon = pwd.getpwnam("daemon")
+        self.assertEqual(st["Uid"], [str(daemon.pw_uid)] * 4, st)
+        self.assertEqual(st["Gid"], [str(daemon.pw_gid)] * 4, st)
+        self.assertNotIn("0", st["Groups"], st)
+        self.assertEqual(st["NoNewPrivs"], ["1"], st)
+
+    def test_workers_hold_no_root_in_any_form(self):
+        need_root_and_daemon(self)
+        d = Daemon(self, model="workers", extra="PARAM session-workers 2\n")
+        workers = wait_for(lambda: len(child_pids(d.proc.pid, "zmsmtpd: worker")) == 2
+                           and child_pids(d.proc.pid, "zmsmtpd: worker"))
+        self.assertEqual(len(workers), 2)
+        for pid in workers:
+            self.assert_no_root(pid)
+        self.assertEqual(d.auth("alice")[0], 235)
+
+    def test_fork_model_session_child_holds_no_root_in_any_form(self):
+        need_root_and_daemon(self)
+        d = Daemon(self, model="fork")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            self.assertTrue(s.recv(512).startswith(b"220"))
+            # (the start-up probe's session may be ending meanwhile)
+            children = wait_for(lambda: child_pids(d.proc.pid, "zmsmtpd: child"))
+            self.assertTrue(children)
+            for pid in children:
+                try:
+                    self.assert_no_root(pid)
+                except (IOError, OSError):
+                    pass        # the probe's, gone meanwhile
+            self.assert_no_root(children[-1])
+        self.assertEqual(d.auth("bob")[0], 235)
+
+
+    def test_thread_model_master_gives_up_root_and_its_keeper_removes_the_files(self):
+        # Its sessions are its own threads: the master holds no root after
+        # start-up; a keeper child writes and at the end removes the pid
+        # file and the status file in root's directory.
+        need_root_and_daemon(self)
+        d = Daemon(self, model="thread")
+        self.assertEqual(d.auth("carol")[0], 235)
+        self.assert_no_root(d.proc.pid)
+        self.assertEqual(len(child_pids(d.proc.pid, "zmsmtpd: keeper")), 1)
+        pidfile = os.path.join(d.postoffice, ".pid.smtpserver")
+        self.assertTrue(wait_for(lambda: "pid=%d\n" % d.proc.pid in read(status_file(d))
+                                 and "sessions=0\n" in read(status_file(d))))
+        self.assertEqual(os.stat(status_file(d)).st_uid, 0)
+        pid = d.proc.pid
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(timeout=10)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertFalse(os.path.exists(status_file(d)))
+        self.assertEqual(child_pids(pid), [])
+
+
+class SpawnerRunsItsOwnTableTest(unittest.TestCase):
+    """A session names a program of the spawner's table; the spawner
+    builds argv, environment and ids itself and refuses anything else."""
+
+    def test_request_for_an_unknown_program_is_refused_and_logged(self):
+        # A session's end of the spawner's socket, a spawner loop run from
+        # a table with one program, and the master's end of its control
+        # socket.
+        session_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (session_end, spawner_end, master_end, control_end):
+            self.addCleanup(sock.close)
+        table = {("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)}
+        loop = zmsmtpd.SpawnerLoop(spawner_end, control=control_end, programs=table)
+        notes = []
+        log = type("Log", (), {"note": lambda self, text: notes.append(text)})()
+        spawner = zmsmtpd.AuthSpawner(log)
+        spawner.client, spawner.control = session_end, master_end
+        master_end.setblocking(False)       # as the master's selector has it
+        conversation = spawner.run(("/bin/sh", "", 5.0), "mallory", 5.0, b"pw\n")
+        self.assertEqual(next(conversation)[0], zmsmtpd.WANT_READABLE)
+        self.assertTrue(loop.take())
+        outcome = None
+        while outcome is None:
+            try:
+                conversation.send(True)
+            except StopIteration as e:
+                outcome = e.value
+        self.assertEqual(outcome, ("error", "not a program of the auth spawner's configuration"))
+        spawner.control_ready()
+        self.assertEqual(len(notes), 1, notes)
+        self.assertIn("auth spawner: refused a request for a program its configuration "
+                      "does not name", notes[0])
+        self.assertIn("/bin/sh", notes[0])
+
+    def test_reload_gives_the_spawner_the_new_program(self):
+        d = Daemon(self)
+        spawner = wait_for(d.spawner)
+        other = os.path.join(d.dir, "bin", "other")
+        with open(other, "w") as f:
+            f.write("#!/bin/sh\nread pw\necho other > %s/other.ran\nexit 0\n" % d.rec)
+        os.chmod(other, 0o755)
+        d.edit_conf("smtp-auth-pipe %s" % d.program, "smtp-auth-pipe " + other)
+        d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "configuration reloaded" in d.log_text()))
+        self.assertEqual(d.auth("zed", password="anything")[0], 235)
+        self.assertEqual(d.recorded("other.ran"), "other")
+        self.assertEqual(d.spawner(), spawner)      # told, not restarted
+
+
+class ProgramDescriptorsTest(unittest.TestCase):
+    """An auth program gets descriptors 0, 1 and 2 and nothing else, even
+    while other AUTHs are in flight (their sockets pass through the same
+    spawner and helper)."""
+
+    def test_program_sees_only_0_1_2_while_other_auths_are_in_flight(self):
+        if not os.path.exists(PYTHON):
+            self.skipTest("%s is needed for the descriptor-listing program" % PYTHON)
+        d = Daemon(self)
+        with open(d.program, "w") as f:
+            f.write(FD_LISTER % {"python": PYTHON, "rec": d.rec, "password": PASSWORD})
+        wait_for(d.spawner)
+        results = {}
+
+        def auth(user):
+            results[user] = d.auth(user)[0]
+        slow = [threading.Thread(target=auth, args=("slow%d" % i,)) for i in range(3)]
+        for t in slow:
+            t.start()
+        time.sleep(0.3)     # the slow ones are in flight (their fds too)
+        auth("lister")
+        for t in slow:
+            t.join(20)
+        self.assertEqual(results, {"lister": 235, "slow0": 235, "slow1": 235, "slow2": 235})
+        for user in results:
+            self.assertEqual(d.recorded(user + ".fds"), "0 1 2", user)
+
+
+class SpawnerKilledMidRequestTest(unittest.TestCase):
+    """SIGKILL of the spawner while a slow program runs: the session sees
+    it at once and answers 454; the orphaned program's whole group is
+    killed."""
+
+    def test_session_answers_454_and_program_group_is_killed(self):
+        d = Daemon(self, extra="PARAM smtp-auth-pipe-timeout 60\n")
+        spawner = wait_for(d.spawner)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(reply=d.auth("sleeper")))
+        t.start()
+        self.assertTrue(wait_for(lambda: d.recorded("sleep.pid")))
+        pids = [int(d.recorded(n)) for n in ("sleeper.pid", "sleep.pid")]
+        start = time.time()
+        os.kill(spawner, signal.SIGKILL)
+        t.join(20)
+        code, text = result["reply"]
+        self.assertEqual(code, 454, text)
+        self.assertLess(time.time() - start, 5.0)
+        self.assertTrue(wait_for(lambda: not any(process_alive(p) for p in pids), 5))
+        self.assertIn("auth spawner ended", d.log_text())
+        new = wait_for(lambda: d.spawner() not in (None, spawner) and d.spawner())
+        self.assertTrue(new)
+        self.assertEqual(d.auth("after")[0], 235)
+
+
+class ReloadRefusesModelChangeTest(unittest.TestCase):
+    """A reload that changes PARAM session-model is refused, naming it, in
+    the log and the status file; nothing of it is applied.  The original
+    trigger: a wrong password must still never get 235 afterwards, even
+    with the spawner stopped, so that the session starts the program
+    itself."""
+
+    def change_model(self, old, new):
+        d = Daemon(self, model=old)
+        spawner = wait_for(d.spawner)
+        d.edit_conf("session-model %s" % old, "session-model %s" % new)
+        d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "reload failed" in d.log_text()), d.log_text())
+        self.assertIn("PARAM session-model (from %s to %s)" % (old, new), d.log_text())
+        status = wait_for(lambda: "reload_result=refused: " in read(status_file(d))
+                          and read(status_file(d)))
+        self.assertTrue(status)
+        self.assertIn("session-model", status)
+        os.kill(spawner, signal.SIGSTOP)
+        self.addCleanup(kill_quietly, spawner, signal.SIGCONT)
+        for i in range(3):
+            code, text = d.auth("wrong%d" % i, password="not-the-password")
+            self.assertIn(code, (535, 454), text)
+        self.assertEqual(d.auth("right")[0], 235)
+        os.kill(spawner, signal.SIGCONT)
+
+    def test_thread_to_fork_is_refused_naming_session_model(self):
+        self.change_model("thread", "fork")
+
+    def test_fork_to_thread_is_refused_naming_session_model(self):
+        self.change_model("fork", "thread")
+
+
+def make_certificate(directory, name, cn):
+    openssl = which("openssl")
+    cert = os.path.join(directory, name + ".pem")
+    key = os.path.join(directory, name + ".key")
+    subprocess.check_call([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-subj", "/CN=%s" % cn, "-days", "2", "-keyout", key,
+                           "-out", cert], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def served_certificate(port):
+    """The DER certificate the server shows after STARTTLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO client.example\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        s.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220")
+        with ctx.wrap_socket(s) as t:
+            return t.getpeercert(binary_form=True)
+
+
+class ReloadRootOnlyKeyTest(unittest.TestCase):
+    """A TLS key of mode 0600 owned by root reloads in a master started as
+    root whose sessions run as daemon, and the new certificate is served."""
+
+    def test_root_only_key_reloads_and_new_certificate_is_served(self):
+        need_root_and_daemon(self)
+        if not which("openssl"):
+            self.skipTest("openssl not installed")
+        certs = tempfile.mkdtemp(prefix="zmpriv-certs-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        os.chmod(certs, 0o755)
+        cert, key = make_certificate(certs, "live", "first.example")
+        new_cert, new_key = make_certificate(certs, "next", "second.example")
+        for k in (key, new_key):
+            os.chown(k, 0, 0)
+            os.chmod(k, 0o600)
+        d = Daemon(self, extra="PARAM use-tls\nPARAM tls-cert-file %s\nPARAM tls-key-file %s\n"
+                   % (cert, key))
+        first = served_certificate(d.port)
+        os.rename(new_cert, cert)
+        os.rename(new_key, key)
+        d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "configuration reloaded" in d.log_text()
+                                 or "reload failed" in d.log_text()))
+        self.assertNotIn("reload failed", d.log_text())
+        self.assertTrue(wait_for(lambda: "reload_result=taken: " in read(status_file(d))))
+        with open(cert) as f:
+            expected = ssl.PEM_cert_to_DER_cert(f.read())
+        got = wait_for(lambda: served_certificate(d.port) == expected and True)
+        self.assertTrue(got)
+        self.assertNotEqual(first, expected)
+
+
+if __name__ == "__main__":
+    unittest.main()
