@@ -5587,7 +5587,8 @@ class Supervisor(object):
         if spawner is None:
             return
         spawner.configure(self.runtime.auth_programs,
-                          program_pools(self.config, self.runtime.zenv, self.runtime.zconfig_path))
+                          program_pools(self.config, self.runtime.zenv, self.runtime.zconfig_path,
+                                        self.runtime.root))
         if not spawner.running and not spawner.given_up \
                 and auth_spawner_wanted(self.config, self.runtime.zenv):
             self.start_auth_spawner()
@@ -9639,11 +9640,12 @@ class PoolSpec(Frozen):
     __hash__ = None
 
 
-def pool_ids(zenv):
-    """The (uid, gid) a pool program runs with: under root the user
-    sessions run as (a filter or router reads what clients sent, so it
-    holds no root); else None, ours."""
-    if holds_root():
+def pool_ids(zenv, root):
+    """The (uid, gid) a pool program runs with: in a server started as
+    root (``root``), the user sessions run as (a filter or router reads
+    what clients sent, so it holds no root), whatever the master has
+    given up since; else None, ours."""
+    if root:
         user = session_user(zenv)
         return (user.uid, user.gid)
     return None
@@ -9660,22 +9662,25 @@ def router_program(zenv):
     return os.path.join(zenv.get("MAILBIN") or "/usr/lib/zmailer", "router")
 
 
-def program_pools(config, zenv, zconfig_path):
+def program_pools(config, zenv, zconfig_path, root=None):
     """name -> PoolSpec of the pools the configuration asks for: built by
     the master from the configuration it loaded, and handed to the spawner
-    when it is forked; sessions only name a pool."""
+    (AuthSpawner.configure); sessions only name a pool.  ``root``: the
+    server was started as root (default: this process holds root)."""
+    if root is None:
+        root = holds_root()
     pools = {}
     zconf = zconfig_path or zenv.get("ZCONFIG") or DEFAULT_ZCONFIG
     if config.contentfilter:
         pools["contentfilter"] = PoolSpec(
             name="contentfilter", argv=(config.contentfilter, "-Z", zconf),
-            env=pool_environment(zenv), ids=pool_ids(zenv),
+            env=pool_environment(zenv), ids=pool_ids(zenv, root),
             maxpar=max(1, min(config.contentfilter_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
             timeout=config.contentfilter_timeout, merge_stderr=False)
     if config.enable_router:
         pools["router"] = PoolSpec(
             name="router", argv=(router_program(zenv), "-Z", zconf, "-io-i", "-Ismtpserver"),
-            env=pool_environment(zenv), ids=pool_ids(zenv),
+            env=pool_environment(zenv), ids=pool_ids(zenv, root),
             maxpar=max(1, min(config.enable_router_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
             timeout=ROUTER_ANSWER_TIMEOUT, merge_stderr=True)
     return pools

@@ -460,6 +460,29 @@ class ContentFilterReloadTest(_OwnDaemonCase):
         self.assertNotIn(self.d.live_programs()[0], first)
 
 
+class ContentFilterThreadModelReloadTest(unittest.TestCase):
+    """The thread model's master gives up root after start-up; filters
+    started after a reload still run as the session user, never as the
+    spawner's root."""
+
+    def test_filter_after_reload_runs_unprivileged(self):
+        d = FilterDaemon(self, extra="PARAM session-model thread\n")
+        self.assertEqual(without_id(d.send("CF:accept")), "250 2.0.0 Filter accepted it; <id>")
+        with open(d.conf) as f:
+            text = f.read()
+        with open(d.conf, "w") as f:
+            f.write(text.replace("PARAM debug-contentfilter", "PARAM contentfilter-maxpar 2"))
+        d.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: "reload" in d.log_text().lower()))
+        first = d.program_pids()
+        self.assertTrue(wait_for(lambda: not any(process_alive(p) for p in first)))
+        self.assertEqual(without_id(d.send("CF:accept")), "250 2.0.0 Filter accepted it; <id>")
+        starts = d.records("start")
+        self.assertEqual(len(starts), 2)
+        uid, gid = filter_user()
+        self.assertEqual((starts[1]["uid"], starts[1]["euid"], starts[1]["gid"]), (uid, uid, gid))
+
+
 class ContentFilterSessionModelsTest(unittest.TestCase):
     """The thread and fork session models wait for the filter as workers do."""
 
