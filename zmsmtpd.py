@@ -46,8 +46,9 @@ Map of this file, in the order data flows through it:
                             functions, the command table (COMMANDS), and
                             SMTPSession (a StreamRequestHandler whose
                             conversation is a generator; built from
-                            SessionStart, MailTransactionVerbs and
-                            TransactionPolicy), one
+                            SessionStart, MailTransactionVerbs,
+                            MessageDataVerbs, TransactionPolicy and
+                            RouterQueries), one
                             ``smtp_VERB`` generator per verb
  10. Authentication ....... SaslExchange (the AUTH dialogue),
                             PipeAuthenticator, the opt-in verdict cache
@@ -56,7 +57,10 @@ Map of this file, in the order data flows through it:
                             (PAM, shadow and crypt through ctypes),
                             AuthSpawner (the helper process that starts
                             the programs of its table, AuthProgram, and the
-                            check) and its SpawnerLoop
+                            check) and its SpawnerLoop, ProgramPool (the
+                            content filter's and the interactive router's
+                            processes, kept by that helper), FilterVerdict,
+                            router_reply
  11. Spool ................ the envelope (mail_envelope, rcpt_envelope),
                             SpoolWriter / SpoolFile, group-committed dir fsync
  12. Command line ......... option parsing, Runtime (prepare, install),
@@ -192,6 +196,16 @@ SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
 #: taken only when a file of an earlier process with the same pid is left).
 SPOOL_NAME_ATTEMPTS = 27
+#: Filter or router processes one pool may run at once, whatever
+#: ``contentfilter-maxpar`` / ``enable-router-maxpar`` ask (the original's cap).
+PROGRAM_POOL_MAXPAR_MAX = 20
+#: Seconds the interactive router has to answer one request; after that the
+#: client gets a 450 and the router is replaced.
+ROUTER_ANSWER_TIMEOUT = 60.0
+#: Lines of one answer a pool program may give, and bytes of each line,
+#: kept; the rest is dropped (a runaway program cannot fill memory).
+POOL_ANSWER_LINES = 200
+POOL_LINE_MAX = 4096
 #: The resolver's configuration file (nameserver and options lines).
 RESOLV_CONF = "/etc/resolv.conf"
 #: The name servers' port (resolv.conf has no syntax for another).
@@ -682,6 +696,7 @@ _PARAMS = [
     (("contentfilter",), "G", "str", "contentfilter", None),
     (("contentfilter-maxpar",), "G", "atoi", "contentfilter_maxpar", 1),
     (("debug-contentfilter",), "G", "on", "debug_contentfilter", None),
+    (("contentfilter-timeout",), "G", "float", "contentfilter_timeout", None),
     (("perl-hook",), "G", "str", "perl_hook", None),
     (("enable-router",), "G", "on", "enable_router", None),
     (("enable-router-maxpar",), "G", "atoi", "enable_router_maxpar", 1),
@@ -737,9 +752,7 @@ UNIMPLEMENTED_PARAMS = {
     "outlook-tls-bug": "a no-op in 3.0.1 too", "report-auth-file": "Z-REPORT is dead in 3.0.1 too",
     "lmtp-mode": "LMTP is not offered", "rcvd-ident": "ident lookups are not done",
     "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
-    "contentfilter": "no content filter hand-off", "contentfilter-maxpar": "no content filter",
-    "debug-contentfilter": "no content filter", "perl-hook": "no embedded Perl",
-    "enable-router": "no interactive router", "enable-router-maxpar": "no interactive router",
+    "perl-hook": "no embedded Perl",
     "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
     "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
     "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
@@ -803,7 +816,7 @@ GLOBAL_DEFAULTS = dict(
     sum_sizeoption=False,
     allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
     lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
-    debug_contentfilter=False, perl_hook=None, enable_router=False,
+    debug_contentfilter=False, contentfilter_timeout=120.0, perl_hook=None, enable_router=False,
     enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
     help=(), session_model="workers", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
@@ -1588,13 +1601,13 @@ POLICY_IMPLEMENTED = frozenset((
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
     "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
     "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
-    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs"))
+    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs", "filtering"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
               "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
-              "rcpt-dns-rbl", "ratelimitmsgs")
+              "rcpt-dns-rbl", "ratelimitmsgs", "filtering")
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
@@ -1664,7 +1677,8 @@ class PolicyVerdict(object):
 
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
                  "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
-                 "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit")
+                 "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit",
+                 "filtering")
 
     def __init__(self):
         self.reject = False
@@ -1681,10 +1695,21 @@ class PolicyVerdict(object):
         self.freeze = False
         self.maxinsize = None
         self.maxsameip = None
+        self.filtering = None   # the client address's "filtering": True, False, or unset
 
     @property
     def trusted(self):
         return self.always_accept or self.full_trust
+
+    @property
+    def content_filter_due(self):
+        """Is the message passed to the content filter?  The client
+        address's own ``filtering`` decides; without it every client
+        except an always-accepted one (relaycustnet, by address or name)
+        is filtered.  Sender and recipient entries do not count."""
+        if self.filtering is not None:
+            return self.filtering
+        return not self.always_accept
 
 
 class PolicyTable(object):
@@ -2015,6 +2040,8 @@ def connection_verdict(table, ip, rhostname=None):
         v.always_accept = policy_says(found, "relaycustnet")
     if "maxinsize" in found:
         v.maxinsize = _c_int(found["maxinsize"][0], None)
+    if "filtering" in found:
+        v.filtering = policy_says(found, "filtering")
     if "maxsameipsource" in found:
         v.maxsameip = _c_int(found["maxsameipsource"][0], None)
         if v.maxsameip == 0:
@@ -3514,6 +3541,16 @@ REPLIES = {
     "data_ok": (250, "2.0.0", "accepted; {id}"),
     "data_ok_frozen": (250, "2.7.1", "Content-Policy accept-into-freezer-2 msg: accepted into "
                                      "freezer, no explanations; {id}"),
+    # the interactive router (its own answers pass through as it gives them)
+    "router_failed_init": (440, "4.4.0", "Failed to init interactive router subsystem"),
+    "router_timeout": (450, "4.5.0", "Interactive router timed out!"),
+    "router_eof": (450, "4.5.0", "Interactive router EOFed!"),
+    "router_silent": (250, "2.7.1", "Interactive policy router failed, letting this thru..."),
+    # the content filter's verdicts (the code and status may be the filter's own)
+    "filter_accept": (250, "2.0.0", "{text}; {id}"),
+    "filter_reject": (552, "5.7.1", "Content-Policy reject msg: {text}; {id}"),
+    "filter_freeze": (250, "2.7.1", "Content-Policy accept-into-freezer-{n} msg: {text}; {id}"),
+    "filter_freeze_no_text": (None, None, "accepted into freezer, no explanations"),
     "data_too_big": (552, "5.3.4", "Size of this message exceeds the fixed maximum size of  {limit}  "
                                    "chars for received email "),
     "data_header_too_big": (552, "5.3.4", "Message header section exceeds {limit} bytes"),
@@ -6207,7 +6244,9 @@ class Supervisor(object):
         spawner = self.runtime.auth_spawner
         if spawner is None:
             return
-        spawner.configure(self.runtime.auth_programs)
+        spawner.configure(self.runtime.auth_programs,
+                          program_pools(self.config, self.runtime.zenv, self.runtime.zconfig_path,
+                                        self.runtime.root))
         if not spawner.running and not spawner.given_up \
                 and auth_spawner_wanted(self.config, self.runtime.zenv):
             self.start_auth_spawner()
@@ -8009,10 +8048,11 @@ class TransactionPolicy(object):
 
 
 class MailTransactionVerbs(object):
-    """MAIL, RCPT, DATA and BDAT: one transaction from its sender to the
-    committed spool file, with the submission checks (sender ownership,
-    rate limits) and relay control on the way.  Part of SMTPSession; it
-    uses the session's replies, tarpit, channel and state."""
+    """MAIL and RCPT: one transaction's sender and recipients, with the
+    submission checks (sender ownership, rate limits) and relay control on
+    the way; MessageDataVerbs takes it from there to the committed spool
+    file.  Part of SMTPSession; it uses the session's replies, tarpit,
+    channel and state."""
 
     def sloppy(self):
         return self.runtime.sloppy or ("S" in self.style)
@@ -8068,6 +8108,10 @@ class MailTransactionVerbs(object):
         if free is not None and (free - self.cfg.min_availspace) * 1024 < ok["size"]:
             self.reply("mail_no_space")
             return
+        router_answer = yield from self.router_verdict(
+            self.cfg.enable_router and "f" in self.style, "from", address)
+        if router_answer is None:
+            return
         permitted, hold = self.reserve_message()
         if not permitted:
             self.reply("mail_rate_limit")
@@ -8094,7 +8138,10 @@ class MailTransactionVerbs(object):
             self.reply("mail_spool_failed")
             return
         self.state = "RCPT"
-        self.reply("mail_ok", note=", source route ignored" if routed else "")
+        if router_answer:
+            self.send_router_lines(router_answer, "; Ok")
+        else:
+            self.reply("mail_ok", note=", source route ignored" if routed else "")
 
     def esmtp_params(self, parse, params):
         """The parameters parsed by ``parse`` (mail_params, rcpt_params), or
@@ -8212,6 +8259,10 @@ class MailTransactionVerbs(object):
         if limit and txn.params["size"] > limit:
             self.reply("rcpt_too_big", limit=limit, addr="<%s>" % address)
             return
+        router_answer = yield from self.router_verdict(
+            self.cfg.enable_router and "t" in self.style, "to", address)
+        if router_answer is None:
+            return
         if not self.reserve_recipient(txn):
             self.reply("rcpt_rate_limit")
             return
@@ -8231,12 +8282,19 @@ class MailTransactionVerbs(object):
         txn.recipients.append(address)
         self.state = "DATA"
         note = ", source route ignored" if routed else ""
-        if txn.params["size"]:
+        if router_answer:
+            self.send_router_lines(router_answer)
+        elif txn.params["size"]:
             self.reply("rcpt_ok_size", size=txn.params["size"], note=note, addr="<%s>" % address)
         else:
             self.reply("rcpt_ok", note=note, addr="<%s>" % address)
 
-    # -- DATA and BDAT -----------------------------------------------------------
+
+class MessageDataVerbs(object):
+    """DATA and BDAT: the message from the 354 (or the first chunk) to
+    the committed spool file, the content filter's verdict on the way.
+    Part of SMTPSession, like MailTransactionVerbs."""
+
 
     def data_state_problem(self, bdat):
         if self.state == "HELO":
@@ -8312,10 +8370,11 @@ class MailTransactionVerbs(object):
             if rest is not None:
                 self.channel.unread(rest)
                 break
-        self.finish_message(txn, writer, failure, txn.wire_bytes, None)
+        yield from self.finish_message(txn, writer, failure, txn.wire_bytes, None)
 
     def finish_message(self, txn, writer, failure, wire_bytes, bdat_chunk):
-        """Close the header, commit the spool file, and reply."""
+        """Generator: close the header, pass the message to the content
+        filter when one is due, commit the spool file, and reply."""
         if failure is None:
             try:
                 writer.close()
@@ -8337,8 +8396,24 @@ class MailTransactionVerbs(object):
             else:
                 self.reply(failure[0])
             return
+        verdict = None
+        # A message the policy freezes goes to the freezer unfiltered.
+        if self.cfg.contentfilter and self.verdict.content_filter_due and not txn.freeze:
+            verdict = yield from self.content_filter(txn.spool)
+            if verdict.kind == "reject":
+                self.log.note("content filter refused the message: %d %s" % (
+                    verdict.code, verdict.text))
+                self.runtime.stats.count("refused")
+                try:
+                    sid = txn.spool.spool_id()
+                except OSError:
+                    sid = "-"
+                txn.spool.abort()
+                self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
+                return
+        freezer = "policy-2" if txn.freeze else verdict.freezer if verdict else None
         try:
-            sid, size = txn.spool.commit(writer.priority, freezer=txn.freeze)
+            sid, size = txn.spool.commit(writer.priority, freezer)
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -8348,8 +8423,12 @@ class MailTransactionVerbs(object):
         self.junk_count = 0
         self.count_submission(txn)
         self.count_client_message(txn)
-        if bdat_chunk is None:
-            self.reply("data_ok_frozen" if txn.freeze else "data_ok", id=sid)
+        if txn.freeze:
+            self.reply("data_ok_frozen", id=sid)
+        elif verdict is not None and (verdict.text or verdict.kind == "freeze"):
+            self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
+        elif bdat_chunk is None:
+            self.reply("data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
         recording = self.log.recording()
@@ -8364,6 +8443,41 @@ class MailTransactionVerbs(object):
         if "S" in self.runtime.syslogflg:
             mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
                 sid, size, self.rhostname, self.peer_port))
+
+    def content_filter(self, spool):
+        """Generator: the content filter's FilterVerdict on the message
+        written so far.  The filter reads the file by its path; every way
+        the filter can fail (not started, crashed, silent, late, a line it
+        should not have written) accepts the message, as the original did."""
+        cfg = self.cfg
+        try:
+            path = spool.open_for_reading()
+        except OSError as e:
+            self.log.note("content filter skipped: cannot prepare the message file: %s" % e)
+            return FilterVerdict.accepting()
+        spawner = self.runtime.auth_spawner
+        outcome = None
+        if spawner is not None:
+            outcome = yield from spawner.ask("contentfilter", os.fsencode(path),
+                                             cfg.contentfilter_timeout)
+        if outcome is None:
+            outcome = ("error", "no spawner process runs the filter (only a daemon has one)")
+        kind = outcome[0]
+        lines = [l.decode("utf-8", "replace") for l in outcome[1]] \
+            if kind in ("done", "crashed", "timeout") else []
+        if cfg.debug_contentfilter:
+            self.log.note("content filter: %s -> %s %s" % (
+                path, kind, " | ".join(qformat(l) for l in lines) or "(no answer line)"))
+        if kind == "done":
+            return FilterVerdict.parse(lines[-1] if lines else "")
+        if kind == "timeout":
+            why = "no answer within %gs; the filter process was ended" % cfg.contentfilter_timeout
+        elif kind == "crashed":
+            why = "the filter ended without an answer"
+        else:
+            why = outcome[1]
+        self.log.note("content filter %s: %s; message accepted" % (cfg.contentfilter, why))
+        return FilterVerdict.accepting()
 
     def message_summary(self, txn, sid, size):
         """One line per accepted message, Postfix-like ``key=value``
@@ -8456,7 +8570,8 @@ class MailTransactionVerbs(object):
                 txn.writer.feed(b"\r")
             except OSError as e:
                 txn.bdat_failed = ("data_spool_failed", str(e))
-        self.finish_message(txn, txn.writer, txn.bdat_failed or None, txn.wire_bytes, size)
+        yield from self.finish_message(txn, txn.writer, txn.bdat_failed or None,
+                                       txn.wire_bytes, size)
 
     def channel_skip(self, size, deadline):
         while size:
@@ -8481,14 +8596,83 @@ class MailTransactionVerbs(object):
             self.log.note("aborted (%d bytes): %s" % (txn.wire_bytes, why))
 
 
-class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
+class RouterQueries(object):
+    """The interactive router's part in a session (PARAM enable-router):
+    VRFY and EXPN answered by it, and its verdict on MAIL, RCPT and
+    HELO/EHLO.  Part of SMTPSession."""
+
+    def router_query(self, args, flag, function, otherwise):
+        """VRFY and EXPN: the router's answer when the style asks for it
+        (``v``, ``e``) and the router is enabled, else the fixed reply."""
+        if self.state == "HELO":
+            self.reply("vrfy_wait_helo")
+        else:
+            answer = []
+            if self.cfg.enable_router and flag in self.style:
+                answer = yield from self.ask_router(function, self.verb_args(args))
+            if answer:
+                self.send_router_lines(answer)
+            elif answer is not None:
+                self.reply(otherwise)
+
+    def router_verdict(self, wanted, function, argument):
+        """Generator, for MAIL (style f), RCPT (t) and HELO/EHLO (h): the
+        router's accepting answer, to be sent in place of the usual reply
+        ([] when not ``wanted`` or there is none), or None when it refused
+        the command or could not answer (the reply is sent)."""
+        if not wanted:
+            return []
+        answer = yield from self.ask_router(function, argument)
+        if answer and answer[-1][0] // 100 != 2:
+            self.tarpit()
+            self.send_router_lines(answer)
+            return None
+        return answer
+
+    def ask_router(self, function, argument):
+        """Generator: the interactive router's answer to ``function<TAB>
+        argument`` as router_reply entries; None when there is none, the
+        440 or 450 reply already sent; [] outside a daemon, where no
+        spawner keeps routers (the command goes on as without one, as in
+        the original)."""
+        spawner = self.runtime.auth_spawner
+        if spawner is None:
+            return []
+        request = ("%s\t%s" % (function, argument)).encode("utf-8", "surrogateescape")
+        outcome = yield from spawner.ask("router", request, ROUTER_ANSWER_TIMEOUT)
+        kind = outcome[0] if outcome else "error"
+        if kind == "done":
+            lines = [l.decode("utf-8", "replace") for l in outcome[1]]
+            if lines:
+                return router_reply(lines, self.ip_literal)
+            code, enh, text = REPLIES["router_silent"]
+            return [(code, enh, text)]
+        self.log.note("interactive router, %s %s: %s" % (
+            function, qformat(argument),
+            outcome[1] if kind == "error" and outcome else kind))
+        self.reply({"timeout": "router_timeout", "crashed": "router_eof"}.get(
+            kind, "router_failed_init"))
+        return None
+
+    def send_router_lines(self, entries, suffix=""):
+        """A reply made of the router's answer; ``suffix`` ends its last line."""
+        enhanced = self.group.enhancedstatus
+        last = len(entries) - 1
+        self.send_lines([reply_line(code, text + (suffix if i == last else ""),
+                                    enh if enhanced else None, i != last)
+                         for i, (code, enh, text) in enumerate(entries)])
+
+
+class SMTPSession(SessionStart, MailTransactionVerbs, MessageDataVerbs,
+                  TransactionPolicy, RouterQueries,
                   socketserver.StreamRequestHandler):
     """One SMTP conversation.  ``converse`` reads command lines and
     ``dispatch`` runs each through the command table (COMMANDS) to its
     ``smtp_VERB`` generator, as http.server dispatches to ``do_GET``.  The
     same class serves a TCP connection, an inetd socket (-n) and standard
     input (-i).  The connection's start is SessionStart's, the mail
-    transaction MailTransactionVerbs', the AUTH dialogue SaslExchange's."""
+    transaction MailTransactionVerbs' and MessageDataVerbs', the router's
+    answers RouterQueries', the AUTH dialogue SaslExchange's."""
 
     # -- replies -------------------------------------------------------------
 
@@ -8789,9 +8973,15 @@ class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
                 self.reply("helo_reject_default")
             self.pattern = pattern
             return
+        style = pattern.flags if pattern is not None else self.runtime.style
+        hello = yield from self.router_verdict(self.cfg.enable_router and "h" in style,
+                                               "hello", "%s %s" % (self.ip_literal,
+                                                                   self.rhostname))
+        if hello is None:
+            return
         self.reset(RESET_GREETING, "HELO/EHLO")
         self.pattern = pattern
-        self.style = pattern.flags if pattern is not None else self.runtime.style
+        self.style = style
         self.helo_line = line[:HELO_LINE_KEPT]
         self.helo_name = arg
         self.helo_syntax_ok = problem is None
@@ -8814,6 +9004,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
             # enhancedstatuscodes says.
             texts = ["Invalid `%s' parameter!" % line,
                      "5.7.1 Sorry %s, Err: %s" % (self.ip_literal, problem)]
+        texts[:0] = [text for code, enh, text in hello]
         texts.extend(reply_texts(first[0], host=self.myhostname, **first[1]))
         if ehlo:
             texts.extend(self.extensions())
@@ -8912,18 +9103,10 @@ class SMTPSession(SessionStart, MailTransactionVerbs, TransactionPolicy,
         self.closing = True
 
     def smtp_VRFY(self, line, args):
-        yield from NEVER_WAITS
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            self.reply("vrfy")
+        yield from self.router_query(args, "v", "verify", "vrfy")
 
     def smtp_EXPN(self, line, args):
-        yield from NEVER_WAITS
-        if self.state == "HELO":
-            self.reply("vrfy_wait_helo")
-        else:
-            self.reply("expn")
+        yield from self.router_query(args, "e", "expand", "expn")
 
     def smtp_TURN(self, line, args):
         yield from NEVER_WAITS
@@ -10099,12 +10282,19 @@ AUTH_SPAWNER_PROTOCOL = 2
 #: environment, the (uid, gid) it runs as (None: as whoever starts it)
 #: and its timeout.  The spawner runs nothing else.
 AuthProgram = namedtuple("AuthProgram", "path env ids timeout")
+#: The first field of a request for a pool's program (the content filter,
+#: the interactive router), where an auth program's has
+#: AUTH_SPAWNER_PROTOCOL.
+POOL_REQUEST_VERSION = 3
 
 
 def auth_spawner_wanted(config, zenv):
     """Does any group check passwords (with a program or the built-in
-    check, which only the spawner runs)?"""
-    return any(g.smtp_auth for g in config.groups)
+    check, which only the spawner runs), or the configuration name a
+    content filter or an interactive router (whose pools live in the
+    spawner)?"""
+    return any(g.smtp_auth for g in config.groups) or \
+        bool(config.contentfilter or config.enable_router)
 
 
 def auth_program_env(zenv, zconfig_path):
@@ -10198,19 +10388,23 @@ class AuthSpawner(object):
         self.restarts = deque()
         self.given_up = False
         self.programs = {}      # key -> AuthProgram: what the spawner may run
+        self.pools = {}         # name -> PoolSpec: the pools the spawner keeps
 
     # -- the master ----------------------------------------------------------
 
-    def configure(self, programs):
+    def configure(self, programs, pools=None):
         """The programs the spawner may run (auth_programs of the
-        configuration in force); a running spawner gets them at once.
-        False when it could not be told (it is then restarted)."""
+        configuration in force) and the pools it keeps (program_pools); a
+        running spawner gets them at once.  False when it could not be
+        told (it is then restarted)."""
         self.programs = dict(programs)
+        self.pools = dict(pools or {})
         if self.control is None:
             return True
         try:
             self.control.settimeout(2.0)
             self.control.send(b"T" + marshal.dumps(self._table()))
+            self.control.send(b"P" + marshal.dumps(self.pool_table()))
             return True
         except (OSError, socket.error, ValueError) as e:
             if self.log:
@@ -10226,6 +10420,10 @@ class AuthSpawner(object):
         # marshal takes plain tuples, not namedtuples.
         return dict((key, tuple(p)) for key, p in self.programs.items())
 
+    def pool_table(self):
+        """name -> the PoolSpec's fields, as marshal takes them."""
+        return dict((name, dict(spec.__dict__)) for name, spec in self.pools.items())
+
     def start(self, loop=None, on_end=None):
         """Fork the spawner (the master, at start-up or when one ended);
         ``on_end`` is called by ``loop`` when the control socket has
@@ -10236,7 +10434,7 @@ class AuthSpawner(object):
             self.client, self.server = socket.socketpair(socket.AF_UNIX,
                                                          socket.SOCK_SEQPACKET)
         control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        table = self._table()
+        table, pools = self._table(), self.pool_table()
         with warnings.catch_warnings():
             # 3.12+ warns about fork in a process with threads; the child
             # runs only code that takes no lock another thread may hold.
@@ -10246,7 +10444,7 @@ class AuthSpawner(object):
             status = 1
             try:
                 control.close()
-                SpawnerLoop(self.server, control=theirs, programs=table).run()
+                SpawnerLoop(self.server, control=theirs, programs=table, pools=pools).run()
                 status = 0
             finally:
                 os._exit(status)
@@ -10343,6 +10541,24 @@ class AuthSpawner(object):
         if self.client is None or self.given_up:
             return None
         request = marshal.dumps((AUTH_SPAWNER_PROTOCOL, key, user, data))
+        outcome = yield from self.exchange(request, timeout)
+        return outcome
+
+    def ask(self, pool, argument, timeout):
+        """Generator (its waits are WANT_READABLE): one line to a pool's
+        program, and its answer: ``("done", lines)``, ``("crashed",
+        lines)`` (it ended before ``#hungry``), ``("timeout", lines)``,
+        ``("error", why)``, ``("lost", why)``, or None when there is no
+        spawner to ask."""
+        if self.client is None or self.given_up:
+            return None
+        request = marshal.dumps((POOL_REQUEST_VERSION, pool, bytes(argument)))
+        outcome = yield from self.exchange(request, timeout)
+        return outcome
+
+    def exchange(self, request, timeout):
+        """Generator: send one request, wait for it to be taken and then
+        for the outcome (within ``timeout`` and a grace)."""
         if len(request) > AUTH_SPAWNER_MAX_REQUEST:
             return None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -10398,7 +10614,24 @@ class AuthSpawner(object):
 
 
 
-class SpawnerJob(object):
+class SpawnerReply(object):
+    """The socket a session waits on for one outcome, answered once."""
+
+    reply = None
+    answered = False
+
+    def answer(self, outcome):
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            self.reply.send(marshal.dumps(outcome), socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            pass        # the session gave up on it
+        self.reply.close()
+
+
+class SpawnerJob(SpawnerReply):
     """One program the spawner runs, and the session waiting for it."""
 
     def __init__(self, proc, reply, data, deadline, started):
@@ -10423,16 +10656,6 @@ class SpawnerJob(object):
         if len(self.line) >= AUTH_SPAWNER_LINE_LIMIT:
             self.line_done = True
 
-    def answer(self, outcome):
-        if self.answered:
-            return
-        self.answered = True
-        try:
-            self.reply.send(marshal.dumps(outcome), socket.MSG_DONTWAIT)
-        except (OSError, socket.error):
-            pass        # the session gave up on it
-        self.reply.close()
-
 
 class SpawnerLoop(object):
     """The auth spawner process: takes requests, runs the programs,
@@ -10456,12 +10679,15 @@ class SpawnerLoop(object):
 
     MAX_HELPERS = 8
 
-    def __init__(self, sock, control=None, programs=None, helper=False, ids=None):
+    def __init__(self, sock, control=None, programs=None, helper=False, ids=None,
+                 pools=None):
         self.sock = sock
         self.control = control      # the spawner: to and from the master
         self.programs = programs or {}
         self.helper = helper        # a helper: runs jobs of its spawner as ``ids``
         self.ids = ids
+        self.pool_specs = pools or {}   # name -> PoolSpec fields (pool_table)
+        self.pools = {}             # name -> ProgramPool, made in run()
         self.jobs = []
         self.helpers = {}           # ids -> (pid, socket)
         self.retired = []           # helpers that ended or were let go, to reap
@@ -10469,7 +10695,8 @@ class SpawnerLoop(object):
         self.listening = False      # while some process may still send requests
 
     def run(self):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The spawner ends its pools' programs before it goes (see run's end).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.helper else self.on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # The master's objects stay in this copy of its memory; what was
@@ -10495,8 +10722,28 @@ class SpawnerLoop(object):
             self.control.setblocking(False)
             loop.watch(self.control, selectors.EVENT_READ, self.on_control)
         loop.every_turn(self.between_turns)
+        self.set_pools(self.pool_specs)
         self.listening = True
-        loop.run(until=lambda: not (self.listening or self.jobs))
+        try:
+            loop.run(until=lambda: not (self.listening or self.jobs))
+        finally:
+            # The pools' programs run in sessions of their own: they are
+            # ended here, not left behind.
+            self.set_pools({})
+
+    @staticmethod
+    def on_term(signum, frame):
+        raise SystemExit(0)
+
+    def set_pools(self, table):
+        """The pools the master's configuration asks for (pool_table): a
+        pool whose spec changed ends its processes and starts afresh."""
+        for name in list(self.pools):
+            if self.pools[name].spec.__dict__ != table.get(name):
+                self.pools.pop(name).close()
+        for name, fields in table.items():
+            if name not in self.pools:
+                self.pools[name] = ProgramPool(PoolSpec(**fields), self.loop)
 
     def between_turns(self):
         """After each turn: answer the jobs that ended or ran out of time,
@@ -10505,6 +10752,8 @@ class SpawnerLoop(object):
         if self.helpers or self.retired:
             self.reap_helpers()
         deadlines = [j.deadline for j in self.jobs if not j.killed]
+        for pool in self.pools.values():
+            deadlines.extend(pool.deadlines())
         return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
     def on_request(self, mask):
@@ -10529,6 +10778,12 @@ class SpawnerLoop(object):
                 self.programs = marshal.loads(msg[1:])
             except (ValueError, EOFError, TypeError):
                 self.note("the master sent a garbled table of programs; keeping the "
+                          "previous one")
+        elif msg[:1] == b"P":
+            try:
+                self.set_pools(marshal.loads(msg[1:]))
+            except (ValueError, EOFError, TypeError):
+                self.note("the master sent a garbled table of pools; keeping the "
                           "previous one")
 
     def note(self, text):
@@ -10564,6 +10819,9 @@ class SpawnerLoop(object):
             return data != b""
         try:
             job = marshal.loads(data)
+            if not self.helper and isinstance(job, tuple) and job[:1] == (POOL_REQUEST_VERSION,):
+                self.take_pool_request(job, reply)
+                return True
             if self.helper:
                 argv, env, timeout, stdin = job
                 ids = self.ids
@@ -10632,6 +10890,22 @@ class SpawnerLoop(object):
         if job.pending:
             self.loop.watch(proc.stdin, selectors.EVENT_WRITE,
                             lambda mask, job=job: self.write_input(job))
+
+    def take_pool_request(self, request, reply):
+        """``(POOL_REQUEST_VERSION, pool name, argument line)``: the pool
+        runs the program its configuration names; a session chooses only
+        which pool and the line it gets."""
+        _, name, argument = request
+        pool = self.pools.get(name)
+        try:
+            reply.send(b"A", socket.MSG_DONTWAIT)
+        except (OSError, socket.error):
+            reply.close()
+            return
+        if pool is None or not isinstance(argument, bytes):
+            PoolRequest(reply, b"", 0).answer(("error", "no pool %r is configured" % (name,)))
+            return
+        pool.submit(reply, argument)
 
     def forward(self, data, reply, ids):
         """Pass a job on to the helper for ``ids``; False to run it here."""
@@ -10748,6 +11022,8 @@ class SpawnerLoop(object):
     def tend(self):
         """Answer the jobs whose program exited or ran out of time."""
         now = time.time()
+        for pool in self.pools.values():
+            pool.tend(now)
         for job in list(self.jobs):
             status = job.proc.poll()
             if status is not None:
@@ -10866,6 +11142,324 @@ def close_descriptors_except(keep):
                 os.close(fd)
             except OSError:
                 pass
+
+# -- program pools: the content filter and the interactive router ------------
+
+class PoolSpec(Frozen):
+    """One long-running program the spawner keeps a pool of: ``name``
+    (what sessions ask for), ``argv``, ``env``, the ``ids`` it runs with
+    (as an auth request's), ``maxpar`` processes at most, ``timeout``
+    seconds for one answer, and ``merge_stderr`` (its error output read
+    as answer lines, as the router's is)."""
+
+    def __eq__(self, other):
+        return isinstance(other, PoolSpec) and self.__dict__ == other.__dict__
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+
+def pool_ids(zenv, root):
+    """The (uid, gid) a pool program runs with: in a server started as
+    root (``root``), the user sessions run as (a filter or router reads
+    what clients sent, so it holds no root), whatever the master has
+    given up since; else None, ours."""
+    if root:
+        user = session_user(zenv)
+        return (user.uid, user.gid)
+    return None
+
+
+def pool_environment(zenv):
+    env = {"PATH": zenv.get("PATH") or "/usr/bin:/bin", "SMTPSERVER": "y"}
+    if os.environ.get("TZ"):
+        env["TZ"] = os.environ["TZ"]
+    return env
+
+
+def router_program(zenv):
+    return os.path.join(zenv.get("MAILBIN") or "/usr/lib/zmailer", "router")
+
+
+def program_pools(config, zenv, zconfig_path, root=None):
+    """name -> PoolSpec of the pools the configuration asks for: built by
+    the master from the configuration it loaded, and handed to the spawner
+    (AuthSpawner.configure); sessions only name a pool.  ``root``: the
+    server was started as root (default: this process holds root)."""
+    if root is None:
+        root = holds_root()
+    pools = {}
+    zconf = zconfig_path or zenv.get("ZCONFIG") or DEFAULT_ZCONFIG
+    if config.contentfilter:
+        pools["contentfilter"] = PoolSpec(
+            name="contentfilter", argv=(config.contentfilter, "-Z", zconf),
+            env=pool_environment(zenv), ids=pool_ids(zenv, root),
+            maxpar=max(1, min(config.contentfilter_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
+            timeout=config.contentfilter_timeout, merge_stderr=False)
+    if config.enable_router:
+        pools["router"] = PoolSpec(
+            name="router", argv=(router_program(zenv), "-Z", zconf, "-io-i", "-Ismtpserver"),
+            env=pool_environment(zenv), ids=pool_ids(zenv, root),
+            maxpar=max(1, min(config.enable_router_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
+            timeout=ROUTER_ANSWER_TIMEOUT, merge_stderr=True)
+    return pools
+
+
+def router_reply(lines, client):
+    """The interactive router's answer lines as (code, enhanced status,
+    text) of an SMTP reply: a line ``NNN [x.y.z] text`` keeps its code and
+    status, and a refusal (not 2xx) greets the client by address (``Hi
+    [ip], text``); a line without a code (the router's own complaints) is a
+    250 line of its own."""
+    out = []
+    for line in lines:
+        m = re.match(r"^([0-9]{3})[ -](?:([0-9]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$))?(.*)$", line)
+        if not m:
+            out.append((250, None, line))
+            continue
+        code, enh, text = int(m.group(1)), m.group(2), m.group(3)
+        if code // 100 != 2:
+            text = "Hi %s, %s" % (client, text)
+        out.append((code, enh, text))
+    return out
+
+
+class FilterVerdict(object):
+    """What the content filter said about one message: ``kind`` (accept,
+    reject or freeze), the reply's ``code``, enhanced status ``enh`` and
+    ``text``, and for a freeze the freezer file's suffix ``freezer`` and
+    the verdict number ``n``.
+
+    The filter's line is ``VERDICT [NNN] [x.y.z] text``: a negative
+    verdict refuses (552 5.7.1 unless the line gives a 4xx or 5xx code),
+    1 and 2 put the message into the freezer (250 2.7.1 unless given),
+    0 accepts; anything else accepts as if the filter had said nothing."""
+
+    _LINE = re.compile(r"^\s*([-+]?\d+)(?:\s+(.*))?$")
+    _REST = re.compile(r"^(?:([2-5]\d\d)(?:\s+|$))?(?:([245]\.\d{1,3}\.\d{1,3})(?:\s+|$))?(.*)$")
+
+    def __init__(self, kind, code=250, enh="2.0.0", text="", freezer=None, n=0):
+        self.kind = kind
+        self.code = code
+        self.enh = enh
+        self.text = text
+        self.freezer = freezer
+        self.n = n
+
+    @classmethod
+    def accepting(cls):
+        return cls("accept")
+
+    @classmethod
+    def parse(cls, line):
+        m = cls._LINE.match(line)
+        if not m:
+            return cls.accepting()
+        verdict = int(m.group(1))
+        code, enh, text = cls._REST.match((m.group(2) or "").strip()).groups()
+        text = re.sub(r"[\x00-\x1f\x7f]", " ", text).strip()
+        if verdict < 0:
+            code = int(code) if code and code[0] in "45" else 552
+            if not enh or enh[0] != str(code)[0]:
+                enh = "%s.7.1" % str(code)[0]
+            return cls("reject", code, enh, text)
+        if verdict in (1, 2):
+            code = int(code) if code else 250
+            if not enh or enh[0] != str(code)[0]:
+                enh = "%s.7.1" % str(code)[0]
+            return cls("freeze", code, enh, text, "policy-%d" % verdict, verdict)
+        if verdict == 0:
+            return cls("accept", 250, "2.0.0", text)
+        return cls.accepting()
+
+    def reply(self, sid, enhanced=True):
+        """The wire lines of the reply that tells the client."""
+        if self.kind == "reject":
+            texts = reply_texts("filter_reject", text=self.text, id=sid)
+        elif self.kind == "freeze":
+            texts = reply_texts("filter_freeze", n=self.n, id=sid,
+                                text=self.text or REPLIES["filter_freeze_no_text"][2])
+        else:
+            texts = reply_texts("filter_accept", text=self.text, id=sid)
+        return reply_lines(self.code, texts, self.enh if enhanced else None)
+
+
+class PoolRequest(SpawnerReply):
+    """A session's question to a pool, waiting in the spawner."""
+
+    def __init__(self, reply, argument, deadline):
+        self.reply = reply
+        self.argument = argument
+        self.deadline = deadline
+
+
+class PoolProcess(object):
+    """One running program of a pool.  It is ready for a request after it
+    wrote ``#hungry``; what it writes before its first ``#hungry`` (a
+    banner) is dropped, and the lines it writes for a request up to the
+    next ``#hungry`` are that request's answer."""
+
+    def __init__(self, proc, request):
+        self.proc = proc
+        self.request = request      # the one it answers (or will, once hungry)
+        self.hungry = False
+        self.ever_hungry = False
+        self.partial = bytearray()
+        self.lines = []
+        self.sent = False
+        self.deadline = None
+
+    def take(self, request):
+        self.request, self.sent, self.lines, self.deadline = request, False, [], None
+
+
+class ProgramPool(object):
+    """Up to ``spec.maxpar`` processes of one program, shared by every
+    session: requests wait in order for a hungry process; a new one is
+    started when none is free and the limit allows.  A process that ends
+    or misses its deadline answers its request at once ("crashed",
+    "timeout") and is replaced when the next request comes."""
+
+    def __init__(self, spec, loop):
+        self.spec = spec
+        self.loop = loop
+        self.queue = deque()
+        self.procs = []
+
+    def submit(self, reply, argument):
+        self.queue.append(PoolRequest(reply, argument, time.time() + self.spec.timeout))
+        self.dispatch()
+
+    def dispatch(self):
+        while self.queue:
+            idle = [p for p in self.procs if p.hungry and p.request is None]
+            if idle:
+                self.send(idle[0], self.queue.popleft())
+                continue
+            if len(self.procs) >= self.spec.maxpar:
+                return
+            request = self.queue.popleft()
+            try:
+                self.procs.append(self.start(request))
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
+                request.answer(("error", "cannot start %s: %s" % (self.spec.argv[0], e)))
+
+    def start(self, request):
+        spec = self.spec
+        proc = subprocess.Popen(
+            list(spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if spec.merge_stderr else None,
+            env=dict(spec.env), close_fds=True, cwd="/", **spawner_id_options(spec.ids))
+        member = PoolProcess(proc, request)
+        member.deadline = request.deadline
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.loop.watch(proc.stdout, selectors.EVENT_READ,
+                        lambda mask, member=member: self.read(member))
+        return member
+
+    def send(self, member, request):
+        member.take(request)
+        member.hungry = False
+        member.deadline = request.deadline
+        line = request.argument.replace(b"\n", b" ") + b"\n"
+        try:
+            os.set_blocking(member.proc.stdin.fileno(), False)
+            written = os.write(member.proc.stdin.fileno(), line)
+        except OSError:
+            written = -1
+        member.sent = True
+        if written != len(line):
+            self.end(member, "crashed")
+
+    def read(self, member):
+        try:
+            chunk = os.read(member.proc.stdout.fileno(), 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.end(member, "crashed")
+            return
+        member.partial.extend(chunk)
+        while True:
+            cut = member.partial.find(b"\n")
+            if cut < 0:
+                if len(member.partial) > POOL_LINE_MAX:
+                    del member.partial[POOL_LINE_MAX:]
+                break
+            line = bytes(member.partial[:cut]).rstrip(b"\r")
+            del member.partial[:cut + 1]
+            if member not in self.procs:
+                break           # ended while answering (its next line could not be sent)
+            if line == b"#hungry":
+                self.hungry(member)
+            elif member.sent and len(member.lines) < POOL_ANSWER_LINES:
+                member.lines.append(line[:POOL_LINE_MAX])
+        self.dispatch()
+
+    def hungry(self, member):
+        if member.sent and member.request is not None:
+            member.request.answer(("done", member.lines))
+            member.request = None
+        member.hungry = member.ever_hungry = True
+        member.lines = []
+        member.deadline = None
+        if member.request is not None and not member.sent:
+            self.send(member, member.request)
+
+    def end(self, member, why):
+        """The process ended (or is killed): its request is answered now."""
+        if member not in self.procs:
+            return
+        self.procs.remove(member)
+        self.loop.watch(member.proc.stdout, 0)
+        try:
+            os.killpg(member.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for pipe in (member.proc.stdin, member.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            member.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if member.request is not None:
+            if why == "crashed" and not member.ever_hungry:
+                # It never became ready: report it like a failed start,
+                # rather than start it again and again for this request.
+                member.request.answer(("error", "%s ended before it was ready"
+                                       % self.spec.argv[0]))
+            else:
+                member.request.answer((why, member.lines))
+
+    def tend(self, now):
+        for member in list(self.procs):
+            if member.deadline is not None and now >= member.deadline:
+                self.end(member, "timeout")
+            elif member.proc.poll() is not None and member.request is None:
+                self.end(member, "crashed")
+        while self.queue and now >= self.queue[0].deadline:
+            self.queue.popleft().answer(("timeout", []))
+        self.dispatch()
+
+    def deadlines(self):
+        out = [m.deadline for m in self.procs if m.deadline is not None]
+        if self.queue:
+            out.append(self.queue[0].deadline)
+        return out
+
+    def close(self):
+        for member in list(self.procs):
+            self.end(member, "timeout")
+        while self.queue:
+            self.queue.popleft().answer(("error", "the spawner is stopping"))
+
 
 # ---------------------------------------------------------------------------
 # 11. The spool: handing messages to the router
@@ -11080,6 +11674,7 @@ class SpoolWriter(object):
     directory, and (ROUTERNOTIFY) a ``NEW <dir> <name>`` datagram."""
 
     UNFINISHED = 0o200
+    READABLE = 0o400        # unfinished, while the content filter reads it
     FINISHED = 0o600
 
     def __init__(self, postoffice, zenv, hostname):
@@ -11184,29 +11779,27 @@ class SpoolWriter(object):
                 pass
         return recovered, removed
 
-    def publish(self, path, inode, priority=0):
+    def publish(self, path, inode, priority=0, freeze=None):
         """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
         tell the router; with ``spool-dir-fsync`` also fsync that directory
-        (group-committed).  Returns (directory name, file name)."""
-        dirname = self.target_dir(priority) if priority else "router"
-        name = str(inode)
-        if self.hash:
-            name = "%s/%s" % (chr(ord("A") + inode % 26), name)
+        (group-committed).  A message the content filter holds (``freeze``:
+        the reason's suffix) goes to ``freezer/<inode><freeze>`` instead,
+        where the router does not look.  Returns (directory name, file
+        name)."""
+        if freeze:
+            dirname, name = "freezer", "%d%s" % (inode, freeze)
+        else:
+            dirname = self.target_dir(priority) if priority else "router"
+            name = str(inode)
+            if self.hash:
+                name = "%s/%s" % (chr(ord("A") + inode % 26), name)
         final = os.path.join(self.postoffice, dirname, name)
         os.rename(path, final)
         if self.dir_fsync:
             self.directory_sync(os.path.dirname(final)).sync()
-        self.notify_router(dirname, name)
+        if not freeze:
+            self.notify_router(dirname, name)
         return dirname, name
-
-    def freeze(self, path, inode):
-        """Rename a finished file to ``freezer/<inode>policy-2``, the name
-        the original gives a message its policy froze; the router does not
-        look there, an administrator releases it."""
-        final = os.path.join(self.postoffice, "freezer", "%dpolicy-2" % inode)
-        os.rename(path, final)
-        if self.dir_fsync:
-            self.directory_sync(os.path.dirname(final)).sync()
 
     def target_dir(self, priority):
         """router, or a ROUTERDIRS entry for bulk/junk mail when present."""
@@ -11269,11 +11862,27 @@ class SpoolFile(object):
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def commit(self, priority=0, freezer=False):
+    def open_for_reading(self):
+        """Write out what is buffered and let the owner read the file (mode
+        0400, still "unfinished" for recover_stale): the content filter
+        runs as the user sessions run as and reads it by its absolute path,
+        which is returned."""
+        self._flush()
+        os.fchmod(self.fd, self.writer.READABLE)
+        return os.path.abspath(self.path)
+
+    def spool_id(self):
+        """The id the file would be committed under (for a reply that
+        names a message refused after it was written)."""
+        st = os.fstat(self.fd)
+        return spool_id(st.st_ino, getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9)))
+
+    def commit(self, priority=0, freezer=None):
         """Mark finished (mode 0600), fsync, rename into the router's
-        directory (the freezer's, for a message the policy freezes).
-        Returns (spool id, size).  On error the file is removed
-        and OSError raised: nothing acknowledged is ever half there."""
+        directory, or into the freezer with the reason's suffix
+        ``freezer`` (see SpoolWriter.publish).  Returns (spool id, size).
+        On error the file is removed and OSError raised: nothing
+        acknowledged is ever half there."""
         try:
             self._flush()
             os.fchmod(self.fd, self.writer.FINISHED)
@@ -11281,10 +11890,7 @@ class SpoolFile(object):
             st = os.fstat(self.fd)
             os.close(self.fd)
             self.fd = None
-            if freezer:
-                self.writer.freeze(self.path, st.st_ino)
-            else:
-                self.writer.publish(self.path, st.st_ino, priority)
+            self.writer.publish(self.path, st.st_ino, priority, freezer)
         except OSError:
             self.abort()
             raise
@@ -12059,15 +12665,41 @@ def describe_config(config, site, user=None):
                    "gets 421 before the greeting" % (
                        HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
                        "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
+    out.extend(describe_pools(config, site))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
     return "\n".join(out)
 
 
+def describe_pools(config, site):
+    """--check's lines for the content filter and the interactive router."""
+    out = []
+    pools = program_pools(config, site.zenv, site.zconfig_path)
+    spec = pools.get("contentfilter")
+    if spec is not None:
+        ids = spec.ids
+        who = "uid %d, gid %d" % ids if ids else "our own ids"
+        out.append("content filter: %s (up to %d processes shared by all sessions, run as %s; "
+                   "an answer within %gs or the message is accepted; for clients whose "
+                   "address has no 'filtering -' and is not relaycustnet without "
+                   "'filtering +')" % (" ".join(spec.argv), spec.maxpar, who, spec.timeout))
+    spec = pools.get("router")
+    if spec is not None:
+        ids = spec.ids
+        who = "uid %d, gid %d" % ids if ids else "our own ids"
+        usable = os.path.isfile(spec.argv[0]) and os.access(spec.argv[0], os.X_OK)
+        out.append("interactive router: %s (up to %d processes shared by all sessions, run as "
+                   "%s; asked at MAIL with style f, RCPT with t, VRFY with v and vrfycmd, EXPN "
+                   "with e and expncmd, HELO/EHLO with h)%s" % (
+                       " ".join(spec.argv), spec.maxpar, who,
+                       "" if usable else "; NOT EXECUTABLE: those commands would get 440"))
+    return out
+
+
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("contentfilter", "perl-hook", "enable-router",
+ACCEPTANCE_PARAMS = ("perl-hook",
                      "tracking-cluster", "spf-threshold", "spf-localpolicy",
                      "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
@@ -12139,9 +12771,10 @@ def policies_freeze(config):
 
 
 def check_postoffice(site, user, freezing=False):
-    """public/ and router/ (and freezer/ when the policy freezes messages)
-    must take new files from the session user; otherwise every MAIL (or
-    every frozen message) would answer a misleading 452."""
+    """public/ and router/ (and freezer/ when the policy or the content
+    filter may freeze messages) must take new files from the session
+    user; otherwise every MAIL (or every frozen message) would answer a
+    misleading 452."""
     problems = []
     source = "-P" if site.options.get("postoffice") else site.zenv.origin("POSTOFFICE")
     for sub in ("public", "router") + (("freezer",) if freezing else ()):
@@ -12196,6 +12829,24 @@ def describe_password_check():
         return "the built-in password check: %s, by the auth spawner (not root: other " \
             "users' passwords cannot be read)" % how
     return "the built-in password check: %s, by the auth spawner as root" % how
+
+
+def check_pool_programs(config, site, user):
+    """The content filter must be a program the user it runs as may
+    execute (the original silently ignored one that was not), and a
+    daemon is needed to run it."""
+    problems = []
+    if config.contentfilter:
+        where = "%s: PARAM contentfilter %s" % (config_where(config, None, "contentfilter"),
+                                                config.contentfilter)
+        path = config.contentfilter
+        if not os.path.isabs(path):
+            problems.append("%s: the program must be named by its absolute path" % where)
+        elif not os.path.isfile(path) or not access_as(user, [(path, os.X_OK)])[0]:
+            problems.append("%s: not an executable file for %s, the user it runs as; every "
+                            "message would be accepted unfiltered. Fix: correct the path or "
+                            "make it executable" % (where, user.describe() if user else "us"))
+    return problems
 
 
 def check_auth_programs(config, site):
@@ -12338,9 +12989,11 @@ def startup_problems(config, site, log, daemon, user):
             problems.append("-l %s: cannot open the log file: %s. Fix: create its "
                             "directory, or name a file root can write" % (path, why))
     problems.extend(check_policies(config, user))
-    problems.extend(check_postoffice(site, user, policies_freeze(config)))
+    problems.extend(check_postoffice(site, user, policies_freeze(config) or
+                                     bool(config.contentfilter)))
     problems.extend(check_auth_programs(config, site))
     problems.extend(check_tcp_wrapper_files(config, user))
+    problems.extend(check_pool_programs(config, site, user))
     return problems
 
 

@@ -310,3 +310,28 @@ class SMTPReplies(object):
     def cmd(self, text):
         self.send(text.encode("ascii") + b"\r\n")
         return self.reply()
+
+
+def start_listening(argv, errfile, port, cwd, env=None, timeout=20.0):
+    """Start a zmsmtpd.py in the foreground (its own session, stdout and
+    stderr to ``errfile``) and wait until it listens on ``port`` of
+    127.0.0.1; RuntimeError with its stderr when it exits or never does."""
+    if env is None:
+        env = dict(os.environ)
+        env.pop("ZCONFIG", None)
+        env["TZ"] = "UTC"
+    with open(errfile, "ab") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                env=env, cwd=cwd, start_new_session=True)
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("zmsmtpd exited at start-up:\n%s" % read_text(errfile))
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return proc
+        except (OSError, socket.error):
+            if time.time() > deadline:
+                stop_server(proc)
+                raise RuntimeError("zmsmtpd did not listen:\n%s" % read_text(errfile))
+            time.sleep(0.05)

@@ -416,15 +416,15 @@ class StartUpAndCheckRefuseWhatCannotWorkTest(unittest.TestCase):
 
 class UnimplementedParamsWarnAtStartUpTest(unittest.TestCase):
 
-    def test_contentfilter_is_announced_on_stderr_at_start_up(self):
+    def test_perl_hook_is_announced_on_stderr_at_start_up(self):
         port = free_port()
         site = _Site(self, ["PARAM BindSmtp [127.0.0.1] %d" % port,
                             "PARAM policydb btree $MAILVAR/db/smtp-policy",
-                            "PARAM contentfilter /bin/true", "*  ftveR"])
+                            "PARAM perl-hook /bin/true", "*  ftveR"])
         proc = site.start(self)
         self.assertTrue(wait_listening(port, proc), site.errors())
-        self.assertIn("warning: %s:3: PARAM contentfilter is not implemented (no content "
-                      "filter hand-off): mail is accepted without it" % site.conf,
+        self.assertIn("warning: %s:3: PARAM perl-hook is not implemented (no embedded "
+                      "Perl): mail is accepted without it" % site.conf,
                       site.errors())
 
 
