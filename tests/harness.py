@@ -42,6 +42,18 @@ def pyenv_python(version):
     return path if os.path.exists(path) else None
 
 
+def wait_for(condition, timeout=15.0):
+    """Poll ``condition`` until it gives a true value (returned) or
+    ``timeout`` seconds pass (its last value is returned)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    return condition()
+
+
 def free_port(host="127.0.0.1"):
     """A port nobody listens on right now, on ``host`` (v4 or v6)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -22,6 +22,7 @@ import tempfile
 import time
 import unittest
 
+from tests.harness import wait_for
 from tests.harness import HERE, free_port, kill_quietly, process_alive, which
 
 import zmsmtpd
@@ -38,16 +39,6 @@ AUTH_PROGRAM = ("#!/bin/sh\nread pw\n"
                 "if [ \"$1\" = joe ] && [ \"$pw\" = s3cret-pw ]; then\n"
                 "  echo \"welcome joe (you typed $pw)\"; exit 0; fi\n"
                 "echo \"no such user $1\"; exit 1\n")
-
-
-def wait_for(predicate, timeout=15.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def read(path):

@@ -25,6 +25,7 @@ import tempfile
 import time
 import unittest
 
+from tests.harness import wait_for
 from tests.harness import (ForegroundServer, free_port, kill_quietly, open_to_sessions,
                            process_alive, which)
 
@@ -111,16 +112,6 @@ def state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except (IOError, OSError, IndexError):
         return None
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
 
 
 def program_user():

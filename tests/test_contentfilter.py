@@ -29,6 +29,7 @@ import threading
 import time
 import unittest
 
+from tests.harness import wait_for
 from tests.harness import (ForegroundServer, SMTPReplies, free_port, kill_quietly,
                            open_to_sessions, process_alive, start_listening)
 
@@ -134,16 +135,6 @@ def filter_python(testcase):
         if probe.stdout.strip() == b"1":
             return path
     testcase.skipTest("no Python the user daemon may run")
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
 
 
 class PoolDaemon(ForegroundServer):

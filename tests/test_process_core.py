@@ -12,21 +12,13 @@ import threading
 import time
 import unittest
 
+from tests.harness import wait_for as wait_until
 from tests import harness
 from tests.harness import WORKER_PROCESS_NAME, child_pids, free_port, wait_for_workers
 
 from test_zmsmtpd import BASIC_CONF, Daemon, Layout
 
 import zmsmtpd
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 class NoteLog(object):

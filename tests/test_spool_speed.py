@@ -7,16 +7,9 @@ import tempfile
 import time
 import unittest
 
+from tests.harness import wait_for as wait_until
+
 import zmsmtpd
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 class SpareInodeRefillTest(unittest.TestCase):

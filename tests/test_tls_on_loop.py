@@ -24,6 +24,7 @@ import subprocess
 import time
 import unittest
 
+from tests.harness import wait_for as wait_until
 from tests.harness import SMTPReplies, client_tls_context, wait_for_workers, which
 from tests.test_tls_defaults import (_TD_PASSWORD, _TD_USER, _TdDaemon, _TdServerCase,
                                      _td_need_openssl)
@@ -56,16 +57,6 @@ def open_tls_session(testcase, port, auth=False):
         blob = base64.b64encode(("\0%s\0%s" % (_TD_USER, _TD_PASSWORD)).encode())
         testcase.assertEqual(replies.cmd("AUTH PLAIN " + blob.decode())[0], 235)
     return tls, replies
-
-
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 class _OneWorkerServer(_TdServerCase):
