@@ -302,7 +302,9 @@ class SyslogLinesCarryNoPasswordTest(unittest.TestCase):
 
     def check(self, user, password):
         log = _NoteLog()
-        auth = zmsmtpd.PipeAuthenticator(self.path, 10, zmsmtpd.ZEnv(self.path), self.path)
+        program = zmsmtpd.AuthProgram(self.path, zmsmtpd.auth_program_env(
+            zmsmtpd.ZEnv(self.path), self.path), None, 10.0)
+        auth = zmsmtpd.PipeAuthenticator((self.path, "", 10.0), program)
         return auth.check(user, password, log), log.notes
 
     def test_failed_user_name_is_not_in_syslog_or_log(self):
