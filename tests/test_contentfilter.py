@@ -13,7 +13,9 @@ world-writable directory, since under root it runs as an unprivileged user.
 The cases are those of contentfilter.txt (C1-C14, P1-P11, maxpar); where
 zmsmtpd deliberately differs (``N x.y.z text`` parsed as meant, a crashed or
 hanging filter answered at once or within contentfilter-timeout) the test
-asserts the documented behaviour.
+asserts the documented behaviour.  P10 needs a real PTR answer: dnsmasq and
+the daemon in a private mount namespace, as in tests.test_dns (root,
+unshare and dnsmasq; without them it skips).
 """
 
 import json
@@ -32,6 +34,7 @@ import unittest
 from tests.harness import wait_for
 from tests.harness import (ForegroundServer, SMTPReplies, free_port, kill_quietly,
                            open_to_sessions, process_alive, start_listening)
+from tests.test_dns import Dnsmasq, in_mount_namespace, namespace_dns_address, need_dnsmasq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(REPO, "zmsmtpd.py")
@@ -143,10 +146,11 @@ class PoolDaemon(ForegroundServer):
     record directory filled in) at ``$MAILBIN/<program_name>`` that logs
     JSON lines to ``rec/<program_name>.log``; ``conf`` is the
     smtpserver.conf text after the Bind and policydb lines, ``policy`` the
-    .dat text after the ``localhost`` line."""
+    .dat text after the ``localhost`` line; ``prefix`` is put in front of
+    the daemon's command line (a namespace to run it in)."""
 
     def __init__(self, testcase, program_name, program_text, conf, policy="", python=None,
-                 launcher=("-v",)):
+                 launcher=("-v",), prefix=()):
         self.dir = tempfile.mkdtemp(prefix="zm%s-" % program_name)
         if testcase is not None:
             testcase.addCleanup(self.cleanup)
@@ -179,7 +183,7 @@ class PoolDaemon(ForegroundServer):
                     % (self.port, self.dir, conf.replace("$PROGRAM", self.program)))
         self.logfile = os.path.join(self.dir, "log", "smtpserver.log")
         self.errfile = os.path.join(self.dir, "log", "stderr")
-        self.proc = start_listening([sys.executable] + list(launcher) +
+        self.proc = start_listening(list(prefix) + [sys.executable] + list(launcher) +
                                     ["-Z", self.zconf, "-C", self.conf, "-l", self.logfile],
                                     self.errfile, self.port, self.dir)
 
@@ -208,10 +212,10 @@ class PoolDaemon(ForegroundServer):
 class FilterDaemon(PoolDaemon):
     """The daemon with PARAM contentfilter, its policy given as .dat text."""
 
-    def __init__(self, testcase, policy="", extra="", python=None):
+    def __init__(self, testcase, policy="", extra="", python=None, prefix=()):
         PoolDaemon.__init__(self, testcase, "filter", FILTER_PROGRAM,
                             "PARAM contentfilter $PROGRAM\nPARAM debug-contentfilter\n%s"
-                            "*   ftveR\n" % extra, policy, python, (SERVER, "-v"))
+                            "*   ftveR\n" % extra, policy, python, (SERVER, "-v"), prefix)
 
     def spooled(self, sub):
         return sorted(os.listdir(os.path.join(self.postoffice, sub)))
@@ -577,6 +581,74 @@ class FilteringAttributeTest(unittest.TestCase):
 
     def test_p11_filtering_minus_on_the_default_network(self):
         self.assertFalse(filtered(self, "[0.0.0.0]/0 filtering -\n"))
+
+
+class FilteringOnPtrNameTest(unittest.TestCase):
+    """P10: ``filtering +`` on the entry of the client's PTR name does not
+    ask for the filter; that entry's ``relaycustnet +`` makes the client
+    always-accepted, which is not filtered.  The name comes from a real
+    DNS answer: tests.test_dns's zone, where 127.0.0.6 is good.client.test
+    and back, served by dnsmasq to a daemon whose /etc/resolv.conf names
+    it.  127.0.0.7 (no PTR) has the same attributes on its own address
+    entry, where ``filtering +`` does ask for the filter."""
+
+    POLICY = ("good.client.test relaycustnet + filtering +\n"
+              "[127.0.0.7]/32 relaycustnet + filtering +\n")
+
+    @classmethod
+    def setUpClass(cls):
+        need_dnsmasq()
+        address = namespace_dns_address()
+        python = filter_python(unittest.TestCase())
+        cls.dir = tempfile.mkdtemp(prefix="zmcf-dns-")
+        cls.dnsmasq = cls.d = None
+        try:
+            cls.dnsmasq = Dnsmasq(cls.dir, address, 53)
+            hosts = os.path.join(cls.dir, "hosts")
+            with open(hosts, "w") as f:
+                f.write("# empty: the client's name comes from the test's DNS\n")
+            cls.d = FilterDaemon(None, policy=cls.POLICY, python=python,
+                                 prefix=in_mount_namespace(
+                                     (), os.path.join(cls.dir, "resolv.conf"), hosts))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.d is not None:
+            cls.d.cleanup()
+        if cls.dnsmasq is not None:
+            cls.dnsmasq.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def send(self, source):
+        """The reply to a "CF:reject" message from ``source``, the router/
+        files and filter requests it added, and no file left elsewhere."""
+        router, requests = self.d.spooled("router"), len(self.d.records("request"))
+        line = self.d.send("CF:reject", source=source)
+        self.assertEqual(self.d.spooled("public"), [])
+        self.assertEqual(self.d.spooled("freezer"), [])
+        return (without_id(line), sorted(set(self.d.spooled("router")) - set(router)),
+                self.d.records("request")[requests:])
+
+    def test_filtering_on_the_clients_ptr_name_entry_does_not_run_the_filter(self):
+        line, routed, requests = self.send("127.0.0.6")
+        self.assertEqual(line, "250 2.0.0 accepted; <id>")
+        self.assertEqual(requests, [])
+        self.assertEqual(len(routed), 1, routed)
+        # The name the policy was asked about is the one DNS gave.
+        with open(os.path.join(self.d.postoffice, "router", routed[0])) as f:
+            rcvdfrom = [l for l in f.read().splitlines() if l.startswith("rcvdfrom ")]
+        self.assertTrue(rcvdfrom and rcvdfrom[0].startswith("rcvdfrom good.client.test "),
+                        rcvdfrom)
+
+    def test_filtering_on_the_clients_own_address_entry_runs_the_filter(self):
+        line, routed, requests = self.send("127.0.0.7")
+        self.assertEqual(line, "552 5.7.1 Content-Policy reject msg: Filter rejected: looks "
+                               "like spam; <id>")
+        self.assertEqual(routed, [])
+        self.assertEqual([r["action"] for r in requests], ["reject"])
 
 
 class ContentFilterCheckTest(unittest.TestCase):

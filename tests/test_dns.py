@@ -699,6 +699,15 @@ def namespace_dns_address():
     raise unittest.SkipTest("no loopback address with a free port 53")
 
 
+def in_mount_namespace(argv, resolv, hosts):
+    """``argv`` run in a mount namespace of its own, where it sees
+    ``resolv`` as /etc/resolv.conf and ``hosts`` as /etc/hosts; the shell
+    execs it, so the process started is the server itself."""
+    script = 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && ' \
+             'shift 2 && exec "$@"'
+    return [which("unshare"), "-m", "sh", "-c", script, "sh", resolv, hosts] + list(argv)
+
+
 class NamespacedServer(sub._SubServer):
     """A _SubServer whose process sees ``resolv`` as /etc/resolv.conf and
     ``hosts`` as /etc/hosts (its own mount namespace)."""
@@ -706,10 +715,8 @@ class NamespacedServer(sub._SubServer):
     resolv = hosts = None
 
     def command(self, extra_args=()):
-        inner = " ".join("'%s'" % a for a in sub._SubServer.command(self, extra_args))
-        script = "mount --bind '%s' /etc/resolv.conf && mount --bind '%s' /etc/hosts && " \
-                 "exec %s" % (self.resolv, self.hosts, inner)
-        return [which("unshare"), "-m", "sh", "-c", script]
+        return in_mount_namespace(sub._SubServer.command(self, extra_args), self.resolv,
+                                  self.hosts)
 
 
 class _DnsServerCase(unittest.TestCase):
