@@ -34,7 +34,7 @@ import unittest
 from tests.harness import HERE, SMTPReplies, client_tls_context, wait_for_workers, which
 from tests import test_tls_on_loop
 from tests.test_tls_defaults import (_TD_PASSWORD, _TD_USER, _TdDaemon, _TdServerCase,
-                                     _td_need_openssl, _td_permissive_env)
+                                     _td_need_openssl)
 from tests.test_tls_on_loop import wait_until
 
 #: The handshake timeout of this module's daemons (seconds).
@@ -163,33 +163,6 @@ class _SessionEndChecks(object):
         self.assertEqual(raw.recv(100), b"")
 
 
-class _RenegotiationChecks(object):
-
-    def test_openssl_renegotiation_gets_no_renegotiation(self):
-        openssl = which("openssl")
-        if not openssl:
-            self.skipTest("openssl not installed")
-        proc = subprocess.Popen([openssl, "s_client", "-connect",
-                                 "127.0.0.1:%d" % self.server.ports["smtp"],
-                                 "-starttls", "smtp", "-tls1_2"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=_td_permissive_env())
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.stdin.close)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        read_until = test_tls_on_loop.ClientRenegotiationIsRefusedTest.read_until
-        output = read_until(proc, "New, ")
-        proc.stdin.write(b"EHLO client.example\r\n")
-        proc.stdin.flush()
-        output += read_until(proc, "\n250 ")
-        proc.stdin.write(b"R\n")        # s_client: renegotiate
-        proc.stdin.flush()
-        output += read_until(proc, "no renegotiation")
-        self.assertIn("RENEGOTIATING", output)
-        self.assertIn("no renegotiation", output)
-
-
 class _BigMessageChecks(object):
 
     def test_a_five_megabyte_message_over_tls_arrives_intact(self):
@@ -235,12 +208,12 @@ class TlsEngineOnTheWorkerLoopTest(_EngineServerCase, _HandshakeTimeoutChecks,
 
 
 class TlsEngineInThreadsTest(_EngineServerCase, _HandshakeTimeoutChecks, _SessionEndChecks,
-                             _RenegotiationChecks):
+                             test_tls_on_loop.RenegotiationRefusedChecks):
     model = "thread"
 
 
 class TlsEngineInForkedProcessesTest(_EngineServerCase, _HandshakeTimeoutChecks,
-                                     _RenegotiationChecks):
+                                     test_tls_on_loop.RenegotiationRefusedChecks):
     model = "fork"
 
 
