@@ -24,6 +24,9 @@ Map of this file, in the order data flows through it:
                             requests: a worker's loop serves them
   4c. TCP wrappers ........ hosts.allow / hosts.deny read as hosts_access(5)
                             does (HostsAccess), for PARAM use-tcp-wrapper
+  4d. SPF ................. RFC 7208 check_host() (SpfCheck) on the stub
+                            resolver: macros, the lookup limits, local
+                            policy, the Received-SPF: line
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Process core ......... EventLoop (one selector, a timer heap,
@@ -247,6 +250,19 @@ DNS_STRAY_MAX = 20
 #: Seconds between two looks at a TCP connection being set up (the loop's
 #: readiness wait is for reading only).
 DNS_TCP_CONNECT_POLL = 0.005
+#: SPF (RFC 7208 section 4.6.4): terms that ask DNS (include, a, mx, ptr,
+#: exists, redirect) and lookups that find nothing ("void") per check
+#: before it is a permerror; MX names (more is a permerror) and PTR names
+#: (the rest are ignored) looked at per mechanism.
+SPF_LOOKUP_LIMIT = 10
+SPF_VOID_LIMIT = 2
+SPF_NAMES_LIMIT = 10
+#: Longest name a macro expansion gives (labels go from the left, section
+#: 7.3), and longest record taken: more is a permerror, not work.
+SPF_DOMAIN_MAX = 253
+SPF_RECORD_MAX = 4096
+#: Characters of a domain's explanation (exp=) kept for the reply line.
+SPF_EXPLANATION_MAX = 400
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -703,9 +719,9 @@ _PARAMS = [
     (("etrn-cluster",), "G", "cluster", "etrn_cluster", None),
     (("tracking-cluster", "smtpserver-cluster"), "G", "cluster", "tracking_cluster", None),
     (("spf-received",), "Grp", "on", "spf_received", None),
-    (("spf-threshold",), "Grp", "str", "spf_threshold", None),
-    (("spf-localpolicy",), "Grp", "str", "spf_localpolicy", None),
-    (("spf-whitelist-use-default",), "Grp", "str", "spf_whitelist", None),
+    (("spf-threshold",), "Grp", "spflevel", "spf_threshold", None),
+    (("spf-localpolicy",), "Grp", "spfpolicy", "spf_localpolicy", None),
+    (("spf-whitelist-use-default",), "Grp", "switch", "spf_whitelist", None),
     # -- raw text
     (("hdr220",), "G", "rawlist", "hdr220", None),
     (("help",), "G", "rawlist", "help", None),
@@ -754,8 +770,6 @@ UNIMPLEMENTED_PARAMS = {
     "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
     "perl-hook": "no embedded Perl",
     "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
-    "spf-received": "no SPF", "spf-threshold": "no SPF (dead in 3.0.1 too)",
-    "spf-localpolicy": "no SPF", "spf-whitelist-use-default": "no SPF",
     "accept-percent-kludge": "compiled out in 3.0.1 too",
     "sum-sizeoption-value": "the free-space check weighs each MAIL's own SIZE= only",
     "tls-loglevel": "Python's ssl module has no OpenSSL info callback to log from",
@@ -805,8 +819,8 @@ GROUP_DEFAULTS = dict(
     tls_require_cert=0, tls_scache_name=None, tls_scache_timeout=0,
     report_auth_file=None, rcvd_ident=False, rcvd_whoson=False,
     rcvd_auth_user=False, rcvd_tls_mode=False, rcvd_tls_peer=False,
-    policydb=None, spf_received=False, spf_threshold=None, spf_localpolicy=None,
-    spf_whitelist=None, contact_pointer=None, sender_login_match=False,
+    policydb=None, spf_received=False, spf_threshold=0, spf_localpolicy=None,
+    spf_whitelist=False, contact_pointer=None, sender_login_match=False,
     auth_msa_rewrite=False,
     proxy_protocol_nets=())
 
@@ -1349,6 +1363,24 @@ class ConfigReader(object):
             self.fail(lineno, "PARAM %s needs %s, not %r" % (name, usage, " ".join(args)))
         return [int(w) for w in words] + [None]
 
+    def _kind_spflevel(self, lineno, target, attr, extra, args, name):
+        """The worst SPF result accepted: a MAIL FROM whose result ranks
+        lower is refused (SPF_LEVELS)."""
+        word = args[0].lower() if args else ""
+        if word not in SPF_LEVELS or word in (SPF_TEMPERROR, SPF_PERMERROR):
+            self.fail(lineno, "PARAM %s takes fail, softfail, none, neutral or pass, not %r"
+                      % (name, args[0] if args else ""))
+        target[attr] = SPF_LEVELS[word]
+
+    def _kind_spfpolicy(self, lineno, target, attr, extra, args, name):
+        """SPF mechanisms tried before a record's failing ``all``."""
+        text = args[0] if args else ""
+        try:
+            spf_local_policy(text)
+        except ValueError as e:
+            self.fail(lineno, "PARAM %s: %s" % (name, e))
+        target[attr] = text
+
     def _kind_ratelimit(self, lineno, target, attr, extra, args, name):
         """``MSGS [RCPTS]`` per user and hour: positive whole numbers."""
         target[attr] = tuple(self._one_or_two_counts(
@@ -1601,13 +1633,13 @@ POLICY_IMPLEMENTED = frozenset((
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
     "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
     "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
-    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs", "filtering"))
+    "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs", "filtering", "spf"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
 IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
               "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
-              "rcpt-dns-rbl", "ratelimitmsgs", "filtering")
+              "rcpt-dns-rbl", "ratelimitmsgs", "filtering", "spf")
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
 HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
@@ -1678,7 +1710,7 @@ class PolicyVerdict(object):
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
                  "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
                  "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit",
-                 "filtering")
+                 "filtering", "spf", "spf_message")
 
     def __init__(self):
         self.reject = False
@@ -1696,6 +1728,8 @@ class PolicyVerdict(object):
         self.maxinsize = None
         self.maxsameip = None
         self.filtering = None   # the client address's "filtering": True, False, or unset
+        self.spf = False        # spf +: the sender's SPF record is checked at MAIL FROM
+        self.spf_message = None  # its ``message`` text
 
     @property
     def trusted(self):
@@ -2038,6 +2072,9 @@ def connection_verdict(table, ip, rhostname=None):
         v.trust_recipients = policy_says(found, "trustrecipients")
         v.full_trust = policy_says(found, "fulltrustnet")
         v.always_accept = policy_says(found, "relaycustnet")
+        # The clients the policy trusts are not asked to prove their senders.
+        if policy_says(found, "spf") and not v.trusted and not v.trust_recipients:
+            v.spf, v.spf_message = True, found["spf"][1]
     if "maxinsize" in found:
         v.maxinsize = _c_int(found["maxinsize"][0], None)
     if "filtering" in found:
@@ -2071,13 +2108,15 @@ class SenderVerdict(object):
     attribute's ``message`` text or None in ``message``), ``freeze`` (the
     message goes to the freezer), ``norelay`` (every recipient needs us
     as its MX), ``dns_mode`` (senderokwithdns: the first character of its
-    value, or None for no DNS check) and the domain to check."""
+    value, or None for no DNS check) and the domain to check; the session
+    adds the ``Received-SPF:`` line its SPF check gave."""
 
-    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain")
+    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain", "spf_header")
 
     def __init__(self):
         self.refuse = self.freeze = self.norelay = False
         self.message = self.dns_mode = self.domain = None
+        self.spf_header = None      # the Received-SPF: line for the message, if any
 
 
 def sender_verdict(table, address):
@@ -3388,6 +3427,467 @@ def tcp_wrapper_warnings(config, access=None):
     access = access or HostsAccess()
     return [diag_text(path, line, "tcp wrapper: " + what)
             for path, line, what in access.problems()]
+
+
+# ---------------------------------------------------------------------------
+# 4d. SPF: RFC 7208's check_host() on the stub resolver
+# ---------------------------------------------------------------------------
+
+SPF_PASS, SPF_FAIL, SPF_SOFTFAIL, SPF_NEUTRAL, SPF_NONE, SPF_TEMPERROR, SPF_PERMERROR = (
+    "pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+#: The result a directive gives when its mechanism matches, by qualifier.
+SPF_QUALIFIERS = {"+": SPF_PASS, "": SPF_PASS, "-": SPF_FAIL, "~": SPF_SOFTFAIL,
+                  "?": SPF_NEUTRAL}
+#: ``PARAM spf-threshold`` words and the level of each result: a MAIL FROM
+#: whose result ranks below the threshold is refused.  The errors rank
+#: with pass, so a broken or unreachable record never refuses mail.
+SPF_LEVELS = {SPF_FAIL: 1, SPF_SOFTFAIL: 2, SPF_NONE: 3, SPF_NEUTRAL: 4, SPF_PASS: 5,
+              SPF_TEMPERROR: 5, SPF_PERMERROR: 5}
+#: What each result says, in the Received-SPF: header's comment and as the
+#: refusal's text when the domain gave no explanation (libspf2's wording,
+#: the library the original links).
+SPF_COMMENTS = {
+    SPF_PASS: "domain of {domain} designates {ip} as permitted sender",
+    SPF_FAIL: "domain of {domain} does not designate {ip} as permitted sender",
+    SPF_SOFTFAIL: "transitioning domain of {domain} does not designate {ip} as permitted "
+                  "sender",
+    SPF_NEUTRAL: "{ip} is neither permitted nor denied by domain of {domain}",
+    SPF_NONE: "domain of {domain} does not provide an SPF record",
+    SPF_TEMPERROR: "error in processing during lookup of {domain}: {why}",
+    SPF_PERMERROR: "error in processing during lookup of {domain}: {why}",
+}
+#: The forwarders' list ``PARAM spf-whitelist-use-default true`` adds to the
+#: local policy (libspf2's default).
+SPF_DEFAULT_WHITELIST = "include:spf.trusted-forwarder.org"
+
+_SPF_MACRO_RE = re.compile(r"%\{([slodiphcrtvSLODIPHCRTV])([0-9]*)([rR]?)([.+,/_=-]*)\}"
+                           r"|%%|%_|%-|([\x21-\x24\x26-\x7e]+)|( +)")
+_SPF_TOPLABEL_RE = re.compile(r"\.(?:[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*|[A-Za-z0-9]+-[A-Za-z0-9-]*"
+                              r"[A-Za-z0-9])\.?$")
+_SPF_MODIFIER_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)=(.*)$", re.S)
+_SPF_DIRECTIVE_RE = re.compile(r"^([+?~-]?)([A-Za-z][A-Za-z0-9_.-]*)(.*)$", re.S)
+_SPF_SPEC = r"(?::((?:%\{[^}]*\}|%[%_-]|[^%/])+))"
+_SPF_DOMAIN_CIDR_RE = re.compile(r"^%s?(?:/(0|[1-9][0-9]?))?(?://(0|[1-9][0-9]{0,2}))?$"
+                                 % _SPF_SPEC, re.S)
+_SPF_DOMAIN_RE = re.compile(r"^%s?$" % _SPF_SPEC, re.S)
+_SPF_IP4_RE = re.compile(r"^:((?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                         r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))"
+                         r"(?:/(0|[1-9][0-9]?))?$")
+_SPF_IP6_RE = re.compile(r"^:([0-9A-Fa-f:.]+)(?:/(0|[1-9][0-9]{0,2}))?$")
+_SPF_URL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+class SpfError(Exception):
+    """The check ends with ``result`` (temperror or permerror) because of ``why``."""
+
+    def __init__(self, result, why):
+        Exception.__init__(self, why)
+        self.result = result
+        self.why = why
+
+
+class SpfDirective(namedtuple("SpfDirective", "qualifier name spec cidr4 cidr6 network")):
+    """One mechanism of a record: its qualifier, name (lower case), the
+    unexpanded domain-spec or None, the CIDR lengths of a and mx, and the
+    network of ip4 and ip6."""
+
+    __slots__ = ()
+
+
+def spf_macro_tokens(text, explanation=False):
+    """The pieces of a macro-string (RFC 7208 section 7) as match objects;
+    SpfError (permerror) for anything else.  ``c``, ``r`` and ``t`` and
+    spaces belong to explanations only."""
+    pieces, at = [], 0
+    while at < len(text):
+        m = _SPF_MACRO_RE.match(text, at)
+        if m is None or (m.group(6) and not explanation) or (
+                m.group(1) and m.group(1).lower() in "crt" and not explanation):
+            raise SpfError(SPF_PERMERROR, "bad macro in %r" % text[:80])
+        if m.group(2) and int(m.group(2)) == 0:
+            raise SpfError(SPF_PERMERROR, "macro keeps no part in %r" % text[:80])
+        pieces.append(m)
+        at = m.end()
+    return pieces
+
+
+def spf_domain_spec(text):
+    """``text`` checked as a domain-spec: a macro-string that ends in a
+    top label or a macro; SpfError (permerror) when it is not one."""
+    spf_macro_tokens(text)
+    if not text.endswith("}") and not _SPF_TOPLABEL_RE.search(text):
+        raise SpfError(SPF_PERMERROR, "not a domain: %r" % text[:80])
+    return text
+
+
+def spf_cidr(text, largest):
+    value = largest if text is None else int(text)
+    if value > largest:
+        raise SpfError(SPF_PERMERROR, "prefix length /%d" % value)
+    return value
+
+
+def spf_directive(qualifier, name, rest):
+    """One mechanism parsed; SpfError (permerror) for bad syntax."""
+    name = name.lower()
+    spec = cidr4 = cidr6 = network = None
+    if name == "all":
+        if rest:
+            raise SpfError(SPF_PERMERROR, "all takes no argument")
+    elif name in ("include", "exists"):
+        m = _SPF_DOMAIN_RE.match(rest)
+        if m is None or m.group(1) is None:
+            raise SpfError(SPF_PERMERROR, "%s needs a domain" % name)
+        spec = spf_domain_spec(m.group(1))
+    elif name in ("a", "mx"):
+        m = _SPF_DOMAIN_CIDR_RE.match(rest)
+        if m is None:
+            raise SpfError(SPF_PERMERROR, "bad %s%s" % (name, rest[:80]))
+        spec = spf_domain_spec(m.group(1)) if m.group(1) is not None else None
+        cidr4, cidr6 = spf_cidr(m.group(2), 32), spf_cidr(m.group(3), 128)
+    elif name == "ptr":
+        m = _SPF_DOMAIN_RE.match(rest)
+        if m is None:
+            raise SpfError(SPF_PERMERROR, "bad ptr%s" % rest[:80])
+        spec = spf_domain_spec(m.group(1)) if m.group(1) is not None else None
+    elif name in ("ip4", "ip6"):
+        m = (_SPF_IP4_RE if name == "ip4" else _SPF_IP6_RE).match(rest)
+        try:
+            if m is None:
+                raise ValueError(rest)
+            length = spf_cidr(m.group(2), 32 if name == "ip4" else 128)
+            if name == "ip6":
+                socket.inet_pton(socket.AF_INET6, m.group(1))
+            network = ipaddress.ip_network("%s/%d" % (m.group(1), length), strict=False)
+        except (ValueError, OSError, socket.error):
+            raise SpfError(SPF_PERMERROR, "bad %s%s" % (name, rest[:80]))
+    else:
+        raise SpfError(SPF_PERMERROR, "unknown mechanism %r" % name[:40])
+    return SpfDirective(qualifier, name, spec, cidr4, cidr6, network)
+
+
+def spf_parse(text, modifiers=True):
+    """A record's terms (after ``v=spf1``) -> (directives, redirect, exp);
+    SpfError (permerror) for bad syntax anywhere in it, as RFC 7208
+    section 4.6 wants the whole record checked before it is used.  Local
+    policy (``modifiers`` False) has mechanisms only."""
+    directives, found = [], {}
+    for term in text.split(" "):
+        if not term:
+            continue
+        m = _SPF_MODIFIER_RE.match(term)
+        if m is not None:
+            name = m.group(1).lower()
+            if not modifiers:
+                raise SpfError(SPF_PERMERROR, "modifier %s in local policy" % name)
+            if name in ("redirect", "exp"):
+                if name in found:
+                    raise SpfError(SPF_PERMERROR, "two %s modifiers" % name)
+                found[name] = spf_domain_spec(m.group(2))
+            else:
+                spf_macro_tokens(m.group(2))    # unknown modifiers: syntax only
+            continue
+        m = _SPF_DIRECTIVE_RE.match(term)
+        if m is None:
+            raise SpfError(SPF_PERMERROR, "bad term %r" % term[:80])
+        directives.append(spf_directive(m.group(1), m.group(2), m.group(3)))
+    return tuple(directives), found.get("redirect"), found.get("exp")
+
+
+@functools.lru_cache(maxsize=16)
+def spf_local_policy(text, whitelist=False):
+    """``PARAM spf-localpolicy`` (and the default whitelist) as directives;
+    ValueError with the reason when it is not a list of mechanisms."""
+    text = ((text or "") + (" " + SPF_DEFAULT_WHITELIST if whitelist else "")).strip()
+    try:
+        return spf_parse(text, modifiers=False)[0]
+    except SpfError as e:
+        raise ValueError(e.why)
+
+
+def spf_local_policy_place(directives):
+    """Where the local policy runs in a record, as libspf2 places it: after
+    the last directive that can pass (qualifier ``+`` or ``?``), and only
+    in a record that has an ``all`` that does not pass; None for nowhere."""
+    if not any(d.name == "all" and d.qualifier in ("-", "~", "?") for d in directives):
+        return None
+    place = None
+    for index, d in enumerate(directives):
+        if d.qualifier not in ("-", "~"):
+            place = index
+    return place
+
+
+def spf_valid_domain(name):
+    """A multi-label domain name DNS can carry (RFC 7208 section 4.3)."""
+    labels = name.rstrip(".").split(".")
+    return len(labels) > 1 and len(name) <= SPF_DOMAIN_MAX and \
+        all(0 < len(l) <= 63 for l in labels)
+
+
+class SpfResult(namedtuple("SpfResult", "result domain explanation why")):
+    """A check's outcome: the result, the domain it is about, the
+    explanation (a fail's ``exp=`` text, else None) and, for the errors,
+    what went wrong."""
+
+    __slots__ = ()
+
+
+class SpfCheck(object):
+    """One check_host() (RFC 7208) for the client's address and the MAIL
+    FROM identity (postmaster@HELO for the null sender).  run() is a
+    generator whose waits are the resolver's, so a worker's loop serves
+    other sessions meanwhile.  Every term that asks DNS counts towards
+    SPF_LOOKUP_LIMIT, every lookup that finds nothing towards
+    SPF_VOID_LIMIT; records too long, loops and bad macros end in
+    permerror, DNS failures in temperror."""
+
+    def __init__(self, resolver, ip, sender, helo, receiver, local_policy=()):
+        self.resolver = resolver
+        self.ip = ipaddress.ip_address(ip)
+        if self.ip.version == 6 and self.ip.ipv4_mapped is not None:
+            self.ip = self.ip.ipv4_mapped
+        self.helo = (helo or "").rstrip(".")
+        if sender:
+            at = sender.rfind("@")
+            self.local, self.sender_domain = sender[:at] or "postmaster", sender[at + 1:]
+        else:
+            self.local, self.sender_domain = "postmaster", self.helo
+        self.sender = "%s@%s" % (self.local, self.sender_domain)
+        self.receiver = receiver
+        self.local_policy = local_policy
+        self.lookups = 0
+        self.voids = 0
+        self.validated = None       # the %{p} name, once looked for
+
+    def run(self):
+        """Generator: the SpfResult."""
+        domain = self.sender_domain.rstrip(".").lower()
+        if not spf_valid_domain(domain) or domain.startswith("["):
+            return SpfResult(SPF_NONE, domain, None, None)
+        try:
+            result, exp, where = yield from self.check_host(domain)
+            explanation = None
+            if result == SPF_FAIL and exp is not None:
+                explanation = yield from self.explain(exp, where)
+            return SpfResult(result, domain, explanation, None)
+        except SpfError as e:
+            return SpfResult(e.result, domain, None, e.why)
+
+    # -- records and mechanisms ------------------------------------------------
+
+    def count_lookup(self):
+        self.lookups += 1
+        if self.lookups > SPF_LOOKUP_LIMIT:
+            raise SpfError(SPF_PERMERROR, "more than %d DNS lookups" % SPF_LOOKUP_LIMIT)
+
+    def dns(self, name, qtype, void=True):
+        """Generator: the records; temperror on a DNS failure, and a lookup
+        that finds nothing counts as void."""
+        answer = yield from self.resolver.lookup(name, qtype)
+        if answer.temporary:
+            raise SpfError(SPF_TEMPERROR, "DNS %s %s: %s" % (
+                DNS_TYPE_NAMES.get(qtype, qtype), name, answer.why))
+        if not answer.records and void:
+            self.voids += 1
+            if self.voids > SPF_VOID_LIMIT:
+                raise SpfError(SPF_PERMERROR, "more than %d void lookups" % SPF_VOID_LIMIT)
+        return answer.records
+
+    def record_of(self, domain):
+        """Generator: the parsed record of ``domain``, None without one."""
+        if not spf_valid_domain(domain):
+            return None
+        found = yield from self.dns(domain, DNS_TXT, void=False)
+        records = [r for r in found if r[:7].lower() in ("v=spf1", "v=spf1 ")]
+        if not records:
+            return None
+        if len(records) > 1:
+            raise SpfError(SPF_PERMERROR, "%s has %d SPF records" % (domain, len(records)))
+        if len(records[0]) > SPF_RECORD_MAX:
+            raise SpfError(SPF_PERMERROR, "%s: record of %d characters" % (
+                domain, len(records[0])))
+        return spf_parse(records[0][6:])
+
+    def check_host(self, domain):
+        """Generator: (result, the exp= domain-spec, the domain it belongs to)."""
+        record = yield from self.record_of(domain)
+        if record is None:
+            return SPF_NONE, None, domain
+        directives, redirect, exp = record
+        place = spf_local_policy_place(directives) if self.local_policy else None
+        for index, directive in enumerate(directives):
+            matched = yield from self.matches(directive, domain)
+            if matched:
+                return SPF_QUALIFIERS[directive.qualifier], exp, domain
+            if index == place:
+                result = yield from self.local_policy_result(domain)
+                if result is not None:
+                    return result, None, domain
+        if redirect is None:
+            return SPF_NEUTRAL, exp, domain
+        self.count_lookup()
+        target = yield from self.expand(redirect, domain)
+        result, exp, where = yield from self.check_host(target)
+        if result == SPF_NONE:
+            raise SpfError(SPF_PERMERROR, "redirect to %s, which has no SPF record" % target)
+        return result, exp, where
+
+    def local_policy_result(self, domain):
+        """Generator: the result of the local policy's first matching
+        mechanism, or None.  Its errors end the local policy only: the
+        site's own list must not turn the sender's record into an error."""
+        try:
+            for directive in self.local_policy:
+                matched = yield from self.matches(directive, domain)
+                if matched:
+                    return SPF_QUALIFIERS[directive.qualifier]
+        except SpfError:
+            pass
+        return None
+
+    def matches(self, d, domain):
+        """Generator: does the mechanism match the client?"""
+        name = d.name
+        if name == "all":
+            return True
+        if name in ("ip4", "ip6"):
+            return self.ip.version == d.network.version and self.ip in d.network
+        self.count_lookup()
+        target = domain if d.spec is None else (yield from self.expand(d.spec, domain))
+        if name == "include":
+            result, _, _ = yield from self.check_host(target)
+            if result in (SPF_NONE, SPF_PERMERROR):
+                raise SpfError(SPF_PERMERROR, "include:%s has no SPF record" % target)
+            return result == SPF_PASS
+        if name == "exists":
+            found = yield from self.dns(target, DNS_A)
+            return bool(found)
+        if name == "a":
+            found = yield from self.dns(target, self.address_type())
+            return self.in_prefix(found, d)
+        if name == "mx":
+            hosts = yield from self.dns(target, DNS_MX)
+            for _, host in sorted(hosts)[:SPF_NAMES_LIMIT]:
+                if host:
+                    found = yield from self.dns(host, self.address_type(), void=False)
+                    if self.in_prefix(found, d):
+                        return True
+            if len(hosts) > SPF_NAMES_LIMIT:
+                raise SpfError(SPF_PERMERROR, "%s has %d MX records" % (target, len(hosts)))
+            return False
+        names = yield from self.validated_names(target)
+        return bool(names)
+
+    def address_type(self):
+        return DNS_A if self.ip.version == 4 else DNS_AAAA
+
+    def in_prefix(self, addresses, d):
+        length = d.cidr4 if self.ip.version == 4 else d.cidr6
+        for text in addresses:
+            try:
+                network = ipaddress.ip_network("%s/%d" % (text, length), strict=False)
+            except ValueError:
+                continue
+            if network.version == self.ip.version and self.ip in network:
+                return True
+        return False
+
+    def validated_names(self, target):
+        """Generator: the client's PTR names that lead back to its address
+        and are ``target`` or below it (RFC 7208 section 5.5; a DNS error
+        matches nothing)."""
+        packed = self.ip.packed
+        try:
+            names = yield from self.dns(reversed_address(packed) + (
+                ".in-addr.arpa" if len(packed) == 4 else ".ip6.arpa"), DNS_PTR)
+        except SpfError as e:
+            if e.result == SPF_PERMERROR:
+                raise
+            return []
+        target = target.lower().rstrip(".")
+        good = []
+        for name in names[:SPF_NAMES_LIMIT]:
+            name = name.lower().rstrip(".")
+            if target and name != target and not name.endswith("." + target):
+                continue
+            answer = yield from self.resolver.lookup(name, self.address_type())
+            if any(ipaddress.ip_address(a) == self.ip for a in answer.records):
+                good.append(name)
+        return good
+
+    # -- macros and explanations -------------------------------------------------
+
+    def expand(self, spec, domain, explanation=False):
+        """Generator: a macro-string expanded (RFC 7208 section 7); a
+        domain name longer than SPF_DOMAIN_MAX loses labels on the left."""
+        out = []
+        for m in spf_macro_tokens(spec, explanation):
+            text = m.group(0)
+            if m.group(1) is None:
+                out.append({"%%": "%", "%_": " ", "%-": "%20"}.get(text, text))
+                continue
+            letter = m.group(1)
+            value = yield from self.macro_value(letter.lower(), domain)
+            parts = re.split("[%s]" % re.escape(m.group(4) or "."), value)
+            if m.group(3):
+                parts.reverse()
+            if m.group(2):
+                parts = parts[-int(m.group(2)):]
+            value = ".".join(parts)
+            if letter.isupper():
+                value = "".join(chr(b) if b in _SPF_URL_SAFE else "%%%02X" % b
+                                for b in bytearray(value.encode("utf-8", "surrogateescape")))
+            out.append(value)
+        text = "".join(out)
+        if not explanation:
+            text = text.rstrip(".")
+            while len(text) > SPF_DOMAIN_MAX and "." in text:
+                text = text.split(".", 1)[1]
+        return text
+
+    def macro_value(self, letter, domain):
+        """Generator: one macro letter's value."""
+        if letter == "p":
+            if self.validated is None:
+                names = yield from self.validated_names("")
+                exact = [n for n in names if n == domain or n.endswith("." + domain)]
+                self.validated = (exact or names or ["unknown"])[0]
+            return self.validated
+        if letter == "i" and self.ip.version == 6:
+            return ".".join(binascii.hexlify(self.ip.packed).decode("ascii"))
+        return {"s": self.sender, "l": self.local, "o": self.sender_domain, "d": domain,
+                "i": str(self.ip), "v": "in-addr" if self.ip.version == 4 else "ip6",
+                "h": self.helo, "c": str(self.ip), "r": self.receiver,
+                "t": str(int(time.time()))}[letter]
+
+    def explain(self, exp, domain):
+        """Generator: the fail's explanation from the ``exp=`` domain's TXT
+        record, or None when there is none usable (RFC 7208 section 6.2:
+        any problem with it leaves the default)."""
+        try:
+            name = yield from self.expand(exp, domain)
+            answer = yield from self.resolver.lookup(name, DNS_TXT)
+            if len(answer.records) != 1:
+                return None
+            text = yield from self.expand(answer.records[0], domain, explanation=True)
+        except SpfError:
+            return None
+        text = "".join(c if " " <= c < "\x7f" else "?" for c in text).strip()
+        return text[:SPF_EXPLANATION_MAX] or None
+
+
+def spf_comment(result, receiver, ip, domain, why=None):
+    return "%s: %s" % (receiver, SPF_COMMENTS[result].format(domain=domain, ip=ip,
+                                                            why=why or result))
+
+
+def spf_received_header(spf, receiver, ip, sender, helo):
+    """The ``Received-SPF:`` line (RFC 7208 section 9.1) as libspf2 words it."""
+    return sanitize_header_value(
+        "Received-SPF: %s (%s) client-ip=%s; envelope-from=%s; helo=%s;" % (
+            spf.result, spf_comment(spf.result, receiver, ip, spf.domain, spf.why), ip,
+            sender or "<>", helo or ""))
 
 
 # ---------------------------------------------------------------------------
@@ -7914,12 +8414,54 @@ class TransactionPolicy(object):
             found = yield from domain_check(self.runtime.resolver, sender.domain, (), False)
             refusal = {DOMAIN_MISSING: "mail_source_dns_error",
                        DOMAIN_TEMPFAIL: "mail_source_dns_tempfail"}.get(found)
+        if refusal is None and self.spf_due():
+            refusal, fields = yield from self.spf_verdict(address, sender)
         if refusal is None:
             return sender
         self.tarpit()
         self.sender_refused = True
         self.reply(refusal, addr="<%s>" % address, **fields)
         return None
+
+    def spf_due(self):
+        """``spf +`` on the client address's entry: SPF is checked for a
+        client the policy does not trust (by address or name), and never
+        for one of this host's own addresses."""
+        v = self.verdict
+        if not v.spf or v.trusted:
+            return False
+        ip = unmapped_ip(self.runtime.fake_peer or self.peer_ip or "")
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return not address_is_loopback(ip) and ip not in self.runtime.local_addresses.current()
+
+    def spf_verdict(self, address, sender):
+        """Generator: the sender's SPF result, kept for ``Received-SPF:``
+        (``PARAM spf-received``) and judged by ``PARAM spf-threshold``:
+        (None, {}) to go on, else the refusal's reply name and fields.  The
+        refusal's text is the domain's explanation, else what the result
+        means; for ``none`` the ``spf`` entry's message."""
+        ip = unmapped_ip(self.runtime.fake_peer or self.peer_ip)
+        group = self.group
+        check = SpfCheck(self.runtime.resolver, ip, address, self.helo_name, self.myhostname,
+                         spf_local_policy(group.spf_localpolicy, group.spf_whitelist))
+        spf = yield from check.run()
+        self.log.note("SPF %s for <%s> from %s%s" % (
+            spf.result, address, ip, ": %s" % spf.why if spf.why else ""))
+        if group.spf_received:
+            sender.spf_header = spf_received_header(spf, self.myhostname, ip, address,
+                                                    self.helo_name)
+        if SPF_LEVELS[spf.result] >= group.spf_threshold:
+            return None, {}
+        text = spf.explanation
+        if text is None and spf.result != SPF_NONE:
+            text = SPF_COMMENTS[spf.result].format(domain=spf.domain, ip=ip)
+        text = text or self.verdict.spf_message
+        if not text:
+            return "mail_source_reject", {}
+        return "mail_source_reject_text", {"msg": text}
 
     def recipient_policy(self, address):
         """Generator: relay control and the recipient attributes for
@@ -8128,6 +8670,7 @@ class MailTransactionVerbs(object):
         self.txn.rate_hold = hold
         self.txn.freeze = sender.freeze or self.verdict.freeze
         self.txn.norelay = sender.norelay
+        self.txn.spf_header = sender.spf_header
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
             if sender.freeze:
@@ -8320,6 +8863,8 @@ class MessageDataVerbs(object):
             prefix.append(("X-Comment: RFC 2476 MSA function at %s logged sender identity "
                            "as: %s" % (self.myhostname, user)).encode("utf-8", "replace"))
             rewrite = not self.group.no_msa_sender_rewrite
+        if txn.spf_header:
+            prefix.append(txn.spf_header.encode("utf-8", "replace"))
         sender = user if (user and "@" in user) else "%s@%s" % (user, self.myhostname)
         txn.spool.write(b"env-end\n")
         return HeaderRewriter(txn.spool.write, prefix, rewrite,
@@ -9266,6 +9811,7 @@ class Transaction(object):
         self.rate_hold = None       # (login, token): what submission-rate-limit reserved
         self.freeze = False         # the policy sends the message to the freezer
         self.norelay = False        # sendernorelay: recipients need us as their MX
+        self.spf_header = None      # Received-SPF: put first in the message's header
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -12699,9 +13245,7 @@ def describe_pools(config, site):
 #: Parsed but not implemented PARAMs that change what mail is accepted:
 #: without them zmsmtpd accepts what the administrator meant to filter,
 #: so they are announced on stderr at every start, not only by --check.
-ACCEPTANCE_PARAMS = ("perl-hook",
-                     "tracking-cluster", "spf-threshold", "spf-localpolicy",
-                     "spf-whitelist-use-default", "policydb-submit", "smtp-auth-sasl",
+ACCEPTANCE_PARAMS = ("perl-hook", "tracking-cluster", "policydb-submit", "smtp-auth-sasl",
                      "tls-enforce-tls")
 
 
