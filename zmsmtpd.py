@@ -263,6 +263,9 @@ SPF_DOMAIN_MAX = 253
 SPF_RECORD_MAX = 4096
 #: Characters of a domain's explanation (exp=) kept for the reply line.
 SPF_EXPLANATION_MAX = 400
+#: Seconds one check may spend waiting for DNS (RFC 7208 section 4.6.4
+#: asks for at least 20); past it the check is a temperror.
+SPF_TIME_LIMIT = 20.0
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -3659,12 +3662,14 @@ class SpfCheck(object):
         self.lookups = 0
         self.voids = 0
         self.validated = None       # the %{p} name, once looked for
+        self.deadline = None
 
     def run(self):
         """Generator: the SpfResult."""
         domain = self.sender_domain.rstrip(".").lower()
         if not spf_valid_domain(domain) or domain.startswith("["):
             return SpfResult(SPF_NONE, domain, None, None)
+        self.deadline = time.time() + SPF_TIME_LIMIT
         try:
             result, exp, where = yield from self.check_host(domain)
             explanation = None
@@ -3684,6 +3689,8 @@ class SpfCheck(object):
     def dns(self, name, qtype, void=True):
         """Generator: the records; temperror on a DNS failure, and a lookup
         that finds nothing counts as void."""
+        if self.deadline is not None and time.time() > self.deadline:
+            raise SpfError(SPF_TEMPERROR, "DNS took longer than %d seconds" % SPF_TIME_LIMIT)
         answer = yield from self.resolver.lookup(name, qtype)
         if answer.temporary:
             raise SpfError(SPF_TEMPERROR, "DNS %s %s: %s" % (

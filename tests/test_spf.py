@@ -33,7 +33,7 @@ from tests.test_dns import Dnsmasq, free_udp_and_tcp_port, need_dnsmasq
 from tests.test_policy_parity import BASE_POLICY, Layout, namespaces_possible
 
 import zmsmtpd
-from zmsmtpd import (DNS_A, DNS_NODATA, DNS_NXDOMAIN, DNS_OK, DNS_TXT, ConfigError,
+from zmsmtpd import (DNS_A, DNS_NXDOMAIN, DNS_OK, DNS_TXT, ConfigError,
                      ConfigReader, DnsAnswer, Resolver, SpfCheck, SpfError, ZEnv,
                      blocking_result, dns_tempfail, spf_local_policy, spf_parse)
 
@@ -221,6 +221,16 @@ class SpfHostileRecords(unittest.TestCase):
         r = check({("example.test", DNS_TXT): txt("v=spf1 mx -all"),
                    ("example.test", zmsmtpd.DNS_MX): dns_tempfail("rcode 2")})
         self.assertEqual(r.result, "temperror")
+
+    def test_a_check_past_its_time_limit_is_a_temporary_error(self):
+        saved = zmsmtpd.SPF_TIME_LIMIT
+        zmsmtpd.SPF_TIME_LIMIT = -1.0
+        try:
+            r = check({("example.test", DNS_TXT): txt("v=spf1 -all")})
+        finally:
+            zmsmtpd.SPF_TIME_LIMIT = saved
+        self.assertEqual(r.result, "temperror")
+        self.assertIn("longer than", r.why)
 
     def test_more_than_ten_mx_hosts_is_a_permanent_error(self):
         hosts = tuple((10, "mx%d.example.test" % i) for i in range(11))
