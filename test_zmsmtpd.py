@@ -329,7 +329,7 @@ class TestConfigLexicalRules(unittest.TestCase):
                    "bindport": "2525", "policydb": "btree /x", "tarpit": "1 1 2",
                    "cluster": "a b c", "raw": "text", "rawlist": "text",
                    "ratelimit": "100 500", "nets": "10.0.0.0/8",
-                   "authcache": "60 100"}.get(kind, "")
+                   "authcache": "60 100", "spflevel": "softfail"}.get(kind, "")
             lines.append("PARAM %s %s" % (name, arg))
         c = read_config("\n".join(lines) + "\n* ve\n")
         unknown = [d for d in c.diagnostics if "bad PARAM keyword" in d[2]]

@@ -1369,10 +1369,12 @@ class ConfigReader(object):
     def _kind_spflevel(self, lineno, target, attr, extra, args, name):
         """The worst SPF result accepted: a MAIL FROM whose result ranks
         lower is refused (SPF_LEVELS)."""
-        word = args[0].lower() if args else ""
+        if not args:
+            return "bad PARAM keyword/missing parameters"
+        word = args[0].lower()
         if word not in SPF_LEVELS or word in (SPF_TEMPERROR, SPF_PERMERROR):
             self.fail(lineno, "PARAM %s takes fail, softfail, none, neutral or pass, not %r"
-                      % (name, args[0] if args else ""))
+                      % (name, args[0]))
         target[attr] = SPF_LEVELS[word]
 
     def _kind_spfpolicy(self, lineno, target, attr, extra, args, name):
@@ -3652,8 +3654,9 @@ class SpfCheck(object):
             self.ip = self.ip.ipv4_mapped
         self.helo = (helo or "").rstrip(".")
         if sender:
-            at = sender.rfind("@")
-            self.local, self.sender_domain = sender[:at] or "postmaster", sender[at + 1:]
+            local, at, domain = sender.rpartition("@")
+            self.local, self.sender_domain = (local or "postmaster", domain) if at else \
+                (sender, "")
         else:
             self.local, self.sender_domain = "postmaster", self.helo
         self.sender = "%s@%s" % (self.local, self.sender_domain)

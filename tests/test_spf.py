@@ -257,6 +257,7 @@ class SpfHostileRecords(unittest.TestCase):
                    ("postmaster.helo.example.test.ok", DNS_A): txt("127.0.0.2")}
         self.assertEqual(check(answers, sender="").result, "pass")
         self.assertEqual(check(answers, sender="", helo="[192.0.2.5]").result, "none")
+        self.assertEqual(check(answers, sender="no-domain").result, "none")
 
     def test_uppercase_macros_are_url_escaped_and_ipv6_is_nibbles(self):
         answers = {("example.test", DNS_TXT): txt("v=spf1 exists:%{L}.%{i}.ok -all"),
