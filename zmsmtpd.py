@@ -263,6 +263,9 @@ SPF_DOMAIN_MAX = 253
 SPF_RECORD_MAX = 4096
 #: Characters of a domain's explanation (exp=) kept for the reply line.
 SPF_EXPLANATION_MAX = 400
+#: Parsed records kept per process: the same domains come back again and
+#: again, and parsing is most of a check's CPU once the answers are cached.
+SPF_PARSED_RECORDS = 512
 #: Seconds one check may spend waiting for DNS (RFC 7208 section 4.6.4
 #: asks for at least 20); past it the check is a temperror.
 SPF_TIME_LIMIT = 20.0
@@ -3571,6 +3574,7 @@ def spf_directive(qualifier, name, rest):
     return SpfDirective(qualifier, name, spec, cidr4, cidr6, network)
 
 
+@functools.lru_cache(maxsize=SPF_PARSED_RECORDS)
 def spf_parse(text, modifiers=True):
     """A record's terms (after ``v=spf1``) -> (directives, redirect, exp);
     SpfError (permerror) for bad syntax anywhere in it, as RFC 7208
@@ -3793,13 +3797,15 @@ class SpfCheck(object):
         return DNS_A if self.ip.version == 4 else DNS_AAAA
 
     def in_prefix(self, addresses, d):
-        length = d.cidr4 if self.ip.version == 4 else d.cidr6
+        """Is the client in the a or mx mechanism's prefix of one of them?"""
+        shift = (32 - d.cidr4) if self.ip.version == 4 else (128 - d.cidr6)
+        mine = int(self.ip) >> shift
         for text in addresses:
             try:
-                network = ipaddress.ip_network("%s/%d" % (text, length), strict=False)
+                address = ipaddress.ip_address(text)
             except ValueError:
                 continue
-            if network.version == self.ip.version and self.ip in network:
+            if address.version == self.ip.version and int(address) >> shift == mine:
                 return True
         return False
 
@@ -3831,6 +3837,8 @@ class SpfCheck(object):
     def expand(self, spec, domain, explanation=False):
         """Generator: a macro-string expanded (RFC 7208 section 7); a
         domain name longer than SPF_DOMAIN_MAX loses labels on the left."""
+        if "%" not in spec and not explanation:
+            return spec.rstrip(".")     # as written: a name DNS cannot carry finds nothing
         out = []
         for m in spf_macro_tokens(spec, explanation):
             text = m.group(0)
