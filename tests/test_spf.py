@@ -23,6 +23,7 @@ Run from the repository root:  python -m unittest -v tests.test_spf
 from __future__ import print_function
 
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -221,6 +222,22 @@ class SpfHostileRecords(unittest.TestCase):
         r = check({("example.test", DNS_TXT): txt("v=spf1 mx -all"),
                    ("example.test", zmsmtpd.DNS_MX): dns_tempfail("rcode 2")})
         self.assertEqual(r.result, "temperror")
+
+    def test_random_records_never_raise(self):
+        rng = random.Random(7208)
+        pieces = ["v=spf1", "a", "mx", "ptr", "all", "-all", "include:", "exists:", "ip4:",
+                  "ip6:", "redirect=", "exp=", "%{", "}", "%{ir}", "%{d2}", "%%", "%", "/",
+                  "//", ":", "=", ".", "x.test", "example.test", "24", "0", "999", "::",
+                  "192.0.2.5", " ", " ", "\t", "\xe9", "\x00"]
+        results = set()
+        for _ in range(400):
+            record = "v=spf1 " + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+            answers = {("example.test", DNS_TXT): txt(record),
+                       ("x.test", DNS_TXT): txt(record),
+                       ("x.test", DNS_A): txt("192.0.2.5")}
+            results.add(check(answers, sender="u@example.test").result)
+        self.assertLessEqual(results, set(zmsmtpd.SPF_LEVELS))
+        self.assertIn("permerror", results)
 
     def test_a_check_past_its_time_limit_is_a_temporary_error(self):
         saved = zmsmtpd.SPF_TIME_LIMIT
