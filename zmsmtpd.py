@@ -5954,6 +5954,8 @@ class SessionLoop(object):
                 error = self.wait_for_input(slot, arg)
                 if error is None:
                     return
+            elif want == WANT_SEND:
+                error = self.send_now(slot)
             elif want == WANT_TURN:
                 # Pipelined input is still buffered: let the other
                 # sessions have the loop first, and send what is queued.
@@ -6039,10 +6041,10 @@ class SessionLoop(object):
         slot.input_deadline = deadline
         return self.send_output(slot)
 
-    def send_output(self, slot):
-        """Send what the session queued, as far as the socket takes it now,
-        then wait for what the slot waits for: room to send the rest (under
-        the write timeout), input, its next turn, or (when ending) nothing."""
+    def send_now(self, slot):
+        """Send what the session queued, as far as the socket takes it now;
+        the rest stays in the slot's buffer.  ClientGone when the
+        connection failed, else None."""
         data = slot.outbuf + slot.session.channel.take_output()
         if data:
             try:
@@ -6054,6 +6056,16 @@ class SessionLoop(object):
                 return ClientGone()
             data = data[sent:]
         slot.outbuf = data
+        return None
+
+    def send_output(self, slot):
+        """Send what the session queued, as far as the socket takes it now,
+        then wait for what the slot waits for: room to send the rest (under
+        the write timeout), input, its next turn, or (when ending) nothing."""
+        error = self.send_now(slot)
+        if error is not None:
+            return error
+        data = slot.outbuf
         if data:
             # The handshake and the close_notify exchange keep their own
             # deadlines.
@@ -6860,6 +6872,10 @@ class StopFlag(object):
 #: pause; ``(WANT_THREAD, None)`` the next step blocks (an auth program
 #: started without the spawner), so it must run on a thread of its own; ``(WANT_TURN, None)`` pipelined commands are still
 #: buffered, and others may go first (every TURN_COMMANDS commands);
+#: ``(WANT_SEND, None)`` the queued replies out now, as far as the socket
+#: takes them without waiting, then on at once: with no pipelined command
+#: buffered nothing would join them, and the client, waiting in lock-step,
+#: reads them while the session does its bookkeeping after the reply;
 #: ``(WANT_TLS, (context, deadline))`` the queued replies out in clear
 #: text, then the TLS handshake as the server (sends back None, or the
 #: exception that ended the handshake); ``(WANT_READABLE, (sock,
@@ -6869,8 +6885,8 @@ class StopFlag(object):
 #: A thread runs the whole conversation with blocking I/O (drive_blocking);
 #: a worker's SessionLoop runs many of them without threads, which spares
 #: the interpreter lock its hand-over at every system call.
-WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN, WANT_TLS, WANT_READABLE = \
-    "input", "pending", "sleep", "thread", "turn", "tls", "readable"
+WANT_INPUT, WANT_PENDING, WANT_SLEEP, WANT_THREAD, WANT_TURN, WANT_TLS, WANT_READABLE, \
+    WANT_SEND = "input", "pending", "sleep", "thread", "turn", "tls", "readable", "send"
 
 #: What SessionLoop.handshake gives back while the handshake needs the
 #: socket again, and Channel.received while the input held nothing for
@@ -7033,6 +7049,11 @@ class Channel(object):
         if self.out and not self.deferred:
             self._send(self.take_output())
 
+    def replies_complete(self):
+        """Replies are queued and no whole command is buffered: the next
+        read would wait for the client, so nothing will join them."""
+        return bool(self.out) and b"\n" not in self.buf
+
     def driven_by_loop(self, flag):
         """A SessionLoop drives the session from now on (True), or a thread
         with blocking I/O does (False)."""
@@ -7053,6 +7074,8 @@ def serve_blocking(channel, request):
         if want == WANT_INPUT:
             channel.flush()
             channel.receive(arg)
+        elif want == WANT_SEND:
+            channel.flush()
         elif want == WANT_PENDING:
             return channel.pending(arg), None
         elif want == WANT_SLEEP:
@@ -8994,6 +9017,7 @@ class MessageDataVerbs(object):
             self.reply("data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
+        yield from self.send_replies()
         recording = self.log.recording()
         if recording:
             self.log.note("%s: %d bytes" % (sid, size))
@@ -9245,6 +9269,14 @@ class SMTPSession(SessionStart, MailTransactionVerbs, MessageDataVerbs,
         lines = format_reply(name, self.group.enhancedstatus, **fields)
         self.send_lines(lines)
 
+    def send_replies(self):
+        """Generator: the queued replies out at once when no pipelined
+        command waits behind them, so that a client in lock-step gets its
+        reply before, not after, the session's bookkeeping.  A tarpit
+        pause holds them back (converse pays it)."""
+        if not self.tarpit_due and self.channel.replies_complete():
+            yield (WANT_SEND, None)
+
     def send_lines(self, lines):
         for line in lines:
             self.log.sent(line)
@@ -9383,6 +9415,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, MessageDataVerbs,
                 raw[:4].upper() == b"MAIL"
             self.last_code = 0
             yield from self.dispatch(raw)
+            yield from self.send_replies()
             if mail_ready and self.txn is None and self.last_code >= 400:
                 self.runtime.stats.count("refused")
             if self.tarpit_due:

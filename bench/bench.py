@@ -135,6 +135,33 @@ def tree_cpu(pid):
     return u / float(CLK_TCK), s / float(CLK_TCK), len(tree), c / float(CLK_TCK)
 
 
+def holds_listener(pid, port):
+    """Whether process ``pid`` has the TCP socket listening on ``port``
+    (IPv4 or IPv6) among its descriptors."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fld = line.split()
+                    if fld[3] == "0A" and int(fld[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add("socket:[%s]" % fld[9])
+        except (IOError, OSError):
+            pass
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except (IOError, OSError):
+        return False
+    for fd in fds:
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes:
+                return True
+        except (IOError, OSError):
+            pass
+    return False
+
+
 def tree_switches(pid):
     """Context switches (voluntary + involuntary) of every thread of pid and
     its live descendants.  Threads that have ended are not counted, but
@@ -300,7 +327,79 @@ class Peer(object):
                 empty_dir(d)
 
 
-class ZmPeer(Peer):
+class DaemonPeer(Peer):
+    """A server that detaches as a daemon and names its process in a pid
+    file: started, traced (``attach``: a command that attaches to the
+    daemon's pids, e.g. strace) and stopped by that pid."""
+    pid = None
+    attach = None
+    spy = None
+    #: The pid file names an intermediate process first and the daemon
+    #: only once it listens (the C original): read it until it names the
+    #: process that holds the listening socket.
+    pidfile_settles = False
+
+    def start_daemon(self, cmd, pidfile, err):
+        """Run ``cmd`` (stderr and stdout to the open file ``err``, closed
+        here), wait for its launcher to exit, read ``pidfile``, wait until
+        the port answers with a banner."""
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                             cwd=self.top)
+        err.close()
+        rc = p.wait(60)
+        if rc != 0:
+            raise RuntimeError("%s: daemon start exited %d (see %s)" % (self.name, rc,
+                                                                        self.stderr_path))
+        with open(pidfile) as f:
+            self.pid = int(f.read().split()[0])
+        wait_ready(self.port, None, self.name)
+        deadline = time.time() + 30
+        while self.pidfile_settles and not holds_listener(self.pid, self.port):
+            if time.time() > deadline:
+                raise RuntimeError("%s: %s does not name the listening process" % (
+                    self.name, pidfile))
+            time.sleep(0.05)
+            try:
+                with open(pidfile) as f:
+                    self.pid = int(f.read().split()[0])
+            except (IOError, OSError, ValueError, IndexError):
+                pass
+
+    def attach_tracer(self):
+        self.spy = subprocess.Popen(self.attach(proc_tree(self.pid)),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+
+    def stop_daemon(self):
+        """SIGTERM the pid from the pid file, wait until it is gone (then
+        SIGKILL what is left of its tree), and for the tracer to finish."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
+            deadline = time.time() + 15
+            while time.time() < deadline and _alive(self.pid):
+                time.sleep(0.02)
+            for p in proc_tree(self.pid) if _alive(self.pid) else ():
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.pid = None
+        if self.spy is not None:
+            try:
+                self.spy.wait(60)
+            except subprocess.TimeoutExpired:
+                self.spy.kill()
+                self.spy.wait()
+            self.spy = None
+
+
+class ZmPeer(DaemonPeer):
     speaks_tls = True
 
     def __init__(self, name, script, python, extra, log_sessions, conf_lines=()):
@@ -406,28 +505,7 @@ class ZmPeer(Peer):
                     pass
             Peer.stop(self)
             return
-        # daemon: SIGTERM the pid from the pid file, wait until it is gone
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except OSError:
-                pass
-            deadline = time.time() + 15
-            while time.time() < deadline and _alive(self.pid):
-                time.sleep(0.02)
-            for p in proc_tree(self.pid) if _alive(self.pid) else ():
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.pid = None
-        if self.spy is not None:
-            try:
-                self.spy.wait(60)
-            except subprocess.TimeoutExpired:
-                self.spy.kill()
-                self.spy.wait()
-            self.spy = None
+        self.stop_daemon()
 
     def start(self, scen=None):
         self.port = free_port()
@@ -446,28 +524,14 @@ class ZmPeer(Peer):
         # as in production: the daemon detaches once its listeners are bound
         # and the pid file is written
         pidfile = os.path.join(self.top, "zmsmtpd.pid")
-        if os.path.exists(pidfile):
-            os.unlink(pidfile)
-        p = subprocess.Popen(cmd + ["-I", pidfile], stdin=subprocess.DEVNULL, stdout=err,
-                             stderr=err, cwd=self.top)
-        err.close()
-        rc = p.wait(60)
-        if rc != 0:
-            raise RuntimeError("%s: daemon start exited %d (see %s)" % (self.name, rc,
-                                                                        self.stderr_path))
-        with open(pidfile) as f:
-            self.pid = int(f.read().split()[0])
-        wait_ready(self.port, None, self.name)
+        self.start_daemon(cmd + ["-I", pidfile], pidfile, err)
         if self.wrapper:
             self.spy = subprocess.Popen(list(self.wrapper) + ["--pid", str(self.pid)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         elif self.attach:
-            self.spy = subprocess.Popen(self.attach(proc_tree(self.pid)),
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
+            self.attach_tracer()
 
     def server_pid(self):
         if not self.wrapper:
@@ -484,6 +548,85 @@ class ZmPeer(Peer):
                     pass
             time.sleep(0.1)
         return self.proc.pid
+
+
+class COriginalPeer(DaemonPeer):
+    """ZMailer's own smtpserver (C), built by the user from the public
+    source: the reference that one session of zmsmtpd is measured against.
+    It runs as the oracle recordings ran it -- daemon mode on a loopback
+    port (-p, PARAM BindAddress), its own configuration and postoffice in
+    the scratch directory (-P: the binary's zmailer.conf is compiled in,
+    and -P wins over the POSTOFFICE it names), a btree policy database
+    that lets loopback clients relay, built with the makedb of the same
+    build.  Plain SMTP only: no TLS, no AUTH."""
+
+    def __init__(self, binary, makedb, log_sessions):
+        self.name = "C original"
+        self.pidfile_settles = True
+        self.binary = binary
+        self.makedb = makedb
+        self.log_sessions = log_sessions
+
+    def setup(self, work):
+        self.top = os.path.join(work, "C_original")
+        self.po = os.path.join(self.top, "postoffice")
+        for d in ("postoffice/public", "postoffice/router", "db", "log"):
+            os.makedirs(os.path.join(self.top, d))
+        # the same modes as for zmsmtpd: the C server, too, leaves root
+        # before it reads client input
+        for d in (work, self.top, self.po):
+            os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o755)
+        for d in ("public", "router"):
+            os.chmod(os.path.join(self.po, d), 0o3777)
+        self.spooled_dir = os.path.join(self.po, "router")
+        self.leftover_dir = os.path.join(self.po, "public")
+        self.policydb = os.path.join(self.top, "db", "smtp-policy")
+        with open(self.policydb + ".dat", "w") as f:
+            f.write("# generated by bench.py: loopback clients may relay\n"
+                    "[127.0.0.0]/8\trelaycustnet + relaytarget +\n"
+                    ".\trelaytarget +\n")
+        out = subprocess.run([self.makedb, "-A", "-p", "btree", self.policydb,
+                              self.policydb + ".dat"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if out.returncode != 0:
+            sys.exit("%s could not build the C original's policy database: %s" % (
+                self.makedb, out.stdout.decode("utf-8", "replace").strip()))
+        self.conf = os.path.join(self.top, "smtpserver.conf")
+        self.stderr_path = os.path.join(self.top, "log", "stderr")
+
+    def start(self, scen=None):
+        self.port = free_port()
+        with open(self.conf, "w") as f:
+            f.write("# generated by bench.py\n"
+                    "PARAM BindAddress [127.0.0.1]\n"
+                    "PARAM policydb btree %s\n"
+                    "PARAM same-ip-source-parallel-max 5000\n"
+                    "PARAM max-parallel-connections 5000\n"
+                    "*\t\t\t* ftveR\n" % self.policydb)
+        cmd = [self.binary, "-P", self.po, "-p", str(self.port), "-C", self.conf]
+        if self.log_sessions:
+            cmd += ["-l", os.path.join(self.top, "log", "smtpserver")]
+        self.start_daemon(cmd, os.path.join(self.po, ".pid.smtpserver"),
+                          open(self.stderr_path, "ab"))
+        if self.attach:
+            self.attach_tracer()
+
+    def stop(self):
+        self.stop_daemon()
+
+
+def find_makedb(binary, given):
+    """The makedb of the C original's build: given, else beside the binary
+    (an installed MAILBIN), in the build tree (smtpserver/../utils/makedb),
+    or on PATH."""
+    if given:
+        return given
+    here = os.path.dirname(os.path.abspath(binary))
+    for cand in (os.path.join(here, "makedb"),
+                 os.path.join(here, os.pardir, "utils", "makedb", "makedb")):
+        if os.access(cand, os.X_OK):
+            return os.path.normpath(cand)
+    return find_tool("makedb")
 
 
 def _alive(pid):
@@ -1182,14 +1325,16 @@ TLS = {}
 
 def scenarios(msgs, pmsgs, smsgs, nclients):
     """All scenarios by key.  goal: zmsmtpd / aiosmtpd+fsync wanted (None:
-    a component measurement, no goal of its own)."""
+    a component measurement, no goal of its own); c_goal: zmsmtpd / the C
+    original wanted."""
     sc = {
         "c20": {"key": "c20", "title": "20 clients, 1 msg/conn", "sessions": 20, "msgs": msgs,
-                "persistent": False, "raw_parallel": 20, "goal": 1.5},
+                "persistent": False, "raw_parallel": 20, "goal": 1.5, "c_goal": GOAL_C20_C},
         "c50": {"key": "c50", "title": "50 clients, 1 msg/conn", "sessions": 50, "msgs": msgs,
                 "persistent": False, "raw_parallel": 50, "goal": 1.5},
         "persist": {"key": "persist", "title": "1 session, %d msgs" % pmsgs, "sessions": 1,
-                    "msgs": pmsgs, "persistent": True, "raw_parallel": 1, "goal": 2.5},
+                    "msgs": pmsgs, "persistent": True, "raw_parallel": 1, "goal": 2.5,
+                    "c_goal": GOAL_PERSIST_C},
     }
     for key, title, mode, auth, goal in (
             ("starttls-auth", "STARTTLS + AUTH PLAIN (submission port)", "starttls", True, 1.5),
@@ -1323,6 +1468,9 @@ GOAL_PERSIST_CPU_US = 350.0     # server CPU per message, one persistent session
 GOAL_PERSIST_RATIO = 2.5        # msg/s zmsmtpd / aiosmtpd, one persistent session
 GOAL_RATIO = 1.5                # 20 clients, and both TLS + AUTH paths
 GOAL_MB_PER_CONN = 1.0          # idle memory per connection, plain and TLS
+#: Goals of issue 21 against the C original (bench --c-original).
+GOAL_PERSIST_C = 1.0            # msg/s zmsmtpd / C original, one persistent session
+GOAL_C20_C = 2.0                # msg/s zmsmtpd / C original, 20 clients
 
 
 def goals_summary(runs, variants, peers, rounds):
@@ -1333,6 +1481,7 @@ def goals_summary(runs, variants, peers, rounds):
     shared machine hits both sides alike."""
     names = [p.name for p in peers if p is not None]
     aio = ([n for n in names if n.startswith("aiosmtpd")] or [None])[0]
+    corig = ([p.name for p in peers if isinstance(p, COriginalPeer)] or [None])[0]
     nruns = len(runs)
 
     def per_round(rn, peer, scen, fn):
@@ -1410,6 +1559,15 @@ def goals_summary(runs, variants, peers, rounds):
             add("20 clients (c20): msg/s, zmsmtpd / aiosmtpd", zm,
                 [combine(ratio, per_round(rn, zm, "c20", rate), per_round(rn, aio, "c20", rate))
                  for rn in runs], (">=", GOAL_RATIO))
+        if corig:
+            for sc, what, goal in (("persist", "1 session", GOAL_PERSIST_C),
+                                   ("c20", "20 clients (c20)", GOAL_C20_C)):
+                add("%s: msg/s, zmsmtpd / C original" % what, zm,
+                    [combine(ratio, per_round(rn, zm, sc, rate), per_round(rn, corig, sc, rate))
+                     for rn in runs], (">=", goal))
+            add("1 session: server CPU per msg, C original / zmsmtpd", zm,
+                [combine(ratio, per_round(rn, corig, "persist", cpu),
+                         per_round(rn, zm, "persist", cpu)) for rn in runs])
         for kind, label in (("plain", "plain"), ("tls", "STARTTLS")):
             per_run = []
             for rn in runs:
@@ -1569,6 +1727,14 @@ def main():
                          "of kernel time each (the conditions of the issue's table); fresh: "
                          "used spool directories are set aside and deleted at the end")
     ap.add_argument("--no-aiosmtpd", action="store_true")
+    ap.add_argument("--c-original", default=None, metavar="PATH",
+                    help="smtpserver binary of ZMailer (C) built from its public source: "
+                         "measured beside zmsmtpd in the plain SMTP scenarios (c20, c50, "
+                         "persist), with same-run ratios zmsmtpd / C original; also traced "
+                         "with --strace (see bench/README)")
+    ap.add_argument("--c-makedb", default=None, metavar="PATH",
+                    help="makedb of the same build, for the C original's policy database "
+                         "(default: beside the binary, its build tree's utils/makedb, or PATH)")
     ap.add_argument("--aiosmtpd-executor", action="store_true",
                     help="also measure aiosmtpd with fsync in a thread pool")
     ap.add_argument("--scenarios", default=None,
@@ -1688,6 +1854,14 @@ def main():
         peers = [p for p in peers
                  if any(w in (p.name if p else "raw disk") for w in want)]
         variants = [v for v in variants if v in peers]
+    if a.c_original:
+        # asked for by path, so measured whatever --only says
+        if not os.access(a.c_original, os.X_OK):
+            sys.exit("--c-original %s: not an executable file" % a.c_original)
+        makedb = find_makedb(a.c_original, a.c_makedb)
+        if not makedb:
+            sys.exit("makedb of the C original not found (--c-makedb PATH)")
+        peers.insert(len(variants), COriginalPeer(os.path.abspath(a.c_original), makedb, a.log))
 
     all_scen = scenarios(msgs, pmsgs, smsgs, a.sub_clients)
     keys = []
@@ -1795,21 +1969,23 @@ def one_run(a, peers, variants, scens, rounds, all_scen, smtp_source, rawdir, wo
                         m["pss_after_mb"], m["mb_per_conn"], m["threads_before"],
                         m["threads_after"],
                         "" if not m["error"] else " (stopped: %s)" % m["error"]))
-    # The profiling runs: (asked for, scenario, run it, what the log calls it, results).
+    # The profiling runs: (asked for, scenario, run it, what the log calls it, results,
+    # servers).  strace works on the C original too, for side-by-side call lists.
+    c_orig = [p for p in peers if isinstance(p, COriginalPeer)]
     profilers = (
         (a.profile, a.profile_scenario,
          lambda v, sc: profile_zm(v, pyspy, smtp_source, sc, work, 250), "profile", "py-spy",
-         prof),
+         prof, variants),
         (a.strace, a.strace_scenario, lambda v, sc: strace_zm(v, sc, smtp_source, work),
-         "strace", "strace", traces),
+         "strace", "strace", traces, variants + c_orig),
         (a.cprofile, a.cprofile_scenario, lambda v, sc: cprofile_zm(v, sc, smtp_source, work),
-         "cProfile", "cProfile", cprofs),
+         "cProfile", "cProfile", cprofs, variants),
     )
-    for wanted, scenario, run, name, tool, found in profilers:
+    for wanted, scenario, run, name, tool, found, servers in profilers:
         if not wanted:
             continue
         sc = dict(all_scen[scenario])
-        for v in variants:
+        for v in servers:
             res, summ = run(v, sc)
             log("%s run %s: %.0f msg/s (under %s) %s" % (
                 name, v.name, res["rate"], tool, "ok" if res["ok"] else "FAILED"))
@@ -1863,18 +2039,22 @@ def report(a, results, mem, prof, variants, peers, scens, rounds, aio_ver, work,
     # same-run ratios: per round, then the median and the worst round
     w("")
     w("### Same-run ratios (per round; goals: zmsmtpd/aiosmtpd >= 1.5, in one session "
-      ">= 2.5, zmsmtpd/raw disk >= 0.8)")
+      ">= 2.5, zmsmtpd/raw disk >= 0.8, zmsmtpd/C original >= %g in one session and "
+      ">= %g with 20 clients)" % (GOAL_PERSIST_C, GOAL_C20_C))
     w("")
     w("| ratio | scenario | " + " | ".join("round %d" % (i + 1) for i in range(rounds)) +
       " | median | goal | met in all rounds |")
     w("|---|---|" + "---|" * rounds + "---|---|---|")
     rate = {(r["peer"], r["scenario"], r["round"]): r["rate"] for r in results}
-    denoms = [(n, None) for n in names if n.startswith("aiosmtpd")] + [("raw disk", 0.8)]
+    denoms = [(n, None) for n in names if n.startswith("aiosmtpd")] + \
+        [(p.name, None) for p in peers if isinstance(p, COriginalPeer)] + [("raw disk", 0.8)]
     for v in variants:
         for s in all_scens:
             for d, goal in denoms:
                 if goal is None and d.startswith("aiosmtpd"):
                     goal = s.get("goal")
+                elif goal is None and d != "raw disk":
+                    goal = s.get("c_goal")
                 vals = []
                 for i in range(1, rounds + 1):
                     x, y = rate.get((v.name, s["key"], i)), rate.get((d, s["key"], i))
