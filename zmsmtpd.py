@@ -786,6 +786,11 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 #: Bytes asked of the TLS layer per read: more than one record holds
 #: (16 KiB), so each read gives a whole record's plaintext.
 TLS_READ_SIZE = 65536
+#: TLS 1.3 session tickets issued per handshake.  A mail client or relay
+#: keeps one session per server and resumes one connection at a time, so
+#: one ticket serves it; OpenSSL's default of two costs a second ticket's
+#: encryption and record on every full handshake.
+TLS_SESSION_TICKETS = 1
 
 GROUP_DEFAULTS = dict(
     listen_queue_size=20000, tcp_rcvbuf=0, tcp_sndbuf=0, use_tcp_wrapper=False,
@@ -6748,6 +6753,7 @@ class SocketChannel(Channel):
         self.sock = sock
         self.tls = None             # the TLSEngine, from STARTTLS or implicit TLS on
         self.wire = []              # ciphertext the engine made, still to send
+        self.wire_waits = False     # ``wire`` may wait for the next reply (tickets)
         self.write_timeout = write_timeout or WRITE_TIMEOUT
         # ListenerServer.get_request already set blocking mode and both
         # timeouts; an inetd socket gets them here.
@@ -6768,6 +6774,7 @@ class SocketChannel(Channel):
         received, out = self.tls.pump(data, plain, close)
         if out:
             self.wire.append(out)
+            self.wire_waits = False
         return received
 
     def begin_tls(self, context):
@@ -6780,7 +6787,15 @@ class SocketChannel(Channel):
     def handshake_input(self, data):
         """Ciphertext for the handshake (None: the client closed); True
         once it is over.  Records that came with its end are buffered."""
+        was_established = self.tls.established
         self.buf += self.tls_pump(data)
+        if self.wire and self.tls.established and not was_established \
+                and self.tls.version() == "TLSv1.3":
+            # All TLS 1.3 sends after the client's Finished is session
+            # tickets, which the client does not wait for (it speaks
+            # next): they go out with the first reply rather than in a
+            # send, and a wake-up of the client, of their own.
+            self.wire_waits = True
         return self.tls.established
 
     def received(self, data):
@@ -6806,6 +6821,8 @@ class SocketChannel(Channel):
                 self.tls_pump(plain=data)
             except ssl.SSLError:
                 pass                # a broken connection: its reader finds out
+        elif self.wire_waits:
+            return b""
         return self.take_wire()
 
     def close_tls(self):
@@ -6852,6 +6869,7 @@ class SocketChannel(Channel):
     def take_wire(self):
         data = b"".join(self.wire)
         self.wire = []
+        self.wire_waits = False
         return data
 
     def _send_wire(self):
@@ -12537,6 +12555,8 @@ def make_tls_context(group):
         set_tls_min_version(context, group.tls_min_version)
         context.load_cert_chain(group.tls_cert, group.tls_key or group.tls_cert)
         context.set_ciphers(group.tls_ciphers or DEFAULT_TLS_CIPHERS)
+        if hasattr(context, "num_tickets"):     # 3.8+; older ones keep OpenSSL's two
+            context.num_tickets = TLS_SESSION_TICKETS
         if group.tls_cafile or group.tls_capath:
             context.load_verify_locations(group.tls_cafile, group.tls_capath)
         if group.tls_require_cert:
