@@ -10587,7 +10587,7 @@ class AuthSpawner(object):
                 return None     # no spawner to take it, or its queue is full
             finally:
                 theirs.close()
-            taken = yield from self._receive(mine, AUTH_SPAWNER_TAKE_WAIT)
+            taken = yield from self._receive(mine, AUTH_SPAWNER_TAKE_WAIT, try_first=False)
             if taken is None:
                 # Withdraw the request: from now on the spawner's "taken"
                 # fails, so it will not run the program.  One it sent just
@@ -10614,20 +10614,24 @@ class AuthSpawner(object):
             mine.close()
 
     @staticmethod
-    def _receive(sock, timeout):
-        """Generator: one message, b"" at end of file, None after ``timeout``."""
+    def _receive(sock, timeout, try_first=True):
+        """Generator: one message, b"" at end of file, None after ``timeout``.
+        With ``try_first`` the socket is read before any wait: an outcome
+        that came right behind the ``A`` (a quick program, a busy worker)
+        then costs the session no second wait and wake-up."""
         deadline = time.time() + timeout
+        readable = try_first
         while True:
-            if time.time() >= deadline:
-                return None
-            readable = yield (WANT_READABLE, (sock, deadline))
             if readable:
                 try:
                     return sock.recv(AUTH_SPAWNER_MAX_REQUEST, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    continue
+                    pass
                 except (OSError, socket.error):
                     return b""
+            if time.time() >= deadline:
+                return None
+            readable = yield (WANT_READABLE, (sock, deadline))
 
 
 

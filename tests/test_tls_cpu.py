@@ -1,5 +1,6 @@
 # -*- coding: utf-8 -*-
-"""What a TLS session costs the server beyond what TLS itself needs.
+"""What STARTTLS + AUTH costs the server beyond what TLS and the auth
+program themselves need.
 
 * A TLS 1.3 handshake issues one session ticket (a returning client
   resumes with it), not OpenSSL's default two.
@@ -8,6 +9,9 @@
   their own; everything else the engine makes goes out at once: the
   handshake's flights, TLS 1.2's last flight (the client waits for it),
   and the close_notify.
+* A session waiting for the auth spawner reads an outcome that is already
+  there without a wait (and a wake-up) of its own; right after sending a
+  request it waits, as nothing can be there yet.
 
 Run from the repository root:  python -m unittest -v tests.test_tls_cpu
 """
@@ -130,6 +134,42 @@ class TlsTicketsTest(_ChannelHandshake, unittest.TestCase):
     def test_records_behind_the_client_finished_are_read(self):
         self.handshake(client_tls_context(), first_words=b"EHLO client.example\r\n")
         self.assertEqual(self.channel.buf, b"EHLO client.example\r\n")
+
+
+def _first_step(generator):
+    """What the generator yields first, or ("returned", its value)."""
+    try:
+        return next(generator)
+    except StopIteration as e:
+        return ("returned", e.value)
+
+
+class SpawnerAnswerWithoutAWaitTest(unittest.TestCase):
+
+    def setUp(self):
+        self.mine, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(self.mine.close)
+        self.addCleanup(self.theirs.close)
+
+    def test_an_outcome_already_there_is_read_without_a_wait(self):
+        self.theirs.send(b"outcome")
+        step = _first_step(zmsmtpd.AuthSpawner._receive(self.mine, 5.0))
+        self.assertEqual(step, ("returned", b"outcome"))
+
+    def test_without_a_message_the_session_waits_for_the_socket(self):
+        step = _first_step(zmsmtpd.AuthSpawner._receive(self.mine, 5.0))
+        self.assertEqual(step[0], zmsmtpd.WANT_READABLE)
+        self.assertIs(step[1][0], self.mine)
+
+    def test_the_taken_mark_is_waited_for_before_any_read(self):
+        self.theirs.send(b"A")
+        step = _first_step(zmsmtpd.AuthSpawner._receive(self.mine, 5.0, try_first=False))
+        self.assertEqual(step[0], zmsmtpd.WANT_READABLE)
+
+    def test_the_spawner_gone_reads_as_end_of_file(self):
+        self.theirs.close()
+        step = _first_step(zmsmtpd.AuthSpawner._receive(self.mine, 5.0))
+        self.assertEqual(step, ("returned", b""))
 
 
 if __name__ == "__main__":
