@@ -5156,7 +5156,7 @@ class LoopSlot(object):
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
-        self.other = None       # WANT_READABLE: the other socket waited on
+        self.other = None       # WANT_READABLE: the other socket's fd, waited on
         self.tls_closing = False  # ending: close_notify sent, the client's awaited
 
     @property
@@ -5504,9 +5504,13 @@ class SessionLoop(object):
         """WANT_READABLE: the session sleeps until ``sock`` is readable or
         ``deadline`` passes; its own socket is not watched meanwhile."""
         slot.want = WANT_READABLE
-        slot.other = sock
+        # Watched by its number: the selector's look-up of a socket object
+        # it does not hold yet formats the object for its KeyError, and a
+        # socket's repr() costs two system calls (its two addresses).  The
+        # socket stays open until the wait is over (forget_other).
+        slot.other = sock.fileno()
         self.watch(slot, 0)
-        self.core.watch(sock, selectors.EVENT_READ,
+        self.core.watch(slot.other, selectors.EVENT_READ,
                         functools.partial(self.guarded, self.other_ready, slot))
         self.set_timer(slot, deadline)
 
