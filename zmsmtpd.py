@@ -806,6 +806,11 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 #: Bytes asked of the TLS layer per read: more than one record holds
 #: (16 KiB), so each read gives a whole record's plaintext.
 TLS_READ_SIZE = 65536
+#: TLS 1.3 session tickets issued per handshake.  A mail client or relay
+#: keeps one session per server and resumes one connection at a time, so
+#: one ticket serves it; OpenSSL's default of two costs a second ticket's
+#: encryption and record on every full handshake.
+TLS_SESSION_TICKETS = 1
 
 GROUP_DEFAULTS = dict(
     listen_queue_size=20000, tcp_rcvbuf=0, tcp_sndbuf=0, use_tcp_wrapper=False,
@@ -5669,7 +5674,7 @@ class LoopSlot(object):
         self.input_deadline = 0.0
         self.events = 0
         self.resume = None      # the request a conversation back from a thread waits on
-        self.other = None       # WANT_READABLE: the other socket waited on
+        self.other = None       # WANT_READABLE: the other socket's fd, waited on
         self.tls_closing = False  # ending: close_notify sent, the client's awaited
 
     @property
@@ -6019,9 +6024,13 @@ class SessionLoop(object):
         """WANT_READABLE: the session sleeps until ``sock`` is readable or
         ``deadline`` passes; its own socket is not watched meanwhile."""
         slot.want = WANT_READABLE
-        slot.other = sock
+        # Watched by its number: the selector's look-up of a socket object
+        # it does not hold yet formats the object for its KeyError, and a
+        # socket's repr() costs two system calls (its two addresses).  The
+        # socket stays open until the wait is over (forget_other).
+        slot.other = sock.fileno()
         self.watch(slot, 0)
-        self.core.watch(sock, selectors.EVENT_READ,
+        self.core.watch(slot.other, selectors.EVENT_READ,
                         functools.partial(self.guarded, self.other_ready, slot))
         self.set_timer(slot, deadline)
 
@@ -7289,6 +7298,7 @@ class SocketChannel(Channel):
         self.sock = sock
         self.tls = None             # the TLSEngine, from STARTTLS or implicit TLS on
         self.wire = []              # ciphertext the engine made, still to send
+        self.wire_waits = False     # ``wire`` may wait for the next reply (tickets)
         self.write_timeout = write_timeout or WRITE_TIMEOUT
         # ListenerServer.get_request already set blocking mode and both
         # timeouts; an inetd socket gets them here.
@@ -7309,6 +7319,7 @@ class SocketChannel(Channel):
         received, out = self.tls.pump(data, plain, close)
         if out:
             self.wire.append(out)
+            self.wire_waits = False
         return received
 
     def begin_tls(self, context):
@@ -7321,7 +7332,15 @@ class SocketChannel(Channel):
     def handshake_input(self, data):
         """Ciphertext for the handshake (None: the client closed); True
         once it is over.  Records that came with its end are buffered."""
+        was_established = self.tls.established
         self.buf += self.tls_pump(data)
+        if self.wire and self.tls.established and not was_established \
+                and self.tls.version() == "TLSv1.3":
+            # All TLS 1.3 sends after the client's Finished is session
+            # tickets, which the client does not wait for (it speaks
+            # next): they go out with the first reply rather than in a
+            # send, and a wake-up of the client, of their own.
+            self.wire_waits = True
         return self.tls.established
 
     def received(self, data):
@@ -7347,6 +7366,8 @@ class SocketChannel(Channel):
                 self.tls_pump(plain=data)
             except ssl.SSLError:
                 pass                # a broken connection: its reader finds out
+        elif self.wire_waits:
+            return b""
         return self.take_wire()
 
     def close_tls(self):
@@ -7393,6 +7414,7 @@ class SocketChannel(Channel):
     def take_wire(self):
         data = b"".join(self.wire)
         self.wire = []
+        self.wire_waits = False
         return data
 
     def _send_wire(self):
@@ -11166,7 +11188,7 @@ class AuthSpawner(object):
                 return None     # no spawner to take it, or its queue is full
             finally:
                 theirs.close()
-            taken = yield from self._receive(mine, AUTH_SPAWNER_TAKE_WAIT)
+            taken = yield from self._receive(mine, AUTH_SPAWNER_TAKE_WAIT, try_first=False)
             if taken is None:
                 # Withdraw the request: from now on the spawner's "taken"
                 # fails, so it will not run the program.  One it sent just
@@ -11193,20 +11215,24 @@ class AuthSpawner(object):
             mine.close()
 
     @staticmethod
-    def _receive(sock, timeout):
-        """Generator: one message, b"" at end of file, None after ``timeout``."""
+    def _receive(sock, timeout, try_first=True):
+        """Generator: one message, b"" at end of file, None after ``timeout``.
+        With ``try_first`` the socket is read before any wait: an outcome
+        that came right behind the ``A`` (a quick program, a busy worker)
+        then costs the session no second wait and wake-up."""
         deadline = time.time() + timeout
+        readable = try_first
         while True:
-            if time.time() >= deadline:
-                return None
-            readable = yield (WANT_READABLE, (sock, deadline))
             if readable:
                 try:
                     return sock.recv(AUTH_SPAWNER_MAX_REQUEST, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    continue
+                    pass
                 except (OSError, socket.error):
                     return b""
+            if time.time() >= deadline:
+                return None
+            readable = yield (WANT_READABLE, (sock, deadline))
 
 
 
@@ -13134,6 +13160,8 @@ def make_tls_context(group):
         set_tls_min_version(context, group.tls_min_version)
         context.load_cert_chain(group.tls_cert, group.tls_key or group.tls_cert)
         context.set_ciphers(group.tls_ciphers or DEFAULT_TLS_CIPHERS)
+        if hasattr(context, "num_tickets"):     # 3.8+; older ones keep OpenSSL's two
+            context.num_tickets = TLS_SESSION_TICKETS
         if group.tls_cafile or group.tls_capath:
             context.load_verify_locations(group.tls_cafile, group.tls_capath)
         if group.tls_require_cert:

@@ -1351,6 +1351,8 @@ def scenarios(msgs, pmsgs, smsgs, nclients):
     for key, title, extra in (
             ("starttls-auth-resume", "STARTTLS + AUTH, resuming clients, auth cache warm",
              {"resume": True, "auth_cache": True}),
+            ("starttls-auth-resume-only", "STARTTLS + AUTH, resuming clients, no AUTH cache",
+             {"resume": True}),
             ("starttls-auth-ec", "STARTTLS + AUTH, ECDSA + RSA certificates", {"ec": True}),
             ("starttls-auth-ec-resume", "STARTTLS + AUTH, ECDSA, resuming, auth cache warm",
              {"ec": True, "resume": True, "auth_cache": True})):
@@ -1740,10 +1742,11 @@ def main():
     ap.add_argument("--scenarios", default=None,
                     help="comma list of c20, c50, persist, starttls-auth, smtps-auth, "
                          "starttls, auth-plain, plain-py, starttls-auth-resume, "
-                         "starttls-auth-ec, starttls-auth-ec-resume; 'submission' stands for "
+                         "starttls-auth-resume-only, starttls-auth-ec, "
+                         "starttls-auth-ec-resume; 'submission' stands for "
                          "starttls-auth,smtps-auth,starttls,auth-plain, 'repeat' for "
-                         "starttls-auth and the three after plain-py (default: all "
-                         "but plain-py and those three)")
+                         "starttls-auth and the three with -resume or -ec (default: all "
+                         "but plain-py and those after it)")
     ap.add_argument("--sub-msgs", type=int, default=None,
                     help="messages per submission-scenario run (default 1000, --quick 300)")
     ap.add_argument("--sub-clients", type=int, default=20,
