@@ -3579,7 +3579,7 @@ class WhosonConfig(WatchedSystemFile):
                 break
             servers.append(server)
         if problem is None and not servers:
-            problem = "%s: no client entry" % path
+            problem = "%s: no client entry (or the file cannot be read)" % path
         self.servers = tuple(servers) if problem is None else ()
         self.problem = problem
 
@@ -13129,16 +13129,29 @@ def check_policies(config, user=None):
 FREEZING_ATTRIBUTES = ("freeze", "freezesource", "freezenet")
 
 
-def policies_freeze(config):
-    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+def policy_setting(config, names):
+    """The first group policy's ``.dat`` that sets one of the attributes
+    ``names`` to ``+``, or None."""
     for g in config.groups:
         if g.policydb:
+            path = g.policydb[1] + ".dat"
             try:
-                if PolicyTable.load(g.policydb[1] + ".dat").sets_any(FREEZING_ATTRIBUTES):
-                    return True
+                if PolicyTable.load(path).sets_any(names):
+                    return path
             except (PolicyError, IOError, OSError):
                 pass                # check_policies says why
-    return False
+    return None
+
+
+def policies_freeze(config):
+    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+    return policy_setting(config, FREEZING_ATTRIBUTES) is not None
+
+
+def whoson_warnings(config, options):
+    """A policy that trusts whoson logins while nobody asks (no ``-w``)."""
+    path = None if options.get("whoson") else policy_setting(config, ("trust-whoson",))
+    return ["%s: trust-whoson + does nothing without -w" % path] if path else []
 
 
 def check_postoffice(site, user, freezing=False):
@@ -13365,21 +13378,26 @@ def startup_problems(config, site, log, daemon, user):
     problems.extend(check_auth_programs(config, site))
     problems.extend(check_tcp_wrapper_files(config, user))
     problems.extend(check_pool_programs(config, site, user))
-    problems.extend(check_whoson(site.options))
+    problems.extend(check_whoson(site.options, user))
     return problems
 
 
-def check_whoson(options):
-    """``-w`` asks the servers of whoson.conf; without a usable one every
-    client would count as not logged in."""
+def check_whoson(options, user=None):
+    """``-w`` asks the servers of whoson.conf, which the sessions read as
+    the user they run as; without a usable one every client would count
+    as not logged in."""
     if not options.get("whoson"):
         return []
+    path = WhosonConfig.default_path()
     _, problem = WhosonConfig().current()
+    if problem is None and not access_as(user, [(path, os.R_OK)])[0]:
+        problem = "%s cannot be read by %s, the user sessions run as" % (
+            path, user.describe() if user else "this process")
     if problem is None:
         return []
     return ["-w: %s; no client could be found logged in. Fix: write the whoson "
-            "server's client entry into %s (or set WHOSON_CONFIG), or drop -w"
-            % (problem, WhosonConfig.default_path())]
+            "server's client entry into %s (or set WHOSON_CONFIG) readable by the "
+            "sessions, or drop -w" % (problem, path)]
 
 
 def pidfile_path(options, postoffice):
@@ -13743,7 +13761,7 @@ def main(argv=None):
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
     if not interactive:
-        for text in tcp_wrapper_warnings(config):
+        for text in tcp_wrapper_warnings(config) + whoson_warnings(config, options):
             sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     runtime = None
     if user_problem:

@@ -26,15 +26,16 @@ import threading
 import time
 import unittest
 
-from tests.harness import free_port
+from tests.harness import SMTPReplies, free_port
 from tests.test_policy_parity import BASE_POLICY, SERVER, Layout
+from tests.test_startup_checks import _Site, wait_listening
 
 import zmsmtpd
 from zmsmtpd import (WHOSON_LOGIN, WHOSON_NONE, WHOSON_UNKNOWN, WhosonConfig, blocking_result,
                      whoson_query)
 
 #: The addresses the fake daemon knows as logged in, and as "could not say".
-LOGINS = {"198.51.100.20": "alice", "192.0.2.1": "bob"}
+LOGINS = {"198.51.100.20": "alice", "192.0.2.1": "bob", "127.0.0.9": "carol"}
 BROKEN = "198.51.100.66"
 
 
@@ -114,6 +115,7 @@ class _WhosonDir(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="zmwhoson-")
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        os.chmod(self.dir, 0o755)   # a daemon's sessions read whoson.conf as their user
 
     def daemon(self, kind):
         d = FakeWhosond(self.dir, kind)
@@ -341,19 +343,52 @@ class TrustWhoson(unittest.TestCase):
             self.assertIn(' whoson: "%s" smtp-auth: <none>' % user, comment[0])
 
 
+class WhosonInTheDaemon(_WhosonDir):
+    """Each session model asks on its own way of waiting (the workers'
+    loop, a blocking select in a forked or threaded session)."""
+
+    def test_a_login_at_a_trusted_address_may_relay_in_each_model(self):
+        d = self.daemon("udp")
+        old = os.environ.get("WHOSON_CONFIG")
+        os.environ["WHOSON_CONFIG"] = self.conf(d.client_entry())
+        self.addCleanup(lambda: os.environ.pop("WHOSON_CONFIG") if old is None else
+                        os.environ.__setitem__("WHOSON_CONFIG", old))
+        for model in ("workers", "fork", "thread"):
+            site = _Site(self, [])
+            port = free_port()
+            site.write_conf(["PARAM BindSmtp [127.0.0.1] %d" % port,
+                             "PARAM policydb btree %s" % site.policy,
+                             "PARAM session-model %s" % model, "*  ftveR"])
+            with open(site.policy + ".dat", "w") as f:
+                f.write("[127.0.0.0]/8\ttrust-whoson +\nlocalhost\tlocaldomain +\n")
+            proc = site.start(self, ["-w"])
+            self.assertTrue(wait_listening(port, proc), site.errors())
+            codes = []
+            for source in ("127.0.0.9", "127.0.0.10"):
+                c = socket.create_connection(("127.0.0.1", port), 10, (source, 0))
+                self.addCleanup(c.close)
+                r = SMTPReplies(c)
+                r.reply()
+                r.cmd("EHLO client.example")
+                r.cmd("MAIL FROM:<a@client.example>")
+                codes.append(r.cmd("RCPT TO:<x@victim.example>")[0])
+                r.cmd("QUIT")
+            self.assertEqual(codes, [250, 550], (model, site.errors()))
+
+
 class WhosonAtStartup(_WhosonDir):
     """``-w`` needs a usable whoson.conf: --check says what is wrong."""
 
-    def check(self, conf):
+    def check(self, conf, policy="", args=("-w",)):
         layout = Layout()
         self.addCleanup(layout.cleanup)
         os.chmod(layout.dir, 0o755)
         for sub in ("public", "router"):
             os.chmod(os.path.join(layout.postoffice, sub), 0o3777)
         with open(os.path.join(layout.dir, "db", "smtp-policy.dat"), "w") as f:
-            f.write(BASE_POLICY)
+            f.write(BASE_POLICY + policy)
         env = dict(os.environ, WHOSON_CONFIG=conf)
-        p = subprocess.Popen([sys.executable, SERVER, "--check", "-w", "-Z", layout.zconf,
+        p = subprocess.Popen([sys.executable, SERVER, "--check"] + list(args) + ["-Z", layout.zconf,
                               "-C", layout.conf], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env)
         out, err = p.communicate()
@@ -367,9 +402,28 @@ class WhosonAtStartup(_WhosonDir):
         self.assertEqual(code, 2, err)
         self.assertIn("whoson.conf:1", err)
 
+    @unittest.skipUnless(os.geteuid() == 0, "sessions run as another user only under root")
+    def test_a_whoson_conf_the_sessions_cannot_read_stops_the_start(self):
+        private = os.path.join(self.dir, "private")
+        os.mkdir(private, 0o700)
+        conf = os.path.join(private, "whoson.conf")
+        with open(conf, "w") as f:
+            f.write("client udp address=127.0.0.1 port=9876\n")
+        code, err = self.check(conf)
+        self.assertEqual(code, 2, err)
+        self.assertIn("cannot be read by", err)
+
     def test_a_usable_whoson_conf_passes(self):
         code, err = self.check(self.conf("client udp address=127.0.0.1 port=9876\n"))
         self.assertEqual(code, 0, err)
+
+    def test_trust_whoson_without_w_is_named_as_doing_nothing(self):
+        policy = "[192.0.2.0]/24\ttrust-whoson +\n"
+        code, err = self.check(os.path.join(self.dir, "absent.conf"), policy, args=())
+        self.assertEqual(code, 0, err)
+        self.assertIn("trust-whoson + does nothing without -w", err)
+        code, err = self.check(self.conf("client udp address=127.0.0.1 port=9876\n"), policy)
+        self.assertEqual((code, "trust-whoson" in err), (0, False), err)
 
 
 if __name__ == "__main__":
