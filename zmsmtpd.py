@@ -2314,6 +2314,8 @@ def source_route_end(table, local, local_names):
     ``%``, round after round on what is left, that fails the relay domain
     test; None when every hop passes (or there is none); "" for an empty
     hop or a route longer than SOURCE_ROUTE_ROUNDS."""
+    if "!" not in local and "%" not in local:
+        return None                 # the usual local part: no route at all
     for _ in range(SOURCE_ROUTE_ROUNDS - 1):
         bang = find_unquoted(local, "!")
         if bang >= 0:
