@@ -3514,6 +3514,10 @@ class WhosonServer(namedtuple("WhosonServer", "kind family socktype target wait 
     def stream(self):
         return self.socktype == socket.SOCK_STREAM
 
+    def __str__(self):
+        return "%s %s" % (self.kind, self.target if self.family == socket.AF_UNIX else
+                          "%s port %d" % self.target)
+
 
 class WhosonConfig(WatchedSystemFile):
     """The client entries of whoson.conf, in the order they are tried.
@@ -3656,11 +3660,10 @@ def whoson_ask(server, request):
     """Generator: (the reply's bytes, None) from one server, or (None,
     why not)."""
     deadline = time.time() + WHOSON_WAIT_MAX
-    where = server.target if server.family == socket.AF_UNIX else "%s port %d" % server.target
     try:
         sock = socket.socket(server.family, server.socktype)
     except (OSError, socket.error) as e:
-        return None, "%s %s: %s" % (server.kind, where, e)
+        return None, "%s: %s" % (server, e)
     try:
         sock.setblocking(False)
         if server.family == socket.AF_UNIX and not server.stream:
@@ -3669,14 +3672,14 @@ def whoson_ask(server, request):
             sock.bind("")
         error = sock.connect_ex(server.target)
         if error not in (0, errno.EINPROGRESS):
-            return None, "%s %s: %s" % (server.kind, where, os.strerror(error))
+            return None, "%s: %s" % (server, os.strerror(error))
         if server.stream:
             reply, why = yield from _whoson_stream(sock, request, deadline)
         else:
             reply, why = yield from _whoson_datagram(sock, request, server, deadline)
-        return reply, None if why is None else "%s %s: %s" % (server.kind, where, why)
+        return reply, None if why is None else "%s: %s" % (server, why)
     except (OSError, socket.error) as e:
-        return None, "%s %s: %s" % (server.kind, where, e)
+        return None, "%s: %s" % (server, e)
     finally:
         sock.close()
 
@@ -13038,6 +13041,11 @@ def describe_config(config, site, user=None):
                    "gets 421 before the greeting" % (
                        HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
                        "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
+    if site.options.get("whoson"):
+        servers, problem = WhosonConfig().current()
+        out.append("whoson (-w): %s, asked before each network greeting" % (
+            problem or "%s: %s" % (WhosonConfig.default_path(), ", ".join(
+                str(server) for server in servers))))
     out.extend(describe_pools(config, site))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))

@@ -392,6 +392,7 @@ class WhosonAtStartup(_WhosonDir):
                               "-C", layout.conf], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env)
         out, err = p.communicate()
+        self.out = out.decode("utf-8", "replace")
         return p.returncode, err.decode("utf-8", "replace")
 
     def test_missing_or_broken_whoson_conf_stops_the_start(self):
@@ -414,8 +415,11 @@ class WhosonAtStartup(_WhosonDir):
         self.assertIn("cannot be read by", err)
 
     def test_a_usable_whoson_conf_passes(self):
-        code, err = self.check(self.conf("client udp address=127.0.0.1 port=9876\n"))
+        conf = self.conf("client udp address=127.0.0.1 port=9876\n")
+        code, err = self.check(conf)
         self.assertEqual(code, 0, err)
+        self.assertIn("whoson (-w): %s: udp 127.0.0.1 port 9876, asked before each network "
+                      "greeting" % conf, self.out)
 
     def test_trust_whoson_without_w_is_named_as_doing_nothing(self):
         policy = "[192.0.2.0]/24\ttrust-whoson +\n"
