@@ -27,6 +27,8 @@ Map of this file, in the order data flows through it:
   4d. SPF ................. RFC 7208 check_host() (SpfCheck) on the stub
                             resolver: macros, the lookup limits, local
                             policy, the Received-SPF: line
+  4e. whoson .............. the ``-w`` client (WhosonConfig, whoson_query):
+                            is a user logged in at the client's address
   5. Replies .............. the one table of reply codes and texts
   6. Transcript log ....... the ``-l`` log and the ``-v`` trace
   7. Process core ......... EventLoop (one selector, a timer heap,
@@ -269,6 +271,23 @@ SPF_PARSED_RECORDS = 512
 #: Seconds one check may spend waiting for DNS (RFC 7208 section 4.6.4
 #: asks for at least 20); past it the check is a temperror.
 SPF_TIME_LIMIT = 20.0
+
+#: The whoson client's configuration (the ``-w`` option): libwhoson's file;
+#: its WHOSON_CONFIG environment variable names another, as it does for
+#: every program built with that library.
+WHOSON_CONF = "/etc/whoson.conf"
+#: The longest whoson request or reply (the library's buffer).
+WHOSON_MESSAGE_MAX = 1024
+#: A login's user name is kept to this many characters (the original's).
+WHOSON_USER_MAX = 127
+#: A datagram server's first wait, in seconds, and how often the query is
+#: sent, the wait doubling each time: the library's defaults, which a
+#: client entry's ``inittimeout=`` (microseconds) and ``maxtries=`` change.
+WHOSON_INIT_TIMEOUT = 0.1
+WHOSON_TRIES = 5
+#: The longest a session waits on one whoson server, whatever the entry
+#: says: the question is asked before the greeting.
+WHOSON_WAIT_MAX = 3.0
 
 # ---------------------------------------------------------------------------
 # 1. Small formats shared by the log, the spool id and the envelope
@@ -773,7 +792,7 @@ UNIMPLEMENTED_PARAMS = {
     "tls-use-scache": "a no-op in 3.0.1 too", "tls-enforce-tls": "a no-op in 3.0.1 too",
     "outlook-tls-bug": "a no-op in 3.0.1 too", "report-auth-file": "Z-REPORT is dead in 3.0.1 too",
     "lmtp-mode": "LMTP is not offered", "rcvd-ident": "ident lookups are not done",
-    "rcvd-whoson": "whoson is not available", "policydb-submit": "compiled out in 3.0.1 too",
+    "policydb-submit": "compiled out in 3.0.1 too",
     "perl-hook": "no embedded Perl",
     "etrn-cluster": "ETRN is answered locally only", "tracking-cluster": "no cluster rate tracking",
     "accept-percent-kludge": "compiled out in 3.0.1 too",
@@ -1645,12 +1664,12 @@ POLICY_IMPLEMENTED = frozenset((
     "=", "message", "rejectnet", "freezenet", "relaycustnet", "fulltrustnet",
     "trustrecipients", "relaytarget", "localdomain", "maxinsize",
     "maxsameipsource", "relaycustomer", "maxoutsize", "rejectsource", "freezesource",
-    "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
+    "trust-whoson", "freeze", "senderokwithdns", "sendernorelay", "acceptifmx", "acceptifdns",
     "test-dns-rbl", "rcpt-dns-rbl", "test-rcpt-dns-rbl", "ratelimitmsgs", "filtering", "spf"))
 
 #: The attributes each lookup phase asks for: the client's address, its
 #: (unverified) PTR name, the HELO name, the recipient.
-IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize",
+IP_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "trust-whoson",
               "fulltrustnet", "trustrecipients", "maxsameipsource", "test-dns-rbl",
               "rcpt-dns-rbl", "ratelimitmsgs", "filtering", "spf")
 PTR_REQUEST = ("rejectnet", "freezenet", "relaycustnet", "maxinsize", "rcpt-dns-rbl")
@@ -1658,9 +1677,12 @@ HELO_REQUEST = ("rejectnet", "freezenet")
 RCPT_REQUEST = ("relaytarget", "localdomain")
 #: The sender's lookups at MAIL FROM: its whole address, then its domain
 #: (``.`` for the null sender).  What the address's entry sets, even to
-#: ``-``, is not asked of the domain.
+#: ``-``, is not asked of the domain.  ``trust-whoson`` counts on the
+#: domain's entry only (the original's domain look-up overwrote what the
+#: address's entry said).
 SENDER_USER_REQUEST = ("rejectsource", "freezesource")
-SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns")
+SENDER_DOMAIN_REQUEST = ("rejectsource", "freezesource", "sendernorelay", "senderokwithdns",
+                         "trust-whoson")
 #: The recipient's lookups at RCPT TO: its whole address, then its domain.
 RCPT_USER_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "localdomain")
 RCPT_DOMAIN_REQUEST = ("relaytarget", "freeze", "test-rcpt-dns-rbl", "acceptifmx", "acceptifdns",
@@ -1723,7 +1745,7 @@ class PolicyVerdict(object):
     __slots__ = ("reject", "reject_message", "always_accept", "full_trust",
                  "trust_recipients", "freeze", "maxinsize", "maxsameip", "rbl_zones",
                  "rbl_message", "rcpt_rbl", "rcpt_rbl_text", "listed", "ratelimit",
-                 "filtering", "spf", "spf_message")
+                 "filtering", "spf", "spf_message", "whoson_login")
 
     def __init__(self):
         self.reject = False
@@ -1743,6 +1765,10 @@ class PolicyVerdict(object):
         self.filtering = None   # the client address's "filtering": True, False, or unset
         self.spf = False        # spf +: the sender's SPF record is checked at MAIL FROM
         self.spf_message = None  # its ``message`` text
+        # A whoson login at the client's address that a sender domain's
+        # ``trust-whoson +`` may trust (the address's ``trust-whoson -``
+        # takes it away).
+        self.whoson_login = False
 
     @property
     def trusted(self):
@@ -2068,13 +2094,17 @@ def sender_owned_by_login(sender, login, owners):
     return False
 
 
-def connection_verdict(table, ip, rhostname=None):
+def connection_verdict(table, ip, rhostname=None, whoson_login=False):
     """The decision at connect time: the client's address first, then its
-    (unverified) PTR name when the address left the client alone."""
+    (unverified) PTR name when the address left the client alone.
+    ``whoson_login``: the whoson server knows a user at the address; the
+    address's ``trust-whoson +`` then trusts its recipients."""
     v = PolicyVerdict()
     if table is None or not ip:
         return v
     found = table.lookup_ip(ip, IP_REQUEST) or {}
+    if whoson_login:
+        v.whoson_login = found.get("trust-whoson", ("",))[0] != "-"
 
     if policy_says(found, "rejectnet"):
         v.reject = True
@@ -2088,6 +2118,8 @@ def connection_verdict(table, ip, rhostname=None):
         # The clients the policy trusts are not asked to prove their senders.
         if policy_says(found, "spf") and not v.trusted and not v.trust_recipients:
             v.spf, v.spf_message = True, found["spf"][1]
+        if whoson_login and policy_says(found, "trust-whoson"):
+            v.trust_recipients = True
     if "maxinsize" in found:
         v.maxinsize = _c_int(found["maxinsize"][0], None)
     if "filtering" in found:
@@ -2121,13 +2153,16 @@ class SenderVerdict(object):
     attribute's ``message`` text or None in ``message``), ``freeze`` (the
     message goes to the freezer), ``norelay`` (every recipient needs us
     as its MX), ``dns_mode`` (senderokwithdns: the first character of its
-    value, or None for no DNS check) and the domain to check; the session
-    adds the ``Received-SPF:`` line its SPF check gave."""
+    value, or None for no DNS check) and the domain to check; ``whoson``
+    (trust-whoson +: a client with a whoson login may send anywhere in
+    this transaction); the session adds the ``Received-SPF:`` line its SPF
+    check gave."""
 
-    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain", "spf_header")
+    __slots__ = ("refuse", "message", "freeze", "norelay", "dns_mode", "domain", "whoson",
+                 "spf_header")
 
     def __init__(self):
-        self.refuse = self.freeze = self.norelay = False
+        self.refuse = self.freeze = self.norelay = self.whoson = False
         self.message = self.dns_mode = self.domain = None
         self.spf_header = None      # the Received-SPF: line for the message, if any
 
@@ -2165,6 +2200,7 @@ def sender_verdict(table, address):
             return s
     if address:
         s.norelay = policy_says(found, "sendernorelay")
+        s.whoson = policy_says(found, "trust-whoson")
         if "senderokwithdns" in found and not domain.startswith("["):
             s.dns_mode = found["senderokwithdns"][0][:1]
             s.domain = domain
@@ -2199,7 +2235,8 @@ def recipient_verdict(table, address, local_names, always_accept=False, norelay=
     then its domain (with the source-route hops of recipient_allowed);
     ``relaytarget -`` refuses, ``freeze +`` freezes, ``test-rcpt-dns-rbl
     +`` refuses a client rcpt-dns-rbl listed (``rbl_text``), ``relaytarget +``
-    accepts; a relaycustnet client may send anywhere else; ``acceptifmx`` (or a sendernorelay sender) needs us as
+    accepts; a relaycustnet client may send to any other domain that
+    exists in DNS; ``acceptifmx`` (or a sendernorelay sender) needs us as
     the domain's MX, ``acceptifdns`` a domain that exists; a domain that
     is ours or local is accepted, anything else is relaying."""
     at = find_unquoted(address, "@", last=True)
@@ -2226,11 +2263,28 @@ def recipient_verdict(table, address, local_names, always_accept=False, norelay=
         return RecipientVerdict("rbl", message=rbl_text)
     if policy_says(found, "relaytarget") or policy_says(found, "localdomain") or \
             domain.lower() in local_names or policy_says(own, "localdomain"):
-        if always_accept or recipient_allowed(table, address, local_names):
+        if not always_accept:
+            return RecipientVerdict("accept" if recipient_allowed(table, address, local_names)
+                                    else "relay")
+        # The router follows a source route in the local part, so the
+        # domain it ends in is the one the existence check is about.
+        hop = source_route_end(table, address[:at], local_names)
+        if hop is None:
             return RecipientVerdict("accept")
-        return RecipientVerdict("relay")
+        if not hop:
+            return RecipientVerdict("relay")
+        domain, found = hop, table.lookup_domain(hop, RCPT_DOMAIN_REQUEST) or {}
+        if "relaytarget" in found:          # the hop's relaytarget -
+            return RecipientVerdict("refuse", message=found["relaytarget"][1])
     if always_accept:
-        return RecipientVerdict("accept")
+        # A client the policy lets relay may send to any domain that
+        # exists: a typing error in a recipient domain is refused now,
+        # not bounced later.  ``acceptifmx``'s first character is the
+        # mode, as for the other checks.
+        if domain.startswith("["):
+            return RecipientVerdict("accept")
+        return RecipientVerdict("dns", "exists", found.get("acceptifmx", ("-",))[0][:1], domain,
+                                found.get("acceptifmx", (None, None))[1])
     if domain.startswith("["):
         return RecipientVerdict("relay")
     if "acceptifmx" in found or norelay:
@@ -2303,6 +2357,17 @@ def recipient_allowed(table, address, local_names):
     if not (relay_domain_allowed(table, domain, local_names) or
             policy_says(user_entry, "localdomain")):
         return False
+    return source_route_end(table, local, local_names) is None
+
+
+def source_route_end(table, local, local_names):
+    """Where the source route inside a local part leaves our domains: the
+    first ``!`` hop, left to right, then the domain after the last
+    ``%``, round after round on what is left, that fails the relay domain
+    test; None when every hop passes (or there is none); "" for an empty
+    hop or a route longer than SOURCE_ROUTE_ROUNDS."""
+    if "!" not in local and "%" not in local:
+        return None                 # the usual local part: no route at all
     for _ in range(SOURCE_ROUTE_ROUNDS - 1):
         bang = find_unquoted(local, "!")
         if bang >= 0:
@@ -2310,11 +2375,11 @@ def recipient_allowed(table, address, local_names):
         else:
             percent = find_unquoted(local, "%", last=True)
             if percent < 0:
-                return True
+                return None
             local, hop = local[:percent], local[percent + 1:]
         if not relay_domain_allowed(table, hop, local_names):
-            return False
-    return False
+            return hop
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -2836,16 +2901,9 @@ class Resolver(object):
             error = sock.connect_ex((server, self.port))
             if error not in (0, errno.EINPROGRESS):
                 return None, "TCP connect: %s" % os.strerror(error)
-            while True:
-                _, writable, _ = select.select([], [sock], [], 0)
-                if writable:
-                    break
-                if time.time() >= deadline:
-                    return None, "TCP connect timed out"
-                yield (WANT_SLEEP, DNS_TCP_CONNECT_POLL)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                return None, "TCP connect: %s" % os.strerror(error)
+            why = yield from connect_finished(sock, deadline)
+            if why is not None:
+                return None, "TCP connect: %s" % why
             query = dns_query(qid, name, qtype)
             try:
                 sock.send(struct.pack("!H", len(query)) + query)
@@ -2934,6 +2992,21 @@ class Resolver(object):
         return any(canonical_ip(address) == ip for address in found)
 
 
+def connect_finished(sock, deadline):
+    """Generator: the end of a non-blocking stream connect, polled (the
+    loop's readiness wait is for reading only): None once connected,
+    else why not."""
+    while True:
+        _, writable, _ = select.select([], [sock], [], 0)
+        if writable:
+            break
+        if time.time() >= deadline:
+            return "connect timed out"
+        yield (WANT_SLEEP, DNS_TCP_CONNECT_POLL)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return os.strerror(error) if error else None
+
+
 def reversed_address(packed):
     """An address's labels as reverse DNS and the RBLs spell them: the
     bytes (IPv4) or nibbles (IPv6) last first."""
@@ -3020,12 +3093,33 @@ def address_is_loopback(ip):
     return ip.startswith("127.") or ip == "::1"
 
 
+#: IPv4 blocks no mail domain's server can be reached at from outside
+#: (the original's list): "this network", the private networks, loopback,
+#: link-local, and multicast with the reserved rest.
+_UNROUTABLE_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/3"))
+
+
+def address_is_unroutable(ip):
+    """Is ``ip`` loopback, private or otherwise not a public server's
+    address?  (IPv6: loopback only, as the original had it.)"""
+    if ":" in ip:
+        return ip == "::1"
+    try:
+        address = ipaddress.IPv4Address(ip)
+    except ValueError:
+        return True
+    return any(address in network for network in _UNROUTABLE_V4)
+
+
 def domain_check(resolver, domain, ours, need_us):
     """Generator: DOMAIN_OK, DOMAIN_ELSEWHERE, DOMAIN_MISSING or
     DOMAIN_TEMPFAIL for a mail domain: its MX hosts' addresses, else its
     own.  ``need_us``: only an address in ``ours`` (this host's) is OK.
-    A domain whose MX or address is on loopback is a temporary failure:
-    mail for it could go nowhere, and the zone is broken or hostile."""
+    A domain whose MX or address is on loopback, or private and not ours,
+    is a temporary failure: mail for it could go nowhere from here, and
+    the zone is broken or hostile."""
     mx = yield from resolver.lookup(domain, DNS_MX)
     if mx.temporary:
         return DOMAIN_TEMPFAIL
@@ -3044,10 +3138,10 @@ def domain_check(resolver, domain, ours, need_us):
             return DOMAIN_TEMPFAIL
         for ip in found:
             unresolved = False
-            if address_is_loopback(ip):
-                return DOMAIN_TEMPFAIL
-            if ip in ours:
+            if ip in ours and not address_is_loopback(ip):
                 return DOMAIN_OK
+            if address_is_unroutable(ip):
+                return DOMAIN_TEMPFAIL
     if unresolved and not mx.records:
         return DOMAIN_MISSING
     return DOMAIN_ELSEWHERE if need_us else DOMAIN_OK
@@ -3911,6 +4005,254 @@ def spf_received_header(spf, receiver, ip, sender, helo):
         "Received-SPF: %s (%s) client-ip=%s; envelope-from=%s; helo=%s;" % (
             spf.result, spf_comment(spf.result, receiver, ip, spf.domain, spf.why), ip,
             sender or "<>", helo or ""))
+
+
+# ---------------------------------------------------------------------------
+# 4e. whoson: who is logged in at the client's address (POP-before-SMTP)
+# ---------------------------------------------------------------------------
+
+#: What a whoson query finds: a login at the address (with its user
+#: name), none, or no server could say.
+WHOSON_LOGIN, WHOSON_NONE, WHOSON_UNKNOWN = "+", "-", "*"
+
+#: The client entry kinds of whoson.conf: the socket each one opens and
+#: the keys it must have.  A datagram entry may also set ``inittimeout``
+#: and ``maxtries``; ``allow``/``deny`` of a udp entry are accepted, and
+#: its answers are taken from ``address`` only.
+_WHOSON_KINDS = {
+    "unix": (socket.AF_UNIX, socket.SOCK_STREAM, ("port",)),
+    "unixd": (socket.AF_UNIX, socket.SOCK_DGRAM, ("port",)),
+    "tcp": (None, socket.SOCK_STREAM, ("port", "address")),
+    "udp": (None, socket.SOCK_DGRAM, ("port", "address")),
+}
+_WHOSON_KEYS = frozenset(("port", "address", "inittimeout", "maxtries", "allow", "deny"))
+
+
+class WhosonServer(namedtuple("WhosonServer", "kind family socktype target wait tries")):
+    """One client entry of whoson.conf: where to ask (a path, or an
+    (address, port) pair) and, for a datagram socket, the first wait and
+    how often to send."""
+
+    @property
+    def stream(self):
+        return self.socktype == socket.SOCK_STREAM
+
+    def __str__(self):
+        return "%s %s" % (self.kind, self.target if self.family == socket.AF_UNIX else
+                          "%s port %d" % self.target)
+
+
+class WhosonConfig(WatchedSystemFile):
+    """The client entries of whoson.conf, in the order they are tried.
+    The file's syntax is the library's: an entry starts in the first
+    column with ``client`` or ``server`` and its kind, ``key=value`` pairs
+    follow on that line and on indented continuation lines, ``#`` starts
+    a comment.  Like the library, a file with an error has no usable
+    entry at all; ``problem`` says why (file:line)."""
+
+    def __init__(self, path=None):
+        self.servers = ()
+        self.problem = None
+        self.failure_noted = None
+        WatchedSystemFile.__init__(self, path)
+
+    @staticmethod
+    def default_path():
+        return os.environ.get("WHOSON_CONFIG") or WHOSON_CONF
+
+    def current(self):
+        """(servers, problem)."""
+        with self.lock:
+            self.refresh()
+            return self.servers, self.problem
+
+    def parse(self, text):
+        path = self.path or self.default_path()
+        entries, problem, current = [], None, None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            where = "%s:%d" % (path, lineno)
+            if not line[0].isspace():
+                current = words[0].lower()
+                if current not in ("client", "server"):
+                    problem = "%s: not a client or server entry: %s" % (where, words[0])
+                    break
+                if current == "server":
+                    continue        # the daemon's own settings
+                if len(words) < 2 or words[1].lower() not in _WHOSON_KINDS:
+                    problem = "%s: unknown client kind %s" % (
+                        where, words[1] if len(words) > 1 else "(none)")
+                    break
+                entries.append({"kind": words[1].lower(), "where": where})
+                words = words[2:]
+            elif current is None:
+                problem = "%s: continuation line without an entry" % where
+                break
+            elif current == "server":
+                continue
+            for word in words:
+                key, sep, value = word.partition("=")
+                if key.lower() not in _WHOSON_KEYS or not sep:
+                    problem = "%s: unknown key %s" % (where, word)
+                    break
+                entries[-1][key.lower()] = value
+            if problem:
+                break
+        servers = []
+        for entry in entries if problem is None else ():
+            server, why = self._server(entry)
+            if server is None:
+                problem = "%s: %s" % (entry["where"], why)
+                break
+            servers.append(server)
+        if problem is None and not servers:
+            problem = "%s: no client entry (or the file cannot be read)" % path
+        self.servers = tuple(servers) if problem is None else ()
+        self.problem = problem
+
+    @staticmethod
+    def _server(entry):
+        kind = entry["kind"]
+        family, socktype, needed = _WHOSON_KINDS[kind]
+        for key in needed:
+            if not entry.get(key):
+                return None, "a %s entry needs %s=" % (kind, key)
+        if family == socket.AF_UNIX:
+            target = entry["port"]
+        else:
+            address = canonical_ip(entry["address"])
+            if address is None or not entry["port"].isdigit() or \
+                    not 0 < int(entry["port"]) < 65536:
+                return None, "address= must be an IP address and port= a port number"
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            target = (address, int(entry["port"]))
+        wait, tries = WHOSON_INIT_TIMEOUT, WHOSON_TRIES
+        if entry.get("inittimeout"):
+            if not entry["inittimeout"].isdigit():
+                return None, "inittimeout= must be a number of microseconds"
+            wait = max(int(entry["inittimeout"]), 1000) / 1e6
+        if entry.get("maxtries"):
+            if not entry["maxtries"].isdigit() or int(entry["maxtries"]) < 1:
+                return None, "maxtries= must be a number from 1"
+            tries = int(entry["maxtries"])
+        return WhosonServer(kind, family, socktype, target, wait, tries), None
+
+    def note_failure(self, log, why):
+        """A failure is logged once until a server answers again: a whoson
+        daemon that is down would otherwise fill the log, a line a session."""
+        with self.lock:
+            if why == self.failure_noted:
+                return
+            self.failure_noted = why
+        if log is not None:
+            log.note("whoson: %s; clients count as not logged in" % why)
+
+    def note_success(self):
+        self.failure_noted = None
+
+
+def whoson_query(config, ip, log=None):
+    """Generator (its waits are WANT_READABLE and WANT_SLEEP): the whoson
+    servers' answer about ``ip``, tried in the configuration's order until
+    one answers: (WHOSON_LOGIN, user), (WHOSON_NONE, None), or
+    (WHOSON_UNKNOWN, why) when none could say."""
+    servers, problem = config.current()
+    why = problem or "no whoson server"
+    request = ("QUERY %s \r\n\r\n" % ip).encode("ascii", "replace")
+    for server in servers:
+        reply, why = yield from whoson_ask(server, request)
+        if reply is not None:
+            break
+    else:
+        config.note_failure(log, why)
+        return WHOSON_UNKNOWN, why
+    config.note_success()
+    line = reply.split(b"\n", 1)[0].split(b"\r", 1)[0].decode("latin-1")
+    if line[:1] == "+":
+        user = "".join(c if " " < c < "\x7f" else "?" for c in line[1:].strip())
+        return WHOSON_LOGIN, user[:WHOSON_USER_MAX]
+    if line[:1] == "-":
+        return WHOSON_NONE, None
+    # "*" or anything else: the server could not process the question.
+    return WHOSON_UNKNOWN, "the whoson server said %r" % line[:80]
+
+
+def whoson_ask(server, request):
+    """Generator: (the reply's bytes, None) from one server, or (None,
+    why not)."""
+    deadline = time.time() + WHOSON_WAIT_MAX
+    try:
+        sock = socket.socket(server.family, server.socktype)
+    except (OSError, socket.error) as e:
+        return None, "%s: %s" % (server, e)
+    try:
+        sock.setblocking(False)
+        if server.family == socket.AF_UNIX and not server.stream:
+            # The server answers to the sender's address: the kernel
+            # gives this socket an abstract one of its own.
+            sock.bind("")
+        error = sock.connect_ex(server.target)
+        if error not in (0, errno.EINPROGRESS):
+            return None, "%s: %s" % (server, os.strerror(error))
+        if server.stream:
+            reply, why = yield from _whoson_stream(sock, request, deadline)
+        else:
+            reply, why = yield from _whoson_datagram(sock, request, server, deadline)
+        return reply, None if why is None else "%s: %s" % (server, why)
+    except (OSError, socket.error) as e:
+        return None, "%s: %s" % (server, e)
+    finally:
+        sock.close()
+
+
+def _whoson_stream(sock, request, deadline):
+    """Generator: connect, ask, read up to the empty line (or the end)."""
+    why = yield from connect_finished(sock, deadline)
+    if why is not None:
+        return None, why
+    sock.sendall(request)           # a few bytes into an empty buffer
+    reply = b""
+    while b"\r\n\r\n" not in reply and b"\n\n" not in reply:
+        if len(reply) >= WHOSON_MESSAGE_MAX:
+            return None, "reply longer than %d bytes" % WHOSON_MESSAGE_MAX
+        if time.time() >= deadline:
+            return None, "no reply within %g seconds" % WHOSON_WAIT_MAX
+        readable = yield (WANT_READABLE, (sock, deadline))
+        if not readable:
+            continue
+        try:
+            data = sock.recv(WHOSON_MESSAGE_MAX)
+        except BlockingIOError:
+            continue
+        if not data:
+            break
+        reply += data
+    if not reply:
+        return None, "closed without a reply"
+    return reply, None
+
+
+def _whoson_datagram(sock, request, server, deadline):
+    """Generator: send, wait, send again with twice the wait, ``tries``
+    times; the socket is connected, so only the server's answers count."""
+    wait = server.wait
+    for _ in range(server.tries):
+        sock.send(request)
+        until = min(time.time() + wait, deadline)
+        while time.time() < until:
+            readable = yield (WANT_READABLE, (sock, until))
+            if not readable:
+                continue
+            try:
+                return sock.recv(WHOSON_MESSAGE_MAX), None
+            except BlockingIOError:
+                continue
+        if time.time() >= deadline:
+            break
+        wait *= 2
+    return None, "no reply"
 
 
 # ---------------------------------------------------------------------------
@@ -8192,6 +8534,7 @@ class SessionStart(object):
         self.policy = runtime.policy_for(group) if self.network else None
         self.verdict = PolicyVerdict()
         self.policy_error = None
+        self.whoson = None                # -w: (WHOSON_*, user or why), once asked
         self.tls_active = False
         self.tls_cipher = None
         self.tls_version = None
@@ -8361,7 +8704,33 @@ class SessionStart(object):
             return
         ip = self.runtime.fake_peer or self.peer_ip
         self.verdict = connection_verdict(table, ip, self.rhostname
-                                          if self.rhost_a == "OK" else None)
+                                          if self.rhost_a == "OK" else None,
+                                          whoson_login=self.whoson_user() is not None)
+
+    def ask_whoson(self):
+        """Generator: with ``-w``, the whoson server's word on the client's
+        address, for the policy (``trust-whoson``) and the envelope."""
+        whoson = self.runtime.whoson
+        if whoson is None:
+            return
+        self.whoson = yield from whoson_query(whoson, self.runtime.fake_peer or self.peer_ip,
+                                              self.log)
+        if self.whoson[0] == WHOSON_LOGIN:
+            self.log.note("whoson: %s is logged in there" % qformat(self.whoson[1]))
+
+    def whoson_user(self):
+        """The user the whoson server says is logged in at the client's
+        address, or None."""
+        return self.whoson[1] if self.whoson and self.whoson[0] == WHOSON_LOGIN else None
+
+    def whoson_comment(self):
+        """`` whoson: X`` for the envelope with ``-w`` (the user, or why
+        there is none, as the original wrote it), else ""."""
+        if self.whoson is None:
+            return ""
+        text = {WHOSON_LOGIN: self.whoson[1], WHOSON_NONE: "-unregistered-"}.get(
+            self.whoson[0], "-unavailable-")
+        return " whoson: %s" % qformat(text)
 
     def check_block_lists(self):
         """Generator: the client in the DNS block lists of its policy entry
@@ -8536,7 +8905,7 @@ class TransactionPolicy(object):
         v, txn = self.verdict, self.txn
         if v.reject:
             return "rcpt_relay_denied", {}
-        if v.full_trust or v.trust_recipients or txn.freeze:
+        if v.full_trust or v.trust_recipients or txn.trust_recipients or txn.freeze:
             return None
         table = self.policy.table if self.policy else None
         found = recipient_verdict(table, address, self.runtime.local_names,
@@ -8734,6 +9103,7 @@ class MailTransactionVerbs(object):
         self.txn.freeze = sender.freeze or self.verdict.freeze
         self.txn.norelay = sender.norelay
         self.txn.spf_header = sender.spf_header
+        self.txn.trust_recipients = sender.whoson and self.verdict.whoson_login
         try:
             spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
             if sender.freeze:
@@ -9401,6 +9771,7 @@ class SMTPSession(SessionStart, MailTransactionVerbs, MessageDataVerbs,
             if self.group.use_tcp_wrapper and self.mode != "interactive" \
                     and not self.tcp_wrapper_grants():
                 return
+            yield from self.ask_whoson()
             self.evaluate_policy()
             yield from self.check_block_lists()
         if self.policy_error is None and self.verdict.reject and (
@@ -9885,6 +10256,7 @@ class Transaction(object):
         self.freeze = False         # the policy sends the message to the freezer
         self.norelay = False        # sendernorelay: recipients need us as their MX
         self.spf_header = None      # Received-SPF: put first in the message's header
+        self.trust_recipients = False   # a whoson login its sender's domain trusts
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -12107,7 +12479,8 @@ def mail_envelope(session, txn):
         auth = qformat(session.authuser) if session.authuser is not None else "<none>"
         cipher = qformat(session.tls_cipher) if session.tls_cipher else "<none>"
         peer = qformat(session.tls_peer) if session.tls_peer else "<none>"
-        extras = ""
+        whoson = session.whoson_comment()
+        extras = whoson if g.rcvd_whoson else ""
         if g.rcvd_auth_user:
             extras += " smtp-auth: %s" % auth
         if g.rcvd_tls_mode:
@@ -12117,8 +12490,8 @@ def mail_envelope(session, txn):
         rhost = session.rhostname[:ENVELOPE_NAME_MAX]
         lines.append("rcvdfrom %s (%s%s%s %s)" % (rhost, where, helo, extras,
                                                  session.rhost_flags()))
-        lines.append("comment %s %s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
-            rhost, where, helo, auth, cipher, peer, session.rhost_flags()))
+        lines.append("comment %s %s%s%s smtp-auth: %s TLS-CIPHER: %s TLS-PEER: %s %s)" % (
+            rhost, where, helo, whoson, auth, cipher, peer, session.rhost_flags()))
     if txn.params["body"]:
         lines.append("bodytype %s" % txn.params["body"])
     lines.append("with %s" % session.with_protocol())
@@ -12614,6 +12987,9 @@ OPTION_GROUPS = (
         ("-B", None, "bsmtp", True, "mark sessions BSMTP (with BSMTP)"),
         ("-M", "bytes", "maxsize", lambda v: max(0, _c_int(v, 0)),
          "largest message (PARAM maxsize wins)"),
+        ("-w", None, "whoson", True,
+         "ask the whoson server (whoson.conf) who is logged in at each "
+         "client's address, for the policy's trust-whoson and the envelope"),
     )),
     ("Logs", (
         ("-l", "file|SYSLOG", "logs", str,
@@ -12625,7 +13001,6 @@ OPTION_GROUPS = (
         ("-L", "maxload", "maxload", lambda v: _c_int(v, 10),
          "load limit (not used, as in 3.0.1)"),
         ("-R", "path", "router", str, "interactive router (there is none)"),
-        ("-w", None, "whoson", True, "whoson (not available)"),
     )),
     ("Information", (
         ("-V", None, "version", True, "print the version and exit"),
@@ -12796,6 +13171,7 @@ class Runtime(object):
         self._names = {}
         self._names_lock = threading.Lock()
         self.resolver = Resolver(log=log)
+        self.whoson = WhosonConfig() if options.get("whoson") else None
         self.local_addresses = LocalAddresses()
         self.auth_spawner = None    # a daemon's AuthSpawner (see run_daemon)
         # Started as root: auth programs run as their configured users
@@ -13290,6 +13666,11 @@ def describe_config(config, site, user=None):
                    "gets 421 before the greeting" % (
                        HOSTS_ALLOW, HOSTS_DENY, TCP_WRAPPER_DAEMON,
                        "s" if len(wrapped) > 1 else "", ", ".join(wrapped)))
+    if site.options.get("whoson"):
+        servers, problem = WhosonConfig().current()
+        out.append("whoson (-w): %s, asked before each network greeting" % (
+            problem or "%s: %s" % (WhosonConfig.default_path(), ", ".join(
+                str(server) for server in servers))))
     out.extend(describe_pools(config, site))
     for name in config.unimplemented:
         out.append("parsed but not implemented: %s (%s)" % (name, UNIMPLEMENTED_PARAMS[name]))
@@ -13381,16 +13762,29 @@ def check_policies(config, user=None):
 FREEZING_ATTRIBUTES = ("freeze", "freezesource", "freezenet")
 
 
-def policies_freeze(config):
-    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+def policy_setting(config, names):
+    """The first group policy's ``.dat`` that sets one of the attributes
+    ``names`` to ``+``, or None."""
     for g in config.groups:
         if g.policydb:
+            path = g.policydb[1] + ".dat"
             try:
-                if PolicyTable.load(g.policydb[1] + ".dat").sets_any(FREEZING_ATTRIBUTES):
-                    return True
+                if PolicyTable.load(path).sets_any(names):
+                    return path
             except (PolicyError, IOError, OSError):
                 pass                # check_policies says why
-    return False
+    return None
+
+
+def policies_freeze(config):
+    """Does a group's policy freeze messages (so freezer/ must be there)?"""
+    return policy_setting(config, FREEZING_ATTRIBUTES) is not None
+
+
+def whoson_warnings(config, options):
+    """A policy that trusts whoson logins while nobody asks (no ``-w``)."""
+    path = None if options.get("whoson") else policy_setting(config, ("trust-whoson",))
+    return ["%s: trust-whoson + does nothing without -w" % path] if path else []
 
 
 def check_postoffice(site, user, freezing=False):
@@ -13617,7 +14011,26 @@ def startup_problems(config, site, log, daemon, user):
     problems.extend(check_auth_programs(config, site))
     problems.extend(check_tcp_wrapper_files(config, user))
     problems.extend(check_pool_programs(config, site, user))
+    problems.extend(check_whoson(site.options, user))
     return problems
+
+
+def check_whoson(options, user=None):
+    """``-w`` asks the servers of whoson.conf, which the sessions read as
+    the user they run as; without a usable one every client would count
+    as not logged in."""
+    if not options.get("whoson"):
+        return []
+    path = WhosonConfig.default_path()
+    _, problem = WhosonConfig().current()
+    if problem is None and not access_as(user, [(path, os.R_OK)])[0]:
+        problem = "%s cannot be read by %s, the user sessions run as" % (
+            path, user.describe() if user else "this process")
+    if problem is None:
+        return []
+    return ["-w: %s; no client could be found logged in. Fix: write the whoson "
+            "server's client entry into %s (or set WHOSON_CONFIG) readable by the "
+            "sessions, or drop -w" % (problem, path)]
 
 
 def pidfile_path(options, postoffice):
@@ -13981,7 +14394,7 @@ def main(argv=None):
     site = Site(options=options, zenv=zenv, zconfig_path=zconfig,
                 postoffice=postoffice_of(options, zenv))
     if not interactive:
-        for text in tcp_wrapper_warnings(config):
+        for text in tcp_wrapper_warnings(config) + whoson_warnings(config, options):
             sys.stderr.write("%s: warning: %s\n" % (PROGRAM, text))
     runtime = None
     if user_problem:

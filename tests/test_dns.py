@@ -542,6 +542,7 @@ mx-host=mx-other.test,mail.mx-other.test,10
 host-record=mail.mx-other.test,198.51.100.7
 host-record=a-only.test,198.51.100.8,2001:db8::8
 host-record=loop.test,127.0.0.9
+host-record=private.test,10.1.2.3
 cname=alias.test,a-only.test
 txt-record=5.100.51.198.rbl.test,"198.51.100.5 is listed in rbl.test (test reason)"
 host-record=5.100.51.198.rbl.test,127.0.0.2

@@ -45,9 +45,6 @@ DECIDED = {
     "B0": "no '.' entry: a foreign domain is relaying and refused "
           "(PolicyAttributesWithoutDns.test_unknown_domain_is_still_relaying)",
     "SN0": "as B0: recipients in domains the policy does not know are relaying",
-    "MX3": "a relaycustnet client's recipient domains are not looked up in DNS "
-           "(PolicyAttributesWithoutDns.test_relaycustnet_client_recipients_are_not_looked_up)",
-    "MX4": "as MX3",
 }
 #: Cases refused at the greeting: zmsmtpd closes the connection after the
 #: original's 550 greeting (the original answered 550 until QUIT), so
@@ -139,6 +136,7 @@ class Layout(object):
         with open(self.conf, "w") as f:
             f.write("PARAM policydb gdbm %s/db/smtp-policy\n*   * ftveR\n" % self.dir)
         self.prefix = None
+        self.extra_args = []
 
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -164,7 +162,7 @@ class Layout(object):
         with open(os.path.join(self.dir, "db", "smtp-policy.dat"), "w") as f:
             f.write(policy)
         argv = (self.prefix or []) + [sys.executable, SERVER, "-Z", self.zconf, "-C", self.conf,
-                                      "-i", "-T", "[%s]" % client]
+                                      "-i", "-T", "[%s]" % client] + self.extra_args
         p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
         try:
@@ -397,7 +395,7 @@ class PolicyAttributesWithoutDns(_PolicySessions):
                                                  "rejected rcptaddr: <b@mx-other.test> | to "
                                                  "<root@localhost>"))
 
-    def test_relaycustnet_client_recipients_are_not_looked_up(self):
+    def test_relaytarget_minus_and_freeze_apply_to_a_relaycustnet_client(self):
         r, _ = self.run_session("[198.51.100.7]/32\trelaycustnet +\n.\trelaytarget -\n"
                                 "frozen.test\tfreeze +\n", [
                                     "MAIL FROM:<a@client.example>", "RCPT TO:<d@nxd.test>",
@@ -407,9 +405,6 @@ class PolicyAttributesWithoutDns(_PolicySessions):
         self.assertTrue(r["RCPT TO:<d@nxd.test>"].startswith("550 5.7.1 Hello , Policy "
                                                             "rejection"), r)
         self.assertTrue(r["RCPT TO:<u@frozen.test>"].startswith("250 "), r)
-        r, _ = self.run_session("[198.51.100.7]/32\trelaycustnet +\n", [
-            "MAIL FROM:<a@client.example>", "RCPT TO:<d@nxd.test>"], client="198.51.100.7")
-        self.assertTrue(r["RCPT TO:<d@nxd.test>"].startswith("250 "), r)
 
     def test_unknown_domain_is_still_relaying(self):
         r, _ = self.run_session("", ["MAIL FROM:<a@client.example>", "RCPT TO:<b@mx-other.test>"])
@@ -460,6 +455,54 @@ class PolicyAttributesWithDns(_PolicySessions):
                          "temporary DNS error with your source domain.")
         self.assertTrue(r["MAIL FROM:<u@a-only.test>"].startswith("250 "))
         self.assertTrue(r["MAIL FROM:<>"].startswith("250 "))
+
+
+class RelaycustnetRecipientsInDns(_PolicySessions):
+    """A relaycustnet client may send to any domain that exists (MX3, MX4
+    of the recording); what the policy names is not looked up."""
+
+    NAMESPACES = True
+    TRUSTED = "[198.51.100.7]/32\trelaycustnet +\n"
+
+    def codes(self, policy, rcpts, client="198.51.100.7"):
+        r, _ = self.run_session(policy, ["MAIL FROM:<a@client.example>"] + [
+            "RCPT TO:<%s>" % a for a in rcpts], client=client)
+        return [r["RCPT TO:<%s>" % a][:9] for a in rcpts]
+
+    def test_foreign_domains_must_exist_and_point_at_public_addresses(self):
+        for policy in (self.TRUSTED, self.TRUSTED + ".test\tacceptifmx +\n"):
+            self.assertEqual(self.codes(policy, ["a@mx-other.test", "b@a-only.test",
+                                                 "c@nxd.test", "d@loop.test", "e@private.test"]),
+                             ["250 2.1.5", "250 2.1.5", "550 5.4.3", "451 4.4.3", "451 4.4.3"],
+                             policy)
+
+    def test_domains_the_policy_accepts_are_not_looked_up(self):
+        self.assertEqual(self.codes(self.TRUSTED + "nxd.test\trelaytarget +\n"
+                                    "loop.test\tlocaldomain +\n",
+                                    ["c@nxd.test", "d@loop.test", "root@localhost"]),
+                         ["250 2.1.5"] * 3)
+
+    def test_a_source_route_is_checked_where_it_ends(self):
+        self.assertEqual(self.codes(self.TRUSTED, ["u%nxd.test@localhost",
+                                                   "nxd.test!u@localhost",
+                                                   "u%a-only.test@localhost",
+                                                   "u%localhost@localhost"]),
+                         ["550 5.4.3", "550 5.4.3", "250 2.1.5", "250 2.1.5"])
+
+    def test_address_literals_are_accepted(self):
+        self.assertEqual(self.codes(self.TRUSTED, ["x@[192.0.2.1]"]), ["250 2.1.5"])
+
+    def test_loopback_clients_are_checked_as_the_original_checks_them(self):
+        # The original counts loopback as its own address only to skip
+        # the block lists; a loopback relaycustnet client is checked.
+        self.assertEqual(self.codes("[127.0.0.0]/8\trelaycustnet +\n", ["c@nxd.test"],
+                                    client="127.0.0.1"), ["550 5.4.3"])
+
+    def test_authenticated_and_trusted_clients_are_not_checked(self):
+        self.assertEqual(self.codes("[198.51.100.7]/32\trelaycustnet + fulltrustnet +\n",
+                                    ["c@nxd.test"]), ["250 2.1.5"])
+        self.assertEqual(self.codes("[198.51.100.7]/32\trelaycustnet + trustrecipients +\n",
+                                    ["c@nxd.test"]), ["250 2.1.5"])
 
 
 class BlockListAttributes(_PolicySessions):
