@@ -2215,6 +2215,10 @@ SOURCE_ROUTE_ROUNDS = 20
 def find_unquoted(text, char, last=False, start=0):
     """Index of the first (or last) ``char`` from ``start`` on that is
     outside double quotes and not escaped by a backslash, or -1."""
+    if text.find('"', start) < 0 and text.find("\\", start) < 0:
+        # Nothing quoted or escaped (nearly every address): the string
+        # methods, not a loop over each character.
+        return text.rfind(char, start) if last else text.find(char, start)
     found, quoted, i, n = -1, False, start, len(text)
     while i < n:
         c = text[i]
