@@ -3917,11 +3917,18 @@ class SessionLog(object):
         else:
             log.write(self.tag, dt, mark, text)
 
+    # The two calls of every command and reply: where nothing keeps the
+    # lines (no -l, no -v), they return before _line is called at all.
+
     def received(self, text):
-        self._line("r", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            self._line("r", text)
 
     def sent(self, text):
-        self._line("w", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            self._line("w", text)
 
     def note(self, text):
         self._line("#", "000-" + text)
