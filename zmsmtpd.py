@@ -4022,11 +4022,11 @@ def send_message(sock, message, fds=(), flags=0):
     """Send one framed message on a SOCK_SEQPACKET socket with the
     descriptors ``fds`` attached (SCM_RIGHTS); the sender keeps its own.
     Raises what sendmsg raises (BlockingIOError: the queue is full)."""
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      array.array("i", fds).tobytes())]
-    sock.sendmsg([message], ancillary, flags)
+    if not fds:
+        sock.send(message, flags)       # the same datagram, a cheaper call
+        return
+    sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", fds).tobytes())], flags)
 
 
 _FD_SIZE = array.array("i").itemsize
@@ -5768,6 +5768,9 @@ class StatusFile(object):
         file renamed over the old, so a reader never sees half of one)
         when something changed, at most every STATUS_INTERVAL seconds,
         and at once after a reload."""
+        now = time.time()
+        if not force and now - self.written < STATUS_INTERVAL:
+            return              # the master's every turn: the cheap test first
         path = self.path
         runtime = supervisor.runtime
         with supervisor.lock:
@@ -5775,9 +5778,7 @@ class StatusFile(object):
         with runtime.stats.lock:
             counts = dict(runtime.stats.counts)
         state = (sessions, counts["accepted"], counts["refused"], runtime.last_reload)
-        now = time.time()
-        if not force and (state == self.state
-                          or now - self.written < STATUS_INTERVAL):
+        if not force and state == self.state:
             return
         reload_at = reload_result = ""
         reloads = runtime.reload_count
@@ -6642,8 +6643,10 @@ def drive_blocking(channel, conversation, request=None, back_to_loop=None):
 WRITE_TIMEOUT = 300.0
 
 
+@functools.lru_cache(maxsize=64)
 def kernel_timeval(seconds):
-    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO."""
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO (the same few
+    timeouts for every connection)."""
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
