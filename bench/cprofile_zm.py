@@ -43,20 +43,20 @@ def main():
     sys.modules["zmsmtpd"] = zm
     spec.loader.exec_module(zm)
 
-    profiles = []
+    profiles = []           # (pid, prefix of its file, Profile)
     lock = threading.Lock()
 
-    def profiled(fn):
+    def profiled(fn, prefix=""):
         def wrapper(*args, **kw):
             prof = cProfile.Profile()
             with lock:
                 # A forked child carries its parent's running profile
                 # (the master's, in a worker): stopped, so that this one
                 # can start (CPython 3.12 allows one profiler at a time).
-                for owner, other in profiles:
+                for owner, _, other in profiles:
                     if owner != os.getpid():
                         other.disable()
-                profiles.append((os.getpid(), prof))
+                profiles.append((os.getpid(), prefix, prof))
             prof.enable()
             try:
                 return fn(*args, **kw)
@@ -65,10 +65,11 @@ def main():
         return wrapper
 
     def dump(prefix=""):
+        """This process's profiles of one kind, merged into one file."""
         pid = os.getpid()
         with lock:
-            mine = [p for owner, p in profiles if owner == pid]
-            del profiles[:]
+            mine = [p for owner, kind, p in profiles if owner == pid and kind == prefix]
+            profiles[:] = [e for e in profiles if e[0] == pid and e[1] != prefix]
         stats = None
         for prof in mine:
             try:
@@ -104,7 +105,7 @@ def main():
     # The master: its loop is profiled apart.  A worker it forks while the
     # loop runs (a restart) starts its own profile in WorkerContext.run;
     # the master's profile, copied into that child, is never dumped there.
-    master_serve = profiled(zm.Supervisor.serve_forever)
+    master_serve = profiled(zm.Supervisor.serve_forever, "master-")
 
     def serve_and_dump(self):
         try:
