@@ -1725,6 +1725,10 @@ class PolicyTable(object):
         self.unimplemented = ()
         self.mtime = None
         self._cache = {}        # (kind, subject, wanted) -> lookup answer
+        # Has any key the form of an address (``user@domain``, ``user@``)?
+        # Most tables have none, and their senders and recipients need no
+        # look-up of their own.
+        self.user_keys = True
 
     @classmethod
     def load(cls, path):
@@ -1763,6 +1767,7 @@ class PolicyTable(object):
             else:
                 table.records.setdefault(key, []).extend(plist)
         table.unimplemented = tuple(sorted(seen_unimplemented))
+        table.user_keys = any("@" in key for key in table.records)
         return table
 
     def sets_any(self, names):
@@ -1858,6 +1863,8 @@ class PolicyTable(object):
 
     def lookup_user(self, address, wanted):
         """``user@domain``, then ``user@``; first key wins."""
+        if not self.user_keys:
+            return None
         local, _, domain = address.lower().rpartition("@")
         for key in (local + "@" + domain, local + "@"):
             pairs = self.records.get(key)

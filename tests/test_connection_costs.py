@@ -94,6 +94,30 @@ class PolicyDomainCacheTest(unittest.TestCase):
             self.assertIsNone(table.lookup_domain("example.net", zmsmtpd.RCPT_DOMAIN_REQUEST))
 
 
+class PolicyUserKeysTest(unittest.TestCase):
+    """A table without address keys answers address look-ups at once; one
+    with them still finds them."""
+
+    def load(self, text):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "policy.dat")
+        with open(path, "w") as f:
+            f.write(text)
+        return zmsmtpd.PolicyTable.load(path)
+
+    def test_an_address_entry_is_found(self):
+        table = self.load("boss@example.org relaytarget +\npostmaster@ freeze +\n")
+        wanted = zmsmtpd.RCPT_USER_REQUEST
+        self.assertEqual(table.lookup_user("Boss@Example.ORG", wanted)["relaytarget"][0], "+")
+        self.assertEqual(table.lookup_user("postmaster@any.net", wanted)["freeze"][0], "+")
+        self.assertIsNone(table.lookup_user("other@example.org", wanted))
+
+    def test_a_table_of_domains_has_no_address_answers(self):
+        table = self.load(".example.org relaytarget +\n[127.0.0.0]/8 relaycustnet +\n")
+        self.assertIsNone(table.lookup_user("boss@example.org", zmsmtpd.RCPT_USER_REQUEST))
+
+
 class InputWaitingTest(unittest.TestCase):
     """Whether a client talks before the greeting is asked without a
     read that raises: data waiting is True, nothing or a close is False."""
