@@ -104,6 +104,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import textwrap
 import threading
 import time
@@ -1796,7 +1797,11 @@ class PolicyTable(object):
         self.networks = {}    # (family, value, prefix) -> pairs
         self.unimplemented = ()
         self.mtime = None
-        self._ip_cache = {}
+        self._cache = {}        # (kind, subject, wanted) -> lookup answer
+        # Has any key the form of an address (``user@domain``, ``user@``)?
+        # Most tables have none, and their senders and recipients need no
+        # look-up of their own.
+        self.user_keys = True
 
     @classmethod
     def load(cls, path):
@@ -1835,6 +1840,7 @@ class PolicyTable(object):
             else:
                 table.records.setdefault(key, []).extend(plist)
         table.unimplemented = tuple(sorted(seen_unimplemented))
+        table.user_keys = any("@" in key for key in table.records)
         return table
 
     def sets_any(self, names):
@@ -1866,19 +1872,29 @@ class PolicyTable(object):
                     found[name] = (value, message)
                 message = None
 
-    def lookup_ip(self, ip, wanted):
-        """The longest prefix that has an entry wins, and its attributes are
-        all there is: shorter prefixes are not consulted for the rest.
-        Answers are cached per table: it never changes once loaded, and
-        the same clients come back again and again."""
-        key = (ip, wanted)
-        cache = self._ip_cache
-        if key in cache:
+    # Answers by address and by domain are cached per table: it never
+    # changes once loaded, and the same clients and domains come back
+    # again and again (a message asks about its client's address and name,
+    # its HELO name, its sender's and its recipients' domains).  Callers
+    # only read the dictionaries they get.  Whole mail addresses are not
+    # cached: they repeat less, and are longer.
+
+    def _cached(self, kind, subject, wanted, find):
+        key = (kind, subject, wanted)
+        cache = self._cache
+        try:
             return cache[key]
+        except KeyError:
+            pass
         if len(cache) > POLICY_CACHE_ENTRIES:
             cache.clear()
-        cache[key] = found = self._lookup_ip(ip, wanted)
+        cache[key] = found = find(subject, wanted)
         return found
+
+    def lookup_ip(self, ip, wanted):
+        """The longest prefix that has an entry wins, and its attributes are
+        all there is: shorter prefixes are not consulted for the rest."""
+        return self._cached("ip", ip, wanted, self._lookup_ip)
 
     def _lookup_ip(self, ip, wanted):
         try:
@@ -1903,6 +1919,9 @@ class PolicyTable(object):
 
     def lookup_domain(self, domain, wanted):
         """``a.b.c``, ``.a.b.c``, ``.b.c``, ``.c``, ``.``; first key wins."""
+        return self._cached("domain", domain, wanted, self._lookup_domain)
+
+    def _lookup_domain(self, domain, wanted):
         domain = domain.lower().rstrip(".")
         keys = [domain]
         labels = domain.split(".")
@@ -1916,6 +1935,9 @@ class PolicyTable(object):
         return None
 
     def lookup_user(self, address, wanted):
+        """``user@domain``, then ``user@``; first key wins."""
+        if not self.user_keys:
+            return None
         local, _, domain = address.lower().rpartition("@")
         for key in (local + "@" + domain, local + "@"):
             pairs = self.records.get(key)
@@ -2192,7 +2214,8 @@ def sender_verdict(table, address):
     else:
         domain = "."
     found = table.lookup_domain(domain, tuple(
-        n for n in SENDER_DOMAIN_REQUEST if n not in masked)) or {}
+        n for n in SENDER_DOMAIN_REQUEST if n not in masked) if masked
+        else SENDER_DOMAIN_REQUEST) or {}
     for name in ("rejectsource", "freezesource"):
         if policy_says(found, name):
             s.refuse = True
@@ -2305,6 +2328,10 @@ SOURCE_ROUTE_ROUNDS = 20
 def find_unquoted(text, char, last=False, start=0):
     """Index of the first (or last) ``char`` from ``start`` on that is
     outside double quotes and not escaped by a backslash, or -1."""
+    if text.find('"', start) < 0 and text.find("\\", start) < 0:
+        # Nothing quoted or escaped (nearly every address): the string
+        # methods, not a loop over each character.
+        return text.rfind(char, start) if last else text.find(char, start)
     found, quoted, i, n = -1, False, start, len(text)
     while i < n:
         c = text[i]
@@ -4762,11 +4789,18 @@ class SessionLog(object):
         else:
             log.write(self.tag, dt, mark, text)
 
+    # The two calls of every command and reply: where nothing keeps the
+    # lines (no -l, no -v), they return before _line is called at all.
+
     def received(self, text):
-        self._line("r", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            self._line("r", text)
 
     def sent(self, text):
-        self._line("w", text)
+        log = self.log
+        if log.fds or log.use_syslog or log.trace:
+            self._line("w", text)
 
     def note(self, text):
         self._line("#", "000-" + text)
@@ -4860,31 +4894,47 @@ def send_message(sock, message, fds=(), flags=0):
     """Send one framed message on a SOCK_SEQPACKET socket with the
     descriptors ``fds`` attached (SCM_RIGHTS); the sender keeps its own.
     Raises what sendmsg raises (BlockingIOError: the queue is full)."""
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      array.array("i", fds).tobytes())]
-    sock.sendmsg([message], ancillary, flags)
+    if not fds:
+        sock.send(message, flags)       # the same datagram, a cheaper call
+        return
+    sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", fds).tobytes())], flags)
+
+
+_FD_SIZE = array.array("i").itemsize
+# The flags as plain ints: the socket module's are enum members, whose
+# operators cost a Python call each on the path of every message.
+_MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _fd_space(max_fds):
+    return socket.CMSG_SPACE(max_fds * _FD_SIZE)
 
 
 def receive_message(sock, size=PEER_MESSAGE_MAX, max_fds=PEER_MESSAGE_FDS, flags=0):
     """Receive one framed message: ``(data, fds, cut)``.  Every descriptor
-    that came is close-on-exec from the start (and checked so), since a
-    program another thread starts meanwhile must not inherit it.  ``cut``:
-    the message or its descriptors did not fit (the descriptors that came
-    are still returned, for the caller to close).  ``(b"", [], False)`` is
-    end of file; BlockingIOError when nothing waits."""
-    itemsize = array.array("i").itemsize
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        size, socket.CMSG_SPACE(max_fds * itemsize),
-        flags | getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    that came is close-on-exec from the start (MSG_CMSG_CLOEXEC, or set so
+    at once where the platform lacks it), since a program another thread
+    starts meanwhile must not inherit it.  ``cut``: the message or its
+    descriptors did not fit (the descriptors that came are still returned,
+    for the caller to close).  ``(b"", [], False)`` is end of file;
+    BlockingIOError when nothing waits."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(size, _fd_space(max_fds),
+                                               flags | _MSG_CMSG_CLOEXEC)
+    if not ancdata:
+        return data, [], bool(msg_flags & _MSG_CUT)
     fds = array.array("i")
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % itemsize])
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    return data, list(fds), bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % _FD_SIZE])
+    if not _MSG_CMSG_CLOEXEC:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    return data, fds.tolist(), bool(msg_flags & _MSG_CUT)
 
 
 def close_fds(fds):
@@ -4994,9 +5044,10 @@ class EventLoop(object):
 
     # -- what to wait for ---------------------------------------------------------
 
-    def watch(self, fileobj, events, callback=None):
+    def watch(self, fileobj, events, callback=None, new=False):
         """Call ``callback(mask)`` when ``fileobj`` has ``events``; no
-        events: no longer watched."""
+        events: no longer watched.  ``new``: the caller knows it is not
+        watched yet (a busy caller saves the look-up)."""
         selector = self.selector
         if not events:
             try:
@@ -5004,12 +5055,13 @@ class EventLoop(object):
             except (KeyError, ValueError):
                 pass
             return
+        if new:
+            selector.register(fileobj, events, callback)
+            return
         try:
-            selector.get_key(fileobj)
+            selector.modify(fileobj, events, callback)
         except KeyError:
             selector.register(fileobj, events, callback)
-        else:
-            selector.modify(fileobj, events, callback)
 
     def call_at(self, when, callback, *args):
         """A Timer: ``callback(*args)`` on the loop once time.time() >= when."""
@@ -5761,12 +5813,15 @@ class WorkerPool(object):
         """Hand a connection to the least busy worker that reads its
         messages; its session key, or None when no worker can take it."""
         refusal = self.supervisor.refusals.take(request, client_address)
-        ready = [e for e in self.workers.values()
-                 if not e.retired and not e.peer.closed and not e.peer.congested
-                 and listener in e.listeners]
-        if not ready:
+        entry = None
+        for e in self.workers.values():
+            # the least busy of those that read their messages (the first
+            # of equals)
+            if (entry is None or e.active < entry.active) and not e.retired and \
+                    not e.peer.closed and not e.peer.congested and listener in e.listeners:
+                entry = e
+        if entry is None:
             return None
-        entry = min(ready, key=lambda e: e.active)
         self.seq += 1
         payload = ("S %d %d %s %d" % (self.seq, entry.listeners.index(listener),
                                       client_address[0], client_address[1])).encode("ascii")
@@ -6208,7 +6263,7 @@ class SessionLoop(object):
     def watch(self, slot, events):
         if events == slot.events:
             return
-        self.core.watch(slot.fd, events, slot)
+        self.core.watch(slot.fd, events, slot, new=not slot.events)
         slot.events = events
 
     # -- connections and messages from the master ------------------------------------
@@ -6601,6 +6656,9 @@ class StatusFile(object):
         file renamed over the old, so a reader never sees half of one)
         when something changed, at most every STATUS_INTERVAL seconds,
         and at once after a reload."""
+        now = time.time()
+        if not force and now - self.written < STATUS_INTERVAL:
+            return              # the master's every turn: the cheap test first
         path = self.path
         runtime = supervisor.runtime
         with supervisor.lock:
@@ -6608,9 +6666,7 @@ class StatusFile(object):
         with runtime.stats.lock:
             counts = dict(runtime.stats.counts)
         state = (sessions, counts["accepted"], counts["refused"], runtime.last_reload)
-        now = time.time()
-        if not force and (state == self.state
-                          or now - self.written < STATUS_INTERVAL):
+        if not force and state == self.state:
             return
         reload_at = reload_result = ""
         reloads = runtime.reload_count
@@ -7486,8 +7542,10 @@ def drive_blocking(channel, conversation, request=None, back_to_loop=None):
 WRITE_TIMEOUT = 300.0
 
 
+@functools.lru_cache(maxsize=64)
 def kernel_timeval(seconds):
-    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO."""
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO (the same few
+    timeouts for every connection)."""
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
@@ -7617,6 +7675,10 @@ class TLSEngine(object):
 
     def peer_certificate(self):
         return self.tls.getpeercert()
+
+
+#: FIONREAD's answer (an int) when no byte waits.
+_FIONREAD_NONE = struct.pack("i", 0)
 
 
 class SocketChannel(Channel):
@@ -7834,23 +7896,25 @@ class SocketChannel(Channel):
 
     def _input_ready(self, wait=0):
         if not wait and self.tls is None:
-            # One system call: data waiting (True), closed (b"": a probe
-            # that connects and leaves is not a client talking), or nothing.
-            try:
-                return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-            except (OSError, socket.error):
-                return False
+            return self._bytes_waiting()
         try:
             r, _, _ = select.select([self.sock], [], [], wait)
         except (OSError, ValueError):
             return False
         if not r or self.tls is not None:
             return bool(r)
+        return self._bytes_waiting()
+
+    def _bytes_waiting(self):
+        """Are bytes of the client waiting?  Readable may only mean
+        "closed": a probe that connects and leaves is not a client talking.
+        One system call (FIONREAD) that, unlike a peeking read, raises
+        nothing when there is nothing: an exception costs more than the
+        call, and a session asks once before its greeting."""
         try:
-            # Readable may only mean "closed": a probe that connects and
-            # leaves is not a client talking before the greeting.
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (OSError, socket.error):
+            return _FIONREAD_NONE != fcntl.ioctl(self.sock.fileno(), termios.FIONREAD,
+                                                 _FIONREAD_NONE)
+        except (OSError, ValueError):
             return False
 
 

@@ -1239,12 +1239,17 @@ def cprofile_zm(peer, scen, smtp_source, outdir):
     deadline = time.time() + 10
     while time.time() < deadline and not os.listdir(pdir):
         time.sleep(0.1)
-    return res, summarize_cprofile(pdir, scen["msgs"])
+    summary = summarize_cprofile(pdir, scen["msgs"], master=False)
+    if summary is not None:
+        summary["master"] = summarize_cprofile(pdir, scen["msgs"], master=True)
+    return res, summary
 
 
-def summarize_cprofile(pdir, msgs, top=25):
+def summarize_cprofile(pdir, msgs, master, top=25):
+    """The workers' profiles, or with ``master`` the master's loop."""
     import pstats
-    files = [os.path.join(pdir, f) for f in sorted(os.listdir(pdir)) if f.endswith(".prof")]
+    files = [os.path.join(pdir, f) for f in sorted(os.listdir(pdir))
+             if f.endswith(".prof") and f.startswith("master-") == master]
     if not files:
         return None
     st = pstats.Stats(files[0])
@@ -1670,6 +1675,17 @@ def report_cprofile(w, cp):
     w("### cProfile per message: %s, %s (%d worker profiles; %.0f µs of profiled Python time "
       "and %.0f function calls per message; %.0f msg/s under cProfile)" % (
           cp["peer"], res["scenario"], s["files"], s["total_us"], s["calls"], res["rate"]))
+    cprofile_table(w, s)
+    m = s.get("master")
+    if m:
+        w("")
+        w("### cProfile per message: %s, %s, the master's loop (%.0f µs of profiled Python "
+          "time and %.0f function calls per message)" % (
+              cp["peer"], res["scenario"], m["total_us"], m["calls"]))
+        cprofile_table(w, m)
+
+
+def cprofile_table(w, s):
     w("")
     w("| own time µs/msg | calls/msg | function | | cumulative µs/msg | calls/msg | "
       "zmsmtpd.py function |")

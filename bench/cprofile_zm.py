@@ -11,7 +11,10 @@ it is changed.  Wrapped for profiling, from the outside:
 * ThreadHandover.run (SessionLoop.run_on_thread in older versions) -- a
   session that went to a thread (TLS, the AUTH program, a DNS lookup), one
   profile per hand-over;
-* SMTPSession.handle -- a session of the thread and fork models.
+* SMTPSession.handle -- a session of the thread and fork models;
+* Supervisor.serve_forever -- the master's loop (accepting, admission,
+  handing connections to workers, their reports), written to
+  OUTDIR/master-PID.prof so that it is summed apart from the sessions.
 
 Every profile of a process is merged and written to OUTDIR/PID.prof when the
 worker's loop ends (on SIGTERM of the daemon), and for the thread model when
@@ -40,14 +43,20 @@ def main():
     sys.modules["zmsmtpd"] = zm
     spec.loader.exec_module(zm)
 
-    profiles = []
+    profiles = []           # (pid, prefix of its file, Profile)
     lock = threading.Lock()
 
-    def profiled(fn):
+    def profiled(fn, prefix=""):
         def wrapper(*args, **kw):
             prof = cProfile.Profile()
             with lock:
-                profiles.append((os.getpid(), prof))
+                # A forked child carries its parent's running profile
+                # (the master's, in a worker): stopped, so that this one
+                # can start (CPython 3.12 allows one profiler at a time).
+                for owner, _, other in profiles:
+                    if owner != os.getpid():
+                        other.disable()
+                profiles.append((os.getpid(), prefix, prof))
             prof.enable()
             try:
                 return fn(*args, **kw)
@@ -55,11 +64,12 @@ def main():
                 prof.disable()
         return wrapper
 
-    def dump():
+    def dump(prefix=""):
+        """This process's profiles of one kind, merged into one file."""
         pid = os.getpid()
         with lock:
-            mine = [p for owner, p in profiles if owner == pid]
-            del profiles[:]
+            mine = [p for owner, kind, p in profiles if owner == pid and kind == prefix]
+            profiles[:] = [e for e in profiles if e[0] == pid and e[1] != prefix]
         stats = None
         for prof in mine:
             try:
@@ -70,7 +80,7 @@ def main():
             except TypeError:       # a profile that saw no calls
                 pass
         if stats is not None:
-            stats.dump_stats(os.path.join(outdir, "%d.prof" % pid))
+            stats.dump_stats(os.path.join(outdir, "%s%d.prof" % (prefix, pid)))
 
     # The class that runs a worker's loop was renamed once; profile
     # whichever this zmsmtpd.py has (without it no worker is profiled and
@@ -91,6 +101,19 @@ def main():
     else:
         zm.SessionLoop.run_on_thread = profiled(zm.SessionLoop.run_on_thread)
     zm.SMTPSession.handle = profiled(zm.SMTPSession.handle)
+
+    # The master: its loop is profiled apart.  A worker it forks while the
+    # loop runs (a restart) starts its own profile in WorkerContext.run;
+    # the master's profile, copied into that child, is never dumped there.
+    master_serve = profiled(zm.Supervisor.serve_forever, "master-")
+
+    def serve_and_dump(self):
+        try:
+            return master_serve(self)
+        finally:
+            dump("master-")
+
+    zm.Supervisor.serve_forever = serve_and_dump
     atexit.register(dump)
     sys.exit(zm.main())
 
