@@ -34,7 +34,7 @@ PYTHON = sys.executable
 
 
 from tests.harness import (free_port, kill_quietly, open_to_sessions, process_alive,  # noqa: E402
-                           reference_file, wait_for_workers)
+                           reference_file, temp_file, wait_for_workers)
 
 
 class Layout(object):
@@ -204,12 +204,7 @@ class ServerTestCase(unittest.TestCase):
 class TestZmailerConf(unittest.TestCase):
 
     def load(self, text):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        path = os.path.join(d, "zmailer.conf")
-        with open(path, "w") as f:
-            f.write(text)
-        return zmsmtpd.ZEnv.load(path)
+        return zmsmtpd.ZEnv.load(temp_file(self, "zmailer.conf", text))
 
     def test_values_are_read_as_the_shell_sees_them(self):
         z = self.load('LOGDIR=/var/log/mail\nSMTPOPTIONS="-sve -l ${LOGDIR}/smtpserver"\n'

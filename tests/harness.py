@@ -193,6 +193,21 @@ def stop_server(proc, grace=8.0):
     proc.wait()
 
 
+def write_file(path, text):
+    """Write ``text`` to ``path``; the path, for chaining."""
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def temp_file(testcase, name, text):
+    """``text`` in a file ``name`` of a new directory that the test
+    removes when it ends; the file's path."""
+    d = tempfile.mkdtemp()
+    testcase.addCleanup(shutil.rmtree, d, True)
+    return write_file(os.path.join(d, name), text)
+
+
 def read_text(path):
     """A file's text, or "" when it cannot be read (yet): a test server's
     stderr or log."""

@@ -26,7 +26,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import SMTPReplies, free_port
+from tests.harness import SMTPReplies, free_port, write_file
 from tests.test_policy_parity import BASE_POLICY, SERVER, Layout
 from tests.test_startup_checks import _Site, wait_listening
 
@@ -123,10 +123,7 @@ class _WhosonDir(unittest.TestCase):
         return d
 
     def conf(self, text):
-        path = os.path.join(self.dir, "whoson.conf")
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+        return write_file(os.path.join(self.dir, "whoson.conf"), text)
 
 
 class WhosonConfigFile(_WhosonDir):

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import unittest
 
-from tests.harness import HERE
+from tests.harness import HERE, write_file
 import zmsmtpd
 
 #: (file text, variable, value a shell would give it)
@@ -56,10 +56,7 @@ class TestZmailerConfIsReadAsShWouldSourceIt(unittest.TestCase):
         self.rauth = load_rauth()
 
     def write(self, text):
-        path = os.path.join(self.dir, "zmailer.conf")
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+        return write_file(os.path.join(self.dir, "zmailer.conf"), text)
 
     def test_zmsmtpd_expands_every_case_as_sh_does(self):
         for text, name, value in SHELL_CASES:
