@@ -862,7 +862,7 @@ GLOBAL_DEFAULTS = dict(
     allowsourceroute=False, msa_mode=False, msa_mode_strict=False,
     lmtp_mode=False, contentfilter=None, contentfilter_maxpar=1,
     debug_contentfilter=False, contentfilter_timeout=120.0, perl_hook=None, enable_router=False,
-    enable_router_maxpar=2, etrn_cluster=(), tracking_cluster=(), hdr220=(),
+    enable_router_maxpar=2, router_program=None, etrn_cluster=(), tracking_cluster=(), hdr220=(),
     help=(), session_model="workers", command_timeout=300.0, data_timeout=600.0,
     tls_handshake_timeout=60.0, max_line_length=2048, max_header_size=1048576,
     shutdown_grace=30.0, greet_pause=0.0, session_workers=0, spool_dir_fsync=False,
@@ -1174,6 +1174,8 @@ class ConfigReader(object):
             self.glob["bindport"] = self.options["bindport"]
         if self.options.get("maxsize") is not None:
             self.glob["maxsize"] = max(0, self.options["maxsize"])
+        if self.options.get("router"):
+            self.glob["router_program"] = self.options["router"]
         self.bind_source = "-x"
         if self.options.get("bindaddr"):
             self._add_bind(0, "ADDR", self.options["bindaddr"], None)
@@ -12238,8 +12240,10 @@ def pool_environment(zenv):
     return env
 
 
-def router_program(zenv):
-    return os.path.join(zenv.get("MAILBIN") or "/usr/lib/zmailer", "router")
+def router_program(config, zenv):
+    """The interactive router: ``-R path``, else $MAILBIN/router."""
+    return config.router_program or os.path.join(zenv.get("MAILBIN") or "/usr/lib/zmailer",
+                                                 "router")
 
 
 def program_pools(config, zenv, zconfig_path, root=None):
@@ -12259,7 +12263,7 @@ def program_pools(config, zenv, zconfig_path, root=None):
             timeout=config.contentfilter_timeout, merge_stderr=False)
     if config.enable_router:
         pools["router"] = PoolSpec(
-            name="router", argv=(router_program(zenv), "-Z", zconf, "-io-i", "-Ismtpserver"),
+            name="router", argv=(router_program(config, zenv), "-Z", zconf, "-io-i", "-Ismtpserver"),
             env=pool_environment(zenv), ids=pool_ids(zenv, root),
             maxpar=max(1, min(config.enable_router_maxpar, PROGRAM_POOL_MAXPAR_MAX)),
             timeout=ROUTER_ANSWER_TIMEOUT, merge_stderr=True)
@@ -13054,6 +13058,8 @@ OPTION_GROUPS = (
         ("-w", None, "whoson", True,
          "ask the whoson server (whoson.conf) who is logged in at each "
          "client's address, for the policy's trust-whoson and the envelope"),
+        ("-R", "path", "router", str,
+         "the interactive router of PARAM enable-router (default $MAILBIN/router)"),
     )),
     ("Logs", (
         ("-l", "file|SYSLOG", "logs", str,
@@ -13064,7 +13070,6 @@ OPTION_GROUPS = (
         ("-a", None, "ident", True, "ident lookups (none are made)"),
         ("-L", "maxload", "maxload", lambda v: _c_int(v, 10),
          "load limit (not used, as in 3.0.1)"),
-        ("-R", "path", "router", str, "interactive router (there is none)"),
     )),
     ("Information", (
         ("-V", None, "version", True, "print the version and exit"),
@@ -13665,7 +13670,8 @@ def load_configuration(options, zenv, log=None, listeners=True, check=False):
         raise ConfigError(missing_config_text(zenv, sys.argv[0]))
     reader = ConfigReader(path, zenv, {
         "bindport": options.get("bindport"), "maxsize": options.get("maxsize"),
-        "bindaddr": options.get("bindaddr"), "explicit": bool(options.get("config"))})
+        "bindaddr": options.get("bindaddr"), "router": options.get("router"),
+        "explicit": bool(options.get("config"))})
     config = reader.read()
     warnings = [d for d in config.diagnostics
                 if not (check and d in config.check_errors)]

@@ -25,7 +25,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import SMTPReplies, process_alive
+from tests.harness import SMTPReplies, process_alive, temp_file
 from tests.test_contentfilter import (PROGRAM_PRELUDE, PoolDaemon, filter_python,
                                      filter_user, wait_for)
 
@@ -352,6 +352,17 @@ class RouterOutsideDaemonTest(_RouterCase):
         self.assertIn("interactive router: %s -Z %s -io-i -Ismtpserver (up to 2 processes"
                       % (self.d.program, self.d.zconf), out)
         self.assertNotIn("enable-router is not implemented", out)
+        self.assertNotIn("NOT EXECUTABLE", out)
+
+    def test_r_option_names_the_router_program(self):
+        other = temp_file(self, "my-router", "")
+        os.unlink(other)
+        os.symlink(self.d.program, other)
+        p = subprocess.run(self.argv("--check", "-R", other), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=self.env(), timeout=60)
+        out = p.stdout.decode("utf-8", "replace")
+        self.assertIn("interactive router: %s -Z %s -io-i -Ismtpserver" % (other, self.d.zconf),
+                      out)
         self.assertNotIn("NOT EXECUTABLE", out)
 
     def test_inetd_session_goes_on_without_a_router(self):
