@@ -3,6 +3,7 @@ finding programs.  One definition each, so the modules agree."""
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,15 +55,38 @@ def wait_for(condition, timeout=15.0):
     return condition()
 
 
-def free_port(host="127.0.0.1"):
-    """A port nobody listens on right now, on ``host`` (v4 or v6)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
+#: The lowest port free_port hands out.
+FREE_PORT_LOW = 10000
+_port_choice = random.Random()
+
+
+def _ephemeral_low():
+    """The first port of the kernel's range for outgoing connections."""
     try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (IOError, OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host="127.0.0.1"):
+    """A port nobody listens on right now, on ``host`` (v4 or v6).  It lies
+    below the kernel's range for outgoing connections: a port from that
+    range may become some client socket's own address (in this suite or
+    another running beside it) between this call and the server's bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    high = max(FREE_PORT_LOW + 1000, _ephemeral_low()) - 1
+    for _ in range(200):
+        port = _port_choice.randint(FREE_PORT_LOW, high)
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+            return port
+        except (OSError, socket.error):
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port on %s" % host)
 
 
 def kill_quietly(pid, sig=signal.SIGTERM):

@@ -46,13 +46,7 @@ def _hard_report(text):
     sys.stderr.flush()
 
 
-def _hard_free_port(addr="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+_hard_free_port = free_port
 
 
 _hard_which = which

@@ -45,12 +45,7 @@ _OPS_SHELLS = [s for s in ("dash", "bash") if _ops_which(s)]
 def _ops_free_port(addrs=("127.0.0.1",)):
     """A TCP port that is free on every address in ``addrs`` right now."""
     for _ in range(50):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind((addrs[0], 0))
-            port = s.getsockname()[1]
-        finally:
-            s.close()
+        port = free_port(addrs[0])
         ok = True
         for a in addrs[1:]:
             t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
