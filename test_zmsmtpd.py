@@ -33,7 +33,7 @@ FIXTURES = os.path.join(HERE, "tests", "fixtures")
 PYTHON = sys.executable
 
 
-from tests.harness import (free_port, kill_quietly, open_to_sessions, process_alive,  # noqa: E402
+from tests.harness import (handed_over, free_port, kill_quietly, open_to_sessions, process_alive,  # noqa: E402
                            reference_file, temp_file, wait_for_workers)
 
 
@@ -75,10 +75,10 @@ class Layout(object):
             f.write(text)
 
     def router_files(self):
-        return sorted(os.listdir(os.path.join(self.postoffice, "router")))
+        return sorted(os.listdir(os.path.join(handed_over(self.postoffice), "router")))
 
     def read_router(self, name):
-        with open(os.path.join(self.postoffice, "router", name), "rb") as f:
+        with open(os.path.join(handed_over(self.postoffice), "router", name), "rb") as f:
             return f.read()
 
     def public_files(self):

@@ -5903,6 +5903,8 @@ class WorkerPool(object):
             if status != 0:
                 sup.log.note("worker %d (retiring) %s" % (entry.pid, what))
             return
+        if status != 0:
+            sup.recover_spool()
         if time.time() - entry.started >= WORKER_STABLE_RUN:
             self.delays.pop(entry.index, None)
         delay = self.restart_later(entry.index)
@@ -7021,6 +7023,10 @@ class Supervisor(object):
         if self.status is not None:
             self.status.write(self, force)
 
+    def recover_spool(self):
+        """A worker or a forked session died: what it left in public/."""
+        recover_spool(self.runtime.spool, self.log)
+
     def reap_children(self):
         """Reap the children this process started and that ended: workers
         and forked sessions, each by its pid.  Never any child: a session
@@ -7032,8 +7038,11 @@ class Supervisor(object):
         with self.lock:
             pids = [key for key in self.sessions if isinstance(key, int)]
         for pid in pids:
-            if child_exit(pid) is not None:
+            status = child_exit(pid)
+            if status is not None:
                 self.session_ended(pid)
+                if status != 0:
+                    self.recover_spool()
 
     # -- signals and the loop ------------------------------------------------
 
@@ -9098,13 +9107,13 @@ class MailTransactionVerbs(object):
         return self.runtime.sloppy or ("S" in self.style)
 
     def smtp_MAIL(self, line, args):
-        """Opens a transaction: the spool file is created and the
-        envelope's head written here, so that a full disk or an unusable
-        spool is reported at MAIL, before the client sends any data.  The
-        checks run cheapest and most telling first: order of commands, the
-        MSA's AUTH requirement, syntax and parameters, then the policy,
-        the sender's ownership by the login, the submission rate, size and
-        free space."""
+        """Opens a transaction.  The checks run cheapest and most telling
+        first: order of commands, the MSA's AUTH requirement, syntax and
+        parameters, then the policy, the sender's ownership by the login,
+        the submission rate, size and free space (a full disk is refused
+        here, before the client sends any data).  The spool file is made
+        and the envelope's head written just after the reply; a file that
+        cannot be made fails the RCPTs that follow."""
         yield from NEVER_WAITS
         self.sender_refused = False
         if self.state != "MAIL":
@@ -9156,34 +9165,29 @@ class MailTransactionVerbs(object):
         if not permitted:
             self.reply("mail_rate_limit")
             return
-        try:
-            spool = self.runtime.spool.create()
-        except OSError as e:
-            self.log.note("cannot create spool file: %s" % e)
-            if hold is not None:
-                self.runtime.submissions.release(*hold)
-            self.reply("mail_spool_failed")
-            return
-        self.txn = Transaction(address, ok, spool)
-        self.txn.rate_hold = hold
-        self.txn.freeze = sender.freeze or self.verdict.freeze
-        self.txn.norelay = sender.norelay
-        self.txn.spf_header = sender.spf_header
-        self.txn.trust_recipients = sender.whoson and self.verdict.whoson_login
-        try:
-            spool.write(mail_envelope(self, self.txn).encode("utf-8", "surrogateescape"))
-            if sender.freeze:
-                spool.write(FREEZE_SENDER_COMMENT)
-        except OSError as e:
-            self.log.note("spool write failed: %s" % e)
-            self.abort_transaction("spool write failed")
-            self.reply("mail_spool_failed")
-            return
+        self.txn = txn = Transaction(address, ok, SpoolFile(self.runtime.spool))
+        txn.rate_hold = hold
+        txn.freeze = sender.freeze or self.verdict.freeze
+        txn.norelay = sender.norelay
+        txn.spf_header = sender.spf_header
+        txn.trust_recipients = sender.whoson and self.verdict.whoson_login
         self.state = "RCPT"
         if router_answer:
             self.send_router_lines(router_answer, "; Ok")
         else:
             self.reply("mail_ok", note=", source route ignored" if routed else "")
+        # The file is made while a client in lock-step reads the reply, not
+        # before it: creating a file is the dearest step of MAIL.
+        yield from self.send_replies()
+        try:
+            txn.spool.open()
+            txn.spool.write(mail_envelope(self, txn).encode("utf-8", "surrogateescape"))
+            if sender.freeze:
+                txn.spool.write(FREEZE_SENDER_COMMENT)
+        except OSError as e:
+            # Kept by the file: each RCPT's write meets it and is refused
+            # with 452, so no DATA follows.
+            self.log.note("cannot create spool file: %s" % e)
 
     def esmtp_params(self, parse, params):
         """The parameters parsed by ``parse`` (mail_params, rcpt_params), or
@@ -9456,8 +9460,14 @@ class MessageDataVerbs(object):
                 self.send_lines(verdict.reply(sid, self.group.enhancedstatus))
                 return
         freezer = "policy-2" if txn.freeze else verdict.freezer if verdict else None
+        # With spool-dir-fsync the rename is made durable before the reply
+        # too; without, the file is handed to the router just after the
+        # reply (a crash in between leaves a finished file, which
+        # recover_stale hands over).
+        publish_first = self.runtime.spool.publish_first()
         try:
-            sid, size = txn.spool.commit(writer.priority, freezer)
+            sid, size = txn.spool.commit(writer.priority, freezer) if publish_first \
+                else txn.spool.seal()
         except OSError as e:
             self.log.note("message file close failed: %s" % e)
             self.runtime.stats.count("refused")
@@ -9476,6 +9486,14 @@ class MessageDataVerbs(object):
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
         yield from self.send_replies()
+        if not publish_first:
+            try:
+                txn.spool.publish(writer.priority, freezer)
+            except OSError as e:
+                txn.spool.strand(writer.priority, freezer)
+                self.log.note("%s: accepted and kept in %s, as it cannot be moved to the "
+                              "router: %s; until it can, messages are refused" % (
+                                  sid, self.runtime.spool.public, e))
         recording = self.log.recording()
         if recording:
             self.log.note("%s: %d bytes" % (sid, size))
@@ -12754,6 +12772,7 @@ class SpoolWriter(object):
         self._free = None
         self.dir_fsync = False  # PARAM spool-dir-fsync
         self.spares = None      # SpareInodes, in worker processes
+        self.stranded = []      # see strand()
 
     def make_inodes_ahead(self, keep):
         """Start a SpareInodes helper for this process (``keep`` files)."""
@@ -12776,6 +12795,15 @@ class SpoolWriter(object):
         return free
 
     def create(self):
+        """A SpoolFile, its file made at once."""
+        spool = SpoolFile(self)
+        spool.open()
+        return spool
+
+    def open_file(self):
+        """Make an unfinished file in public/ under the original's name
+        (``<host>:<pid>``, with a suffix when this process has made one
+        before): (path, descriptor)."""
         pid = current_pid()
         with self.lock:
             self.counter += 1
@@ -12795,7 +12823,7 @@ class SpoolWriter(object):
                     spare = None
                     self.spares.give_up(e)
                 else:
-                    return SpoolFile(self, path, spare)
+                    return path, spare
             try:
                 # Mode 0200 marks "unfinished"; commit makes it 0600 before
                 # the fsync, so after a crash the mode tells a complete file
@@ -12806,7 +12834,7 @@ class SpoolWriter(object):
                 if e.errno == errno.EEXIST:
                     continue
                 raise
-            return SpoolFile(self, path, fd)
+            return path, fd
         if spare is not None:
             os.close(spare)
         raise OSError(errno.EEXIST, "no free spool file name")
@@ -12843,7 +12871,33 @@ class SpoolWriter(object):
                 pass
         return recovered, removed
 
-    def publish(self, path, inode, priority=0, freeze=None):
+    def publish_first(self):
+        """Whether a message must be in the router's directory before its
+        250 goes out: with spool-dir-fsync (the rename is made durable
+        too), and while a file of this process is stranded."""
+        return self.dir_fsync or bool(self.stranded)
+
+    def strand(self, path, inode, priority, freezer):
+        """An acknowledged file that could not be moved to the router: it
+        stays, finished, in public/ and is moved after this process's
+        next publish that works (or by recover_stale once the process is
+        gone).  Until then each message is published before its reply,
+        so a spool the router cannot be given mail through refuses it."""
+        self.stranded.append((path, inode, priority, freezer))
+
+    def publish(self, path, inode, priority=0, freezer=None):
+        """``rename_to_router``, then the stranded files (see strand) once
+        that has worked."""
+        where = self.rename_to_router(path, inode, priority, freezer)
+        while self.stranded:
+            try:
+                self.rename_to_router(*self.stranded[0])
+            except OSError:
+                break
+            del self.stranded[0]
+        return where
+
+    def rename_to_router(self, path, inode, priority=0, freeze=None):
         """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
         tell the router; with ``spool-dir-fsync`` also fsync that directory
         (group-committed).  A message the content filter holds (``freeze``:
@@ -12898,17 +12952,31 @@ class SpoolWriter(object):
 
 
 class SpoolFile(object):
-    """One message being written in public/."""
+    """One message being written in public/.  Until ``open`` has made its
+    file, what is written is only buffered; once ``open`` has failed,
+    every write raises that error again, so the session's usual handling
+    of a spool write error (a 452) applies to it."""
 
-    def __init__(self, writer, path, fd):
+    def __init__(self, writer):
         self.writer = writer
-        self.path = path
-        self.fd = fd
+        self.path = None
+        self.fd = None
+        self.inode = None
+        self.error = None
         self.chunks = []
         self.buffered = 0
         self.size = 0
 
+    def open(self):
+        try:
+            self.path, self.fd = self.writer.open_file()
+        except OSError as e:
+            self.error = e
+            raise
+
     def write(self, data):
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror)
         if not data:
             return
         self.chunks.append(data)
@@ -12942,9 +13010,20 @@ class SpoolFile(object):
         return spool_id(st.st_ino, getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9)))
 
     def commit(self, priority=0, freezer=None):
-        """Mark finished (mode 0600), fsync, rename into the router's
-        directory, or into the freezer with the reason's suffix
-        ``freezer`` (see SpoolWriter.publish).  Returns (spool id, size).
+        """``seal`` and ``publish`` in one: (spool id, size).  On error the
+        file is removed and OSError raised."""
+        sealed = self.seal()
+        try:
+            self.publish(priority, freezer)
+        except OSError:
+            self.abort()
+            raise
+        return sealed
+
+    def seal(self):
+        """Mark finished (mode 0600) and fsync: from here on the message
+        survives a crash, as recover_stale moves a finished file of a dead
+        process into the router's directory.  Returns (spool id, size).
         On error the file is removed and OSError raised: nothing
         acknowledged is ever half there."""
         try:
@@ -12952,14 +13031,27 @@ class SpoolFile(object):
             os.fchmod(self.fd, self.writer.FINISHED)
             os.fsync(self.fd)
             st = os.fstat(self.fd)
-            os.close(self.fd)
-            self.fd = None
-            self.writer.publish(self.path, st.st_ino, priority, freezer)
         except OSError:
             self.abort()
             raise
+        self.inode = st.st_ino
         mtime_ns = getattr(st, "st_mtime_ns", int(st.st_mtime * 1e9))
         return spool_id(st.st_ino, mtime_ns), st.st_size
+
+    def publish(self, priority=0, freezer=None):
+        """Hand the sealed file over: rename it into the router's
+        directory, or into the freezer with the reason's suffix
+        ``freezer`` (see SpoolWriter.publish).  On error (OSError) the
+        finished file stays in public/, where recover_stale finds it."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+        self.writer.publish(self.path, self.inode, priority, freezer)
+
+    def strand(self, priority=0, freezer=None):
+        """Keep the sealed file in public/ for a later publish (see
+        SpoolWriter.strand)."""
+        self.writer.strand(self.path, self.inode, priority, freezer)
 
     def abort(self, keep_suffix=None):
         if self.fd is not None:
@@ -12981,7 +13073,7 @@ class SpoolFile(object):
                     os.unlink(self.path)
             except OSError:
                 pass
-        elif os.path.exists(self.path):
+        elif self.path is not None and os.path.exists(self.path):
             try:
                 os.unlink(self.path)
             except OSError:
@@ -14156,6 +14248,16 @@ def process_alive(pid):
         return True
 
 
+def recover_spool(spool, log):
+    """Hand over what sessions that died left in public/ (see
+    SpoolWriter.recover_stale): at start, and when a worker or a forked
+    session ends other than by exiting normally."""
+    recovered, removed = spool.recover_stale()
+    if recovered or removed:
+        log.note("spool files of dead sessions in %s: %d finished ones moved to the "
+                 "router, %d unfinished ones removed" % (spool.public, recovered, removed))
+
+
 def write_pidfile(path):
     """Atomically: a temporary file renamed over the old one."""
     directory = os.path.dirname(path) or "."
@@ -14548,11 +14650,7 @@ def run_daemon(runtime, config, options, zenv, log, foreground, user=None):
         remove_pidfile(pidfile)
         return 2
     supervisor.install_listeners(listeners)
-    recovered, removed = runtime.spool.recover_stale()
-    if recovered or removed:
-        log.note("spool files of dead sessions in %s: %d finished ones moved to the "
-                 "router, %d unfinished ones removed" % (runtime.spool.public, recovered,
-                                                         removed))
+    recover_spool(runtime.spool, log)
     ready = []
     if not foreground:
         detach(ready)

@@ -55,6 +55,34 @@ def wait_for(condition, timeout=15.0):
     return condition()
 
 
+#: How long (seconds) a finished file may wait in public/ for its rename.
+HANDOVER_AGE = 3.0
+
+
+def handed_over(postoffice, timeout=10.0):
+    """Wait until no accepted message is still waiting in ``postoffice``'s
+    public/ to be handed to the router: the server sends DATA's 250 once
+    the file is finished (mode 0600) and synced, and renames it into
+    router/ just after.  Files kept under a ``.DATA-EOF`` style name have
+    no ``:`` in it, and a finished file older than HANDOVER_AGE is one
+    the server keeps (it could not move it, or its process is gone):
+    neither is waited for.  Returns ``postoffice``."""
+    public = os.path.join(postoffice, "public")
+
+    def pending():
+        for name in os.listdir(public) if os.path.isdir(public) else ():
+            if ":" in name:
+                try:
+                    st = os.stat(os.path.join(public, name))
+                except OSError:
+                    continue
+                if st.st_mode & 0o777 == 0o600 and time.time() - st.st_ctime < HANDOVER_AGE:
+                    return True
+        return False
+    wait_for(lambda: not pending(), timeout)
+    return postoffice
+
+
 #: The lowest port free_port hands out.
 FREE_PORT_LOW = 10000
 _port_choice = random.Random()

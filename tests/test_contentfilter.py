@@ -31,7 +31,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import wait_for
+from tests.harness import handed_over, wait_for
 from tests.harness import (ForegroundServer, SMTPReplies, free_port, kill_quietly,
                            open_to_sessions, process_alive, start_listening)
 from tests.test_dns import Dnsmasq, in_mount_namespace, namespace_dns_address, need_dnsmasq
@@ -218,7 +218,7 @@ class FilterDaemon(PoolDaemon):
                             "*   ftveR\n" % extra, policy, python, (SERVER, "-v"), prefix)
 
     def spooled(self, sub):
-        return sorted(os.listdir(os.path.join(self.postoffice, sub)))
+        return sorted(os.listdir(os.path.join(handed_over(self.postoffice), sub)))
 
     def send(self, subject="hello", sender="tester@client.example", source=None):
         """One message over a fresh connection: the reply to its end of DATA."""

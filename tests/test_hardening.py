@@ -30,7 +30,7 @@ import threading
 import time
 import unittest
 
-from tests.harness import free_port, process_alive, which, pyenv_python, open_to_sessions  # noqa: F401
+from tests.harness import handed_over, free_port, process_alive, which, pyenv_python, open_to_sessions  # noqa: F401
 
 _HARD_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HARD_SERVER = os.path.join(_HARD_REPO, "zmsmtpd.py")
@@ -233,6 +233,7 @@ class _HardServer(object):
         return self._text(self.err_path)
 
     def router_files(self):
+        handed_over(self.po)
         return sorted(n for n in os.listdir(self.router)
                       if os.path.isfile(os.path.join(self.router, n)))
 
@@ -240,6 +241,7 @@ class _HardServer(object):
         return sorted(os.listdir(self.public))
 
     def read_router(self, name):
+        handed_over(self.po)
         with open(os.path.join(self.router, name), "rb") as f:
             return f.read()
 
@@ -1574,8 +1576,9 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
             pwd.getpwnam("nobody")
         except (ImportError, KeyError):
             self.skipTest("no user 'nobody'")
-        srv = _HardServer(["PARAM min-availspace 0"], zextra=["TRUSTEDUSER=nobody"],
-                          model=self.MODEL)
+        # One worker: what a process remembers of a stranded file is its own.
+        srv = _HardServer(["PARAM min-availspace 0", "PARAM session-workers 1"],
+                          zextra=["TRUSTEDUSER=nobody"], model=self.MODEL)
         self.addCleanup(srv.close)
         os.chmod(srv.dir, 0o755)
         for d in (srv.public, srv.router):
@@ -1585,20 +1588,30 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         self.assertEqual(self._mail(srv, msg).code, 250, "baseline as user nobody")
         for name in srv.router_files():
             os.unlink(os.path.join(srv.router, name))
+        # The file is made just after MAIL's 250: the RCPT hears of it.
         os.chmod(srv.public, 0o555)
         r = self._mail(srv, msg)
         self.assertEqual(r.code, 452, "public/ not writable: %r" % r)
         self.assertIn("4.3.1", r.lines[-1])
         os.chmod(srv.public, 0o777)
+        # The message is finished and synced when its 250 goes out, and
+        # moved to router/ just after: the first one that cannot be moved
+        # stays, finished, in public/; the next ones are refused.
         os.chmod(srv.router, 0o555)
+        r = self._mail(srv, msg)
+        self.assertEqual(r.code, 250, "kept in public/: %r" % r)
+        (kept,) = srv.public_files()
+        self.assertEqual(os.stat(os.path.join(srv.public, kept)).st_mode & 0o777, 0o600)
         r = self._mail(srv, msg)
         self.assertEqual(r.code, 452, "router/ not writable: %r" % r)
         self.assertIn("4.3.1", r.lines[-1])
-        self.assertNothingSpooled(srv)
+        self.assertEqual(srv.public_files(), [kept])
+        self.assertEqual(srv.router_files(), [])
         os.chmod(srv.router, 0o777)
         r = self._mail(srv, msg)
         self.assertEqual(r.code, 250, "no recovery: %r" % r)
-        self.assertEqual(len(srv.router_files()), 1)
+        self.assertEqual(len(srv.router_files()), 2, "the kept message went too")
+        self.assertEqual(srv.public_files(), [])
 
 
 # ================================================================================

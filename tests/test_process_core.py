@@ -292,6 +292,8 @@ class WorkerPoolBackoffTest(unittest.TestCase):
         self.assertGreaterEqual(len(delays), 2, sup.log.lines)
         self.assertLessEqual(len(delays), 4, sup.log.lines)
         self.assertEqual(delays, [first * 2 ** n for n in range(len(delays))])
+        # each death had the spool looked at for what the worker left
+        self.assertEqual(sup.recovered, len(delays))
 
 
 class WorkerPoolForkFailureTest(unittest.TestCase):
@@ -386,10 +388,14 @@ class FakeSupervisor(object):
         self.refusals = zmsmtpd.PendingRefusals()
         self.stop = False
         self.runtime = None
+        self.recovered = 0
 
     @property
     def stopping(self):
         return self.stop
+
+    def recover_spool(self):
+        self.recovered += 1
 
     def session_ended(self, key):
         self.sessions.pop(key, None)
@@ -484,6 +490,36 @@ class WorkerDeathTest(DaemonCase):
         self.assertNotEqual(new, workers)
         self.assertEqual(self.banner().reply()[0], 220)
         self.assertEqual(child_pids(master, WORKER_PROCESS_NAME), new)
+
+
+
+class WorkerDeathSpoolTest(DaemonCase):
+    """What a worker that dies leaves in public/ is dealt with at once, as
+    a start deals with it: a finished file (synced, perhaps acknowledged,
+    not yet moved) goes to the router, an unfinished one is removed."""
+
+    def test_files_of_a_killed_worker_are_recovered_by_the_master(self):
+        master = self.daemon.proc.pid
+        (worker,) = wait_for_workers(master, 1)
+        c = self.banner()
+        self.assertEqual(c.reply()[0], 220)
+        self.assertEqual(c.cmd("EHLO localhost")[0], 250)
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.com>")[0], 250)
+        self.assertEqual(c.cmd("RCPT TO:<b@localhost>")[0], 250)
+        public = os.path.join(self.layout.postoffice, "public")
+        (unfinished,) = os.listdir(public)
+        host = unfinished.split(":")[0]
+        finished = os.path.join(public, "%s:%d.7" % (host, worker))
+        harness.write_file(finished, "env-end\nSubject: kept\n\nbody\n")
+        os.chmod(finished, 0o600)
+        owner = os.stat(os.path.join(public, unfinished))
+        os.chown(finished, owner.st_uid, owner.st_gid)      # as the worker made it
+        os.kill(worker, signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: os.listdir(public) == []), os.listdir(public))
+        (routed,) = self.layout.router_files()
+        self.assertIn(b"Subject: kept", self.layout.read_router(routed))
+        self.assertIn("1 finished ones moved to the router, 1 unfinished ones removed",
+                      self.log_text())
 
 
 if __name__ == "__main__":

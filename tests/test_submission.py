@@ -39,7 +39,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import (ForegroundServer, client_tls_context, free_port,  # noqa: F401
+from tests.harness import (handed_over, ForegroundServer, client_tls_context, free_port,  # noqa: F401
                            kill_quietly, open_to_sessions, process_alive,
                            shared_certificate_dir, which)
 
@@ -262,7 +262,7 @@ class _SubServer(ForegroundServer):
         m = re.search(r"\bS(\d+)", reply_text)
         if not m:
             raise AssertionError("no spool id in %r" % reply_text)
-        path = os.path.join(self.postoffice, "router", m.group(1))
+        path = os.path.join(handed_over(self.postoffice), "router", m.group(1))
         with open(path, "rb") as f:
             return f.read().decode("utf-8", "surrogateescape")
 

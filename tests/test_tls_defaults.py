@@ -32,7 +32,7 @@ import tempfile
 import time
 import unittest
 
-from tests.harness import (HERE, ForegroundServer, SMTPReplies, client_tls_context, free_port,
+from tests.harness import (handed_over, HERE, ForegroundServer, SMTPReplies, client_tls_context, free_port,
                            open_to_sessions, shared_certificate_dir, which)
 
 import zmsmtpd
@@ -186,7 +186,8 @@ class _TdDaemon(ForegroundServer):
         m = re.search(r"\bS(\d+)", reply_text)
         if not m:
             raise AssertionError("no spool id in %r" % reply_text)
-        with open(os.path.join(self.dir, "postoffice", "router", m.group(1)), "rb") as f:
+        po = handed_over(os.path.join(self.dir, "postoffice"))
+        with open(os.path.join(po, "router", m.group(1)), "rb") as f:
             text = f.read().decode("utf-8", "surrogateescape")
         env, _, message = text.partition("env-end\n")
         return env.splitlines(), message.partition("\n\n")[0]

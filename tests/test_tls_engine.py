@@ -31,7 +31,7 @@ import subprocess
 import time
 import unittest
 
-from tests.harness import HERE, SMTPReplies, client_tls_context, wait_for_workers, which
+from tests.harness import handed_over, HERE, SMTPReplies, client_tls_context, wait_for_workers, which
 from tests import test_tls_on_loop
 from tests.test_tls_defaults import (_TD_PASSWORD, _TD_USER, _TdDaemon, _TdServerCase,
                                      _td_need_openssl)
@@ -184,7 +184,8 @@ class _BigMessageChecks(object):
 
     def spooled_body(self, reply_text):
         inode = re.search(r"\bS(\d+)", reply_text).group(1)
-        with open(os.path.join(self.server.dir, "postoffice", "router", inode), "rb") as f:
+        po = handed_over(os.path.join(self.server.dir, "postoffice"))
+        with open(os.path.join(po, "router", inode), "rb") as f:
             text = f.read()
         message = text.partition(b"env-end\n")[2]
         return message.partition(b"\n\n")[2]
