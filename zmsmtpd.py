@@ -4367,7 +4367,6 @@ REPLIES = {
     "mail_too_big": (552, "5.3.4", "This message is larger, than our maximum acceptable incoming "
                                    "message size of  {limit}  chars."),
     "mail_no_space": (452, "4.3.1", "Try again later, insufficient storage available at the moment"),
-    "mail_spool_failed": (452, "4.3.1", "Requested action not taken: insufficient storage"),
     "mail_policy_reject": (553, "5.7.1", "Hello {ip}, for your MAIL FROM address {addr} "
                                          "access denied by the policy analysis functions."),
     "mail_client_rate": (451, "4.7.1", "Hello {ip}, for your MAIL FROM address {addr} policy "
@@ -9251,8 +9250,8 @@ class MailTransactionVerbs(object):
         return address, rest.split(), routed
 
     def smtp_RCPT(self, line, args):
-        """One recipient, written to the envelope at once: a recipient that
-        is accepted is on disk when the 250 goes out.  Relay control runs
+        """One recipient, added to the envelope at once: a spool file that
+        cannot take it (or could not be made) refuses it.  Relay control runs
         here (not at MAIL), because only the recipient tells whether the
         message would leave our domains."""
         yield from NEVER_WAITS
@@ -9393,6 +9392,7 @@ class MessageDataVerbs(object):
         txn = self.txn
         self.reply("data_go")
         self.channel.flush()
+        yield from self.send_replies()
         deadline = time.time() + self.cfg.data_timeout
         decoder = DotDecoder()
         txn.data_started = True
