@@ -9485,15 +9485,13 @@ class MessageDataVerbs(object):
             self.reply("data_ok", id=sid)
         else:
             self.reply("bdat_last", id=sid, n=bdat_chunk, m=size)
-        yield from self.send_replies()
-        if not publish_first:
-            try:
-                txn.spool.publish(writer.priority, freezer)
-            except OSError as e:
-                txn.spool.strand(writer.priority, freezer)
-                self.log.note("%s: accepted and kept in %s, as it cannot be moved to the "
-                              "router: %s; until it can, messages are refused" % (
-                                  sid, self.runtime.spool.public, e))
+        try:
+            yield from self.send_replies()
+        finally:
+            # Also when the reply could not be sent: the message was
+            # accepted, as when the rename came first.
+            if not publish_first:
+                self.hand_over(txn, sid, writer.priority, freezer)
         recording = self.log.recording()
         if recording:
             self.log.note("%s: %d bytes" % (sid, size))
@@ -9506,6 +9504,17 @@ class MessageDataVerbs(object):
         if "S" in self.runtime.syslogflg:
             mail_syslog(syslog.LOG_INFO if syslog else 0, "%s: (%dc) accepted from %s/%d" % (
                 sid, size, self.rhostname, self.peer_port))
+
+    def hand_over(self, txn, sid, priority, freezer):
+        """Move the sealed file ``sid`` to the router (or the freezer);
+        one that cannot be moved is kept (see SpoolWriter.strand)."""
+        try:
+            txn.spool.publish(priority, freezer)
+        except OSError as e:
+            txn.spool.strand(priority, freezer)
+            self.log.note("%s: accepted and kept in %s, as it cannot be moved to the "
+                          "router: %s; until it can, messages are refused" % (
+                              sid, self.runtime.spool.public, e))
 
     def content_filter(self, spool):
         """Generator: the content filter's FilterVerdict on the message

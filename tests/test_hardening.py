@@ -1466,6 +1466,25 @@ class _HardDurability(_HardHealthMixin):
         self._drop(srv, b"DATA\r\n" + part + b"\r\n.", rst=True)
         self.assertServes(srv)
 
+    def test_a_message_whose_client_resets_before_the_reply_still_reaches_the_router(self):
+        # The whole message, then a reset at once: the 250 may find the
+        # connection gone, and the message is delivered all the same (as
+        # any SMTP server does when its reply is lost).
+        srv = self._server()
+        for n in range(3):
+            c = _hard_connect(self, srv.port)
+            self.assertEqual(c.cmd("EHLO localhost").code, 250)
+            self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
+            self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
+            self.assertEqual(c.cmd("DATA").code, 354)
+            c.send(_hard_message("RESET%d" % n) + ".\r\n")
+            import struct
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            self.assertTrue(srv.wait_public_empty(), srv.public_files())
+            self.assertEqual(len(srv.router_files()), n + 1)
+        self.assertServes(srv)
+
     def test_dropped_connection_mid_bdat_leaves_nothing_behind(self):
         srv = self._server()
         part = _hard_message("DROPPEDB", body_lines=200).encode()
@@ -1612,6 +1631,28 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         self.assertEqual(r.code, 250, "no recovery: %r" % r)
         self.assertEqual(len(srv.router_files()), 2, "the kept message went too")
         self.assertEqual(srv.public_files(), [])
+
+    def test_with_spool_dir_fsync_an_unwritable_router_dir_refuses_the_first_message(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to run the server as another user")
+        try:
+            import pwd
+            pwd.getpwnam("nobody")
+        except (ImportError, KeyError):
+            self.skipTest("no user 'nobody'")
+        # The rename (and its directory sync) comes before the 250 then.
+        srv = _HardServer(["PARAM min-availspace 0", "PARAM spool-dir-fsync"],
+                          zextra=["TRUSTEDUSER=nobody"], model=self.MODEL)
+        self.addCleanup(srv.close)
+        os.chmod(srv.dir, 0o755)
+        for d in (srv.public, srv.router):
+            os.chmod(d, 0o777)
+        srv.start()
+        os.chmod(srv.router, 0o555)
+        r = self._mail(srv, _hard_message("DIRSYNC"))
+        self.assertEqual(r.code, 452, "router/ not writable: %r" % r)
+        self.assertIn("4.3.1", r.lines[-1])
+        self.assertNothingSpooled(srv)
 
 
 # ================================================================================
