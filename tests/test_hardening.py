@@ -1587,7 +1587,9 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         self.assertEqual(_hard_body(content), _hard_stored(big))
         self.assertEqual(srv.public_files(), [])
 
-    def test_unwritable_spool_directories_give_452_4_3_1_and_recover(self):
+    def _server_as_nobody(self, params):
+        """A started server whose sessions run as ``nobody``, which root's
+        chmod of public/ and router/ can then lock out."""
         if os.geteuid() != 0:
             self.skipTest("needs root to run the server as another user")
         try:
@@ -1595,14 +1597,18 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
             pwd.getpwnam("nobody")
         except (ImportError, KeyError):
             self.skipTest("no user 'nobody'")
-        # One worker: what a process remembers of a stranded file is its own.
-        srv = _HardServer(["PARAM min-availspace 0", "PARAM session-workers 1"],
+        srv = _HardServer(["PARAM min-availspace 0"] + params,
                           zextra=["TRUSTEDUSER=nobody"], model=self.MODEL)
         self.addCleanup(srv.close)
         os.chmod(srv.dir, 0o755)
         for d in (srv.public, srv.router):
             os.chmod(d, 0o777)
         srv.start()
+        return srv
+
+    def test_unwritable_spool_directories_give_452_4_3_1_and_recover(self):
+        # One worker: what a process remembers of a stranded file is its own.
+        srv = self._server_as_nobody(["PARAM session-workers 1"])
         msg = _hard_message("PERMS")
         self.assertEqual(self._mail(srv, msg).code, 250, "baseline as user nobody")
         for name in srv.router_files():
@@ -1633,21 +1639,8 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         self.assertEqual(srv.public_files(), [])
 
     def test_with_spool_dir_fsync_an_unwritable_router_dir_refuses_the_first_message(self):
-        if os.geteuid() != 0:
-            self.skipTest("needs root to run the server as another user")
-        try:
-            import pwd
-            pwd.getpwnam("nobody")
-        except (ImportError, KeyError):
-            self.skipTest("no user 'nobody'")
         # The rename (and its directory sync) comes before the 250 then.
-        srv = _HardServer(["PARAM min-availspace 0", "PARAM spool-dir-fsync"],
-                          zextra=["TRUSTEDUSER=nobody"], model=self.MODEL)
-        self.addCleanup(srv.close)
-        os.chmod(srv.dir, 0o755)
-        for d in (srv.public, srv.router):
-            os.chmod(d, 0o777)
-        srv.start()
+        srv = self._server_as_nobody(["PARAM spool-dir-fsync"])
         os.chmod(srv.router, 0o555)
         r = self._mail(srv, _hard_message("DIRSYNC"))
         self.assertEqual(r.code, 452, "router/ not writable: %r" % r)
