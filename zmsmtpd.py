@@ -12782,6 +12782,7 @@ class SpoolWriter(object):
         self.dir_fsync = False  # PARAM spool-dir-fsync
         self.spares = None      # SpareInodes, in worker processes
         self.stranded = []      # see strand()
+        self.strand_lock = threading.Lock()
 
     def make_inodes_ahead(self, keep):
         """Start a SpareInodes helper for this process (``keep`` files)."""
@@ -12892,18 +12893,21 @@ class SpoolWriter(object):
         next publish that works (or by recover_stale once the process is
         gone).  Until then each message is published before its reply,
         so a spool the router cannot be given mail through refuses it."""
-        self.stranded.append((path, inode, priority, freezer))
+        with self.strand_lock:
+            self.stranded.append((path, inode, priority, freezer))
 
     def publish(self, path, inode, priority=0, freezer=None):
         """``rename_to_router``, then the stranded files (see strand) once
         that has worked."""
         where = self.rename_to_router(path, inode, priority, freezer)
-        while self.stranded:
-            try:
-                self.rename_to_router(*self.stranded[0])
-            except OSError:
-                break
-            del self.stranded[0]
+        if self.stranded:
+            with self.strand_lock:      # the thread model's sessions share them
+                while self.stranded:
+                    try:
+                        self.rename_to_router(*self.stranded[0])
+                    except OSError:
+                        break
+                    del self.stranded[0]
         return where
 
     def rename_to_router(self, path, inode, priority=0, freeze=None):
