@@ -9463,8 +9463,9 @@ class MessageDataVerbs(object):
         # With spool-dir-fsync the rename is made durable before the reply
         # too; without, the file is handed to the router just after the
         # reply (a crash in between leaves a finished file, which
-        # recover_stale hands over).
-        publish_first = self.runtime.spool.publish_first()
+        # recover_stale hands over).  A frozen message is renamed first:
+        # recovered, it would go to the router.
+        publish_first = freezer is not None or self.runtime.spool.publish_first()
         try:
             sid, size = txn.spool.commit(writer.priority, freezer) if publish_first \
                 else txn.spool.seal()
