@@ -1082,7 +1082,8 @@ class TestSpareInodes(ServerTestCase):
     def test_a_spare_gets_its_name_at_create_and_is_committed_as_usual(self):
         d, w = self.writer()
         self.assertEqual(os.listdir(os.path.join(d, "public")), [])
-        spool = w.create()
+        spool = w.new_file()
+        spool.open()
         self.assertEqual(os.listdir(os.path.join(d, "public")),
                          ["host.example:%d" % os.getpid()])
         self.assertEqual(os.stat(spool.path).st_mode & 0o777, 0o200)
@@ -1104,7 +1105,8 @@ class TestSpareInodes(ServerTestCase):
             raise OSError(errno.EACCES, "refused")
         w.spares.name = refuse
         before = len(os.listdir("/proc/self/fd"))
-        spool = w.create()
+        spool = w.new_file()
+        spool.open()
         self.assertEqual(os.stat(spool.path).st_mode & 0o777, 0o200)
         self.assertEqual(os.path.dirname(spool.path), os.path.join(d, "public"))
         self.assertFalse(w.spares.disabled)
@@ -1311,7 +1313,8 @@ class TestDaemonHousekeeping(ServerTestCase):
             os.mkdir(os.path.join(w.postoffice, sub))
         w.dir_fsync = True
         for _ in range(2):
-            f = w.create()
+            f = w.new_file()
+            f.open()
             f.write(b"env-end\n")
             f.commit()
         syncer = w.dirsync[os.path.join(w.postoffice, "router")]
@@ -1323,7 +1326,8 @@ class TestDaemonHousekeeping(ServerTestCase):
         self.addCleanup(shutil.rmtree, w.postoffice)
         for sub in ("public", "router"):
             os.mkdir(os.path.join(w.postoffice, sub))
-        f = w.create()
+        f = w.new_file()
+        f.open()
         f.write(b"with SMTP\nenv-end\n")
         self.assertEqual(os.stat(f.path).st_mode & 0o777, 0o200)
         sid, size = f.commit()

@@ -9164,7 +9164,7 @@ class MailTransactionVerbs(object):
         if not permitted:
             self.reply("mail_rate_limit")
             return
-        self.txn = txn = Transaction(address, ok, SpoolFile(self.runtime.spool))
+        self.txn = txn = Transaction(address, ok, self.runtime.spool.new_file())
         txn.rate_hold = hold
         txn.freeze = sender.freeze or self.verdict.freeze
         txn.norelay = sender.norelay
@@ -12805,11 +12805,9 @@ class SpoolWriter(object):
         self._free = (now, free)
         return free
 
-    def create(self):
-        """A SpoolFile, its file made at once."""
-        spool = SpoolFile(self)
-        spool.open()
-        return spool
+    def new_file(self):
+        """A SpoolFile whose file ``open`` makes."""
+        return SpoolFile(self)
 
     def open_file(self):
         """Make an unfinished file in public/ under the original's name
