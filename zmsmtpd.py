@@ -10578,7 +10578,8 @@ class SaslExchange(object):
             result = "tempfail"
             session.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
         else:
-            result = yield from authenticator.verdict(user, password, session.log)
+            result = yield from authenticator.verdict(user, password, session.log,
+                                                      client_ip=session.peer_ip)
         if result == "ok":
             session.authuser = user
             self.masking = False
@@ -10674,7 +10675,7 @@ class CachingAuthenticator(object):
     def check(self, user, password, log=None):
         return blocking_result(self.verdict(user, password, log))
 
-    def verdict(self, user, password, log=None):
+    def verdict(self, user, password, log=None, client_ip=None):
         """Generator: as PipeAuthenticator.verdict."""
         program = self._program_identity()
         if program != self.program:
@@ -10684,7 +10685,7 @@ class CachingAuthenticator(object):
             if log:
                 log.note("AUTH verdict for %s from the auth cache" % qformat(user))
             return "ok"
-        result = yield from self.inner.verdict(user, password, log)
+        result = yield from self.inner.verdict(user, password, log, client_ip)
         if result == "ok":
             self.cache.remember(user, password, time.time())
         return result
@@ -10958,13 +10959,14 @@ class PipeAuthenticator(object):
         """'ok', 'fail' or 'tempfail', waiting for it here."""
         return blocking_result(self.verdict(user, password, log))
 
-    def verdict(self, user, password, log=None):
+    def verdict(self, user, password, log=None, client_ip=None):
         """Generator: 'ok', 'fail' or 'tempfail'.  Waiting for the spawner
         is a WANT_READABLE, which a worker's loop serves without a thread;
-        a program started here needs one (WANT_THREAD)."""
+        a program started here needs one (WANT_THREAD).  ``client_ip``:
+        the client's address, for the check's input (program_input)."""
         log = log or self.log
         start = time.time()
-        data = password.encode("utf-8", "surrogateescape") + b"\n"
+        data = self.program_input(password, client_ip)
         outcome = None
         if self.spawner is not None:
             outcome = yield from self.spawner.run(self.key, user, self.timeout, data)
@@ -11007,6 +11009,13 @@ class PipeAuthenticator(object):
             log.note("auth program for %s exited %s after %.3fs: %s" % (
                 logged_who, status, time.time() - start, qformat(first.rstrip("\r"))))
         return self.status_verdict(status)
+
+    @staticmethod
+    def program_input(password, client_ip):
+        """What the program reads on its stdin: the password and a newline.
+        An external program is not told the client's address: its
+        contract is the original's."""
+        return password.encode("utf-8", "surrogateescape") + b"\n"
 
     @staticmethod
     def status_verdict(status):
@@ -11100,7 +11109,8 @@ CRYPT_LIBRARIES = ("libcrypt.so.1", "libcrypt.so.2", "crypt")
 #: The check's exit statuses, as a program's: 0 accepted, 1 refused, and
 #: EX_TEMPFAIL when the system could not tell (answered 454, not 535).
 PASSWORD_CHECK_TEMPFAIL = 75
-#: Longest password the check reads from its stdin.
+#: Most the check reads from its stdin (the password line and the client's
+#: address line).
 PASSWORD_CHECK_INPUT_MAX = 4096
 
 # Linux-PAM's numbers (security/_pam_types.h).
@@ -11108,6 +11118,8 @@ PAM_SUCCESS = 0
 PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
 PAM_BUF_ERR, PAM_CONV_ERR = 5, 19
 PAM_SILENT, PAM_DISALLOW_NULL_AUTHTOK = 0x8000, 0x0001
+#: The item pam_set_item gives the client's address under.
+PAM_RHOST = 4
 #: Results that say the system could not decide (a broken stack, a missing
 #: module, no memory, an unreachable directory): tempfail, not a refusal.
 PAM_UNDECIDED = frozenset((
@@ -11161,9 +11173,10 @@ if ctypes is not None:
         _fields_ = [("conv", _PAM_CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
 
 
-def pam_password_check(user, password, service=PAM_SERVICE):
+def pam_password_check(user, password, service=PAM_SERVICE, rhost=None):
     """("ok" | "fail" | "tempfail", what PAM said): pam_authenticate, then
-    pam_acct_mgmt (an expired or locked account is refused too)."""
+    pam_acct_mgmt (an expired or locked account is refused too).
+    ``rhost``: the client's address, given to the modules as PAM_RHOST."""
     pam = _load_library(PAM_LIBRARIES)
     calloc, strdup, free = [_libc_function(n) for n in ("calloc", "strdup", "free")]
     if pam is None or None in (calloc, strdup, free):
@@ -11177,6 +11190,7 @@ def pam_password_check(user, password, service=PAM_SERVICE):
     pam.pam_authenticate.argtypes = pam.pam_acct_mgmt.argtypes = (ctypes.c_void_p,
                                                                   ctypes.c_int)
     pam.pam_end.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    pam.pam_set_item.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
     pam.pam_strerror.argtypes = (ctypes.c_void_p, ctypes.c_int)
     pam.pam_strerror.restype = ctypes.c_char_p
     answers = {PAM_PROMPT_ECHO_OFF: password.encode("utf-8", "surrogateescape"),
@@ -11210,6 +11224,11 @@ def pam_password_check(user, password, service=PAM_SERVICE):
                            ctypes.byref(conv), ctypes.byref(handle))
     if status != PAM_SUCCESS:
         return "tempfail", "pam_start: error %d" % status
+    if rhost:
+        # For the modules that act on the client's address (pam_access,
+        # per-host lock-outs, logging).  Should PAM not take it, the check
+        # still decides: those modules then see no address, as without it.
+        pam.pam_set_item(handle, PAM_RHOST, rhost.encode("ascii"))
     flags = PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
     step = "pam_authenticate"
     status = pam.pam_authenticate(handle, flags)
@@ -11268,25 +11287,38 @@ def shadow_password_check(user, password):
     return "fail", "shadow: wrong password"
 
 
-def system_password_check(user, password):
+def system_password_check(user, password, rhost=None):
     """The built-in check: PAM service smtpauth-login where libpam loads,
     else the shadow file through crypt(3) -- the order the original's
-    build picked (PAM, shadow, passwd).  Needs root for other users."""
+    build picked (PAM, shadow, passwd).  Needs root for other users.
+    ``rhost``: the client's address, for PAM (the shadow file has no use
+    for it)."""
     backends = password_check_backends()
     if "PAM" in backends:
-        return pam_password_check(user, password)
+        return pam_password_check(user, password, rhost=rhost)
     if "shadow" in backends:
         return shadow_password_check(user, password)
     return "tempfail", "neither libpam nor libcrypt can be loaded"
 
 
+def password_check_rhost(line):
+    """The client's address from the check's second input line, or None
+    when the line is not exactly one IPv4 or IPv6 address: whatever a
+    session sends, only an address reaches PAM."""
+    try:
+        return str(ipaddress.ip_address(line.decode("ascii")))
+    except (UnicodeError, ValueError):
+        return None
+
+
 def start_password_check(argv):
     """The auth spawner's way of "starting" BUILTIN_PASSWORD_CHECK: a
-    child that reads the password from its stdin as a program would,
-    checks it with system_password_check, writes what it found as its
-    one output line and exits 0, 1 or PASSWORD_CHECK_TEMPFAIL.  A child,
-    because PAM may take seconds (its delay after a failure) and the
-    spawner serves everyone on one thread."""
+    child that reads the password from its stdin as a program would, and
+    the client's address from a second line when there is one, checks it
+    with system_password_check, writes what it found as its one output
+    line and exits 0, 1 or PASSWORD_CHECK_TEMPFAIL.  A child, because PAM
+    may take seconds (its delay after a failure) and the spawner serves
+    everyone on one thread."""
     user = argv[1] if len(argv) > 1 else ""
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -11308,13 +11340,16 @@ def start_password_check(argv):
             # A PAM module may run helpers: they get 0-2 only.
             close_descriptors_except([0, 1, 2])
             data = b""
-            while b"\n" not in data and len(data) < PASSWORD_CHECK_INPUT_MAX:
+            while data.count(b"\n") < 2 and len(data) < PASSWORD_CHECK_INPUT_MAX:
                 chunk = os.read(0, PASSWORD_CHECK_INPUT_MAX)
                 if not chunk:
                     break
                 data += chunk
-            password = data.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
-            verdict, why = system_password_check(user, password)
+            lines = data.split(b"\n", 2)
+            password = lines[0].decode("utf-8", "surrogateescape")
+            # Only a whole address line: a cut one may still parse.
+            rhost = password_check_rhost(lines[1]) if len(lines) > 2 else None
+            verdict, why = system_password_check(user, password, rhost)
             os.write(1, why.encode("utf-8", "replace") + b"\n")
             status = {"ok": 0, "fail": 1}.get(verdict, PASSWORD_CHECK_TEMPFAIL)
         finally:
@@ -11334,6 +11369,16 @@ class SystemPasswordAuthenticator(PipeAuthenticator):
 
     def _run_here(self, user, data):
         return ("error", "the built-in password check runs only in a daemon's auth spawner")
+
+    def program_input(self, password, client_ip):
+        """The password line, then the client's address line, which the
+        check's child gives PAM as PAM_RHOST (start_password_check).  Only
+        the password's first line is sent, the one the child checks: a
+        password cannot make the address line."""
+        data = PipeAuthenticator.program_input(password.split("\n", 1)[0], client_ip)
+        if client_ip:
+            data += client_ip.encode("ascii", "replace") + b"\n"
+        return data
 
     def status_verdict(self, status):
         if status == PASSWORD_CHECK_TEMPFAIL:

@@ -8,15 +8,18 @@ Run from the repository root:  python -m unittest -v tests.test_password_check
 
 The tests with a real user need root: they add a user with a random name
 (useradd, chpasswd) and remove it afterwards, and write
-/etc/pam.d/smtpauth-login (pam_unix) for the test's time -- or skip when
-that file exists already, rather than overwrite a site's.
+/etc/pam.d/smtpauth-login (pam_unix; pam_exec to see PAM_RHOST) for the
+test's time -- or skip when that file exists already, rather than
+overwrite a site's.
 """
 
 import base64
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 import uuid
@@ -32,14 +35,13 @@ PAM_STACK = "auth required pam_unix.so\naccount required pam_unix.so\n"
 PASSWORD = "Corr3ct-h0rse:b@ttery"
 
 
-def pam_unix_present():
+def pam_module_present(name):
     for d in ("/lib/x86_64-linux-gnu/security", "/usr/lib/x86_64-linux-gnu/security",
               "/lib/security", "/usr/lib/security", "/lib64/security",
               "/usr/lib64/security"):
-        if os.path.exists(os.path.join(d, "pam_unix.so")):
+        if os.path.exists(os.path.join(d, name)):
             return True
     return False
-
 
 
 def builtin_check(timeout=5.0):
@@ -68,11 +70,11 @@ class SystemUser(object):
             testcase.fail("chpasswd failed")
 
 
-def pam_stack(testcase):
+def pam_stack(testcase, stack=PAM_STACK):
     """Write /etc/pam.d/smtpauth-login for the test, or skip."""
     if zmsmtpd.password_check_backends()[:1] != ["PAM"]:
         testcase.skipTest("libpam cannot be loaded (Debian package libpam0g)")
-    if not pam_unix_present():
+    if not pam_module_present("pam_unix.so"):
         testcase.skipTest("pam_unix.so not installed (Debian package libpam-modules)")
     if os.path.exists(PAM_FILE):
         testcase.skipTest("%s exists already; not overwriting it" % PAM_FILE)
@@ -82,7 +84,25 @@ def pam_stack(testcase):
         testcase.skipTest("cannot write %s: %s" % (PAM_FILE, e))
     testcase.addCleanup(os.unlink, PAM_FILE)
     with os.fdopen(fd, "w") as f:
-        f.write(PAM_STACK)
+        f.write(stack)
+
+
+def run_check_child(user, data):
+    """The spawner's child for one check, ``data`` on its stdin: (exit
+    status, its line)."""
+    proc = zmsmtpd.start_password_check([zmsmtpd.BUILTIN_PASSWORD_CHECK, user])
+    proc.stdin.write(data)
+    proc.stdin.close()
+    out = b""
+    while True:
+        chunk = proc.stdout.read(4096)
+        if not chunk:
+            break
+        out += chunk
+    proc.stdout.close()
+    while proc.poll() is None:
+        time.sleep(0.02)
+    return proc.returncode, out.decode()
 
 
 class PamCheckTest(unittest.TestCase):
@@ -116,20 +136,7 @@ class PamCheckTest(unittest.TestCase):
         self.assertEqual(verdict, "tempfail", said)
 
     def run_check_child(self, user, password):
-        """The spawner's child for one check: (exit status, its line)."""
-        proc = zmsmtpd.start_password_check([zmsmtpd.BUILTIN_PASSWORD_CHECK, user])
-        proc.stdin.write(password.encode() + b"\n")
-        proc.stdin.close()
-        out = b""
-        while True:
-            chunk = proc.stdout.read(4096)
-            if not chunk:
-                break
-            out += chunk
-        proc.stdout.close()
-        while proc.poll() is None:
-            time.sleep(0.02)
-        return proc.returncode, out.decode()
+        return run_check_child(user, password.encode() + b"\n")
 
     def test_spawner_child_answers_as_a_program_would(self):
         self.assertEqual(self.run_check_child(self.user.name, PASSWORD),
@@ -141,6 +148,48 @@ class PamCheckTest(unittest.TestCase):
         self.assertEqual(authenticator.status_verdict(zmsmtpd.PASSWORD_CHECK_TEMPFAIL),
                          "tempfail")
         self.assertEqual(authenticator.status_verdict(1), "fail")
+
+
+class PamRhostTest(unittest.TestCase):
+    """The built-in check gives PAM the client's address as PAM_RHOST: a
+    pam_exec module in the test's stack writes what it sees to a file."""
+
+    def setUp(self):
+        self.user = SystemUser(self)
+        if not pam_module_present("pam_exec.so"):
+            self.skipTest("pam_exec.so not installed (Debian package libpam-modules)")
+        workdir = tempfile.mkdtemp(prefix="zmrhost")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        self.seen = os.path.join(workdir, "rhost")
+        script = os.path.join(workdir, "rhost.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\nprintf '%%s\\n' \"${PAM_RHOST-unset}\" >> %s\n" % self.seen)
+        os.chmod(script, 0o700)
+        pam_stack(self, "auth optional pam_exec.so quiet %s\n%s" % (script, PAM_STACK))
+
+    def seen_lines(self):
+        with open(self.seen) as f:
+            return f.read().splitlines()
+
+    def test_auth_from_loopback_gives_pam_rhost_127_0_0_1(self):
+        daemon = BuiltinAuthDaemon(self)
+        self.assertEqual(daemon.auth_plain(self.user.name, PASSWORD), 235)
+        self.assertEqual(self.seen_lines(), ["127.0.0.1"])
+
+    def test_check_child_passes_only_a_valid_address_line(self):
+        name = self.user.name
+        for data in (b"%s\n2001:db8::1\n", b"%s\n", b"%s\nnot-an-address\n",
+                     b"%s\n192.0.2.7"):
+            status, line = run_check_child(name, data % PASSWORD.encode())
+            self.assertEqual(status, 0, line)
+        # A cut address line (no newline) may still parse: it is not passed.
+        self.assertEqual(self.seen_lines(), ["2001:db8::1", "unset", "unset", "unset"])
+
+    def test_only_the_builtin_check_sends_the_address(self):
+        self.assertEqual(builtin_check().program_input("pw\nx", "192.0.2.7"),
+                         b"pw\n192.0.2.7\n")
+        self.assertEqual(builtin_check().program_input("pw", ""), b"pw\n")
+        self.assertEqual(zmsmtpd.PipeAuthenticator.program_input("pw", "192.0.2.7"), b"pw\n")
 
 
 class ShadowCheckTest(unittest.TestCase):
