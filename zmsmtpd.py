@@ -10578,8 +10578,9 @@ class SaslExchange(object):
             result = "tempfail"
             session.log.note("AUTH: no smtp-auth-pipe program and no PIPEAUTHPATH configured")
         else:
-            result = yield from authenticator.verdict(user, password, session.log,
-                                                      client_ip=session.peer_ip)
+            result = yield from authenticator.verdict(
+                user, password, session.log,
+                client_ip=session.runtime.fake_peer or session.peer_ip)
         if result == "ok":
             session.authuser = user
             self.masking = False
