@@ -202,6 +202,10 @@ SPOOL_WRITE_BUFFER = 262144
 #: Names tried for a new spool file in public/ before giving up (a name is
 #: taken only when a file of an earlier process with the same pid is left).
 SPOOL_NAME_ATTEMPTS = 27
+#: Seconds between a process's tries to move its stranded files (accepted,
+#: but the router's directory could not take them) when no new message
+#: comes to try it: they reach the router soon after it can take them.
+STRANDED_RETRY_INTERVAL = 1.0
 #: Filter or router processes one pool may run at once, whatever
 #: ``contentfilter-maxpar`` / ``enable-router-maxpar`` ask (the original's cap).
 PROGRAM_POOL_MAXPAR_MAX = 20
@@ -5898,12 +5902,13 @@ class WorkerPool(object):
         """Worker ``entry`` ended with wait status ``status``."""
         sup = self.supervisor
         what = describe_exit(status)
+        # Whatever the end, retiring or not: what the worker left in public/
+        # (unfinished files, accepted ones it could not hand over).
+        sup.recover_spool()
         if sup.stopping or entry.retired:
             if status != 0:
                 sup.log.note("worker %d (retiring) %s" % (entry.pid, what))
             return
-        if status != 0:
-            sup.recover_spool()
         if time.time() - entry.started >= WORKER_STABLE_RUN:
             self.delays.pop(entry.index, None)
         delay = self.restart_later(entry.index)
@@ -6209,14 +6214,15 @@ class SessionLoop(object):
 
     def between_turns(self):
         """After each turn of the loop: the end of a worker told to leave,
-        and the held counts of accepted and refused messages when due."""
-        wait = None
+        the held counts of accepted and refused messages when due, and the
+        stranded spool files (SpoolWriter.retry_stranded)."""
+        wait = self.runtime.spool.retry_stranded()
         if self.leaving:
             busy = len(self.slots) + self.threads.busy()
             if not busy or (self.grace_end is not None and time.time() >= self.grace_end):
                 self.core.stop()
                 return None
-            wait = 1.0
+            wait = 1.0 if wait is None else min(wait, 1.0)
         stats = self.runtime.stats
         if stats.held:
             due = stats.report_due - time.monotonic()
@@ -7023,7 +7029,7 @@ class Supervisor(object):
             self.status.write(self, force)
 
     def recover_spool(self):
-        """A worker or a forked session died: what it left in public/."""
+        """A worker or a forked session ended: what it left in public/."""
         recover_spool(self.runtime.spool, self.log)
 
     def reap_children(self):
@@ -7040,8 +7046,9 @@ class Supervisor(object):
             status = child_exit(pid)
             if status is not None:
                 self.session_ended(pid)
-                if status != 0:
-                    self.recover_spool()
+                # Also after a normal end: the session may have left a
+                # stranded file (see SpoolWriter.strand).
+                self.recover_spool()
 
     # -- signals and the loop ------------------------------------------------
 
@@ -7079,12 +7086,15 @@ class Supervisor(object):
         self.loop.catch_signals(self.on_signal, signums)
 
     def between_turns(self):
-        """After each turn of the loop: the status file, and (should a
-        SIGCHLD have gone astray) the children now and then."""
+        """After each turn of the loop: the status file, (should a SIGCHLD
+        have gone astray) the children now and then, and the stranded
+        spool files of the thread model's sessions."""
         if time.time() - self.reaped >= STATUS_INTERVAL:
             self.reap_children()
         self.write_status()
-        return STATUS_INTERVAL if self.status is not None else 5.0
+        wait = STATUS_INTERVAL if self.status is not None else 5.0
+        retry = self.runtime.spool.retry_stranded()
+        return wait if retry is None else min(wait, retry)
 
     def serve_forever(self):
         if self.pool is not None:
@@ -7222,6 +7232,11 @@ class Supervisor(object):
                     os.waitpid(pid, 0)
                 except OSError:
                     pass
+        # What the sessions left in public/: the stranded files of this
+        # process's (thread model) sessions, and those of the sessions the
+        # grace ended.
+        self.runtime.spool.publish_stranded()
+        self.recover_spool()
 
     def signal_session_children(self, signum):
         """Fork model: the sessions' keys are their pids."""
@@ -12830,6 +12845,7 @@ class SpoolWriter(object):
         self.spares = None      # SpareInodes, in worker processes
         self.stranded = []      # see strand()
         self.strand_lock = threading.Lock()
+        self.stranded_retry_at = 0.0   # time.monotonic() of the next retry_stranded try
 
     def make_inodes_ahead(self, keep):
         """Start a SpareInodes helper for this process (``keep`` files)."""
@@ -12935,9 +12951,11 @@ class SpoolWriter(object):
     def strand(self, path, inode, priority, freezer):
         """An acknowledged file that could not be moved to the router: it
         stays, finished, in public/ and is moved after this process's
-        next publish that works (or by recover_stale once the process is
-        gone).  Until then each message is published before its reply,
-        so a spool the router cannot be given mail through refuses it."""
+        next publish that works, by retry_stranded when none comes, or by
+        recover_stale once the process is gone (the master runs it after
+        each worker or forked session ends).  Until then each message is
+        published before its reply, so a spool the router cannot be given
+        mail through refuses it."""
         with self.strand_lock:
             self.stranded.append((path, inode, priority, freezer))
 
@@ -12946,14 +12964,34 @@ class SpoolWriter(object):
         that has worked."""
         where = self.rename_to_router(path, inode, priority, freezer)
         if self.stranded:
-            with self.strand_lock:      # the thread model's sessions share them
-                while self.stranded:
-                    try:
-                        self.rename_to_router(*self.stranded[0])
-                    except OSError:
-                        break
-                    del self.stranded[0]
+            self.publish_stranded()
         return where
+
+    def publish_stranded(self):
+        """Move the stranded files to the router, oldest first, while that
+        works; returns how many are still stranded."""
+        with self.strand_lock:      # the thread model's sessions share them
+            while self.stranded:
+                try:
+                    self.rename_to_router(*self.stranded[0])
+                except OSError:
+                    break
+                del self.stranded[0]
+            return len(self.stranded)
+
+    def retry_stranded(self):
+        """For a process's loop after each turn: while files are stranded,
+        publish_stranded every STRANDED_RETRY_INTERVAL seconds, as the
+        process may get no other message that would move them.  Returns
+        the seconds until the next try, or None when nothing is stranded."""
+        if not self.stranded:
+            return None
+        now = time.monotonic()
+        if now >= self.stranded_retry_at:
+            self.stranded_retry_at = now + STRANDED_RETRY_INTERVAL
+            if not self.publish_stranded():
+                return None
+        return self.stranded_retry_at - now
 
     def rename_to_router(self, path, inode, priority=0, freeze=None):
         """Rename a finished file to ``<dir>/[<hash letter>/]<inode>`` and
@@ -14307,9 +14345,9 @@ def process_alive(pid):
 
 
 def recover_spool(spool, log):
-    """Hand over what sessions that died left in public/ (see
-    SpoolWriter.recover_stale): at start, and when a worker or a forked
-    session ends other than by exiting normally."""
+    """Hand over what sessions that ended left in public/ (see
+    SpoolWriter.recover_stale): at start, when a worker or a forked
+    session ends, and at shutdown."""
     recovered, removed = spool.recover_stale()
     if recovered or removed:
         log.note("spool files of dead sessions in %s: %d finished ones moved to the "

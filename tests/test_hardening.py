@@ -1644,6 +1644,34 @@ class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
         self.assertEqual(len(srv.router_files()), 2, "the kept message went too")
         self.assertEqual(srv.public_files(), [])
 
+    def _kept_in_public(self, srv, marker):
+        """A message accepted while router/ cannot take it: (its 250, the
+        file it is kept in)."""
+        os.chmod(srv.router, 0o555)
+        msg = _hard_message(marker)
+        r = self._mail(srv, msg)
+        self.assertEqual(r.code, 250, "kept in public/: %r" % r)
+        (kept,) = srv.public_files()
+        os.chmod(srv.router, 0o777)
+        return r, msg
+
+    def assertInRouter(self, srv, reply, msg):
+        content = srv.read_router(_HARD_ID_RE.search(reply.text).group(1))
+        self.assertEqual(_hard_body(content), _hard_stored(msg))
+        self.assertEqual(srv.public_files(), [])
+
+    def test_a_kept_message_reaches_the_router_once_it_can_with_no_further_mail(self):
+        srv = self._server_as_nobody([])
+        r, msg = self._kept_in_public(srv, "KEPT-IDLE")
+        self.assertTrue(srv.wait_public_empty(5), srv.public_files())
+        self.assertInRouter(srv, r, msg)
+
+    def test_a_kept_message_reaches_the_router_when_the_server_stops(self):
+        srv = self._server_as_nobody([])
+        r, msg = self._kept_in_public(srv, "KEPT-STOP")
+        srv.stop()
+        self.assertInRouter(srv, r, msg)
+
     def test_with_spool_dir_fsync_an_unwritable_router_dir_refuses_the_first_message(self):
         # The rename (and its directory sync) comes before the 250 then.
         srv = self._server_as_nobody(["PARAM spool-dir-fsync"])
