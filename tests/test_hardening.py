@@ -31,6 +31,7 @@ import time
 import unittest
 
 from tests.harness import handed_over, free_port, process_alive, which, pyenv_python, open_to_sessions  # noqa: F401
+from tests.harness import wait_for_workers
 
 _HARD_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HARD_SERVER = os.path.join(_HARD_REPO, "zmsmtpd.py")
@@ -1500,6 +1501,39 @@ class _HardDurability(_HardHealthMixin):
         self.assertServes(srv)
 
 
+    def test_a_message_cut_off_by_the_shutdown_grace_leaves_nothing_in_public(self):
+        if self.MODEL == "thread":
+            self.skipTest("the thread model's sessions die with the master; the next "
+                          "start removes what one was writing")
+        srv = self._server()
+        c = _hard_connect(self, srv.port)
+        self.assertEqual(c.cmd("EHLO localhost").code, 250)
+        self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
+        self.assertEqual(c.cmd("DATA").code, 354)
+        c.send(_hard_message("GRACE", body_lines=50).encode()[:2000])
+        end = _HARD_NOW() + 5
+        while not srv.public_files() and _HARD_NOW() < end:
+            time.sleep(0.02)
+        self.assertEqual(len(srv.public_files()), 1, "no message file while sending")
+        # The client goes on sending, too slowly to finish within the grace.
+        stop = threading.Event()
+
+        def drip():
+            while not stop.wait(0.2):
+                if not c.try_send(b"more of the message\r\n"):
+                    return
+        t = threading.Thread(target=drip)
+        t.start()
+        try:
+            srv.stop()
+        finally:
+            stop.set()
+            t.join(5)
+        self.assertEqual(srv.public_files(), [])
+        self.assertEqual(srv.router_files(), [])
+
+
 class TestHardeningDurabilityThreadModel(_HardDurability, unittest.TestCase):
     """session-model thread (the default)."""
 
@@ -1516,6 +1550,31 @@ class TestHardeningDurabilityWorkersModel(_HardDurability, unittest.TestCase):
     """PARAM session-model workers."""
 
     MODEL = "workers"
+
+    def test_a_retiring_worker_killed_mid_message_leaves_nothing_in_public(self):
+        srv = _hard_server(self, ["PARAM session-workers 1"], model=self.MODEL)
+        (old,) = wait_for_workers(srv.proc.pid, 1)
+        c = _hard_connect(self, srv.port)
+        self.assertEqual(c.cmd("EHLO localhost").code, 250)
+        self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
+        self.assertEqual(c.cmd("DATA").code, 354)
+        c.send(_hard_message("RETIRING", body_lines=50).encode()[:2000])
+        end = _HARD_NOW() + 5
+        while not srv.public_files() and _HARD_NOW() < end:
+            time.sleep(0.02)
+        self.assertEqual(len(srv.public_files()), 1, "no message file while sending")
+        # A reload: a new worker takes over, the old one finishes its
+        # session (it retires) -- and dies.
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        both = wait_for_workers(srv.proc.pid, 2)
+        self.assertEqual(len(both), 2, "no new worker after the reload")
+        self.assertIn(old, both)
+        os.kill(old, signal.SIGKILL)
+        self.assertTrue(c.wait_closed(5))
+        self.assertTrue(srv.wait_public_empty(), srv.public_files())
+        self.assertEqual(srv.router_files(), [])
+        self.assertServes(srv)
 
 
 class TestHardeningSpoolTrouble(_HardHealthMixin, unittest.TestCase):
