@@ -1499,23 +1499,26 @@ class _HardDurability(_HardHealthMixin):
         self._drop(srv, b"BDAT 3000\r\n" + part[:3000] + b"BDAT 9000 LAST\r\n" + part[:100],
                    rst=True)
         self.assertServes(srv)
-
+    def _mid_message(self, srv, marker):
+        """A connection in the middle of a message's DATA, its file in public/."""
+        c = _hard_connect(self, srv.port)
+        self.assertEqual(c.cmd("EHLO localhost").code, 250)
+        self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
+        self.assertEqual(c.cmd("DATA").code, 354)
+        c.send(_hard_message(marker, body_lines=50).encode()[:2000])
+        end = _HARD_NOW() + 5
+        while not srv.public_files() and _HARD_NOW() < end:
+            time.sleep(0.02)
+        self.assertEqual(len(srv.public_files()), 1, "no message file while sending")
+        return c
 
     def test_a_message_cut_off_by_the_shutdown_grace_leaves_nothing_in_public(self):
         if self.MODEL == "thread":
             self.skipTest("the thread model's sessions die with the master; the next "
                           "start removes what one was writing")
         srv = self._server()
-        c = _hard_connect(self, srv.port)
-        self.assertEqual(c.cmd("EHLO localhost").code, 250)
-        self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
-        self.assertEqual(c.cmd("DATA").code, 354)
-        c.send(_hard_message("GRACE", body_lines=50).encode()[:2000])
-        end = _HARD_NOW() + 5
-        while not srv.public_files() and _HARD_NOW() < end:
-            time.sleep(0.02)
-        self.assertEqual(len(srv.public_files()), 1, "no message file while sending")
+        c = self._mid_message(srv, "GRACE")
         # The client goes on sending, too slowly to finish within the grace.
         stop = threading.Event()
 
@@ -1554,16 +1557,7 @@ class TestHardeningDurabilityWorkersModel(_HardDurability, unittest.TestCase):
     def test_a_retiring_worker_killed_mid_message_leaves_nothing_in_public(self):
         srv = _hard_server(self, ["PARAM session-workers 1"], model=self.MODEL)
         (old,) = wait_for_workers(srv.proc.pid, 1)
-        c = _hard_connect(self, srv.port)
-        self.assertEqual(c.cmd("EHLO localhost").code, 250)
-        self.assertEqual(c.cmd("MAIL FROM:<s@example.com>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<r@localhost>").code, 250)
-        self.assertEqual(c.cmd("DATA").code, 354)
-        c.send(_hard_message("RETIRING", body_lines=50).encode()[:2000])
-        end = _HARD_NOW() + 5
-        while not srv.public_files() and _HARD_NOW() < end:
-            time.sleep(0.02)
-        self.assertEqual(len(srv.public_files()), 1, "no message file while sending")
+        c = self._mid_message(srv, "RETIRING")
         # A reload: a new worker takes over, the old one finishes its
         # session (it retires) -- and dies.
         os.kill(srv.proc.pid, signal.SIGHUP)
