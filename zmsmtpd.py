@@ -11907,6 +11907,12 @@ class SpawnerLoop(object):
         return max(0.0, min(deadlines) - time.time()) if deadlines else None
 
     def on_request(self, mask):
+        # The master's newest table first.  After a reload it sends the
+        # table before it reports the reload done; a session's request
+        # for a program of the new table may come in the same turn of
+        # this loop, and met with the old table it would be refused.
+        if self.control is not None:
+            self.on_control(selectors.EVENT_READ)
         if not self.take():
             self.loop.watch(self.sock, 0)
             self.listening = False
@@ -11914,27 +11920,30 @@ class SpawnerLoop(object):
                 self.abandon()      # the spawner is gone
 
     def on_control(self, mask):
-        """The master: a new table of programs (``T``), or its end."""
-        msg = control_message(self.control)
-        if msg is None:
-            return
-        if not msg:
-            self.loop.watch(self.control, 0)
-            self.control.close()
-            self.control = None
-            return
-        if msg[:1] == b"T":
-            try:
-                self.programs = marshal.loads(msg[1:])
-            except (ValueError, EOFError, TypeError):
-                self.note("the master sent a garbled table of programs; keeping the "
-                          "previous one")
-        elif msg[:1] == b"P":
-            try:
-                self.set_pools(marshal.loads(msg[1:]))
-            except (ValueError, EOFError, TypeError):
-                self.note("the master sent a garbled table of pools; keeping the "
-                          "previous one")
+        """The master: new tables of programs (``T``) and of pools
+        (``P``), each message waiting in turn, or its end."""
+        while self.control is not None:
+            msg = control_message(self.control)
+            if msg is None:
+                return
+            if not msg:
+                if self.loop is not None:
+                    self.loop.watch(self.control, 0)
+                self.control.close()
+                self.control = None
+                return
+            if msg[:1] == b"T":
+                try:
+                    self.programs = marshal.loads(msg[1:])
+                except (ValueError, EOFError, TypeError):
+                    self.note("the master sent a garbled table of programs; keeping the "
+                              "previous one")
+            elif msg[:1] == b"P":
+                try:
+                    self.set_pools(marshal.loads(msg[1:]))
+                except (ValueError, EOFError, TypeError):
+                    self.note("the master sent a garbled table of pools; keeping the "
+                              "previous one")
 
     def note(self, text):
         """A line for the master's log."""

@@ -15,6 +15,7 @@ Most tests need root and the ``daemon`` user, as CI has.
 
 import os
 import pwd
+import selectors
 import shutil
 import signal
 import socket
@@ -176,6 +177,37 @@ class SpawnerRunsItsOwnTableTest(unittest.TestCase):
         self.assertIn("auth spawner: refused a request for a program its configuration "
                       "does not name", notes[0])
         self.assertIn("/bin/sh", notes[0])
+
+    def test_a_request_meets_the_table_the_master_sent_before_it(self):
+        # A reload: the master sends the new table, then reports the
+        # reload done, and a session asks at once for the new program.
+        # Both wait when the spawner's loop next turns: the table is
+        # taken first.  (The request's user name is malformed, so the
+        # spawner answers without starting anything; that answer shows the
+        # program was found.)
+        session_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (session_end, spawner_end, master_end, control_end):
+            self.addCleanup(sock.close)
+        old = {("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)}
+        new = {("/bin/false", "", 5.0): ("/bin/false", {}, None, 5.0)}
+        loop = zmsmtpd.SpawnerLoop(spawner_end, control=control_end, programs=old)
+        control_end.setblocking(False)      # as the spawner's run() has it
+        spawner = zmsmtpd.AuthSpawner(None)
+        spawner.programs = new
+        spawner.client, spawner.control = session_end, master_end
+        self.assertTrue(spawner.configure(new))
+        conversation = spawner.run(("/bin/false", "", 5.0), "-mallory", 5.0, b"pw\n")
+        self.assertEqual(next(conversation)[0], zmsmtpd.WANT_READABLE)
+        loop.on_request(selectors.EVENT_READ)
+        outcome = None
+        while outcome is None:
+            try:
+                conversation.send(True)
+            except StopIteration as e:
+                outcome = e.value
+        self.assertEqual(outcome, ("error", "malformed request"))
+        self.assertEqual(loop.programs, dict((k, tuple(v)) for k, v in new.items()))
 
     def test_reload_gives_the_spawner_the_new_program(self):
         d = Daemon(self)
