@@ -147,31 +147,41 @@ class SpawnerRunsItsOwnTableTest(unittest.TestCase):
     """A session names a program of the spawner's table; the spawner
     builds argv, environment and ids itself and refuses anything else."""
 
-    def test_request_for_an_unknown_program_is_refused_and_logged(self):
-        # A session's end of the spawner's socket, a spawner loop run from
-        # a table with one program, and the master's end of its control
-        # socket.
+    def connected(self, table, log=None):
+        """A spawner loop run from ``table`` and the master's AuthSpawner
+        joined to it: the session's and the master's ends of the
+        spawner's two sockets, non-blocking where the processes have them
+        so.  (loop, spawner)."""
         session_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (session_end, spawner_end, master_end, control_end):
             self.addCleanup(sock.close)
-        table = {("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)}
         loop = zmsmtpd.SpawnerLoop(spawner_end, control=control_end, programs=table)
-        notes = []
-        log = type("Log", (), {"note": lambda self, text: notes.append(text)})()
+        control_end.setblocking(False)      # as the spawner's run() has it
         spawner = zmsmtpd.AuthSpawner(log)
         spawner.client, spawner.control = session_end, master_end
         master_end.setblocking(False)       # as the master's selector has it
-        conversation = spawner.run(("/bin/sh", "", 5.0), "mallory", 5.0, b"pw\n")
-        self.assertEqual(next(conversation)[0], zmsmtpd.WANT_READABLE)
-        self.assertTrue(loop.take())
-        outcome = None
-        while outcome is None:
+        return loop, spawner
+
+    @staticmethod
+    def outcome(conversation):
+        """What a session's request to the spawner came to, once taken."""
+        while True:
             try:
                 conversation.send(True)
             except StopIteration as e:
-                outcome = e.value
-        self.assertEqual(outcome, ("error", "not a program of the auth spawner's configuration"))
+                return e.value
+
+    def test_request_for_an_unknown_program_is_refused_and_logged(self):
+        notes = []
+        log = type("Log", (), {"note": lambda self, text: notes.append(text)})()
+        loop, spawner = self.connected({("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)},
+                                       log)
+        conversation = spawner.run(("/bin/sh", "", 5.0), "mallory", 5.0, b"pw\n")
+        self.assertEqual(next(conversation)[0], zmsmtpd.WANT_READABLE)
+        self.assertTrue(loop.take())
+        self.assertEqual(self.outcome(conversation),
+                         ("error", "not a program of the auth spawner's configuration"))
         spawner.control_ready()
         self.assertEqual(len(notes), 1, notes)
         self.assertIn("auth spawner: refused a request for a program its configuration "
@@ -185,28 +195,13 @@ class SpawnerRunsItsOwnTableTest(unittest.TestCase):
         # taken first.  (The request's user name is malformed, so the
         # spawner answers without starting anything; that answer shows the
         # program was found.)
-        session_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock in (session_end, spawner_end, master_end, control_end):
-            self.addCleanup(sock.close)
-        old = {("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)}
         new = {("/bin/false", "", 5.0): ("/bin/false", {}, None, 5.0)}
-        loop = zmsmtpd.SpawnerLoop(spawner_end, control=control_end, programs=old)
-        control_end.setblocking(False)      # as the spawner's run() has it
-        spawner = zmsmtpd.AuthSpawner(None)
-        spawner.programs = new
-        spawner.client, spawner.control = session_end, master_end
+        loop, spawner = self.connected({("/bin/true", "", 5.0): ("/bin/true", {}, None, 5.0)})
         self.assertTrue(spawner.configure(new))
         conversation = spawner.run(("/bin/false", "", 5.0), "-mallory", 5.0, b"pw\n")
         self.assertEqual(next(conversation)[0], zmsmtpd.WANT_READABLE)
         loop.on_request(selectors.EVENT_READ)
-        outcome = None
-        while outcome is None:
-            try:
-                conversation.send(True)
-            except StopIteration as e:
-                outcome = e.value
-        self.assertEqual(outcome, ("error", "malformed request"))
+        self.assertEqual(self.outcome(conversation), ("error", "malformed request"))
         self.assertEqual(loop.programs, dict((k, tuple(v)) for k, v in new.items()))
 
     def test_reload_gives_the_spawner_the_new_program(self):
