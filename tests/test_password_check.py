@@ -152,7 +152,8 @@ class PamCheckTest(unittest.TestCase):
 
 class PamRhostTest(unittest.TestCase):
     """The built-in check gives PAM the client's address as PAM_RHOST: a
-    pam_exec module in the test's stack writes what it sees to a file."""
+    pam_exec module in the test's stack writes the user and the address it
+    sees to a file."""
 
     def setUp(self):
         self.user = SystemUser(self)
@@ -163,13 +164,18 @@ class PamRhostTest(unittest.TestCase):
         self.seen = os.path.join(workdir, "rhost")
         script = os.path.join(workdir, "rhost.sh")
         with open(script, "w") as f:
-            f.write("#!/bin/sh\nprintf '%%s\\n' \"${PAM_RHOST-unset}\" >> %s\n" % self.seen)
+            f.write("#!/bin/sh\nprintf '%%s %%s\\n' \"$PAM_USER\" \"${PAM_RHOST-unset}\" >> %s\n"
+                    % self.seen)
         os.chmod(script, 0o700)
         pam_stack(self, "auth optional pam_exec.so quiet %s\n%s" % (script, PAM_STACK))
 
     def seen_lines(self):
+        """What the module saw for this test's user: the PAM service is
+        the system's, and a test run beside this one (another
+        interpreter's) may check a password of its own through it."""
         with open(self.seen) as f:
-            return f.read().splitlines()
+            lines = [l.split(" ", 1) for l in f.read().splitlines()]
+        return [seen for user, seen in lines if user == self.user.name]
 
     def test_auth_from_loopback_gives_pam_rhost_127_0_0_1(self):
         daemon = BuiltinAuthDaemon(self)
